@@ -1,0 +1,4 @@
+//! # kiln-models — layers and architectures in the DSL, checkpoint loading
+//!
+//! May depend on: `kiln-ops`, `kiln-graph`, `kiln-runtime` (and through it passes and
+//! codegen).

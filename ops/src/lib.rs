@@ -1,0 +1,31 @@
+//! # kiln-ops — the op set
+//!
+//! The bottom of kiln: element types ([`DType`]), symbolic dimensions ([`Dim`], [`Sym`]),
+//! shapes, and the closed set of primitive and structured ops ([`Op`]). Each op's
+//! definition — typed attributes, shape/dtype rule and CPU reference semantics — lives in
+//! the module of its class (`elementwise`, `reduce`, `movement`, `linalg`, `attention`,
+//! `source`). [`functional`] holds the high-level functions (softmax, rms_norm, rope, …)
+//! as short compositions of primitives, written against the [`functional::Trace`] trait
+//! that the tracer's tensors implement.
+//!
+//! May depend on: nothing else in kiln (only `smallvec`, `half`, `serde`, `thiserror`,
+//! `gemm`, `rayon`). Everything else depends on it.
+
+mod attention;
+pub mod dim;
+pub mod dtype;
+mod elementwise;
+pub mod functional;
+pub mod error;
+mod linalg;
+mod movement;
+pub mod op;
+mod reduce;
+pub mod shape;
+mod source;
+
+pub use dim::{Bindings, Dim, Sym};
+pub use dtype::DType;
+pub use error::{EvalError, OpError};
+pub use op::{Arity, Attr, AttentionAttrs, Axes, BinaryOp, ConstValues, F32Bits, Mask, Op, OutTypes, ReduceOp, UnaryOp};
+pub use shape::{Shape, TensorType};

@@ -1,0 +1,11 @@
+//! # kiln-runtime — executors, KV cache, sampling, generation
+//!
+//! Runs graphs. [`cpu`] is the reference executor every other backend is checked
+//! against: it evaluates each node with the op set's CPU semantics (f32 arithmetic for
+//! f16/bf16 storage, multi-threaded, matmul through the `gemm` crate). [`sampling`] and
+//! [`generate`] turn a model graph into tokens: prefill, then decode steps that feed the
+//! KV cache outputs back as inputs.
+//!
+//! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`, `kiln-codegen`.
+
+pub mod cpu;
