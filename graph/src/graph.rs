@@ -156,7 +156,8 @@ impl Graph {
 
     /// The nodes that read any output of `n`, with the slot they read it into; sorted.
     pub fn users(&self, n: NodeId) -> Vec<(NodeId, u16)> {
-        let mut u: Vec<_> = self.g.edges_directed(n, Direction::Outgoing).map(|e| (e.target(), e.weight().slot)).collect();
+        let mut u: Vec<_> =
+            self.g.edges_directed(n, Direction::Outgoing).map(|e| (e.target(), e.weight().slot)).collect();
         u.sort();
         u
     }
@@ -211,7 +212,8 @@ impl Graph {
 
     /// Removes a node that nothing uses (no consumers, not an output).
     pub fn remove_node(&mut self, n: NodeId) -> Result<Node> {
-        if self.g.edges_directed(n, Direction::Outgoing).next().is_some() || self.outputs.values().any(|v| v.node == n) {
+        if self.g.edges_directed(n, Direction::Outgoing).next().is_some() || self.outputs.values().any(|v| v.node == n)
+        {
             return Err(Error::Verify(format!("cannot remove node {} that is still used", n.index())));
         }
         let key = self.cse_key(n);

@@ -20,5 +20,5 @@ mod verify;
 pub use error::{Error, Result};
 pub use graph::{Edge, Graph, Node, NodeId, Value};
 pub use kiln_ops as ops;
-pub use kiln_ops::functional::{Trace, TensorExt};
+pub use kiln_ops::functional::{TensorExt, Trace};
 pub use trace::{Module, Tensor, Tracer};

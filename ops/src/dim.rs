@@ -102,8 +102,7 @@ impl Dim {
     }
 
     fn from_terms(map: BTreeMap<Monomial, i64>) -> Dim {
-        let mut terms: SmallVec<[(Monomial, i64); 1]> =
-            map.into_iter().filter(|(_, c)| *c != 0).collect();
+        let mut terms: SmallVec<[(Monomial, i64); 1]> = map.into_iter().filter(|(_, c)| *c != 0).collect();
         terms.sort_by(|a, b| monomial_order(&a.0, &b.0));
         Dim { terms }
     }
@@ -172,9 +171,7 @@ impl Dim {
         }
         let d = d as i64;
         if self.terms.iter().all(|(_, c)| c % d == 0) {
-            Some(Dim {
-                terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect(),
-            })
+            Some(Dim { terms: self.terms.iter().map(|(m, c)| (m.clone(), c / d)).collect() })
         } else {
             None
         }

@@ -31,9 +31,6 @@ pub struct EvalError {
 
 impl EvalError {
     pub fn new(op: impl Into<String>, reason: impl Into<String>) -> EvalError {
-        EvalError {
-            op: op.into(),
-            reason: reason.into(),
-        }
+        EvalError { op: op.into(), reason: reason.into() }
     }
 }

@@ -122,8 +122,7 @@ pub trait TensorExt: Trace {
     }
     /// `a` where `self` (bool) holds, else `b` (all three broadcast together).
     fn select(self, a: Self, b: Self) -> Result<Self, Self::Error> {
-        let shape = broadcast_shapes(&[self.shape(), a.shape(), b.shape()])
-            .map_err(|r| self.error("select", r))?;
+        let shape = broadcast_shapes(&[self.shape(), a.shape(), b.shape()]).map_err(|r| self.error("select", r))?;
         let (c, a, b) = (self.broadcast_to(&shape)?, a.broadcast_to(&shape)?, b.broadcast_to(&shape)?);
         Ok(self.record(Op::Select, &[c, a, b])?[0])
     }
@@ -290,9 +289,7 @@ pub trait TensorExt: Trace {
     /// `cos`/`sin [s, d]`: `x·cos + rotate_half(x)·sin`.
     fn rope(self, cos: Self, sin: Self) -> Result<Self, Self::Error> {
         let d = self.dim(-1)?;
-        let half = d
-            .div_exact(2)
-            .ok_or_else(|| self.error("rope", format!("head_dim {d} is odd")))?;
+        let half = d.div_exact(2).ok_or_else(|| self.error("rope", format!("head_dim {d} is odd")))?;
         let x1 = self.slice(-1, 0, half.clone())?;
         let x2 = self.slice(-1, half, d)?;
         let rot = x2.neg()?.concat(&[x1], -1)?;

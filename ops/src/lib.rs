@@ -15,8 +15,8 @@ mod attention;
 pub mod dim;
 pub mod dtype;
 mod elementwise;
-pub mod functional;
 pub mod error;
+pub mod functional;
 mod linalg;
 mod movement;
 pub mod op;
@@ -27,5 +27,7 @@ mod source;
 pub use dim::{Bindings, Dim, Sym};
 pub use dtype::DType;
 pub use error::{EvalError, OpError};
-pub use op::{Arity, Attr, AttentionAttrs, Axes, BinaryOp, ConstValues, F32Bits, Mask, Op, OutTypes, ReduceOp, UnaryOp};
+pub use op::{
+    Arity, AttentionAttrs, Attr, Axes, BinaryOp, ConstValues, F32Bits, Mask, Op, OutTypes, ReduceOp, UnaryOp,
+};
 pub use shape::{Shape, TensorType};

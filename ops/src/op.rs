@@ -119,13 +119,25 @@ impl ConstValues {
 pub enum Op {
     // ---- sources (no inputs) -------------------------------------------------------
     /// A graph input, fed at run time.
-    Input { name: String, ty: TensorType },
+    Input {
+        name: String,
+        ty: TensorType,
+    },
     /// A named weight; names follow module paths (`model.layers.0.mlp.up_proj.weight`).
-    Param { name: String, ty: TensorType },
+    Param {
+        name: String,
+        ty: TensorType,
+    },
     /// A literal tensor.
-    Constant { ty: TensorType, values: ConstValues },
+    Constant {
+        ty: TensorType,
+        values: ConstValues,
+    },
     /// `i64[len]` holding `start, start+1, …` (`start` may be a symbol such as `past`).
-    Arange { start: Dim, len: Dim },
+    Arange {
+        start: Dim,
+        len: Dim,
+    },
     // ---- elementwise ---------------------------------------------------------------
     Unary(UnaryOp),
     Binary(BinaryOp),
@@ -133,23 +145,43 @@ pub enum Op {
     Select,
     Cast(DType),
     // ---- reductions ----------------------------------------------------------------
-    Reduce { op: ReduceOp, axes: Axes, keep_dims: bool },
-    ArgMax { axis: usize },
+    Reduce {
+        op: ReduceOp,
+        axes: Axes,
+        keep_dims: bool,
+    },
+    ArgMax {
+        axis: usize,
+    },
     /// Largest `k` along `axis`, sorted descending: outputs (values, i64 indices).
-    TopK { k: usize, axis: usize },
+    TopK {
+        k: usize,
+        axis: usize,
+    },
     // ---- movement ------------------------------------------------------------------
     Reshape(Shape),
     Permute(Axes),
     /// Elements `start..end` along `axis`.
-    Slice { axis: usize, start: Dim, end: Dim },
-    Concat { axis: usize },
+    Slice {
+        axis: usize,
+        start: Dim,
+        end: Dim,
+    },
+    Concat {
+        axis: usize,
+    },
     /// Broadcast to a shape (right-aligned; input dims equal to the target or 1).
     Expand(Shape),
     /// `data` indexed along `axis` by an integer tensor (embedding lookup for axis 0).
-    Gather { axis: usize },
+    Gather {
+        axis: usize,
+    },
     // ---- structured ----------------------------------------------------------------
     /// Batched matrix product over the last two dims; `b` of rank 2 broadcasts.
-    MatMul { transpose_a: bool, transpose_b: bool },
+    MatMul {
+        transpose_a: bool,
+        transpose_b: bool,
+    },
     /// `q [b, s, h, d]`, `k [b, t, kh, d]`, `v [b, t, kh, dv]` → `[b, s, h, dv]`,
     /// with `h % kh == 0` (GQA/MQA) and `t >= s` (the KV cache plus the new keys).
     Attention(AttentionAttrs),
@@ -204,10 +236,7 @@ impl Op {
     }
 
     pub const fn is_source(&self) -> bool {
-        matches!(
-            self,
-            Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Arange { .. }
-        )
+        matches!(self, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Arange { .. })
     }
 
     /// One output element depends on the input elements at the same index only.
@@ -223,12 +252,7 @@ impl Op {
     pub const fn is_movement(&self) -> bool {
         matches!(
             self,
-            Op::Reshape(_)
-                | Op::Permute(_)
-                | Op::Slice { .. }
-                | Op::Concat { .. }
-                | Op::Expand(_)
-                | Op::Gather { .. }
+            Op::Reshape(_) | Op::Permute(_) | Op::Slice { .. } | Op::Concat { .. } | Op::Expand(_) | Op::Gather { .. }
         )
     }
 
@@ -252,11 +276,7 @@ impl Op {
     /// The shape and dtype rule: the output types for these input types, or an error
     /// naming the op, the reason and all input types.
     pub fn infer(&self, inputs: &[TensorType]) -> Result<OutTypes, OpError> {
-        let err = |reason: String| OpError {
-            op: self.name().to_string(),
-            reason,
-            inputs: inputs.to_vec(),
-        };
+        let err = |reason: String| OpError { op: self.name().to_string(), reason, inputs: inputs.to_vec() };
         match self.arity() {
             Arity::Exactly(n) if inputs.len() != n => {
                 return Err(err(format!("takes {n} inputs, got {}", inputs.len())))
@@ -321,10 +341,9 @@ impl Op {
                 ("end", Attr::Dim(end.clone())),
             ],
             Op::Concat { axis } | Op::Gather { axis } => vec![("axis", Attr::Int(*axis as i64))],
-            Op::MatMul { transpose_a, transpose_b } => vec![
-                ("transpose_a", Attr::Bool(*transpose_a)),
-                ("transpose_b", Attr::Bool(*transpose_b)),
-            ],
+            Op::MatMul { transpose_a, transpose_b } => {
+                vec![("transpose_a", Attr::Bool(*transpose_a)), ("transpose_b", Attr::Bool(*transpose_b))]
+            }
             Op::Attention(a) => vec![("mask", Attr::Mask(a.mask)), ("scale", Attr::F32(a.scale.get()))],
         }
     }
@@ -334,10 +353,8 @@ impl Op {
     pub fn from_parts(name: &str, attrs: &[(String, Attr)], out: Option<&TensorType>) -> Result<Op, String> {
         let mut seen = vec![false; attrs.len()];
         let mut get = |key: &str| -> Result<Attr, String> {
-            let i = attrs
-                .iter()
-                .position(|(k, _)| k == key)
-                .ok_or_else(|| format!("`{name}` needs attribute `{key}`"))?;
+            let i =
+                attrs.iter().position(|(k, _)| k == key).ok_or_else(|| format!("`{name}` needs attribute `{key}`"))?;
             seen[i] = true;
             Ok(attrs[i].1.clone())
         };
@@ -350,8 +367,10 @@ impl Op {
                 }
             };
         }
-        let usize_of = |key: &str, v: i64| usize::try_from(v).map_err(|_| format!("attribute `{key}` must be >= 0, got {v}"));
-        let axes_of = |key: &str, v: Vec<i64>| -> Result<Axes, String> { v.into_iter().map(|x| usize_of(key, x)).collect() };
+        let usize_of =
+            |key: &str, v: i64| usize::try_from(v).map_err(|_| format!("attribute `{key}` must be >= 0, got {v}"));
+        let axes_of =
+            |key: &str, v: Vec<i64>| -> Result<Axes, String> { v.into_iter().map(|x| usize_of(key, x)).collect() };
         let ty = || out.cloned().ok_or_else(|| format!("`{name}` needs its output type"));
         let op = match name {
             "input" => Op::Input { name: want!("name", Str), ty: ty()? },
@@ -384,7 +403,9 @@ impl Op {
             "concat" => Op::Concat { axis: usize_of("axis", want!("axis", Int))? },
             "gather" => Op::Gather { axis: usize_of("axis", want!("axis", Int))? },
             "matmul" => Op::MatMul { transpose_a: want!("transpose_a", Bool), transpose_b: want!("transpose_b", Bool) },
-            "attention" => Op::Attention(AttentionAttrs { mask: want!("mask", Mask), scale: F32Bits::new(want!("scale", F32)) }),
+            "attention" => {
+                Op::Attention(AttentionAttrs { mask: want!("mask", Mask), scale: F32Bits::new(want!("scale", F32)) })
+            }
             _ => {
                 if let Some(u) = UnaryOp::ALL.iter().find(|u| u.name() == name) {
                     Op::Unary(*u)

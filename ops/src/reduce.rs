@@ -49,8 +49,5 @@ pub(crate) fn infer_topk(x: &TensorType, k: usize, axis: usize) -> Result<OutTyp
     }
     let mut dims = x.shape.0.clone();
     dims[axis] = crate::Dim::fixed(k);
-    Ok(smallvec::smallvec![
-        TensorType::new(x.dtype, Shape(dims.clone())),
-        TensorType::new(DType::I64, Shape(dims)),
-    ])
+    Ok(smallvec::smallvec![TensorType::new(x.dtype, Shape(dims.clone())), TensorType::new(DType::I64, Shape(dims)),])
 }
