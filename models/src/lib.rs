@@ -2,3 +2,10 @@
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`, `kiln-runtime` (and through it passes and
 //! codegen).
+
+pub mod config;
+pub mod layers;
+pub mod llama;
+pub mod llm;
+pub mod tokenizer;
+pub mod weights;

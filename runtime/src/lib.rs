@@ -9,3 +9,6 @@
 //! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`, `kiln-codegen`.
 
 pub mod cpu;
+pub mod error;
+pub mod generate;
+pub mod sampling;

@@ -1,0 +1,1 @@
+//! Token-level generation: prefill, then decode steps feeding the KV cache back.
