@@ -4,8 +4,11 @@
 //! codegen).
 
 pub mod config;
+pub mod error;
 pub mod layers;
 pub mod llama;
 pub mod llm;
 pub mod tokenizer;
 pub mod weights;
+
+pub use error::{ModelError, Result};

@@ -1,0 +1,32 @@
+//! Errors of model loading and generation. Every message names the file, tensor,
+//! option or prompt at fault.
+
+use std::path::PathBuf;
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("cannot read `{path}`: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("bad config `{path}`: {msg}")]
+    Config { path: PathBuf, msg: String },
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("weights do not match the model:\n{0}")]
+    Weights(String),
+    #[error("bad weight file `{path}`: {msg}")]
+    WeightFile { path: PathBuf, msg: String },
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("prompt of {tokens} tokens plus {max_new} new tokens exceeds the context of {context} tokens")]
+    PromptTooLong { tokens: usize, max_new: usize, context: usize },
+    #[error("bad request: {0}")]
+    Request(String),
+    #[error(transparent)]
+    Graph(#[from] kiln_graph::Error),
+    #[error(transparent)]
+    Runtime(#[from] kiln_runtime::error::RuntimeError),
+}
