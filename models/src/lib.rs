@@ -5,6 +5,7 @@
 
 pub mod config;
 pub mod error;
+pub mod gguf;
 pub mod layers;
 pub mod llama;
 pub mod llm;
