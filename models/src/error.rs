@@ -17,6 +17,8 @@ pub enum ModelError {
     Weights(String),
     #[error("bad weight file `{path}`: {msg}")]
     WeightFile { path: PathBuf, msg: String },
+    #[error("bad GGUF file `{path}`: {msg}")]
+    Gguf { path: PathBuf, msg: String },
     #[error("tokenizer: {0}")]
     Tokenizer(String),
     #[error("chat template: {0}")]
