@@ -2,6 +2,8 @@
 //!
 //! The facade: re-exports the member crates and owns the `kiln` CLI, the examples and
 //! the end-to-end tests.
+//!
+#![doc = include_str!("../README.md")]
 
 pub use kiln_codegen as codegen;
 pub use kiln_graph as graph;
