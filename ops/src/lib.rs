@@ -17,6 +17,7 @@ pub mod dtype;
 mod elementwise;
 pub mod error;
 pub mod functional;
+pub mod host;
 mod linalg;
 mod movement;
 pub mod op;
@@ -27,6 +28,7 @@ mod source;
 pub use dim::{Bindings, Dim, Sym};
 pub use dtype::DType;
 pub use error::{EvalError, OpError};
+pub use host::{compute_dtype, Element, HostData, HostTensor};
 pub use op::{
     Arity, AttentionAttrs, Attr, Axes, BinaryOp, ConstValues, F32Bits, Mask, Op, OutTypes, ReduceOp, UnaryOp,
 };

@@ -505,3 +505,105 @@ impl ReduceOp {
         }
     }
 }
+
+// ---- CPU semantics ---------------------------------------------------------------------
+
+use crate::host::{compute_dtype, finish, HostTensor};
+use crate::{Bindings, EvalError};
+
+impl Op {
+    /// The output dtypes for inputs of these dtypes (the dtype half of [`Op::infer`],
+    /// without the checks).
+    pub fn out_dtypes(&self, inputs: &[DType]) -> SmallVec<[DType; 2]> {
+        let first = inputs.first().copied().unwrap_or(DType::F32);
+        let one = |d: DType| -> SmallVec<[DType; 2]> { smallvec::smallvec![d] };
+        match self {
+            Op::Input { ty, .. } | Op::Param { ty, .. } | Op::Constant { ty, .. } => one(ty.dtype),
+            Op::Arange { .. } | Op::ArgMax { .. } => one(DType::I64),
+            Op::Binary(b) if b.is_comparison() => one(DType::Bool),
+            Op::Select => one(inputs.get(1).copied().unwrap_or(first)),
+            Op::Cast(to) => one(*to),
+            Op::TopK { .. } => smallvec::smallvec![first, DType::I64],
+            _ => one(first),
+        }
+    }
+
+    /// Evaluates the op on host tensors in their storage dtypes: float types compute in
+    /// f32 and results are rounded to the output dtype. Symbolic attributes (arange
+    /// bounds, slice bounds, reshape/expand targets) take their values from `syms`.
+    /// Errors (never panics) on inputs the op does not accept.
+    pub fn eval(&self, inputs: &[&HostTensor], syms: &Bindings) -> Result<Vec<HostTensor>, EvalError> {
+        let in_dtypes: SmallVec<[DType; 4]> = inputs.iter().map(|t| t.dtype()).collect();
+        let out_dtypes = self.out_dtypes(&in_dtypes);
+        let compute: SmallVec<[std::borrow::Cow<'_, HostTensor>; 4]> =
+            inputs.iter().map(|t| t.to_compute()).collect();
+        let refs: SmallVec<[&HostTensor; 4]> = compute.iter().map(|c| c.as_ref()).collect();
+        let outs = self.eval_compute(&refs, &out_dtypes, syms)?;
+        outs.into_iter().zip(out_dtypes).map(|(t, d)| t.from_compute(d)).collect()
+    }
+
+    /// Evaluates the op on tensors in their compute form (see [`crate::host`]):
+    /// `out_dtypes` are the logical output dtypes (as given by [`Op::out_dtypes`] or a
+    /// graph's node types); results come back in compute form, float values rounded to
+    /// their logical dtype. This is what executors call, keeping f16/bf16 values as f32
+    /// between ops.
+    pub fn eval_compute(
+        &self,
+        inputs: &[&HostTensor],
+        out_dtypes: &[DType],
+        syms: &Bindings,
+    ) -> Result<Vec<HostTensor>, EvalError> {
+        let bad_arity = match self.arity() {
+            Arity::Exactly(n) => inputs.len() != n,
+            Arity::AtLeast(n) => inputs.len() < n,
+        };
+        if bad_arity {
+            return Err(EvalError::new(self.name(), format!("{:?} inputs given, expected {:?}", inputs.len(), self.arity())));
+        }
+        let out_dtype = out_dtypes.first().copied().unwrap_or(DType::F32);
+        let x = inputs.first().copied();
+        let one = |t: HostTensor| vec![t];
+        let mut outs = match self {
+            Op::Input { name, .. } => {
+                return Err(EvalError::new("input", format!("input `{name}` takes its value from the feeds")))
+            }
+            Op::Param { name, .. } => {
+                return Err(EvalError::new("param", format!("param `{name}` takes its value from the weights")))
+            }
+            Op::Constant { ty, values } => one(crate::source::eval_constant(ty, values, syms)?),
+            Op::Arange { start, len } => one(crate::source::eval_arange(start, len, syms)?),
+            Op::Unary(u) => one(crate::elementwise::eval_unary(*u, inputs[0])?),
+            Op::Binary(b) => one(crate::elementwise::eval_binary(*b, inputs[0], inputs[1])?),
+            Op::Select => one(crate::elementwise::eval_select(inputs[0], inputs[1], inputs[2])?),
+            Op::Cast(to) => one(crate::elementwise::eval_cast(inputs[0], *to)),
+            Op::Reduce { op, axes, keep_dims } => one(crate::reduce::eval_reduce(*op, inputs[0], axes, *keep_dims)?),
+            Op::ArgMax { axis } => one(crate::reduce::eval_argmax(inputs[0], *axis)?),
+            Op::TopK { k, axis } => crate::reduce::eval_topk(inputs[0], *k, *axis)?,
+            Op::Reshape(s) => one(crate::movement::eval_reshape(inputs[0], s, syms)?),
+            Op::Permute(p) => one(crate::movement::eval_permute(inputs[0], p)?),
+            Op::Slice { axis, start, end } => one(crate::movement::eval_slice(inputs[0], *axis, start, end, syms)?),
+            Op::Concat { axis } => one(crate::movement::eval_concat(inputs, *axis)?),
+            Op::Expand(s) => one(crate::movement::eval_expand(inputs[0], s, syms)?),
+            Op::Gather { axis } => one(crate::movement::eval_gather(inputs[0], inputs[1], *axis)?),
+            Op::MatMul { transpose_a, transpose_b } => {
+                one(crate::linalg::eval_matmul(inputs[0], inputs[1], *transpose_a, *transpose_b)?)
+            }
+            Op::Attention(a) => one(crate::attention::eval_attention(inputs[0], inputs[1], inputs[2], a)?),
+        };
+        // Movement and selection only copy values that already have the logical type.
+        let computes = !(self.is_movement() || matches!(self, Op::Select | Op::ArgMax { .. } | Op::TopK { .. }));
+        for (t, &d) in outs.iter_mut().zip(out_dtypes) {
+            if t.dtype() != compute_dtype(d) {
+                return Err(EvalError::new(
+                    self.name(),
+                    format!("produced {} storage but the output is {d} (inputs {:?})", t.dtype(), x.map(|x| x.dtype())),
+                ));
+            }
+            if computes {
+                finish(t, d);
+            }
+        }
+        let _ = out_dtype;
+        Ok(outs)
+    }
+}

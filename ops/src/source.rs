@@ -19,3 +19,40 @@ pub(crate) fn infer_constant(ty: &TensorType, values: &ConstValues) -> Result<Te
         _ => Err(format!("value kind does not match dtype {}", ty.dtype)),
     }
 }
+
+// ---- CPU semantics (compute form; see `host`) -------------------------------------------
+
+use crate::host::{compute_dtype, finish, HostData, HostTensor};
+use crate::{Bindings, Dim, EvalError};
+
+/// A constant's values at its type's shape (a single value fills the whole shape), in
+/// the compute form of its dtype, floats rounded to the dtype.
+pub(crate) fn eval_constant(ty: &TensorType, values: &ConstValues, syms: &Bindings) -> Result<HostTensor, EvalError> {
+    let shape = crate::movement::eval_shape("const", &ty.shape, syms)?;
+    let n: usize = shape.iter().product();
+    if values.len() != n && values.len() != 1 {
+        return Err(EvalError::new("const", format!("{} values for shape {shape:?} ({n} elements)", values.len())));
+    }
+    let ints = |v: &[i64]| -> Vec<i64> { v.iter().copied().cycle().take(n).collect() };
+    let data = match (values, compute_dtype(ty.dtype)) {
+        (ConstValues::Float(v), DType::F32) => {
+            HostData::F32(v.iter().map(|x| x.get()).cycle().take(n).collect())
+        }
+        (ConstValues::Int(v), DType::I64) => HostData::I64(ints(v)),
+        (ConstValues::Int(v), DType::I32) => HostData::I32(ints(v).into_iter().map(|x| x as i32).collect()),
+        (ConstValues::Int(v), DType::I8) => HostData::I8(ints(v).into_iter().map(|x| x as i8).collect()),
+        (ConstValues::Int(v), DType::U8) => HostData::U8(ints(v).into_iter().map(|x| x as u8).collect()),
+        (ConstValues::Int(v), DType::Bool) => HostData::Bool(ints(v).into_iter().map(|x| x != 0).collect()),
+        _ => return Err(EvalError::new("const", format!("value kind does not match dtype {}", ty.dtype))),
+    };
+    let mut t = HostTensor::new(shape, data)?;
+    finish(&mut t, ty.dtype);
+    Ok(t)
+}
+
+/// `start, start+1, …` (`len` values) as i64.
+pub(crate) fn eval_arange(start: &Dim, len: &Dim, syms: &Bindings) -> Result<HostTensor, EvalError> {
+    let s = start.eval(syms).map_err(|r| EvalError::new("arange", r))? as i64;
+    let n = len.eval(syms).map_err(|r| EvalError::new("arange", r))?;
+    Ok(HostTensor::from_i64(&[n], (s..s + n as i64).collect()))
+}
