@@ -14,6 +14,7 @@
 
 mod error;
 mod graph;
+pub mod text;
 mod trace;
 mod verify;
 
@@ -21,4 +22,5 @@ pub use error::{Error, Result};
 pub use graph::{Edge, Graph, Node, NodeId, Value};
 pub use kiln_ops as ops;
 pub use kiln_ops::functional::{TensorExt, Trace};
+pub use text::{parse as parse_text, print as print_text};
 pub use trace::{Module, Tensor, Tracer};
