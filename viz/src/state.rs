@@ -20,7 +20,7 @@ pub const KERNEL_PLACEHOLDER: &str = "no kernel yet";
 pub const MAX_SEARCH_HITS: usize = 500;
 
 /// Layout geometry, in canvas units.
-pub const ROW_HEIGHT: f32 = 110.0;
+pub const ROW_HEIGHT: f32 = 90.0;
 pub const COLUMN_GAP: f32 = 30.0;
 /// Estimated width of one label character and height of one label line.
 pub const CHAR_WIDTH: f32 = 7.0;

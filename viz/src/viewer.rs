@@ -262,6 +262,8 @@ struct App {
     /// Bumped to re-fit the view (new egui_graphs id → fresh zoom/pan, fit on first frame).
     fit_epoch: u64,
     search_text: String,
+    /// Centre the view on this visible node at zoom 1 after the next frame.
+    focus: Option<usize>,
     screenshot: Option<PathBuf>,
     screenshot_requested: bool,
     frames: u64,
@@ -278,6 +280,7 @@ impl App {
         let egraph = build_egraph(state.visible());
         let built = state.generation();
         let search_text = state.query().to_string();
+        let focus = state.highlight().selected;
         App {
             state,
             title,
@@ -285,6 +288,7 @@ impl App {
             built,
             fit_epoch: 0,
             search_text,
+            focus,
             screenshot,
             screenshot_requested: false,
             frames: 0,
@@ -352,6 +356,7 @@ impl App {
             for h in &hits {
                 if ui.selectable_label(false, &h.text).clicked() {
                     self.state.reveal(h.node);
+                    self.focus = self.state.highlight().selected;
                 }
             }
         });
@@ -374,7 +379,7 @@ impl App {
                 ui.horizontal(|ui| {
                     ui.add_space(12.0 * (s.depth.saturating_sub(1)) as f32);
                     let collapsed = self.state.is_collapsed(&s.path);
-                    let icon = if collapsed { "▶" } else { "▼" };
+                    let icon = if collapsed { "[+]" } else { "[-]" };
                     let leaf = crate::model::scope_leaf(&s.path);
                     if ui
                         .selectable_label(false, format!("{icon} {leaf} ({})", s.nodes))
@@ -509,8 +514,17 @@ impl eframe::App for App {
                 .with_interactions(&interaction)
                 .with_navigations(&navigation)
                 .with_styles(&style)
-                .with_id(id)
+                .with_id(id.clone())
                 .show(ui, &mut self.egraph);
+            // After the graph (and its first-frame fit): centre on a searched node.
+            if let Some(i) = self.focus.take() {
+                if let Some(n) = self.state.visible().nodes.get(i) {
+                    let mut meta = egui_graphs::MetadataFrame::new(id).load(ui);
+                    meta.zoom = 1.0;
+                    meta.pan = resp.response.rect.size() / 2.0 - Vec2::new(n.pos[0], n.pos[1]);
+                    meta.save(ui);
+                }
+            }
             for change in resp.changes {
                 match change {
                     GraphChange::NodeClicked { node } => self.state.select_index(node.index()),
