@@ -1,1 +1,208 @@
-//! weights
+//! Checkpoint loading: memory-mapped safetensors, single-file (`model.safetensors`) or
+//! sharded (`model.safetensors.index.json`), f32/f16/bf16 sources cast to the dtype the
+//! model is traced in.
+//!
+//! [`load_weights`] maps HF names to kiln parameters through the model's table
+//! ([`crate::llama::WEIGHT_MAP`]), checks every shape, and reports every missing,
+//! unexpected and mis-shaped tensor at once.
+
+use crate::llama::LlamaForCausalLM;
+use crate::{ModelError, Result};
+use indexmap::IndexMap;
+use kiln_ops::{DType, HostTensor};
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+use std::collections::HashSet;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+/// The single-file checkpoint name.
+pub const SINGLE_FILE: &str = "model.safetensors";
+/// The index of a sharded checkpoint.
+pub const INDEX_FILE: &str = "model.safetensors.index.json";
+
+/// One tensor of a checkpoint: where it lives and what it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorEntry {
+    /// Index into the checkpoint's files.
+    pub file: usize,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range in the file.
+    range: (usize, usize),
+}
+
+struct Mapped {
+    path: PathBuf,
+    mmap: Mmap,
+}
+
+/// The safetensors files of a checkpoint directory, memory-mapped, with their headers
+/// parsed and validated.
+pub struct Checkpoint {
+    files: Vec<Mapped>,
+    tensors: IndexMap<String, TensorEntry>,
+}
+
+impl Checkpoint {
+    /// Opens `dir/model.safetensors.index.json` and its shards, or else
+    /// `dir/model.safetensors`. Missing files are `Io` errors naming the path; corrupt or
+    /// truncated ones are `WeightFile` errors naming the file.
+    pub fn open(dir: impl AsRef<Path>) -> Result<Checkpoint> {
+        let dir = dir.as_ref();
+        let index_path = dir.join(INDEX_FILE);
+        let (names, index) = if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|source| ModelError::Io { path: index_path.clone(), source })?;
+            let bad = |msg: String| ModelError::WeightFile { path: index_path.clone(), msg };
+            let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+            let map =
+                json.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| bad("no `weight_map`".into()))?;
+            let mut index = IndexMap::new();
+            for (tensor, file) in map {
+                let file = file.as_str().ok_or_else(|| bad(format!("file of `{tensor}` is not a string")))?;
+                index.insert(tensor.clone(), file.to_string());
+            }
+            let mut names: Vec<String> = index.values().cloned().collect();
+            names.dedup();
+            let mut seen = HashSet::new();
+            names.retain(|n| seen.insert(n.clone()));
+            (names, Some(index))
+        } else {
+            (vec![SINGLE_FILE.to_string()], None)
+        };
+        let mut ckpt = Checkpoint { files: Vec::new(), tensors: IndexMap::new() };
+        for name in names {
+            ckpt.add_file(dir.join(name))?;
+        }
+        if let Some(index) = index {
+            for (tensor, file) in index {
+                let at = ckpt.tensors.get(&tensor).map(|e| &ckpt.files[e.file].path);
+                if at.and_then(|p| p.file_name()) != Some(std::ffi::OsStr::new(&file)) {
+                    return Err(ModelError::WeightFile {
+                        path: index_path,
+                        msg: format!("lists `{tensor}` in `{file}`, which does not hold it"),
+                    });
+                }
+            }
+        }
+        Ok(ckpt)
+    }
+
+    fn add_file(&mut self, path: PathBuf) -> Result<()> {
+        let file = File::open(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
+        let bad = |msg: String| ModelError::WeightFile { path: path.clone(), msg };
+        // SAFETY: the map is read-only; like every mmap-based loader we assume the file
+        // is not modified while the checkpoint is open.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| bad(format!("cannot map: {e}")))?;
+        let (n, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            let hint = match e {
+                SafeTensorError::MetadataIncompleteBuffer
+                | SafeTensorError::HeaderTooSmall
+                | SafeTensorError::InvalidHeaderLength => " (truncated?)",
+                _ => "",
+            };
+            bad(format!("not a valid safetensors file of {} bytes: {e}{hint}", mmap.len()))
+        })?;
+        let start = 8 + n;
+        let fi = self.files.len();
+        let mut infos: Vec<_> = meta.tensors().into_iter().collect();
+        infos.sort_by_key(|(_, info)| info.data_offsets);
+        for (name, info) in infos {
+            if let Some(prev) = self.tensors.get(&name) {
+                let other = self.files[prev.file].path.display();
+                return Err(bad(format!("tensor `{name}` is also in `{other}`")));
+            }
+            let (a, b) = info.data_offsets;
+            let entry =
+                TensorEntry { file: fi, dtype: info.dtype, shape: info.shape.clone(), range: (start + a, start + b) };
+            self.tensors.insert(name, entry);
+        }
+        self.files.push(Mapped { path, mmap });
+        Ok(())
+    }
+
+    /// Tensor names, file by file in storage order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.tensors.keys().map(String::as_str)
+    }
+
+    pub fn get(&self, name: &str) -> Option<&TensorEntry> {
+        self.tensors.get(name)
+    }
+
+    /// The file holding a tensor.
+    pub fn path_of(&self, entry: &TensorEntry) -> &Path {
+        &self.files[entry.file].path
+    }
+
+    /// The raw little-endian bytes of a tensor.
+    pub fn bytes(&self, entry: &TensorEntry) -> &[u8] {
+        &self.files[entry.file].mmap[entry.range.0..entry.range.1]
+    }
+
+    /// A float tensor's values as f32 (`None` for other dtypes).
+    pub fn to_f32(&self, entry: &TensorEntry) -> Option<Vec<f32>> {
+        let b = self.bytes(entry);
+        let u16s = || b.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]]));
+        Some(match entry.dtype {
+            Dtype::F32 => b.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+            Dtype::F16 => u16s().map(|x| half::f16::from_bits(x).to_f32()).collect(),
+            Dtype::BF16 => u16s().map(|x| half::bf16::from_bits(x).to_f32()).collect(),
+            _ => return None,
+        })
+    }
+}
+
+fn is_float_source(d: Dtype) -> bool {
+    matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16)
+}
+
+/// Reads the checkpoint in `dir` for `model`, as `dtype` tensors keyed by kiln
+/// parameter name (ready for an executor). Every traced parameter must be found with
+/// its exact shape; all missing, mis-shaped and unexpected HF tensors are reported in
+/// one [`ModelError::Weights`].
+pub fn load_weights(
+    dir: impl AsRef<Path>,
+    model: &LlamaForCausalLM,
+    dtype: DType,
+) -> Result<IndexMap<String, HostTensor>> {
+    let ckpt = Checkpoint::open(dir)?;
+    let sources = model.weight_sources(dtype)?;
+    let (mut missing, mut wrong, mut used) = (Vec::new(), Vec::new(), HashSet::new());
+    for s in &sources {
+        for (hf, shape) in &s.parts {
+            used.insert(hf.as_str());
+            let part_of = if s.parts.len() > 1 { format!(" (part of `{}`)", s.name) } else { String::new() };
+            match ckpt.get(hf) {
+                None => missing.push(format!("  missing `{hf}`{part_of}")),
+                Some(e) if &e.shape != shape => {
+                    wrong.push(format!("  `{hf}` has shape {:?}, expected {shape:?}{part_of}", e.shape))
+                }
+                Some(e) if !is_float_source(e.dtype) => {
+                    wrong.push(format!("  `{hf}` has dtype {:?}, expected F32, F16 or BF16", e.dtype))
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    let unexpected = ckpt
+        .names()
+        .filter(|n| !used.contains(n) && !model.is_ignored_hf_tensor(n))
+        .map(|n| format!("  unexpected `{n}`"));
+    let problems: Vec<String> = missing.into_iter().chain(wrong).chain(unexpected).collect();
+    if !problems.is_empty() {
+        return Err(ModelError::Weights(problems.join("\n")));
+    }
+    let mut out = IndexMap::with_capacity(sources.len());
+    for s in sources {
+        let mut values = Vec::new();
+        for (hf, _) in &s.parts {
+            let e = ckpt.get(hf).expect("checked above");
+            values.extend(ckpt.to_f32(e).expect("checked above"));
+        }
+        let shape = s.ty.shape.as_fixed().expect("parameters have fixed shapes");
+        out.insert(s.name, HostTensor::from_f32(&shape, values).cast(dtype));
+    }
+    Ok(out)
+}
