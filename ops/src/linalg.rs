@@ -108,9 +108,9 @@ pub(crate) fn eval_matmul(a: &HostTensor, b: &HostTensor, ta: bool, tb: bool) ->
     let flops = m * n * k;
     let b_of = |i: usize| if shared_b { &bv[..] } else { &bv[i * k * n..(i + 1) * k * n] };
     if batch > 1 && flops < PAR_FLOPS && batch * flops >= PAR_FLOPS && m * n > 0 {
-        out.par_chunks_mut(m * n).enumerate().for_each(|(i, dst)| {
-            gemm_f32(dst, &av[i * m * k..(i + 1) * m * k], b_of(i), (m, n, k), (ta, tb), false)
-        });
+        out.par_chunks_mut(m * n)
+            .enumerate()
+            .for_each(|(i, dst)| gemm_f32(dst, &av[i * m * k..(i + 1) * m * k], b_of(i), (m, n, k), (ta, tb), false));
     } else if m * n > 0 {
         for (i, dst) in out.chunks_mut(m * n).enumerate() {
             gemm_f32(dst, &av[i * m * k..(i + 1) * m * k], b_of(i), (m, n, k), (ta, tb), flops >= PAR_FLOPS);

@@ -240,8 +240,8 @@ pub(crate) fn eval_concat(xs: &[&HostTensor], axis: usize) -> Result<HostTensor,
         if x.dtype() != first.dtype() {
             return Err(EvalError::new("concat", format!("dtypes differ: {} vs {}", first.dtype(), x.dtype())));
         }
-        let same = x.rank() == first.rank()
-            && (0..x.rank()).filter(|&i| i != axis).all(|i| x.shape()[i] == first.shape()[i]);
+        let same =
+            x.rank() == first.rank() && (0..x.rank()).filter(|&i| i != axis).all(|i| x.shape()[i] == first.shape()[i]);
         if !same {
             return Err(EvalError::new("concat", format!("shapes differ: {:?} vs {:?}", first.shape(), x.shape())));
         }
@@ -278,7 +278,10 @@ pub(crate) fn eval_expand(x: &HostTensor, to: &Shape, syms: &Bindings) -> Result
         if d == t {
             strides[off + i] = st[i];
         } else if d != 1 {
-            return Err(EvalError::new("expand", format!("cannot expand {:?} to {shape:?}: dim {i} is {d}", x.shape())));
+            return Err(EvalError::new(
+                "expand",
+                format!("cannot expand {:?} to {shape:?}: dim {i} is {d}", x.shape()),
+            ));
         }
     }
     strided("expand", x, &shape, &strides)

@@ -535,8 +535,7 @@ impl Op {
     pub fn eval(&self, inputs: &[&HostTensor], syms: &Bindings) -> Result<Vec<HostTensor>, EvalError> {
         let in_dtypes: SmallVec<[DType; 4]> = inputs.iter().map(|t| t.dtype()).collect();
         let out_dtypes = self.out_dtypes(&in_dtypes);
-        let compute: SmallVec<[std::borrow::Cow<'_, HostTensor>; 4]> =
-            inputs.iter().map(|t| t.to_compute()).collect();
+        let compute: SmallVec<[std::borrow::Cow<'_, HostTensor>; 4]> = inputs.iter().map(|t| t.to_compute()).collect();
         let refs: SmallVec<[&HostTensor; 4]> = compute.iter().map(|c| c.as_ref()).collect();
         let outs = self.eval_compute(&refs, &out_dtypes, syms)?;
         outs.into_iter().zip(out_dtypes).map(|(t, d)| t.from_compute(d)).collect()
@@ -558,7 +557,10 @@ impl Op {
             Arity::AtLeast(n) => inputs.len() < n,
         };
         if bad_arity {
-            return Err(EvalError::new(self.name(), format!("{:?} inputs given, expected {:?}", inputs.len(), self.arity())));
+            return Err(EvalError::new(
+                self.name(),
+                format!("{:?} inputs given, expected {:?}", inputs.len(), self.arity()),
+            ));
         }
         let out_dtype = out_dtypes.first().copied().unwrap_or(DType::F32);
         let x = inputs.first().copied();

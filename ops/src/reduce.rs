@@ -100,7 +100,12 @@ fn fold_lanes<T: Element, A: Copy + Send + Sync>(
     acc.into_iter().map(fin).collect()
 }
 
-pub(crate) fn eval_reduce(op: ReduceOp, x: &HostTensor, axes: &[usize], keep_dims: bool) -> Result<HostTensor, EvalError> {
+pub(crate) fn eval_reduce(
+    op: ReduceOp,
+    x: &HostTensor,
+    axes: &[usize],
+    keep_dims: bool,
+) -> Result<HostTensor, EvalError> {
     let name = op.name();
     if axes.is_empty() {
         return Err(EvalError::new(name, "needs at least one axis"));
@@ -129,8 +134,7 @@ pub(crate) fn eval_reduce(op: ReduceOp, x: &HostTensor, axes: &[usize], keep_dim
     let (x, a0, a1) = if contiguous {
         (x, sorted[0], *sorted.last().expect("non-empty"))
     } else {
-        let perm: Vec<usize> =
-            (0..x.rank()).filter(|i| !sorted.contains(i)).chain(sorted.iter().copied()).collect();
+        let perm: Vec<usize> = (0..x.rank()).filter(|i| !sorted.contains(i)).chain(sorted.iter().copied()).collect();
         permuted = crate::movement::eval_permute(x, &perm)?;
         (&permuted, x.rank() - sorted.len(), x.rank() - 1)
     };
@@ -140,9 +144,13 @@ pub(crate) fn eval_reduce(op: ReduceOp, x: &HostTensor, axes: &[usize], keep_dim
         ($v:expr, $var:ident, $t:ty) => {
             HostData::$var(match op {
                 ReduceOp::Sum => fold_lanes($v, l, 0i64, |a, v| a.wrapping_add(v as i64), |a| a as $t),
-                ReduceOp::Mean => {
-                    fold_lanes($v, l, 0i64, |a, v| a.wrapping_add(v as i64), |a| a.checked_div(n as i64).unwrap_or(0) as $t)
-                }
+                ReduceOp::Mean => fold_lanes(
+                    $v,
+                    l,
+                    0i64,
+                    |a, v| a.wrapping_add(v as i64),
+                    |a| a.checked_div(n as i64).unwrap_or(0) as $t,
+                ),
                 ReduceOp::Max => fold_lanes($v, l, <$t>::MIN, |a, v| a.max(v), |a| a),
             })
         };

@@ -35,9 +35,7 @@ pub(crate) fn eval_constant(ty: &TensorType, values: &ConstValues, syms: &Bindin
     }
     let ints = |v: &[i64]| -> Vec<i64> { v.iter().copied().cycle().take(n).collect() };
     let data = match (values, compute_dtype(ty.dtype)) {
-        (ConstValues::Float(v), DType::F32) => {
-            HostData::F32(v.iter().map(|x| x.get()).cycle().take(n).collect())
-        }
+        (ConstValues::Float(v), DType::F32) => HostData::F32(v.iter().map(|x| x.get()).cycle().take(n).collect()),
         (ConstValues::Int(v), DType::I64) => HostData::I64(ints(v)),
         (ConstValues::Int(v), DType::I32) => HostData::I32(ints(v).into_iter().map(|x| x as i32).collect()),
         (ConstValues::Int(v), DType::I8) => HostData::I8(ints(v).into_iter().map(|x| x as i8).collect()),

@@ -70,17 +70,20 @@ fn host_tensor_construction_checks_lengths() {
 
 #[test]
 fn bf16_and_f16_round_to_nearest_even() {
-    let x = f(&[4], &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-7), 2.71828]);
+    let x = f(&[4], &[1.0 + 2f32.powi(-8), 1.0 + 3.0 * 2f32.powi(-8), 1.0 + 2f32.powi(-7), 2.7]);
     let y = x.cast(DType::BF16);
     assert_eq!(y.dtype(), DType::BF16);
     // Ties go to the even mantissa: 1 + 2^-8 -> 1, 1 + 3·2^-8 -> 1 + 2^-6.
-    assert_eq!(y.to_f32_vec(), vec![1.0, 1.015625, 1.0078125, 2.71875]);
+    assert_eq!(y.to_f32_vec(), vec![1.0, 1.015625, 1.0078125, 2.703125]);
     let x = f(&[4], &[1.0 + 2f32.powi(-11), 1.0 + 3.0 * 2f32.powi(-11), 70000.0, -0.1]);
     let y = x.cast(DType::F16);
     assert_eq!(y.as_slice::<f16>().unwrap()[0], f16::ONE);
-    assert_eq!(y.to_f32_vec()[..3], [1.0, 1.001953125, f32::INFINITY]);
+    assert_eq!(y.to_f32_vec()[..3], [1.0, 1.0 + 2f32.powi(-9), f32::INFINITY]);
     assert_eq!(y.to_f32_vec()[3], f16::from_f32(-0.1).to_f32());
-    assert_eq!(HostTensor::from_f32_as(DType::BF16, &[1], vec![3.0]).as_slice::<bf16>().unwrap(), &[bf16::from_f32(3.0)]);
+    assert_eq!(
+        HostTensor::from_f32_as(DType::BF16, &[1], vec![3.0]).as_slice::<bf16>().unwrap(),
+        &[bf16::from_f32(3.0)]
+    );
 }
 
 #[test]
@@ -93,13 +96,13 @@ fn fp8_e4m3_encoding_by_hand() {
         (448.0, 0x7e),
         (1000.0, 0x7e),
         (f32::NEG_INFINITY, 0xfe),
-        (2f32.powi(-9), 0x01),   // smallest subnormal
-        (2f32.powi(-10), 0x00),  // tie between 0 and 2^-9: even
+        (2f32.powi(-9), 0x01),        // smallest subnormal
+        (2f32.powi(-10), 0x00),       // tie between 0 and 2^-9: even
         (3.0 * 2f32.powi(-10), 0x02), // tie between 1 and 2 subnormal steps: even
-        (1.0625, 0x38),          // 1 + 1/16: tie between mantissa 0 and 1
-        (1.1875, 0x3a),          // 1 + 3/16: tie between 1 and 2
-        (0.015625, 0x08),        // 2^-6, smallest normal
-        (240.0, 0x77),           // 1.875 · 2^7
+        (1.0625, 0x38),               // 1 + 1/16: tie between mantissa 0 and 1
+        (1.1875, 0x3a),               // 1 + 3/16: tie between 1 and 2
+        (0.015625, 0x08),             // 2^-6, smallest normal
+        (240.0, 0x77),                // 1.875 · 2^7
     ];
     for (x, bits) in cases {
         assert_eq!(f32_to_f8e4m3(x), bits, "encoding {x}");
@@ -214,10 +217,7 @@ fn binary_ops_on_ints_and_bools() {
     assert_eq!(run(BinaryOp::Max).as_i64().unwrap(), &[7, 2, 7, -2]);
     assert_eq!(run(BinaryOp::Min).as_i64().unwrap(), &[2, -7, -2, -7]);
     assert_eq!(run(BinaryOp::Lt).data(), &HostData::Bool(vec![false, true, false, true]));
-    assert_eq!(
-        eval_err(Op::Binary(BinaryOp::Div), &[&a, &i(&[4], &[1, 0, 1, 1])]),
-        "div: integer division by zero"
-    );
+    assert_eq!(eval_err(Op::Binary(BinaryOp::Div), &[&a, &i(&[4], &[1, 0, 1, 1])]), "div: integer division by zero");
     let p = b(&[4], &[true, true, false, false]);
     let q = b(&[4], &[true, false, true, false]);
     assert_eq!(eval(Op::Binary(BinaryOp::And), &[&p, &q]).data(), &HostData::Bool(vec![true, false, false, false]));
@@ -389,16 +389,29 @@ fn gather_rows_and_checks_indices() {
 #[test]
 fn constants_and_arange() {
     let ty = TensorType::new(DType::BF16, Shape::fixed(&[2]));
-    let c = Op::Constant { ty, values: ConstValues::Float(vec![F32Bits::new(1.0 + 3.0 * 2f32.powi(-8)), F32Bits::new(2.0)]) };
+    let c = Op::Constant {
+        ty,
+        values: ConstValues::Float(vec![F32Bits::new(1.0 + 3.0 * 2f32.powi(-8)), F32Bits::new(2.0)]),
+    };
     let y = eval(c, &[]);
     assert_eq!(y.to_f32_vec(), vec![1.015625, 2.0]);
     assert_eq!(y.dtype(), DType::BF16);
     let ty = TensorType::new(DType::F32, Shape::fixed(&[2, 2]));
-    assert_f32(&eval(Op::Constant { ty, values: ConstValues::Float(vec![F32Bits::new(0.5)]) }, &[]), &[2, 2], &[0.5; 4]);
+    assert_f32(
+        &eval(Op::Constant { ty, values: ConstValues::Float(vec![F32Bits::new(0.5)]) }, &[]),
+        &[2, 2],
+        &[0.5; 4],
+    );
     let ty = TensorType::new(DType::I32, Shape::fixed(&[3]));
-    assert_eq!(eval(Op::Constant { ty, values: ConstValues::Int(vec![1, -2, 3]) }, &[]).data(), &HostData::I32(vec![1, -2, 3]));
+    assert_eq!(
+        eval(Op::Constant { ty, values: ConstValues::Int(vec![1, -2, 3]) }, &[]).data(),
+        &HostData::I32(vec![1, -2, 3])
+    );
     let ty = TensorType::new(DType::Bool, Shape::fixed(&[2]));
-    assert_eq!(eval(Op::Constant { ty, values: ConstValues::Int(vec![0, 5]) }, &[]).data(), &HostData::Bool(vec![false, true]));
+    assert_eq!(
+        eval(Op::Constant { ty, values: ConstValues::Int(vec![0, 5]) }, &[]).data(),
+        &HostData::Bool(vec![false, true])
+    );
     let op = Op::Arange { start: Dim::sym("past"), len: Dim::sym("seq") };
     let y = eval_with(op, &[], &syms(&[("past", 4), ("seq", 3)]));
     assert_eq!((y.shape(), y.as_i64().unwrap()), (&[3usize][..], &[4i64, 5, 6][..]));
@@ -450,7 +463,10 @@ fn matmul_batched_with_shared_and_batched_b() {
     let wb = f(&[2, 1], &[1.0, 0.0078125]).cast(DType::BF16);
     let y = eval(Op::MatMul { transpose_a: false, transpose_b: false }, &[&xb, &wb]);
     assert_eq!(y.data(), &HostData::BF16(vec![bf16::from_f32(1.0078125)]));
-    let y = eval(Op::MatMul { transpose_a: false, transpose_b: false }, &[&xb, &f(&[2, 1], &[1.0, 0.00390625]).cast(DType::BF16)]);
+    let y = eval(
+        Op::MatMul { transpose_a: false, transpose_b: false },
+        &[&xb, &f(&[2, 1], &[1.0, 0.00390625]).cast(DType::BF16)],
+    );
     assert_eq!(y.to_f32_vec(), vec![1.0]); // 1 + 2^-8 rounds to even
 }
 
@@ -484,7 +500,8 @@ fn naive_attention(
                     if allowed(j) {
                         let mut dot = 0f64;
                         for x in 0..d {
-                            dot += q[((bi * s + i) * h + hi) * d + x] as f64 * k[((bi * t + j) * kh + kvh) * d + x] as f64;
+                            dot +=
+                                q[((bi * s + i) * h + hi) * d + x] as f64 * k[((bi * t + j) * kh + kvh) * d + x] as f64;
                         }
                         *wj = (dot * scale as f64).exp();
                         total += *wj;
@@ -552,10 +569,7 @@ fn attention_matches_naive_reference() {
         let v = pseudo(b * t * kh * dv, 3 * n as u32 + 3);
         let scale = 1.0 / (d as f32).sqrt();
         let want = naive_attention(&q, &k, &v, (b, s, h, d), (t, kh, dv), mask, scale);
-        let y = eval(
-            attention(mask, scale),
-            &[&f(&[b, s, h, d], &q), &f(&[b, t, kh, d], &k), &f(&[b, t, kh, dv], &v)],
-        );
+        let y = eval(attention(mask, scale), &[&f(&[b, s, h, d], &q), &f(&[b, t, kh, d], &k), &f(&[b, t, kh, dv], &v)]);
         assert_eq!(y.shape(), &[b, s, h, dv], "case {n}");
         assert_close(y.as_f32().unwrap(), &want, 1e-5);
     }

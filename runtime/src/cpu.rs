@@ -61,7 +61,7 @@ impl CpuExecutor {
         for (name, &n) in graph.params() {
             let ty = &graph.node(n).outputs[0];
             let Some(shape) = ty.shape.as_fixed() else {
-                return Err(RuntimeError::SymbolicParam { name: name.clone(), ty: ty.clone() });
+                return Err(RuntimeError::SymbolicParam { name: name.clone(), ty: ty.to_string() });
             };
             match weights.get(name) {
                 None => missing.push(name.clone()),
@@ -120,14 +120,15 @@ impl CpuExecutor {
                 Op::Input { name, .. } => Kind::Input(graph.inputs().get_index_of(name).expect("verified")),
                 Op::Param { name, .. } => Kind::Param(graph.params().get_index_of(name).expect("verified")),
                 Op::Constant { .. } => {
-                    let mut v = node.op.eval_compute(&[], &[node.outputs[0].dtype], &Bindings::new()).map_err(
-                        |source| RuntimeError::Eval {
-                            node: n.index(),
-                            op: node.op.name().into(),
-                            scope: node.scope.clone(),
-                            source,
-                        },
-                    )?;
+                    let mut v =
+                        node.op.eval_compute(&[], &[node.outputs[0].dtype], &Bindings::new()).map_err(|source| {
+                            RuntimeError::Eval {
+                                node: n.index(),
+                                op: node.op.name().into(),
+                                scope: node.scope.clone(),
+                                source,
+                            }
+                        })?;
                     consts.push(v.remove(0));
                     Kind::Constant(consts.len() - 1)
                 }
@@ -164,8 +165,7 @@ impl CpuExecutor {
                 Some(_) => {}
             }
         }
-        let unexpected: Vec<String> =
-            feeds.keys().filter(|k| !self.graph.inputs().contains_key(*k)).cloned().collect();
+        let unexpected: Vec<String> = feeds.keys().filter(|k| !self.graph.inputs().contains_key(*k)).cloned().collect();
         if !(missing.is_empty() && unexpected.is_empty() && mismatched.is_empty()) {
             return Err(RuntimeError::Feeds { missing, unexpected, mismatched });
         }
@@ -278,7 +278,7 @@ impl CpuExecutor {
                         return Err(RuntimeError::ShapeMismatch {
                             node: step.node.index(),
                             op: node.op.name().into(),
-                            ty: ty.clone(),
+                            ty: ty.to_string(),
                             expected,
                             got: t.shape().to_vec(),
                         });

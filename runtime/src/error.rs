@@ -46,7 +46,7 @@ pub enum RuntimeError {
     Graph(#[from] kiln_graph::Error),
     /// Params are weights of a fixed size.
     #[error("param `{name}` has the symbolic type {ty}; params need fixed shapes")]
-    SymbolicParam { name: String, ty: TensorType },
+    SymbolicParam { name: String, ty: String },
     /// Every problem with the supplied weights at once.
     #[error("weights do not match the graph's params: {}", problems(.missing, .unexpected, "mis-shaped", .mismatched))]
     Weights { missing: Vec<String>, unexpected: Vec<String>, mismatched: Vec<Mismatch> },
@@ -57,7 +57,15 @@ pub enum RuntimeError {
     #[error(
         "input `{input}` axis {axis}: symbol `{sym}` is {value} here but {bound} from input `{bound_input}` axis {bound_axis}"
     )]
-    SymbolConflict { input: String, axis: usize, sym: String, value: usize, bound: usize, bound_input: String, bound_axis: usize },
+    SymbolConflict {
+        input: String,
+        axis: usize,
+        sym: String,
+        value: usize,
+        bound: usize,
+        bound_input: String,
+        bound_axis: usize,
+    },
     /// An input dim (fixed or composite, e.g. `past + seq`) disagrees with the bound symbols.
     #[error("input `{input}` axis {axis}: size {got} does not match `{dim}` = {expected}")]
     DimMismatch { input: String, axis: usize, dim: String, expected: usize, got: usize },
@@ -70,5 +78,5 @@ pub enum RuntimeError {
     /// A node produced a tensor whose shape differs from its declared type (a bug in
     /// an op's CPU semantics; checked in debug builds).
     #[error("node %{node} ({op}) produced shape {got:?} but its type {ty} gives {expected:?}")]
-    ShapeMismatch { node: usize, op: String, ty: TensorType, expected: Vec<usize>, got: Vec<usize> },
+    ShapeMismatch { node: usize, op: String, ty: String, expected: Vec<usize>, got: Vec<usize> },
 }
