@@ -44,7 +44,7 @@ pub fn dequantize(ty: GgmlType, data: &[u8], n: usize) -> Result<Vec<f32>, Strin
             names.join(", ")
         ));
     }
-    if n % ty.block_size() != 0 {
+    if !n.is_multiple_of(ty.block_size()) {
         return Err(format!("{n} elements of {ty} are not a whole number of {}-element blocks", ty.block_size()));
     }
     let want = ty.bytes_for(n).ok_or_else(|| format!("{n} elements of {ty} overflow the byte count"))?;

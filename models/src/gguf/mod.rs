@@ -936,7 +936,7 @@ fn tensor_info(
     }
     let row = ne.first().copied().unwrap_or(1);
     let bs = ggml_type.block_size() as u64;
-    if row % bs != 0 {
+    if !row.is_multiple_of(bs) {
         return Err(format!(
             "tensor `{name}` of type {ggml_type}: row length {row} is not a multiple of the block size {bs}"
         ));
@@ -944,7 +944,7 @@ fn tensor_info(
     let n_bytes = (n / bs)
         .checked_mul(ggml_type.type_size() as u64)
         .ok_or_else(|| format!("tensor `{name}`: the byte size of dims [{dims}] overflows"))?;
-    if offset % alignment != 0 {
+    if !offset.is_multiple_of(alignment) {
         return Err(format!("tensor `{name}`: data offset {offset} is not a multiple of the alignment {alignment}"));
     }
     if offset.checked_add(n_bytes).is_none_or(|end| end > data_len) {

@@ -28,7 +28,7 @@ fn check(rows: &[f32], n_rows: usize, row_len: usize, n_head: usize) -> usize {
         rows.len()
     );
     assert!(
-        n_head > 0 && n_rows % (2 * n_head) == 0,
+        n_head > 0 && n_rows.is_multiple_of(2 * n_head),
         "permute_qk: {n_rows} rows do not split into {n_head} heads of an even number of rows"
     );
     n_rows / n_head

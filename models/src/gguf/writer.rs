@@ -47,7 +47,7 @@ impl GgufWriter {
         let n: usize = shape.iter().product();
         assert_eq!(
             Some(data.len()),
-            ty.bytes_for(n).filter(|_| n % ty.block_size() == 0),
+            ty.bytes_for(n).filter(|_| n.is_multiple_of(ty.block_size())),
             "GgufWriter: tensor `{name}` of shape {shape:?} and type {ty} has {} bytes",
             data.len()
         );
