@@ -106,6 +106,7 @@ struct RawConfig {
     torch_dtype: Option<String>,
     dtype: Option<String>,
     use_sliding_window: Option<bool>,
+    layer_types: Option<Vec<String>>,
 }
 
 impl LlamaConfig {
@@ -169,6 +170,12 @@ impl LlamaConfig {
         if let Some(act) = raw.hidden_act.as_deref().filter(|a| *a != "silu") {
             return Err(ModelError::Unsupported(format!(
                 "hidden_act `{act}` in `{}` (supported: silu)",
+                path.display()
+            )));
+        }
+        if let Some(kind) = raw.layer_types.iter().flatten().find(|t| *t != "full_attention") {
+            return Err(ModelError::Unsupported(format!(
+                "layer type `{kind}` in `{}` (supported: full_attention)",
                 path.display()
             )));
         }
