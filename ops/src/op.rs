@@ -562,8 +562,6 @@ impl Op {
                 format!("{:?} inputs given, expected {:?}", inputs.len(), self.arity()),
             ));
         }
-        let out_dtype = out_dtypes.first().copied().unwrap_or(DType::F32);
-        let x = inputs.first().copied();
         let one = |t: HostTensor| vec![t];
         let mut outs = match self {
             Op::Input { name, .. } => {
@@ -598,14 +596,17 @@ impl Op {
             if t.dtype() != compute_dtype(d) {
                 return Err(EvalError::new(
                     self.name(),
-                    format!("produced {} storage but the output is {d} (inputs {:?})", t.dtype(), x.map(|x| x.dtype())),
+                    format!(
+                        "produced {} storage but the output is {d} (inputs: {:?})",
+                        t.dtype(),
+                        inputs.iter().map(|x| x.dtype()).collect::<Vec<_>>()
+                    ),
                 ));
             }
             if computes {
                 finish(t, d);
             }
         }
-        let _ = out_dtype;
         Ok(outs)
     }
 }

@@ -426,3 +426,95 @@ proptest! {
         }
     }
 }
+
+// ---- a Llama-135M-sized decode step (ignored: run by hand in release to see the speed) -----
+
+fn split_heads<'t>(t: kiln_graph::Tensor<'t>, s: &Dim, n: usize, hd: usize) -> kiln_graph::Tensor<'t> {
+    t.reshape([Dim::fixed(1), s.clone(), Dim::fixed(n), Dim::fixed(hd)]).unwrap()
+}
+
+/// Builds a SmolLM-135M-shaped Llama decode graph (hidden 576, 30 layers, intermediate
+/// 1536, vocab 49152, 9 heads / 3 kv heads) with pseudo-random weights and prints the
+/// time per decode step. `cargo test --release -p kiln-runtime --test cpu -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn llama_135m_decode_speed() {
+    let (hidden, layers, inter, vocab, heads, kv_heads, hd) = (576usize, 30usize, 1536usize, 49152usize, 9, 3, 64);
+    let tr = Tracer::new();
+    let (one, s, past) = (Dim::fixed(1), seq(), Dim::sym("past"));
+    let ids = tr.input("ids", DType::I64, [one.clone(), s.clone()]).unwrap();
+    let cos = tr.input("cos", DType::F32, [s.clone(), Dim::fixed(hd)]).unwrap();
+    let sin = tr.input("sin", DType::F32, [s.clone(), Dim::fixed(hd)]).unwrap();
+    let mut shapes: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut param = |name: String, shape: Vec<usize>| {
+        shapes.push((name.clone(), shape.clone()));
+        tr.param(&name, DType::F32, kiln_graph::ops::Shape::fixed(&shape)).unwrap()
+    };
+    let embed = param("embed".into(), vec![vocab, hidden]);
+    let mut x = embed.gather(ids, 0).unwrap();
+    for l in 0..layers {
+        let p = |n: &str| format!("l{l}.{n}");
+        let kc = tr.input(&p("k_cache"), DType::F32, [one.clone(), past.clone(), Dim::fixed(kv_heads), Dim::fixed(hd)]);
+        let vc = tr.input(&p("v_cache"), DType::F32, [one.clone(), past.clone(), Dim::fixed(kv_heads), Dim::fixed(hd)]);
+        let h = x.rms_norm(param(p("ln1"), vec![hidden]), 1e-5).unwrap();
+        let split = |t, n| split_heads(t, &s, n, hd);
+        let q = split(h.linear(param(p("q"), vec![heads * hd, hidden]), None).unwrap(), heads).rope(cos, sin).unwrap();
+        let k = split(h.linear(param(p("k"), vec![kv_heads * hd, hidden]), None).unwrap(), kv_heads)
+            .rope(cos, sin)
+            .unwrap();
+        let v = split(h.linear(param(p("v"), vec![kv_heads * hd, hidden]), None).unwrap(), kv_heads);
+        let k = kc.unwrap().concat(&[k], 1).unwrap();
+        let v = vc.unwrap().concat(&[v], 1).unwrap();
+        tr.output(&p("k_cache"), k).unwrap();
+        tr.output(&p("v_cache"), v).unwrap();
+        let a = q.attention(k, v, Mask::Causal, 0.125).unwrap();
+        let a = a.reshape([one.clone(), s.clone(), Dim::fixed(hidden)]).unwrap();
+        x = x.add(a.linear(param(p("o"), vec![hidden, heads * hd]), None).unwrap()).unwrap();
+        let h = x.rms_norm(param(p("ln2"), vec![hidden]), 1e-5).unwrap();
+        let g = h.linear(param(p("gate"), vec![inter, hidden]), None).unwrap().silu().unwrap();
+        let u = h.linear(param(p("up"), vec![inter, hidden]), None).unwrap();
+        x = x.add(g.mul(u).unwrap().linear(param(p("down"), vec![hidden, inter]), None).unwrap()).unwrap();
+    }
+    let x = x.rms_norm(param("norm".into(), vec![hidden]), 1e-5).unwrap();
+    tr.output("logits", x.linear(embed, None).unwrap()).unwrap();
+    let g = tr.finish().unwrap();
+    let weights: IndexMap<String, HostTensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (n, sh))| {
+            let len: usize = sh.iter().product();
+            let v =
+                if sh.len() == 1 { vec![1.0; len] } else { values(len, i as u64).iter().map(|x| x * 0.05).collect() };
+            (n.clone(), f(sh, &v))
+        })
+        .collect();
+    let exec = CpuExecutor::new(g, weights).unwrap();
+    let mut caches: IndexMap<String, HostTensor> = (0..layers)
+        .flat_map(|l| ["k_cache", "v_cache"].map(|c| (format!("l{l}.{c}"), f(&[1, 0, kv_heads, hd], &[]))))
+        .collect();
+    let mut tok = 1i64;
+    let mut times = Vec::new();
+    for step in 0..40 {
+        let mut feeds = caches.clone();
+        feeds.insert("ids".into(), HostTensor::from_i64(&[1, 1], vec![tok]));
+        let ang: Vec<f32> =
+            (0..hd).map(|j| step as f32 / 10000f32.powf((j % (hd / 2)) as f32 * 2.0 / hd as f32)).collect();
+        feeds.insert("cos".into(), f(&[1, hd], &ang.iter().map(|a| a.cos()).collect::<Vec<_>>()));
+        feeds.insert("sin".into(), f(&[1, hd], &ang.iter().map(|a| a.sin()).collect::<Vec<_>>()));
+        let t0 = std::time::Instant::now();
+        let mut out = exec.run(&feeds).unwrap();
+        times.push(t0.elapsed().as_secs_f64());
+        let logits = out.shift_remove("logits").unwrap();
+        tok = logits
+            .as_f32()
+            .unwrap()
+            .iter()
+            .enumerate()
+            .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+            .0 as i64;
+        caches = out;
+    }
+    let steady = &times[5..];
+    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    println!("decode step: mean {:.1} ms ({:.1} tok/s), first {:.1} ms", mean * 1e3, 1.0 / mean, times[0] * 1e3);
+}
