@@ -136,6 +136,11 @@ fn config_errors_say_what_is_wrong() {
         config_err(&llama_json(1, 16, 4, 2, r#""hidden_act": "gelu""#)),
         "unsupported model: hidden_act `gelu` in `<json>` (supported: silu)"
     );
+    let sliding = llama_json(1, 16, 4, 2, r#""layer_types": ["full_attention", "sliding_attention"]"#);
+    assert_eq!(
+        config_err(&sliding),
+        "unsupported model: layer type `sliding_attention` in `<json>` (supported: full_attention)"
+    );
     let missing = temp_dir("config_missing").join("config.json");
     let err = LlamaConfig::from_file(&missing).unwrap_err();
     assert!(matches!(err, ModelError::Io { .. }));
