@@ -29,7 +29,7 @@ pub mod svg;
 pub mod viewer;
 
 pub use error::VizError;
-pub use model::{attr_to_string, node_label_lines, scope_levels, ClusterFn, Numbering, OpClass, VisKey};
+pub use model::{attr_to_string, node_label_lines, scope_leaf, scope_levels, ClusterFn, Numbering, OpClass, VisKey};
 pub use state::ViewerState;
 
 /// A named graph: one stage of a pass pipeline (`("traced", graph)`).

@@ -222,7 +222,7 @@ pub fn scope_levels(path: &str) -> Vec<&str> {
 }
 
 /// The last level of `path` relative to its parent level (`model.layers.0` → `layers.0`).
-pub(crate) fn scope_leaf(path: &str) -> &str {
+pub fn scope_leaf(path: &str) -> &str {
     let levels = scope_levels(path);
     match levels.len() {
         0 => "",

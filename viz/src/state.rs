@@ -144,7 +144,7 @@ pub struct ScopeDetails {
 
 #[derive(Clone, Debug, PartialEq)]
 pub enum Details {
-    Node(NodeDetails),
+    Node(Box<NodeDetails>),
     Scope(ScopeDetails),
 }
 
@@ -398,7 +398,7 @@ impl ViewerState {
     pub fn details(&self, key: &VisKey) -> Details {
         let g = self.graph();
         match key {
-            VisKey::Node(n) => Details::Node(self.node_details(*n)),
+            VisKey::Node(n) => Details::Node(Box::new(self.node_details(*n))),
             VisKey::Scope(s) => {
                 let members: Vec<NodeId> = self
                     .num

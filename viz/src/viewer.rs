@@ -380,7 +380,7 @@ impl App {
                     ui.add_space(12.0 * (s.depth.saturating_sub(1)) as f32);
                     let collapsed = self.state.is_collapsed(&s.path);
                     let icon = if collapsed { "[+]" } else { "[-]" };
-                    let leaf = crate::model::scope_leaf(&s.path);
+                    let leaf = crate::scope_leaf(&s.path);
                     if ui
                         .selectable_label(false, format!("{icon} {leaf} ({})", s.nodes))
                         .on_hover_text(&s.path)

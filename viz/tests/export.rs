@@ -87,10 +87,28 @@ fn svg_without_graphviz_says_how_to_install_it() {
 
 #[test]
 fn svg_with_graphviz_when_available() {
-    match to_svg(&to_dot(&mlp_graph(), &DotOptions::default())) {
-        Ok(svg) => assert!(svg.contains("<svg") && svg.contains("matmul")),
-        Err(VizError::GraphvizNotInstalled) => eprintln!("graphviz not installed; skipped"),
-        Err(e) => panic!("{e}"),
+    let g = toy_transformer(2);
+    let stages = vec![("traced".to_string(), mlp_graph()), ("toy".to_string(), g.clone())];
+    let dots = [
+        to_dot(&mlp_graph(), &DotOptions::default()),
+        to_dot(&g, &DotOptions::default()),
+        to_dot(&g, &DotOptions { collapse_depth: Some(2), ..Default::default() }),
+        stages_to_dot(&stages, &DotOptions::default()),
+    ];
+    for dot in &dots {
+        match to_svg(dot) {
+            Ok(svg) => assert!(svg.contains("<svg") && svg.contains("matmul")),
+            Err(VizError::GraphvizNotInstalled) => {
+                eprintln!("graphviz not installed; skipped");
+                return;
+            }
+            Err(e) => panic!("{e}\n{dot}"),
+        }
+    }
+    // Graphviz errors are reported with its message.
+    match to_svg("digraph { a -> }") {
+        Err(VizError::Graphviz { stderr, .. }) => assert!(stderr.contains("syntax error"), "{stderr}"),
+        other => panic!("{other:?}"),
     }
 }
 
