@@ -480,16 +480,32 @@ fn parse_dim(toks: &[Token], end_col: usize) -> std::result::Result<DimInfo, PEr
         }
         l1 = l1.saturating_add(c.unsigned_abs());
         terms += 1;
-        let mut t = Dim::fixed(c.unsigned_abs() as usize);
-        for s in syms {
-            t = &t * &Dim::from(s);
-        }
+        let mut factors: Vec<Dim> = syms.into_iter().map(Dim::from).collect();
+        factors.push(Dim::fixed(c.unsigned_abs() as usize));
+        let t = product(factors);
         dim = if c < 0 { &dim - &t } else { &dim + &t };
     }
     if l1 > DIM_LIMIT {
         return Err(too_big(toks.first().map_or(end_col, |t| t.col)));
     }
     Ok(DimInfo { dim, l1, terms })
+}
+
+/// The product of `factors`, multiplied as a balanced tree so that a long monomial
+/// (`s*s*…*s`) costs O(n log² n) rather than O(n²).
+fn product(mut factors: Vec<Dim>) -> Dim {
+    while factors.len() > 1 {
+        let mut next = Vec::with_capacity(factors.len().div_ceil(2));
+        let mut it = factors.into_iter();
+        while let Some(a) = it.next() {
+            next.push(match it.next() {
+                Some(b) => &a * &b,
+                None => a,
+            });
+        }
+        factors = next;
+    }
+    factors.pop().unwrap_or_else(|| Dim::fixed(1))
 }
 
 /// Builds a shape from parsed dims, checking the size limits.
@@ -856,8 +872,9 @@ impl Parser {
                 };
                 Ok((key, cands, vcol, kcol))
             })?;
+            let mut keys = HashSet::new();
             for (key, cands, vcol, kcol) in parsed {
-                if attrs.iter().any(|(k, _, _)| *k == key) {
+                if !keys.insert(key.clone()) {
                     return Err((kcol, format!("attribute `{key}` is given twice")));
                 }
                 attrs.push((key, cands, vcol));

@@ -381,3 +381,41 @@ fn dims_parse_as_polynomials() {
     assert_eq!(t.shape, Shape::new([&(&(&b * &s) * &Dim::fixed(2)) - &Dim::fixed(1), Dim::fixed(12), s, &b * &b]));
     assert_eq!(print(&g), "kiln.graph v1\n%0 = input{name=\"x\"} : f32[2*batch*seq - 1, 12, seq, batch*batch]\n");
 }
+
+#[test]
+fn adversarial_inputs_error_without_panicking() {
+    let h = "kiln.graph v1\n%0 = input{name=\"x\"} : f32[seq, 8]\n";
+    let many_terms: Vec<String> = (0..13).map(|i| format!("a{i} + b{i}")).collect();
+    let long_product = vec!["s"; 20_000].join("*");
+    let cases = [
+        // 2^13 symbolic terms in numel.
+        format!("%1 = input{{name=\"y\"}} : f32[{}]", many_terms.join(", ")),
+        // numel of 2^64 through a reshape target.
+        "%1 = reshape{shape=[4294967296, 4294967296]}(%0) : f32[seq, 8]".into(),
+        // k far beyond any axis, on a symbolic axis.
+        "%1 = topk{k=9223372036854775807, axis=0}(%0) : (f32[1, 8], i64[1, 8])".into(),
+        "%1 = topk{k=9223372036854775808, axis=0}(%0) : (f32[1, 8], i64[1, 8])".into(),
+        // A slice longer than any dim.
+        "%1 = slice{axis=0, start=-4294967296, end=4294967296}(%0) : f32[seq, 8]".into(),
+        // A constant of 2^62 elements must not allocate them.
+        "%1 = const{values=[1.0]} : f32[4294967296, 1073741824]".into(),
+        "%1 = attention{mask=window(4294967296), scale=1.0}(%0, %0, %0) : f32[seq, 8]".into(),
+        "%1 = permute{perm=[9223372036854775807, 0]}(%0) : f32[seq, 8]".into(),
+        "%1 = reduce_sum{axes=[-9223372036854775808], keep_dims=true}(%0) : f32[seq, 8]".into(),
+        format!("%1 = exp(%0) : f32[{}]", "[".repeat(10_000)),
+        format!("%1 = exp{{a={}}}(%0) : f32[seq, 8]", "[".repeat(10_000)),
+        format!("%1 = input{{name=\"y\"}} : f32[{long_product}, {long_product}]\n%2 = reshape{{shape=[{long_product}*{long_product}]}}(%1) : f32[8]"),
+        format!("%1 = concat{{axis=0}}({}) : f32[seq, 8]", vec!["%0"; 5000].join(", ")),
+        "%1 = exp(%0.99999999999999999999999) : f32[seq, 8]".into(),
+        "%1 = exp(%0.255) : f32[seq, 8]".into(),
+        "%1 = input{name=\"\\u{d800}\"} : f32[1]".into(),
+        "%1 = input{name=\"\\u{110000}\"} : f32[1]".into(),
+        "%1 = const{values=[NaN(0x100000000)]} : f32[1]".into(),
+        format!("%1 = exp{{{}}}(%0) : f32[seq, 8]", (0..20_000).map(|i| format!("a{i}=1")).collect::<Vec<_>>().join(", ")),
+    ];
+    for body in &cases {
+        let text = format!("{h}{body}\n");
+        let r = parse(&text);
+        assert!(matches!(r, Err(Error::Parse { .. })), "{}: {:?}", &body[..body.len().min(80)], r.map(|g| print(&g)));
+    }
+}
