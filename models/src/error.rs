@@ -31,4 +31,10 @@ pub enum ModelError {
     Graph(#[from] kiln_graph::Error),
     #[error(transparent)]
     Runtime(#[from] kiln_runtime::error::RuntimeError),
+    #[error("device `{device}`: {msg}")]
+    Device { device: String, msg: String },
+    /// A generation request the generator rejected (the context check maps to
+    /// [`ModelError::PromptTooLong`], runtime failures to [`ModelError::Runtime`]).
+    #[error(transparent)]
+    Generate(kiln_runtime::generate::GenerateError),
 }
