@@ -225,6 +225,24 @@ impl LlamaForCausalLM {
             .collect()
     }
 
+    /// The weight of every [`Linear`] with its tensor-parallel role, by parameter name
+    /// (`model.layers.0.self_attn.qkv.weight` → `Column`), for a sharding pass. A tied
+    /// `lm_head` reads `model.embed_tokens.weight` and is not listed.
+    pub fn parallel_plan(&self) -> Vec<(String, Parallel)> {
+        let mut plan = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            for (m, lin) in [("self_attn", &l.self_attn.qkv), ("self_attn", &l.self_attn.o_proj)]
+                .into_iter()
+                .chain([("mlp", &l.mlp.gate_up), ("mlp", &l.mlp.down_proj)])
+            {
+                plan.push((format!("{p}.{m}.{}.weight", lin.name), lin.parallel));
+            }
+        }
+        plan.extend(self.lm_head.as_ref().map(|l| (format!("{}.weight", l.name), l.parallel)));
+        plan
+    }
+
     /// Whether an HF tensor that no parameter reads may be skipped silently.
     pub fn is_ignored_hf_tensor(&self, hf: &str) -> bool {
         IGNORED_HF_TENSORS.iter().any(|p| match_pattern(p, hf).is_some())

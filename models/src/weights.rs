@@ -158,6 +158,18 @@ fn is_float_source(d: Dtype) -> bool {
     matches!(d, Dtype::F32 | Dtype::F16 | Dtype::BF16)
 }
 
+/// `config.json` and the weights of the checkpoint in `dir`: the model and its weights
+/// as `dtype`, ready for [`LlamaForCausalLM::trace`] with the same dtype and an executor.
+pub fn load_pretrained(
+    dir: impl AsRef<Path>,
+    dtype: DType,
+) -> Result<(LlamaForCausalLM, IndexMap<String, HostTensor>)> {
+    let dir = dir.as_ref();
+    let model = LlamaForCausalLM::new(crate::config::LlamaConfig::from_file(dir.join("config.json"))?)?;
+    let weights = load_weights(dir, &model, dtype)?;
+    Ok((model, weights))
+}
+
 /// Reads the checkpoint in `dir` for `model`, as `dtype` tensors keyed by kiln
 /// parameter name (ready for an executor). Every traced parameter must be found with
 /// its exact shape; all missing, mis-shaped and unexpected HF tensors are reported in

@@ -5,6 +5,7 @@
 mod support;
 
 use kiln_models::config::{LlamaConfig, ModelType, RopeScaling};
+use kiln_models::layers::Parallel;
 use kiln_models::llama::{LlamaForCausalLM, TraceOptions};
 use kiln_models::ModelError;
 use kiln_ops::DType;
@@ -195,6 +196,20 @@ fn traced_graph_has_the_generation_contract() {
     }
     expected.extend(["model.norm.weight: f32[16]".to_string(), "lm_head.weight: f32[11, 16]".to_string()]);
     assert_eq!(params, expected);
+    let plan = model.parallel_plan();
+    assert_eq!(plan.len(), 9);
+    assert_eq!(
+        plan[..2],
+        [
+            ("model.layers.0.self_attn.qkv.weight".into(), Parallel::Column),
+            ("model.layers.0.self_attn.o_proj.weight".into(), Parallel::Row)
+        ]
+    );
+    assert_eq!(
+        plan[7..],
+        [("model.layers.1.mlp.down_proj.weight".into(), Parallel::Row), ("lm_head.weight".into(), Parallel::Column)]
+    );
+    assert!(plan.iter().all(|(name, _)| g.params().contains_key(name)));
 
     // bf16, tied embeddings, biases, head_dim != hidden / heads, last token only.
     let json = llama_json(1, 16, 4, 2, r#""head_dim": 6, "tie_word_embeddings": true, "attention_bias": true"#);
@@ -301,6 +316,23 @@ fn logits_match_a_plain_rust_forward() {
     let scale = expected.iter().fold(0f32, |a, x| a.max(x.abs()));
     let diff = max_abs_diff(&logits.to_f32_vec(), &expected);
     assert!(diff <= 1e-5 * scale.max(1.0), "max |Δ| = {diff} (max |logit| {scale})");
+}
+
+#[test]
+fn bf16_runs_close_to_f32() {
+    let dir = temp_dir("bf16");
+    let json = llama_json(2, 16, 4, 2, "");
+    write_checkpoint(&dir, &json, &hf_tensors(&config(&json), 9));
+    let ids = vec![vec![2i64, 7, 1, 9, 4]];
+    let f32_run = Loaded::new(&dir, DType::F32);
+    let bf16_run = Loaded::new(&dir, DType::BF16);
+    let (want, _) = f32_run.step(&ids, f32_run.empty_cache(1), false);
+    let (got, cache) = bf16_run.step(&ids, bf16_run.empty_cache(1), false);
+    assert_eq!((got.dtype(), cache[0].dtype()), (DType::F32, DType::BF16));
+    let want = want.to_f32_vec();
+    let scale = want.iter().fold(0f32, |a, x| a.max(x.abs()));
+    let diff = max_abs_diff(&got.to_f32_vec(), &want);
+    assert!(diff > 0.0 && diff <= 0.05 * scale, "max |Δ| = {diff} (max |logit| {scale})");
 }
 
 #[test]

@@ -153,9 +153,7 @@ pub struct Loaded {
 
 impl Loaded {
     pub fn new(dir: &Path, dtype: DType) -> Loaded {
-        let cfg = LlamaConfig::from_file(dir.join("config.json")).unwrap();
-        let model = LlamaForCausalLM::new(cfg).unwrap();
-        let weights = kiln_models::weights::load_weights(dir, &model, dtype).unwrap();
+        let (model, weights) = kiln_models::weights::load_pretrained(dir, dtype).unwrap();
         let exec = |last_token_only| {
             let g = model.trace(&TraceOptions { dtype, last_token_only }).unwrap();
             CpuExecutor::new(g, weights.clone()).unwrap()
