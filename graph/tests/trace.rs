@@ -42,4 +42,10 @@ fn hash_consing_dedups_identical_ops() {
     tr.output("y", c).unwrap();
     let g = tr.finish().unwrap();
     assert_eq!(g.node_count(), 3);
+    let text = kiln_graph::text::print(&g);
+    assert_eq!(
+        text,
+        "kiln.graph v1\n%0 = input{name=\"x\"} : f32[4]\n%1 = exp(%0) : f32[4]\n%2 = add(%1, %1) : f32[4]\noutput \"y\" = %2\n"
+    );
+    assert_eq!(kiln_graph::text::print(&kiln_graph::text::parse(&text).unwrap()), text);
 }
