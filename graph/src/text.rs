@@ -1,5 +1,5 @@
 //! The IR text format: a deterministic, line-oriented, diffable dump of a [`Graph`]
-//! ([`print`]) and its parser ([`parse`]); `print(&parse(&print(g))?) == print(g)`.
+//! ([`print()`]) and its parser ([`parse`]); `print(&parse(&print(g))?) == print(g)`.
 //!
 //! ```text
 //! kiln.graph v1
