@@ -1,1 +1,272 @@
-fn main() {}
+//! The `kiln` command line.
+//!
+//! * `kiln generate --model DIR --prompt TEXT [--chat] [--max-tokens N] [--temperature T]
+//!   [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop STR]… [--device D]`:
+//!   the generated text alone on stdout (streamed), statistics in the logs on stderr.
+//! * `kiln logits --model DIR --ids 1,2,3 --out FILE.safetensors [--device D]`: one forward
+//!   pass over the ids (full-sequence graph); writes the f32 tensor `logits`, `[n_ids, vocab]`.
+//! * `kiln dump --model DIR --format text|dot|json|svg --out FILE`: the traced IR (the
+//!   `last_token_only` prompt/decode graph unless `--full-logits`).
+//!
+//! Logs go to stderr (`RUST_LOG` overrides the level; default `info`). Any error prints
+//! `error: <message>` on stderr and exits with code 1.
+
+use clap::{Parser, Subcommand, ValueEnum};
+use kiln_graph::Graph;
+use kiln_models::llama::{LlamaForCausalLM, TraceOptions};
+use kiln_models::llm::{load_config, prompt_logits, Device, LoadOptions, SamplingParams, LLM};
+use kiln_models::tokenizer::ChatMessage;
+use kiln_ops::DType;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "kiln: trace, compile and run LLMs")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DeviceArg {
+    Cpu,
+    Cuda,
+    Auto,
+}
+
+impl From<DeviceArg> for Device {
+    fn from(d: DeviceArg) -> Device {
+        match d {
+            DeviceArg::Cpu => Device::Cpu,
+            DeviceArg::Cuda => Device::Cuda,
+            DeviceArg::Auto => Device::Auto,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum DTypeArg {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DTypeArg> for DType {
+    fn from(d: DTypeArg) -> DType {
+        match d {
+            DTypeArg::F32 => DType::F32,
+            DTypeArg::F16 => DType::F16,
+            DTypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Format {
+    Text,
+    Dot,
+    Json,
+    Svg,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate text from a prompt.
+    Generate {
+        /// Model directory (config.json, *.safetensors, tokenizer.json).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        prompt: String,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: usize,
+        /// 0 = greedy.
+        #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
+        temperature: f32,
+        /// 0 = off.
+        #[arg(long, default_value_t = 0)]
+        top_k: usize,
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        top_p: f32,
+        #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
+        repetition_penalty: f32,
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Stop strings (repeatable).
+        #[arg(long)]
+        stop: Vec<String>,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+    },
+    /// Write the logits of one forward pass over token ids to a safetensors file.
+    Logits {
+        #[arg(long)]
+        model: PathBuf,
+        /// Comma-separated token ids.
+        #[arg(long)]
+        ids: String,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "auto")]
+        device: DeviceArg,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+    },
+    /// Write the traced IR of a model.
+    Dump {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value = "text")]
+        format: Format,
+        #[arg(long)]
+        out: PathBuf,
+        /// Trace the full-sequence logits graph instead of the last-token one.
+        #[arg(long)]
+        full_logits: bool,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
+    },
+}
+
+/// An error for the user: the message, with its causes.
+struct CliError(String);
+
+impl<E: std::error::Error> From<E> for CliError {
+    fn from(e: E) -> CliError {
+        let mut msg = e.to_string();
+        let mut src = e.source();
+        while let Some(s) = src {
+            let m = s.to_string();
+            if !msg.contains(&m) {
+                msg.push_str(&format!(": {m}"));
+            }
+            src = s.source();
+        }
+        CliError(msg)
+    }
+}
+
+fn fail(msg: impl Into<String>) -> CliError {
+    CliError(msg.into())
+}
+
+fn write_file(path: &Path, bytes: &[u8]) -> Result<(), CliError> {
+    std::fs::write(path, bytes).map_err(|e| fail(format!("cannot write `{}`: {e}", path.display())))
+}
+
+fn parse_ids(s: &str) -> Result<Vec<u32>, CliError> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(|x| x.parse::<u32>().map_err(|_| fail(format!("--ids: `{x}` is not a token id (non-negative integer)"))))
+        .collect()
+}
+
+fn trace(model: &Path, dtype: DType, last_token_only: bool) -> Result<Graph, CliError> {
+    let m = LlamaForCausalLM::new(load_config(model)?)?;
+    Ok(m.trace(&TraceOptions { dtype, last_token_only })?)
+}
+
+fn run(cli: Cli) -> Result<(), CliError> {
+    match cli.cmd {
+        Cmd::Generate {
+            model,
+            prompt,
+            chat,
+            max_tokens,
+            temperature,
+            top_k,
+            top_p,
+            repetition_penalty,
+            seed,
+            stop,
+            device,
+            dtype,
+        } => {
+            let params = SamplingParams {
+                max_tokens,
+                temperature,
+                top_k,
+                top_p,
+                repetition_penalty,
+                seed,
+                stop,
+                ..SamplingParams::default()
+            };
+            params.validate()?;
+            let llm = LLM::load(&model, LoadOptions { dtype: dtype.into(), device: device.into() })?;
+            let stdout = std::io::stdout();
+            let mut out = stdout.lock();
+            let mut write_err = None;
+            let mut on_delta = |d: &str| {
+                if write_err.is_none() {
+                    if let Err(e) = out.write_all(d.as_bytes()).and_then(|_| out.flush()) {
+                        write_err = Some(e);
+                    }
+                }
+            };
+            let res = if chat {
+                llm.chat_stream(&[ChatMessage::user(prompt)], &params, &mut on_delta)?
+            } else {
+                llm.generate_stream(&prompt, &params, &mut on_delta)?
+            };
+            if let Some(e) = write_err {
+                return Err(fail(format!("cannot write to stdout: {e}")));
+            }
+            writeln!(out).map_err(|e| fail(format!("cannot write to stdout: {e}")))?;
+            tracing::info!(
+                prompt_tokens = res.prompt_tokens,
+                generated_tokens = res.token_ids.len(),
+                prefill_ms = format!("{:.1}", res.prefill_ms),
+                decode_tokens_per_s = format!("{:.1}", res.decode_tokens_per_s),
+                finish_reason = %res.finish_reason,
+                device = %llm.device(),
+                "done"
+            );
+        }
+        Cmd::Logits { model, ids, out, device, dtype } => {
+            let ids = parse_ids(&ids)?;
+            if ids.is_empty() {
+                return Err(fail("--ids: no token ids given"));
+            }
+            let logits = prompt_logits(&model, &LoadOptions { dtype: dtype.into(), device: device.into() }, &ids)?;
+            let bytes: Vec<u8> = logits.to_f32_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
+            let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, logits.shape().to_vec(), &bytes)?;
+            safetensors::serialize_to_file([("logits", view)], None, &out)
+                .map_err(|e| fail(format!("cannot write `{}`: {e}", out.display())))?;
+            tracing::info!(shape = ?logits.shape(), out = %out.display(), "logits written");
+        }
+        Cmd::Dump { model, format, out, full_logits, dtype } => {
+            let g = trace(&model, dtype.into(), !full_logits)?;
+            let text = match format {
+                Format::Text => kiln_graph::text::print(&g),
+                Format::Dot => kiln_viz::dot::to_dot(&g, &Default::default()),
+                Format::Json => serde_json::to_string_pretty(&kiln_viz::json::to_json(&g))?,
+                Format::Svg => kiln_viz::svg::to_svg(&kiln_viz::dot::to_dot(&g, &Default::default()))?,
+            };
+            write_file(&out, text.as_bytes())?;
+            tracing::info!(nodes = g.node_count(), out = %out.display(), "IR written");
+        }
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(CliError(msg)) => {
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
+        }
+    }
+}
