@@ -1,6 +1,19 @@
 //! # kiln-passes — graph-to-graph transformations
 //!
-//! Canonicalization, operator fusion, memory planning and (later) sharding and
-//! quantization rewrites, run as one pipeline that reads top to bottom.
+//! A [`Pass`] rewrites a [`Graph`] in place; the default [`pipeline`] is one list in one
+//! file that reads top to bottom. The [`PassManager`] runs it, verifies the graph after
+//! every pass (in debug and test builds, or when asked) against the pass's phase
+//! [`Spec`], times each pass and keeps a snapshot of the graph after each one so that
+//! tools can dump or view every stage. [`memory`] plans one arena of intermediates per
+//! graph and proves the plan has no overlapping live buffers.
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`.
+
+mod canonicalize;
+pub mod memory;
+mod pass;
+pub mod pipeline;
+
+pub use canonicalize::{Cse, Dce, Simplify};
+pub use pass::{Pass, PassError, PassManager, PassOutcome, Spec, Stage};
+pub use pipeline::default_pipeline;

@@ -244,12 +244,14 @@ impl CpuExecutor {
                 Kind::Param(i) => vec![Cow::Borrowed(&self.weights[i])],
                 Kind::Constant(i) => vec![Cow::Borrowed(&self.consts[i])],
                 Kind::Compute => {
-                    let src = step.inputs[0];
-                    let movable = remaining[src] == 1 && matches!(slots[src], Some(Cow::Owned(_)));
+                    // Only a reshape (which has an operand) may move its input.
+                    let src = step.inputs.first().copied();
+                    let movable = src.is_some_and(|s| remaining[s] == 1 && matches!(slots[s], Some(Cow::Owned(_))));
                     match &node.op {
                         // A reshape of a value nothing else reads moves it.
                         Op::Reshape(to) if movable => {
                             let shape = to.eval(&b).map_err(|r| eval_err(kiln_ops::EvalError::new("reshape", r)))?;
+                            let src = src.expect("a reshape has an operand");
                             let t = slots[src].take().expect("movable").into_owned();
                             vec![Cow::Owned(t.reshape(shape).map_err(eval_err)?)]
                         }
