@@ -13,7 +13,7 @@ use clap::{Parser, ValueEnum};
 use kiln::models::llm::{Device, LoadOptions, SamplingParams, LLM};
 use kiln::models::tokenizer::ChatMessage;
 use kiln::ops::DType;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -108,7 +108,12 @@ fn run(args: Args, model: PathBuf) -> Result<(), String> {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
     let args = Args::parse();
     let Some(model) = args.model.clone() else {
         eprintln!(

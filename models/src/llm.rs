@@ -272,7 +272,7 @@ impl LLM {
             dir = %dir.display(),
             device = %device,
             dtype = opts.dtype.name(),
-            load_ms = t0.elapsed().as_secs_f64() * 1e3,
+            load_ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
             "model loaded"
         );
         Ok(LLM { dir: dir.to_path_buf(), model, tokenizer, generator, device, dtype: opts.dtype, eos_ids })

@@ -17,7 +17,7 @@ use kiln_models::llama::{LlamaForCausalLM, TraceOptions};
 use kiln_models::llm::{load_config, prompt_logits, Device, LoadOptions, SamplingParams, LLM};
 use kiln_models::tokenizer::ChatMessage;
 use kiln_ops::DType;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
@@ -260,7 +260,12 @@ fn run(cli: Cli) -> Result<(), CliError> {
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_writer(std::io::stderr).with_env_filter(filter).with_target(false).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_env_filter(filter)
+        .with_target(false)
+        .init();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
