@@ -6,7 +6,7 @@
 //! ([`crate::llama::WEIGHT_MAP`]), checks every shape, and reports every missing,
 //! unexpected and mis-shaped tensor at once.
 
-use crate::llama::LlamaForCausalLM;
+use crate::llama::{LlamaForCausalLM, WeightSource};
 use crate::{ModelError, Result};
 use indexmap::IndexMap;
 use kiln_ops::{DType, HostTensor};
@@ -179,42 +179,100 @@ pub fn load_weights(
     model: &LlamaForCausalLM,
     dtype: DType,
 ) -> Result<IndexMap<String, HostTensor>> {
-    let ckpt = Checkpoint::open(dir)?;
-    let sources = model.weight_sources(dtype)?;
-    let (mut missing, mut wrong, mut used) = (Vec::new(), Vec::new(), HashSet::new());
-    for s in &sources {
-        for (hf, shape) in &s.parts {
-            used.insert(hf.as_str());
-            let part_of = if s.parts.len() > 1 { format!(" (part of `{}`)", s.name) } else { String::new() };
-            match ckpt.get(hf) {
-                None => missing.push(format!("  missing `{hf}`{part_of}")),
-                Some(e) if &e.shape != shape => {
-                    wrong.push(format!("  `{hf}` has shape {:?}, expected {shape:?}{part_of}", e.shape))
-                }
-                Some(e) if !is_float_source(e.dtype) => {
-                    wrong.push(format!("  `{hf}` has dtype {:?}, expected F32, F16 or BF16", e.dtype))
-                }
-                Some(_) => {}
+    assemble_weights(&Checkpoint::open(dir)?, model, dtype)
+}
+
+/// What [`assemble_weights`] needs of a checkpoint: tensors by Hugging Face name, with
+/// their shapes, readable as f32. Implemented by [`Checkpoint`] (safetensors) and by
+/// the GGUF loader ([`crate::gguf::model`]), so both check weights the same way.
+pub trait TensorSource {
+    /// Every tensor name (HF naming), in storage order.
+    fn tensor_names(&self) -> Vec<String>;
+    /// The row-major shape of `name`, `None` when absent, `Err(why)` when present but
+    /// unusable (e.g. an integer dtype).
+    fn tensor_shape(&self, name: &str) -> Option<std::result::Result<Vec<usize>, String>>;
+    /// The values of `name` as f32 (called only for names whose shape checked out).
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>>;
+    /// How `name` is shown in error messages (e.g. with the file's own tensor name).
+    fn describe(&self, name: &str) -> String {
+        format!("`{name}`")
+    }
+}
+
+impl TensorSource for Checkpoint {
+    fn tensor_names(&self) -> Vec<String> {
+        self.names().map(str::to_string).collect()
+    }
+
+    fn tensor_shape(&self, name: &str) -> Option<std::result::Result<Vec<usize>, String>> {
+        self.get(name).map(|e| {
+            if is_float_source(e.dtype) {
+                Ok(e.shape.clone())
+            } else {
+                Err(format!("has dtype {:?}, expected F32, F16 or BF16", e.dtype))
             }
-        }
+        })
     }
-    let unexpected = ckpt
-        .names()
-        .filter(|n| !used.contains(n) && !model.is_ignored_hf_tensor(n))
-        .map(|n| format!("  unexpected `{n}`"));
-    let problems: Vec<String> = missing.into_iter().chain(wrong).chain(unexpected).collect();
-    if !problems.is_empty() {
-        return Err(ModelError::Weights(problems.join("\n")));
+
+    fn read_f32(&self, name: &str) -> Result<Vec<f32>> {
+        let e = self.get(name).ok_or_else(|| ModelError::Weights(format!("  missing `{name}`")))?;
+        self.to_f32(e).ok_or_else(|| ModelError::Weights(format!("  `{name}` is not a float tensor")))
     }
+}
+
+/// Assembles the weights of `model` from `src`: every traced parameter from its HF
+/// tensors ([`LlamaForCausalLM::weight_sources`], fused ones concatenated along dim 0),
+/// as `dtype`. All missing, mis-shaped, unusable and unexpected tensors are reported in
+/// one [`ModelError::Weights`] before anything is read.
+pub fn assemble_weights(
+    src: &impl TensorSource,
+    model: &LlamaForCausalLM,
+    dtype: DType,
+) -> Result<IndexMap<String, HostTensor>> {
+    let sources = model.weight_sources(dtype)?;
+    check_sources(src, model, &sources)?;
     let mut out = IndexMap::with_capacity(sources.len());
     for s in sources {
         let mut values = Vec::new();
         for (hf, _) in &s.parts {
-            let e = ckpt.get(hf).expect("checked above");
-            values.extend(ckpt.to_f32(e).expect("checked above"));
+            values.extend(src.read_f32(hf)?);
         }
         let shape = s.ty.shape.as_fixed().expect("parameters have fixed shapes");
         out.insert(s.name, HostTensor::from_f32(&shape, values).cast(dtype));
     }
     Ok(out)
+}
+
+/// The checks of [`assemble_weights`] alone: that `src` holds every tensor `model` needs
+/// with its exact shape, and nothing unexpected.
+pub fn check_weights(src: &impl TensorSource, model: &LlamaForCausalLM) -> Result<()> {
+    check_sources(src, model, &model.weight_sources(DType::F32)?)
+}
+
+fn check_sources(src: &impl TensorSource, model: &LlamaForCausalLM, sources: &[WeightSource]) -> Result<()> {
+    let (mut missing, mut wrong, mut used) = (Vec::new(), Vec::new(), HashSet::new());
+    for s in sources {
+        for (hf, shape) in &s.parts {
+            used.insert(hf.as_str());
+            let part_of = if s.parts.len() > 1 { format!(" (part of `{}`)", s.name) } else { String::new() };
+            match src.tensor_shape(hf) {
+                None => missing.push(format!("  missing {}{part_of}", src.describe(hf))),
+                Some(Ok(got)) if &got != shape => {
+                    wrong.push(format!("  {} has shape {got:?}, expected {shape:?}{part_of}", src.describe(hf)))
+                }
+                Some(Err(why)) => wrong.push(format!("  {} {why}", src.describe(hf))),
+                Some(Ok(_)) => {}
+            }
+        }
+    }
+    let names = src.tensor_names();
+    let unexpected = names
+        .iter()
+        .filter(|n| !used.contains(n.as_str()) && !model.is_ignored_hf_tensor(n))
+        .map(|n| format!("  unexpected {}", src.describe(n)));
+    let problems: Vec<String> = missing.into_iter().chain(wrong).chain(unexpected).collect();
+    if !problems.is_empty() {
+        return Err(ModelError::Weights(problems.join("\n")));
+    }
+    Ok(())
 }
