@@ -37,4 +37,8 @@ pub enum ModelError {
     /// [`ModelError::PromptTooLong`], runtime failures to [`ModelError::Runtime`]).
     #[error(transparent)]
     Generate(kiln_runtime::generate::GenerateError),
+    /// The default model could not be downloaded or installed (the message says why
+    /// and how to pass a model instead).
+    #[error("cannot get the default model: {0}")]
+    Fetch(String),
 }

@@ -4,7 +4,9 @@
 //! codegen).
 
 pub mod config;
+pub mod convert;
 pub mod error;
+pub mod fetch;
 pub mod gguf;
 pub mod layers;
 pub mod llama;

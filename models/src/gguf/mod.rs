@@ -20,7 +20,9 @@
 //! panic or a huge allocation.
 
 pub mod dequant;
+pub mod model;
 mod permute;
+pub mod tokenizer;
 mod writer;
 
 pub use permute::{permute_qk, unpermute_qk};
