@@ -1,5 +1,27 @@
 //! # kiln-codegen — CUDA source and NVRTC
 //!
-//! Renders kernels for (fused) graph nodes as CUDA C and compiles them with NVRTC.
+//! Renders kernels for graph nodes as CUDA C and compiles them with NVRTC.
+//!
+//! * [`params`]: a kernel's ONE parameter list ([`KernelSig`]); the C signature and the
+//!   launch arguments are both produced from it.
+//! * [`table`]: the per-op table — C storage/compute types per dtype and the C
+//!   expression of every elementwise op.
+//! * [`kernels`]: the kernels (elementwise, strided copy, gather, arange, reduce,
+//!   argmax, topk, attention) as `.cu` templates under `src/kernels/`, specialised per
+//!   dtype. Sizes, shapes and strides are kernel arguments, so symbolic dims are resolved
+//!   at run time and one compiled kernel serves every binding.
+//! * [`nvrtc`]: compilation for the device's architecture with a disk cache keyed by a
+//!   hash of (source, architecture, options, NVRTC version).
+//!
+//! Matmul is not generated: the runtime calls cuBLAS.
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`.
+
+pub mod kernels;
+pub mod nvrtc;
+pub mod params;
+pub mod table;
+
+pub use kernels::{CodegenError, Grid, Kernel};
+pub use nvrtc::{CompileError, CompileStats, Compiler};
+pub use params::{ArgValue, KernelSig, PackError, Param, ParamTy, Role};

@@ -1,0 +1,107 @@
+// kiln device prelude: storage types, loads into the f32 (or native integer) compute
+// type, rounding stores, NaN-aware helpers and warp reductions. Self-contained: no
+// CUDA headers, so NVRTC needs no include path. Prepended to every kernel source.
+
+typedef long long i64;
+
+// 16-bit float storage, as raw bits. Arithmetic always happens in f32.
+struct kiln_bf16 { unsigned short bits; };
+struct kiln_f16 { unsigned short bits; };
+
+// Shapes and strides passed by value (rank <= 8).
+struct Idx8 { i64 d[8]; };
+
+#define KILN_NAN __int_as_float(0x7fffffff)
+#define KILN_INF __int_as_float(0x7f800000)
+
+__device__ __forceinline__ float kiln_bf16_to_f32(kiln_bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }
+__device__ __forceinline__ kiln_bf16 kiln_f32_to_bf16(float f) {
+    unsigned u = __float_as_uint(f);
+    kiln_bf16 r;
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: keep it quiet
+        r.bits = (unsigned short)((u >> 16) | 0x40u);
+        return r;
+    }
+    u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+    r.bits = (unsigned short)(u >> 16);
+    return r;
+}
+__device__ __forceinline__ float kiln_f16_to_f32(kiln_f16 x) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(x.bits));
+    return f;
+}
+__device__ __forceinline__ kiln_f16 kiln_f32_to_f16(float f) {
+    kiln_f16 r;
+    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
+    return r;
+}
+
+// Loads: storage type -> compute type (f32 for floats, int for 8-bit ints).
+__device__ __forceinline__ float kiln_ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float kiln_ld(const kiln_bf16* p, i64 i) { return kiln_bf16_to_f32(p[i]); }
+__device__ __forceinline__ float kiln_ld(const kiln_f16* p, i64 i) { return kiln_f16_to_f32(p[i]); }
+__device__ __forceinline__ i64 kiln_ld(const i64* p, i64 i) { return p[i]; }
+__device__ __forceinline__ int kiln_ld(const int* p, i64 i) { return p[i]; }
+__device__ __forceinline__ int kiln_ld(const signed char* p, i64 i) { return p[i]; }
+__device__ __forceinline__ int kiln_ld(const unsigned char* p, i64 i) { return p[i]; }
+__device__ __forceinline__ bool kiln_ld(const bool* p, i64 i) { return p[i]; }
+
+// Stores: compute type -> storage type (floats round to nearest even, ints wrap).
+__device__ __forceinline__ void kiln_st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void kiln_st(kiln_bf16* p, i64 i, float v) { p[i] = kiln_f32_to_bf16(v); }
+__device__ __forceinline__ void kiln_st(kiln_f16* p, i64 i, float v) { p[i] = kiln_f32_to_f16(v); }
+__device__ __forceinline__ void kiln_st(i64* p, i64 i, i64 v) { p[i] = v; }
+__device__ __forceinline__ void kiln_st(int* p, i64 i, int v) { p[i] = v; }
+__device__ __forceinline__ void kiln_st(signed char* p, i64 i, int v) { p[i] = (signed char)v; }
+__device__ __forceinline__ void kiln_st(unsigned char* p, i64 i, int v) { p[i] = (unsigned char)v; }
+__device__ __forceinline__ void kiln_st(bool* p, i64 i, bool v) { p[i] = v; }
+
+// max/min that propagate NaN (like the CPU semantics and torch.maximum).
+__device__ __forceinline__ float kiln_fmax(float a, float b) { return (a != a || b != b) ? KILN_NAN : fmaxf(a, b); }
+__device__ __forceinline__ float kiln_fmin(float a, float b) { return (a != a || b != b) ? KILN_NAN : fminf(a, b); }
+
+// float -> integer: truncate toward zero, saturate, NaN -> 0 (Rust `as`).
+__device__ __forceinline__ float kiln_clampf(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+__device__ __forceinline__ i64 kiln_f2i64(float x) {
+    if (x != x) return 0;
+    if (x >= 9.2233720368547758e18f) return 0x7fffffffffffffffLL;
+    if (x <= -9.2233720368547758e18f) return (i64)(-0x7fffffffffffffffLL - 1);
+    return (i64)x;
+}
+__device__ __forceinline__ int kiln_f2i32(float x) {
+    if (x != x) return 0;
+    if (x >= 2147483648.0f) return 0x7fffffff;
+    if (x <= -2147483648.0f) return (int)(-0x7fffffff - 1);
+    return (int)x;
+}
+__device__ __forceinline__ int kiln_f2i8(float x) { return x != x ? 0 : (int)truncf(kiln_clampf(x, -128.0f, 127.0f)); }
+__device__ __forceinline__ int kiln_f2u8(float x) { return x != x ? 0 : (int)truncf(kiln_clampf(x, 0.0f, 255.0f)); }
+
+// "a ranks before b" for argmax/topk: NaN first, then larger values, ties to the lower index.
+__device__ __forceinline__ bool kiln_before(float a, i64 ia, float b, i64 ib) {
+    bool na = a != a, nb = b != b;
+    if (na != nb) return na;
+    if (!na && a != b) return a > b;
+    return ia < ib;
+}
+template <class T>
+__device__ __forceinline__ bool kiln_before(T a, i64 ia, T b, i64 ib) {
+    if (a != b) return a > b;
+    return ia < ib;
+}
+
+// Decomposes a linear index over `shape` (first `rank` dims, row-major) into an element
+// offset through `strides`.
+__device__ __forceinline__ i64 kiln_offset(i64 linear, int rank, const Idx8& shape, const Idx8& strides) {
+    i64 off = 0;
+#pragma unroll
+    for (int d = 7; d >= 0; --d) {
+        if (d < rank) {
+            i64 q = linear / shape.d[d];
+            off += (linear - q * shape.d[d]) * strides.d[d];
+            linear = q;
+        }
+    }
+    return off;
+}
