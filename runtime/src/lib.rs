@@ -4,11 +4,13 @@
 //! against: it evaluates each node with the op set's CPU semantics (f32 arithmetic for
 //! f16/bf16 storage, multi-threaded, matmul through the `gemm` crate). [`sampling`] and
 //! [`generate`] turn a model graph into tokens: prefill, then decode steps that feed the
-//! KV cache outputs back as inputs.
+//! KV cache outputs back as inputs. [`cuda`] runs the same graphs on an NVIDIA GPU
+//! (NVRTC-compiled kernels and cuBLAS), loading CUDA at run time.
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`, `kiln-codegen`.
 
 pub mod cpu;
+pub mod cuda;
 pub mod error;
 pub mod generate;
 pub mod sampling;

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs on the GPU machine: the CUDA tests that tools/gpu/build.sh put in .gpu/, with the
+# full log written to $OUT/cuda-test.log, and a short table printed last.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/kiln-gpu}
+mkdir -p "$OUT"
+LOG="$OUT/cuda-test.log"
+
+# CUDA libraries: the toolkit's lib dirs, then the pip wheels' (nvidia/cu13/lib …).
+libdirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib"
+nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null || true)
+if [ -n "$nv" ]; then libdirs="$libdirs $(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ' ')"; fi
+for d in $libdirs; do
+    [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
+done
+export LD_LIBRARY_PATH
+# A fresh kernel cache for this run (the cache test uses its own temp dir too).
+export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-$$}"
+
+{
+    echo "== $(date -u +%FT%TZ) commit $(cat .gpu/commit 2>/dev/null || echo '?')"
+    nvidia-smi --query-gpu=name,driver_version,memory.total,compute_cap --format=csv,noheader 2>&1
+    for l in libcuda.so libnvrtc.so libcublas.so; do
+        found=$(ldconfig -p 2>/dev/null | grep -m1 "$l" | awk '{print $NF}')
+        [ -z "$found" ] && found=$(for d in ${LD_LIBRARY_PATH//:/ }; do ls "$d/$l"* 2>/dev/null; done | head -1)
+        echo "$l: ${found:-not found}"
+    done
+} 2>&1 | tee "$LOG"
+
+if [ ! -x .gpu/cuda-test ]; then
+    echo "run.sh: .gpu/cuda-test is missing: run tools/gpu/build.sh and carry .gpu" | tee -a "$LOG"
+    exit 1
+fi
+start=$(date +%s.%N)
+.gpu/cuda-test --show-output --test-threads="${THREADS:-8}" "$@" >>"$LOG" 2>&1
+rc=$?
+end=$(date +%s.%N)
+
+# The tail of the log (failures show here), then the table.
+grep -E "panicked|FAILED" "$LOG" | head -40
+echo
+echo "== per-check results (worst error per test) =="
+grep -P "^kiln-check\t" "$LOG" | awk -F'\t' '
+    { t=$2; n[t]++; for (i=6;i<=NF;i++) if ($i ~ /^(max_rel|rel_l2)=/) { split($i,a,"="); if (a[2]+0 > w[t]+0) { w[t]=a[2]; what[t]=$3" "$4 } } }
+    END { printf "%-40s %6s %12s  %s\n", "test", "checks", "worst_rel", "(output dtype)"; for (t in n) printf "%-40s %6d %12s  %s\n", t, n[t], w[t]==""?"0":w[t], what[t] }' | sort
+echo
+echo "== timings and info =="
+grep -P "^kiln-(time|info)\t" "$LOG" | tr '\t' ' '
+grep -E "^device: " "$LOG" | head -1
+echo
+echo "== tests =="
+grep -E "^test .* \.\.\. " "$LOG" | sed 's/^test //' | sort
+grep -E "^test result:" "$LOG"
+printf "wall %.1f s, exit %d\n" "$(echo "$end - $start" | bc 2>/dev/null || echo 0)" "$rc"
+exit $rc
