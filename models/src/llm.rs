@@ -18,10 +18,12 @@ use crate::config::LlamaConfig;
 use crate::llama::{LlamaForCausalLM, TraceOptions};
 use crate::tokenizer::{ChatMessage, Tokenizer};
 use crate::{ModelError, Result};
+use indexmap::IndexMap;
 use kiln_graph::Graph;
 use kiln_ops::{DType, HostTensor};
 use kiln_runtime::cpu::CpuExecutor;
-use kiln_runtime::generate::{GenerateError, Generation, Generator};
+use kiln_runtime::cuda::CudaExecutor;
+use kiln_runtime::generate::{Backend, Forward, GenerateError, Generation, Generator};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
@@ -49,20 +51,39 @@ impl Device {
         }
     }
 
-    /// The device that actually runs: `Cuda` is an error (no CUDA backend is built yet),
-    /// `Auto` is the CPU (logged at info level).
+    /// The device that actually runs: `Cuda` needs a usable GPU (else an error saying
+    /// why), `Auto` picks CUDA when a GPU is usable and the CPU otherwise, and says which.
     pub fn resolve(self) -> Result<Device> {
         match self {
             Device::Cpu => Ok(Device::Cpu),
-            Device::Cuda => Err(ModelError::Device {
-                device: "cuda".into(),
-                msg: "CUDA backend not built yet; use `cpu` (or `auto`)".into(),
-            }),
-            Device::Auto => {
-                tracing::info!("device auto: no CUDA backend in this build, running on the CPU");
-                Ok(Device::Cpu)
-            }
+            Device::Cuda => match kiln_runtime::cuda::available() {
+                Ok(info) => {
+                    tracing::info!(gpu = %info, "device cuda");
+                    Ok(Device::Cuda)
+                }
+                Err(why) => Err(ModelError::Device { device: "cuda".into(), msg: format!("no usable GPU: {why}") }),
+            },
+            Device::Auto => match kiln_runtime::cuda::available() {
+                Ok(info) => {
+                    tracing::info!(gpu = %info, "device auto: using CUDA");
+                    Ok(Device::Cuda)
+                }
+                Err(why) => {
+                    tracing::info!(reason = %why, "device auto: no usable GPU, running on the CPU");
+                    Ok(Device::Cpu)
+                }
+            },
         }
+    }
+
+    /// An executor for `graph` on this (resolved) device.
+    fn executor(self, graph: Graph, weights: IndexMap<String, HostTensor>) -> Result<Backend> {
+        Ok(match self {
+            Device::Cuda => Backend::Cuda(Box::new(
+                CudaExecutor::new(graph, weights).map_err(kiln_runtime::error::RuntimeError::from)?,
+            )),
+            _ => Backend::Cpu(CpuExecutor::new(graph, weights)?),
+        })
     }
 }
 
@@ -133,7 +154,7 @@ pub struct LLM {
     dir: PathBuf,
     model: LlamaForCausalLM,
     tokenizer: Tokenizer,
-    generator: Generator<CpuExecutor>,
+    generator: Generator<Backend>,
     device: Device,
     dtype: DType,
     /// End-of-sequence ids, always added to a request's `stop_token_ids`.
@@ -208,7 +229,7 @@ pub fn prompt_logits(dir: &Path, opts: &LoadOptions, ids: &[u32]) -> Result<Host
     let model = LlamaForCausalLM::new(cfg)?;
     let weights = crate::weights::load_weights(dir, &model, opts.dtype)?;
     let graph = model.trace(&TraceOptions { dtype: opts.dtype, last_token_only: false })?;
-    let gen = Generator::new(CpuExecutor::new(graph, weights)?, model.config.max_position_embeddings)?;
+    let gen = Generator::new(opts.device.resolve()?.executor(graph, weights)?, model.config.max_position_embeddings)?;
     let mut feeds = gen.empty_cache();
     feeds.insert("input_ids".into(), HostTensor::from_i64(&[1, ids.len()], ids.iter().map(|&i| i as i64).collect()));
     let mut out = gen.executor().run(&feeds)?;
@@ -266,7 +287,7 @@ impl LLM {
         let t0 = std::time::Instant::now();
         let weights = crate::weights::load_weights(dir, &model, opts.dtype)?;
         let graph = model.trace(&TraceOptions { dtype: opts.dtype, last_token_only: true })?;
-        let exec = CpuExecutor::new(graph, weights)?;
+        let exec = device.executor(graph, weights)?;
         let generator = Generator::new(exec, model.config.max_position_embeddings)?;
         tracing::info!(
             dir = %dir.display(),

@@ -79,4 +79,7 @@ pub enum RuntimeError {
     /// an op's CPU semantics; checked in debug builds).
     #[error("node %{node} ({op}) produced shape {got:?} but its type {ty} gives {expected:?}")]
     ShapeMismatch { node: usize, op: String, ty: String, expected: Vec<usize>, got: Vec<usize> },
+    /// A device backend failed (driver, compiler or an unsupported node on that device).
+    #[error("{backend}: {msg}")]
+    Backend { backend: &'static str, msg: String },
 }

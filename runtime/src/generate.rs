@@ -38,6 +38,46 @@ impl Forward for CpuExecutor {
     }
 }
 
+impl Forward for crate::cuda::CudaExecutor {
+    fn graph(&self) -> &Graph {
+        crate::cuda::CudaExecutor::graph(self)
+    }
+    fn run(&self, feeds: &IndexMap<String, HostTensor>) -> Result<IndexMap<String, HostTensor>, RuntimeError> {
+        crate::cuda::CudaExecutor::run(self, feeds).map_err(RuntimeError::from)
+    }
+}
+
+/// An executor on the device chosen at run time.
+pub enum Backend {
+    Cpu(CpuExecutor),
+    Cuda(Box<crate::cuda::CudaExecutor>),
+}
+
+impl Backend {
+    /// The device's name: `cpu` or `cuda`.
+    pub fn device(&self) -> &'static str {
+        match self {
+            Backend::Cpu(_) => "cpu",
+            Backend::Cuda(_) => "cuda",
+        }
+    }
+}
+
+impl Forward for Backend {
+    fn graph(&self) -> &Graph {
+        match self {
+            Backend::Cpu(e) => Forward::graph(e),
+            Backend::Cuda(e) => Forward::graph(e.as_ref()),
+        }
+    }
+    fn run(&self, feeds: &IndexMap<String, HostTensor>) -> Result<IndexMap<String, HostTensor>, RuntimeError> {
+        match self {
+            Backend::Cpu(e) => Forward::run(e, feeds),
+            Backend::Cuda(e) => Forward::run(e.as_ref(), feeds),
+        }
+    }
+}
+
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FinishReason {

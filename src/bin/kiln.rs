@@ -5,8 +5,12 @@
 //!   the generated text alone on stdout (streamed), statistics in the logs on stderr.
 //! * `kiln logits --model DIR --ids 1,2,3 --out FILE.safetensors [--device D]`: one forward
 //!   pass over the ids (full-sequence graph); writes the f32 tensor `logits`, `[n_ids, vocab]`.
-//! * `kiln dump --model DIR --format text|dot|json|svg --out FILE`: the traced IR (the
-//!   `last_token_only` prompt/decode graph unless `--full-logits`).
+//! * `kiln dump --model DIR --format text|dot|json|svg --out FILE [--stage traced|PASS]
+//!   [--dump-after PASS|all DIR]`: the IR traced or after a pass of the default pipeline
+//!   (the `last_token_only` prompt/decode graph unless `--full-logits`); `--dump-after`
+//!   also writes the IR text and DOT after each named pass into `DIR`.
+//! * `kiln viz (--model DIR | --ir FILE)`: the interactive graph viewer over every stage
+//!   (traced, then after each pass).
 //!
 //! Logs go to stderr (`RUST_LOG` overrides the level; default `info`). Any error prints
 //! `error: <message>` on stderr and exits with code 1.
@@ -131,6 +135,23 @@ enum Cmd {
         full_logits: bool,
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeArg,
+        /// Which stage to write: `traced` or the name of a pass of the default pipeline.
+        #[arg(long, default_value = "traced")]
+        stage: String,
+        /// Also write `NN-PASS.kiln` and `NN-PASS.dot` after the named pass (or `all`) into DIR.
+        #[arg(long, num_args = 2, value_names = ["PASS", "DIR"])]
+        dump_after: Vec<String>,
+    },
+    /// Open the interactive graph viewer (stages: traced, then after each pass).
+    Viz {
+        /// Model directory to trace.
+        #[arg(long, conflicts_with = "ir", required_unless_present = "ir")]
+        model: Option<PathBuf>,
+        /// An IR text file (`kiln dump --format text`) instead of a model.
+        #[arg(long)]
+        ir: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DTypeArg,
     },
 }
 
@@ -171,6 +192,33 @@ fn parse_ids(s: &str) -> Result<Vec<u32>, CliError> {
 fn trace(model: &Path, dtype: DType, last_token_only: bool) -> Result<Graph, CliError> {
     let m = LlamaForCausalLM::new(load_config(model)?)?;
     Ok(m.trace(&TraceOptions { dtype, last_token_only })?)
+}
+
+/// The traced graph followed by the graph after each pass of the default pipeline.
+fn stages(traced: Graph) -> Result<Vec<(String, Graph)>, CliError> {
+    let out = kiln_passes::default_pipeline().keep_stages(true).run(traced.clone())?;
+    let mut v = vec![("traced".to_string(), traced)];
+    v.extend(out.stages.into_iter().map(|s| (s.pass.to_string(), s.graph)));
+    Ok(v)
+}
+
+/// Writes `NN-STAGE.kiln` and `NN-STAGE.dot` for the selected stages into `dir`.
+fn dump_stages(stages: &[(String, Graph)], which: &str, dir: &Path) -> Result<(), CliError> {
+    if which != "all" && !stages.iter().any(|(n, _)| n == which) {
+        let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+        return Err(fail(format!("--dump-after: no pass `{which}`; passes: all, {}", names.join(", "))));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create `{}`: {e}", dir.display())))?;
+    for (i, (name, g)) in stages.iter().enumerate() {
+        if which == "all" || which == name {
+            write_file(&dir.join(format!("{i:02}-{name}.kiln")), kiln_graph::text::print(g).as_bytes())?;
+            write_file(
+                &dir.join(format!("{i:02}-{name}.dot")),
+                kiln_viz::dot::to_dot(g, &Default::default()).as_bytes(),
+            )?;
+        }
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -242,8 +290,18 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 .map_err(|e| fail(format!("cannot write `{}`: {e}", out.display())))?;
             tracing::info!(shape = ?logits.shape(), out = %out.display(), "logits written");
         }
-        Cmd::Dump { model, format, out, full_logits, dtype } => {
-            let g = trace(&model, dtype.into(), !full_logits)?;
+        Cmd::Dump { model, format, out, full_logits, dtype, stage, dump_after } => {
+            let stages = stages(trace(&model, dtype.into(), !full_logits)?)?;
+            if let [which, dir] = dump_after.as_slice() {
+                dump_stages(&stages, which, Path::new(dir))?;
+            }
+            let g = match stages.iter().find(|(n, _)| *n == stage) {
+                Some((_, g)) => g,
+                None => {
+                    let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
+                    return Err(fail(format!("--stage: no stage `{stage}`; stages: {}", names.join(", "))));
+                }
+            };
             let text = match format {
                 Format::Text => kiln_graph::text::print(&g),
                 Format::Dot => kiln_viz::dot::to_dot(&g, &Default::default()),
@@ -253,8 +311,30 @@ fn run(cli: Cli) -> Result<(), CliError> {
             write_file(&out, text.as_bytes())?;
             tracing::info!(nodes = g.node_count(), out = %out.display(), "IR written");
         }
+        Cmd::Viz { model, ir, dtype } => {
+            let traced = match (model, ir) {
+                (Some(m), _) => trace(&m, dtype.into(), true)?,
+                (None, Some(f)) => {
+                    let text =
+                        std::fs::read_to_string(&f).map_err(|e| fail(format!("cannot read `{}`: {e}", f.display())))?;
+                    kiln_graph::text::parse(&text).map_err(|e| fail(format!("{}:{e}", f.display())))?
+                }
+                (None, None) => return Err(fail("give --model DIR or --ir FILE")),
+            };
+            view(stages(traced)?)?;
+        }
     }
     Ok(())
+}
+
+#[cfg(feature = "viewer")]
+fn view(stages: Vec<(String, Graph)>) -> Result<(), CliError> {
+    Ok(kiln_viz::viewer::run(stages, "kiln")?)
+}
+
+#[cfg(not(feature = "viewer"))]
+fn view(_: Vec<(String, Graph)>) -> Result<(), CliError> {
+    Err(fail("this kiln was built without the `viewer` feature; rebuild with `--features viewer`"))
 }
 
 fn main() -> ExitCode {

@@ -76,6 +76,15 @@ pub enum CudaError {
     Driver(String),
 }
 
+impl From<CudaError> for RuntimeError {
+    fn from(e: CudaError) -> RuntimeError {
+        match e {
+            CudaError::Runtime(r) => r,
+            other => RuntimeError::Backend { backend: "cuda", msg: other.to_string() },
+        }
+    }
+}
+
 pub(crate) fn driver_err(what: &str) -> impl Fn(cudarc::driver::DriverError) -> CudaError + '_ {
     move |e| CudaError::Driver(format!("{what}: {e:?}"))
 }
