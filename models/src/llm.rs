@@ -3,7 +3,8 @@
 //!
 //! [`LLM::load`] reads a Hugging Face model directory (`config.json`, safetensors
 //! weights, `tokenizer.json`, optional `tokenizer_config.json` and
-//! `generation_config.json`), traces the model with `last_token_only = true` (prefill
+//! `generation_config.json`) or a GGUF file (config, weights, tokenizer and chat
+//! template from its metadata), traces the model with `last_token_only = true` (prefill
 //! and decode share that graph; the sequence length is symbolic) and builds an executor
 //! for the chosen [`Device`]. Generation is token-level ([`kiln_runtime::generate`]);
 //! this layer adds text: encoding (BOS per the tokenizer config), chat templates, stop
@@ -79,9 +80,9 @@ impl Device {
     /// An executor for `graph` on this (resolved) device.
     fn executor(self, graph: Graph, weights: IndexMap<String, HostTensor>) -> Result<Backend> {
         Ok(match self {
-            Device::Cuda => Backend::Cuda(Box::new(
-                CudaExecutor::new(graph, weights).map_err(kiln_runtime::error::RuntimeError::from)?,
-            )),
+            Device::Cuda => {
+                Backend::Cuda(CudaExecutor::new(graph, weights).map_err(kiln_runtime::error::RuntimeError::from)?)
+            }
             _ => Backend::Cpu(CpuExecutor::new(graph, weights)?),
         })
     }
@@ -174,6 +175,10 @@ impl std::fmt::Debug for LLM {
 
 /// `config.json` of `dir`, with a clear error when the directory or file is missing.
 pub fn load_config(dir: &Path) -> Result<LlamaConfig> {
+    if is_gguf(dir) {
+        let file = crate::gguf::GgufFile::open(dir)?;
+        return crate::gguf::model::config_from_gguf(&file);
+    }
     if !dir.is_dir() {
         return Err(ModelError::Io {
             path: dir.to_path_buf(),
@@ -181,6 +186,11 @@ pub fn load_config(dir: &Path) -> Result<LlamaConfig> {
         });
     }
     LlamaConfig::from_file(dir.join("config.json"))
+}
+
+/// A path names a GGUF file (by extension) rather than a checkpoint directory.
+pub fn is_gguf(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 /// Checks `dtype` is a float storage type the models run in.
@@ -227,7 +237,10 @@ pub fn prompt_logits(dir: &Path, opts: &LoadOptions, ids: &[u32]) -> Result<Host
         )));
     }
     let model = LlamaForCausalLM::new(cfg)?;
-    let weights = crate::weights::load_weights(dir, &model, opts.dtype)?;
+    let weights = match is_gguf(dir) {
+        true => crate::gguf::model::load_gguf(dir, opts.dtype)?.1,
+        false => crate::weights::load_weights(dir, &model, opts.dtype)?,
+    };
     let graph = model.trace(&TraceOptions { dtype: opts.dtype, last_token_only: false })?;
     let gen = Generator::new(opts.device.resolve()?.executor(graph, weights)?, model.config.max_position_embeddings)?;
     let mut feeds = gen.empty_cache();
@@ -265,38 +278,46 @@ impl StopMatcher<'_> {
 }
 
 impl LLM {
-    /// Loads the model in `dir` (see the module docs).
-    pub fn load(dir: &Path, opts: LoadOptions) -> Result<LLM> {
+    /// Loads the model at `path`: a Hugging Face directory or a `.gguf` file (see the
+    /// module docs).
+    pub fn load(path: &Path, opts: LoadOptions) -> Result<LLM> {
         let device = opts.device.resolve()?;
         check_dtype(opts.dtype)?;
-        let cfg = load_config(dir)?;
-        let tokenizer = Tokenizer::from_dir(dir)?;
-        if tokenizer.vocab_size() > cfg.vocab_size {
+        let t0 = std::time::Instant::now();
+        let (model, weights, tokenizer, mut eos_ids) = if is_gguf(path) {
+            let (model, weights, tokenizer) = crate::gguf::model::load_gguf_with_tokenizer(path, opts.dtype)?;
+            let eos = model.config.eos_token_ids.clone();
+            (model, weights, tokenizer, eos)
+        } else {
+            let cfg = load_config(path)?;
+            let tokenizer = Tokenizer::from_dir(path)?;
+            let mut eos = cfg.eos_token_ids.clone();
+            eos.extend(generation_config_eos(path)?);
+            let model = LlamaForCausalLM::new(cfg)?;
+            let weights = crate::weights::load_weights(path, &model, opts.dtype)?;
+            (model, weights, tokenizer, eos)
+        };
+        if tokenizer.vocab_size() > model.config.vocab_size {
             tracing::warn!(
                 tokenizer = tokenizer.vocab_size(),
-                model = cfg.vocab_size,
+                model = model.config.vocab_size,
                 "the tokenizer has more tokens than the model's vocabulary"
             );
         }
-        let mut eos_ids = cfg.eos_token_ids.clone();
-        eos_ids.extend(generation_config_eos(dir)?);
         eos_ids.extend(tokenizer.eos_token_id());
         eos_ids.sort_unstable();
         eos_ids.dedup();
-        let model = LlamaForCausalLM::new(cfg)?;
-        let t0 = std::time::Instant::now();
-        let weights = crate::weights::load_weights(dir, &model, opts.dtype)?;
         let graph = model.trace(&TraceOptions { dtype: opts.dtype, last_token_only: true })?;
         let exec = device.executor(graph, weights)?;
         let generator = Generator::new(exec, model.config.max_position_embeddings)?;
         tracing::info!(
-            dir = %dir.display(),
+            model = %path.display(),
             device = %device,
             dtype = opts.dtype.name(),
             load_ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
             "model loaded"
         );
-        Ok(LLM { dir: dir.to_path_buf(), model, tokenizer, generator, device, dtype: opts.dtype, eos_ids })
+        Ok(LLM { dir: path.to_path_buf(), model, tokenizer, generator, device, dtype: opts.dtype, eos_ids })
     }
 
     pub fn dir(&self) -> &Path {

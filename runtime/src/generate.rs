@@ -47,10 +47,12 @@ impl Forward for crate::cuda::CudaExecutor {
     }
 }
 
-/// An executor on the device chosen at run time.
+/// An executor on the device chosen at run time. (One per loaded model, so the size
+/// difference between the variants does not matter.)
+#[allow(clippy::large_enum_variant)]
 pub enum Backend {
     Cpu(CpuExecutor),
-    Cuda(Box<crate::cuda::CudaExecutor>),
+    Cuda(crate::cuda::CudaExecutor),
 }
 
 impl Backend {
@@ -67,13 +69,13 @@ impl Forward for Backend {
     fn graph(&self) -> &Graph {
         match self {
             Backend::Cpu(e) => Forward::graph(e),
-            Backend::Cuda(e) => Forward::graph(e.as_ref()),
+            Backend::Cuda(e) => Forward::graph(e),
         }
     }
     fn run(&self, feeds: &IndexMap<String, HostTensor>) -> Result<IndexMap<String, HostTensor>, RuntimeError> {
         match self {
             Backend::Cpu(e) => Forward::run(e, feeds),
-            Backend::Cuda(e) => Forward::run(e.as_ref(), feeds),
+            Backend::Cuda(e) => Forward::run(e, feeds),
         }
     }
 }

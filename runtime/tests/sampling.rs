@@ -60,7 +60,7 @@ fn top_p_keeps_exactly_the_expected_set() {
     assert_eq!(ids(0.9), vec![0, 1, 2, 4]); // 0.95
     assert_eq!(ids(0.99), vec![0, 1, 2, 3, 4]);
     assert_eq!(ids(1e-6), vec![2]); // always at least one token
-    // Renormalized: 0.5/0.7 and 0.2/0.7, sorted by probability.
+                                    // Renormalized: 0.5/0.7 and 0.2/0.7, sorted by probability.
     let kept = filtered_probs(&logits, 1.0, 0, 0.6);
     assert_eq!(kept[0].0, 2);
     assert!((kept[0].1 - 0.5 / 0.7).abs() < 1e-6);

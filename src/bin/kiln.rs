@@ -9,8 +9,12 @@
 //!   [--dump-after PASS|all DIR]`: the IR traced or after a pass of the default pipeline
 //!   (the `last_token_only` prompt/decode graph unless `--full-logits`); `--dump-after`
 //!   also writes the IR text and DOT after each named pass into `DIR`.
-//! * `kiln viz (--model DIR | --ir FILE)`: the interactive graph viewer over every stage
+//! * `kiln convert --from FILE.gguf --to DIR`: a Hugging Face checkpoint from a GGUF file.
+//! * `kiln viz [--model MODEL | --ir FILE]`: the interactive graph viewer over every stage
 //!   (traced, then after each pass).
+//!
+//! `MODEL` / `DIR` is an HF checkpoint directory or a `.gguf` file; without `--model` the
+//! default model (SmolLM2-135M-Instruct, Q4_1 GGUF) is fetched on first use and cached.
 //!
 //! Logs go to stderr (`RUST_LOG` overrides the level; default `info`). Any error prints
 //! `error: <message>` on stderr and exits with code 1.
@@ -78,9 +82,9 @@ enum Format {
 enum Cmd {
     /// Generate text from a prompt.
     Generate {
-        /// Model directory (config.json, *.safetensors, tokenizer.json).
+        /// HF model directory or GGUF file [default: SmolLM2-135M-Instruct, fetched on first use].
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user message in the model's chat template.
@@ -110,8 +114,9 @@ enum Cmd {
     },
     /// Write the logits of one forward pass over token ids to a safetensors file.
     Logits {
+        /// HF model directory or GGUF file [default: SmolLM2-135M-Instruct].
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// Comma-separated token ids.
         #[arg(long)]
         ids: String,
@@ -124,8 +129,9 @@ enum Cmd {
     },
     /// Write the traced IR of a model.
     Dump {
+        /// HF model directory or GGUF file [default: SmolLM2-135M-Instruct].
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long, value_enum, default_value = "text")]
         format: Format,
         #[arg(long)]
@@ -144,8 +150,8 @@ enum Cmd {
     },
     /// Open the interactive graph viewer (stages: traced, then after each pass).
     Viz {
-        /// Model directory to trace.
-        #[arg(long, conflicts_with = "ir", required_unless_present = "ir")]
+        /// HF model directory or GGUF file to trace [default: SmolLM2-135M-Instruct].
+        #[arg(long, conflicts_with = "ir")]
         model: Option<PathBuf>,
         /// An IR text file (`kiln dump --format text`) instead of a model.
         #[arg(long)]
@@ -153,6 +159,23 @@ enum Cmd {
         #[arg(long, value_enum, default_value = "f32")]
         dtype: DTypeArg,
     },
+    /// Convert a GGUF file into a Hugging Face checkpoint directory (config.json,
+    /// model.safetensors, tokenizer.json, tokenizer_config.json) that kiln and
+    /// transformers both load.
+    Convert {
+        #[arg(long)]
+        from: PathBuf,
+        #[arg(long)]
+        to: PathBuf,
+    },
+}
+
+/// The model to use: the one given, or the default model (downloaded on first use).
+fn model_path(model: Option<PathBuf>) -> Result<PathBuf, CliError> {
+    match model {
+        Some(m) => Ok(m),
+        None => Ok(kiln_models::fetch::default_model_path()?),
+    }
 }
 
 /// An error for the user: the message, with its causes.
@@ -248,7 +271,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 ..SamplingParams::default()
             };
             params.validate()?;
-            let llm = LLM::load(&model, LoadOptions { dtype: dtype.into(), device: device.into() })?;
+            let llm = LLM::load(&model_path(model)?, LoadOptions { dtype: dtype.into(), device: device.into() })?;
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let mut write_err = None;
@@ -283,7 +306,8 @@ fn run(cli: Cli) -> Result<(), CliError> {
             if ids.is_empty() {
                 return Err(fail("--ids: no token ids given"));
             }
-            let logits = prompt_logits(&model, &LoadOptions { dtype: dtype.into(), device: device.into() }, &ids)?;
+            let logits =
+                prompt_logits(&model_path(model)?, &LoadOptions { dtype: dtype.into(), device: device.into() }, &ids)?;
             let bytes: Vec<u8> = logits.to_f32_vec().iter().flat_map(|v| v.to_le_bytes()).collect();
             let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, logits.shape().to_vec(), &bytes)?;
             safetensors::serialize_to_file([("logits", view)], None, &out)
@@ -291,7 +315,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             tracing::info!(shape = ?logits.shape(), out = %out.display(), "logits written");
         }
         Cmd::Dump { model, format, out, full_logits, dtype, stage, dump_after } => {
-            let stages = stages(trace(&model, dtype.into(), !full_logits)?)?;
+            let stages = stages(trace(&model_path(model)?, dtype.into(), !full_logits)?)?;
             if let [which, dir] = dump_after.as_slice() {
                 dump_stages(&stages, which, Path::new(dir))?;
             }
@@ -303,25 +327,28 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 }
             };
             let text = match format {
-                Format::Text => kiln_graph::text::print(&g),
-                Format::Dot => kiln_viz::dot::to_dot(&g, &Default::default()),
-                Format::Json => serde_json::to_string_pretty(&kiln_viz::json::to_json(&g))?,
-                Format::Svg => kiln_viz::svg::to_svg(&kiln_viz::dot::to_dot(&g, &Default::default()))?,
+                Format::Text => kiln_graph::text::print(g),
+                Format::Dot => kiln_viz::dot::to_dot(g, &Default::default()),
+                Format::Json => serde_json::to_string_pretty(&kiln_viz::json::to_json(g))?,
+                Format::Svg => kiln_viz::svg::to_svg(&kiln_viz::dot::to_dot(g, &Default::default()))?,
             };
             write_file(&out, text.as_bytes())?;
             tracing::info!(nodes = g.node_count(), out = %out.display(), "IR written");
         }
         Cmd::Viz { model, ir, dtype } => {
             let traced = match (model, ir) {
-                (Some(m), _) => trace(&m, dtype.into(), true)?,
                 (None, Some(f)) => {
                     let text =
                         std::fs::read_to_string(&f).map_err(|e| fail(format!("cannot read `{}`: {e}", f.display())))?;
                     kiln_graph::text::parse(&text).map_err(|e| fail(format!("{}:{e}", f.display())))?
                 }
-                (None, None) => return Err(fail("give --model DIR or --ir FILE")),
+                (model, _) => trace(&model_path(model)?, dtype.into(), true)?,
             };
             view(stages(traced)?)?;
+        }
+        Cmd::Convert { from, to } => {
+            kiln_models::convert::convert_gguf_to_hf(&from, &to)?;
+            tracing::info!(from = %from.display(), to = %to.display(), "converted");
         }
     }
     Ok(())
