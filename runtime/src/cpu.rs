@@ -8,10 +8,10 @@
 //! with [`Op::eval_compute`], freeing each intermediate after its last use. Constants
 //! are evaluated once, at construction.
 
-use crate::error::{Mismatch, RuntimeError};
+use crate::error::RuntimeError;
 use indexmap::IndexMap;
 use kiln_graph::{Graph, NodeId, Value};
-use kiln_ops::{Bindings, DType, Dim, HostTensor, Op, Shape, Sym, TensorType};
+use kiln_ops::{Bindings, DType, HostTensor, Op};
 use smallvec::SmallVec;
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -47,34 +47,13 @@ pub struct CpuExecutor {
     outputs: Vec<(String, usize, DType)>,
 }
 
-fn describe(t: &HostTensor) -> String {
-    TensorType::new(t.dtype(), Shape::fixed(t.shape())).to_string()
-}
-
 impl CpuExecutor {
     /// Verifies `graph` and checks `weights` against its params: every param supplied
     /// with exactly its dtype and shape, no other weights. All missing, unexpected and
     /// mis-shaped names are reported in one error.
     pub fn new(graph: Graph, mut weights: IndexMap<String, HostTensor>) -> Result<CpuExecutor, RuntimeError> {
         graph.verify()?;
-        let (mut missing, mut mismatched) = (Vec::new(), Vec::new());
-        for (name, &n) in graph.params() {
-            let ty = &graph.node(n).outputs[0];
-            let Some(shape) = ty.shape.as_fixed() else {
-                return Err(RuntimeError::SymbolicParam { name: name.clone(), ty: ty.to_string() });
-            };
-            match weights.get(name) {
-                None => missing.push(name.clone()),
-                Some(w) if w.dtype() != ty.dtype || w.shape() != shape.as_slice() => {
-                    mismatched.push(Mismatch { name: name.clone(), expected: ty.clone(), got: describe(w) })
-                }
-                Some(_) => {}
-            }
-        }
-        let unexpected: Vec<String> = weights.keys().filter(|k| !graph.params().contains_key(*k)).cloned().collect();
-        if !(missing.is_empty() && unexpected.is_empty() && mismatched.is_empty()) {
-            return Err(RuntimeError::Weights { missing, unexpected, mismatched });
-        }
+        crate::feeds::check_weights(&graph, &weights)?;
         let weight_vals: Vec<HostTensor> = graph
             .params()
             .keys()
@@ -152,82 +131,11 @@ impl CpuExecutor {
         &self.graph
     }
 
-    /// Checks the feeds and binds the symbols from the input dims.
-    fn bind(&self, feeds: &IndexMap<String, HostTensor>) -> Result<Bindings, RuntimeError> {
-        let (mut missing, mut mismatched) = (Vec::new(), Vec::new());
-        for (name, &n) in self.graph.inputs() {
-            let ty = &self.graph.node(n).outputs[0];
-            match feeds.get(name) {
-                None => missing.push(name.clone()),
-                Some(f) if f.dtype() != ty.dtype || f.rank() != ty.rank() => {
-                    mismatched.push(Mismatch { name: name.clone(), expected: ty.clone(), got: describe(f) })
-                }
-                Some(_) => {}
-            }
-        }
-        let unexpected: Vec<String> = feeds.keys().filter(|k| !self.graph.inputs().contains_key(*k)).cloned().collect();
-        if !(missing.is_empty() && unexpected.is_empty() && mismatched.is_empty()) {
-            return Err(RuntimeError::Feeds { missing, unexpected, mismatched });
-        }
-        let mut b = Bindings::new();
-        let mut origin: HashMap<Sym, (&str, usize)> = HashMap::new();
-        for (name, &n) in self.graph.inputs() {
-            let ty = &self.graph.node(n).outputs[0];
-            for (axis, (d, &got)) in ty.shape.dims().iter().zip(feeds[name].shape()).enumerate() {
-                let syms = d.symbols();
-                let [s] = syms.as_slice() else { continue };
-                if *d != Dim::from(*s) {
-                    continue;
-                }
-                match b.get(s) {
-                    Some(&bound) if bound != got => {
-                        let (bound_input, bound_axis) = origin[s];
-                        return Err(RuntimeError::SymbolConflict {
-                            input: name.clone(),
-                            axis,
-                            sym: s.to_string(),
-                            value: got,
-                            bound,
-                            bound_input: bound_input.to_string(),
-                            bound_axis,
-                        });
-                    }
-                    Some(_) => {}
-                    None => {
-                        b.insert(*s, got);
-                        origin.insert(*s, (name.as_str(), axis));
-                    }
-                }
-            }
-        }
-        for (name, &n) in self.graph.inputs() {
-            let ty = &self.graph.node(n).outputs[0];
-            for (axis, (d, &got)) in ty.shape.dims().iter().zip(feeds[name].shape()).enumerate() {
-                match d.eval(&b) {
-                    Ok(expected) if expected == got => {}
-                    Ok(expected) => {
-                        return Err(RuntimeError::DimMismatch {
-                            input: name.clone(),
-                            axis,
-                            dim: d.to_string(),
-                            expected,
-                            got,
-                        })
-                    }
-                    Err(reason) => {
-                        return Err(RuntimeError::UnboundDim { input: name.clone(), axis, dim: d.to_string(), reason })
-                    }
-                }
-            }
-        }
-        Ok(b)
-    }
-
     /// Runs the graph: every graph input must be fed (and nothing else) with its dtype
     /// and rank; symbols take their values from input dims that are a single symbol.
     /// Returns the graph outputs by name, in the graph's output order.
     pub fn run(&self, feeds: &IndexMap<String, HostTensor>) -> Result<IndexMap<String, HostTensor>, RuntimeError> {
-        let b = self.bind(feeds)?;
+        let b = crate::feeds::bind(&self.graph, feeds)?;
         let inputs: Vec<&HostTensor> = self.graph.inputs().keys().map(|k| &feeds[k]).collect();
         let mut remaining = self.uses.clone();
         let mut slots: Vec<Option<Cow<'_, HostTensor>>> = (0..remaining.len()).map(|_| None).collect();

@@ -12,5 +12,6 @@
 pub mod cpu;
 pub mod cuda;
 pub mod error;
+mod feeds;
 pub mod generate;
 pub mod sampling;

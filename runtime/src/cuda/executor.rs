@@ -2,7 +2,7 @@
 //! once at construction; per-run buffers freed after their last use.
 
 use super::blas::Gemm;
-use super::{driver_err, feeds, host_bytes, tensor_from_bytes, CudaError, DeviceInfo};
+use super::{driver_err, host_bytes, tensor_from_bytes, CudaError, DeviceInfo};
 use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
@@ -134,7 +134,7 @@ impl CudaExecutor {
         options: CudaOptions,
     ) -> Result<CudaExecutor, CudaError> {
         graph.verify().map_err(RuntimeError::from)?;
-        feeds::check_weights(&graph, &weights)?;
+        crate::feeds::check_weights(&graph, &weights)?;
         let info = super::device_info(options.device).map_err(CudaError::Unavailable)?;
         let ctx = CudaContext::new(options.device).map_err(driver_err("context"))?;
         // One stream per executor and no cross-stream sharing: no event tracking needed.
@@ -357,7 +357,7 @@ impl CudaExecutor {
     /// Runs the graph: feeds are checked and symbols bound exactly as by the CPU
     /// executor; returns the graph outputs by name, in the graph's output order.
     pub fn run(&self, feeds: &IndexMap<String, HostTensor>) -> Result<IndexMap<String, HostTensor>, CudaError> {
-        let b = feeds::bind(&self.graph, feeds)?;
+        let b = crate::feeds::bind(&self.graph, feeds)?;
         self.ctx.bind_to_thread().map_err(driver_err("bind context"))?;
         let input_names: Vec<&String> = self.graph.inputs().keys().collect();
         let mut remaining = self.uses.clone();

@@ -15,7 +15,6 @@
 
 mod blas;
 mod executor;
-mod feeds;
 
 pub use executor::{CudaExecutor, CudaOptions};
 pub use kiln_codegen::CompileStats;

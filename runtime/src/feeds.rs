@@ -1,5 +1,5 @@
-//! Weight and feed checks and symbol binding, with the same rules and errors as the CPU
-//! executor (so a graph fails the same way on either backend).
+//! Weight and feed checks and symbol binding, shared by every executor (so a graph fails
+//! the same way on every backend).
 
 use crate::error::{Mismatch, RuntimeError};
 use indexmap::IndexMap;
