@@ -301,3 +301,106 @@ pub fn attention(d: DType) -> Result<Kernel, CodegenError> {
     );
     Ok(render(sig, ATTENTION, &[], Grid::WarpPerItem { warps: 4 }))
 }
+
+/// What the GPU backend runs for one graph node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum NodeLowering {
+    /// A generated kernel (its CUDA C source is [`Kernel::source`]).
+    Kernel(Kernel),
+    /// A graph input, uploaded by the caller each run.
+    Input,
+    /// A weight, uploaded once.
+    Param,
+    /// A constant, evaluated and uploaded once.
+    Constant,
+    /// `reshape`: an alias of its operand's buffer, no kernel.
+    View,
+    /// `matmul`: a cuBLAS call, no generated kernel.
+    CublasMatMul,
+}
+
+impl NodeLowering {
+    /// A short description of what runs instead of a generated kernel (`None` for
+    /// [`NodeLowering::Kernel`]).
+    pub fn describe(&self) -> Option<&'static str> {
+        match self {
+            NodeLowering::Kernel(_) => None,
+            NodeLowering::Input => Some("graph input: uploaded by the caller, no kernel"),
+            NodeLowering::Param => Some("uploaded weight, no kernel"),
+            NodeLowering::Constant => Some("constant: evaluated and uploaded once, no kernel"),
+            NodeLowering::View => Some("view: no kernel (aliases its operand's buffer)"),
+            NodeLowering::CublasMatMul => Some("cuBLAS matmul, no generated kernel"),
+        }
+    }
+}
+
+/// What the CUDA executor runs for node `n` of `g`: the kernel it renders (by the same
+/// functions above, so the source is exactly what NVRTC compiles) or what runs instead.
+/// Errors are the reasons the GPU backend rejects the node (an unsupported dtype or op).
+///
+/// This mirrors the per-op choice `kiln_runtime`'s `CudaExecutor::new` makes.
+pub fn lower_node(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Result<NodeLowering, CodegenError> {
+    let node = g.node(n);
+    for t in &node.outputs {
+        storage(t.dtype)?;
+    }
+    let in_dtypes: Vec<DType> = g.operands(n).iter().map(|v| g.value_type(*v).dtype).collect();
+    let out_dtype = node.outputs[0].dtype;
+    let k = match &node.op {
+        Op::Input { .. } => return Ok(NodeLowering::Input),
+        Op::Param { .. } => return Ok(NodeLowering::Param),
+        Op::Constant { .. } => return Ok(NodeLowering::Constant),
+        Op::Reshape(_) => return Ok(NodeLowering::View),
+        Op::MatMul { .. } => {
+            if !matches!(out_dtype, DType::F32 | DType::F16 | DType::BF16) {
+                return err(format!("matmul on {out_dtype} is not supported on the GPU"));
+            }
+            return Ok(NodeLowering::CublasMatMul);
+        }
+        op if op.is_elementwise() => elementwise(op, &in_dtypes, out_dtype)?,
+        Op::Permute(_) | Op::Slice { .. } | Op::Expand(_) | Op::Concat { .. } => strided_copy(out_dtype)?,
+        Op::Gather { .. } => gather(out_dtype, in_dtypes[1])?,
+        Op::Arange { .. } => arange(),
+        Op::Reduce { op, .. } => reduce(*op, in_dtypes[0])?,
+        Op::ArgMax { .. } => argmax(in_dtypes[0])?,
+        Op::TopK { .. } => topk(in_dtypes[0])?,
+        Op::Attention(_) => attention(in_dtypes[0])?,
+        other => return err(format!("`{}` has no GPU lowering", other.name())),
+    };
+    Ok(NodeLowering::Kernel(k))
+}
+
+/// The CUDA C source the GPU executor compiles for node `n` of `g`, or `None` when it
+/// runs no generated kernel for it (sources, views, cuBLAS matmul) or cannot run it.
+pub fn render_node_source(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Option<String> {
+    match lower_node(g, n) {
+        Ok(NodeLowering::Kernel(k)) => Some(k.source),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kiln_graph::{TensorExt, Tracer};
+    use kiln_ops::Dim;
+
+    #[test]
+    fn lower_node_picks_what_the_executor_runs() {
+        let tr = Tracer::new();
+        let x = tr.input("x", DType::F32, [Dim::sym("seq"), Dim::fixed(8)]).unwrap();
+        let w = tr.param("w", DType::F32, [8usize, 8]).unwrap();
+        let y = x.matmul(w).unwrap().exp().unwrap().reshape([Dim::fixed(8), Dim::sym("seq")]).unwrap();
+        tr.output("y", y).unwrap();
+        let g = tr.finish().unwrap();
+        let of = |name: &str| g.topo_order().into_iter().find(|&n| g.node(n).op.name() == name).unwrap();
+        assert_eq!(lower_node(&g, of("input")), Ok(NodeLowering::Input));
+        assert_eq!(lower_node(&g, of("param")), Ok(NodeLowering::Param));
+        assert_eq!(lower_node(&g, of("matmul")), Ok(NodeLowering::CublasMatMul));
+        assert_eq!(lower_node(&g, of("reshape")), Ok(NodeLowering::View));
+        let src = render_node_source(&g, of("exp")).unwrap();
+        assert_eq!(src, elementwise(&Op::Unary(UnaryOp::Exp), &[DType::F32], DType::F32).unwrap().source);
+        assert!(src.contains("expf"));
+        assert_eq!(render_node_source(&g, of("matmul")), None);
+    }
+}

@@ -9,7 +9,9 @@
 //! * [`kernels`]: the kernels (elementwise, strided copy, gather, arange, reduce,
 //!   argmax, topk, attention) as `.cu` templates under `src/kernels/`, specialised per
 //!   dtype. Sizes, shapes and strides are kernel arguments, so symbolic dims are resolved
-//!   at run time and one compiled kernel serves every binding.
+//!   at run time and one compiled kernel serves every binding. [`lower_node`] says what
+//!   the GPU executor runs for one graph node (a kernel, cuBLAS, a view, an upload) and
+//!   [`render_node_source`] gives that kernel's CUDA C (the viewer shows it).
 //! * [`nvrtc`]: compilation for the device's architecture with a disk cache keyed by a
 //!   hash of (source, architecture, options, NVRTC version).
 //!
@@ -22,6 +24,6 @@ pub mod nvrtc;
 pub mod params;
 pub mod table;
 
-pub use kernels::{CodegenError, Grid, Kernel};
+pub use kernels::{lower_node, render_node_source, CodegenError, Grid, Kernel, NodeLowering};
 pub use nvrtc::{CompileError, CompileStats, Compiler};
 pub use params::{ArgValue, KernelSig, PackError, Param, ParamTy, Role};

@@ -10,14 +10,16 @@
 //! * [`json`]: a documented, versioned JSON form ([`json::to_json`],
 //!   [`json::stages_to_json`]); the schema is in `viz/SCHEMA.md`.
 //! * [`state`]: the window-free state of the interactive viewer ([`ViewerState`]):
-//!   which nodes are visible given the collapsed scopes, layout, search, selection.
+//!   which nodes are visible given the collapsed scopes, layout, search, selection, and
+//!   node details with the memory plan's offset/size (`kiln-passes`) and the CUDA source
+//!   the GPU backend renders for the node (`kiln-codegen`).
 //! * `viewer` (cargo feature `viewer`): the eframe + egui_graphs window
 //!   (`viewer::run(stages, title)`). Off by default so the core build stays light.
 //!
 //! Node ids everywhere are the dense numbering `%0, %1, …` in [`Graph::topo_order`]
 //! order ([`Numbering`]), the numbering the IR text format uses.
 //!
-//! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`.
+//! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`, `kiln-codegen`.
 
 pub mod dot;
 mod error;

@@ -2,22 +2,143 @@
 //! collapsed, the visible graph (nodes and collapsed-scope boxes, with edges rerouted to
 //! the boxes), its layered top-to-bottom layout, search, selection and the details of the
 //! selected node. The egui front end (`viewer`, feature `viewer`) only draws this.
+//!
+//! Each stage gets a memory plan ([`kiln_passes::memory::plan`]) for representative symbol
+//! values ([`PlanSizes`]: `seq` and `past` as configured, every other symbol 1), and a
+//! node's details show where its outputs live in that arena and what the GPU backend runs
+//! for it ([`kiln_codegen::lower_node`]: the CUDA C of its kernel, or cuBLAS, a view, an
+//! upload).
 
 pub use crate::model::VisKey;
 use crate::model::{scope_of, Folded, COLLAPSED_RGB};
 use crate::{node_label_lines, scope_levels, Numbering, OpClass, Stage};
-use kiln_graph::ops::Op;
-use kiln_graph::{Graph, NodeId};
+use kiln_codegen::NodeLowering;
+use kiln_graph::ops::{Bindings, Op, Sym};
+use kiln_graph::{Graph, NodeId, Value};
+use kiln_passes::memory::{self, MemoryPlan, PlanOptions};
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 /// Scopes at this depth are collapsed when a stage is opened (`model.layers.N` boxes).
 pub const DEFAULT_COLLAPSE_DEPTH: usize = 2;
-/// Shown for a node's memory placement until the memory planner exists.
-pub const MEMORY_PLACEHOLDER: &str = "not planned yet";
-/// Shown for a node's kernel until code generation exists.
-pub const KERNEL_PLACEHOLDER: &str = "no kernel yet";
+/// Default value of the `seq` symbol the memory plans are computed for.
+pub const DEFAULT_PLAN_SEQ: usize = 128;
+/// Default value of the `past` symbol (KV-cache length) the memory plans are computed for.
+pub const DEFAULT_PLAN_PAST: usize = 0;
 /// At most this many search hits are kept.
 pub const MAX_SEARCH_HITS: usize = 500;
+
+/// The symbol values each stage's memory plan is computed for: `seq` and `past` as given
+/// here, every other symbol of the graph (`batch`, …) 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PlanSizes {
+    /// Tokens per step (default [`DEFAULT_PLAN_SEQ`]).
+    pub seq: usize,
+    /// Tokens already in the KV cache (default [`DEFAULT_PLAN_PAST`]).
+    pub past: usize,
+}
+
+impl Default for PlanSizes {
+    fn default() -> Self {
+        PlanSizes { seq: DEFAULT_PLAN_SEQ, past: DEFAULT_PLAN_PAST }
+    }
+}
+
+impl PlanSizes {
+    /// Values for every symbol in `g`'s value shapes: `seq`, `past` from `self`, others 1.
+    pub fn bindings(&self, g: &Graph) -> Bindings {
+        let mut b = Bindings::new();
+        for n in g.topo_order() {
+            for t in &g.node(n).outputs {
+                for d in t.shape.dims() {
+                    for s in d.symbols() {
+                        let v = match s.name() {
+                            "seq" => self.seq,
+                            "past" => self.past,
+                            _ => 1,
+                        };
+                        b.insert(s, v);
+                    }
+                }
+            }
+        }
+        b
+    }
+}
+
+/// One stage's memory plan, or why planning failed.
+#[derive(Clone, Debug)]
+pub struct StagePlan {
+    /// The symbol values it was computed for.
+    pub bindings: Bindings,
+    pub plan: Result<MemoryPlan, String>,
+}
+
+impl StagePlan {
+    fn new(g: &Graph, sizes: PlanSizes) -> StagePlan {
+        let bindings = sizes.bindings(g);
+        let plan = memory::plan(g, &bindings, PlanOptions::default()).map_err(|e| e.to_string());
+        StagePlan { bindings, plan }
+    }
+
+    /// `arena 1.5 MiB (naive 4.0 MiB)`, or `memory plan failed: …`.
+    pub fn summary(&self) -> String {
+        match &self.plan {
+            Ok(p) => format!("arena {} (naive {})", human_bytes(p.arena_bytes), human_bytes(p.naive_bytes)),
+            Err(e) => format!("memory plan failed: {e}"),
+        }
+    }
+
+    /// `seq=128, past=0, batch=1` (sorted by name).
+    pub fn bindings_text(&self) -> String {
+        let mut v: Vec<(&str, usize)> = self.bindings.iter().map(|(s, n)| (Sym::name(*s), *n)).collect();
+        v.sort();
+        v.iter().map(|(s, n)| format!("{s}={n}")).collect::<Vec<_>>().join(", ")
+    }
+}
+
+/// `512 B`, `4.5 KiB`, `1.2 MiB`, `3.0 GiB`.
+pub fn human_bytes(n: usize) -> String {
+    const UNITS: [&str; 4] = ["KiB", "MiB", "GiB", "TiB"];
+    if n < 1024 {
+        return format!("{n} B");
+    }
+    let mut x = n as f64 / 1024.0;
+    let mut u = 0;
+    while x >= 1024.0 && u + 1 < UNITS.len() {
+        x /= 1024.0;
+        u += 1;
+    }
+    format!("{x:.1} {}", UNITS[u])
+}
+
+/// What the GPU backend runs for a node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum KernelInfo {
+    /// A generated kernel: its name and full CUDA C source (what NVRTC compiles).
+    Cuda { name: String, source: String },
+    /// No generated kernel; what runs instead (`cuBLAS matmul`, `view: no kernel`, …).
+    Instead(String),
+    /// The GPU backend cannot run the node (an unsupported dtype or op).
+    Unsupported(String),
+}
+
+impl KernelInfo {
+    /// One line for the details table.
+    pub fn summary(&self) -> String {
+        match self {
+            KernelInfo::Cuda { name, .. } => format!("CUDA kernel {name}"),
+            KernelInfo::Instead(s) => s.clone(),
+            KernelInfo::Unsupported(e) => format!("not supported on the GPU: {e}"),
+        }
+    }
+    /// The CUDA C source, for a generated kernel.
+    pub fn source(&self) -> Option<&str> {
+        match self {
+            KernelInfo::Cuda { source, .. } => Some(source),
+            _ => None,
+        }
+    }
+}
 
 /// Layout geometry, in canvas units.
 pub const ROW_HEIGHT: f32 = 90.0;
@@ -125,10 +246,12 @@ pub struct NodeDetails {
     pub users: Vec<String>,
     /// Graph outputs this node feeds.
     pub graph_outputs: Vec<String>,
-    /// Memory offset and size, once a memory plan exists (shown as [`MEMORY_PLACEHOLDER`]).
-    pub memory: Option<String>,
-    /// Kernel source, once code generation exists (shown as [`KERNEL_PLACEHOLDER`]).
-    pub kernel: Option<String>,
+    /// Where each output lives under the stage's memory plan, one line per output
+    /// (`offset 0x1200, 4.5 KiB`, `… in place of %7`, `own buffer (param)`, or the
+    /// planner's error); multi-output nodes prefix the value (`%5.1: …`).
+    pub memory: Vec<String>,
+    /// What the GPU backend runs for the node.
+    pub kernel: KernelInfo,
 }
 
 /// What the details panel shows for a collapsed scope.
@@ -177,6 +300,8 @@ pub struct ViewerState {
     query: String,
     hits: Vec<SearchHit>,
     generation: u64,
+    sizes: PlanSizes,
+    plans: Vec<StagePlan>,
 }
 
 impl ViewerState {
@@ -188,7 +313,13 @@ impl ViewerState {
 
     /// As [`ViewerState::new`], collapsing the scopes at `depth` (0 = nothing collapsed).
     pub fn with_collapse_depth(stages: Vec<Stage>, depth: usize) -> ViewerState {
+        ViewerState::with_options(stages, depth, PlanSizes::default())
+    }
+
+    /// As [`ViewerState::with_collapse_depth`], planning memory for `sizes`.
+    pub fn with_options(stages: Vec<Stage>, depth: usize, sizes: PlanSizes) -> ViewerState {
         assert!(!stages.is_empty(), "ViewerState needs at least one stage");
+        let plans = stages.iter().map(|(_, g)| StagePlan::new(g, sizes)).collect();
         let num = Numbering::new(&stages[0].1);
         let mut s = ViewerState {
             stages,
@@ -202,6 +333,8 @@ impl ViewerState {
             query: String::new(),
             hits: vec![],
             generation: 0,
+            sizes,
+            plans,
         };
         s.open_stage(0);
         s
@@ -220,6 +353,19 @@ impl ViewerState {
     }
     pub fn numbering(&self) -> &Numbering {
         &self.num
+    }
+
+    /// The symbol values the memory plans are computed for.
+    pub fn plan_sizes(&self) -> PlanSizes {
+        self.sizes
+    }
+    /// Stage `i`'s memory plan (or why planning failed).
+    pub fn stage_plan(&self, i: usize) -> &StagePlan {
+        &self.plans[i]
+    }
+    /// The shown stage's memory plan.
+    pub fn plan(&self) -> &StagePlan {
+        &self.plans[self.stage]
     }
 
     /// Switches to stage `i`: default collapsing, no selection; the search is re-run.
@@ -448,8 +594,53 @@ impl ViewerState {
                 u.into_iter().map(short).collect()
             },
             graph_outputs: g.outputs().iter().filter(|(_, v)| v.node == n).map(|(k, _)| k.clone()).collect(),
-            memory: None,
-            kernel: None,
+            memory: {
+                let k = node.outputs.len();
+                (0..k)
+                    .map(|o| {
+                        let v = Value::new(n, o as u8);
+                        let text = self.memory_of(v);
+                        if k > 1 {
+                            format!("{}: {text}", self.num.value_name(v))
+                        } else {
+                            text
+                        }
+                    })
+                    .collect()
+            },
+            kernel: match kiln_codegen::lower_node(g, n) {
+                Ok(NodeLowering::Kernel(k)) => KernelInfo::Cuda { name: k.sig.name, source: k.source },
+                Ok(other) => KernelInfo::Instead(other.describe().unwrap_or_default().to_string()),
+                Err(e) => KernelInfo::Unsupported(e.0),
+            },
+        }
+    }
+
+    /// Where value `v` lives under the stage's memory plan.
+    fn memory_of(&self, v: Value) -> String {
+        let g = self.graph();
+        let own = match g.node(v.node).op {
+            Op::Input { .. } => Some("input"),
+            Op::Param { .. } => Some("param"),
+            Op::Constant { .. } => Some("constant"),
+            _ if g.outputs().values().any(|o| *o == v) => Some("output"),
+            _ => None,
+        };
+        if let Some(kind) = own {
+            return format!("own buffer ({kind})");
+        }
+        match &self.plan().plan {
+            Err(e) => format!("memory plan failed: {e}"),
+            Ok(p) => match p.allocations.get(&v) {
+                None => "not in the memory plan".to_string(),
+                Some(a) => {
+                    let mut s = format!("offset 0x{:x}, {}", a.offset, human_bytes(a.size));
+                    if let Some(x) = a.in_place_of {
+                        s.push_str(&format!(", in place of {}", self.num.value_name(x)));
+                    }
+                    s
+                }
+            },
         }
     }
 

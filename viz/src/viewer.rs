@@ -6,12 +6,14 @@
 //! force simulation); drag to pan, scroll (with ctrl) to zoom, click a node to select
 //! it (its producers are outlined blue, its consumers orange), double-click a collapsed
 //! box to expand it. Right panel: the selected node's op, attributes, types, module
-//! path, operands and users, and the memory/kernel fields later stages will fill.
+//! path, operands and users, where its outputs live in the stage's memory plan, and the
+//! CUDA source of its kernel (or what runs instead: cuBLAS, a view, an upload). The
+//! stage list shows each stage's planned arena peak against the naive sum.
 //!
 //! `KILN_VIZ_SCREENSHOT=out.png` makes the viewer save a screenshot of its window after
 //! the first frames and exit (used by `tools/viz_screenshot.sh`).
 
-use crate::state::{Details, Highlight, VisibleGraph, KERNEL_PLACEHOLDER, MEMORY_PLACEHOLDER};
+use crate::state::{Details, Highlight, PlanSizes, VisibleGraph};
 use crate::{Stage, ViewerState, VisKey, VizError};
 use eframe::egui;
 use egui::epaint::{RectShape, TextShape};
@@ -24,6 +26,9 @@ use petgraph::stable_graph::{DefaultIx, IndexType, NodeIndex};
 use petgraph::{Directed, EdgeType};
 use std::path::PathBuf;
 
+/// Where `kiln_codegen` starts a kernel after the shared prelude.
+const KERNEL_MARK: &str = "// ---- kernel ----\n";
+
 /// Options of [`run_with`].
 #[derive(Clone, Debug, Default)]
 pub struct ViewerOptions {
@@ -35,13 +40,18 @@ pub struct ViewerOptions {
     pub select: Option<String>,
     /// Window size in points (default 1400 × 900).
     pub size: Option<[f32; 2]>,
+    /// Symbol values the memory plans are computed for (`seq`, `past`; other symbols 1).
+    pub plan: PlanSizes,
 }
 
 impl ViewerOptions {
     /// Reads `KILN_VIZ_SCREENSHOT` (a PNG path), `KILN_VIZ_EXPAND` (comma-separated
-    /// scopes) and `KILN_VIZ_SELECT` (a search query).
+    /// scopes), `KILN_VIZ_SELECT` (a search query) and `KILN_VIZ_SEQ` / `KILN_VIZ_PAST`
+    /// (the `seq` / `past` values memory is planned for; default 128 / 0).
     pub fn from_env() -> ViewerOptions {
         let var = |k: &str| std::env::var(k).ok().filter(|s| !s.is_empty());
+        let num = |k: &str, d: usize| var(k).and_then(|s| s.trim().parse().ok()).unwrap_or(d);
+        let dflt = PlanSizes::default();
         ViewerOptions {
             screenshot: var("KILN_VIZ_SCREENSHOT").map(PathBuf::from),
             expand: var("KILN_VIZ_EXPAND")
@@ -49,6 +59,7 @@ impl ViewerOptions {
                 .unwrap_or_default(),
             select: var("KILN_VIZ_SELECT"),
             size: None,
+            plan: PlanSizes { seq: num("KILN_VIZ_SEQ", dflt.seq), past: num("KILN_VIZ_PAST", dflt.past) },
         }
     }
 }
@@ -64,7 +75,7 @@ pub fn run_with(stages: Vec<Stage>, title: &str, opts: ViewerOptions) -> Result<
     if stages.is_empty() {
         return Err(VizError::NoStages);
     }
-    let mut state = ViewerState::new(stages);
+    let mut state = ViewerState::with_options(stages, crate::state::DEFAULT_COLLAPSE_DEPTH, opts.plan);
     for s in &opts.expand {
         state.expand(s);
     }
@@ -340,6 +351,12 @@ impl App {
                 self.state.set_stage(i);
                 self.fit_epoch += 1;
             }
+            let plan = self.state.stage_plan(i);
+            ui.horizontal(|ui| {
+                ui.add_space(22.0);
+                ui.add(egui::Label::new(egui::RichText::new(plan.summary()).small().weak()).wrap())
+                    .on_hover_text(format!("memory planned for {}", plan.bindings_text()));
+            });
         }
         ui.separator();
         ui.heading("Search");
@@ -415,8 +432,8 @@ impl App {
                     row(ui, "dtype", &d.dtypes.join(", "));
                     row(ui, "shape", &d.shapes.join(", "));
                     row(ui, "module", if d.scope.is_empty() { "(top level)" } else { &d.scope });
-                    row(ui, "memory", d.memory.as_deref().unwrap_or(MEMORY_PLACEHOLDER));
-                    row(ui, "kernel", d.kernel.as_deref().unwrap_or(KERNEL_PLACEHOLDER));
+                    row(ui, "memory", &d.memory.join("\n"));
+                    row(ui, "kernel", &d.kernel.summary());
                     if !d.graph_outputs.is_empty() {
                         row(ui, "graph output", &d.graph_outputs.join(", "));
                     }
@@ -429,6 +446,29 @@ impl App {
                 ui.strong("users (consumers, orange)");
                 for s in &d.users {
                     ui.monospace(s);
+                }
+                if let Some(src) = d.kernel.source() {
+                    ui.separator();
+                    ui.strong("CUDA source");
+                    // The kernel first; the shared prelude (kiln.cuh) folded away below it.
+                    let (prelude, kernel) = match src.split_once(KERNEL_MARK) {
+                        Some((p, k)) => (Some(p), k),
+                        None => (None, src),
+                    };
+                    let code = |ui: &mut egui::Ui, salt: &str, text: &str| {
+                        egui::ScrollArea::both().id_salt(salt).max_height(360.0).show(ui, |ui| {
+                            ui.add(
+                                egui::Label::new(egui::RichText::new(text).family(FontFamily::Monospace).size(10.5))
+                                    .extend(),
+                            );
+                        });
+                    };
+                    code(ui, "kernel-source", kernel);
+                    if let Some(p) = prelude {
+                        egui::CollapsingHeader::new(format!("prelude (kiln.cuh, {} lines)", p.lines().count()))
+                            .id_salt("kernel-prelude")
+                            .show(ui, |ui| code(ui, "kernel-prelude-src", p));
+                    }
                 }
             }
             Details::Scope(d) => {

@@ -2,7 +2,7 @@ mod common;
 
 use common::{mlp_graph, toy_transformer};
 use kiln_graph::ops::Op;
-use kiln_viz::state::{Details, ViewerState, VisKey, KERNEL_PLACEHOLDER, MEMORY_PLACEHOLDER};
+use kiln_viz::state::{human_bytes, Details, KernelInfo, NodeDetails, PlanSizes, ViewerState, VisKey};
 
 fn stages(layers: usize) -> Vec<(String, kiln_graph::Graph)> {
     vec![("traced".to_string(), toy_transformer(layers))]
@@ -104,7 +104,7 @@ fn search_finds_params_by_name_and_reveal_expands() {
 }
 
 #[test]
-fn selection_highlights_producers_and_consumers_and_details_have_placeholders() {
+fn selection_highlights_producers_and_consumers_and_details_show_types() {
     let mut s = ViewerState::new(vec![("traced".into(), mlp_graph())]);
     assert!(s.is_collapsed("mlp.up"));
     s.expand_all();
@@ -126,8 +126,8 @@ fn selection_highlights_producers_and_consumers_and_details_have_placeholders() 
     assert_eq!(d.shapes, ["[seq, 32]"]);
     assert!(d.attrs.contains(&("transpose_b".to_string(), "true".to_string())));
     assert_eq!(d.inputs[1], "%1: f32[32, 8] (param)");
-    assert_eq!(d.memory.as_deref().unwrap_or(MEMORY_PLACEHOLDER), "not planned yet");
-    assert_eq!(d.kernel.as_deref().unwrap_or(KERNEL_PLACEHOLDER), "no kernel yet");
+    assert!(d.memory[0].starts_with("offset 0x"), "{:?}", d.memory);
+    assert!(d.kernel.summary().contains("cuBLAS"), "{:?}", d.kernel);
 
     // A node with two outputs: edges carry the value names.
     let v = s.visible();
@@ -189,4 +189,102 @@ fn a_thirty_layer_model_stays_readable() {
     let s = ViewerState::new(stages(30));
     assert!(s.visible().nodes.len() < 50, "{}", s.visible().nodes.len());
     assert_layout_flows_down(&s);
+}
+
+fn node_details(s: &ViewerState, n: kiln_graph::NodeId) -> NodeDetails {
+    match s.details(&VisKey::Node(n)) {
+        Details::Node(d) => *d,
+        Details::Scope(_) => panic!("a node"),
+    }
+}
+
+fn find(s: &ViewerState, f: impl Fn(&Op) -> bool) -> kiln_graph::NodeId {
+    let g = s.graph();
+    s.numbering().order().iter().copied().find(|&n| f(&g.node(n).op)).expect("node")
+}
+
+#[test]
+fn memory_details_match_the_planner() {
+    use kiln_passes::memory::{plan, PlanOptions};
+    let sizes = PlanSizes { seq: 40, past: 0 };
+    let s = ViewerState::with_options(vec![("traced".into(), mlp_graph())], 0, sizes);
+    let g = s.graph().clone();
+    let mut b = kiln_graph::ops::Bindings::new();
+    b.insert(kiln_graph::ops::Sym::new("seq"), 40);
+    let p = plan(&g, &b, PlanOptions::default()).unwrap();
+    assert_eq!(s.plan().plan.as_ref().unwrap(), &p);
+    assert_eq!(s.plan().bindings_text(), "seq=40");
+    assert_eq!(
+        s.stage_plan(0).summary(),
+        format!("arena {} (naive {})", human_bytes(p.arena_bytes), human_bytes(p.naive_bytes))
+    );
+    assert!(p.arena_bytes < p.naive_bytes);
+
+    // A planned intermediate: the matmul's [seq, 32] f32 output.
+    let mm = find(&s, |op| matches!(op, Op::MatMul { .. }));
+    let a = p.allocations[&kiln_graph::Value::new(mm, 0)];
+    assert_eq!(a.size, 40 * 32 * 4);
+    let d = node_details(&s, mm);
+    assert_eq!(d.memory, [format!("offset 0x{:x}, 5.0 KiB", a.offset)]);
+
+    // An in-place elementwise node names the value whose buffer it reuses.
+    let (v, a) = p.allocations.iter().find(|(_, a)| a.in_place_of.is_some()).expect("some in-place reuse");
+    let x = a.in_place_of.unwrap();
+    let d = node_details(&s, v.node);
+    let want = format!("offset 0x{:x}, {}, in place of %{}", a.offset, human_bytes(a.size), s.numbering().id(x.node));
+    assert_eq!(d.memory, [want]);
+    assert_eq!(p.allocations[&x].offset, a.offset);
+
+    // Sources and graph outputs own their buffers.
+    let w = s.graph().params()["mlp.up.weight"];
+    assert_eq!(node_details(&s, w).memory, ["own buffer (param)"]);
+    let x_in = find(&s, |op| matches!(op, Op::Input { .. }));
+    assert_eq!(node_details(&s, x_in).memory, ["own buffer (input)"]);
+    let topk = find(&s, |op| matches!(op, Op::TopK { .. }));
+    let d = node_details(&s, topk);
+    let id = s.numbering().id(topk);
+    assert_eq!(d.memory, [format!("%{id}: own buffer (output)"), format!("%{id}.1: own buffer (output)")]);
+}
+
+#[test]
+fn kernel_details_show_cuda_source_or_what_runs_instead() {
+    let s = ViewerState::with_collapse_depth(stages(1), 0);
+    let exp = find(&s, |op| matches!(op, Op::Unary(kiln_graph::ops::UnaryOp::Exp)));
+    let d = node_details(&s, exp);
+    let KernelInfo::Cuda { name, source } = &d.kernel else { panic!("{:?}", d.kernel) };
+    assert!(name.starts_with("kiln_ew_exp"), "{name}");
+    assert!(source.contains("expf"), "{source}");
+    assert_eq!(
+        Some(source.as_str()),
+        kiln_codegen::render_node_source(s.graph(), exp).as_deref(),
+        "the source the executor compiles"
+    );
+    assert!(d.kernel.summary().starts_with("CUDA kernel kiln_ew_exp"));
+
+    let mm = find(&s, |op| matches!(op, Op::MatMul { .. }));
+    let d = node_details(&s, mm);
+    assert!(matches!(&d.kernel, KernelInfo::Instead(t) if t.contains("cuBLAS matmul")), "{:?}", d.kernel);
+    assert_eq!(d.kernel.source(), None);
+
+    let reshape = find(&s, |op| matches!(op, Op::Reshape(_)));
+    let d = node_details(&s, reshape);
+    assert!(d.kernel.summary().starts_with("view: no kernel"), "{:?}", d.kernel);
+
+    let w = s.graph().params()["lm_head.weight"];
+    assert!(node_details(&s, w).kernel.summary().starts_with("uploaded weight"));
+
+    let attn = find(&s, |op| matches!(op, Op::Attention(_)));
+    assert!(node_details(&s, attn).kernel.source().unwrap().contains("kiln_attention_f32"));
+}
+
+#[test]
+fn plan_sizes_bind_seq_and_past_and_every_other_symbol_to_one() {
+    let s = ViewerState::new(stages(1));
+    assert_eq!(s.plan_sizes(), PlanSizes { seq: 128, past: 0 });
+    // The toy transformer has `batch` and `seq`.
+    assert_eq!(s.plan().bindings_text(), "batch=1, seq=128");
+    assert!(s.plan().summary().starts_with("arena "), "{}", s.plan().summary());
+    assert_eq!(human_bytes(512), "512 B");
+    assert_eq!(human_bytes(4608), "4.5 KiB");
+    assert_eq!(human_bytes(3 << 20), "3.0 MiB");
 }
