@@ -260,7 +260,7 @@ impl LlamaForCausalLM {
 
 /// Matches `name` against a pattern with at most one `{i}`; returns the layer index
 /// (`Some(None)` for a pattern without `{i}`).
-fn match_pattern(pattern: &str, name: &str) -> Option<Option<usize>> {
+pub(crate) fn match_pattern(pattern: &str, name: &str) -> Option<Option<usize>> {
     match pattern.split_once("{i}") {
         None => (pattern == name).then_some(None),
         Some((pre, post)) => {

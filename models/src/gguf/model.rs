@@ -23,7 +23,7 @@
 use super::tokenizer::tokenizer_from_gguf;
 use super::{dequant, unpermute_qk, GgufFile};
 use crate::config::LlamaConfig;
-use crate::llama::LlamaForCausalLM;
+use crate::llama::{match_pattern, LlamaForCausalLM};
 use crate::tokenizer::Tokenizer;
 use crate::weights::{assemble_weights, TensorSource};
 use crate::{ModelError, Result};
@@ -75,19 +75,6 @@ fn permuted(gguf_name: &str) -> Permuted {
         Some("attn_q") => Permuted::Query,
         Some("attn_k") => Permuted::Key,
         _ => Permuted::No,
-    }
-}
-
-/// Matches `name` against a pattern with at most one `{i}`; the layer index on a match
-/// (`Some(None)` for a pattern without `{i}`).
-fn match_pattern(pattern: &str, name: &str) -> Option<Option<usize>> {
-    match pattern.split_once("{i}") {
-        None => (pattern == name).then_some(None),
-        Some((pre, post)) => {
-            let mid = name.strip_prefix(pre)?.strip_suffix(post)?;
-            let ok = !mid.is_empty() && mid.bytes().all(|b| b.is_ascii_digit());
-            ok.then(|| mid.parse().ok()).flatten().map(Some)
-        }
     }
 }
 
