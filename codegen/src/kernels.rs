@@ -338,7 +338,7 @@ impl NodeLowering {
 /// functions above, so the source is exactly what NVRTC compiles) or what runs instead.
 /// Errors are the reasons the GPU backend rejects the node (an unsupported dtype or op).
 ///
-/// This mirrors the per-op choice `kiln_runtime`'s `CudaExecutor::new` makes.
+/// `kiln_runtime`'s `CudaExecutor::new` runs exactly this choice for every node.
 pub fn lower_node(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Result<NodeLowering, CodegenError> {
     let node = g.node(n);
     for t in &node.outputs {

@@ -8,7 +8,7 @@ use cudarc::cublas::CudaBlas;
 use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use indexmap::IndexMap;
-use kiln_codegen::kernels::{self, MAX_HEAD_DIM, MAX_RANK};
+use kiln_codegen::kernels::{self, NodeLowering, MAX_HEAD_DIM, MAX_RANK};
 use kiln_codegen::{ArgValue, CompileStats, Compiler, Kernel, Role};
 use kiln_graph::{Graph, NodeId, Value};
 use kiln_ops::{Bindings, DType, HostTensor, Mask, Op};
@@ -184,13 +184,9 @@ impl CudaExecutor {
                 scope: node.scope.clone(),
                 reason,
             };
+            // What runs for this node (one decision, shared with the viewer's details).
+            let lowering = kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))?;
             let operands = graph.operands(n);
-            let in_dtypes: Vec<DType> = operands.iter().map(|v| graph.value_type(*v).dtype).collect();
-            for t in &node.outputs {
-                if kiln_codegen::table::storage_type(t.dtype).is_none() {
-                    return Err(unsupported(format!("dtype {} is not supported on the GPU yet", t.dtype)));
-                }
-            }
             let inputs: SmallVec<[usize; 4]> = operands
                 .iter()
                 .map(|v| {
@@ -208,28 +204,26 @@ impl CudaExecutor {
                     uses.len() - 1
                 })
                 .collect();
-            let out_dtype = node.outputs[0].dtype;
-            let cg = |r: Result<Kernel, kiln_codegen::CodegenError>| r.map_err(|e| unsupported(e.0));
-            let kernel = match &node.op {
-                Op::Input { name, .. } => {
+            let kernel = match lowering {
+                NodeLowering::Input => {
                     steps.push(Step {
                         node: n,
-                        exec: Exec::Input(graph.inputs().get_index_of(name).expect("verified")),
+                        exec: Exec::Input(graph.inputs().get_index_of(input_name(&node.op)).expect("verified")),
                         inputs,
                         outputs,
                     });
                     continue;
                 }
-                Op::Param { name, .. } => {
+                NodeLowering::Param => {
                     steps.push(Step {
                         node: n,
-                        exec: Exec::Param(graph.params().get_index_of(name).expect("verified")),
+                        exec: Exec::Param(graph.params().get_index_of(input_name(&node.op)).expect("verified")),
                         inputs,
                         outputs,
                     });
                     continue;
                 }
-                Op::Constant { .. } => {
+                NodeLowering::Constant => {
                     let v = node
                         .op
                         .eval(&[], &Bindings::new())
@@ -238,28 +232,15 @@ impl CudaExecutor {
                     steps.push(Step { node: n, exec: Exec::Constant(consts.len() - 1), inputs, outputs });
                     continue;
                 }
-                Op::Reshape(_) => {
+                NodeLowering::View => {
                     steps.push(Step { node: n, exec: Exec::Alias, inputs, outputs });
                     continue;
                 }
-                Op::MatMul { .. } => {
-                    if !matches!(out_dtype, DType::F32 | DType::F16 | DType::BF16) {
-                        return Err(unsupported(format!("matmul on {out_dtype} is not supported on the GPU")));
-                    }
+                NodeLowering::CublasMatMul => {
                     steps.push(Step { node: n, exec: Exec::MatMul, inputs, outputs });
                     continue;
                 }
-                op if op.is_elementwise() => cg(kernels::elementwise(op, &in_dtypes, out_dtype))?,
-                Op::Permute(_) | Op::Slice { .. } | Op::Expand(_) | Op::Concat { .. } => {
-                    cg(kernels::strided_copy(out_dtype))?
-                }
-                Op::Gather { .. } => cg(kernels::gather(out_dtype, in_dtypes[1]))?,
-                Op::Arange { .. } => kernels::arange(),
-                Op::Reduce { op, .. } => cg(kernels::reduce(*op, in_dtypes[0]))?,
-                Op::ArgMax { .. } => cg(kernels::argmax(in_dtypes[0]))?,
-                Op::TopK { .. } => cg(kernels::topk(in_dtypes[0]))?,
-                Op::Attention(_) => cg(kernels::attention(in_dtypes[0]))?,
-                other => return Err(unsupported(format!("`{}` has no GPU lowering", other.name()))),
+                NodeLowering::Kernel(k) => k,
             };
             let id = match kernel_ids.get(&kernel.sig.name) {
                 Some(&id) => {
@@ -680,5 +661,13 @@ impl CudaExecutor {
         }
         let g = Gemm { dtype, batch, m, n, k, ta, tb, shared_b: rb == 2 };
         g.run(&self.blas, ins[0].0.ptr(&self.stream), ins[1].0.ptr(&self.stream), c)
+    }
+}
+
+/// The name of an input or param node.
+fn input_name(op: &Op) -> &str {
+    match op {
+        Op::Input { name, .. } | Op::Param { name, .. } => name,
+        _ => unreachable!("lowered as a source"),
     }
 }
