@@ -268,20 +268,22 @@ fn dump_after_writes_every_stage_and_stage_selects_one() {
         [
             "00-traced.dot",
             "00-traced.kiln",
-            "01-simplify.dot",
-            "01-simplify.kiln",
-            "02-cse.dot",
-            "02-cse.kiln",
-            "03-dce.dot",
-            "03-dce.kiln"
+            "01-fold.dot",
+            "01-fold.kiln",
+            "02-simplify.dot",
+            "02-simplify.kiln",
+            "03-cse.dot",
+            "03-cse.kiln",
+            "04-dce.dot",
+            "04-dce.kiln"
         ]
     );
     // The selected stage is the last pass's graph, and it still parses and verifies.
     let ir = std::fs::read_to_string(&last).unwrap();
-    assert_eq!(ir, std::fs::read_to_string(stages.join("03-dce.kiln")).unwrap());
+    assert_eq!(ir, std::fs::read_to_string(stages.join("04-dce.kiln")).unwrap());
     kiln::graph::text::parse(&ir).unwrap();
     let out = kiln(&["dump", "--model", s(&dir), "--out", s(&last), "--stage", "fusion"]);
-    assert_fails(&out, "--stage: no stage `fusion`; stages: traced, simplify, cse, dce");
+    assert_fails(&out, "--stage: no stage `fusion`; stages: traced, fold, simplify, cse, dce");
     let out = kiln(&["dump", "--model", s(&dir), "--out", s(&last), "--dump-after", "nope", s(&stages)]);
     assert_fails(&out, "--dump-after: no pass `nope`");
 }

@@ -3,7 +3,7 @@
 use crate::pass::removable;
 use crate::Pass;
 use kiln_graph::{Graph, NodeId, Value};
-use kiln_ops::{BinaryOp, ConstValues, DType, Op};
+use kiln_ops::{BinaryOp, Bindings, ConstValues, DType, F32Bits, HostTensor, Op};
 use std::collections::{HashMap, HashSet};
 
 /// Nodes some output depends on.
@@ -69,6 +69,64 @@ impl Pass for Cse {
         }
         Ok(merged)
     }
+}
+
+/// Folds nodes whose operands are all constants into one constant, evaluated with the op
+/// set's reference semantics (so folding never changes a value). Only single-output nodes
+/// of a fixed shape up to [`ConstFold::MAX_ELEMENTS`] are folded, so a broadcast constant
+/// is not materialized at full size.
+pub struct ConstFold;
+
+impl ConstFold {
+    pub const MAX_ELEMENTS: usize = 1 << 16;
+}
+
+impl Pass for ConstFold {
+    fn name(&self) -> &'static str {
+        "fold"
+    }
+    fn run(&self, g: &mut Graph) -> Result<usize, crate::PassError> {
+        let mut folded = 0;
+        for n in g.topo_order() {
+            let node = g.node(n);
+            let operands = g.operands(n);
+            let foldable = !node.op.is_source()
+                && node.outputs.len() == 1
+                && node.outputs[0].dtype != DType::I4
+                && node.outputs[0].shape.as_fixed().is_some_and(|d| d.iter().product::<usize>() <= Self::MAX_ELEMENTS)
+                && operands.iter().all(|v| matches!(g.node(v.node).op, Op::Constant { .. }));
+            if !foldable {
+                continue;
+            }
+            let values: Vec<HostTensor> = operands
+                .iter()
+                .map(|v| eval_constant(g, v.node))
+                .collect::<Result<_, _>>()
+                .map_err(|msg| crate::PassError::Failed { pass: "fold", msg })?;
+            let refs: Vec<&HostTensor> = values.iter().collect();
+            // An op that fails on these constants (e.g. an index out of range) is left
+            // for the executor to report with its node and scope.
+            let Ok(out) = node.op.eval(&refs, &Bindings::new()) else { continue };
+            let ty = node.outputs[0].clone();
+            let values = if ty.dtype.is_float() {
+                ConstValues::Float(out[0].to_f32_vec().into_iter().map(F32Bits::new).collect())
+            } else {
+                ConstValues::Int(out[0].to_i64_vec())
+            };
+            let scope = node.scope.clone();
+            let c = g
+                .add(Op::Constant { ty, values }, &[], &scope)
+                .map_err(|e| crate::PassError::Failed { pass: "fold", msg: e.to_string() })?;
+            g.replace_all_uses(Value::from(n), Value::from(c));
+            folded += 1;
+        }
+        Ok(folded)
+    }
+}
+
+fn eval_constant(g: &Graph, n: NodeId) -> Result<HostTensor, String> {
+    let op = &g.node(n).op;
+    op.eval(&[], &Bindings::new()).map(|mut v| v.remove(0)).map_err(|e| e.to_string())
 }
 
 /// Local algebraic simplifications, applied to a fixpoint:

@@ -14,6 +14,6 @@ pub mod memory;
 mod pass;
 pub mod pipeline;
 
-pub use canonicalize::{Cse, Dce, Simplify};
+pub use canonicalize::{ConstFold, Cse, Dce, Simplify};
 pub use pass::{Pass, PassError, PassManager, PassOutcome, Spec, Stage};
 pub use pipeline::default_pipeline;
