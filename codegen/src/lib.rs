@@ -12,6 +12,7 @@
 //!   at run time and one compiled kernel serves every binding. [`lower_node`] says what
 //!   the GPU executor runs for one graph node (a kernel, cuBLAS, a view, an upload) and
 //!   [`render_node_source`] gives that kernel's CUDA C (the viewer shows it).
+//! * [`symbols`]: the device symbol table's order and dims rendered as C over it.
 //! * [`nvrtc`]: compilation for the device's architecture with a disk cache keyed by a
 //!   hash of (source, architecture, options, NVRTC version).
 //!
@@ -22,6 +23,7 @@
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
+pub mod symbols;
 pub mod table;
 
 pub use kernels::{lower_node, render_node_source, CodegenError, Grid, Kernel, NodeLowering};

@@ -58,6 +58,11 @@ pub enum Role {
     Scale,
     MaskKind,
     Window,
+    /// `const i64*`: the device table of symbol values (`syms[i]` is the value of the
+    /// graph's `i`-th symbol in [`crate::symbols::graph_symbols`] order). Kernels that
+    /// read sizes from it need no new arguments when a symbol changes, so a captured
+    /// CUDA graph stays valid.
+    Syms,
 }
 
 impl Role {
@@ -100,6 +105,7 @@ impl Role {
             Role::Scale => "scale",
             Role::MaskKind => "mask_kind",
             Role::Window => "window",
+            Role::Syms => "syms",
         };
         s.to_string()
     }

@@ -124,6 +124,12 @@ impl Dim {
         self.as_fixed().is_some()
     }
 
+    /// The polynomial's terms in canonical order: (product of symbols, coefficient); the
+    /// constant term has no symbols. For renderers (codegen prints dims as C).
+    pub fn terms(&self) -> impl Iterator<Item = (&[Sym], i64)> {
+        self.terms.iter().map(|(m, c)| (m.as_slice(), *c))
+    }
+
     /// The symbols this dim mentions, sorted.
     pub fn symbols(&self) -> Vec<Sym> {
         let mut v: Vec<Sym> = self.terms.iter().flat_map(|(m, _)| m.iter().copied()).collect();

@@ -4,7 +4,7 @@
 //! shapes, and the closed set of primitive and structured ops ([`Op`]). Each op's
 //! definition — typed attributes, shape/dtype rule and CPU reference semantics — lives in
 //! the module of its class (`elementwise`, `reduce`, `movement`, `linalg`, `attention`,
-//! `source`). [`functional`] holds the high-level functions (softmax, rms_norm, rope, …)
+//! `source`), and fused groups ([`fused`]). [`functional`] holds the high-level functions (softmax, rms_norm, rope, …)
 //! as short compositions of primitives, written against the [`functional::Trace`] trait
 //! that the tracer's tensors implement.
 //!
@@ -16,6 +16,7 @@ pub mod dim;
 pub mod dtype;
 mod elementwise;
 pub mod error;
+pub mod fused;
 pub mod functional;
 pub mod host;
 mod linalg;
@@ -28,6 +29,7 @@ mod source;
 pub use dim::{Bindings, Dim, Sym};
 pub use dtype::DType;
 pub use error::{EvalError, OpError};
+pub use fused::{FusedBody, FusedKind, FusedNode, FusedRef};
 pub use host::{compute_dtype, Element, HostData, HostTensor};
 pub use op::{
     Arity, AttentionAttrs, Attr, Axes, BinaryOp, ConstValues, F32Bits, Mask, Op, OutTypes, ReduceOp, UnaryOp,

@@ -5,7 +5,7 @@
 //! Attributes are also exposed as a list of named [`Attr`]s (`attrs` / `from_parts`) so
 //! that printers and parsers stay generic over the op set.
 
-use crate::{DType, Dim, OpError, Shape, TensorType};
+use crate::{DType, Dim, FusedBody, OpError, Shape, TensorType};
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 use std::fmt;
@@ -185,6 +185,10 @@ pub enum Op {
     /// `q [b, s, h, d]`, `k [b, t, kh, d]`, `v [b, t, kh, dv]` → `[b, s, h, dv]`,
     /// with `h % kh == 0` (GQA/MQA) and `t >= s` (the KV cache plus the new keys).
     Attention(AttentionAttrs),
+    // ---- fused -----------------------------------------------------------------------
+    /// A fused group (made by the fusion pass): its operands are the body's inputs, its
+    /// outputs the body's outputs. See [`crate::fused`].
+    Fused(Box<FusedBody>),
 }
 
 /// An attribute value, for generic printing and parsing.
@@ -232,6 +236,7 @@ impl Op {
             Op::Gather { .. } => "gather",
             Op::MatMul { .. } => "matmul",
             Op::Attention(_) => "attention",
+            Op::Fused(_) => "fused",
         }
     }
 
@@ -269,6 +274,7 @@ impl Op {
             Op::Binary(_) | Op::Gather { .. } | Op::MatMul { .. } => Arity::Exactly(2),
             Op::Select | Op::Attention(_) => Arity::Exactly(3),
             Op::Concat { .. } => Arity::AtLeast(1),
+            Op::Fused(b) => Arity::Exactly(b.inputs.len()),
             _ => unreachable!("every op has an arity"),
         }
     }
@@ -312,6 +318,7 @@ impl Op {
                 crate::linalg::infer_matmul(&inputs[0], &inputs[1], *transpose_a, *transpose_b).map(one).map_err(err)
             }
             Op::Attention(_) => crate::attention::infer_attention(inputs).map(one).map_err(err),
+            Op::Fused(b) => b.infer(inputs).map_err(err),
         }
     }
 
@@ -345,6 +352,8 @@ impl Op {
                 vec![("transpose_a", Attr::Bool(*transpose_a)), ("transpose_b", Attr::Bool(*transpose_b))]
             }
             Op::Attention(a) => vec![("mask", Attr::Mask(a.mask)), ("scale", Attr::F32(a.scale.get()))],
+            // The body is not an attribute list: the text format prints it as a block.
+            Op::Fused(_) => vec![],
         }
     }
 
@@ -524,6 +533,7 @@ impl Op {
             Op::Select => one(inputs.get(1).copied().unwrap_or(first)),
             Op::Cast(to) => one(*to),
             Op::TopK { .. } => smallvec::smallvec![first, DType::I64],
+            Op::Fused(b) => b.outputs.iter().map(|&r| b.ty(r).map_or(first, |t| t.dtype)).collect(),
             _ => one(first),
         }
     }
@@ -589,6 +599,7 @@ impl Op {
                 one(crate::linalg::eval_matmul(inputs[0], inputs[1], *transpose_a, *transpose_b)?)
             }
             Op::Attention(a) => one(crate::attention::eval_attention(inputs[0], inputs[1], inputs[2], a)?),
+            Op::Fused(b) => b.eval_compute(inputs, syms)?,
         };
         // Movement and selection only copy values that already have the logical type.
         let computes = !(self.is_movement() || matches!(self, Op::Select | Op::ArgMax { .. } | Op::TopK { .. }));
