@@ -29,6 +29,25 @@
 //!   be an integer, a dim or an f32; `[2, 3]` a list or a shape) the parser picks the kind
 //!   the op accepts.
 //! * `output "name" = %N.k` lines list the graph outputs in order.
+//! * A fused node ([`Op::Fused`]) is a node line ending in `{`, then its body, one
+//!   statement a line (printed indented by two spaces), then a line `}`:
+//!
+//!   ```text
+//!   %7 = fused(%3, %5) : (bf16[batch, seq, 64], f32[batch, seq, 1])  @model.layers.0 {
+//!     %0 = add($0, $1) : bf16[batch, seq, 64]
+//!     %1 = cast{to=f32}(%0) : f32[batch, seq, 64]
+//!     %2 = reduce_mean{axes=[2], keep_dims=true}(%1) : f32[batch, seq, 1]
+//!     yield %0, %2
+//!   }
+//!   ```
+//!
+//!   `$i` is input `i` of the group (operand `i` of the fused node), `%j` (`%j.k`) a
+//!   body node, numbered from 0 in each body (names are local to the body; the parser
+//!   accepts any name as for graph values). Body nodes have no scope; sources and nested
+//!   `fused` nodes are not allowed in a body. `yield` lists the outputs and is the last
+//!   statement before `}`. Each body line is type-checked like a node line; the fused
+//!   node itself (the body's checks, its output types) is checked when `}` closes it,
+//!   with errors on its header line.
 //!
 //! Printed order: nodes in [`Graph::topo_order`], renumbered densely `%0, %1, …`;
 //! outputs in their map's order. Since parsing re-registers inputs and params in textual
@@ -52,7 +71,7 @@
 
 use crate::{Error, Graph, NodeId, Result, Value};
 use indexmap::IndexMap;
-use kiln_ops::{Attr, DType, Dim, Mask, Op, Shape, Sym, TensorType};
+use kiln_ops::{Attr, DType, Dim, FusedBody, FusedNode, FusedRef, Mask, Op, Shape, Sym, TensorType};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 
@@ -88,28 +107,15 @@ pub fn print(g: &Graph) -> String {
     out.push('\n');
     for (i, &n) in order.iter().enumerate() {
         let Some(node) = pg.node_weight(n) else { continue };
-        let _ = write!(out, "%{i} = {}", node.op.name());
-        let attrs = node.op.attrs();
-        if !attrs.is_empty() {
-            out.push('{');
-            for (j, (k, a)) in attrs.iter().enumerate() {
-                if j > 0 {
-                    out.push_str(", ");
-                }
-                let _ = write!(out, "{k}=");
-                print_attr(&mut out, a);
-            }
-            out.push('}');
-        }
-        let operands = g.operands(n);
-        if !node.op.is_source() || !operands.is_empty() {
-            let list: Vec<String> = operands.iter().map(|&v| value(v)).collect();
-            let _ = write!(out, "({})", list.join(", "));
-        }
-        let _ = write!(out, " : {}", fmt_types(&node.outputs));
+        let _ = write!(out, "%{i} = ");
+        let operands: Vec<String> = g.operands(n).iter().map(|&v| value(v)).collect();
+        print_op(&mut out, &node.op, &operands, &node.outputs);
         if !node.scope.is_empty() {
             out.push_str("  @");
             print_scope(&mut out, &node.scope);
+        }
+        if let Op::Fused(body) = &node.op {
+            print_body(&mut out, body);
         }
         out.push('\n');
     }
@@ -119,6 +125,46 @@ pub fn print(g: &Graph) -> String {
         let _ = writeln!(out, " = {}", value(v));
     }
     out
+}
+
+/// `op{attrs}(operands) : types` (the attribute block left out when empty, the operand
+/// list for sources without operands).
+fn print_op(out: &mut String, op: &Op, operands: &[String], outputs: &[TensorType]) {
+    out.push_str(op.name());
+    let attrs = op.attrs();
+    if !attrs.is_empty() {
+        out.push('{');
+        for (j, (k, a)) in attrs.iter().enumerate() {
+            if j > 0 {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{k}=");
+            print_attr(out, a);
+        }
+        out.push('}');
+    }
+    if !op.is_source() || !operands.is_empty() {
+        let _ = write!(out, "({})", operands.join(", "));
+    }
+    let _ = write!(out, " : {}", fmt_types(outputs));
+}
+
+/// ` {`, the body's nodes (`%j` = body node `j`, `$i` = input `i`), `yield` and `}`.
+fn print_body(out: &mut String, body: &FusedBody) {
+    let r = |r: &FusedRef| match *r {
+        FusedRef::Input(i) => format!("${i}"),
+        FusedRef::Node { node, output: 0 } => format!("%{node}"),
+        FusedRef::Node { node, output } => format!("%{node}.{output}"),
+    };
+    out.push_str(" {\n");
+    for (j, n) in body.nodes.iter().enumerate() {
+        let _ = write!(out, "  %{j} = ");
+        let operands: Vec<String> = n.operands.iter().map(r).collect();
+        print_op(out, &n.op, &operands, &n.outputs);
+        out.push('\n');
+    }
+    let outs: Vec<String> = body.outputs.iter().map(r).collect();
+    let _ = write!(out, "  yield {}\n}}", outs.join(", "));
 }
 
 /// The printing order: topological, with inputs and params hoisted when that is needed
@@ -248,6 +294,8 @@ enum Tok {
     Str(String),
     /// `%name` or `%name.k`.
     Ref(String, Option<u64>),
+    /// `$i`: input `i` of a fused body.
+    Input(u64),
     /// `@path` or `@"path"`.
     Scope(String),
     Punct(char),
@@ -267,6 +315,7 @@ fn describe(t: &Tok) -> String {
         Tok::Str(_) => "a string".into(),
         Tok::Ref(n, None) => format!("`%{n}`"),
         Tok::Ref(n, Some(k)) => format!("`%{n}.{k}`"),
+        Tok::Input(i) => format!("`${i}`"),
         Tok::Scope(_) => "a scope".into(),
         Tok::Punct(c) => format!("`{c}`"),
     }
@@ -308,6 +357,13 @@ fn lex(line: &[char]) -> std::result::Result<Vec<Token>, PErr> {
                 output = Some(digits.parse::<u64>().map_err(|_| (kcol, "output index too large".to_string()))?);
             }
             Tok::Ref(name, output)
+        } else if c == '$' {
+            i += 1;
+            let digits = take_while(line, &mut i, |c| c.is_ascii_digit());
+            if digits.is_empty() {
+                return Err((col, "expected an input index after `$`".into()));
+            }
+            Tok::Input(digits.parse::<u64>().map_err(|_| (col, "input index too large".to_string()))?)
         } else if c == '@' {
             i += 1;
             if at(i) == Some('"') {
@@ -756,11 +812,112 @@ struct Parser {
     values: HashMap<String, NodeId>,
 }
 
+/// The parts of an op statement after `%name =`, with columns for errors.
+struct OpLine<T> {
+    op_name: String,
+    op_col: usize,
+    attrs: Vec<(String, Cands, usize)>,
+    operands: Vec<T>,
+    ty_col: usize,
+    types: Vec<TensorType>,
+    scope: String,
+    scope_col: Option<usize>,
+    /// The column of a `{` that opens a fused body.
+    open: Option<usize>,
+}
+
+/// Reads `op{attrs}(operands) : types  @scope {` (everything after `=`), with `operand`
+/// reading one operand.
+fn op_line<T>(
+    l: &mut Line<'_>,
+    mut operand: impl FnMut(&mut Line<'_>) -> std::result::Result<T, PErr>,
+) -> std::result::Result<OpLine<T>, PErr> {
+    let op_col = l.col();
+    let op_name = match l.next().map(|t| &t.tok) {
+        Some(Tok::Ident(s)) => s.clone(),
+        _ => return Err((op_col, format!("expected an op name, found {}", describe_opt(l, op_col)))),
+    };
+    // Attributes.
+    let mut attrs: Vec<(String, Cands, usize)> = Vec::new();
+    if l.eat('{') {
+        let parsed = l.list('}', |l| {
+            let kcol = l.col();
+            let key = match l.next().map(|t| &t.tok) {
+                Some(Tok::Ident(k)) => k.clone(),
+                _ => return Err((kcol, "expected an attribute name".to_string())),
+            };
+            l.expect('=')?;
+            let vcol = l.col();
+            let cands = match l.peek() {
+                Some(Tok::Str(s)) => {
+                    l.pos += 1;
+                    Cands { list: vec![Attr::Str(s.clone())], err: None }
+                }
+                Some(Tok::Punct('[')) => {
+                    l.pos += 1;
+                    let elems = l.list(']', |l| l.scalar(&[',', ']']))?;
+                    list_cands(elems, vcol)
+                }
+                _ => scalar_cands(l.scalar(&[',', '}'])?, vcol),
+            };
+            Ok((key, cands, vcol, kcol))
+        })?;
+        let mut keys = HashSet::new();
+        for (key, cands, vcol, kcol) in parsed {
+            if !keys.insert(key.clone()) {
+                return Err((kcol, format!("attribute `{key}` is given twice")));
+            }
+            attrs.push((key, cands, vcol));
+        }
+    }
+    // Operands.
+    let mut operands = Vec::new();
+    if l.eat('(') {
+        operands = l.list(')', &mut operand)?;
+    }
+    l.expect(':')?;
+    let ty_col = l.col();
+    let types = l.types()?;
+    let mut scope = String::new();
+    let mut scope_col = None;
+    if let Some(Tok::Scope(s)) = l.peek() {
+        scope_col = Some(l.col());
+        scope = s.clone();
+        l.pos += 1;
+    }
+    let open_col = l.col();
+    let open = l.eat('{').then_some(open_col);
+    l.expect_end()?;
+    Ok(OpLine { op_name, op_col, attrs, operands, ty_col, types, scope, scope_col, open })
+}
+
+/// A fused node whose body is being read: its header line and the body so far.
+struct OpenBody {
+    name: String,
+    line: usize,
+    op_col: usize,
+    ty_col: usize,
+    open_col: usize,
+    operands: Vec<Value>,
+    /// The operands' types: the body's input types.
+    input_types: Vec<TensorType>,
+    types: Vec<TensorType>,
+    scope: String,
+    /// Body value names → body nodes.
+    names: HashMap<String, u16>,
+    nodes: Vec<FusedNode>,
+    outputs: Option<Vec<FusedRef>>,
+}
+
+/// An error on a given line (for errors reported on a fused node's header line).
+type LErr = (usize, usize, String);
+
 /// Parses the text format back into a verified [`Graph`] (see the module docs).
 /// Errors are [`Error::Parse`] with the 1-based line and column; never panics.
 pub fn parse(text: &str) -> Result<Graph> {
     let mut p = Parser { graph: Graph::new(), values: HashMap::new() };
     let mut header = false;
+    let mut open: Option<OpenBody> = None;
     for (i, raw) in text.split('\n').enumerate() {
         let lineno = i + 1;
         let raw = raw.strip_suffix('\r').unwrap_or(raw);
@@ -787,21 +944,37 @@ pub fn parse(text: &str) -> Result<Graph> {
             continue;
         }
         let mut line = Line { toks: &toks, pos: 0, end_col: chars.len() + 1 };
-        p.statement(&mut line).map_err(err)?;
+        match open.take() {
+            Some(mut body) => {
+                if body.statement(&mut line).map_err(err)? {
+                    p.close(body).map_err(|(line, col, msg)| Error::Parse { line, col, msg })?;
+                } else {
+                    open = Some(body);
+                }
+            }
+            None => open = p.statement(&mut line, lineno).map_err(err)?,
+        }
     }
     if !header {
         return Err(Error::Parse { line: 1, col: 1, msg: format!("expected the header `{HEADER}`") });
+    }
+    if let Some(b) = open {
+        let msg = format!("the body of `%{}` is not closed with `}}`", b.name);
+        return Err(Error::Parse { line: b.line, col: b.open_col, msg });
     }
     p.graph.verify()?;
     Ok(p.graph)
 }
 
 impl Parser {
-    fn statement(&mut self, l: &mut Line<'_>) -> std::result::Result<(), PErr> {
+    /// One top-level statement; a fused node's header line returns its open body.
+    fn statement(&mut self, l: &mut Line<'_>, lineno: usize) -> std::result::Result<Option<OpenBody>, PErr> {
         let col = l.col();
         match l.next().map(|t| &t.tok) {
-            Some(Tok::Ident(kw)) if kw == "output" => self.output(l),
-            Some(Tok::Ref(name, None)) => self.node(l, name, col),
+            Some(Tok::Ident(kw)) if kw == "output" => self.output(l).map(|()| None),
+            Some(Tok::Ident(kw)) if kw == "yield" => Err((col, "`yield` outside a fused body".into())),
+            Some(Tok::Punct('}')) => Err((col, "`}` outside a fused body".into())),
+            Some(Tok::Ref(name, None)) => self.node(l, name, col, lineno),
             Some(Tok::Ref(name, Some(k))) => {
                 Err((col, format!("`%{name}.{k}` names an output; define the node as `%{name}`")))
             }
@@ -837,66 +1010,44 @@ impl Parser {
         }
     }
 
-    fn node(&mut self, l: &mut Line<'_>, name: &str, def_col: usize) -> std::result::Result<(), PErr> {
+    fn node(
+        &mut self,
+        l: &mut Line<'_>,
+        name: &str,
+        def_col: usize,
+        lineno: usize,
+    ) -> std::result::Result<Option<OpenBody>, PErr> {
         if self.values.contains_key(name) {
             return Err((def_col, format!("value `%{name}` is defined twice")));
         }
         l.expect('=')?;
-        let op_col = l.col();
-        let op_name = match l.next().map(|t| &t.tok) {
-            Some(Tok::Ident(s)) => s.clone(),
-            _ => return Err((op_col, format!("expected an op name, found {}", describe_opt(l, op_col)))),
-        };
-        // Attributes.
-        let mut attrs: Vec<(String, Cands, usize)> = Vec::new();
-        if l.eat('{') {
-            let parsed = l.list('}', |l| {
-                let kcol = l.col();
-                let key = match l.next().map(|t| &t.tok) {
-                    Some(Tok::Ident(k)) => k.clone(),
-                    _ => return Err((kcol, "expected an attribute name".to_string())),
-                };
-                l.expect('=')?;
-                let vcol = l.col();
-                let cands = match l.peek() {
-                    Some(Tok::Str(s)) => {
-                        l.pos += 1;
-                        Cands { list: vec![Attr::Str(s.clone())], err: None }
-                    }
-                    Some(Tok::Punct('[')) => {
-                        l.pos += 1;
-                        let elems = l.list(']', |l| l.scalar(&[',', ']']))?;
-                        list_cands(elems, vcol)
-                    }
-                    _ => scalar_cands(l.scalar(&[',', '}'])?, vcol),
-                };
-                Ok((key, cands, vcol, kcol))
-            })?;
-            let mut keys = HashSet::new();
-            for (key, cands, vcol, kcol) in parsed {
-                if !keys.insert(key.clone()) {
-                    return Err((kcol, format!("attribute `{key}` is given twice")));
-                }
-                attrs.push((key, cands, vcol));
+        let OpLine { op_name, op_col, attrs, operands, ty_col, types, scope, scope_col, open } =
+            op_line(l, |l| self.value(l))?;
+        if op_name == "fused" {
+            if let Some((key, _, col)) = attrs.first() {
+                return Err((*col, format!("`fused` has no attribute `{key}`")));
             }
+            let Some(open_col) = open else {
+                return Err((l.end_col, "expected `{` opening the body of `fused`".into()));
+            };
+            return Ok(Some(OpenBody {
+                name: name.to_string(),
+                line: lineno,
+                op_col,
+                ty_col,
+                open_col,
+                input_types: operands.iter().map(|&v| self.graph.value_type(v).clone()).collect(),
+                operands,
+                types,
+                scope,
+                names: HashMap::new(),
+                nodes: Vec::new(),
+                outputs: None,
+            }));
         }
-        // Operands.
-        let mut operands: Vec<Value> = Vec::new();
-        if l.eat('(') {
-            operands = l.list(')', |l| self.value(l))?;
+        if let Some(col) = open {
+            return Err((col, format!("`{op_name}` has no body; only `fused` does")));
         }
-        l.expect(':')?;
-        let ty_col = l.col();
-        let types = l.types()?;
-        let mut scope = String::new();
-        let mut scope_col = None;
-        if let Some(Tok::Scope(s)) = l.peek() {
-            scope_col = Some(l.col());
-            scope = s.clone();
-            l.pos += 1;
-        }
-        l.expect_end()?;
-
         let op = resolve_op(&op_name, &attrs, types.first()).map_err(|(c, m)| (c.unwrap_or(op_col), m))?;
         let name_col = attrs.iter().find(|(k, _, _)| k == "name").map_or(op_col, |a| a.2);
         let n = match &op {
@@ -914,18 +1065,146 @@ impl Parser {
             }
             _ => self.graph.add(op, &operands, &scope).map_err(|e| (op_col, e.to_string()))?,
         };
+        self.check_types(n, &op_name, &types, ty_col)?;
+        self.values.insert(name.to_string(), n);
+        Ok(None)
+    }
+
+    /// The type annotation must be what the op's rule gave.
+    fn check_types(&self, n: NodeId, op_name: &str, types: &[TensorType], col: usize) -> std::result::Result<(), PErr> {
         let got = &self.graph.node(n).outputs;
-        if got.as_slice() != types.as_slice() {
+        if got.as_slice() != types {
             return Err((
-                ty_col,
+                col,
                 format!(
                     "type annotation {} disagrees with the rule of `{op_name}`, which gives {}",
-                    fmt_types(&types),
+                    fmt_types(types),
                     fmt_types(got)
                 ),
             ));
         }
-        self.values.insert(name.to_string(), n);
+        Ok(())
+    }
+
+    /// Adds the fused node whose body just closed; errors point at its header line.
+    fn close(&mut self, b: OpenBody) -> std::result::Result<(), LErr> {
+        let at = |(col, msg): PErr| (b.line, col, msg);
+        let body = FusedBody { inputs: b.input_types, nodes: b.nodes, outputs: b.outputs.unwrap_or_default() };
+        let n = self
+            .graph
+            .add(Op::Fused(Box::new(body)), &b.operands, &b.scope)
+            .map_err(|e| at((b.op_col, e.to_string())))?;
+        self.check_types(n, "fused", &b.types, b.ty_col).map_err(at)?;
+        self.values.insert(b.name, n);
+        Ok(())
+    }
+}
+
+impl OpenBody {
+    /// One statement of the body: `%name = op…`, `yield refs` or the closing `}` (then
+    /// returns true).
+    fn statement(&mut self, l: &mut Line<'_>) -> std::result::Result<bool, PErr> {
+        let col = l.col();
+        let first = l.next().map(|t| &t.tok);
+        if self.outputs.is_some() && first != Some(&Tok::Punct('}')) {
+            return Err((col, "a fused body ends with `yield` and `}`; nothing may follow `yield`".into()));
+        }
+        match first {
+            Some(Tok::Punct('}')) => {
+                l.expect_end()?;
+                if self.outputs.is_none() {
+                    return Err((col, "expected `yield` before `}`".into()));
+                }
+                Ok(true)
+            }
+            Some(Tok::Ident(kw)) if kw == "yield" => {
+                let mut outs = vec![self.fref(l)?];
+                while l.eat(',') {
+                    outs.push(self.fref(l)?);
+                }
+                l.expect_end()?;
+                self.outputs = Some(outs);
+                Ok(false)
+            }
+            Some(Tok::Ref(name, None)) => {
+                self.node(l, name, col)?;
+                Ok(false)
+            }
+            Some(Tok::Ref(name, Some(k))) => {
+                Err((col, format!("`%{name}.{k}` names an output; define the node as `%{name}`")))
+            }
+            _ => Err((col, "expected `%name = op…`, `yield` or `}` in a fused body".into())),
+        }
+    }
+
+    /// A value of the body: `$i` (input `i`) or `%name` / `%name.k` (a body node).
+    fn fref(&self, l: &mut Line<'_>) -> std::result::Result<FusedRef, PErr> {
+        let col = l.col();
+        match l.next().map(|t| &t.tok) {
+            Some(Tok::Input(i)) => match u16::try_from(*i) {
+                Ok(i16) if (*i as usize) < self.input_types.len() => Ok(FusedRef::Input(i16)),
+                _ => Err((col, format!("`${i}`: the fused node has {} input(s)", self.input_types.len()))),
+            },
+            Some(Tok::Ref(name, k)) => {
+                let Some(&n) = self.names.get(name) else {
+                    return Err((
+                        col,
+                        format!("undefined value `%{name}` in the fused body (the group's inputs are `$0`, `$1`, …)"),
+                    ));
+                };
+                let outs = self.nodes[n as usize].outputs.len();
+                let k = k.unwrap_or(0);
+                match u8::try_from(k) {
+                    Ok(k8) if (k as usize) < outs => Ok(FusedRef::Node { node: n, output: k8 }),
+                    _ => Err((col, format!("`%{name}` has {outs} output(s), there is no output {k}"))),
+                }
+            }
+            _ => Err((col, format!("expected a body value such as `$0` or `%3`, found {}", describe_opt(l, col)))),
+        }
+    }
+
+    fn ty(&self, r: FusedRef) -> TensorType {
+        match r {
+            FusedRef::Input(i) => self.input_types[i as usize].clone(),
+            FusedRef::Node { node, output } => self.nodes[node as usize].outputs[output as usize].clone(),
+        }
+    }
+
+    fn node(&mut self, l: &mut Line<'_>, name: &str, def_col: usize) -> std::result::Result<(), PErr> {
+        if self.names.contains_key(name) {
+            return Err((def_col, format!("value `%{name}` is defined twice")));
+        }
+        if self.nodes.len() >= u16::MAX as usize {
+            return Err((def_col, "a fused body has too many nodes".into()));
+        }
+        l.expect('=')?;
+        let line = op_line(l, |l| self.fref(l))?;
+        if let Some(col) = line.scope_col {
+            return Err((col, "nodes of a fused body have no scope (the fused node has one)".into()));
+        }
+        if line.op_name == "fused" || line.open.is_some() {
+            return Err((line.op_col, "fused groups do not nest".into()));
+        }
+        let op = resolve_op(&line.op_name, &line.attrs, line.types.first())
+            .map_err(|(c, m)| (c.unwrap_or(line.op_col), m))?;
+        if op.is_source() {
+            return Err((line.op_col, format!("`{}` cannot be inside a fused body", line.op_name)));
+        }
+        let in_types: Vec<TensorType> = line.operands.iter().map(|&r| self.ty(r)).collect();
+        let outputs = op.infer(&in_types).map_err(|e| (line.op_col, e.to_string()))?;
+        if outputs.as_slice() != line.types.as_slice() {
+            return Err((
+                line.ty_col,
+                format!(
+                    "type annotation {} disagrees with the rule of `{}`, which gives {}",
+                    fmt_types(&line.types),
+                    line.op_name,
+                    fmt_types(&outputs)
+                ),
+            ));
+        }
+        self.names.insert(name.to_string(), self.nodes.len() as u16);
+        self.nodes.push(FusedNode { op, operands: line.operands.into_iter().collect(), outputs });
         Ok(())
     }
 }

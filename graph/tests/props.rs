@@ -28,10 +28,24 @@ const SEED: &str = r#"kiln.graph v1
 %13 = cast{to=bf16}(%12) : bf16[batch, seq, 4, 2]
 %14 = concat{axis=1}(%0, %7) : f32[batch, past + 2*seq, 4, 16]
 %15 = matmul{transpose_a=false, transpose_b=true}(%3, %2) : f32[batch, seq, 1000]
+%16 = fused(%3, %4) : (f32[batch, seq, 64], f32[batch, seq, 1], i64[batch, seq, 2])  @model.norm {
+  %0 = expand{shape=[batch, seq, 64]}($1) : f32[batch, seq, 64]
+  %1 = sub($0, %0) : f32[batch, seq, 64]
+  %2 = topk{k=2, axis=2}(%1) : (f32[batch, seq, 2], i64[batch, seq, 2])
+  %3 = reduce_max{axes=[2], keep_dims=true}(%1) : f32[batch, seq, 1]
+  yield %1, %3, %2.1
+}
 output "y" = %15
 output "idx" = %12.1
 output "kv" = %14
+output "f" = %16.1
 "#;
+
+#[test]
+fn the_seed_parses_and_roundtrips() {
+    let g = parse(SEED).unwrap();
+    assert_eq!(print(&g), SEED);
+}
 
 /// Fragments for token soups: enough structure to get past the lexer.
 const FRAGMENTS: &[&str] = &[
@@ -55,6 +69,11 @@ const FRAGMENTS: &[&str] = &[
     "concat",
     "attention",
     "slice",
+    "fused",
+    "yield",
+    "$0",
+    "$1",
+    "  %0 = exp($0) : f32[2]\n",
     "{",
     "}",
     "(",

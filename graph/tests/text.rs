@@ -419,3 +419,198 @@ fn adversarial_inputs_error_without_panicking() {
         assert!(matches!(r, Err(Error::Parse { .. })), "{}: {:?}", &body[..body.len().min(80)], r.map(|g| print(&g)));
     }
 }
+
+// ---- fused nodes ---------------------------------------------------------------------
+
+const FUSED: &str = r#"kiln.graph v1
+%0 = input{name="x"} : f32[seq, 8]
+%1 = input{name="w"} : f32[8]
+%2 = fused(%0, %1) : (f32[seq, 8], f32[seq, 1])  @model.norm {
+  %0 = expand{shape=[seq, 8]}($1) : f32[seq, 8]
+  %1 = mul($0, %0) : f32[seq, 8]
+  %2 = reduce_sum{axes=[1], keep_dims=true}(%1) : f32[seq, 1]
+  yield %1, %2
+}
+%3 = exp(%2.1) : f32[seq, 1]
+%4 = fused(%0) : (i64[seq, 2], f32[seq, 8], f32[seq, 2]) {
+  %0 = topk{k=2, axis=1}($0) : (f32[seq, 2], i64[seq, 2])
+  yield %0.1, $0, %0
+}
+output "y" = %2
+output "s" = %3
+output "idx" = %4
+"#;
+
+#[test]
+fn fused_nodes_roundtrip_exactly() {
+    use kiln_graph::ops::{FusedKind, FusedRef, Shape};
+    let g = roundtrip_exact(FUSED);
+    let fused: Vec<_> = g
+        .topo_order()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            Op::Fused(b) => Some((n, b.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(fused.len(), 2);
+    let (n, b) = &fused[0];
+    assert_eq!(g.node(*n).scope, "model.norm");
+    assert_eq!(b.inputs.iter().map(|t| t.to_string()).collect::<Vec<_>>(), ["f32[seq, 8]", "f32[8]"]);
+    let ops: Vec<&str> = b.nodes.iter().map(|n| n.op.name()).collect();
+    assert_eq!(ops, ["expand", "mul", "reduce_sum"]);
+    assert_eq!(b.nodes[1].operands.as_slice(), [FusedRef::Input(0), FusedRef::Node { node: 0, output: 0 }]);
+    assert_eq!(b.outputs, [FusedRef::Node { node: 1, output: 0 }, FusedRef::Node { node: 2, output: 0 }]);
+    assert_eq!(
+        b.kind(),
+        Ok(FusedKind::Rows { rows: Shape::new([Dim::sym("seq")]), cols: Shape::new([Dim::fixed(8)]) })
+    );
+    // Multi-output body nodes (`%0.1`) and an input passed straight through (`$0`).
+    let (n, b) = &fused[1];
+    assert_eq!(g.node(*n).scope, "");
+    assert_eq!(
+        b.outputs,
+        [FusedRef::Node { node: 0, output: 1 }, FusedRef::Input(0), FusedRef::Node { node: 0, output: 0 }]
+    );
+    assert_eq!(g.value_type(g.outputs()["idx"]).to_string(), "i64[seq, 2]");
+}
+
+#[test]
+fn hand_written_fused_bodies_are_normalised() {
+    // Free body names, comments and blank lines inside the body, a quoted scope.
+    let text = r#"kiln.graph v1
+%x = input{name="x"} : f32[4]
+%f = fused(%x, %x) : f32[4]  @"a b" {   # the body follows
+
+    %a = exp($1)   : f32[4]  # comment
+    %b = add(%a, $0) : f32[4]
+  yield %b
+}
+output "y" = %f
+"#;
+    let g = parse(text).unwrap();
+    assert_eq!(
+        print(&g),
+        r#"kiln.graph v1
+%0 = input{name="x"} : f32[4]
+%1 = fused(%0, %0) : f32[4]  @"a b" {
+  %0 = exp($1) : f32[4]
+  %1 = add(%0, $0) : f32[4]
+  yield %1
+}
+output "y" = %1
+"#
+    );
+    roundtrip_graph(&g);
+    // An identical fused node is hash-consed like any other line.
+    let twice = text.replace("output \"y\" = %f\n", "")
+        + &text.lines().skip(2).collect::<Vec<_>>().join("\n").replace("%f", "%g");
+    let g2 = parse(&twice).unwrap();
+    assert_eq!(g2.node_count(), 2);
+}
+
+#[test]
+fn built_fused_graphs_roundtrip() {
+    use kiln_graph::ops::{BinaryOp, FusedBody, FusedNode, FusedRef};
+    let mut g = Graph::new();
+    let t = TensorType::new(DType::BF16, [Dim::sym("batch"), Dim::fixed(6)]);
+    let x = g.add_input("x", t.clone()).unwrap();
+    let y = g.add_input("y", t.clone()).unwrap();
+    let body = FusedBody {
+        inputs: vec![t.clone(), t.clone()],
+        nodes: vec![
+            FusedNode {
+                op: Op::Binary(BinaryOp::Add),
+                operands: [FusedRef::Input(0), FusedRef::Input(1)].into_iter().collect(),
+                outputs: [t.clone()].into_iter().collect(),
+            },
+            FusedNode {
+                op: Op::Cast(DType::F32),
+                operands: [FusedRef::Node { node: 0, output: 0 }].into_iter().collect(),
+                outputs: [TensorType::new(DType::F32, t.shape.clone())].into_iter().collect(),
+            },
+        ],
+        outputs: vec![FusedRef::Node { node: 0, output: 0 }, FusedRef::Node { node: 1, output: 0 }],
+    };
+    let f = g.add(Op::Fused(Box::new(body)), &[x.into(), y.into()], "model.layers.0").unwrap();
+    let e = g.add(Op::Unary(UnaryOp::Exp), &[Value::new(f, 1)], "model.layers.0").unwrap();
+    g.set_output("h", f.into()).unwrap();
+    g.set_output("e", e.into()).unwrap();
+    let text = roundtrip_graph(&g);
+    assert_eq!(
+        text,
+        r#"kiln.graph v1
+%0 = input{name="x"} : bf16[batch, 6]
+%1 = input{name="y"} : bf16[batch, 6]
+%2 = fused(%0, %1) : (bf16[batch, 6], f32[batch, 6])  @model.layers.0 {
+  %0 = add($0, $1) : bf16[batch, 6]
+  %1 = cast{to=f32}(%0) : f32[batch, 6]
+  yield %0, %1
+}
+%3 = exp(%2.1) : f32[batch, 6]  @model.layers.0
+output "h" = %2
+output "e" = %3
+"#
+    );
+}
+
+#[test]
+fn fused_body_errors_point_at_line_and_column() {
+    let h = "kiln.graph v1\n%0 = input{name=\"x\"} : f32[seq, 8]\n";
+    let open = "%1 = fused(%0) : f32[seq, 8] {\n";
+    let cases: &[(&str, &str)] = &[
+        ("  %0 = exp($1) : f32[seq, 8]", "4:12: `$1`: the fused node has 1 input(s)"),
+        (
+            "  %0 = exp(%9) : f32[seq, 8]",
+            "4:12: undefined value `%9` in the fused body (the group's inputs are `$0`, `$1`, …)",
+        ),
+        (
+            "  %0 = exp(%0) : f32[seq, 8]",
+            "4:12: undefined value `%0` in the fused body (the group's inputs are `$0`, `$1`, …)",
+        ),
+        (
+            "  %0 = exp($0) : f32[seq, 9]",
+            "4:18: type annotation f32[seq, 9] disagrees with the rule of `exp`, which gives f32[seq, 8]",
+        ),
+        ("  %0 = exp($0) : f32[seq, 8]  @s", "4:31: nodes of a fused body have no scope (the fused node has one)"),
+        ("  %0 = input{name=\"y\"} : f32[1]", "4:8: `input` cannot be inside a fused body"),
+        ("  %0 = fused($0) : f32[seq, 8] {", "4:8: fused groups do not nest"),
+        ("  %0 = exp($0) : f32[seq, 8]\n  %0 = neg($0) : f32[seq, 8]", "5:3: value `%0` is defined twice"),
+        (
+            "  %0 = matmul{transpose_a=false, transpose_b=false}($0, $0) : f32[seq, 8]",
+            "4:8: matmul: contraction dims differ: 8 vs seq (inputs: f32[seq, 8], f32[seq, 8])",
+        ),
+        ("  %0 = exp($) : f32[seq, 8]", "4:12: expected an input index after `$`"),
+        ("  %0 = exp($0) : f32[seq, 8]\n}", "5:1: expected `yield` before `}`"),
+        (
+            "  %0 = exp($0) : f32[seq, 8]\n  yield %0\n  %1 = neg(%0) : f32[seq, 8]",
+            "6:3: a fused body ends with `yield` and `}`; nothing may follow `yield`",
+        ),
+        ("  yield", "4:8: expected a body value such as `$0` or `%3`, found the end of the line"),
+        ("  output \"y\" = %0", "4:3: expected `%name = op…`, `yield` or `}` in a fused body"),
+        ("  %0 = exp($0) : f32[seq, 8]\n  yield %0\n} extra", "6:3: unexpected `extra` at the end of the statement"),
+        // The fused node is checked when `}` closes it, with errors on its header line.
+        (
+            "  %0 = reduce_sum{axes=[1], keep_dims=false}($0) : f32[seq]\n  yield %0\n}",
+            "3:18: type annotation f32[seq, 8] disagrees with the rule of `fused`, which gives f32[seq]",
+        ),
+        ("  %0 = exp($0) : f32[seq, 8]\n  yield %0", "3:30: the body of `%1` is not closed with `}`"),
+    ];
+    for (body, want) in cases {
+        assert_eq!(&parse_err(&format!("{h}{open}{body}\n")), want, "for {body:?}");
+    }
+    let top: &[(&str, &str)] = &[
+        ("%1 = fused(%0) : f32[seq, 8]", "3:29: expected `{` opening the body of `fused`"),
+        ("%1 = fused{x=1}(%0) : f32[seq, 8] {", "3:14: `fused` has no attribute `x`"),
+        ("%1 = exp(%0) : f32[seq, 8] {", "3:28: `exp` has no body; only `fused` does"),
+        ("yield %0", "3:1: `yield` outside a fused body"),
+        ("}", "3:1: `}` outside a fused body"),
+        (
+            "%1 = fused(%0) : f32[seq, 8] {\n  yield $0\n}\n%2 = exp(%1) : f32[seq, 8] }",
+            "6:28: unexpected `}` at the end of the statement",
+        ),
+    ];
+    for (body, want) in top {
+        assert_eq!(&parse_err(&format!("{h}{body}\n")), want, "for {body:?}");
+    }
+}

@@ -32,6 +32,7 @@ pub struct FusedNode {
 /// The two kernel forms a fused body can take (see [`FusedBody::kind`]). Codegen
 /// renders each form as one kernel; the fusion pass only forms bodies of these kinds.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[allow(clippy::large_enum_variant)] // a short-lived classification, never stored in bulk
 pub enum FusedKind {
     /// No reduction. Every output has the shape `domain`; one work item per element of
     /// it. Other body values may have any shape (slices, concats, broadcasts of inputs):

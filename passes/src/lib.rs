@@ -5,15 +5,19 @@
 //! every pass (in debug and test builds, or when asked) against the pass's phase
 //! [`Spec`], times each pass and keeps a snapshot of the graph after each one so that
 //! tools can dump or view every stage. [`memory`] plans one arena of intermediates per
-//! graph and proves the plan has no overlapping live buffers.
+//! graph and proves the plan has no overlapping live buffers. [`fusion`] groups
+//! elementwise, reduction and index-remapping ops into one [`kiln_ops::Op::Fused`] node
+//! per kernel.
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`.
 
 mod canonicalize;
+pub mod fusion;
 pub mod memory;
 mod pass;
 pub mod pipeline;
 
 pub use canonicalize::{ConstFold, Cse, Dce, Simplify};
+pub use fusion::Fuse;
 pub use pass::{Pass, PassError, PassManager, PassOutcome, Spec, Stage};
 pub use pipeline::default_pipeline;

@@ -11,6 +11,11 @@ pub enum Spec {
     Any,
     /// No node is unreachable from the outputs (sources excepted).
     NoDeadCode,
+    /// After fusion: every node is a source, a reshape view, a structured op (matmul,
+    /// attention, gather, argmax, topk), a movement op, or a fused node whose body's
+    /// [`kind`](kiln_ops::FusedBody::kind) is `Ok`; no bare elementwise or reduce node
+    /// remains (except a reduction no fused body can express, e.g. over leading axes).
+    Fused,
 }
 
 impl Spec {
@@ -31,6 +36,7 @@ impl Spec {
                     Err(format!("dead nodes remain: {}", dead.join(", ")))
                 }
             }
+            Spec::Fused => crate::fusion::check_fused(g),
         }
     }
 }

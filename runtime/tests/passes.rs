@@ -80,6 +80,12 @@ fn the_default_pipeline_preserves_cpu_outputs_bit_for_bit() {
     let rewrites: usize = optimized.timings.iter().map(|t| t.1).sum();
     assert!(rewrites > 0, "the pipeline should have something to do on this block");
     assert!(optimized.graph.node_count() < traced.node_count());
+    // Fusion ran: the rms norm, the rope angles' cos/sin, RoPE of q and of k, the bf16
+    // round trip, the first residual add, SiLU·up, and the second residual add with the
+    // softmax are one fused node each; no bare elementwise or reduce op is left.
+    let ops: Vec<&str> = optimized.graph.topo_order().into_iter().map(|n| optimized.graph.node(n).op.name()).collect();
+    assert_eq!(ops.iter().filter(|&&o| o == "fused").count(), 8, "{ops:?}");
+    assert!(optimized.graph.petgraph().node_weights().all(|n| !n.op.is_elementwise() && !n.op.is_reduce()), "{ops:?}");
     for (seq, past) in [(5, 0), (1, 5), (3, 4)] {
         let (a, b) = (run(traced.clone(), seq, past), run(optimized.graph.clone(), seq, past));
         assert_eq!(a.keys().collect::<Vec<_>>(), b.keys().collect::<Vec<_>>());

@@ -174,12 +174,14 @@ pub(crate) fn key_attrs(op: &Op) -> Vec<(&'static str, String)> {
 }
 
 /// The lines of a node's label: `%3 matmul`, then the key attributes
-/// (`transpose_b=true`; a param or input shows its name), then the output type(s).
+/// (`transpose_b=true`; a param or input shows its name, a fused node the number of ops
+/// in its body), then the output type(s).
 pub fn node_label_lines(num: &Numbering, n: NodeId, node: &Node) -> Vec<String> {
     let mut lines = vec![format!("%{} {}", num.id(n), node.op.name())];
     let attrs = key_attrs(&node.op);
     match &node.op {
         Op::Input { name, .. } | Op::Param { name, .. } => lines.push(name.clone()),
+        Op::Fused(body) => lines.push(format!("{} ops", body.nodes.len())),
         _ if !attrs.is_empty() => {
             lines.push(attrs.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(" "))
         }

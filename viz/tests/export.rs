@@ -165,3 +165,22 @@ fn json_of_stages() {
     assert_eq!(v["stages"][0]["graph"]["nodes"], to_json(&mlp_graph())["nodes"]);
     assert!(v["stages"][0]["graph"].get("version").is_none());
 }
+
+#[test]
+fn a_fused_node_is_one_node_labelled_with_its_op_count() {
+    let g = kiln_passes::default_pipeline().run(toy_transformer(1)).unwrap().graph;
+    let dot = to_dot(&g, &DotOptions::default());
+    let mut fused = 0;
+    for n in g.topo_order() {
+        if let kiln_graph::ops::Op::Fused(b) = &g.node(n).op {
+            fused += 1;
+            let ops = format!("{} ops", b.nodes.len());
+            assert!(
+                dot.lines().any(|l| l.contains(" fused") && l.contains(&ops)),
+                "no `fused` node with {ops}:\n{dot}"
+            );
+        }
+    }
+    assert!(fused >= 2, "{dot}");
+    assert!(to_json(&g).is_object());
+}

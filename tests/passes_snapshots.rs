@@ -1,0 +1,165 @@
+//! The IR of a tiny Llama after every stage of the default pipeline, as insta snapshots
+//! (each stage also round-trips through the text format), and structural checks of the
+//! fused graph: how many kernels each decoder layer launches, and that RMSNorm, RoPE and
+//! SiLU·up are one fused node each.
+
+use kiln::graph::text::{parse, print};
+use kiln::graph::{Graph, NodeId};
+use kiln::models::config::LlamaConfig;
+use kiln::models::llama::{LlamaForCausalLM, TraceOptions};
+use kiln::ops::{DType, FusedBody, FusedKind, Op};
+use kiln::passes::default_pipeline;
+use std::collections::BTreeMap;
+
+/// 2 layers, hidden 64, 4 heads over 2 kv heads of 16, intermediate 128, vocab 128;
+/// bf16, logits for the last token only (the decode graph).
+fn tiny_llama() -> Graph {
+    let cfg = LlamaConfig::from_json_str(
+        r#"{"model_type": "llama", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 128,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16,
+            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 64,
+            "torch_dtype": "bfloat16"}"#,
+    )
+    .unwrap();
+    let model = LlamaForCausalLM::new(cfg).unwrap();
+    model.trace(&TraceOptions { dtype: DType::BF16, last_token_only: true }).unwrap()
+}
+
+fn optimized() -> Graph {
+    default_pipeline().verify(true).run(tiny_llama()).unwrap().graph
+}
+
+#[test]
+fn every_stage_of_a_tiny_llama() {
+    let traced = tiny_llama();
+    let pm = default_pipeline().verify(true).keep_stages(true);
+    assert_eq!(pm.pass_names(), ["fold", "simplify", "cse", "dce", "fuse"]);
+    let out = pm.run(traced.clone()).unwrap();
+    let mut stages = vec![("traced", traced)];
+    stages.extend(out.stages.into_iter().map(|s| (s.pass, s.graph)));
+    for (i, (name, g)) in stages.iter().enumerate() {
+        let text = print(g);
+        assert_eq!(print(&parse(&text).unwrap()), text, "stage {name} round-trips");
+        insta::assert_snapshot!(format!("tiny_llama_{i:02}_{name}"), text);
+    }
+}
+
+/// The decoder layer a scope belongs to (`model.layers.{i}` and below).
+fn layer_of(scope: &str) -> Option<usize> {
+    let rest = scope.strip_prefix("model.layers.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Sources produce no kernel and a reshape is a view; everything else launches one.
+fn launches_kernel(op: &Op) -> bool {
+    !op.is_source() && !matches!(op, Op::Reshape(_))
+}
+
+fn body(g: &Graph, n: NodeId) -> Option<&FusedBody> {
+    match &g.node(n).op {
+        Op::Fused(b) => Some(b),
+        _ => None,
+    }
+}
+
+fn body_ops(b: &FusedBody) -> Vec<&'static str> {
+    b.nodes.iter().map(|n| n.op.name()).collect()
+}
+
+/// The fused nodes that read the param `name`.
+fn fused_readers(g: &Graph, name: &str) -> Vec<NodeId> {
+    let p = g.params()[name];
+    g.users(p).into_iter().map(|(u, _)| u).filter(|&u| body(g, u).is_some()).collect()
+}
+
+/// Per decoder layer: 12 kernels, 13 in layer 0 (it also normalizes its input; in later
+/// layers that norm is fused with the previous layer's last residual add, in scope
+/// `model.layers`, and the last layer's residual add goes with the final norm, in scope
+/// `model`). The 12: 4 matmuls (qkv, o_proj, gate_up, down), attention, the two KV-cache
+/// appends, the v slice, and 4 fused nodes: RoPE of q, RoPE of k, residual add +
+/// post-attention RMSNorm, SiLU·up.
+#[test]
+fn decoder_layers_launch_at_most_13_kernels() {
+    let g = optimized();
+    let mut per_layer: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
+    for n in g.topo_order() {
+        let node = g.node(n);
+        if let Some(i) = layer_of(&node.scope) {
+            if launches_kernel(&node.op) {
+                per_layer.entry(i).or_default().push(node.op.name());
+            }
+        }
+    }
+    assert_eq!(per_layer.len(), 2);
+    for (i, kernels) in &per_layer {
+        let mut k = kernels.clone();
+        k.sort_unstable();
+        let fused = if *i == 0 { 5 } else { 4 };
+        let mut want = vec!["attention", "concat", "concat", "matmul", "matmul", "matmul", "matmul", "slice"];
+        want.extend(std::iter::repeat_n("fused", fused));
+        want.sort_unstable();
+        assert_eq!(k, want, "layer {i}");
+        assert!(kernels.len() <= 13, "layer {i}: {kernels:?}");
+    }
+    // Outside the layers: the embedding, the rope tables, the cross-layer add+norm, the last
+    // residual add with the final norm (2 kernels), lm_head and the logits cast.
+    let rest: Vec<&str> = g
+        .topo_order()
+        .into_iter()
+        .filter(|&n| layer_of(&g.node(n).scope).is_none() && launches_kernel(&g.node(n).op))
+        .map(|n| g.node(n).op.name())
+        .collect();
+    assert_eq!(rest, ["gather", "fused", "fused", "fused", "fused", "matmul", "fused"]);
+}
+
+#[test]
+fn rms_norm_rope_and_silu_up_are_one_fused_node_each() {
+    let g = optimized();
+    for i in 0..2 {
+        // Each RMSNorm (weight, mean of squares, rsqrt) is one row-reduction kernel; from
+        // the second norm on it also computes the residual add before it (two outputs).
+        for (norm, adds) in [("input_layernorm", i > 0), ("post_attention_layernorm", true)] {
+            let readers = fused_readers(&g, &format!("model.layers.{i}.{norm}.weight"));
+            assert_eq!(readers.len(), 1, "layer {i} {norm}");
+            let b = body(&g, readers[0]).unwrap();
+            let ops = body_ops(b);
+            assert_eq!(ops.iter().filter(|&&o| o == "reduce_mean").count(), 1, "{ops:?}");
+            assert!(ops.contains(&"rsqrt"));
+            assert!(matches!(b.kind(), Ok(FusedKind::Rows { .. })));
+            assert_eq!(b.outputs.len(), if adds { 2 } else { 1 }, "layer {i} {norm}: {ops:?}");
+            // The norm adds eps; with the residual add there is a second add.
+            let n_adds = ops.iter().filter(|&&o| o == "add").count();
+            assert_eq!(n_adds, 1 + usize::from(adds), "layer {i} {norm}: {ops:?}");
+        }
+        // RoPE: q and k each one elementwise kernel reading the qkv projection, doing the
+        // head slices, rotate_half (neg + concat) and the cos/sin products.
+        let qkv = g.topo_order().into_iter().find(|&n| {
+            matches!(g.node(n).op, Op::MatMul { .. })
+                && g.operands(n)[1] == g.params()[&format!("model.layers.{i}.self_attn.qkv.weight")].into()
+        });
+        let qkv = qkv.unwrap();
+        let ropes: Vec<&FusedBody> = g.users(qkv).into_iter().filter_map(|(u, _)| body(&g, u)).collect();
+        assert_eq!(ropes.len(), 2, "layer {i}");
+        let mut heads = Vec::new();
+        for b in ropes {
+            let ops = body_ops(b);
+            for op in ["slice", "reshape", "neg", "concat", "mul", "add"] {
+                assert!(ops.contains(&op), "layer {i} rope: {ops:?}");
+            }
+            let Ok(FusedKind::Elementwise { domain }) = b.kind() else { panic!("{:?}", b.kind()) };
+            heads.push(domain.to_string());
+        }
+        heads.sort();
+        assert_eq!(heads, ["[batch, seq, 2, 16]", "[batch, seq, 4, 16]"]);
+        // SiLU·up: the gate and up slices, silu and the product in one kernel that feeds
+        // down_proj.
+        let down = g.topo_order().into_iter().find(|&n| {
+            matches!(g.node(n).op, Op::MatMul { .. })
+                && g.operands(n)[1] == g.params()[&format!("model.layers.{i}.mlp.down_proj.weight")].into()
+        });
+        let act = g.operands(down.unwrap())[0];
+        let mut ops = body_ops(body(&g, act.node).expect("down_proj reads a fused node"));
+        ops.sort_unstable();
+        assert_eq!(ops, ["add", "div", "exp", "expand", "mul", "neg", "slice", "slice"], "layer {i}");
+    }
+}
