@@ -72,12 +72,12 @@ fn compute(d: DType) -> Result<&'static str, CodegenError> {
     table::compute_type(d).ok_or_else(|| CodegenError(format!("dtype {d} is not supported on the GPU yet")))
 }
 
-fn word(d: DType) -> Result<&'static str, CodegenError> {
+pub(crate) fn word(d: DType) -> Result<&'static str, CodegenError> {
     table::word_type(d).ok_or_else(|| CodegenError(format!("dtype {d} has no word type")))
 }
 
 /// Prelude + `#define`s + the template with `KILN_SIGNATURE` replaced.
-fn render(sig: KernelSig, template: &str, defines: &[(&str, String)], grid: Grid) -> Kernel {
+pub(crate) fn render(sig: KernelSig, template: &str, defines: &[(&str, String)], grid: Grid) -> Kernel {
     let mut src = String::with_capacity(PRELUDE.len() + template.len() + 512);
     src.push_str(PRELUDE);
     src.push_str("\n// ---- kernel ----\n");
@@ -357,6 +357,7 @@ pub fn lower_node(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Result<NodeLo
             }
             return Ok(NodeLowering::CublasMatMul);
         }
+        Op::Fused(body) => crate::fused::fused_kernel(body, &crate::symbols::graph_symbols(g))?,
         op if op.is_elementwise() => elementwise(op, &in_dtypes, out_dtype)?,
         Op::Permute(_) | Op::Slice { .. } | Op::Expand(_) | Op::Concat { .. } => strided_copy(out_dtype)?,
         Op::Gather { .. } => gather(out_dtype, in_dtypes[1])?,

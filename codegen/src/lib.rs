@@ -12,6 +12,14 @@
 //!   at run time and one compiled kernel serves every binding. [`lower_node`] says what
 //!   the GPU executor runs for one graph node (a kernel, cuBLAS, a view, an upload) and
 //!   [`render_node_source`] gives that kernel's CUDA C (the viewer shows it).
+//! * [`resident`]: the device-resident decode loop's kernels (KV append, arange from
+//!   the symbol table, step end).
+//! * [`fused`]: one kernel per fused group ([`kiln_ops::Op::Fused`]): an elementwise
+//!   form (one thread per output element, index mapping through the body's movement
+//!   ops) and a row-reduction form (one block per row, block reductions in dependency
+//!   order). Sizes come from the device symbol table, never from launch arguments.
+//! * [`decode`]: bandwidth-bound decode kernels (GEMV, split-K decode attention,
+//!   sampling).
 //! * [`symbols`]: the device symbol table's order and dims rendered as C over it.
 //! * [`nvrtc`]: compilation for the device's architecture with a disk cache keyed by a
 //!   hash of (source, architecture, options, NVRTC version).
@@ -20,12 +28,16 @@
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`.
 
+pub mod decode;
+pub mod fused;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
+pub mod resident;
 pub mod symbols;
 pub mod table;
 
+pub use fused::{fused_items, fused_kernel};
 pub use kernels::{lower_node, render_node_source, CodegenError, Grid, Kernel, NodeLowering};
 pub use nvrtc::{CompileError, CompileStats, Compiler};
 pub use params::{ArgValue, KernelSig, PackError, Param, ParamTy, Role};

@@ -15,8 +15,11 @@ use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-/// Options every kernel is compiled with (besides the architecture).
-pub const OPTIONS: &[&str] = &["--std=c++17", "--fmad=true", "--prec-div=true", "--prec-sqrt=true"];
+/// Options every kernel is compiled with (besides the architecture). `--fmad=false`: no
+/// contraction of `a*b + c` into one FMA, so generated elementwise code rounds exactly as
+/// the CPU reference does (fused RoPE is bit-identical); dot products that want FMAs
+/// write `fmaf` explicitly.
+pub const OPTIONS: &[&str] = &["--std=c++17", "--fmad=false", "--prec-div=true", "--prec-sqrt=true"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {

@@ -63,6 +63,26 @@ pub enum Role {
     /// read sizes from it need no new arguments when a symbol changes, so a captured
     /// CUDA graph stays valid.
     Syms,
+    // ---- the resident decode loop (`crate::resident`) ----
+    /// Elements between batch entries of a device-resident KV cache.
+    CacheBatchStride,
+    // ---- bandwidth-bound decode kernels (`crate::decode`) ----
+    /// GEMV sizes: `y [m, n] = x [m, k] · w [n, k]ᵀ`.
+    MatM,
+    MatN,
+    MatK,
+    /// Elements between batch entries of the K (resp. V) cache read by decode attention.
+    KBatchStride,
+    VBatchStride,
+    /// Key chunks per (batch, kv head, query tile) of split-K decode attention.
+    Splits,
+    /// Sampling: temperature (f32, 0 = greedy), top-k (i64, 0 = off), top-p (f32, 1 =
+    /// off), seed (i64, used as 64 raw bits) and the device draw counter (`i64*`).
+    Temperature,
+    TopK,
+    TopP,
+    Seed,
+    Step,
 }
 
 impl Role {
@@ -106,6 +126,18 @@ impl Role {
             Role::MaskKind => "mask_kind",
             Role::Window => "window",
             Role::Syms => "syms",
+            Role::CacheBatchStride => "batch_stride",
+            Role::MatM => "m",
+            Role::MatN => "n",
+            Role::MatK => "k",
+            Role::KBatchStride => "k_batch_stride",
+            Role::VBatchStride => "v_batch_stride",
+            Role::Splits => "splits",
+            Role::Temperature => "temperature",
+            Role::TopK => "top_k",
+            Role::TopP => "top_p",
+            Role::Seed => "seed",
+            Role::Step => "step",
         };
         s.to_string()
     }

@@ -44,6 +44,17 @@ pub fn dim_to_c(d: &Dim, table: &[Sym]) -> Result<String, CodegenError> {
     Ok(if parts.is_empty() { "(i64)0".to_string() } else { format!("({})", parts.join(" + ")) })
 }
 
+/// 16 hex digits of the FNV-1a 64 hash of `s`: a stable (across builds and versions)
+/// name suffix for kernels whose source is generated.
+pub fn stable_hash_hex(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -59,5 +70,8 @@ mod tests {
         let e = &(&Dim::sym("seq") * &Dim::fixed(2)) + &Dim::fixed(1);
         assert_eq!(dim_to_c(&e, &table).unwrap(), "((i64)2 * syms[1] + (i64)1)");
         assert!(dim_to_c(&Dim::sym("batch"), &table).unwrap_err().0.contains("`batch`"));
+        // FNV-1a 64 reference values.
+        assert_eq!(stable_hash_hex(""), "cbf29ce484222325");
+        assert_eq!(stable_hash_hex("a"), "af63dc4c8601ec8c");
     }
 }

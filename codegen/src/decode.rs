@@ -1,0 +1,376 @@
+//! Bandwidth-bound decode kernels: GEMV, split-K ("flash-decoding") attention and token
+//! sampling, for the batch-1 (few rows) decode step. Like [`crate::kernels`], each is a
+//! `.cu` template under `kernels/` with its signature rendered from one [`KernelSig`]
+//! and launched over `kernel.grid.dims(items)` for the item counts given here.
+//!
+//! * [`gemv`] / [`gemv_residual`]: `y [m, n] = x [m, k] · w [n, k]ᵀ (+ r)` for
+//!   `1 <= m <=` [`GEMV_MAX_M`], f32 accumulation; the weight rows are streamed once
+//!   with 16-byte loads. Parameters: `out` (y), `in0` (x), `in1` (w), [`in2` (r),]
+//!   `m`, `n`, `k` (i64). Launch: [`gemv_items`].
+//! * [`attention_decode`]: `Op::Attention` for few query rows over a device-resident KV
+//!   cache, as a partial kernel over `splits` key chunks per (batch, kv head) and a
+//!   combine kernel. The key count is a [`Dim`] read from the device symbol table
+//!   ([`Role::Syms`]), so a captured CUDA graph stays valid while the cache grows.
+//!   Workspace: [`attention_decode_workspace`]; launches: [`attention_decode_items`];
+//!   host checks: [`attention_decode_check`]; a split count: [`attention_decode_splits`].
+//! * [`sample`]: greedy / temperature / top-k / top-p sampling of each row of logits
+//!   with a counter-based RNG driven by a device step counter. Launch: [`sample_items`].
+//!
+//! Exact kernel semantics (ties, rounding, filter order) are documented on each function
+//! and at the top of its `.cu` file.
+
+use crate::kernels::{render, CodegenError, Grid, Kernel, MAX_HEAD_DIM};
+use crate::params::{KernelSig, ParamTy, Role};
+use crate::symbols::{dim_to_c, stable_hash_hex};
+use crate::table;
+use kiln_ops::{DType, Dim, Sym};
+
+const GEMV: &str = include_str!("kernels/gemv.cu");
+const FLASH_DECODE: &str = include_str!("kernels/flash_decode.cu");
+const SAMPLE: &str = include_str!("kernels/sample.cu");
+
+/// Device helpers shared by the GEMV and attention templates (prepended to them): 16-byte
+/// vector types, a streaming 16-byte load and its unpacking into f32 per storage type.
+const VECTOR_HELPERS: &str = r#"// ---- decode vector helpers ----
+struct alignas(16) kiln_u4 { unsigned x, y, z, w; };
+struct alignas(16) kiln_f4 { float x, y, z, w; };
+// 16 bytes of read-once data (weights) through the read-only path, not kept in L1.
+// Volatile: issued where written (e.g. before a barrier, to overlap it).
+__device__ __forceinline__ kiln_u4 kiln_ld16(const void* p) {
+    kiln_u4 v;
+    asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+    return v;
+}
+// 16 bytes as f32: 8 bf16, 8 f16 or 4 f32, element 0 in the low bytes. The pointer
+// argument only picks the storage format.
+__device__ __forceinline__ void kiln_unpack(const kiln_u4& r, float* f, const kiln_bf16*) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+__device__ __forceinline__ void kiln_unpack(const kiln_u4& r, float* f, const kiln_f16*) {
+    const unsigned w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        kiln_f16 lo, hi;
+        lo.bits = (unsigned short)(w[i] & 0xffffu);
+        hi.bits = (unsigned short)(w[i] >> 16);
+        f[2 * i] = kiln_f16_to_f32(lo);
+        f[2 * i + 1] = kiln_f16_to_f32(hi);
+    }
+}
+__device__ __forceinline__ void kiln_unpack(const kiln_u4& r, float* f, const float*) {
+    f[0] = __uint_as_float(r.x);
+    f[1] = __uint_as_float(r.y);
+    f[2] = __uint_as_float(r.z);
+    f[3] = __uint_as_float(r.w);
+}
+"#;
+
+/// Largest number of rows `m` a [`gemv`] takes.
+pub const GEMV_MAX_M: usize = 8;
+/// Rows of `w` (output columns) one GEMV block computes: [`GEMV_WARPS`] warps × 2 rows.
+pub const GEMV_ROWS_PER_BLOCK: usize = 16;
+/// Warps of one GEMV block.
+pub const GEMV_WARPS: usize = 8;
+/// Warps of one partial attention block.
+const ATTENTION_DECODE_WARPS: usize = 4;
+/// Query (row, head) pairs of one kv head that one partial attention block handles.
+pub const ATTENTION_DECODE_QUERY_TILE: usize = 8;
+/// Threads of one sampling block (one block per row).
+pub const SAMPLE_THREADS: u32 = 512;
+
+fn float_storage(d: DType, what: &str) -> Result<&'static str, CodegenError> {
+    match d {
+        DType::F32 | DType::F16 | DType::BF16 => Ok(table::storage_type(d).expect("float dtypes have storage")),
+        other => Err(CodegenError(format!("{what}: dtype {other} is not supported (f32, f16 or bf16)"))),
+    }
+}
+
+/// Elements of `d` in 16 bytes.
+fn vec_elems(d: DType) -> usize {
+    16 / (d.bits() / 8)
+}
+
+fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool) -> Result<Kernel, CodegenError> {
+    let what = if residual { "gemv_residual" } else { "gemv" };
+    let (xs, ws, ys) = (
+        float_storage(x, &format!("{what} input x"))?,
+        float_storage(w, &format!("{what} weight w"))?,
+        float_storage(out, &format!("{what} output y"))?,
+    );
+    let mut params = vec![
+        (Role::Out(0), ParamTy::ptr(ys)),
+        (Role::In(0), ParamTy::const_ptr(xs)),
+        (Role::In(1), ParamTy::const_ptr(ws)),
+    ];
+    if residual {
+        params.push((Role::In(2), ParamTy::const_ptr(ys)));
+    }
+    params.extend([(Role::MatM, ParamTy::I64), (Role::MatN, ParamTy::I64), (Role::MatK, ParamTy::I64)]);
+    let name = format!("kiln_{}_{}_{}_{}", if residual { "gemv_res" } else { "gemv" }, x.name(), w.name(), out.name());
+    let sig = KernelSig::new(name, params);
+    let template = format!("{VECTOR_HELPERS}{GEMV}");
+    Ok(render(
+        sig,
+        &template,
+        &[
+            ("KILN_X", xs.to_string()),
+            ("KILN_W", ws.to_string()),
+            ("KILN_Y", ys.to_string()),
+            ("KILN_VEC", vec_elems(w).to_string()),
+            ("KILN_RESIDUAL", u8::from(residual).to_string()),
+            ("GV_WARPS", GEMV_WARPS.to_string()),
+            ("GV_R", (GEMV_ROWS_PER_BLOCK / GEMV_WARPS).to_string()),
+        ],
+        Grid::BlockPerItem { threads: 32 * GEMV_WARPS as u32 },
+    ))
+}
+
+/// GEMV `y[i, j] = Σ_l x[i, l] · w[j, l]` (`x [m, k]`, `w [n, k]` row-major — the
+/// `linear` layout, i.e. matmul with transposed b — `y [m, n]`), for
+/// `1 <= m <=` [`GEMV_MAX_M`] and any `n`, `k`. Each of x, w, y may be f32, f16 or bf16;
+/// products accumulate in f32 and `y` is rounded once.
+///
+/// Parameters: `out` (y), `in0` (x), `in1` (w), `m`, `n`, `k` (i64, roles
+/// [`Role::MatM`], [`Role::MatN`], [`Role::MatK`]). Launch `grid.dims(gemv_items(m, n))`.
+/// Rows of `w` are read with 16-byte loads when `k` is a multiple of 16 bytes' worth of
+/// elements and `w` is 16-byte aligned, elementwise otherwise. A kernel launched with
+/// `m` outside `1..=GEMV_MAX_M` writes nothing: the caller checks `m`.
+pub fn gemv(x: DType, w: DType, out: DType) -> Result<Kernel, CodegenError> {
+    gemv_kernel(x, w, out, false)
+}
+
+/// [`gemv`] with a fused residual add: `y = round(round(x·wᵀ) + r)` with `r [m, n]` of
+/// y's dtype — the matmul result rounded to the output dtype, then the add rounded again,
+/// like the CPU reference of `matmul` followed by `add`. Parameters: `out`, `in0` (x),
+/// `in1` (w), `in2` (r), `m`, `n`, `k`.
+pub fn gemv_residual(x: DType, w: DType, out: DType) -> Result<Kernel, CodegenError> {
+    gemv_kernel(x, w, out, true)
+}
+
+/// Work items (blocks of [`Grid::BlockPerItem`]) of a [`gemv`] / [`gemv_residual`]
+/// launch with `n` output columns: one per [`GEMV_ROWS_PER_BLOCK`] columns. `m` does not
+/// change the launch.
+pub fn gemv_items(m: usize, n: usize) -> usize {
+    debug_assert!((1..=GEMV_MAX_M).contains(&m), "gemv takes 1..={GEMV_MAX_M} rows, got {m}");
+    n.div_ceil(GEMV_ROWS_PER_BLOCK)
+}
+
+/// Split-K decode attention on q/k/v of the float dtype `d`, with `t` (the key count)
+/// given by `keys` over the device symbol table `syms` (rendered with [`dim_to_c`], so it
+/// is not a kernel argument). Returns `(partial, combine)`.
+///
+/// Semantics are those of `Op::Attention` (q `[b, s, h, dk]`, out `[b, s, h, dv]`,
+/// `h % kh == 0`, query `i` at position `t - s + i`, masks none / causal / sliding
+/// window, `softmax(scale · q·kᵀ) v`), except that K and V are read from caches: entry
+/// `bi` of K starts `bi · k_batch_stride` elements into `in1` and holds positions as
+/// contiguous rows of `kh · dk` elements (V likewise with `v_batch_stride`, `dv`), so a
+/// cache `[b, capacity, kh, dk]` has `k_batch_stride = capacity · kh · dk`. Head dims
+/// up to 256.
+///
+/// The partial kernel splits the keys any query row may see into `splits` chunks of
+/// `ceil(len / splits)` keys (trailing chunks may be empty) and writes, per
+/// `(b, s, h, split)`, f32 `out [.., dv]` = `Σ_j 2^(s_j - max) v_j` and
+/// `out1 [.., 2]` = `(max, Σ_j 2^(s_j - max))` with `s_j = scale · log2(e) · q·k_j`
+/// (`(-inf, 0)` and zeros for a chunk without a visible key). One block reads a chunk's
+/// K/V rows once for up to [`ATTENTION_DECODE_QUERY_TILE`] query (row, head) pairs of
+/// one kv head. The combine kernel merges the splits into `out` (dtype `d`, rounded
+/// once; zeros for a row with no visible key, like the CPU reference).
+///
+/// Partial parameters: `out` (f32 partial outputs), `out1` (f32 (max, sum)), `in0` (q),
+/// `in1` (k cache), `in2` (v cache), `syms`, `batch`, `seq`, `heads`, `kv_heads`,
+/// `head_dim`, `value_dim`, `k_batch_stride`, `v_batch_stride`, `splits` (i64), `scale`
+/// (f32), `mask_kind` (i32: 0 none, 1 causal, 2 sliding window), `window` (i64).
+/// Combine parameters: `out` (`[b, s, h, dv]` of `d`), `in0` (partial outputs), `in1`
+/// ((max, sum) pairs), `n` (`b·s·h`), `value_dim`, `splits`.
+/// Launch both with `grid.dims(items)` for the two counts of [`attention_decode_items`].
+/// Kernels launched with sizes [`attention_decode_check`] rejects write nothing.
+pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<(Kernel, Kernel), CodegenError> {
+    let s = float_storage(d, "attention_decode")?;
+    let keys_c = dim_to_c(keys, syms)?;
+    let vec = vec_elems(d);
+    let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1);
+    let partial = KernelSig::new(
+        format!("kiln_attn_decode_{}_{}", d.name(), stable_hash_hex(&keys_c)),
+        vec![
+            (Role::Out(0), ParamTy::ptr("float")),
+            (Role::Out(1), ParamTy::ptr("float")),
+            (Role::In(0), ParamTy::const_ptr(s)),
+            (Role::In(1), ParamTy::const_ptr(s)),
+            (Role::In(2), ParamTy::const_ptr(s)),
+            (Role::Syms, ParamTy::const_ptr("i64")),
+            (Role::Batch, ParamTy::I64),
+            (Role::Seq, ParamTy::I64),
+            (Role::Heads, ParamTy::I64),
+            (Role::KvHeads, ParamTy::I64),
+            (Role::HeadDim, ParamTy::I64),
+            (Role::ValueDim, ParamTy::I64),
+            (Role::KBatchStride, ParamTy::I64),
+            (Role::VBatchStride, ParamTy::I64),
+            (Role::Splits, ParamTy::I64),
+            (Role::Scale, ParamTy::F32),
+            (Role::MaskKind, ParamTy::I32),
+            (Role::Window, ParamTy::I64),
+        ],
+    );
+    let template = format!("{VECTOR_HELPERS}{FLASH_DECODE}");
+    let partial = render(
+        partial,
+        &template,
+        &[
+            ("KILN_PART", "1".to_string()),
+            ("KILN_T", s.to_string()),
+            ("KILN_VEC", vec.to_string()),
+            ("AD_NVL", nvl.to_string()),
+            ("AD_WARPS", ATTENTION_DECODE_WARPS.to_string()),
+            ("AD_QT", ATTENTION_DECODE_QUERY_TILE.to_string()),
+            ("KILN_KEYS", keys_c),
+        ],
+        Grid::BlockPerItem { threads: 32 * ATTENTION_DECODE_WARPS as u32 },
+    );
+    let combine = KernelSig::new(
+        format!("kiln_attn_combine_{}", d.name()),
+        vec![
+            (Role::Out(0), ParamTy::ptr(s)),
+            (Role::In(0), ParamTy::const_ptr("float")),
+            (Role::In(1), ParamTy::const_ptr("float")),
+            (Role::N, ParamTy::I64),
+            (Role::ValueDim, ParamTy::I64),
+            (Role::Splits, ParamTy::I64),
+        ],
+    );
+    let combine = render(
+        combine,
+        &template,
+        &[("KILN_PART", "0".to_string()), ("KILN_T", s.to_string()), ("KILN_VEC", vec.to_string())],
+        Grid::BlockPerItem { threads: 128 },
+    );
+    Ok((partial, combine))
+}
+
+/// Checks the sizes an [`attention_decode`] launch takes: `kv_heads > 0`,
+/// `heads % kv_heads == 0`, `1 <= head_dim, value_dim <= 256`, `splits >= 1`.
+pub fn attention_decode_check(
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    value_dim: usize,
+    splits: usize,
+) -> Result<(), CodegenError> {
+    let bad = |m: String| Err(CodegenError(format!("attention_decode: {m}")));
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        return bad(format!("{heads} query heads are not a multiple of {kv_heads} kv heads"));
+    }
+    for (name, v) in [("head_dim", head_dim), ("value_dim", value_dim)] {
+        if v == 0 || v > MAX_HEAD_DIM {
+            return bad(format!("{name} {v} is outside 1..={MAX_HEAD_DIM}"));
+        }
+    }
+    if splits == 0 {
+        return bad("splits must be at least 1".to_string());
+    }
+    Ok(())
+}
+
+/// The two f32 workspaces of [`attention_decode`] in elements: partial outputs
+/// `b·s·h·splits·dv` and (max, sum) pairs `b·s·h·splits·2`.
+pub fn attention_decode_workspace(b: usize, s: usize, h: usize, dv: usize, splits: usize) -> (usize, usize) {
+    let rows = b * s * h * splits;
+    (rows * dv, rows * 2)
+}
+
+/// Work items of the (partial, combine) launches of [`attention_decode`]: one partial
+/// block per (batch, kv head, tile of [`ATTENTION_DECODE_QUERY_TILE`] query pairs,
+/// split), one combine block per (batch, query row, head).
+pub fn attention_decode_items(b: usize, s: usize, h: usize, kh: usize, splits: usize) -> (usize, usize) {
+    let group = h.checked_div(kh).unwrap_or(0);
+    let tiles = (s * group).div_ceil(ATTENTION_DECODE_QUERY_TILE);
+    (b * kh * tiles * splits, b * s * h)
+}
+
+/// A split count for [`attention_decode`] fixed at plan time: enough partial blocks for
+/// about two waves over `sms` multiprocessors, at least one key per split for up to
+/// `max_keys` keys, at most 256.
+pub fn attention_decode_splits(b: usize, s: usize, h: usize, kh: usize, max_keys: usize, sms: usize) -> usize {
+    let (per_split, _) = attention_decode_items(b, s, h, kh, 1);
+    let want = (2 * sms).div_ceil(per_split.max(1));
+    want.clamp(1, 256).min(max_keys.max(1))
+}
+
+/// Samples one token per row of `logits [rows, vocab]` (f32, f16 or bf16, read as f32).
+///
+/// Parameters: `out` (i64 `[rows]`: the ids), `out1` (f32 `[rows]`: their
+/// log-probabilities), `in0` (logits), `step` (`i64*`, the device draw counter), `n`
+/// (rows), `len` (vocab), `temperature` (f32), `top_k` (i64), `top_p` (f32), `seed`
+/// (i64, used as 64 raw bits). Launch `grid.dims(sample_items(rows))`: one block per row.
+///
+/// Semantics, with `x = logit · (1 / temperature)` in f32, `M = max x`,
+/// `Z = Σ exp(x − M)`:
+/// * `temperature <= 0`: greedy, the largest logit with ties to the lowest index and NaN
+///   first (`kiln_before`); logprob = `log_softmax(logits)[id]` (temperature 1).
+/// * A NaN or +inf logit (or an overflowing `x`): the greedy pick, logprob NaN. Every
+///   logit −inf: id 0, logprob −inf.
+/// * Otherwise top-k (`0 < top_k < vocab`; 0 = off) keeps `x >=` the k-th largest `x`,
+///   ties included (Hugging Face semantics, so more than k tokens may stay); then top-p
+///   (`top_p < 1`; 1 = off) keeps, among those, `x >= τ` for the largest `τ` whose kept
+///   mass `Σ exp(x − M)` over `x >= τ` reaches `(top_p − 1e-6)` of theirs (the smallest
+///   most-likely set reaching `top_p`, plus ties of its last member). The token is the
+///   first kept index, in index order, where the running kept mass exceeds `u` times the
+///   total kept mass. Logprob = `x_id − M − log Z`: under the temperature-scaled full
+///   distribution (before filtering).
+/// * `u = (h >> 40) / 2^24`, `h = mix(mix(mix(seed) ^ step_of_launch) ^ row)`, `mix` the
+///   SplitMix64 step. Each block does one `atomicAdd(step, 1)`; `step_of_launch` = the
+///   value before / `rows`, so every row of a launch draws with the same step and the
+///   counter advances by `rows` per launch (by one per launch for one row): a replayed
+///   CUDA graph draws fresh numbers, and the same seed and counter give the same tokens.
+///   Keep `rows` fixed between launches that share a counter (start it at 0).
+///
+/// Thresholds come from at most 5 histogram passes over the row each, without sorting;
+/// greedy and unfiltered sampling read the row once plus the pick (see `sample.cu`).
+pub fn sample(logits: DType) -> Result<Kernel, CodegenError> {
+    let l = float_storage(logits, "sample logits")?;
+    let sig = KernelSig::new(
+        format!("kiln_sample_{}", logits.name()),
+        vec![
+            (Role::Out(0), ParamTy::ptr("i64")),
+            (Role::Out(1), ParamTy::ptr("float")),
+            (Role::In(0), ParamTy::const_ptr(l)),
+            (Role::Step, ParamTy::ptr("i64")),
+            (Role::N, ParamTy::I64),
+            (Role::Len, ParamTy::I64),
+            (Role::Temperature, ParamTy::F32),
+            (Role::TopK, ParamTy::I64),
+            (Role::TopP, ParamTy::F32),
+            (Role::Seed, ParamTy::I64),
+        ],
+    );
+    Ok(render(
+        sig,
+        SAMPLE,
+        &[("KILN_L", l.to_string()), ("KILN_THREADS", SAMPLE_THREADS.to_string())],
+        Grid::BlockPerItem { threads: SAMPLE_THREADS },
+    ))
+}
+
+/// Work items of a [`sample`] launch: one block per row.
+pub fn sample_items(rows: usize) -> usize {
+    rows
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_widths() {
+        assert_eq!(vec_elems(DType::BF16), 8);
+        assert_eq!(vec_elems(DType::F16), 8);
+        assert_eq!(vec_elems(DType::F32), 4);
+        assert!(gemv(DType::I32, DType::F32, DType::F32).unwrap_err().0.contains("input x"));
+    }
+}

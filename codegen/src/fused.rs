@@ -1,0 +1,822 @@
+//! CUDA codegen for fused groups ([`Op::Fused`]): every body whose
+//! [`FusedBody::kind`] is Ok becomes ONE kernel.
+//!
+//! * [`FusedKind::Elementwise`]: one thread per element of the output domain (a
+//!   grid-stride loop). The linear index is split into the domain coordinate; each body
+//!   value is then generated *at a coordinate* by walking its operands backwards:
+//!   elementwise ops keep the coordinate, `expand` maps broadcast dims to 0, `slice`
+//!   adds its start, `permute` permutes, `reshape` re-linearizes (only within the
+//!   smallest groups of dims whose sizes match), `concat` becomes a branch on the
+//!   coordinate along its axis, and a group input is a load at the row-major offset.
+//!   Values asked for at the same coordinate are generated once (CSE over C locals,
+//!   scoped to the branch or loop that computed them), so the code stays linear in the
+//!   body's size.
+//! * [`FusedKind::Rows`]: one block per row of `[rows.., cols..]`; reductions are block
+//!   reductions done in dependency order (one column pass per level of dependent
+//!   reductions); the full-shaped outputs are written in a final column pass, the
+//!   row-shaped ones by thread 0.
+//!
+//! Float values compute in f32 and every op's result is rounded to its logical dtype,
+//! as the CPU reference does (a bf16 `mul` is rounded to bf16 before the next op); 8-bit
+//! integer results wrap. Every size is a C expression over the device symbol table
+//! `syms` (see [`crate::symbols`]), so the kernel takes no per-launch shape argument.
+//!
+//! Kernel parameters, in order: `out`, `out1`, … (one per body output, storage type of
+//! its dtype, contiguous row-major), `in0`, `in1`, … (one per body input, `const`,
+//! contiguous row-major), `syms` (`const i64*`), `n` (the work-item count,
+//! [`fused_items`]: elements for the elementwise kind, rows for the rows kind; the
+//! kernel takes its loop bounds from `syms`, so `n` only sizes the launch).
+//! The kernel is named `kiln_fused_<FNV-1a 64 of its source>`, so identical bodies
+//! share one compiled kernel.
+
+use crate::kernels::{CodegenError, Grid, Kernel, PRELUDE};
+use crate::params::{KernelSig, ParamTy, Role};
+use crate::symbols::dim_to_c;
+use crate::table;
+use kiln_ops::{Bindings, DType, Dim, FusedBody, FusedKind, FusedRef, Op, ReduceOp, Shape, Sym};
+use std::collections::HashMap;
+use std::fmt::Write as _;
+
+const ELEMENTWISE: &str = include_str!("kernels/fused_elementwise.cu");
+const ROWS: &str = include_str!("kernels/fused_rows.cu");
+
+/// Threads per block of the elementwise form.
+pub const ELEMENTWISE_THREADS: u32 = 256;
+/// Threads per block (one block per row) of the rows form for rows of up to
+/// [`WIDE_ROW`] columns (or a symbolic column count)…
+pub const ROW_THREADS: u32 = 256;
+/// … and for rows of at least this many columns.
+pub const WIDE_ROW_THREADS: u32 = 512;
+/// The column count from which a row gets [`WIDE_ROW_THREADS`].
+pub const WIDE_ROW: usize = 4096;
+
+fn err<T>(msg: impl Into<String>) -> Result<T, CodegenError> {
+    Err(CodegenError(msg.into()))
+}
+
+/// The kernel of a fused body (see the [module docs](self) for its parameters and
+/// form). `syms` is the device symbol table's order
+/// ([`crate::symbols::graph_symbols`] of the graph holding the fused node). Errors name
+/// what the GPU backend cannot generate (a dtype, an op, a body that fits neither form).
+pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+    body.check().map_err(|e| CodegenError(format!("fused group: {e}")))?;
+    let kind = body.kind().map_err(|e| CodegenError(format!("fused group: {e}")))?;
+    let params = params(body)?;
+    let mut g = Gen::new(body, syms);
+    let (template, head, code, grid) = match &kind {
+        FusedKind::Elementwise { domain } => {
+            let (head, code) = g.elementwise(domain)?;
+            (ELEMENTWISE, head, code, Grid::Elementwise { threads: ELEMENTWISE_THREADS })
+        }
+        FusedKind::Rows { rows, cols } => {
+            let (head, code) = g.rows(rows, cols)?;
+            let wide = cols.numel().as_fixed().is_some_and(|n| n >= WIDE_ROW);
+            let threads = if wide { WIDE_ROW_THREADS } else { ROW_THREADS };
+            (ROWS, head, code, Grid::BlockPerItem { threads })
+        }
+    };
+    let kernel =
+        template.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
+    let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
+    src.push_str(PRELUDE);
+    src.push_str("\n// ---- kernel ----\n");
+    src.push_str(&kernel);
+    // The name is a hash of the source rendered under a placeholder name.
+    let hash = fnv1a64(&src.replace("KILN_SIGNATURE", &KernelSig::new("kiln_fused", params.clone()).signature()));
+    let sig = KernelSig::new(format!("kiln_fused_{hash:016x}"), params);
+    let source = src.replace("KILN_SIGNATURE", &sig.signature());
+    Ok(Kernel { sig, source, grid })
+}
+
+/// The number of work items to launch a fused body's kernel with
+/// (`kernel.grid.dims(items)`): elements of the domain for the elementwise form, rows
+/// for the rows form. Errors name an unbound symbol or a body that fits neither form.
+pub fn fused_items(body: &FusedBody, b: &Bindings) -> Result<usize, CodegenError> {
+    let kind = body.kind().map_err(|e| CodegenError(format!("fused group: {e}")))?;
+    let shape = match &kind {
+        FusedKind::Elementwise { domain } => domain,
+        FusedKind::Rows { rows, .. } => rows,
+    };
+    let dims = shape.eval(b).map_err(|e| CodegenError(format!("fused group of {shape}: {e}")))?;
+    Ok(dims.iter().product())
+}
+
+/// Outputs, inputs, the symbol table, the item count: the contract with the executor.
+fn params(body: &FusedBody) -> Result<Vec<(Role, ParamTy)>, CodegenError> {
+    if body.outputs.len() > u8::MAX as usize + 1 || body.inputs.len() > u8::MAX as usize + 1 {
+        return err(format!(
+            "a fused kernel takes at most 256 inputs and outputs, the group has {} and {}",
+            body.inputs.len(),
+            body.outputs.len()
+        ));
+    }
+    let mut params = Vec::with_capacity(body.outputs.len() + body.inputs.len() + 2);
+    for (i, &r) in body.outputs.iter().enumerate() {
+        let d = body.ty(r).expect("checked").dtype;
+        params.push((Role::Out(i as u8), ParamTy::ptr(storage(d, &format!("fused output {i}"))?)));
+    }
+    for (i, t) in body.inputs.iter().enumerate() {
+        params.push((Role::In(i as u8), ParamTy::const_ptr(storage(t.dtype, &format!("fused input {i}"))?)));
+    }
+    params.push((Role::Syms, ParamTy::const_ptr("i64")));
+    params.push((Role::N, ParamTy::I64));
+    Ok(params)
+}
+
+fn storage(d: DType, what: &str) -> Result<&'static str, CodegenError> {
+    table::storage_type(d).ok_or_else(|| CodegenError(format!("{what}: dtype {d} is not supported on the GPU yet")))
+}
+
+fn compute(d: DType, what: &str) -> Result<&'static str, CodegenError> {
+    table::compute_type(d).ok_or_else(|| CodegenError(format!("{what}: dtype {d} is not supported on the GPU yet")))
+}
+
+/// 64-bit FNV-1a: stable across builds and platforms.
+fn fnv1a64(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
+}
+
+/// `expr` brought into the value set of `d`, as the CPU reference's `finish` does after
+/// every computing op: floats rounded to bf16/f16, 8-bit integers wrapped.
+fn finish(expr: String, d: DType) -> String {
+    match d {
+        DType::BF16 => format!("kiln_rnd_bf16({expr})"),
+        DType::F16 => format!("kiln_rnd_f16({expr})"),
+        DType::I8 => format!("(int)(signed char)({expr})"),
+        DType::U8 => format!("(int)(unsigned char)({expr})"),
+        _ => expr,
+    }
+}
+
+/// Replaces the operand names `a`, `b`, `c` of a table expression by `args` (C locals).
+/// Numbers (`1.0f`, `0x7f`) and longer identifiers are left alone.
+fn substitute(expr: &str, args: &[&str]) -> String {
+    let mut out = String::with_capacity(expr.len() + 8);
+    let chars: Vec<char> = expr.chars().collect();
+    let mut i = 0;
+    while i < chars.len() {
+        let ch = chars[i];
+        if ch.is_ascii_digit() {
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '.' || chars[i] == '_') {
+                out.push(chars[i]);
+                i += 1;
+            }
+        } else if ch.is_ascii_alphabetic() || ch == '_' {
+            let start = i;
+            while i < chars.len() && (chars[i].is_ascii_alphanumeric() || chars[i] == '_') {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            match word.as_str() {
+                "a" if !args.is_empty() => out.push_str(args[0]),
+                "b" if args.len() > 1 => out.push_str(args[1]),
+                "c" if args.len() > 2 => out.push_str(args[2]),
+                _ => out.push_str(&word),
+            }
+        } else {
+            out.push(ch);
+            i += 1;
+        }
+    }
+    out
+}
+
+/// An identifier or a literal: usable in a larger expression without parentheses.
+fn is_simple(e: &str) -> bool {
+    e.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+fn paren(e: &str) -> String {
+    if is_simple(e) {
+        e.to_string()
+    } else {
+        format!("({e})")
+    }
+}
+
+/// A reduction's accumulator: C type, initial value, combine, final value.
+struct Reduction {
+    acc: &'static str,
+    init: &'static str,
+    /// Combine of `a` and `b`.
+    combine: &'static str,
+}
+
+fn reduction(op: ReduceOp, d: DType, node: usize) -> Result<Reduction, CodegenError> {
+    let wrap_add = "(i64)((unsigned long long)a + (unsigned long long)b)";
+    Ok(match (op, d) {
+        (_, DType::Bool) => return err(format!("fused body node {node}: `{}` is not defined for bool", op.name())),
+        (ReduceOp::Sum | ReduceOp::Mean, d) if d.is_float() => {
+            Reduction { acc: "float", init: "0.0f", combine: "a + b" }
+        }
+        (ReduceOp::Max, d) if d.is_float() => Reduction { acc: "float", init: "-KILN_INF", combine: "kiln_fmax(a, b)" },
+        (ReduceOp::Sum | ReduceOp::Mean, _) => Reduction { acc: "i64", init: "(i64)0", combine: wrap_add },
+        (ReduceOp::Max, d) => Reduction {
+            acc: "i64",
+            init: match d {
+                DType::I64 => "(i64)(-0x7fffffffffffffffLL - 1)",
+                DType::I32 => "(i64)(-0x7fffffff - 1)",
+                DType::I8 => "(i64)-128",
+                _ => "(i64)0",
+            },
+            combine: "(a > b ? a : b)",
+        },
+    })
+}
+
+/// The source generator: C lines of the kernel body, the size declarations they use,
+/// and the scoped CSE cache.
+struct Gen<'a> {
+    body: &'a FusedBody,
+    syms: &'a [Sym],
+    /// Symbolic dims declared at the top of the kernel, with their C names.
+    dims: Vec<(Dim, String)>,
+    lines: String,
+    indent: usize,
+    /// Key (a value at a coordinate, or an index expression) → C local.
+    cache: HashMap<String, String>,
+    /// Keys in insertion order, to forget those of a closed scope.
+    log: Vec<String>,
+    next: usize,
+    /// Rows form: reduction node → its per-row C local, once computed.
+    reduced: HashMap<usize, String>,
+    /// Rows form: the current row's coordinate (`None` in the elementwise form).
+    row: Option<Vec<String>>,
+}
+
+impl<'a> Gen<'a> {
+    fn new(body: &'a FusedBody, syms: &'a [Sym]) -> Gen<'a> {
+        Gen {
+            body,
+            syms,
+            dims: Vec::new(),
+            lines: String::new(),
+            indent: 0,
+            cache: HashMap::new(),
+            log: Vec::new(),
+            next: 0,
+            reduced: HashMap::new(),
+            row: None,
+        }
+    }
+
+    fn line(&mut self, s: impl AsRef<str>) {
+        for _ in 0..self.indent {
+            self.lines.push_str("    ");
+        }
+        self.lines.push_str(s.as_ref());
+        self.lines.push('\n');
+    }
+
+    fn fresh(&mut self, prefix: &str) -> String {
+        self.next += 1;
+        format!("{prefix}{}", self.next - 1)
+    }
+
+    /// Opens a CSE scope (a branch or loop body): returns the mark to close it with.
+    fn enter(&mut self) -> usize {
+        self.indent += 1;
+        self.log.len()
+    }
+
+    fn leave(&mut self, mark: usize) {
+        for k in self.log.drain(mark..) {
+            self.cache.remove(&k);
+        }
+        self.indent -= 1;
+    }
+
+    fn remember(&mut self, key: String, name: String) {
+        self.log.push(key.clone());
+        self.cache.insert(key, name);
+    }
+
+    /// A dim as C: a literal when fixed, else a named local declared at the top.
+    fn dim(&mut self, d: &Dim) -> Result<String, CodegenError> {
+        if let Some(n) = d.as_fixed() {
+            return Ok(if n > i32::MAX as usize { format!("{n}LL") } else { n.to_string() });
+        }
+        if let Some((_, name)) = self.dims.iter().find(|(x, _)| x == d) {
+            return Ok(name.clone());
+        }
+        dim_to_c(d, self.syms)?;
+        let name = format!("d{}", self.dims.len());
+        self.dims.push((d.clone(), name.clone()));
+        Ok(name)
+    }
+
+    /// The declarations of the symbolic dims used.
+    fn dim_decls(&self) -> Result<String, CodegenError> {
+        let mut s = String::new();
+        for (d, name) in &self.dims {
+            writeln!(s, "    const i64 {name} = {};  // {d}", dim_to_c(d, self.syms)?).expect("to a string");
+        }
+        Ok(s)
+    }
+
+    /// An i64 index expression as a simple C term (a local for compound expressions,
+    /// generated once per scope).
+    fn index(&mut self, expr: String) -> String {
+        if is_simple(&expr) {
+            return expr;
+        }
+        let key = format!("i:{expr}");
+        if let Some(name) = self.cache.get(&key) {
+            return name.clone();
+        }
+        let name = self.fresh("t");
+        self.line(format!("const i64 {name} = {expr};"));
+        self.remember(key, name.clone());
+        name
+    }
+
+    /// `c + d` for index terms.
+    fn plus(&mut self, c: &str, d: &str) -> String {
+        match (c, d) {
+            ("0", _) => d.to_string(),
+            (_, "0") => c.to_string(),
+            _ => self.index(format!("{c} + {d}")),
+        }
+    }
+
+    /// `c - d` for index terms.
+    fn minus(&mut self, c: &str, d: &str) -> String {
+        if d == "0" {
+            c.to_string()
+        } else {
+            self.index(format!("{c} - {d}"))
+        }
+    }
+
+    /// The CSE key of "the linear index of `coord` within `dims`".
+    fn lin_key(coord: &[String], dims: &[Dim]) -> String {
+        let ds: Vec<String> = dims.iter().map(|d| d.to_string()).collect();
+        format!("lin:{}|{}", coord.join(","), ds.join(","))
+    }
+
+    /// The row-major linear index of `coord` within `dims` (size-1 dims skipped). Starts
+    /// from the longest prefix whose linear index is already known (the work item's
+    /// own index and the quotients of its decomposition, see [`Gen::delinearize`]).
+    fn linearize(&mut self, coord: &[String], dims: &[Dim]) -> Result<String, CodegenError> {
+        let (mut acc, mut from) = (String::from("0"), 0);
+        for p in (1..=coord.len()).rev() {
+            if let Some(name) = self.cache.get(&Self::lin_key(&coord[..p], &dims[..p])) {
+                (acc, from) = (name.clone(), p);
+                break;
+            }
+        }
+        for (c, d) in coord.iter().zip(dims).skip(from) {
+            if d.as_fixed() == Some(1) {
+                continue;
+            }
+            acc = if acc == "0" {
+                c.clone()
+            } else {
+                let dc = self.dim(d)?;
+                if c == "0" {
+                    format!("{} * {dc}", paren(&acc))
+                } else {
+                    format!("{} * {dc} + {c}", paren(&acc))
+                }
+            };
+        }
+        Ok(self.index(acc))
+    }
+
+    /// The row-major coordinate within `dims` of the linear index `lin` (assumed to be
+    /// below the product of `dims`). Remembers the linear index of every prefix of the
+    /// coordinate (the quotients), for [`Gen::linearize`].
+    fn delinearize(&mut self, lin: &str, dims: &[Dim]) -> Result<Vec<String>, CodegenError> {
+        let outer = dims.iter().position(|d| d.as_fixed() != Some(1));
+        let mut coord = vec![String::from("0"); dims.len()];
+        // prefix[p]: the linear index of coord[..p] within dims[..p].
+        let mut prefix = vec![String::from("0"); dims.len() + 1];
+        prefix[dims.len()] = lin.to_string();
+        let mut rem = lin.to_string();
+        for k in (0..dims.len()).rev() {
+            if dims[k].as_fixed() == Some(1) {
+                prefix[k] = rem.clone();
+                continue;
+            }
+            if Some(k) == outer {
+                coord[k] = rem.clone();
+                break;
+            }
+            let dc = self.dim(&dims[k])?;
+            coord[k] = self.index(format!("{rem} % {dc}"));
+            rem = self.index(format!("{rem} / {dc}"));
+            prefix[k] = rem.clone();
+        }
+        for p in 1..=dims.len() {
+            if prefix[p] != "0" {
+                self.remember(Self::lin_key(&coord[..p], &dims[..p]), prefix[p].clone());
+            }
+        }
+        Ok(coord)
+    }
+
+    /// The coordinate in the input of `reshape` (`from` → `to`) of `coord` in its output:
+    /// size-1 dims are dropped, the rest is split into the smallest groups of
+    /// consecutive dims with equal products, and only groups of several dims are
+    /// re-linearized.
+    fn reshape_coord(&mut self, coord: &[String], from: &Shape, to: &Shape) -> Result<Vec<String>, CodegenError> {
+        let non1 = |s: &Shape| -> Vec<usize> { (0..s.rank()).filter(|&i| s.dim(i).as_fixed() != Some(1)).collect() };
+        let (od, id) = (non1(to), non1(from));
+        let prod = |s: &Shape, ax: &[usize]| ax.iter().fold(Dim::fixed(1), |acc, &i| &acc * s.dim(i));
+        let mut res = vec![String::from("0"); from.rank()];
+        let (mut i, mut j) = (0, 0);
+        while i < od.len() || j < id.len() {
+            // The smallest (k, l) with equal products, else everything left.
+            let mut group = (od.len(), id.len());
+            'search: for total in 2..=(od.len() - i) + (id.len() - j) {
+                for k in i + 1..=od.len() {
+                    let Some(l) = (j + total).checked_sub(k - i) else { continue };
+                    if l <= j || l > id.len() {
+                        continue;
+                    }
+                    if prod(to, &od[i..k]) == prod(from, &id[j..l]) {
+                        group = (k, l);
+                        break 'search;
+                    }
+                }
+            }
+            let (k, l) = group;
+            if k - i == 1 && l - j == 1 {
+                res[id[j]] = coord[od[i]].clone();
+            } else {
+                let oc: Vec<String> = od[i..k].iter().map(|&a| coord[a].clone()).collect();
+                let odims: Vec<Dim> = od[i..k].iter().map(|&a| to.dim(a).clone()).collect();
+                let lin = self.linearize(&oc, &odims)?;
+                let idims: Vec<Dim> = id[j..l].iter().map(|&a| from.dim(a).clone()).collect();
+                let ic = self.delinearize(&lin, &idims)?;
+                for (&a, c) in id[j..l].iter().zip(ic) {
+                    res[a] = c;
+                }
+            }
+            (i, j) = (k, l);
+        }
+        Ok(res)
+    }
+
+    fn ty(&self, r: FusedRef) -> &'a kiln_ops::TensorType {
+        self.body.ty(r).expect("checked body")
+    }
+
+    /// The C local holding body value `r` at `coord` (generated on first request in
+    /// the current scope).
+    fn value(&mut self, r: FusedRef, coord: &[String]) -> Result<String, CodegenError> {
+        let key = match r {
+            FusedRef::Input(i) => format!("in{i}@{}", coord.join(",")),
+            FusedRef::Node { node, output } => format!("n{node}.{output}@{}", coord.join(",")),
+        };
+        if let Some(v) = self.cache.get(&key) {
+            return Ok(v.clone());
+        }
+        let v = match r {
+            FusedRef::Input(i) => {
+                let ty = self.ty(r);
+                let c = compute(ty.dtype, &format!("fused input {i}"))?;
+                let dims = ty.shape.dims().to_vec();
+                let off = self.linearize(coord, &dims)?;
+                let name = self.fresh("v");
+                self.line(format!("const {c} {name} = kiln_ld({}, {off});", Role::In(i as u8).c_name()));
+                name
+            }
+            FusedRef::Node { node, output } => self.node_value(node as usize, output as usize, coord)?,
+        };
+        self.remember(key, v.clone());
+        Ok(v)
+    }
+
+    fn node_value(&mut self, i: usize, output: usize, coord: &[String]) -> Result<String, CodegenError> {
+        let body = self.body;
+        let n = &body.nodes[i];
+        let out = &n.outputs[output];
+        let what = format!("fused body node {i} (`{}`)", n.op.name());
+        let in_dtype = |k: usize| body.ty(n.operands[k]).expect("checked").dtype;
+        // An elementwise op: its operands at the same coordinate, then the table's C.
+        let elementwise = |g: &mut Self, expr: Option<String>, finishes: bool| -> Result<String, CodegenError> {
+            let expr = expr.ok_or_else(|| {
+                let ins: Vec<String> = (0..n.operands.len()).map(|k| in_dtype(k).to_string()).collect();
+                CodegenError(format!("{what}: not defined for {} on the GPU", ins.join(", ")))
+            })?;
+            let mut args = Vec::with_capacity(n.operands.len());
+            for &r in &n.operands {
+                args.push(g.value(r, coord)?);
+            }
+            let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+            let mut e = substitute(&expr, &refs);
+            if finishes {
+                e = finish(e, out.dtype);
+            }
+            let c = compute(out.dtype, &what)?;
+            if is_simple(&e) {
+                return Ok(e); // a copy (a cast to the same compute value)
+            }
+            let name = g.fresh("v");
+            g.line(format!("const {c} {name} = {e};  // {}", n.op.name()));
+            Ok(name)
+        };
+        match &n.op {
+            Op::Unary(u) => elementwise(self, table::unary_expr(*u, in_dtype(0)), true),
+            Op::Binary(b) => elementwise(self, table::binary_expr(*b, in_dtype(0)), !b.is_comparison()),
+            Op::Select => elementwise(self, Some(table::select_expr()), false),
+            Op::Cast(to) => elementwise(self, table::cast_expr(in_dtype(0), *to), true),
+            Op::Reshape(to) => {
+                let from = &body.ty(n.operands[0]).expect("checked").shape;
+                let c = self.reshape_coord(coord, from, to)?;
+                self.value(n.operands[0], &c)
+            }
+            Op::Permute(perm) => {
+                let mut c = vec![String::new(); perm.len()];
+                for (k, &p) in perm.iter().enumerate() {
+                    c[p] = coord[k].clone();
+                }
+                self.value(n.operands[0], &c)
+            }
+            Op::Slice { axis, start, .. } => {
+                let s = self.dim(start)?;
+                let mut c = coord.to_vec();
+                c[*axis] = self.plus(&coord[*axis], &s);
+                self.value(n.operands[0], &c)
+            }
+            Op::Expand(to) => {
+                let from = &body.ty(n.operands[0]).expect("checked").shape;
+                let off = to.rank() - from.rank();
+                let c: Vec<String> = (0..from.rank())
+                    .map(|k| if from.dim(k).as_fixed() == Some(1) { String::from("0") } else { coord[off + k].clone() })
+                    .collect();
+                self.value(n.operands[0], &c)
+            }
+            Op::Concat { axis } => self.concat(i, *axis, coord, &what),
+            Op::Reduce { .. } => {
+                let Some(row) = &self.row else {
+                    return err(format!("{what}: a reduction outside the rows form"));
+                };
+                if coord.len() < row.len() || coord[..row.len()] != row[..] {
+                    return err(format!(
+                        "{what}: a reduction's row value is read at coordinate ({}), not at the kernel's row ({})",
+                        coord.join(", "),
+                        row.join(", ")
+                    ));
+                }
+                self.reduced.get(&i).cloned().ok_or_else(|| CodegenError(format!("{what}: read before it is reduced")))
+            }
+            other => err(format!("{what}: `{}` cannot be generated inside a fused kernel", other.name())),
+        }
+    }
+
+    /// `concat` along `axis`: a branch per operand on the coordinate along the axis.
+    fn concat(&mut self, i: usize, axis: usize, coord: &[String], what: &str) -> Result<String, CodegenError> {
+        let n = &self.body.nodes[i];
+        let c = compute(n.outputs[0].dtype, what)?;
+        let parts = n.operands.len();
+        if parts == 1 {
+            return self.value(n.operands[0], coord);
+        }
+        let name = self.fresh("v");
+        self.line(format!("{c} {name};  // concat"));
+        let mut start = Dim::fixed(0);
+        for (p, &r) in n.operands.iter().enumerate() {
+            let end = &start + self.ty(r).shape.dim(axis);
+            let at = &coord[axis];
+            if p == 0 {
+                let e = self.dim(&end)?;
+                self.line(format!("if ({at} < {e}) {{"));
+            } else if p + 1 < parts {
+                let e = self.dim(&end)?;
+                self.line(format!("}} else if ({at} < {e}) {{"));
+            } else {
+                self.line("} else {");
+            }
+            let mark = self.enter();
+            let s = self.dim(&start)?;
+            let mut sub = coord.to_vec();
+            sub[axis] = self.minus(at, &s);
+            let v = self.value(r, &sub)?;
+            self.line(format!("{name} = {v};"));
+            self.leave(mark);
+            start = end;
+        }
+        self.line("}");
+        Ok(name)
+    }
+
+    /// The elementwise form: (size declarations, loop body).
+    fn elementwise(&mut self, domain: &Shape) -> Result<(String, String), CodegenError> {
+        self.indent = 2;
+        let coord = self.delinearize("i", domain.dims())?;
+        for (k, &r) in self.body.outputs.iter().enumerate() {
+            let v = self.value(r, &coord)?;
+            self.line(format!("kiln_st({}, i, {v});", Role::Out(k as u8).c_name()));
+        }
+        let n = self.dim(&domain.numel())?;
+        let mut head = self.dim_decls()?;
+        writeln!(head, "    const i64 n_items = {n};").expect("to a string");
+        Ok((head, std::mem::take(&mut self.lines)))
+    }
+
+    /// Body nodes the outputs depend on.
+    fn live(&self) -> Vec<bool> {
+        let mut live = vec![false; self.body.nodes.len()];
+        let mut stack: Vec<FusedRef> = self.body.outputs.clone();
+        while let Some(r) = stack.pop() {
+            if let FusedRef::Node { node, .. } = r {
+                if !std::mem::replace(&mut live[node as usize], true) {
+                    stack.extend(self.body.nodes[node as usize].operands.iter().copied());
+                }
+            }
+        }
+        live
+    }
+
+    /// The live reductions grouped by level: a reduction's level is one more than the
+    /// highest level among the reductions its operand depends on.
+    fn levels(&self) -> Vec<Vec<usize>> {
+        let live = self.live();
+        let mut depth = vec![0usize; self.body.nodes.len()];
+        let mut levels: Vec<Vec<usize>> = Vec::new();
+        for (i, n) in self.body.nodes.iter().enumerate() {
+            let base = n
+                .operands
+                .iter()
+                .map(|r| match r {
+                    FusedRef::Input(_) => 0,
+                    FusedRef::Node { node, .. } => depth[*node as usize],
+                })
+                .max()
+                .unwrap_or(0);
+            depth[i] = base;
+            if matches!(n.op, Op::Reduce { .. }) {
+                depth[i] = base + 1;
+                if live[i] {
+                    if levels.len() < base + 1 {
+                        levels.resize(base + 1, Vec::new());
+                    }
+                    levels[base].push(i);
+                }
+            }
+        }
+        levels.retain(|l| !l.is_empty());
+        levels
+    }
+
+    /// The rows form: (size and shared-memory declarations, row loop body).
+    fn rows(&mut self, rows: &Shape, cols: &Shape) -> Result<(String, String), CodegenError> {
+        let full: Vec<Dim> = rows.dims().iter().chain(cols.dims()).cloned().collect();
+        let ncols = self.dim(&cols.numel())?;
+        self.indent = 2;
+        let row = self.delinearize("row", rows.dims())?;
+        self.row = Some(row.clone());
+        let levels = self.levels();
+        let (mut shared_f, mut shared_i) = (0usize, 0usize);
+        for level in &levels {
+            let mut accs: Vec<(usize, String, Reduction)> = Vec::new();
+            for &k in level {
+                let n = &self.body.nodes[k];
+                let Op::Reduce { op, .. } = n.op else { unreachable!("levels hold reductions") };
+                let d = self.ty(n.operands[0]).dtype;
+                let red = reduction(op, d, k)?;
+                let acc = self.fresh("acc");
+                self.line(format!("{} {acc} = {};  // {} (node {k})", red.acc, red.init, op.name()));
+                accs.push((k, acc, red));
+            }
+            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += blockDim.x) {{"));
+            let mark = self.enter();
+            let cc = self.delinearize("j", cols.dims())?;
+            let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
+            for (k, acc, red) in &accs {
+                let operand = self.body.nodes[*k].operands[0];
+                let v = self.value(operand, &coord)?;
+                let vc = compute(self.ty(operand).dtype, "a reduced value")?;
+                let v = if vc == red.acc { v } else { format!("({}){v}", red.acc) };
+                let e = substitute(red.combine, &[acc, &v]);
+                self.line(format!("{acc} = {e};"));
+            }
+            self.leave(mark);
+            self.line("}");
+            // Block reduction: warp butterflies, then every thread combines the warps'
+            // partials in the same order.
+            let slot = |accs: &[(usize, String, Reduction)], a: usize| {
+                let float = accs[a].2.acc == "float";
+                let s = accs[..a].iter().filter(|x| (x.2.acc == "float") == float).count();
+                if float {
+                    format!("kiln_sf[{s}]")
+                } else {
+                    format!("kiln_si[{s}]")
+                }
+            };
+            shared_f = shared_f.max(accs.iter().filter(|x| x.2.acc == "float").count());
+            shared_i = shared_i.max(accs.iter().filter(|x| x.2.acc != "float").count());
+            self.line("for (int s = 16; s > 0; s >>= 1) {");
+            self.indent += 1;
+            for (_, acc, red) in &accs {
+                let e = substitute(red.combine, &[acc, &format!("__shfl_xor_sync(0xffffffffu, {acc}, s)")]);
+                self.line(format!("{acc} = {e};"));
+            }
+            self.indent -= 1;
+            self.line("}");
+            self.line("if (lane == 0) {");
+            self.indent += 1;
+            for (a, (_, acc, _)) in accs.iter().enumerate() {
+                self.line(format!("{}[warp] = {acc};", slot(&accs, a)));
+            }
+            self.indent -= 1;
+            self.line("}");
+            self.line("__syncthreads();");
+            for (a, (_, acc, _)) in accs.iter().enumerate() {
+                self.line(format!("{acc} = {}[0];", slot(&accs, a)));
+            }
+            self.line("for (int w = 1; w < warps; ++w) {");
+            self.indent += 1;
+            for (a, (_, acc, red)) in accs.iter().enumerate() {
+                let e = substitute(red.combine, &[acc, &format!("{}[w]", slot(&accs, a))]);
+                self.line(format!("{acc} = {e};"));
+            }
+            self.indent -= 1;
+            self.line("}");
+            self.line("__syncthreads();  // the partials are reused by the next reduction");
+            for (k, acc, red) in &accs {
+                let n = &self.body.nodes[*k];
+                let Op::Reduce { op, .. } = n.op else { unreachable!("levels hold reductions") };
+                let d = n.outputs[0].dtype;
+                let c = compute(d, &format!("fused body node {k} (`{}`)", op.name()))?;
+                let value = match (op, red.acc) {
+                    (ReduceOp::Mean, "float") => format!("{acc} / (float){ncols}"),
+                    (ReduceOp::Mean, _) => format!("({ncols} == 0 ? (i64)0 : {acc} / {ncols})"),
+                    _ => acc.clone(),
+                };
+                let value = if c == red.acc { value } else { format!("({c})({value})") };
+                let name = self.fresh("red");
+                self.line(format!("const {c} {name} = {};", finish(value, d)));
+                self.reduced.insert(*k, name);
+            }
+        }
+        // Outputs: full-shaped ones in a column pass, row-shaped ones by thread 0.
+        let full_shape = Shape::new(full.iter().cloned());
+        let outs: Vec<(usize, FusedRef)> = self.body.outputs.iter().copied().enumerate().collect();
+        let (wide, narrow): (Vec<_>, Vec<_>) = outs.into_iter().partition(|&(_, r)| self.ty(r).shape == full_shape);
+        if !wide.is_empty() {
+            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += blockDim.x) {{"));
+            let mark = self.enter();
+            let cc = self.delinearize("j", cols.dims())?;
+            let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
+            for &(k, r) in &wide {
+                let v = self.value(r, &coord)?;
+                self.line(format!("kiln_st({}, row * {ncols} + j, {v});", Role::Out(k as u8).c_name()));
+            }
+            self.leave(mark);
+            self.line("}");
+        }
+        if !narrow.is_empty() {
+            self.line("if (threadIdx.x == 0) {");
+            let mark = self.enter();
+            for &(k, r) in &narrow {
+                // `[rows..]` or `[rows.., 1..]`: the kept dims are at 0.
+                let rank = self.ty(r).shape.rank();
+                let mut coord = row.clone();
+                coord.resize(rank, String::from("0"));
+                let v = self.value(r, &coord)?;
+                self.line(format!("kiln_st({}, row, {v});", Role::Out(k as u8).c_name()));
+            }
+            self.leave(mark);
+            self.line("}");
+        }
+        let nrows = self.dim(&rows.numel())?;
+        let mut head = self.dim_decls()?;
+        writeln!(head, "    const i64 n_rows = {nrows};").expect("to a string");
+        if !levels.is_empty() {
+            if shared_f > 0 {
+                writeln!(head, "    __shared__ float kiln_sf[{shared_f}][32];").expect("to a string");
+            }
+            if shared_i > 0 {
+                writeln!(head, "    __shared__ i64 kiln_si[{shared_i}][32];").expect("to a string");
+            }
+            head.push_str("    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;\n");
+        }
+        Ok((head, std::mem::take(&mut self.lines)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn substitution_replaces_operand_names_only() {
+        assert_eq!(substitute("a + b", &["v1", "v2"]), "v1 + v2");
+        assert_eq!(substitute("(a ? 1.0f : 0.0f)", &["v0"]), "(v0 ? 1.0f : 0.0f)");
+        assert_eq!(substitute("kiln_fmax(a, b)", &["x", "y"]), "kiln_fmax(x, y)");
+        assert_eq!(substitute("a ? b : c", &["c0", "v1", "v2"]), "c0 ? v1 : v2");
+        assert_eq!(substitute("(i64)(-0x7fffffffffffffffLL - 1) + a", &["v"]), "(i64)(-0x7fffffffffffffffLL - 1) + v");
+        assert_eq!(substitute("1.0f / sqrtf(a)", &["v3"]), "1.0f / sqrtf(v3)");
+    }
+
+    #[test]
+    fn fnv_is_the_reference_fnv1a() {
+        // Published FNV-1a 64 test vectors.
+        assert_eq!(fnv1a64(""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64("a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(fnv1a64("foobar"), 0x85944171f73967e8);
+    }
+}

@@ -1,0 +1,173 @@
+// GEMV for batch-1 decode: y[m, n] = Σ_k x[m, k] · w[n, k] (w row-major [n, k], the
+// `linear` layout), 1 <= m <= GV_MAX_M, f32 accumulation, y rounded once to its storage
+// type. x, w, y are the parameters in0, in1, out. With KILN_RESIDUAL, in2 = r [m, n] (y's
+// dtype) and y = round(round(x·wᵀ) + r), like the CPU reference (matmul rounded to the
+// output dtype, then the add rounded again).
+//
+// Work: a block of GV_WARPS warps owns GV_WARPS·GV_R consecutive rows of w; warp `warp`
+// streams rows row0 .. row0 + GV_R. x is staged in shared memory as f32, kc columns at a
+// time (kc·m <= GV_XS, kc a multiple of 256), shared by the block's warps.
+//
+// Vector path (k % KILN_VEC == 0 and w 16-byte aligned, so every row of w is): lane L
+// reads the 16-byte vectors L, L+32, ... of each of its rows, GV_R·GV_U loads in flight
+// per lane, through the read-only path without L1 allocation (weights are read once);
+// a chunk's first loads are issued before x is staged.
+// Staged x element e of row r sits at float4 slot (r·GV_P + (e % KILN_VEC) / 4)·nv +
+// e / KILN_VEC (GV_P planes of 4 floats, nv vectors per chunk), so the warp's 16-byte
+// shared loads (and the staging stores) for one plane cover 32 consecutive slots: no
+// bank conflicts.
+// Scalar path (otherwise): lane L reads elements L, L+32, ...; x is staged row-major.
+// Each lane accumulates in f32; rows are reduced with warp shuffles; lane 0 stores.
+// GV_WARPS (warps per block) and GV_R (rows per warp) come from decode.rs.
+#define GV_U 4
+#define GV_XS 8192
+#define GV_MAX_M 8
+#define GV_P (KILN_VEC / 4)
+
+// v rounded to y's storage type and back.
+__device__ __forceinline__ float gv_round(float v) {
+    KILN_Y t[1];
+    kiln_st(t, 0, v);
+    return kiln_ld((const KILN_Y*)t, 0);
+}
+
+// Loads the GV_R·GV_U weight vectors of one step (vectors c0 + u·32 + lane of this
+// warp's rows, zeros past the end) of the chunk at column k0.
+__device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W* __restrict__ w, i64 row0, i64 n,
+                                        i64 k, i64 k0, int c0, int nv, int lane) {
+#pragma unroll
+    for (int rr = 0; rr < GV_R; ++rr) {
+#pragma unroll
+        for (int u = 0; u < GV_U; ++u) {
+            const int c = c0 + u * 32 + lane;
+            const i64 row = row0 + rr;
+            if (row < n && c < nv) {
+                wv[rr][u] = kiln_ld16(w + row * k + k0 + (i64)c * KILN_VEC);
+            } else {
+                wv[rr][u].x = wv[rr][u].y = wv[rr][u].z = wv[rr][u].w = 0u;
+            }
+        }
+    }
+}
+
+KILN_SIGNATURE {
+    __shared__ kiln_f4 xs4[GV_XS / 4];
+    float* xs = (float*)xs4;
+    if (m < 1 || m > GV_MAX_M) return;  // uniform: the host checks m
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const i64 row0 = ((i64)blockIdx.x * GV_WARPS + warp) * GV_R;
+    const bool vec = (k % KILN_VEC) == 0 && (((unsigned long long)in1) & 15ull) == 0;
+    const int kc = (GV_XS / (int)m) & ~255;
+    const int mm = (int)m;
+
+    float acc[GV_MAX_M][GV_R];
+#pragma unroll
+    for (int r = 0; r < GV_MAX_M; ++r)
+#pragma unroll
+        for (int rr = 0; rr < GV_R; ++rr) acc[r][rr] = 0.0f;
+
+    kiln_u4 wv[GV_R][GV_U];
+    for (i64 k0 = 0; k0 < k; k0 += kc) {
+        const int len = (int)(k - k0 < (i64)kc ? k - k0 : (i64)kc);
+        // The chunk's first weight loads go out before x is staged, so they overlap.
+        if (vec) gv_load(wv, in1, row0, n, k, k0, 0, len / KILN_VEC, lane);
+        __syncthreads();  // every warp is done with the previous chunk
+        if (vec) {
+            // One float4 slot per thread and step: consecutive threads, consecutive slots.
+            const int nv = len / KILN_VEC;
+            for (int r = 0; r < mm; ++r) {
+#pragma unroll
+                for (int p = 0; p < GV_P; ++p) {
+                    for (int c = threadIdx.x; c < nv; c += blockDim.x) {
+                        const i64 e = (i64)r * k + k0 + (i64)c * KILN_VEC + 4 * p;
+                        kiln_f4 v;
+                        v.x = kiln_ld(in0, e);
+                        v.y = kiln_ld(in0, e + 1);
+                        v.z = kiln_ld(in0, e + 2);
+                        v.w = kiln_ld(in0, e + 3);
+                        xs4[(r * GV_P + p) * nv + c] = v;
+                    }
+                }
+            }
+        } else {
+            for (int r = 0; r < mm; ++r) {
+                for (int e = threadIdx.x; e < len; e += blockDim.x) {
+                    xs[r * len + e] = kiln_ld(in0, (i64)r * k + k0 + e);
+                }
+            }
+        }
+        __syncthreads();
+
+        if (vec) {
+            const int nv = len / KILN_VEC;
+            for (int c0 = 0; c0 < nv; c0 += 32 * GV_U) {
+                if (c0 > 0) gv_load(wv, in1, row0, n, k, k0, c0, nv, lane);
+#pragma unroll
+                for (int u = 0; u < GV_U; ++u) {
+                    const int c = c0 + u * 32 + lane;
+                    if (c < nv) {
+                        float wf[GV_R][KILN_VEC];
+#pragma unroll
+                        for (int rr = 0; rr < GV_R; ++rr) kiln_unpack(wv[rr][u], wf[rr], in1);
+#pragma unroll
+                        for (int r = 0; r < GV_MAX_M; ++r) {
+                            if (r < mm) {
+                                float xf[KILN_VEC];
+#pragma unroll
+                                for (int p = 0; p < GV_P; ++p) {
+                                    const kiln_f4 q = xs4[(r * GV_P + p) * nv + c];
+                                    xf[4 * p + 0] = q.x;
+                                    xf[4 * p + 1] = q.y;
+                                    xf[4 * p + 2] = q.z;
+                                    xf[4 * p + 3] = q.w;
+                                }
+#pragma unroll
+                                for (int rr = 0; rr < GV_R; ++rr) {
+#pragma unroll
+                                    for (int j = 0; j < KILN_VEC; ++j) acc[r][rr] = fmaf(xf[j], wf[rr][j], acc[r][rr]);
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int e = lane; e < len; e += 32) {
+                float wf[GV_R];
+#pragma unroll
+                for (int rr = 0; rr < GV_R; ++rr) {
+                    const i64 row = row0 + rr;
+                    wf[rr] = row < n ? kiln_ld(in1, row * k + k0 + e) : 0.0f;
+                }
+#pragma unroll
+                for (int r = 0; r < GV_MAX_M; ++r) {
+                    if (r < mm) {
+                        const float xv = xs[r * len + e];
+#pragma unroll
+                        for (int rr = 0; rr < GV_R; ++rr) acc[r][rr] = fmaf(xv, wf[rr], acc[r][rr]);
+                    }
+                }
+            }
+        }
+    }
+
+#pragma unroll
+    for (int r = 0; r < GV_MAX_M; ++r) {
+        if (r < mm) {
+#pragma unroll
+            for (int rr = 0; rr < GV_R; ++rr) {
+                float v = acc[r][rr];
+#pragma unroll
+                for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+                const i64 row = row0 + rr;
+                if (lane == 0 && row < n) {
+#if KILN_RESIDUAL
+                    kiln_st(out, (i64)r * n + row, gv_round(v) + kiln_ld(in2, (i64)r * n + row));
+#else
+                    kiln_st(out, (i64)r * n + row, v);
+#endif
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,174 @@
+//! CPU-only checks of the decode kernels: parameter lists (the launch order the runtime
+//! packs), the symbol-table rendering of the attention key count, launch and workspace
+//! sizes, and the errors. The kernels themselves run in `runtime/tests/cuda_decode.rs`.
+
+use kiln_codegen::decode::*;
+use kiln_codegen::{Grid, Kernel, Role};
+use kiln_ops::{DType, Dim, Sym};
+
+fn roles(k: &Kernel) -> Vec<Role> {
+    k.sig.params.iter().map(|p| p.role).collect()
+}
+
+#[test]
+fn gemv_parameters_and_launch() {
+    let k = gemv(DType::BF16, DType::BF16, DType::BF16).unwrap();
+    assert_eq!(roles(&k), [Role::Out(0), Role::In(0), Role::In(1), Role::MatM, Role::MatN, Role::MatK]);
+    assert_eq!(
+        k.sig.signature(),
+        "extern \"C\" __global__ void kiln_gemv_bf16_bf16_bf16(kiln_bf16* __restrict__ out, const kiln_bf16* \
+         __restrict__ in0, const kiln_bf16* __restrict__ in1, i64 m, i64 n, i64 k)"
+    );
+    assert!(k.source.contains("#define KILN_VEC 8") && k.source.contains("#define KILN_RESIDUAL 0"));
+    assert!(!k.source.contains("KILN_SIGNATURE"));
+
+    let r = gemv_residual(DType::F32, DType::BF16, DType::F16).unwrap();
+    assert_eq!(roles(&r), [Role::Out(0), Role::In(0), Role::In(1), Role::In(2), Role::MatM, Role::MatN, Role::MatK]);
+    let sig = r.sig.signature();
+    // x f32, w bf16, y and r f16; the vector width follows w.
+    assert!(sig.contains("kiln_f16* __restrict__ out, const float* __restrict__ in0"), "{sig}");
+    assert!(sig.contains("const kiln_bf16* __restrict__ in1, const kiln_f16* __restrict__ in2"), "{sig}");
+    assert!(r.source.contains("#define KILN_VEC 8") && r.source.contains("#define KILN_RESIDUAL 1"));
+    assert_ne!(r.sig.name, gemv(DType::F32, DType::BF16, DType::F16).unwrap().sig.name);
+    assert!(gemv(DType::F32, DType::F32, DType::F32).unwrap().source.contains("#define KILN_VEC 4"));
+
+    // One block per 16 output columns, 256 threads.
+    assert_eq!(gemv_items(1, 8192), 512);
+    assert_eq!(gemv_items(8, 129), 9);
+    assert_eq!(gemv_items(5, 16), 1);
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: 256 });
+    assert_eq!(k.grid.dims(gemv_items(1, 2048)), (128, 256));
+    assert_eq!(GEMV_MAX_M, 8);
+}
+
+#[test]
+fn gemv_rejects_non_float_dtypes_by_name() {
+    let e = gemv(DType::BF16, DType::I8, DType::BF16).unwrap_err().0;
+    assert!(e.contains("gemv weight w") && e.contains("i8"), "{e}");
+    let e = gemv_residual(DType::BF16, DType::BF16, DType::I32).unwrap_err().0;
+    assert!(e.contains("gemv_residual output y") && e.contains("i32"), "{e}");
+}
+
+#[test]
+fn attention_decode_reads_the_key_count_from_the_symbol_table() {
+    let table = [Sym::new("batch"), Sym::new("past"), Sym::new("seq")];
+    let keys = &Dim::sym("past") + &Dim::sym("seq");
+    let (p, c) = attention_decode(DType::BF16, &keys, &table).unwrap();
+    assert_eq!(
+        roles(&p),
+        [
+            Role::Out(0),
+            Role::Out(1),
+            Role::In(0),
+            Role::In(1),
+            Role::In(2),
+            Role::Syms,
+            Role::Batch,
+            Role::Seq,
+            Role::Heads,
+            Role::KvHeads,
+            Role::HeadDim,
+            Role::ValueDim,
+            Role::KBatchStride,
+            Role::VBatchStride,
+            Role::Splits,
+            Role::Scale,
+            Role::MaskKind,
+            Role::Window,
+        ]
+    );
+    let sig = p.sig.signature();
+    assert!(!roles(&p).contains(&Role::Keys));
+    assert!(!sig.contains(" keys"), "{sig}");
+    assert!(
+        sig.contains("float* __restrict__ out, float* __restrict__ out1, const kiln_bf16* __restrict__ in0"),
+        "{sig}"
+    );
+    assert!(sig.contains("const i64* __restrict__ syms"), "{sig}");
+    assert!(sig.contains("float scale, int mask_kind, i64 window)"), "{sig}");
+    assert!(p.source.contains("#define KILN_KEYS (syms[1] + syms[2])"), "keys expression missing");
+    assert!(p.source.contains("#define KILN_PART 1") && c.source.contains("#define KILN_PART 0"));
+
+    assert_eq!(roles(&c), [Role::Out(0), Role::In(0), Role::In(1), Role::N, Role::ValueDim, Role::Splits]);
+    assert!(c.sig.signature().contains("kiln_bf16* __restrict__ out, const float* __restrict__ in0"));
+    assert_eq!(p.grid, Grid::BlockPerItem { threads: 128 });
+    assert_eq!(c.grid, Grid::BlockPerItem { threads: 128 });
+
+    // The partial kernel's name identifies its keys expression; the combine kernel's does
+    // not depend on it.
+    let (p2, c2) = attention_decode(DType::BF16, &Dim::sym("past"), &table).unwrap();
+    assert!(p2.source.contains("#define KILN_KEYS (syms[1])"));
+    assert_ne!(p.sig.name, p2.sig.name);
+    assert_eq!(c.sig.name, c2.sig.name);
+    assert_eq!(c.source, c2.source);
+    // f32 has 4 elements per 16 bytes, so two vectors per lane for head dim 256.
+    let (p3, _) = attention_decode(DType::F32, &keys, &table).unwrap();
+    assert!(p3.source.contains("#define KILN_VEC 4") && p3.source.contains("#define AD_NVL 2"));
+    assert!(p.source.contains("#define KILN_VEC 8") && p.source.contains("#define AD_NVL 1"));
+}
+
+#[test]
+fn attention_decode_errors_name_the_culprit() {
+    let table = [Sym::new("past")];
+    let e = attention_decode(DType::BF16, &Dim::sym("seq"), &table).unwrap_err().0;
+    assert!(e.contains("`seq`"), "{e}");
+    let e = attention_decode(DType::I64, &Dim::sym("past"), &table).unwrap_err().0;
+    assert!(e.contains("attention_decode") && e.contains("i64"), "{e}");
+    assert!(attention_decode_check(32, 8, 128, 128, 16).is_ok());
+    let e = attention_decode_check(9, 2, 64, 64, 1).unwrap_err().0;
+    assert!(e.contains("9 query heads") && e.contains("2 kv heads"), "{e}");
+    assert!(attention_decode_check(4, 0, 64, 64, 1).is_err());
+    let e = attention_decode_check(4, 4, 64, 320, 1).unwrap_err().0;
+    assert!(e.contains("value_dim 320"), "{e}");
+    assert!(attention_decode_check(4, 4, 0, 64, 1).unwrap_err().0.contains("head_dim 0"));
+    assert!(attention_decode_check(4, 4, 64, 64, 0).unwrap_err().0.contains("splits"));
+}
+
+#[test]
+fn attention_decode_sizes() {
+    // (partial outputs, (max, sum) pairs) = b·s·h·splits·(dv, 2).
+    assert_eq!(attention_decode_workspace(1, 1, 32, 128, 16), (65536, 1024));
+    assert_eq!(attention_decode_workspace(3, 2, 9, 64, 5), (17280, 540));
+    assert_eq!(attention_decode_workspace(2, 1, 4, 80, 1), (640, 16));
+    // Partial: b·kh·ceil(s·h/kh / 8)·splits; combine: b·s·h.
+    assert_eq!(attention_decode_items(1, 1, 32, 8, 16), (128, 32));
+    assert_eq!(attention_decode_items(3, 2, 9, 3, 5), (45, 54));
+    assert_eq!(attention_decode_items(1, 2, 32, 2, 4), (32, 64)); // 32 (row, head) pairs per kv head: 4 tiles
+    assert_eq!(attention_decode_items(2, 1, 4, 4, 3), (24, 8));
+    assert_eq!(ATTENTION_DECODE_QUERY_TILE, 8);
+    // Splits: about two waves of blocks, never more than the keys, in 1..=256.
+    assert_eq!(attention_decode_splits(1, 1, 32, 8, 4096, 132), 33);
+    assert_eq!(attention_decode_splits(1, 1, 32, 8, 10, 132), 10);
+    assert_eq!(attention_decode_splits(64, 1, 32, 8, 4096, 132), 1);
+    assert_eq!(attention_decode_splits(1, 1, 1, 1, 1 << 20, 1000), 256);
+}
+
+#[test]
+fn sample_parameters() {
+    let k = sample(DType::F32).unwrap();
+    assert_eq!(
+        roles(&k),
+        [
+            Role::Out(0),
+            Role::Out(1),
+            Role::In(0),
+            Role::Step,
+            Role::N,
+            Role::Len,
+            Role::Temperature,
+            Role::TopK,
+            Role::TopP,
+            Role::Seed,
+        ]
+    );
+    assert_eq!(
+        k.sig.signature(),
+        "extern \"C\" __global__ void kiln_sample_f32(i64* __restrict__ out, float* __restrict__ out1, const float* \
+         __restrict__ in0, i64* __restrict__ step, i64 n, i64 len, float temperature, i64 top_k, float top_p, i64 seed)"
+    );
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: SAMPLE_THREADS });
+    assert!(k.source.contains(&format!("#define KILN_THREADS {SAMPLE_THREADS}")));
+    assert_eq!(k.grid.dims(sample_items(3)), (3, 512));
+    assert!(sample(DType::BF16).unwrap().sig.signature().contains("const kiln_bf16* __restrict__ in0"));
+    assert!(sample(DType::Bool).unwrap_err().0.contains("sample logits"));
+}

@@ -1,0 +1,720 @@
+//! Fused-group codegen (CPU only): the kernel contract (parameter order, one
+//! `__global__`, no per-launch shape argument), deterministic names and sources
+//! (insta snapshots of the kernel part), `lower_node` and `fused_items`, errors, and,
+//! where a host C++ compiler (`g++`) is present, the generated CUDA C compiled for the
+//! host with a small CUDA shim (threads, barriers, warp shuffles emulated) and run on
+//! random data against the CPU reference `Op::eval` of the same fused op.
+
+use kiln_codegen::kernels::NodeLowering;
+use kiln_codegen::symbols::graph_symbols;
+use kiln_codegen::{fused_items, fused_kernel, lower_node, Grid, Kernel, ParamTy, Role};
+use kiln_graph::ops::{Bindings, DType, Dim, FusedBody, FusedNode, FusedRef, HostData, HostTensor, Op, Shape, Sym};
+use kiln_graph::{Graph, TensorExt, Tracer, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+// ---- building fused groups ------------------------------------------------------------
+
+/// A traced graph with every non-source node wrapped into ONE fused node: the sources
+/// (inputs, params, constants) stay and become the group's inputs, in topological order.
+/// Returns the new graph, the body, and the source op of each group input.
+fn fuse_all(g: &Graph) -> (Graph, FusedBody, Vec<Op>) {
+    let mut ng = Graph::new();
+    let mut body = FusedBody { inputs: vec![], nodes: vec![], outputs: vec![] };
+    let mut refs: HashMap<Value, FusedRef> = HashMap::new();
+    let (mut operands, mut sources) = (Vec::new(), Vec::new());
+    for n in g.topo_order() {
+        let node = g.node(n);
+        if node.op.is_source() {
+            let nn = match &node.op {
+                Op::Input { name, ty } => ng.add_input(name, ty.clone()).unwrap(),
+                Op::Param { name, ty } => ng.add_param(name, ty.clone(), &node.scope).unwrap(),
+                op => ng.add(op.clone(), &[], "").unwrap(),
+            };
+            refs.insert(Value::new(n, 0), FusedRef::Input(body.inputs.len() as u16));
+            body.inputs.push(node.outputs[0].clone());
+            operands.push(Value::new(nn, 0));
+            sources.push(node.op.clone());
+        } else {
+            let ops = g.operands(n).iter().map(|v| refs[v]).collect();
+            for k in 0..node.outputs.len() {
+                refs.insert(Value::new(n, k as u8), FusedRef::Node { node: body.nodes.len() as u16, output: k as u8 });
+            }
+            body.nodes.push(FusedNode { op: node.op.clone(), operands: ops, outputs: node.outputs.clone() });
+        }
+    }
+    body.outputs = g.outputs().values().map(|v| refs[v]).collect();
+    let f = ng.add(Op::Fused(Box::new(body.clone())), &operands, "").unwrap();
+    for (k, name) in g.outputs().keys().enumerate() {
+        ng.set_output(name, Value::new(f, k as u8)).unwrap();
+    }
+    ng.verify().unwrap();
+    (ng, body, sources)
+}
+
+fn seq() -> Dim {
+    Dim::sym("seq")
+}
+
+/// Residual add + RMSNorm (bf16): outputs `residual = x + h`, `normed`.
+fn rmsnorm(hidden: usize) -> Graph {
+    let tr = Tracer::new();
+    let shape = [Dim::fixed(2), seq(), Dim::fixed(hidden)];
+    let x = tr.input("x", DType::BF16, shape.clone()).unwrap();
+    let h = tr.input("h", DType::BF16, shape).unwrap();
+    let w = tr.param("w", DType::BF16, [hidden]).unwrap();
+    let r = x.add(h).unwrap();
+    tr.output("residual", r).unwrap();
+    tr.output("normed", r.rms_norm(w, 1e-6).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// RoPE in the rotate-half layout (bf16): `x [2, seq, 3, 64]`, `cos`/`sin [seq, 64]`.
+fn rope() -> Graph {
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::BF16, [Dim::fixed(2), seq(), Dim::fixed(3), Dim::fixed(64)]).unwrap();
+    let cos = tr.input("cos", DType::BF16, [seq(), Dim::fixed(64)]).unwrap();
+    let sin = tr.input("sin", DType::BF16, [seq(), Dim::fixed(64)]).unwrap();
+    tr.output("y", x.rope(cos, sin).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// SiLU(gate) · up from two halves of one `gate_up [2, seq, 2·96]` tensor.
+fn silu_up(dtype: DType) -> Graph {
+    let tr = Tracer::new();
+    let gu = tr.input("gate_up", dtype, [Dim::fixed(2), seq(), Dim::fixed(192)]).unwrap();
+    let gate = gu.slice(-1, 0, 96).unwrap();
+    let up = gu.slice(-1, 96, 192).unwrap();
+    tr.output("y", gate.silu().unwrap().mul(up).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// Softmax over the last axis of `x [4, seq, keys]`.
+fn softmax(dtype: DType) -> Graph {
+    let tr = Tracer::new();
+    let x = tr.input("x", dtype, [Dim::fixed(4), seq(), Dim::sym("keys")]).unwrap();
+    tr.output("p", x.softmax(-1).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// LayerNorm (f32, two dependent reductions) plus a row-shaped output (the mean with
+/// the reduced axis dropped).
+fn layer_norm(hidden: usize) -> Graph {
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::F32, [seq(), Dim::fixed(hidden)]).unwrap();
+    let w = tr.param("w", DType::F32, [hidden]).unwrap();
+    let b = tr.param("b", DType::F32, [hidden]).unwrap();
+    tr.output("y", x.layer_norm(w, Some(b), 1e-5).unwrap()).unwrap();
+    tr.output("mean", x.mean(&[-1], false).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// Permute + reshape (merging a symbolic dim) feeding a multiply.
+fn permute_reshape() -> Graph {
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::F32, [seq(), Dim::fixed(4), Dim::fixed(8)]).unwrap();
+    let z = tr.input("z", DType::F32, [Dim::fixed(4), &seq() * &Dim::fixed(8)]).unwrap();
+    let y = x.permute(&[1, 0, 2]).unwrap().reshape([Dim::fixed(4), &seq() * &Dim::fixed(8)]).unwrap();
+    tr.output("y", y.mul(z).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// A reshape whose dims do not align (`[seq, 4, 6]` → `[seq, 3, 8]`), then a transpose.
+fn reshape_mixed() -> Graph {
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::BF16, [seq(), Dim::fixed(4), Dim::fixed(6)]).unwrap();
+    let y = tr.input("y", DType::BF16, [Dim::fixed(8), Dim::fixed(3), seq()]).unwrap();
+    let r = x.reshape([seq(), Dim::fixed(3), Dim::fixed(8)]).unwrap().permute(&[2, 1, 0]).unwrap();
+    tr.output("z", r.sub(y).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// A three-way concat with symbolic offsets (a KV-cache-like `[past + seq + past, 8]`).
+fn concat3() -> Graph {
+    let tr = Tracer::new();
+    let a = tr.input("a", DType::F32, [Dim::sym("past"), Dim::fixed(8)]).unwrap();
+    let b = tr.input("b", DType::F32, [seq(), Dim::fixed(8)]).unwrap();
+    tr.output("y", a.concat(&[b, a], 0).unwrap().neg().unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// 8-bit integer wrap-around, comparison, select and casts.
+fn int_ops() -> Graph {
+    let tr = Tracer::new();
+    let a = tr.input("a", DType::I8, [seq(), Dim::fixed(7)]).unwrap();
+    let b = tr.input("b", DType::I8, [seq(), Dim::fixed(7)]).unwrap();
+    let s = a.add(b).unwrap();
+    tr.output("sel", s.lt(a).unwrap().select(s, b).unwrap()).unwrap();
+    tr.output("prod", s.cast(DType::I32).unwrap().mul(b.cast(DType::I32).unwrap()).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+fn kernel_of(g: &Graph) -> (Graph, FusedBody, Vec<Op>, Kernel) {
+    let (fg, body, sources) = fuse_all(g);
+    let k = fused_kernel(&body, &graph_symbols(&fg)).unwrap_or_else(|e| panic!("{e}"));
+    (fg, body, sources, k)
+}
+
+/// The generated part of the source (after the shared prelude).
+fn kernel_part(k: &Kernel) -> &str {
+    let at = k.source.find("// ---- kernel ----").expect("the prelude marker");
+    &k.source[at..]
+}
+
+/// The parameter contract with the executor, and the source's shape.
+#[track_caller]
+fn assert_contract(body: &FusedBody, k: &Kernel) {
+    let storage = |d: DType| kiln_codegen::table::storage_type(d).unwrap().to_string();
+    let mut want = Vec::new();
+    for (i, &r) in body.outputs.iter().enumerate() {
+        let elem = storage(body.ty(r).unwrap().dtype);
+        want.push((Role::Out(i as u8), ParamTy::Ptr { elem, is_const: false }));
+    }
+    for (i, t) in body.inputs.iter().enumerate() {
+        want.push((Role::In(i as u8), ParamTy::Ptr { elem: storage(t.dtype), is_const: true }));
+    }
+    want.push((Role::Syms, ParamTy::Ptr { elem: "i64".into(), is_const: true }));
+    want.push((Role::N, ParamTy::I64));
+    let got: Vec<(Role, ParamTy)> = k.sig.params.iter().map(|p| (p.role, p.ty.clone())).collect();
+    assert_eq!(got, want, "parameters");
+    let name = k.sig.name.strip_prefix("kiln_fused_").expect("kiln_fused_ name");
+    assert!(name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()), "name {}", k.sig.name);
+    let src = &k.source;
+    assert_eq!(src.matches("__global__").count(), 1, "one kernel");
+    assert!(src.contains(&format!("extern \"C\" __global__ void {}(", k.sig.name)));
+    for p in ["KILN_SIGNATURE", "KILN_DIMS", "KILN_BODY"] {
+        assert!(!src.contains(p), "placeholder {p} left");
+    }
+    let part = kernel_part(k);
+    for (open, close) in [('{', '}'), ('(', ')'), ('[', ']')] {
+        let mut depth = 0i64;
+        for ch in part.chars() {
+            if ch == open {
+                depth += 1;
+            } else if ch == close {
+                depth -= 1;
+                assert!(depth >= 0, "unbalanced `{close}`");
+            }
+        }
+        assert_eq!(depth, 0, "unbalanced `{open}`");
+    }
+    for i in 0..body.inputs.len() {
+        assert!(part.contains(&format!("kiln_ld({}, ", Role::In(i as u8).c_name())), "in{i} is never read");
+    }
+    for i in 0..body.outputs.len() {
+        assert!(part.contains(&format!("kiln_st({}, ", Role::Out(i as u8).c_name())), "out{i} is never written");
+    }
+}
+
+fn bind(pairs: &[(&str, usize)]) -> Bindings {
+    pairs.iter().map(|&(s, v)| (Sym::new(s), v)).collect()
+}
+
+// ---- contract, snapshots, lowering ----------------------------------------------------------
+
+#[test]
+fn rmsnorm_is_one_row_kernel_with_two_outputs() {
+    let (fg, body, _, k) = kernel_of(&rmsnorm(576));
+    assert_contract(&body, &k);
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: 256 });
+    let part = kernel_part(&k);
+    assert!(part.contains("__shfl_xor_sync") && part.contains("__syncthreads"));
+    // Exactly one reduction: one block reduction.
+    assert_eq!(part.matches("if (lane == 0)").count(), 1);
+    // The bf16 add is rounded before the f32 cast (as the CPU reference rounds it).
+    assert!(part.contains("kiln_rnd_bf16("));
+    // Sizes come from the symbol table only.
+    assert_eq!(graph_symbols(&fg), vec![Sym::new("seq")]);
+    assert!(part.contains("syms[0]"));
+    assert_eq!(fused_items(&body, &bind(&[("seq", 5)])).unwrap(), 10);
+    // Wide rows get more threads.
+    let (_, _, _, wide) = kernel_of(&rmsnorm(4096));
+    assert_eq!(wide.grid, Grid::BlockPerItem { threads: 512 });
+    insta::assert_snapshot!("rmsnorm_residual_bf16", part);
+}
+
+#[test]
+fn rope_is_one_elementwise_kernel() {
+    let (_, body, _, k) = kernel_of(&rope());
+    assert_contract(&body, &k);
+    assert_eq!(k.grid, Grid::Elementwise { threads: 256 });
+    let part = kernel_part(&k);
+    assert!(!part.contains("__syncthreads"));
+    // The concat of rotate_half is a branch; x is loaded at three places (x, x1, x2)
+    // and cos/sin once each.
+    assert!(part.contains("if (") && part.contains("} else {"));
+    assert_eq!(part.matches("kiln_ld(in0, ").count(), 3);
+    assert_eq!(part.matches("kiln_ld(in1, ").count(), 1);
+    assert_eq!(part.matches("kiln_ld(in2, ").count(), 1);
+    assert_eq!(fused_items(&body, &bind(&[("seq", 5)])).unwrap(), 2 * 5 * 3 * 64);
+    insta::assert_snapshot!("rope_bf16", part);
+}
+
+#[test]
+fn silu_up_reads_both_halves_of_one_input() {
+    let (_, body, _, k) = kernel_of(&silu_up(DType::BF16));
+    assert_contract(&body, &k);
+    let part = kernel_part(&k);
+    // gate and up: two loads of in0, one at an offset of 96 columns; the scalar 1.0 once.
+    assert_eq!(part.matches("kiln_ld(in0, ").count(), 2);
+    assert!(part.contains(" + 96"));
+    assert_eq!(part.matches("kiln_ld(in1, 0)").count(), 1);
+    assert_eq!(fused_items(&body, &bind(&[("seq", 33)])).unwrap(), 2 * 33 * 96);
+    insta::assert_snapshot!("silu_up_bf16", part);
+}
+
+#[test]
+fn softmax_reduces_in_dependency_order() {
+    let (fg, body, _, k) = kernel_of(&softmax(DType::F32));
+    assert_contract(&body, &k);
+    // Symbolic columns: the narrow block size.
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: 256 });
+    assert_eq!(graph_symbols(&fg), vec![Sym::new("keys"), Sym::new("seq")]);
+    let part = kernel_part(&k);
+    // max, then sum (which reads the max): two levels, two block reductions.
+    assert_eq!(part.matches("if (lane == 0)").count(), 2);
+    let (max_at, sum_at) = (part.find("= -KILN_INF;").unwrap(), part.find("= 0.0f;").unwrap());
+    assert!(max_at < sum_at);
+    assert_eq!(fused_items(&body, &bind(&[("seq", 3), ("keys", 9)])).unwrap(), 12);
+    insta::assert_snapshot!("softmax_f32", part);
+}
+
+#[test]
+fn layer_norm_shares_a_level_and_writes_a_row_output() {
+    let (_, body, _, k) = kernel_of(&layer_norm(64));
+    assert_contract(&body, &k);
+    let part = kernel_part(&k);
+    // Two means of x at level 1 (one block reduction), the variance at level 2.
+    assert_eq!(part.matches("if (lane == 0)").count(), 2);
+    assert!(part.contains("__shared__ float kiln_sf[2][32];"));
+    assert!(part.contains("if (threadIdx.x == 0)") && part.contains("kiln_st(out1, row, "));
+    insta::assert_snapshot!("layer_norm_f32", part);
+}
+
+#[test]
+fn movement_and_integer_bodies() {
+    for g in [permute_reshape(), reshape_mixed(), concat3(), int_ops()] {
+        let (_, body, _, k) = kernel_of(&g);
+        assert_contract(&body, &k);
+    }
+    let (_, _, _, k) = kernel_of(&concat3());
+    let part = kernel_part(&k);
+    assert_eq!(part.matches("else if").count(), 1, "three parts: if, else if, else");
+    assert!(part.contains("syms[0] + syms[1]"), "the second offset is past + seq:\n{part}");
+    let (_, _, _, k) = kernel_of(&int_ops());
+    assert!(kernel_part(&k).contains("(int)(signed char)("), "i8 results wrap");
+}
+
+#[test]
+fn names_are_stable_hashes_of_the_source() {
+    let (_, body, _, a) = kernel_of(&rope());
+    let (_, _, _, b) = kernel_of(&rope());
+    assert_eq!(a, b);
+    let (_, _, _, c) = kernel_of(&silu_up(DType::BF16));
+    let (_, _, _, d) = kernel_of(&silu_up(DType::F32));
+    assert_ne!(a.sig.name, c.sig.name);
+    assert_ne!(c.sig.name, d.sig.name);
+    // Another symbol table order renders other C, hence another name.
+    let other = fused_kernel(&body, &[Sym::new("aaa"), Sym::new("seq")]).unwrap();
+    assert!(other.source.contains("syms[1]"));
+    assert_ne!(other.sig.name, a.sig.name);
+}
+
+#[test]
+fn lower_node_renders_the_fused_kernel() {
+    let (fg, body, _, k) = kernel_of(&rmsnorm(576));
+    let fused = fg.topo_order().into_iter().find(|&n| matches!(fg.node(n).op, Op::Fused(_))).unwrap();
+    assert_eq!(lower_node(&fg, fused), Ok(NodeLowering::Kernel(k.clone())));
+    assert_eq!(fused_kernel(&body, &graph_symbols(&fg)).unwrap(), k);
+}
+
+#[test]
+fn unsupported_bodies_are_errors_naming_the_cause() {
+    let f32 = |dims: &[usize]| kiln_graph::ops::TensorType::new(DType::F32, Shape::fixed(dims));
+    let node = |op: Op, operands: Vec<FusedRef>, out: kiln_graph::ops::TensorType| FusedNode {
+        op,
+        operands: operands.into_iter().collect(),
+        outputs: std::iter::once(out).collect(),
+    };
+    // A gather inside a group.
+    let body = FusedBody {
+        inputs: vec![f32(&[4, 3]), kiln_graph::ops::TensorType::new(DType::I64, Shape::fixed(&[2]))],
+        nodes: vec![node(Op::Gather { axis: 0 }, vec![FusedRef::Input(0), FusedRef::Input(1)], f32(&[2, 3]))],
+        outputs: vec![FusedRef::Node { node: 0, output: 0 }],
+    };
+    let e = fused_kernel(&body, &[]).unwrap_err();
+    assert!(e.0.contains("gather") && e.0.contains("node 0"), "{e}");
+    // Elementwise outputs of different shapes fit neither form.
+    let body = FusedBody {
+        inputs: vec![f32(&[4]), f32(&[5])],
+        nodes: vec![
+            node(Op::Unary(kiln_graph::ops::UnaryOp::Exp), vec![FusedRef::Input(0)], f32(&[4])),
+            node(Op::Unary(kiln_graph::ops::UnaryOp::Exp), vec![FusedRef::Input(1)], f32(&[5])),
+        ],
+        outputs: vec![FusedRef::Node { node: 0, output: 0 }, FusedRef::Node { node: 1, output: 0 }],
+    };
+    let e = fused_kernel(&body, &[]).unwrap_err();
+    assert!(e.0.contains("differ in shape"), "{e}");
+    assert!(fused_items(&body, &Bindings::new()).is_err());
+    // An fp8 value.
+    let f8 = kiln_graph::ops::TensorType::new(DType::F8E4M3, Shape::fixed(&[4]));
+    let body = FusedBody {
+        inputs: vec![f32(&[4])],
+        nodes: vec![node(Op::Cast(DType::F8E4M3), vec![FusedRef::Input(0)], f8)],
+        outputs: vec![FusedRef::Node { node: 0, output: 0 }],
+    };
+    let e = fused_kernel(&body, &[]).unwrap_err();
+    assert!(e.0.contains("f8e4m3"), "{e}");
+    // A symbol missing from the table.
+    let (_, body, _) = fuse_all(&rope());
+    let e = fused_kernel(&body, &[]).unwrap_err();
+    assert!(e.0.contains("`seq`"), "{e}");
+    let e = fused_items(&body, &Bindings::new()).unwrap_err();
+    assert!(e.0.contains("seq"), "{e}");
+}
+
+// ---- host emulation -------------------------------------------------------------------------
+
+/// Compiles CUDA C as host C++: `__global__`/`__device__` vanish, `__shared__` is a
+/// static (blocks run one after another), each thread of a block is a `std::thread`,
+/// `__syncthreads` a barrier, `__shfl_xor_sync` an exchange through a slot per thread
+/// between two barriers (every thread of the block calls it, as in the generated
+/// code). f16 conversions (inline PTX) are not available.
+const SHIM: &str = r#"
+#include <barrier>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <math.h>
+#include <string>
+#include <thread>
+#include <vector>
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __shared__ static
+#define asm(...) ((void)0)
+struct kiln_dim3 { unsigned x, y, z; };
+static thread_local kiln_dim3 threadIdx, blockIdx;
+static kiln_dim3 blockDim, gridDim;
+static std::barrier<>* kiln_bar = nullptr;
+static unsigned long long kiln_slots[1024];
+static inline void __syncthreads() { kiln_bar->arrive_and_wait(); }
+static inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
+static inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
+static inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+template <class T> static T __shfl_xor_sync(unsigned, T v, int s) {
+    unsigned long long x = 0;
+    std::memcpy(&x, &v, sizeof(T));
+    kiln_slots[threadIdx.x] = x;
+    kiln_bar->arrive_and_wait();
+    unsigned long long y = kiln_slots[threadIdx.x ^ (unsigned)s];
+    kiln_bar->arrive_and_wait();
+    T r;
+    std::memcpy(&r, &y, sizeof(T));
+    return r;
+}
+"#;
+
+const MAIN: &str = r#"
+static std::vector<unsigned char> kiln_read(const std::string& path) {
+    std::ifstream f(path, std::ios::binary);
+    if (!f) { std::fprintf(stderr, "cannot read %s\n", path.c_str()); std::exit(2); }
+    return std::vector<unsigned char>(std::istreambuf_iterator<char>(f), {});
+}
+template <class F> static void kiln_launch(unsigned grid, unsigned block, F f) {
+    blockDim = {block, 1, 1};
+    gridDim = {grid, 1, 1};
+    for (unsigned b = 0; b < grid; ++b) {
+        std::barrier<> bar(block);
+        kiln_bar = &bar;
+        std::vector<std::thread> ts;
+        for (unsigned t = 0; t < block; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
+        for (auto& th : ts) th.join();
+    }
+}
+// argv: dir grid block n out_bytes...
+int main(int argc, char** argv) {
+    std::string dir = argv[1];
+    unsigned grid = (unsigned)std::atoi(argv[2]), block = (unsigned)std::atoi(argv[3]);
+    i64 n = std::atoll(argv[4]);
+    std::vector<std::vector<unsigned char>> outs, ins;
+    for (int a = 5; a < argc; ++a) outs.emplace_back((size_t)std::atoll(argv[a]) + 1, (unsigned char)0xff);
+    for (int i = 0; i < KILN_N_INPUTS; ++i) ins.push_back(kiln_read(dir + "/in" + std::to_string(i) + ".bin"));
+    std::vector<unsigned char> syms = kiln_read(dir + "/syms.bin");
+    syms.resize(syms.size() + 8);
+    kiln_launch(grid, block, [&] { KILN_CALL; });
+    for (size_t k = 0; k < outs.size(); ++k) {
+        std::ofstream f(dir + "/out" + std::to_string(k) + ".bin", std::ios::binary);
+        f.write((const char*)outs[k].data(), (std::streamsize)(outs[k].size() - 1));
+    }
+    return 0;
+}
+"#;
+
+/// A host C++ compiler, or `None` after printing why the emulation is skipped.
+fn host_cxx() -> Option<&'static str> {
+    for cxx in ["g++", "c++", "clang++"] {
+        if Command::new(cxx).arg("--version").output().is_ok_and(|o| o.status.success()) {
+            return Some(cxx);
+        }
+    }
+    println!("skipping the host emulation: no C++ compiler (g++, c++, clang++)");
+    None
+}
+
+/// The kernel compiled for the host, with its launch argument list.
+struct HostKernel {
+    exe: PathBuf,
+    dir: PathBuf,
+    kernel: Kernel,
+}
+
+fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-fused-host").join(tag);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut args = Vec::new();
+    let (mut n_in, mut n_out) = (0, 0);
+    for p in &kernel.sig.params {
+        args.push(match (&p.role, &p.ty) {
+            (Role::Out(k), ParamTy::Ptr { elem, .. }) => {
+                n_out += 1;
+                format!("({elem}*)outs[{k}].data()")
+            }
+            (Role::In(k), ParamTy::Ptr { elem, .. }) => {
+                n_in += 1;
+                format!("(const {elem}*)ins[{k}].data()")
+            }
+            (Role::Syms, _) => "(const i64*)syms.data()".to_string(),
+            (Role::N, _) => "n".to_string(),
+            other => panic!("unexpected parameter {other:?}"),
+        });
+    }
+    let _ = n_out;
+    let call = format!("{}({})", kernel.sig.name, args.join(", "));
+    let main = MAIN.replace("KILN_N_INPUTS", &n_in.to_string()).replace("KILN_CALL", &call);
+    let src = dir.join("kernel.cpp");
+    std::fs::write(&src, format!("{SHIM}\n{}\n{main}", kernel.source)).unwrap();
+    let exe = dir.join("kernel");
+    let out = Command::new(cxx)
+        .args(["-std=c++20", "-O1", "-pthread", "-w", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("run the C++ compiler");
+    assert!(
+        out.status.success(),
+        "{tag}: the generated kernel does not compile as host C++:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    HostKernel { exe, dir, kernel: kernel.clone() }
+}
+
+fn bytes_of(t: &HostTensor) -> Vec<u8> {
+    match t.data() {
+        HostData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        HostData::BF16(v) => v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect(),
+        HostData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        HostData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        HostData::I8(v) => v.iter().map(|&x| x as u8).collect(),
+        HostData::U8(v) => v.clone(),
+        HostData::Bool(v) => v.iter().map(|&x| x as u8).collect(),
+        _ => panic!("no host bytes for {}", t.dtype()),
+    }
+}
+
+fn tensor_of(dtype: DType, shape: &[usize], b: &[u8]) -> HostTensor {
+    match dtype {
+        DType::F32 => {
+            HostTensor::from_f32(shape, b.chunks(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        DType::BF16 => {
+            let v = b.chunks(2).map(|c| f32::from_bits((u16::from_le_bytes([c[0], c[1]]) as u32) << 16)).collect();
+            HostTensor::from_f32_as(DType::BF16, shape, v)
+        }
+        DType::I64 => {
+            HostTensor::from_i64(shape, b.chunks(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect())
+        }
+        DType::I32 => HostTensor::from_vec(
+            shape,
+            b.chunks(4).map(|c| i32::from_le_bytes(c.try_into().unwrap())).collect::<Vec<_>>(),
+        ),
+        DType::I8 => HostTensor::from_vec(shape, b.iter().map(|&x| x as i8).collect::<Vec<_>>()),
+        DType::U8 => HostTensor::from_vec(shape, b.to_vec()),
+        DType::Bool => {
+            assert!(b.iter().all(|&x| x <= 1), "a bool output holds a byte other than 0/1 (unwritten?)");
+            HostTensor::from_bool(shape, b.iter().map(|&x| x == 1).collect())
+        }
+        d => panic!("no host tensor of {d}"),
+    }
+}
+
+impl HostKernel {
+    /// Runs on `inputs` with the symbol values `b` (in `table` order), the launch
+    /// shaped by `grid`/`block` (the kernels' grid-stride loops cover any shape).
+    fn run(
+        &self,
+        inputs: &[HostTensor],
+        table: &[Sym],
+        b: &Bindings,
+        body: &FusedBody,
+        launch: (u32, u32),
+    ) -> Vec<HostTensor> {
+        for (i, t) in inputs.iter().enumerate() {
+            std::fs::write(self.dir.join(format!("in{i}.bin")), bytes_of(t)).unwrap();
+        }
+        let syms: Vec<u8> = table.iter().flat_map(|s| (b[s] as i64).to_le_bytes()).collect();
+        std::fs::write(self.dir.join("syms.bin"), syms).unwrap();
+        let n = fused_items(body, b).unwrap();
+        let shapes: Vec<(DType, Vec<usize>)> = body
+            .outputs
+            .iter()
+            .map(|&r| {
+                let t = body.ty(r).unwrap();
+                (t.dtype, t.shape.eval(b).unwrap())
+            })
+            .collect();
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(&self.dir).arg(launch.0.to_string()).arg(launch.1.to_string()).arg(n.to_string());
+        for (d, s) in &shapes {
+            cmd.arg(d.bytes_for(s.iter().product()).to_string());
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}: {}", self.kernel.sig.name, String::from_utf8_lossy(&out.stderr));
+        shapes
+            .iter()
+            .enumerate()
+            .map(|(k, (d, s))| tensor_of(*d, s, &std::fs::read(self.dir.join(format!("out{k}.bin"))).unwrap()))
+            .collect()
+    }
+}
+
+/// xorshift64*: reproducible test data without extra dependencies.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+    fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
+        lo + (hi - lo) * ((self.next() >> 40) as f32 / (1u64 << 24) as f32)
+    }
+}
+
+fn random(r: &mut Rng, dtype: DType, shape: &[usize]) -> HostTensor {
+    let n: usize = shape.iter().product();
+    match dtype {
+        d if d.is_float() => HostTensor::from_f32_as(d, shape, (0..n).map(|_| r.uniform(-3.0, 3.0)).collect()),
+        DType::I8 => HostTensor::from_vec(shape, (0..n).map(|_| r.next() as i8).collect::<Vec<_>>()),
+        DType::I32 => HostTensor::from_vec(shape, (0..n).map(|_| (r.next() % 2001) as i32 - 1000).collect::<Vec<_>>()),
+        DType::I64 => HostTensor::from_i64(shape, (0..n).map(|_| (r.next() % 2001) as i64 - 1000).collect()),
+        d => panic!("no random {d}"),
+    }
+}
+
+/// `|got - want| <= atol + rtol·|want|`, NaN nowhere (outputs start as NaN/0xff bytes).
+#[track_caller]
+fn compare(what: &str, got: &HostTensor, want: &HostTensor, rtol: f64, atol: f64) {
+    assert_eq!(got.dtype(), want.dtype(), "{what}: dtype");
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    if !got.dtype().is_float() {
+        assert_eq!(got.to_i64_vec(), want.to_i64_vec(), "{what}");
+        println!("host-check\t{what}\t{}\t{:?}\texact", got.dtype(), got.shape());
+        return;
+    }
+    let mut max_abs = 0f64;
+    for (i, (&a, &b)) in got.to_f32_vec().iter().zip(&want.to_f32_vec()).enumerate() {
+        assert!(!a.is_nan() && !b.is_nan(), "{what}: element {i}: got {a}, want {b} (unwritten?)");
+        let d = (a as f64 - b as f64).abs();
+        max_abs = max_abs.max(d);
+        assert!(d <= atol + rtol * (b as f64).abs(), "{what}: element {i}: got {a}, want {b}");
+    }
+    println!("host-check\t{what}\t{}\t{:?}\tmax_abs={max_abs:.3e}", got.dtype(), got.shape());
+}
+
+/// Emulates the fused kernel of `g` on the host at each binding and compares every
+/// output with `Op::eval` of the fused op (tolerance per output dtype).
+fn emulate(tag: &str, g: &Graph, bindings: &[Bindings], tol: impl Fn(DType) -> (f64, f64)) {
+    let Some(cxx) = host_cxx() else { return };
+    let (fg, body, sources, k) = kernel_of(g);
+    let table = graph_symbols(&fg);
+    let host = compile_host(cxx, &k, tag);
+    let launch = match k.grid {
+        Grid::BlockPerItem { .. } => (2, 64),
+        _ => (2, 3),
+    };
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    let op = Op::Fused(Box::new(body.clone()));
+    for b in bindings {
+        let inputs: Vec<HostTensor> = body
+            .inputs
+            .iter()
+            .zip(&sources)
+            .map(|(t, src)| match src {
+                Op::Input { .. } | Op::Param { .. } => random(&mut r, t.dtype, &t.shape.eval(b).unwrap()),
+                op => op.eval(&[], b).unwrap().remove(0),
+            })
+            .collect();
+        let refs: Vec<&HostTensor> = inputs.iter().collect();
+        let want = op.eval(&refs, b).unwrap();
+        let got = host.run(&inputs, &table, b, &body, launch);
+        for (k, (gt, w)) in got.iter().zip(&want).enumerate() {
+            let (rtol, atol) = tol(w.dtype());
+            compare(&format!("{tag} {b:?} output {k}"), gt, w, rtol, atol);
+        }
+    }
+}
+
+/// One bf16 unit in the last place (relative), for values computed in a different
+/// order (reductions) or with another libm.
+const BF16_ULP: (f64, f64) = (1.0 / 128.0, 1e-6);
+
+#[test]
+fn host_rmsnorm_matches_the_reference() {
+    let seqs = [bind(&[("seq", 1)]), bind(&[("seq", 5)]), bind(&[("seq", 33)])];
+    emulate("rmsnorm576", &rmsnorm(576), &seqs, |_| BF16_ULP);
+    emulate("rmsnorm2048", &rmsnorm(2048), &seqs[..2], |_| BF16_ULP);
+}
+
+#[test]
+fn host_rope_matches_the_reference_exactly() {
+    let seqs = [bind(&[("seq", 1)]), bind(&[("seq", 5)]), bind(&[("seq", 33)])];
+    emulate("rope", &rope(), &seqs, |_| (0.0, 0.0));
+}
+
+#[test]
+fn host_silu_up_matches_the_reference() {
+    let seqs = [bind(&[("seq", 1)]), bind(&[("seq", 33)])];
+    emulate("silu_up_bf16", &silu_up(DType::BF16), &seqs, |_| BF16_ULP);
+    emulate("silu_up_f32", &silu_up(DType::F32), &seqs, |_| (1e-6, 1e-7));
+}
+
+#[test]
+fn host_softmax_matches_the_reference() {
+    let b = |s: usize, k: usize| bind(&[("seq", s), ("keys", k)]);
+    emulate("softmax_f32", &softmax(DType::F32), &[b(1, 1), b(5, 40), b(3, 2048)], |_| (1e-5, 1e-7));
+    emulate("softmax_bf16", &softmax(DType::BF16), &[b(2, 33), b(1, 576)], |_| BF16_ULP);
+}
+
+#[test]
+fn host_layer_norm_matches_the_reference() {
+    let seqs = [bind(&[("seq", 1)]), bind(&[("seq", 7)])];
+    emulate("layer_norm", &layer_norm(96), &seqs, |_| (1e-5, 1e-5));
+}
+
+#[test]
+fn host_movement_and_integer_bodies_match_exactly() {
+    let seqs = [bind(&[("seq", 1)]), bind(&[("seq", 6)])];
+    emulate("permute_reshape", &permute_reshape(), &seqs, |_| (0.0, 0.0));
+    emulate("reshape_mixed", &reshape_mixed(), &seqs, |_| (0.0, 0.0));
+    emulate("int_ops", &int_ops(), &seqs, |_| (0.0, 0.0));
+    let pasts = [bind(&[("past", 0), ("seq", 3)]), bind(&[("past", 5), ("seq", 1)]), bind(&[("past", 4), ("seq", 9)])];
+    emulate("concat3", &concat3(), &pasts, |_| (0.0, 0.0));
+}
