@@ -23,11 +23,13 @@ use indexmap::IndexMap;
 use kiln_graph::Graph;
 use kiln_ops::{DType, HostTensor};
 use kiln_runtime::cpu::CpuExecutor;
-use kiln_runtime::cuda::CudaExecutor;
-use kiln_runtime::generate::{Backend, Forward, GenerateError, Generation, Generator};
+use kiln_runtime::cuda::{CudaEngine, EngineOptions};
+use kiln_runtime::error::RuntimeError;
+use kiln_runtime::generate::{generate_with, Backend, Forward, GenerateError, Generation, Generator};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Mutex;
 
 pub use kiln_runtime::generate::FinishReason;
 pub use kiln_runtime::sampling::SamplingParams;
@@ -77,13 +79,33 @@ impl Device {
         }
     }
 
-    /// An executor for `graph` on this (resolved) device.
+    /// An executor for `graph` on this (resolved) device (one forward pass at a time,
+    /// feeds and outputs on the host).
     fn executor(self, graph: Graph, weights: IndexMap<String, HostTensor>) -> Result<Backend> {
         Ok(match self {
             Device::Cuda => {
-                Backend::Cuda(CudaExecutor::new(graph, weights).map_err(kiln_runtime::error::RuntimeError::from)?)
+                Backend::Cuda(kiln_runtime::cuda::CudaExecutor::new(graph, weights).map_err(RuntimeError::from)?)
             }
             _ => Backend::Cpu(CpuExecutor::new(graph, weights)?),
+        })
+    }
+
+    /// What runs `graph` on this (resolved) device: the CPU executor with the KV cache on
+    /// the host, or the CUDA engine with everything on the GPU.
+    fn runner(self, graph: Graph, weights: IndexMap<String, HostTensor>, context_len: usize) -> Result<Runner> {
+        Ok(match self {
+            Device::Cuda => {
+                let context_len = context_len.min(MAX_GPU_CONTEXT);
+                let vocab = graph
+                    .outputs()
+                    .get("logits")
+                    .and_then(|v| graph.value_type(*v).shape.dims().last().and_then(|d| d.as_fixed()))
+                    .ok_or_else(|| ModelError::Unsupported("the graph's logits have no fixed vocabulary".into()))?;
+                let opts = EngineOptions { max_batch: 1, max_context: context_len, ..Default::default() };
+                let engine = CudaEngine::new(graph.clone(), weights, opts).map_err(RuntimeError::from)?;
+                Runner::Resident { engine: Mutex::new(engine), graph, context_len, vocab }
+            }
+            _ => Runner::Host(Generator::new(Backend::Cpu(CpuExecutor::new(graph, weights)?), context_len)?),
         })
     }
 }
@@ -104,6 +126,18 @@ impl FromStr for Device {
             _ => Err(ModelError::Device { device: s.into(), msg: "unknown device; expected cpu, cuda or auto".into() }),
         }
     }
+}
+
+/// The longest context the GPU engine allocates a KV cache for (the model's
+/// `max_position_embeddings` when smaller).
+pub const MAX_GPU_CONTEXT: usize = 16384;
+
+/// How an [`LLM`] runs: host-side KV cache (CPU), or the device-resident CUDA engine.
+/// (One per loaded model, so the size difference between the variants does not matter.)
+#[allow(clippy::large_enum_variant)]
+enum Runner {
+    Host(Generator<Backend>),
+    Resident { engine: Mutex<CudaEngine>, graph: Graph, context_len: usize, vocab: usize },
 }
 
 /// Options of [`LLM::load`].
@@ -155,7 +189,7 @@ pub struct LLM {
     dir: PathBuf,
     model: LlamaForCausalLM,
     tokenizer: Tokenizer,
-    generator: Generator<Backend>,
+    runner: Runner,
     device: Device,
     dtype: DType,
     /// End-of-sequence ids, always added to a request's `stop_token_ids`.
@@ -308,8 +342,11 @@ impl LLM {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         let graph = model.trace(&TraceOptions { dtype: opts.dtype, last_token_only: true })?;
-        let exec = device.executor(graph, weights)?;
-        let generator = Generator::new(exec, model.config.max_position_embeddings)?;
+        let graph = kiln_passes::default_pipeline()
+            .run(graph)
+            .map_err(|e| ModelError::Unsupported(format!("pass pipeline: {e}")))?
+            .graph;
+        let runner = device.runner(graph, weights, model.config.max_position_embeddings)?;
         tracing::info!(
             model = %path.display(),
             device = %device,
@@ -317,7 +354,7 @@ impl LLM {
             load_ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
             "model loaded"
         );
-        Ok(LLM { dir: path.to_path_buf(), model, tokenizer, generator, device, dtype: opts.dtype, eos_ids })
+        Ok(LLM { dir: path.to_path_buf(), model, tokenizer, runner, device, dtype: opts.dtype, eos_ids })
     }
 
     pub fn dir(&self) -> &Path {
@@ -334,7 +371,10 @@ impl LLM {
     }
     /// The traced prompt/decode graph (`last_token_only = true`).
     pub fn graph(&self) -> &Graph {
-        self.generator.executor().graph()
+        match &self.runner {
+            Runner::Host(g) => g.executor().graph(),
+            Runner::Resident { graph, .. } => graph,
+        }
     }
     /// The device the model runs on (never `Auto`).
     pub fn device(&self) -> Device {
@@ -345,7 +385,10 @@ impl LLM {
     }
     /// Maximum prompt plus generated tokens.
     pub fn context_len(&self) -> usize {
-        self.generator.context_len()
+        match &self.runner {
+            Runner::Host(g) => g.context_len(),
+            Runner::Resident { context_len, .. } => *context_len,
+        }
     }
     /// End-of-sequence ids (config, generation config and tokenizer).
     pub fn eos_token_ids(&self) -> &[u32] {
@@ -404,7 +447,26 @@ impl LLM {
     }
 
     fn check_prompt(&self, ids: &[u32], params: &SamplingParams) -> Result<()> {
-        Ok(self.generator.check_prompt(ids, params.max_tokens)?)
+        match &self.runner {
+            Runner::Host(g) => Ok(g.check_prompt(ids, params.max_tokens)?),
+            Runner::Resident { context_len, vocab, .. } => {
+                if ids.is_empty() {
+                    return Err(GenerateError::EmptyPrompt.into());
+                }
+                if ids.len() + params.max_tokens > *context_len {
+                    return Err(GenerateError::ContextExceeded {
+                        prompt: ids.len(),
+                        max_new: params.max_tokens,
+                        context: *context_len,
+                    }
+                    .into());
+                }
+                if let Some((position, &id)) = ids.iter().enumerate().find(|(_, &id)| id as usize >= *vocab) {
+                    return Err(GenerateError::TokenOutOfRange { id, position, vocab: *vocab }.into());
+                }
+                Ok(())
+            }
+        }
     }
 
     /// Generates from prompt ids: the common core of every entry point.
@@ -424,7 +486,7 @@ impl LLM {
         let mut emitted = 0usize;
         let mut stopped_at: Option<usize> = None;
         let mut error: Option<ModelError> = None;
-        let gen: Generation = self.generator.generate(prompt_ids, &p, |step| {
+        let on_step = |step: &kiln_runtime::generate::Step| {
             if step.is_stop {
                 return ControlFlow::Continue(());
             }
@@ -449,7 +511,14 @@ impl LLM {
                 emitted = safe;
             }
             ControlFlow::Continue(())
-        })?;
+        };
+        let gen: Generation = match &self.runner {
+            Runner::Host(g) => g.generate(prompt_ids, &p, on_step)?,
+            Runner::Resident { engine, .. } => {
+                let mut engine = engine.lock().unwrap_or_else(|e| e.into_inner());
+                generate_with(&mut *engine, prompt_ids, &p, on_step)?
+            }
+        };
         if let Some(e) = error {
             return Err(e);
         }

@@ -80,6 +80,48 @@ impl Forward for Backend {
     }
 }
 
+/// A model that keeps its own KV cache, one sequence at a time: what the sampling loop
+/// ([`generate_with`]) drives. [`Generator`] implements it over any [`Forward`] with the
+/// cache on the host; [`crate::cuda::CudaEngine`] keeps the cache on the GPU.
+pub trait Decoder {
+    /// Starts a new sequence with `prompt`; returns the last position's logits.
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, GenerateError>;
+    /// Appends `token`; returns the logits after it.
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>, GenerateError>;
+}
+
+impl Decoder for crate::cuda::CudaEngine {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        crate::cuda::CudaEngine::prefill(self, &[prompt.to_vec()]).map_err(RuntimeError::from)?;
+        Ok(self.logits().map_err(RuntimeError::from)?)
+    }
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>, GenerateError> {
+        self.set_tokens(&[token]).map_err(RuntimeError::from)?;
+        self.decode_step().map_err(RuntimeError::from)?;
+        Ok(self.logits().map_err(RuntimeError::from)?)
+    }
+}
+
+/// [`Decoder`] over a [`Generator`] with the KV cache on the host.
+struct HostDecoder<'g, E: Forward> {
+    gen: &'g Generator<E>,
+    cache: Option<KvCache>,
+}
+
+impl<E: Forward> Decoder for HostDecoder<'_, E> {
+    fn prefill(&mut self, prompt: &[u32]) -> Result<Vec<f32>, GenerateError> {
+        let (logits, cache) = self.gen.forward(prompt, self.gen.empty_cache())?;
+        self.cache = Some(cache);
+        Ok(logits)
+    }
+    fn decode(&mut self, token: u32) -> Result<Vec<f32>, GenerateError> {
+        let cache = self.cache.take().ok_or_else(|| GenerateError::Contract("decode before prefill".into()))?;
+        let (logits, cache) = self.gen.forward(&[token], cache)?;
+        self.cache = Some(cache);
+        Ok(logits)
+    }
+}
+
 /// Why generation ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum FinishReason {
@@ -307,58 +349,10 @@ impl<E: Forward> Generator<E> {
         &self,
         prompt: &[u32],
         params: &SamplingParams,
-        mut on_step: impl FnMut(&Step) -> ControlFlow<()>,
+        on_step: impl FnMut(&Step) -> ControlFlow<()>,
     ) -> Result<Generation, GenerateError> {
-        let mut sampler = Sampler::new(params)?;
         self.check_prompt(prompt, params.max_tokens)?;
-        let mut history: Vec<u32> = prompt.to_vec();
-        let mut out = Generation {
-            token_ids: Vec::with_capacity(params.max_tokens),
-            logprobs: Vec::with_capacity(params.max_tokens),
-            cumulative_logprob: 0.0,
-            finish_reason: FinishReason::Length,
-            prompt_tokens: prompt.len(),
-            prefill_ms: 0.0,
-            decode_ms: 0.0,
-            decode_tokens_per_s: 0.0,
-        };
-        let t0 = Instant::now();
-        let (mut logits, mut cache) = self.forward(prompt, self.empty_cache())?;
-        out.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
-        tracing::debug!(prompt_tokens = prompt.len(), prefill_ms = out.prefill_ms, "prefill done");
-        let mut decode_steps = 0usize;
-        let mut decode_time = 0.0f64;
-        loop {
-            let s = sampler.sample(&logits, &history)?;
-            let is_stop = params.stop_token_ids.contains(&s.token);
-            out.token_ids.push(s.token);
-            out.logprobs.push(s.logprob);
-            out.cumulative_logprob += s.logprob as f64;
-            history.push(s.token);
-            let step = Step { index: out.token_ids.len() - 1, token: s.token, logprob: s.logprob, is_stop };
-            let flow = on_step(&step);
-            if is_stop || flow.is_break() {
-                out.finish_reason = FinishReason::Stop;
-                break;
-            }
-            if out.token_ids.len() >= params.max_tokens {
-                out.finish_reason = FinishReason::Length;
-                break;
-            }
-            let t = Instant::now();
-            (logits, cache) = self.forward(&[s.token], cache)?;
-            decode_time += t.elapsed().as_secs_f64();
-            decode_steps += 1;
-        }
-        out.decode_ms = decode_time * 1e3;
-        out.decode_tokens_per_s = if decode_time > 0.0 { decode_steps as f64 / decode_time } else { 0.0 };
-        tracing::debug!(
-            generated = out.token_ids.len(),
-            decode_tokens_per_s = out.decode_tokens_per_s,
-            finish = %out.finish_reason,
-            "generation done"
-        );
-        Ok(out)
+        generate_with(&mut HostDecoder { gen: self, cache: None }, prompt, params, on_step)
     }
 
     /// Generates every prompt (one after the other, each with its own sampler seeded from
@@ -396,4 +390,64 @@ impl<E: Forward> Generator<E> {
         }
         Ok(())
     }
+}
+
+/// The sampling loop: prefill, then sample and decode one token at a time until a stop
+/// token, `max_tokens`, or `on_step` breaks (a stop string). The caller checks the prompt
+/// against the context first ([`Generator::check_prompt`]).
+pub fn generate_with(
+    dec: &mut dyn Decoder,
+    prompt: &[u32],
+    params: &SamplingParams,
+    mut on_step: impl FnMut(&Step) -> ControlFlow<()>,
+) -> Result<Generation, GenerateError> {
+    let mut sampler = Sampler::new(params)?;
+    let mut history: Vec<u32> = prompt.to_vec();
+    let mut out = Generation {
+        token_ids: Vec::with_capacity(params.max_tokens),
+        logprobs: Vec::with_capacity(params.max_tokens),
+        cumulative_logprob: 0.0,
+        finish_reason: FinishReason::Length,
+        prompt_tokens: prompt.len(),
+        prefill_ms: 0.0,
+        decode_ms: 0.0,
+        decode_tokens_per_s: 0.0,
+    };
+    let t0 = Instant::now();
+    let mut logits = dec.prefill(prompt)?;
+    out.prefill_ms = t0.elapsed().as_secs_f64() * 1e3;
+    tracing::debug!(prompt_tokens = prompt.len(), prefill_ms = out.prefill_ms, "prefill done");
+    let mut decode_steps = 0usize;
+    let mut decode_time = 0.0f64;
+    loop {
+        let s = sampler.sample(&logits, &history)?;
+        let is_stop = params.stop_token_ids.contains(&s.token);
+        out.token_ids.push(s.token);
+        out.logprobs.push(s.logprob);
+        out.cumulative_logprob += s.logprob as f64;
+        history.push(s.token);
+        let step = Step { index: out.token_ids.len() - 1, token: s.token, logprob: s.logprob, is_stop };
+        let flow = on_step(&step);
+        if is_stop || flow.is_break() {
+            out.finish_reason = FinishReason::Stop;
+            break;
+        }
+        if out.token_ids.len() >= params.max_tokens {
+            out.finish_reason = FinishReason::Length;
+            break;
+        }
+        let t = Instant::now();
+        logits = dec.decode(s.token)?;
+        decode_time += t.elapsed().as_secs_f64();
+        decode_steps += 1;
+    }
+    out.decode_ms = decode_time * 1e3;
+    out.decode_tokens_per_s = if decode_time > 0.0 { decode_steps as f64 / decode_time } else { 0.0 };
+    tracing::debug!(
+        generated = out.token_ids.len(),
+        decode_tokens_per_s = out.decode_tokens_per_s,
+        finish = %out.finish_reason,
+        "generation done"
+    );
+    Ok(out)
 }

@@ -11,7 +11,7 @@ use indexmap::IndexMap;
 use kiln_codegen::kernels::{self, NodeLowering, MAX_HEAD_DIM, MAX_RANK};
 use kiln_codegen::{ArgValue, CompileStats, Compiler, Kernel, Role};
 use kiln_graph::{Graph, NodeId, Value};
-use kiln_ops::{Bindings, DType, HostTensor, Mask, Op};
+use kiln_ops::{Bindings, DType, HostTensor, Mask, Op, Sym};
 use smallvec::SmallVec;
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
@@ -38,7 +38,7 @@ impl Default for CudaOptions {
 }
 
 /// A device buffer (at least one byte, so empty tensors have an address too).
-struct Buf {
+pub(super) struct Buf {
     slice: CudaSlice<u8>,
     bytes: usize,
 }
@@ -85,6 +85,8 @@ pub struct CudaExecutor {
     slot_values: Vec<Value>,
     outputs: Vec<(String, usize)>,
     stats: CompileStats,
+    /// The device symbol table's order ([`kiln_codegen::symbols::graph_symbols`]).
+    syms: Vec<Sym>,
 }
 
 fn rm_strides(shape: &[usize]) -> Vec<i64> {
@@ -101,14 +103,14 @@ fn dims(v: &[usize]) -> Vec<i64> {
 
 /// Role → value pairs for one launch; `KernelSig::pack` pulls them in parameter order.
 #[derive(Default)]
-struct Args(Vec<(Role, ArgValue)>);
+pub(super) struct Args(Vec<(Role, ArgValue)>);
 
 impl Args {
-    fn set(&mut self, r: Role, v: ArgValue) -> &mut Self {
+    pub(super) fn set(&mut self, r: Role, v: ArgValue) -> &mut Self {
         self.0.push((r, v));
         self
     }
-    fn i64(&mut self, r: Role, v: usize) -> &mut Self {
+    pub(super) fn i64(&mut self, r: Role, v: usize) -> &mut Self {
         self.set(r, ArgValue::I64(v as i64))
     }
     fn get(&self, r: Role) -> Option<ArgValue> {
@@ -284,7 +286,9 @@ impl CudaExecutor {
             kernels = kernels.len(),
             "CUDA executor ready"
         );
+        let syms = kiln_codegen::symbols::graph_symbols(&graph);
         Ok(CudaExecutor {
+            syms,
             graph,
             info,
             ctx,
@@ -341,6 +345,17 @@ impl CudaExecutor {
         let b = crate::feeds::bind(&self.graph, feeds)?;
         self.ctx.bind_to_thread().map_err(driver_err("bind context"))?;
         let input_names: Vec<&String> = self.graph.inputs().keys().collect();
+        // The device symbol table (kernels that read sizes on the device).
+        let sym_values: Vec<i64> = self.syms.iter().map(|s| b.get(s).map_or(0, |&v| v as i64)).collect();
+        let sym_bytes: Vec<u8> = sym_values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let syms = self.alloc(sym_bytes.len())?;
+        if !sym_bytes.is_empty() {
+            // SAFETY: `syms` holds `sym_bytes.len()` bytes; the copy is staged before return.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(syms.ptr(&self.stream), &sym_bytes, self.stream.cu_stream())
+            }
+            .map_err(driver_err("upload symbols"))?;
+        }
         let mut remaining = self.uses.clone();
         let mut slots: Vec<Option<(Arc<Buf>, Vec<usize>)>> = (0..remaining.len()).map(|_| None).collect();
         for step in &self.steps {
@@ -394,10 +409,25 @@ impl CudaExecutor {
                     let outv: Vec<(&Buf, &[usize])> =
                         outs.iter().zip(&out_shapes).map(|(b, s)| (b.as_ref(), s.as_slice())).collect();
                     match step.exec {
-                        Exec::Kernel(k) => self.launch_node(&node.op, k, &ins, &outv, &b).map_err(|e| match e {
-                            CudaError::Unsupported { reason, .. } => err(reason),
-                            other => other,
-                        })?,
+                        Exec::Kernel(k) => {
+                            let ins: Vec<(u64, &[usize])> =
+                                ins.iter().map(|(x, s)| (x.ptr(&self.stream), *s)).collect();
+                            let outv: Vec<(u64, &[usize])> =
+                                outv.iter().map(|(x, s)| (x.ptr(&self.stream), *s)).collect();
+                            launch_node(
+                                &self.stream,
+                                &self.kernels[k],
+                                &node.op,
+                                &ins,
+                                &outv,
+                                &b,
+                                syms.ptr(&self.stream),
+                            )
+                            .map_err(|e| match e {
+                                CudaError::Unsupported { reason, .. } => err(reason),
+                                other => other,
+                            })?
+                        }
                         _ => self.matmul(&node.op, &ins, &outv, node.outputs[0].dtype)?,
                     }
                     outs
@@ -432,210 +462,6 @@ impl CudaExecutor {
             .collect()
     }
 
-    /// Launches kernel `k` over `items` work items with the values in `args`.
-    fn launch(&self, k: usize, items: usize, args: &Args) -> Result<(), CudaError> {
-        if items == 0 {
-            return Ok(());
-        }
-        let (kernel, f) = &self.kernels[k];
-        let mut values = kernel.sig.pack(|r| args.get(r)).map_err(|e| CudaError::Driver(e.to_string()))?;
-        let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_kernel_param()).collect();
-        let (grid, block) = kernel.grid.dims(items);
-        // SAFETY: `params` points at one value per kernel parameter, in order and of the
-        // parameter's C type (checked by `pack`); the device addresses are live buffers
-        // sized for the shapes the index arguments describe.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (grid, 1, 1),
-                (block, 1, 1),
-                0,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .map_err(|e| CudaError::Driver(format!("launch {}: {e:?}", kernel.sig.name)))
-    }
-
-    fn launch_node(
-        &self,
-        op: &Op,
-        k: usize,
-        ins: &[(&Buf, &[usize])],
-        outs: &[(&Buf, &[usize])],
-        b: &Bindings,
-    ) -> Result<(), CudaError> {
-        let bad = |reason: String| CudaError::Unsupported { node: 0, op: String::new(), scope: String::new(), reason };
-        let st = &self.stream;
-        let ptr = |x: &Buf| ArgValue::Ptr(x.ptr(st));
-        let mut a = Args::default();
-        let (out, out_shape) = outs[0];
-        let numel = |s: &[usize]| s.iter().product::<usize>();
-        let check_rank = |s: &[usize]| {
-            if s.len() > MAX_RANK {
-                Err(bad(format!("rank {} exceeds the GPU kernels' limit of {MAX_RANK}", s.len())))
-            } else {
-                Ok(())
-            }
-        };
-        a.set(Role::Out(0), ptr(out));
-        for (i, (x, _)) in ins.iter().enumerate() {
-            a.set(Role::In(i as u8), ptr(x));
-        }
-        let lanes = |shape: &[usize], axis: usize| (numel(&shape[..axis]), shape[axis], numel(&shape[axis + 1..]));
-        // Index-mapping copy of `shape` elements from `in_strides`/`in_offset`.
-        let copy = |a: &mut Args,
-                    shape: &[usize],
-                    in_strides: &[i64],
-                    in_offset: i64,
-                    out_strides: &[i64],
-                    out_offset: i64| {
-            check_rank(shape)?;
-            a.i64(Role::N, numel(shape))
-                .set(Role::Rank, ArgValue::I32(shape.len() as i32))
-                .set(Role::Shape, ArgValue::idx8(&dims(shape)))
-                .set(Role::InStrides, ArgValue::idx8(in_strides))
-                .set(Role::InOffset, ArgValue::I64(in_offset))
-                .set(Role::OutStrides, ArgValue::idx8(out_strides))
-                .set(Role::OutOffset, ArgValue::I64(out_offset));
-            self.launch(k, numel(shape), a)
-        };
-        match op {
-            op if op.is_elementwise() => {
-                a.i64(Role::N, numel(out_shape));
-                self.launch(k, numel(out_shape), &a)
-            }
-            Op::Permute(perm) => {
-                let st_in = rm_strides(ins[0].1);
-                let in_strides: Vec<i64> = perm.iter().map(|&p| st_in[p]).collect();
-                copy(&mut a, out_shape, &in_strides, 0, &rm_strides(out_shape), 0)
-            }
-            Op::Slice { axis, start, end } => {
-                let s = start.eval(b).map_err(bad)?;
-                let e = end.eval(b).map_err(bad)?;
-                let size = ins[0].1[*axis];
-                if s > e || e > size {
-                    return Err(bad(format!(
-                        "range {s}..{e} (`{start}..{end}`) is invalid for axis {axis} of size {size}"
-                    )));
-                }
-                let st_in = rm_strides(ins[0].1);
-                copy(&mut a, out_shape, &st_in, s as i64 * st_in[*axis], &rm_strides(out_shape), 0)
-            }
-            Op::Expand(_) => {
-                let in_shape = ins[0].1;
-                let off = out_shape.len() - in_shape.len();
-                let st_in = rm_strides(in_shape);
-                let mut in_strides = vec![0i64; out_shape.len()];
-                for (i, &d) in in_shape.iter().enumerate() {
-                    if d == out_shape[off + i] {
-                        in_strides[off + i] = st_in[i];
-                    } else if d != 1 {
-                        return Err(bad(format!("cannot expand {in_shape:?} to {out_shape:?}")));
-                    }
-                }
-                copy(&mut a, out_shape, &in_strides, 0, &rm_strides(out_shape), 0)
-            }
-            Op::Concat { axis } => {
-                let st_out = rm_strides(out_shape);
-                let mut at = 0usize;
-                for (x, shape) in ins {
-                    a.set(Role::In(0), ptr(x));
-                    copy(&mut a, shape, &rm_strides(shape), 0, &st_out, at as i64 * st_out[*axis])?;
-                    at += shape[*axis];
-                }
-                Ok(())
-            }
-            Op::Gather { axis } => {
-                let (outer, size, inner) = lanes(ins[0].1, *axis);
-                let _ = outer;
-                a.set(Role::Ids, ptr(ins[1].0))
-                    .i64(Role::N, numel(out_shape))
-                    .i64(Role::NIdx, numel(ins[1].1))
-                    .i64(Role::Size, size)
-                    .i64(Role::Inner, inner);
-                self.launch(k, numel(out_shape), &a)
-            }
-            Op::Arange { start, .. } => {
-                let s = start.eval(b).map_err(bad)?;
-                a.i64(Role::N, numel(out_shape)).i64(Role::Start, s);
-                self.launch(k, numel(out_shape), &a)
-            }
-            Op::Reduce { axes, .. } => {
-                let shape = ins[0].1;
-                check_rank(shape)?;
-                let st_in = rm_strides(shape);
-                let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
-                for (i, &d) in shape.iter().enumerate() {
-                    if axes.contains(&i) {
-                        rs.push(d as i64);
-                        rst.push(st_in[i]);
-                    } else {
-                        ks.push(d as i64);
-                        kst.push(st_in[i]);
-                    }
-                }
-                let n_out: usize = ks.iter().product::<i64>() as usize;
-                a.i64(Role::NOut, n_out)
-                    .set(Role::NRed, ArgValue::I64(rs.iter().product()))
-                    .set(Role::KeptRank, ArgValue::I32(ks.len() as i32))
-                    .set(Role::KeptShape, ArgValue::idx8(&ks))
-                    .set(Role::KeptStrides, ArgValue::idx8(&kst))
-                    .set(Role::RedRank, ArgValue::I32(rs.len() as i32))
-                    .set(Role::RedShape, ArgValue::idx8(&rs))
-                    .set(Role::RedStrides, ArgValue::idx8(&rst));
-                self.launch(k, n_out, &a)
-            }
-            Op::ArgMax { axis } => {
-                let (outer, len, inner) = lanes(ins[0].1, *axis);
-                if len == 0 {
-                    return Err(bad(format!("axis {axis} of shape {:?} is empty", ins[0].1)));
-                }
-                a.i64(Role::N, outer * inner).i64(Role::Len, len).i64(Role::Inner, inner);
-                self.launch(k, outer * inner, &a)
-            }
-            Op::TopK { k: kk, axis } => {
-                let (outer, len, inner) = lanes(ins[0].1, *axis);
-                if *kk == 0 || *kk > len {
-                    return Err(bad(format!("k = {kk} must be in 1..={len}")));
-                }
-                a.set(Role::Out(1), ptr(outs[1].0)).i64(Role::Len, len).i64(Role::Inner, inner).i64(Role::K, *kk);
-                self.launch(k, outer * inner, &a)
-            }
-            Op::Attention(attrs) => {
-                let (q, kk, v) = (ins[0].1, ins[1].1, ins[2].1);
-                let (bsz, s, h, d) = (q[0], q[1], q[2], q[3]);
-                let (t, kh, dv) = (kk[1], kk[2], v[3]);
-                if kh == 0 || h % kh != 0 {
-                    return Err(bad(format!("{h} query heads are not a multiple of {kh} kv heads")));
-                }
-                if t < s {
-                    return Err(bad(format!("{t} keys are fewer than {s} queries")));
-                }
-                if d > MAX_HEAD_DIM || dv > MAX_HEAD_DIM {
-                    return Err(bad(format!("head dims {d}/{dv} exceed the attention kernel's {MAX_HEAD_DIM}")));
-                }
-                let (mask, window) = match attrs.mask {
-                    Mask::None => (0, 0),
-                    Mask::Causal => (1, 0),
-                    Mask::SlidingWindow(w) => (2, w as usize),
-                };
-                a.i64(Role::Batch, bsz)
-                    .i64(Role::Seq, s)
-                    .i64(Role::Heads, h)
-                    .i64(Role::KvHeads, kh)
-                    .i64(Role::Keys, t)
-                    .i64(Role::HeadDim, d)
-                    .i64(Role::ValueDim, dv)
-                    .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
-                    .set(Role::MaskKind, ArgValue::I32(mask))
-                    .i64(Role::Window, window);
-                self.launch(k, bsz * s * h, &a)
-            }
-            other => Err(bad(format!("`{}` has no GPU kernel", other.name()))),
-        }
-    }
-
     fn matmul(
         &self,
         op: &Op,
@@ -661,6 +487,223 @@ impl CudaExecutor {
         }
         let g = Gemm { dtype, batch, m, n, k, ta, tb, shared_b: rb == 2 };
         g.run(&self.blas, ins[0].0.ptr(&self.stream), ins[1].0.ptr(&self.stream), c)
+    }
+}
+
+/// Launches `kf` over `items` work items with the values in `args` on `stream`.
+pub(super) fn launch(
+    stream: &CudaStream,
+    kf: &(Kernel, CudaFunction),
+    items: usize,
+    args: &Args,
+) -> Result<(), CudaError> {
+    if items == 0 {
+        return Ok(());
+    }
+    let (kernel, f) = kf;
+    let mut values = kernel.sig.pack(|r| args.get(r)).map_err(|e| CudaError::Driver(e.to_string()))?;
+    let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_kernel_param()).collect();
+    let (grid, block) = kernel.grid.dims(items);
+    // SAFETY: `params` points at one value per kernel parameter, in order and of the
+    // parameter's C type (checked by `pack`); the device addresses are live buffers
+    // sized for the shapes the index arguments describe.
+    unsafe {
+        cudarc::driver::result::launch_kernel(
+            f.cu_function(),
+            (grid, 1, 1),
+            (block, 1, 1),
+            0,
+            stream.cu_stream(),
+            &mut params,
+        )
+    }
+    .map_err(|e| CudaError::Driver(format!("launch {}: {e:?}", kernel.sig.name)))
+}
+
+/// Launches the kernel of a node (as [`kiln_codegen::lower_node`] chose it) with its
+/// operands and outputs given as (device address, shape); `syms` is the device symbol
+/// table. Errors with `node: 0` and an empty op: callers fill in the node.
+pub(super) fn launch_node(
+    stream: &CudaStream,
+    k: &(Kernel, CudaFunction),
+    op: &Op,
+    ins: &[(u64, &[usize])],
+    outs: &[(u64, &[usize])],
+    b: &Bindings,
+    syms: u64,
+) -> Result<(), CudaError> {
+    let bad = |reason: String| CudaError::Unsupported { node: 0, op: String::new(), scope: String::new(), reason };
+    let ptr = |x: u64| ArgValue::Ptr(x);
+    let mut a = Args::default();
+    a.set(Role::Syms, ArgValue::Ptr(syms));
+    let (out, out_shape) = outs[0];
+    let numel = |s: &[usize]| s.iter().product::<usize>();
+    let check_rank = |s: &[usize]| {
+        if s.len() > MAX_RANK {
+            Err(bad(format!("rank {} exceeds the GPU kernels' limit of {MAX_RANK}", s.len())))
+        } else {
+            Ok(())
+        }
+    };
+    a.set(Role::Out(0), ptr(out));
+    for (i, (x, _)) in ins.iter().enumerate() {
+        a.set(Role::In(i as u8), ptr(*x));
+    }
+    let lanes = |shape: &[usize], axis: usize| (numel(&shape[..axis]), shape[axis], numel(&shape[axis + 1..]));
+    // Index-mapping copy of `shape` elements from `in_strides`/`in_offset`.
+    let copy =
+        |a: &mut Args, shape: &[usize], in_strides: &[i64], in_offset: i64, out_strides: &[i64], out_offset: i64| {
+            check_rank(shape)?;
+            a.i64(Role::N, numel(shape))
+                .set(Role::Rank, ArgValue::I32(shape.len() as i32))
+                .set(Role::Shape, ArgValue::idx8(&dims(shape)))
+                .set(Role::InStrides, ArgValue::idx8(in_strides))
+                .set(Role::InOffset, ArgValue::I64(in_offset))
+                .set(Role::OutStrides, ArgValue::idx8(out_strides))
+                .set(Role::OutOffset, ArgValue::I64(out_offset));
+            launch(stream, k, numel(shape), a)
+        };
+    match op {
+        op if op.is_elementwise() => {
+            a.i64(Role::N, numel(out_shape));
+            launch(stream, k, numel(out_shape), &a)
+        }
+        Op::Permute(perm) => {
+            let st_in = rm_strides(ins[0].1);
+            let in_strides: Vec<i64> = perm.iter().map(|&p| st_in[p]).collect();
+            copy(&mut a, out_shape, &in_strides, 0, &rm_strides(out_shape), 0)
+        }
+        Op::Slice { axis, start, end } => {
+            let s = start.eval(b).map_err(bad)?;
+            let e = end.eval(b).map_err(bad)?;
+            let size = ins[0].1[*axis];
+            if s > e || e > size {
+                return Err(bad(format!(
+                    "range {s}..{e} (`{start}..{end}`) is invalid for axis {axis} of size {size}"
+                )));
+            }
+            let st_in = rm_strides(ins[0].1);
+            copy(&mut a, out_shape, &st_in, s as i64 * st_in[*axis], &rm_strides(out_shape), 0)
+        }
+        Op::Expand(_) => {
+            let in_shape = ins[0].1;
+            let off = out_shape.len() - in_shape.len();
+            let st_in = rm_strides(in_shape);
+            let mut in_strides = vec![0i64; out_shape.len()];
+            for (i, &d) in in_shape.iter().enumerate() {
+                if d == out_shape[off + i] {
+                    in_strides[off + i] = st_in[i];
+                } else if d != 1 {
+                    return Err(bad(format!("cannot expand {in_shape:?} to {out_shape:?}")));
+                }
+            }
+            copy(&mut a, out_shape, &in_strides, 0, &rm_strides(out_shape), 0)
+        }
+        Op::Concat { axis } => {
+            let st_out = rm_strides(out_shape);
+            let mut at = 0usize;
+            for (x, shape) in ins {
+                a.set(Role::In(0), ptr(*x));
+                copy(&mut a, shape, &rm_strides(shape), 0, &st_out, at as i64 * st_out[*axis])?;
+                at += shape[*axis];
+            }
+            Ok(())
+        }
+        Op::Gather { axis } => {
+            let (outer, size, inner) = lanes(ins[0].1, *axis);
+            let _ = outer;
+            a.set(Role::Ids, ptr(ins[1].0))
+                .i64(Role::N, numel(out_shape))
+                .i64(Role::NIdx, numel(ins[1].1))
+                .i64(Role::Size, size)
+                .i64(Role::Inner, inner);
+            launch(stream, k, numel(out_shape), &a)
+        }
+        Op::Arange { start, .. } => {
+            let s = start.eval(b).map_err(bad)?;
+            a.i64(Role::N, numel(out_shape)).i64(Role::Start, s);
+            launch(stream, k, numel(out_shape), &a)
+        }
+        Op::Reduce { axes, .. } => {
+            let shape = ins[0].1;
+            check_rank(shape)?;
+            let st_in = rm_strides(shape);
+            let (mut ks, mut kst, mut rs, mut rst) = (vec![], vec![], vec![], vec![]);
+            for (i, &d) in shape.iter().enumerate() {
+                if axes.contains(&i) {
+                    rs.push(d as i64);
+                    rst.push(st_in[i]);
+                } else {
+                    ks.push(d as i64);
+                    kst.push(st_in[i]);
+                }
+            }
+            let n_out: usize = ks.iter().product::<i64>() as usize;
+            a.i64(Role::NOut, n_out)
+                .set(Role::NRed, ArgValue::I64(rs.iter().product()))
+                .set(Role::KeptRank, ArgValue::I32(ks.len() as i32))
+                .set(Role::KeptShape, ArgValue::idx8(&ks))
+                .set(Role::KeptStrides, ArgValue::idx8(&kst))
+                .set(Role::RedRank, ArgValue::I32(rs.len() as i32))
+                .set(Role::RedShape, ArgValue::idx8(&rs))
+                .set(Role::RedStrides, ArgValue::idx8(&rst));
+            launch(stream, k, n_out, &a)
+        }
+        Op::ArgMax { axis } => {
+            let (outer, len, inner) = lanes(ins[0].1, *axis);
+            if len == 0 {
+                return Err(bad(format!("axis {axis} of shape {:?} is empty", ins[0].1)));
+            }
+            a.i64(Role::N, outer * inner).i64(Role::Len, len).i64(Role::Inner, inner);
+            launch(stream, k, outer * inner, &a)
+        }
+        Op::TopK { k: kk, axis } => {
+            let (outer, len, inner) = lanes(ins[0].1, *axis);
+            if *kk == 0 || *kk > len {
+                return Err(bad(format!("k = {kk} must be in 1..={len}")));
+            }
+            a.set(Role::Out(1), ptr(outs[1].0)).i64(Role::Len, len).i64(Role::Inner, inner).i64(Role::K, *kk);
+            launch(stream, k, outer * inner, &a)
+        }
+        Op::Attention(attrs) => {
+            let (q, kk, v) = (ins[0].1, ins[1].1, ins[2].1);
+            let (bsz, s, h, d) = (q[0], q[1], q[2], q[3]);
+            let (t, kh, dv) = (kk[1], kk[2], v[3]);
+            if kh == 0 || h % kh != 0 {
+                return Err(bad(format!("{h} query heads are not a multiple of {kh} kv heads")));
+            }
+            if t < s {
+                return Err(bad(format!("{t} keys are fewer than {s} queries")));
+            }
+            if d > MAX_HEAD_DIM || dv > MAX_HEAD_DIM {
+                return Err(bad(format!("head dims {d}/{dv} exceed the attention kernel's {MAX_HEAD_DIM}")));
+            }
+            let (mask, window) = match attrs.mask {
+                Mask::None => (0, 0),
+                Mask::Causal => (1, 0),
+                Mask::SlidingWindow(w) => (2, w as usize),
+            };
+            a.i64(Role::Batch, bsz)
+                .i64(Role::Seq, s)
+                .i64(Role::Heads, h)
+                .i64(Role::KvHeads, kh)
+                .i64(Role::Keys, t)
+                .i64(Role::HeadDim, d)
+                .i64(Role::ValueDim, dv)
+                .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
+                .set(Role::MaskKind, ArgValue::I32(mask))
+                .i64(Role::Window, window);
+            launch(stream, k, bsz * s * h, &a)
+        }
+        Op::Fused(body) => {
+            for (i, (p, _)) in outs.iter().enumerate() {
+                a.set(Role::Out(i as u8), ptr(*p));
+            }
+            let items = kiln_codegen::fused::fused_items(body, b).map_err(|e| bad(e.0))?;
+            a.i64(Role::N, items);
+            launch(stream, k, items, &a)
+        }
+        other => Err(bad(format!("`{}` has no GPU kernel", other.name()))),
     }
 }
 

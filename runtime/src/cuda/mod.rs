@@ -13,9 +13,12 @@
 //! Storage dtypes: f32, f16, bf16, i64, i32, i8, u8, bool (fp8 and int4 are not handled
 //! yet); floats compute in f32 inside kernels.
 
+pub mod bandwidth;
 mod blas;
+mod engine;
 mod executor;
 
+pub use engine::{CudaEngine, EngineOptions, MemoryReport};
 pub use executor::{CudaExecutor, CudaOptions};
 pub use kiln_codegen::CompileStats;
 

@@ -1,0 +1,1036 @@
+//! The device-resident generation engine: weights, KV cache, activations and sampling all
+//! stay on the GPU; a decode step is captured once as a CUDA graph and replayed.
+//!
+//! How the model graph (the contract of [`crate::generate`]) is lowered:
+//! * every `past.X` cache input and its `present.X = concat(past.X, new, axis 1)` output
+//!   share one device buffer `[max_batch, max_context, …]`: the concat becomes an
+//!   in-place **append** of the new rows at row `past` (read from the device symbol
+//!   table), and attention reads the cache through a batch stride;
+//! * intermediates live in one arena laid out by [`kiln_passes::memory::plan`] (reshapes
+//!   are views of their operand's buffer);
+//! * the symbols (`batch`, `past`, `seq`) live in a device table (`syms`); kernels that
+//!   depend on `past` read it there, and the step-end kernel advances it on the device;
+//! * greedy sampling (argmax) writes the next input ids in place, so a decode step needs
+//!   nothing from the host: [`CudaEngine::decode_step`] replays the captured graph.
+//!
+//! Prefill runs each prompt on its own (batch 1) into its cache slot, eagerly; decode
+//! steps run all sequences together (they must share one length, since `past` is one
+//! symbol).
+
+use super::blas::Gemm;
+use super::executor::{launch, launch_node, Args};
+use super::{driver_err, host_bytes, CudaError, DeviceInfo};
+use crate::error::RuntimeError;
+use cudarc::cublas::CudaBlas;
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::Ptx;
+use indexmap::IndexMap;
+use kiln_codegen::decode;
+use kiln_codegen::kernels::{self, NodeLowering};
+use kiln_codegen::{ArgValue, Compiler, Kernel, Role};
+use kiln_graph::{Graph, NodeId, Value};
+use kiln_ops::{Bindings, DType, Dim, HostTensor, Op, Sym};
+use kiln_passes::memory::{self, MemoryPlan, PlanOptions};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Engine settings.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// CUDA device ordinal.
+    pub device: usize,
+    /// Sequences decoded together, at most.
+    pub max_batch: usize,
+    /// Positions per sequence (prompt plus generated), at most: the KV cache's capacity.
+    pub max_context: usize,
+    /// Capture the decode step as a CUDA graph and replay it.
+    pub cuda_graphs: bool,
+    /// Kernel cache folder; `None` uses the default.
+    pub cache_dir: Option<PathBuf>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions { device: 0, max_batch: 1, max_context: 4096, cuda_graphs: true, cache_dir: None }
+    }
+}
+
+/// Device memory held by an engine, in bytes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MemoryReport {
+    pub weights: usize,
+    pub kv_cache: usize,
+    /// The activation arena (its current size: the largest plan run so far).
+    pub arena: usize,
+    /// Everything else: ids, logits, history, symbol table, cuBLAS workspace.
+    pub workspace: usize,
+}
+
+impl MemoryReport {
+    pub fn total(&self) -> usize {
+        self.weights + self.kv_cache + self.arena + self.workspace
+    }
+}
+
+/// Where a value lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Loc {
+    Weight(usize),
+    Const(usize),
+    /// `input_ids`: the prompt buffer in prefill, the decode ids buffer in decode.
+    Ids,
+    /// Resident KV cache buffer `i` (the `past.X` input and its `present.X` append).
+    Cache(usize),
+    /// An intermediate: its offset comes from the memory plan of the run.
+    Arena,
+    /// A graph output other than the caches (the logits): its own buffer.
+    Output(usize),
+}
+
+enum Run {
+    /// Nothing to launch (sources, views, cache inputs).
+    Nothing,
+    /// The node's kernel from `kiln_codegen::lower_node`.
+    Kernel(usize),
+    /// The cache append replacing `present = concat(past, new)`.
+    Append { kernel: usize, cache: usize },
+    /// `arange` with a symbolic start read from the device table.
+    Arange(usize),
+    /// cuBLAS, or the GEMV kernel (`gemv`) when the product has few rows.
+    MatMul { gemv: Option<usize> },
+    /// Attention over a resident cache, prefill and decode alike: the split-K kernels
+    /// (keys from the symbol table, the cache read through batch strides).
+    Attention { partial: usize, combine: usize },
+}
+
+struct Step {
+    node: NodeId,
+    run: Run,
+}
+
+struct Cache {
+    buf: CudaSlice<u8>,
+    dtype: DType,
+    /// Elements per position (`kv_heads · head_dim`).
+    row: usize,
+}
+
+struct Output {
+    buf: Option<CudaSlice<u8>>,
+    bytes: usize,
+}
+
+/// A model graph compiled for device-resident generation. See the [module docs](self).
+pub struct CudaEngine {
+    graph: Graph,
+    info: DeviceInfo,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    opts: EngineOptions,
+    weights: Vec<CudaSlice<u8>>,
+    weight_bytes: usize,
+    consts: Vec<CudaSlice<u8>>,
+    caches: Vec<Cache>,
+    outputs: Vec<Output>,
+    locs: HashMap<Value, Loc>,
+    kernels: Vec<(Kernel, CudaFunction)>,
+    steps: Vec<Step>,
+    /// Symbols in device-table order, and which are `batch`, `past`, `seq`.
+    syms: Vec<Sym>,
+    batch_sym: Option<Sym>,
+    past_sym: Sym,
+    seq_sym: Sym,
+    syms_dev: CudaSlice<i64>,
+    ids_prefill: CudaSlice<i64>,
+    ids_decode: CudaSlice<i64>,
+    history: CudaSlice<i64>,
+    counter: CudaSlice<i64>,
+    argmax: usize,
+    step_end: usize,
+    logits: Value,
+    vocab: usize,
+    arena: Option<CudaSlice<u8>>,
+    arena_bytes: usize,
+    plans: HashMap<Vec<usize>, Arc<MemoryPlan>>,
+    _blas_workspace: CudaSlice<u8>,
+    /// f32 partial results of split-K decode attention (shared by every layer).
+    attn_ws: CudaSlice<u8>,
+    /// Per batch size: the captured decode step.
+    graphs: HashMap<usize, CudaGraph>,
+    /// Why the decode step cannot be captured, if it cannot.
+    not_capturable: Option<String>,
+    launches_per_step: usize,
+    /// The running batch: its size, cached positions, first tokens (from the prefill).
+    batch: usize,
+    past: usize,
+    first: Vec<u32>,
+}
+
+const BLAS_WORKSPACE: usize = 32 << 20;
+
+fn contract(msg: String) -> CudaError {
+    CudaError::Runtime(RuntimeError::Backend { backend: "cuda", msg: format!("engine: {msg}") })
+}
+
+fn dev(p: &CudaSlice<impl cudarc::driver::DeviceRepr>, s: &CudaStream) -> u64 {
+    let (p, _sync) = p.device_ptr(s);
+    p
+}
+
+impl CudaEngine {
+    /// Checks the graph against the model contract, uploads the weights, allocates the
+    /// KV cache for `max_batch × max_context` positions and compiles every kernel.
+    pub fn new(
+        graph: Graph,
+        weights: IndexMap<String, HostTensor>,
+        opts: EngineOptions,
+    ) -> Result<CudaEngine, CudaError> {
+        graph.verify().map_err(RuntimeError::from)?;
+        crate::feeds::check_weights(&graph, &weights)?;
+        if opts.max_batch == 0 || opts.max_context < 2 {
+            return Err(contract(format!(
+                "max_batch ({}) must be >= 1 and max_context ({}) >= 2",
+                opts.max_batch, opts.max_context
+            )));
+        }
+        let info = super::device_info(opts.device).map_err(CudaError::Unavailable)?;
+        let ctx = CudaContext::new(opts.device).map_err(driver_err("context"))?;
+        // SAFETY: every buffer of this engine is used on its one stream only.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(driver_err("stream"))?;
+        let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("cuBLAS handle: {e:?}")))?;
+        // A fixed cuBLAS workspace, so cuBLAS allocates nothing while a graph is captured.
+        let blas_ws = stream.alloc_zeros::<u8>(BLAS_WORKSPACE).map_err(driver_err("alloc"))?;
+        // SAFETY: the workspace outlives the handle's use (both are fields of the engine).
+        unsafe {
+            cudarc::cublas::sys::cublasSetWorkspace_v2(*blas.handle(), dev(&blas_ws, &stream) as *mut _, BLAS_WORKSPACE)
+        }
+        .result()
+        .map_err(|e| CudaError::Driver(format!("cublasSetWorkspace: {e:?}")))?;
+
+        // ---- the contract -------------------------------------------------------------
+        let ids = *graph.inputs().get("input_ids").ok_or_else(|| contract("no input `input_ids`".into()))?;
+        let ids_ty = graph.node(ids).outputs[0].clone();
+        if ids_ty.dtype != DType::I64 || ids_ty.rank() != 2 {
+            return Err(contract(format!("`input_ids` must be i64[batch, seq], is {ids_ty}")));
+        }
+        let sym_of = |d: &Dim, what: &str| -> Result<Sym, CudaError> {
+            match d.symbols().as_slice() {
+                [s] if *d == Dim::from(*s) => Ok(*s),
+                _ => Err(contract(format!("{what} must be a plain symbol, is `{d}`"))),
+            }
+        };
+        let batch_sym = sym_of(&ids_ty.shape.dims()[0], "the batch dim of `input_ids`").ok();
+        let seq_sym = sym_of(&ids_ty.shape.dims()[1], "the sequence dim of `input_ids`")?;
+        let logits = *graph.outputs().get("logits").ok_or_else(|| contract("no output `logits`".into()))?;
+        let lt = graph.value_type(logits).clone();
+        let vocab = lt.shape.dims().last().and_then(|d| d.as_fixed()).filter(|_| lt.rank() == 3);
+        let vocab = match (vocab, lt.shape.dims().get(1).map(|d| d.as_fixed())) {
+            (Some(v), Some(Some(1))) if lt.dtype == DType::F32 => v,
+            _ => return Err(contract(format!("`logits` must be f32[batch, 1, vocab] (last_token_only), is {lt}"))),
+        };
+
+        let mut locs: HashMap<Value, Loc> = HashMap::new();
+        locs.insert(Value::from(ids), Loc::Ids);
+        let mut caches = Vec::new();
+        let mut past_sym = None;
+        let mut cache_of_present: HashMap<NodeId, usize> = HashMap::new();
+        for (name, &n) in graph.inputs() {
+            if name == "input_ids" {
+                continue;
+            }
+            let rest = name
+                .strip_prefix("past.")
+                .ok_or_else(|| contract(format!("unexpected input `{name}` (only `input_ids` and `past.*`)")))?;
+            let present_name = format!("present.{rest}");
+            let present = *graph
+                .outputs()
+                .get(&present_name)
+                .ok_or_else(|| contract(format!("cache input `{name}` has no output `{present_name}`")))?;
+            let pn = graph.node(present.node);
+            let is_append = matches!(pn.op, Op::Concat { axis: 1 })
+                && graph.operands(present.node).len() == 2
+                && graph.operands(present.node)[0] == Value::from(n);
+            if !is_append {
+                return Err(contract(format!(
+                    "`{present_name}` must be concat(`{name}`, new, axis 1) for a device-resident cache"
+                )));
+            }
+            if graph.users(n).len() != 1 {
+                return Err(contract(format!("cache input `{name}` may only be read by its append")));
+            }
+            for (user, _) in graph.users(present.node) {
+                if !matches!(graph.node(user).op, Op::Attention(_)) {
+                    return Err(contract(format!(
+                        "`{present_name}` is read by `{}`; only attention may read the resident cache",
+                        graph.node(user).op.name()
+                    )));
+                }
+            }
+            let ty = &graph.node(n).outputs[0];
+            let d = ty.shape.dims();
+            if d.len() < 2 {
+                return Err(contract(format!("cache input `{name}` must be [batch, past, …], is {ty}")));
+            }
+            let p = sym_of(&d[1], &format!("the length dim of `{name}`"))?;
+            if *past_sym.get_or_insert(p) != p {
+                return Err(contract(format!("cache input `{name}` uses a different length symbol `{p}`")));
+            }
+            let row: usize = d[2..]
+                .iter()
+                .map(|x| x.as_fixed())
+                .product::<Option<usize>>()
+                .ok_or_else(|| contract(format!("cache input `{name}` has symbolic dims after [batch, past]")))?;
+            let bytes = ty.dtype.bytes_for(opts.max_batch * opts.max_context * row);
+            let buf = stream.alloc_zeros::<u8>(bytes.max(1)).map_err(driver_err("alloc KV cache"))?;
+            locs.insert(Value::from(n), Loc::Cache(caches.len()));
+            locs.insert(present, Loc::Cache(caches.len()));
+            cache_of_present.insert(present.node, caches.len());
+            caches.push(Cache { buf, dtype: ty.dtype, row });
+        }
+        let past_sym = past_sym.ok_or_else(|| contract("the graph has no `past.*` cache inputs".into()))?;
+        let syms = kiln_codegen::symbols::graph_symbols(&graph);
+
+        // ---- weights and constants ----------------------------------------------------
+        let upload = |t: &HostTensor| -> Result<CudaSlice<u8>, CudaError> {
+            let bytes = host_bytes(t);
+            let mut slice = stream.alloc_zeros::<u8>(bytes.len().max(1)).map_err(driver_err("alloc"))?;
+            if !bytes.is_empty() {
+                stream.memcpy_htod(&bytes, &mut slice).map_err(driver_err("upload"))?;
+            }
+            Ok(slice)
+        };
+        let mut weight_bufs = Vec::with_capacity(graph.params().len());
+        let mut weight_bytes = 0;
+        for (i, (name, &n)) in graph.params().iter().enumerate() {
+            let t = &weights[name];
+            weight_bytes += t.dtype().bytes_for(t.shape().iter().product());
+            weight_bufs.push(upload(t)?);
+            locs.insert(Value::from(n), Loc::Weight(i));
+        }
+        drop(weights);
+
+        // ---- steps and kernels --------------------------------------------------------
+        let mut kernel_ids: HashMap<String, usize> = HashMap::new();
+        let mut kernel_list: Vec<Kernel> = Vec::new();
+        let mut add_kernel = |k: Kernel| -> usize {
+            *kernel_ids.entry(k.sig.name.clone()).or_insert_with(|| {
+                kernel_list.push(k);
+                kernel_list.len() - 1
+            })
+        };
+        let mut consts = Vec::new();
+        let mut outputs: Vec<Output> = Vec::new();
+        for (name, &v) in graph.outputs() {
+            if let std::collections::hash_map::Entry::Vacant(e) = locs.entry(v) {
+                if !name.starts_with("present.") && v != logits && matches!(graph.node(v.node).op, Op::Reshape(_)) {
+                    return Err(contract(format!("output `{name}` is a view; outputs must own their buffers")));
+                }
+                e.insert(Loc::Output(outputs.len()));
+                outputs.push(Output { buf: None, bytes: 0 });
+            }
+        }
+        // Live nodes only.
+        let mut live = std::collections::HashSet::new();
+        let mut stack: Vec<NodeId> = graph.outputs().values().map(|v| v.node).collect();
+        while let Some(n) = stack.pop() {
+            if live.insert(n) {
+                stack.extend(graph.operands(n).iter().map(|v| v.node));
+            }
+        }
+        let mut steps = Vec::new();
+        for n in graph.topo_order() {
+            if !live.contains(&n) {
+                continue;
+            }
+            let node = graph.node(n);
+            let unsupported = |reason: String| CudaError::Unsupported {
+                node: n.index(),
+                op: node.op.name().into(),
+                scope: node.scope.clone(),
+                reason,
+            };
+            let run = if let Some(&cache) = cache_of_present.get(&n) {
+                let at = graph.value_type(graph.operands(n)[0]).shape.dims()[1].clone();
+                let k =
+                    kiln_codegen::resident::kv_append(caches[cache].dtype, &at, &syms).map_err(|e| unsupported(e.0))?;
+                Run::Append { kernel: add_kernel(k), cache }
+            } else {
+                match &node.op {
+                    Op::Input { .. } | Op::Param { .. } => Run::Nothing,
+                    Op::Constant { .. } => {
+                        let v = node
+                            .op
+                            .eval(&[], &Bindings::new())
+                            .map_err(|e| unsupported(format!("cannot evaluate the constant: {e}")))?;
+                        locs.insert(Value::from(n), Loc::Const(consts.len()));
+                        consts.push(upload(&v[0])?);
+                        Run::Nothing
+                    }
+                    Op::Reshape(_) => {
+                        let root = memory::view_root(&graph, Value::from(n));
+                        let loc = locs.get(&root).copied().unwrap_or(Loc::Arena);
+                        if let Some(&own) = locs.get(&Value::from(n)) {
+                            if own != loc {
+                                return Err(unsupported(
+                                    "a graph output that is a view of another buffer is not supported".into(),
+                                ));
+                            }
+                        }
+                        locs.insert(Value::from(n), loc);
+                        Run::Nothing
+                    }
+                    Op::Arange { start, .. } if !start.is_fixed() => Run::Arange(add_kernel(
+                        kiln_codegen::resident::arange_syms(start, &syms).map_err(|e| unsupported(e.0))?,
+                    )),
+                    Op::MatMul { transpose_a, transpose_b } => {
+                        let ops = graph.operands(n);
+                        let (a, w) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
+                        let gemv = (!transpose_a && *transpose_b && w.rank() == 2)
+                            .then(|| decode::gemv(a.dtype, w.dtype, node.outputs[0].dtype).ok())
+                            .flatten();
+                        Run::MatMul { gemv: gemv.map(&mut add_kernel) }
+                    }
+                    Op::Attention(_) => {
+                        let ops = graph.operands(n);
+                        let reads_cache = ops[1..].iter().any(|v| cache_of_present.contains_key(&v.node));
+                        if reads_cache {
+                            if !ops[1..].iter().all(|v| cache_of_present.contains_key(&v.node)) {
+                                return Err(unsupported("attention must read both k and v from the cache".into()));
+                            }
+                            let kt = graph.value_type(ops[1]);
+                            let keys = kt.shape.dims()[1].clone();
+                            let (partial, combine) =
+                                decode::attention_decode(kt.dtype, &keys, &syms).map_err(|e| unsupported(e.0))?;
+                            Run::Attention { partial: add_kernel(partial), combine: add_kernel(combine) }
+                        } else {
+                            match kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))? {
+                                NodeLowering::Kernel(k) => Run::Kernel(add_kernel(k)),
+                                other => return Err(unsupported(format!("unexpected lowering {other:?}"))),
+                            }
+                        }
+                    }
+                    _ => match kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))? {
+                        NodeLowering::Kernel(k) => Run::Kernel(add_kernel(k)),
+                        other => return Err(unsupported(format!("unexpected lowering {other:?}"))),
+                    },
+                }
+            };
+            for i in 0..node.outputs.len() {
+                locs.entry(Value::new(n, i as u8)).or_insert(Loc::Arena);
+            }
+            steps.push(Step { node: n, run });
+        }
+        let argmax = add_kernel(kernels::argmax(DType::F32).map_err(|e| contract(e.0))?);
+        let step_end =
+            add_kernel(kiln_codegen::resident::step_end(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?);
+
+        // Which steps keep host-side arguments that change with `past` (not capturable).
+        let mut not_capturable = None;
+        for s in &steps {
+            let node = graph.node(s.node);
+            let mentions_past = node
+                .outputs
+                .iter()
+                .chain(graph.operands(s.node).iter().map(|v| graph.value_type(*v)))
+                .any(|t| t.shape.dims().iter().any(|d| d.symbols().contains(&past_sym)));
+            let safe = match &s.run {
+                Run::Nothing | Run::Append { .. } | Run::Arange(_) => true,
+                Run::Kernel(_) => !mentions_past || matches!(node.op, Op::Fused(_)),
+                Run::MatMul { .. } => !mentions_past,
+                Run::Attention { .. } => true,
+            };
+            if !safe && not_capturable.is_none() {
+                not_capturable = Some(format!(
+                    "node %{} ({} in `{}`) takes sizes that change with `{past_sym}` as launch arguments",
+                    s.node.index(),
+                    node.op.name(),
+                    node.scope
+                ));
+            }
+        }
+
+        // ---- compile ------------------------------------------------------------------
+        let cache_dir = opts.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir);
+        let compiler = Compiler::new(info.compute_capability, Some(cache_dir))?;
+        let refs: Vec<&Kernel> = kernel_list.iter().collect();
+        let (cubins, stats) = compiler.compile_all(&refs)?;
+        let mut kernels = Vec::with_capacity(kernel_list.len());
+        for (k, cubin) in kernel_list.into_iter().zip(cubins) {
+            let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(driver_err("load module"))?;
+            let f = module.load_function(&k.sig.name).map_err(driver_err("load function"))?;
+            kernels.push((k, f));
+        }
+
+        // Decode attention workspace: the largest over batch sizes and attention shapes.
+        let sms = info.multiprocessors.max(1) as usize;
+        let mut ws_bytes = 0usize;
+        for s in &steps {
+            if let Run::Attention { .. } = s.run {
+                let ops = graph.operands(s.node);
+                let (q, k, v) = (graph.value_type(ops[0]), graph.value_type(ops[1]), graph.value_type(ops[2]));
+                let fixed = |t: &kiln_ops::TensorType, i: usize| t.shape.dims()[i].as_fixed().unwrap_or(0);
+                let (h, kh, dv) = (fixed(q, 2), fixed(k, 2), fixed(v, 3));
+                // Decode steps: one query row per sequence, up to max_batch sequences;
+                // prefill: one sequence of up to max_context rows.
+                let shapes = (1..=opts.max_batch).map(|b| (b, 1)).chain((1..opts.max_context).map(|s| (1, s)));
+                for (bsz, rows) in shapes {
+                    let splits = decode::attention_decode_splits(bsz, rows, h, kh, opts.max_context, sms);
+                    let (o, ml) = decode::attention_decode_workspace(bsz, rows, h, dv, splits);
+                    ws_bytes = ws_bytes.max(4 * (o + ml));
+                }
+            }
+        }
+        let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
+        let zeros = |n: usize| stream.alloc_zeros::<i64>(n.max(1)).map_err(driver_err("alloc"));
+        let syms_dev = zeros(syms.len())?;
+        let ids_prefill = zeros(opts.max_context)?;
+        let ids_decode = zeros(opts.max_batch)?;
+        let history = zeros(opts.max_batch * opts.max_context)?;
+        let counter = zeros(1)?;
+        stream.synchronize().map_err(driver_err("upload"))?;
+        tracing::info!(
+            device = %info,
+            steps = steps.len(),
+            kernels = kernels.len(),
+            compiled = stats.compiled,
+            cached = stats.cached,
+            capturable = not_capturable.is_none(),
+            "CUDA engine ready"
+        );
+        if let Some(why) = &not_capturable {
+            tracing::info!("decode steps run without CUDA graphs: {why}");
+        }
+        Ok(CudaEngine {
+            graph,
+            info,
+            ctx,
+            stream,
+            blas,
+            opts,
+            weights: weight_bufs,
+            weight_bytes,
+            consts,
+            caches,
+            outputs,
+            locs,
+            kernels,
+            steps,
+            syms,
+            batch_sym,
+            past_sym,
+            seq_sym,
+            syms_dev,
+            ids_prefill,
+            ids_decode,
+            history,
+            counter,
+            argmax,
+            step_end,
+            logits,
+            vocab,
+            arena: None,
+            arena_bytes: 0,
+            plans: HashMap::new(),
+            _blas_workspace: blas_ws,
+            attn_ws,
+            graphs: HashMap::new(),
+            not_capturable,
+            launches_per_step: 0,
+            batch: 0,
+            past: 0,
+            first: Vec::new(),
+        })
+    }
+
+    pub fn graph(&self) -> &Graph {
+        &self.graph
+    }
+
+    pub fn device(&self) -> &DeviceInfo {
+        &self.info
+    }
+
+    pub fn options(&self) -> &EngineOptions {
+        &self.opts
+    }
+
+    /// Why decode steps are not captured as a CUDA graph (`None` when they are, or
+    /// would be once graphs are enabled).
+    pub fn not_capturable(&self) -> Option<&str> {
+        self.not_capturable.as_deref()
+    }
+
+    /// Kernel launches (generated kernels and cuBLAS calls) of the last decode step.
+    pub fn launches_per_decode_step(&self) -> usize {
+        self.launches_per_step
+    }
+
+    pub fn memory(&self) -> MemoryReport {
+        let kv_cache = self.caches.iter().map(|c| c.buf.len()).sum();
+        let outs: usize = self.outputs.iter().map(|o| o.bytes).sum();
+        let consts: usize = self.consts.iter().map(|c| c.len()).sum();
+        let small =
+            8 * (self.syms.len() + self.opts.max_context + self.opts.max_batch * (self.opts.max_context + 1) + 1);
+        MemoryReport {
+            weights: self.weight_bytes,
+            kv_cache,
+            arena: self.arena_bytes,
+            workspace: outs + consts + small + BLAS_WORKSPACE + self.attn_ws.len(),
+        }
+    }
+
+    fn bindings(&self, batch: usize, seq: usize, past: usize) -> Bindings {
+        let mut b = Bindings::new();
+        if let Some(s) = self.batch_sym {
+            b.insert(s, batch);
+        }
+        b.insert(self.seq_sym, seq);
+        b.insert(self.past_sym, past);
+        b
+    }
+
+    /// The memory plan for these bindings (sized with `past` at the cache capacity),
+    /// growing the arena and output buffers when needed.
+    fn prepare(&mut self, b: &Bindings) -> Result<Arc<MemoryPlan>, CudaError> {
+        let key: Vec<usize> = self.syms.iter().filter(|s| **s != self.past_sym).map(|s| b[s]).collect();
+        if let Some(p) = self.plans.get(&key) {
+            return Ok(p.clone());
+        }
+        let mut sizing = b.clone();
+        sizing.insert(self.past_sym, self.opts.max_context);
+        let plan = memory::plan(&self.graph, &sizing, PlanOptions::default())
+            .map_err(|e| contract(format!("memory plan: {e}")))?;
+        if plan.arena_bytes > self.arena_bytes {
+            self.graphs.clear();
+            self.arena = None;
+            self.arena = Some(self.stream.alloc_zeros::<u8>(plan.arena_bytes).map_err(driver_err("alloc arena"))?);
+            self.arena_bytes = plan.arena_bytes;
+        }
+        for (name, &v) in self.graph.outputs() {
+            if let Some(Loc::Output(i)) = self.locs.get(&v).copied() {
+                let ty = self.graph.value_type(v);
+                let n: usize =
+                    ty.shape.eval(&sizing).map_err(|e| contract(format!("output `{name}`: {e}")))?.iter().product();
+                let bytes = ty.dtype.bytes_for(n).max(1);
+                if bytes > self.outputs[i].bytes {
+                    self.graphs.clear();
+                    self.outputs[i].buf = None;
+                    self.outputs[i].buf = Some(self.stream.alloc_zeros::<u8>(bytes).map_err(driver_err("alloc"))?);
+                    self.outputs[i].bytes = bytes;
+                }
+            }
+        }
+        let plan = Arc::new(plan);
+        self.plans.insert(key, plan.clone());
+        Ok(plan)
+    }
+
+    fn ptr(&self, v: Value, plan: &MemoryPlan, slot: usize, decode: bool) -> Result<u64, CudaError> {
+        let s = &self.stream;
+        Ok(match self.locs.get(&v).copied().unwrap_or(Loc::Arena) {
+            Loc::Weight(i) => dev(&self.weights[i], s),
+            Loc::Const(i) => dev(&self.consts[i], s),
+            Loc::Ids if decode => dev(&self.ids_decode, s),
+            Loc::Ids => dev(&self.ids_prefill, s),
+            Loc::Cache(i) => {
+                let c = &self.caches[i];
+                dev(&c.buf, s) + c.dtype.bytes_for(slot * self.opts.max_context * c.row) as u64
+            }
+            Loc::Output(i) => dev(self.outputs[i].buf.as_ref().expect("prepared"), s),
+            Loc::Arena => {
+                let root = memory::view_root(&self.graph, v);
+                let a = plan
+                    .allocations
+                    .get(&root)
+                    .ok_or_else(|| contract(format!("%{} has no place in the memory plan", root.node.index())))?;
+                dev(self.arena.as_ref().expect("prepared"), s) + a.offset as u64
+            }
+        })
+    }
+
+    fn upload_syms(&self, b: &Bindings) -> Result<(), CudaError> {
+        let vals: Vec<i64> = self.syms.iter().map(|s| b.get(s).map_or(0, |&v| v as i64)).collect();
+        let bytes: Vec<u8> = vals.iter().flat_map(|v| v.to_le_bytes()).collect();
+        // SAFETY: the table holds `syms.len()` i64s; the copy is staged before returning.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dev(&self.syms_dev, &self.stream),
+                &bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(driver_err("upload symbols"))
+    }
+
+    /// Launches every step of the graph. Returns the number of launches.
+    fn run_steps(&self, b: &Bindings, plan: &MemoryPlan, slot: usize, decode: bool) -> Result<usize, CudaError> {
+        let st = &self.stream;
+        let syms = dev(&self.syms_dev, st);
+        let mut launches = 0;
+        for step in &self.steps {
+            let node = self.graph.node(step.node);
+            let err = |reason: String| CudaError::Unsupported {
+                node: step.node.index(),
+                op: node.op.name().into(),
+                scope: node.scope.clone(),
+                reason,
+            };
+            let fill = |e: CudaError| match e {
+                CudaError::Unsupported { reason, .. } => err(reason),
+                other => other,
+            };
+            if matches!(step.run, Run::Nothing) {
+                continue;
+            }
+            let operands = self.graph.operands(step.node);
+            let shapes: Vec<Vec<usize>> = operands
+                .iter()
+                .map(|v| self.graph.value_type(*v).shape.eval(b))
+                .collect::<Result<_, _>>()
+                .map_err(err)?;
+            let out_shapes: Vec<Vec<usize>> =
+                node.outputs.iter().map(|t| t.shape.eval(b)).collect::<Result<_, _>>().map_err(err)?;
+            let ins: Vec<(u64, &[usize])> = operands
+                .iter()
+                .zip(&shapes)
+                .map(|(v, s)| Ok((self.ptr(*v, plan, slot, decode)?, s.as_slice())))
+                .collect::<Result<_, CudaError>>()?;
+            let outs: Vec<(u64, &[usize])> = out_shapes
+                .iter()
+                .enumerate()
+                .map(|(i, s)| Ok((self.ptr(Value::new(step.node, i as u8), plan, slot, decode)?, s.as_slice())))
+                .collect::<Result<_, CudaError>>()?;
+            match &step.run {
+                Run::Nothing => {}
+                Run::Kernel(k) => {
+                    launch_node(st, &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
+                }
+                Run::Attention { partial, combine } => {
+                    self.attention_decode(&node.op, (*partial, *combine), &ins, &outs).map_err(fill)?;
+                    launches += 1;
+                }
+                Run::Arange(k) => {
+                    let n = out_shapes[0][0];
+                    let mut a = Args::default();
+                    a.set(Role::Out(0), ArgValue::Ptr(outs[0].0)).set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::N, n);
+                    launch(st, &self.kernels[*k], n, &a)?;
+                }
+                Run::Append { kernel, cache } => {
+                    let new = &shapes[1];
+                    let (bsz, seq) = (new[0], new[1]);
+                    let row = self.caches[*cache].row;
+                    let n = bsz * seq * row;
+                    let mut a = Args::default();
+                    a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+                        .set(Role::In(0), ArgValue::Ptr(ins[1].0))
+                        .set(Role::Syms, ArgValue::Ptr(syms))
+                        .i64(Role::N, n)
+                        .i64(Role::Seq, seq)
+                        .i64(Role::Inner, row)
+                        .i64(Role::CacheBatchStride, self.opts.max_context * row);
+                    launch(st, &self.kernels[*kernel], n, &a)?;
+                }
+                Run::MatMul { gemv } => {
+                    self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
+                }
+            }
+            launches += 1;
+        }
+        Ok(launches)
+    }
+
+    /// Split-K decode attention over the resident cache (batch strides of the cache).
+    fn attention_decode(
+        &self,
+        op: &Op,
+        (partial, combine): (usize, usize),
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+    ) -> Result<(), CudaError> {
+        let Op::Attention(attrs) = op else { unreachable!("attention step") };
+        let bad = |reason: String| CudaError::Unsupported { node: 0, op: String::new(), scope: String::new(), reason };
+        let (q, k, v) = (ins[0].1, ins[1].1, ins[2].1);
+        let (bsz, s, h, d) = (q[0], q[1], q[2], q[3]);
+        let (kh, dv) = (k[2], v[3]);
+        let splits = self.decode_splits(bsz, s, h, kh);
+        decode::attention_decode_check(h, kh, d, dv, splits).map_err(|e| bad(e.0))?;
+        let (wo, wml) = decode::attention_decode_workspace(bsz, s, h, dv, splits);
+        if 4 * (wo + wml) > self.attn_ws.len() {
+            return Err(bad(format!("decode attention workspace too small for batch {bsz}")));
+        }
+        let (mask, window) = match attrs.mask {
+            kiln_ops::Mask::None => (0, 0),
+            kiln_ops::Mask::Causal => (1, 0),
+            kiln_ops::Mask::SlidingWindow(w) => (2, w as usize),
+        };
+        let ws = dev(&self.attn_ws, &self.stream);
+        let (ws_o, ws_ml) = (ws, ws + 4 * wo as u64);
+        let cap = self.opts.max_context;
+        let (items_p, items_c) = decode::attention_decode_items(bsz, s, h, kh, splits);
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(ws_o))
+            .set(Role::Out(1), ArgValue::Ptr(ws_ml))
+            .set(Role::In(0), ArgValue::Ptr(ins[0].0))
+            .set(Role::In(1), ArgValue::Ptr(ins[1].0))
+            .set(Role::In(2), ArgValue::Ptr(ins[2].0))
+            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+            .i64(Role::Batch, bsz)
+            .i64(Role::Seq, s)
+            .i64(Role::Heads, h)
+            .i64(Role::KvHeads, kh)
+            .i64(Role::HeadDim, d)
+            .i64(Role::ValueDim, dv)
+            .i64(Role::KBatchStride, cap * kh * d)
+            .i64(Role::VBatchStride, cap * kh * dv)
+            .i64(Role::Splits, splits)
+            .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
+            .set(Role::MaskKind, ArgValue::I32(mask))
+            .i64(Role::Window, window);
+        launch(&self.stream, &self.kernels[partial], items_p, &a)?;
+        let mut c = Args::default();
+        c.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+            .set(Role::In(0), ArgValue::Ptr(ws_o))
+            .set(Role::In(1), ArgValue::Ptr(ws_ml))
+            .i64(Role::N, bsz * s * h)
+            .i64(Role::ValueDim, dv)
+            .i64(Role::Splits, splits);
+        launch(&self.stream, &self.kernels[combine], items_c, &c)
+    }
+
+    fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
+        decode::attention_decode_splits(bsz, s, h, kh, self.opts.max_context, self.info.multiprocessors.max(1) as usize)
+    }
+
+    fn matmul(
+        &self,
+        op: &Op,
+        gemv: Option<usize>,
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+        dtype: DType,
+    ) -> Result<(), CudaError> {
+        let Op::MatMul { transpose_a: ta, transpose_b: tb } = *op else { unreachable!("matmul step") };
+        let (sa, sb) = (ins[0].1, ins[1].1);
+        let (ra, rb) = (sa.len(), sb.len());
+        let (m, k) = if ta { (sa[ra - 1], sa[ra - 2]) } else { (sa[ra - 2], sa[ra - 1]) };
+        let n = if tb { sb[rb - 2] } else { sb[rb - 1] };
+        let batch: usize = sa[..ra - 2].iter().product();
+        if batch == 0 || m == 0 || n == 0 {
+            return Ok(());
+        }
+        if k == 0 {
+            let bytes = dtype.bytes_for(batch * m * n);
+            // SAFETY: the output holds batch·m·n elements of `dtype`.
+            return unsafe { cudarc::driver::result::memset_d8_async(outs[0].0, 0, bytes, self.stream.cu_stream()) }
+                .map_err(driver_err("memset"));
+        }
+        if let Some(kg) = gemv.filter(|_| batch * m <= decode::GEMV_MAX_M && rb == 2) {
+            // `[.., m, k] · [n, k]ᵀ` with few rows: a bandwidth-bound GEMV over the weight.
+            let rows = batch * m;
+            let mut a = Args::default();
+            a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+                .set(Role::In(0), ArgValue::Ptr(ins[0].0))
+                .set(Role::In(1), ArgValue::Ptr(ins[1].0))
+                .i64(Role::MatM, rows)
+                .i64(Role::MatN, n)
+                .i64(Role::MatK, k);
+            return launch(&self.stream, &self.kernels[kg], decode::gemv_items(rows, n), &a);
+        }
+        let g = Gemm { dtype, batch, m, n, k, ta, tb, shared_b: rb == 2 };
+        g.run(&self.blas, ins[0].0, ins[1].0, outs[0].0)
+    }
+
+    /// Greedy sampling of the logits of `rows` sequences into `ids` (device i64s).
+    fn sample(&self, plan: &MemoryPlan, rows: usize, ids: u64) -> Result<(), CudaError> {
+        let logits = self.ptr(self.logits, plan, 0, false)?;
+        let shape = [rows, 1, self.vocab];
+        launch_node(
+            &self.stream,
+            &self.kernels[self.argmax],
+            &Op::ArgMax { axis: 2 },
+            &[(logits, &shape)],
+            &[(ids, &[rows, 1])],
+            &Bindings::new(),
+            dev(&self.syms_dev, &self.stream),
+        )
+    }
+
+    /// Prefills `prompts` (all of one length, at most `max_batch` of them) from
+    /// position 0, each into its own cache slot, and samples (greedy) each one's next
+    /// token on the device; returns those tokens. Decode steps continue from here.
+    pub fn prefill(&mut self, prompts: &[Vec<u32>]) -> Result<Vec<u32>, CudaError> {
+        let bsz = prompts.len();
+        if bsz == 0 || bsz > self.opts.max_batch {
+            return Err(contract(format!("{bsz} prompts: the engine takes 1 to {} at once", self.opts.max_batch)));
+        }
+        let len = prompts[0].len();
+        if len == 0 || prompts.iter().any(|p| p.len() != len) {
+            return Err(contract("prompts must be non-empty and of one length".into()));
+        }
+        if len >= self.opts.max_context {
+            return Err(contract(format!(
+                "a prompt of {len} tokens leaves no room in the context of {} positions",
+                self.opts.max_context
+            )));
+        }
+        if let Some((i, id)) = prompts.iter().flatten().enumerate().find(|(_, &id)| id as usize >= self.vocab) {
+            return Err(contract(format!("token id {id} (at {i}) is outside the vocabulary of {}", self.vocab)));
+        }
+        self.ctx.bind_to_thread().map_err(driver_err("bind context"))?;
+        let b = self.bindings(1, len, 0);
+        let plan = self.prepare(&b)?;
+        self.upload_syms(&b)?;
+        for (slot, p) in prompts.iter().enumerate() {
+            let ids: Vec<u8> = p.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
+            // SAFETY: `ids_prefill` holds max_context > len i64s; staged before return.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(
+                    dev(&self.ids_prefill, &self.stream),
+                    &ids,
+                    self.stream.cu_stream(),
+                )
+            }
+            .map_err(driver_err("upload ids"))?;
+            self.run_steps(&b, &plan, slot, false)?;
+            self.sample(&plan, 1, dev(&self.ids_decode, &self.stream) + 8 * slot as u64)?;
+        }
+        let mut first = vec![0i64; bsz];
+        self.stream.memcpy_dtoh(&self.ids_decode.slice(0..bsz), &mut first).map_err(driver_err("download tokens"))?;
+        // Decode continues with every sequence at `len` cached positions.
+        let next = self.bindings(bsz, 1, len);
+        self.upload_syms(&next)?;
+        // SAFETY: the counter is one i64.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(dev(&self.counter, &self.stream), 0, 8, self.stream.cu_stream())
+        }
+        .map_err(driver_err("memset"))?;
+        self.stream.synchronize().map_err(driver_err("prefill"))?;
+        self.batch = bsz;
+        self.past = len;
+        self.first = first.iter().map(|&t| t as u32).collect();
+        Ok(self.first.clone())
+    }
+
+    /// One decode step's launches: the graph, greedy sampling into the ids, step end.
+    fn record_step(&self, b: &Bindings, plan: &MemoryPlan) -> Result<usize, CudaError> {
+        let mut n = self.run_steps(b, plan, 0, true)?;
+        self.sample(plan, self.batch, dev(&self.ids_decode, &self.stream))?;
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
+            .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
+            .set(Role::In(0), ArgValue::Ptr(dev(&self.ids_decode, &self.stream)))
+            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+            .i64(Role::N, self.batch)
+            .i64(Role::Len, self.opts.max_context);
+        launch(&self.stream, &self.kernels[self.step_end], 1, &a)?;
+        n += 2;
+        Ok(n)
+    }
+
+    /// Queues one decode step for every sequence of the running batch (their inputs are
+    /// the tokens the previous step sampled, already on the device). Does not wait.
+    pub fn decode_step(&mut self) -> Result<(), CudaError> {
+        if self.batch == 0 {
+            return Err(contract("decode_step before prefill".into()));
+        }
+        if self.past + 1 > self.opts.max_context {
+            return Err(contract(format!("the context of {} positions is full", self.opts.max_context)));
+        }
+        self.ctx.bind_to_thread().map_err(driver_err("bind context"))?;
+        let b = self.bindings(self.batch, 1, self.past);
+        let plan = self.prepare(&b)?;
+        let capture = self.opts.cuda_graphs && self.not_capturable.is_none();
+        if capture {
+            if !self.graphs.contains_key(&self.batch) {
+                self.stream
+                    .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+                    .map_err(driver_err("begin capture"))?;
+                let recorded = self.record_step(&b, &plan);
+                let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+                let n = recorded?;
+                let graph =
+                    graph.map_err(driver_err("end capture"))?.ok_or_else(|| contract("empty capture".into()))?;
+                self.launches_per_step = n;
+                tracing::debug!(batch = self.batch, launches = n, "decode step captured as a CUDA graph");
+                self.graphs.insert(self.batch, graph);
+            }
+            self.graphs[&self.batch].launch().map_err(driver_err("graph launch"))?;
+        } else {
+            self.launches_per_step = self.record_step(&b, &plan)?;
+        }
+        self.past += 1;
+        Ok(())
+    }
+
+    /// Replaces the next decode step's input tokens (one per running sequence), for
+    /// tokens sampled on the host.
+    pub fn set_tokens(&mut self, tokens: &[u32]) -> Result<(), CudaError> {
+        if tokens.len() != self.batch {
+            return Err(contract(format!("{} tokens for a batch of {}", tokens.len(), self.batch)));
+        }
+        if let Some(&t) = tokens.iter().find(|&&t| t as usize >= self.vocab) {
+            return Err(contract(format!("token id {t} is outside the vocabulary of {}", self.vocab)));
+        }
+        let bytes: Vec<u8> = tokens.iter().flat_map(|&t| (t as i64).to_le_bytes()).collect();
+        // SAFETY: `ids_decode` holds max_batch >= batch i64s; staged before returning.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(
+                dev(&self.ids_decode, &self.stream),
+                &bytes,
+                self.stream.cu_stream(),
+            )
+        }
+        .map_err(driver_err("upload tokens"))
+    }
+
+    /// Waits for the queued steps; returns every sequence's tokens since the prefill
+    /// (the prefill's sampled token first).
+    pub fn tokens(&mut self) -> Result<Vec<Vec<u32>>, CudaError> {
+        self.synchronize()?;
+        let mut count = [0i64];
+        self.stream.memcpy_dtoh(&self.counter, &mut count).map_err(driver_err("download"))?;
+        let cap = self.opts.max_context;
+        let mut hist = vec![0i64; self.batch * cap];
+        if !hist.is_empty() {
+            self.stream
+                .memcpy_dtoh(&self.history.slice(0..self.batch * cap), &mut hist)
+                .map_err(driver_err("download"))?;
+        }
+        let count = (count[0].max(0) as usize).min(cap);
+        Ok((0..self.batch)
+            .map(|b| {
+                std::iter::once(self.first[b]).chain(hist[b * cap..b * cap + count].iter().map(|&t| t as u32)).collect()
+            })
+            .collect())
+    }
+
+    /// Blocks until the device has finished everything queued.
+    pub fn synchronize(&self) -> Result<(), CudaError> {
+        self.stream.synchronize().map_err(driver_err("synchronize"))
+    }
+
+    /// The logits `[batch, vocab]` of the last forward pass (prefill: of the last prompt
+    /// only, in row 0), after waiting for the queue. For checks and debugging.
+    pub fn logits(&mut self) -> Result<Vec<f32>, CudaError> {
+        self.synchronize()?;
+        let Some(Loc::Output(i)) = self.locs.get(&self.logits).copied() else {
+            return Err(contract("the logits have no buffer".into()));
+        };
+        let buf = self.outputs[i].buf.as_ref().ok_or_else(|| contract("nothing has run yet".into()))?;
+        let n = self.batch.max(1) * self.vocab * 4;
+        let mut host = vec![0u8; n];
+        self.stream.memcpy_dtoh(&buf.slice(0..n), &mut host).map_err(driver_err("download logits"))?;
+        Ok(host.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+
+    /// The last sampled token of every sequence, after waiting for the queue.
+    pub fn last_tokens(&mut self) -> Result<Vec<u32>, CudaError> {
+        self.synchronize()?;
+        let mut ids = vec![0i64; self.batch];
+        self.stream.memcpy_dtoh(&self.ids_decode.slice(0..self.batch), &mut ids).map_err(driver_err("download"))?;
+        Ok(ids.into_iter().map(|t| t as u32).collect())
+    }
+}

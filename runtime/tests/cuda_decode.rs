@@ -1,0 +1,978 @@
+//! The bandwidth-bound decode kernels of `kiln_codegen::decode` (GEMV, split-K decode
+//! attention, sampling) launched directly on the GPU — compiled with
+//! `kiln_codegen::Compiler`, loaded with cudarc, launched with `launch_kernel` on the
+//! arguments `KernelSig::pack` orders — against f64 CPU references computed here.
+//! Every GPU test starts with [`gpu`], which prints `skipping: <reason>` and returns when
+//! no GPU and CUDA libraries are usable, so `cargo test` passes anywhere.
+//!
+//! Lines starting with `kiln-check` / `kiln-info` are collected by `tools/gpu/run.sh`.
+
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::nvrtc::Ptx;
+use kiln_codegen::decode;
+use kiln_codegen::{ArgValue, Compiler, Kernel, Role};
+use kiln_ops::{AttentionAttrs, Bindings, DType, Dim, F32Bits, HostTensor, Mask, Op, Sym};
+use kiln_runtime::cuda::{CudaExecutor, DeviceInfo};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+// ---- harness -----------------------------------------------------------------------------------
+
+struct Gpu {
+    info: DeviceInfo,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    compiler: Compiler,
+    /// Held for the whole test (dropped last): the GPU tests of this file run one at a
+    /// time, so the timings they print are not shared with other tests.
+    _serial: MutexGuard<'static, ()>,
+}
+
+static GPU_SERIAL: Mutex<()> = Mutex::new(());
+
+/// The GPU to test on, or `None` after printing why the test is skipped.
+fn gpu() -> Option<Gpu> {
+    let info = match CudaExecutor::available() {
+        Ok(info) => info,
+        Err(reason) => {
+            println!("skipping: {reason}");
+            return None;
+        }
+    };
+    println!("device: {info}");
+    let serial = GPU_SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    let ctx = CudaContext::new(info.ordinal).expect("CUDA context");
+    // SAFETY: one stream, no buffer is shared with another stream.
+    unsafe { ctx.disable_event_tracking() };
+    let stream = ctx.new_stream().expect("stream");
+    let compiler = Compiler::new(info.compute_capability, Some(kiln_codegen::nvrtc::default_cache_dir())).unwrap();
+    Some(Gpu { info, ctx, stream, compiler, _serial: serial })
+}
+
+/// Role → value pairs of one launch.
+type Args = Vec<(Role, ArgValue)>;
+
+impl Gpu {
+    fn load(&self, k: &Kernel) -> CudaFunction {
+        let (cubins, _) = self.compiler.compile_all(&[k]).unwrap_or_else(|e| panic!("{e}"));
+        let cubin = cubins.into_iter().next().unwrap();
+        let module = self.ctx.load_module(Ptx::from_binary(cubin)).expect("load module");
+        module.load_function(&k.sig.name).expect("load function")
+    }
+    fn upload(&self, bytes: &[u8]) -> CudaSlice<u8> {
+        if bytes.is_empty() {
+            return self.stream.alloc_zeros::<u8>(1).unwrap();
+        }
+        self.stream.clone_htod(bytes).expect("upload")
+    }
+    /// `bytes` of device memory filled with 0xff (NaN in every float format).
+    fn poisoned(&self, bytes: usize) -> CudaSlice<u8> {
+        let s = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.expect("alloc");
+        // SAFETY: the range is the buffer just allocated.
+        unsafe { cudarc::driver::result::memset_d8_async(self.ptr(&s), 0xff, bytes.max(1), self.stream.cu_stream()) }
+            .expect("memset");
+        s
+    }
+    fn ptr(&self, s: &CudaSlice<u8>) -> u64 {
+        s.device_ptr(&self.stream).0
+    }
+    fn arg(&self, s: &CudaSlice<u8>) -> ArgValue {
+        ArgValue::Ptr(self.ptr(s))
+    }
+    fn download(&self, s: &CudaSlice<u8>, bytes: usize) -> Vec<u8> {
+        let mut v = self.stream.clone_dtoh(s).expect("download");
+        v.truncate(bytes);
+        v
+    }
+    fn write(&self, s: &mut CudaSlice<u8>, bytes: &[u8]) {
+        self.stream.memcpy_htod(bytes, s).expect("upload");
+    }
+    fn sync(&self) {
+        self.stream.synchronize().expect("synchronize");
+    }
+    /// Launches `k` over `items` work items (`k.grid.dims`), arguments packed by role.
+    fn launch(&self, k: &Kernel, f: &CudaFunction, items: usize, args: &Args) {
+        assert!(items > 0, "{}: no work items", k.sig.name);
+        let get = |r: Role| args.iter().rev().find(|(role, _)| *role == r).map(|(_, v)| *v);
+        let mut values = k.sig.pack(get).unwrap_or_else(|e| panic!("{e}"));
+        let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_kernel_param()).collect();
+        let (grid, block) = k.grid.dims(items);
+        // SAFETY: one value per parameter, of its C type (checked by `pack`); the device
+        // buffers are live and sized for the sizes passed.
+        unsafe {
+            cudarc::driver::result::launch_kernel(
+                f.cu_function(),
+                (grid, 1, 1),
+                (block, 1, 1),
+                0,
+                self.stream.cu_stream(),
+                &mut params,
+            )
+        }
+        .unwrap_or_else(|e| panic!("launch {}: {e:?}", k.sig.name));
+    }
+    fn event(&self) -> cudarc::driver::CudaEvent {
+        self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("event")
+    }
+}
+
+fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// `v` rounded to `d` and stored little-endian: (device bytes, the stored values as f64).
+fn encode(d: DType, v: &[f32]) -> (Vec<u8>, Vec<f64>) {
+    let mut bytes = Vec::with_capacity(v.len() * 4);
+    let mut vals = Vec::with_capacity(v.len());
+    for &x in v {
+        match d {
+            DType::F32 => {
+                bytes.extend_from_slice(&x.to_le_bytes());
+                vals.push(x as f64);
+            }
+            DType::BF16 => {
+                let h = half::bf16::from_f32(x);
+                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                vals.push(h.to_f64());
+            }
+            DType::F16 => {
+                let h = half::f16::from_f32(x);
+                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
+                vals.push(h.to_f64());
+            }
+            other => panic!("no float encoding for {other}"),
+        }
+    }
+    (bytes, vals)
+}
+
+fn decode_values(d: DType, bytes: &[u8]) -> Vec<f64> {
+    match d {
+        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        DType::BF16 => {
+            bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+        }
+        DType::F16 => {
+            bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
+        }
+        other => panic!("no float decoding for {other}"),
+    }
+}
+
+fn round_to(d: DType, x: f64) -> f64 {
+    encode(d, &[x as f32]).1[0]
+}
+
+fn uniform(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    (0..n).map(|_| r.random_range(lo..hi)).collect()
+}
+
+/// ‖got − want‖ / ‖want‖; panics naming the first element that is NaN (never written).
+#[track_caller]
+fn rel_l2(what: &str, got: &[f64], want: &[f64]) -> f64 {
+    assert_eq!(got.len(), want.len(), "{what}: lengths");
+    if let Some(i) = got.iter().position(|x| x.is_nan()) {
+        panic!("{what}: element {i} was not written (still the 0xff poison)");
+    }
+    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| b * b).sum();
+    (num / den.max(1e-300)).sqrt()
+}
+
+// ---- GEMV ---------------------------------------------------------------------------------------
+
+/// `y = x·wᵀ (+ r)` in f64; with `r`, the product is rounded to `yd` first (the fused
+/// residual's contract).
+fn gemv_ref(x: &[f64], w: &[f64], r: Option<&[f64]>, yd: DType, m: usize, n: usize, k: usize) -> Vec<f64> {
+    (0..m * n)
+        .into_par_iter()
+        .map(|o| {
+            let (i, j) = (o / n, o % n);
+            let s: f64 = x[i * k..(i + 1) * k].iter().zip(&w[j * k..(j + 1) * k]).map(|(a, b)| a * b).sum();
+            match r {
+                Some(r) => round_to(yd, s) + r[o],
+                None => s,
+            }
+        })
+        .collect()
+}
+
+/// Runs one GEMV (optionally with the residual) on random inputs; returns the relative
+/// L2 error against the f64 reference.
+#[allow(clippy::too_many_arguments)]
+fn gemv_case(
+    g: &Gpu,
+    kern: &(Kernel, CudaFunction),
+    (xd, wd, yd): (DType, DType, DType),
+    residual: bool,
+    m: usize,
+    n: usize,
+    k: usize,
+    seed: u64,
+) -> f64 {
+    let mut r = rng(seed);
+    let (xb, xv) = encode(xd, &uniform(&mut r, m * k, -1.0, 1.0));
+    let (wb, wv) = encode(wd, &uniform(&mut r, n * k, -1.0, 1.0));
+    let (rb, rv) = encode(yd, &uniform(&mut r, m * n, -1.0, 1.0));
+    let (x, w, res) = (g.upload(&xb), g.upload(&wb), g.upload(&rb));
+    let ybytes = m * n * yd.bytes_for(1);
+    let y = g.poisoned(ybytes);
+    let args: Args = vec![
+        (Role::Out(0), g.arg(&y)),
+        (Role::In(0), g.arg(&x)),
+        (Role::In(1), g.arg(&w)),
+        (Role::In(2), g.arg(&res)),
+        (Role::MatM, ArgValue::I64(m as i64)),
+        (Role::MatN, ArgValue::I64(n as i64)),
+        (Role::MatK, ArgValue::I64(k as i64)),
+    ];
+    g.launch(&kern.0, &kern.1, decode::gemv_items(m, n), &args);
+    let got = decode_values(yd, &g.download(&y, ybytes));
+    let want = gemv_ref(&xv, &wv, residual.then_some(&rv[..]), yd, m, n, k);
+    let e = rel_l2(&format!("{} m={m} n={n} k={k}", kern.0.sig.name), &got, &want);
+    println!(
+        "kiln-check\tdecode_gemv\t{}\t{yd}\t[{m}, {n}, {k}]\trel_l2={e:.3e}\ttol={:.0e}",
+        kern.0.sig.name,
+        gemv_tol(yd)
+    );
+    e
+}
+
+fn gemv_tol(yd: DType) -> f64 {
+    match yd {
+        DType::F32 => 1e-5,
+        _ => 5e-3,
+    }
+}
+
+const GEMV_SHAPES: [(usize, usize); 5] = [(2048, 2048), (8192, 2048), (2048, 8192), (129, 100), (576, 1536)];
+
+#[test]
+fn gemv_matches_f64_reference() {
+    let Some(g) = gpu() else { return };
+    for dt in [DType::F32, DType::BF16] {
+        let k = decode::gemv(dt, dt, dt).unwrap();
+        let kern = (k.clone(), g.load(&k));
+        for (si, &(n, kk)) in GEMV_SHAPES.iter().chain(&[(37, 1001), (1, 8)]).enumerate() {
+            for m in [1, 2, 5, 8] {
+                let e = gemv_case(&g, &kern, (dt, dt, dt), false, m, n, kk, 100 + si as u64 * 10 + m as u64);
+                assert!(e < gemv_tol(dt), "gemv {dt} m={m} n={n} k={kk}: relative L2 error {e}");
+            }
+        }
+    }
+}
+
+#[test]
+fn gemv_mixed_dtypes_and_fused_residual() {
+    let Some(g) = gpu() else { return };
+    // Activations in f32 against bf16 weights, f32 out; and f16 throughout.
+    for dts in [(DType::F32, DType::BF16, DType::F32), (DType::F16, DType::F16, DType::F16)] {
+        let k = decode::gemv(dts.0, dts.1, dts.2).unwrap();
+        let kern = (k.clone(), g.load(&k));
+        for (m, n, kk) in [(1, 576, 1536), (3, 129, 100), (8, 2048, 2048)] {
+            let e = gemv_case(&g, &kern, dts, false, m, n, kk, 7);
+            assert!(e < gemv_tol(dts.2), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
+        }
+    }
+    for dt in [DType::F32, DType::BF16] {
+        let k = decode::gemv_residual(dt, dt, dt).unwrap();
+        let kern = (k.clone(), g.load(&k));
+        for (m, n, kk) in [(1, 2048, 2048), (5, 129, 100), (8, 576, 1536)] {
+            let e = gemv_case(&g, &kern, (dt, dt, dt), true, m, n, kk, 9);
+            assert!(e < gemv_tol(dt), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
+        }
+    }
+}
+
+#[test]
+fn gemv_bandwidth() {
+    let Some(g) = gpu() else { return };
+    let dt = DType::BF16;
+    let k = decode::gemv(dt, dt, dt).unwrap();
+    let f = g.load(&k);
+    let mut r = rng(5);
+    for (m, n, kk) in [(1, 8192, 2048), (1, 2048, 8192), (1, 8192, 8192), (8, 8192, 2048)] {
+        // Several weight copies, together larger than L2, so every launch reads DRAM.
+        let wbytes = n * kk * 2;
+        let copies = (256usize << 20).div_ceil(wbytes).clamp(2, 16);
+        let (wb, _) = encode(dt, &uniform(&mut r, n * kk, -1.0, 1.0));
+        let ws: Vec<CudaSlice<u8>> = (0..copies).map(|_| g.upload(&wb)).collect();
+        let (xb, _) = encode(dt, &uniform(&mut r, m * kk, -1.0, 1.0));
+        let x = g.upload(&xb);
+        let y = g.poisoned(m * n * 2);
+        let args = |i: usize| -> Args {
+            vec![
+                (Role::Out(0), g.arg(&y)),
+                (Role::In(0), g.arg(&x)),
+                (Role::In(1), g.arg(&ws[i % copies])),
+                (Role::MatM, ArgValue::I64(m as i64)),
+                (Role::MatN, ArgValue::I64(n as i64)),
+                (Role::MatK, ArgValue::I64(kk as i64)),
+            ]
+        };
+        for i in 0..10 {
+            g.launch(&k, &f, decode::gemv_items(m, n), &args(i));
+        }
+        let launches = 100;
+        let start = g.event();
+        for i in 0..launches {
+            g.launch(&k, &f, decode::gemv_items(m, n), &args(i));
+        }
+        let end = g.event();
+        g.sync();
+        let ms = start.elapsed_ms(&end).expect("elapsed") as f64;
+        let us = ms * 1e3 / launches as f64;
+        let gbs = wbytes as f64 / (us * 1e-6) / 1e9;
+        println!(
+            "kiln-info\tgemv_bandwidth\t{}\tm={m}\tn={n}\tk={kk}\tus_per_launch={us:.2}\tweight_GB/s={gbs:.0}\tcopies={copies}",
+            g.info.name
+        );
+        assert!(us > 0.0);
+    }
+}
+
+// ---- decode attention ---------------------------------------------------------------------------
+
+struct AttnCase {
+    b: usize,
+    s: usize,
+    h: usize,
+    kh: usize,
+    d: usize,
+    dv: usize,
+    t: usize,
+    cap: usize,
+    mask: Mask,
+    scale: f32,
+}
+
+/// Op::Attention in f64 over caches `[b, cap, kh, d]` (positions `< t` used).
+fn attention_ref(c: &AttnCase, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
+    let (s, h, kh, d, dv, t, cap) = (c.s, c.h, c.kh, c.d, c.dv, c.t, c.cap);
+    let group = h / kh;
+    let rows: Vec<Vec<f64>> = (0..c.b * s * h)
+        .into_par_iter()
+        .map(|row| {
+            let (bi, i, hi) = (row / (s * h), row / h % s, row % h);
+            let kvh = hi / group;
+            let pos = t - s + i;
+            let (lo, hi_k) = match c.mask {
+                Mask::None => (0, t),
+                Mask::Causal => (0, pos + 1),
+                Mask::SlidingWindow(w) => ((pos + 1).saturating_sub(w as usize), pos + 1),
+            };
+            let mut out = vec![0f64; dv];
+            if lo >= hi_k {
+                return out;
+            }
+            let qrow = &q[row * d..(row + 1) * d];
+            let scores: Vec<f64> = (lo..hi_k)
+                .map(|j| {
+                    let kr = &k[((bi * cap + j) * kh + kvh) * d..][..d];
+                    qrow.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * c.scale as f64
+                })
+                .collect();
+            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+            let ps: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
+            let z: f64 = ps.iter().sum();
+            for (j, p) in (lo..hi_k).zip(&ps) {
+                let vr = &v[((bi * cap + j) * kh + kvh) * dv..][..dv];
+                for (o, x) in out.iter_mut().zip(vr) {
+                    *o += p / z * x;
+                }
+            }
+            out
+        })
+        .collect();
+    rows.concat()
+}
+
+fn mask_args(m: Mask) -> (i32, i64) {
+    match m {
+        Mask::None => (0, 0),
+        Mask::Causal => (1, 0),
+        Mask::SlidingWindow(w) => (2, w as i64),
+    }
+}
+
+/// The f64 reference above agrees with `Op::Attention`'s CPU semantics (no GPU needed).
+#[test]
+fn attention_reference_matches_op_eval() {
+    let (b, s, h, kh, d, t) = (2, 2, 4, 2, 8, 9);
+    let mut r = rng(3);
+    let q = uniform(&mut r, b * s * h * d, -1.0, 1.0);
+    let k = uniform(&mut r, b * t * kh * d, -1.0, 1.0);
+    let v = uniform(&mut r, b * t * kh * d, -1.0, 1.0);
+    let f64s = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+    for mask in [Mask::None, Mask::Causal, Mask::SlidingWindow(3)] {
+        let c = AttnCase { b, s, h, kh, d, dv: d, t, cap: t, mask, scale: 0.3 };
+        let want = attention_ref(&c, &f64s(&q), &f64s(&k), &f64s(&v));
+        let op = Op::Attention(AttentionAttrs { mask, scale: F32Bits::new(0.3) });
+        let ins = [
+            HostTensor::from_f32(&[b, s, h, d], q.clone()),
+            HostTensor::from_f32(&[b, t, kh, d], k.clone()),
+            HostTensor::from_f32(&[b, t, kh, d], v.clone()),
+        ];
+        let got = op.eval(&[&ins[0], &ins[1], &ins[2]], &Bindings::new()).unwrap();
+        let e = rel_l2("attention reference", &f64s(&got[0].to_f32_vec()), &want);
+        assert!(e < 1e-6, "{mask:?}: reference and Op::eval differ by {e}");
+    }
+}
+
+#[test]
+fn attention_decode_matches_reference() {
+    let Some(g) = gpu() else { return };
+    let table = [Sym::new("past"), Sym::new("seq")];
+    let keys = &Dim::sym("past") + &Dim::sym("seq");
+    let sms = g.info.multiprocessors.max(1) as usize;
+    let mut worst = [0f64; 2];
+    for (di, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
+        let (pk, ck) = decode::attention_decode(dt, &keys, &table).unwrap();
+        let (pf, cf) = (g.load(&pk), g.load(&ck));
+        let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+        let mut syms_buf = g.upload(&[0u8; 16]);
+        let mut case_no = 0u64;
+        for b in [1, 3] {
+            for (h, kh) in [(32, 8), (9, 3), (4, 4)] {
+                for d in [64, 128] {
+                    for t in [1, 7, 300, 4097] {
+                        // Caches with room to spare; positions >= t hold NaN, which must
+                        // never be read.
+                        let cap = t + 3;
+                        let mut r = rng(1000 + case_no);
+                        case_no += 1;
+                        let mut kvals = uniform(&mut r, b * cap * kh * d, -1.0, 1.0);
+                        let mut vvals = uniform(&mut r, b * cap * kh * d, -1.0, 1.0);
+                        for bi in 0..b {
+                            for j in t..cap {
+                                let at = (bi * cap + j) * kh * d;
+                                kvals[at..at + kh * d].fill(f32::NAN);
+                                vvals[at..at + kh * d].fill(f32::NAN);
+                            }
+                        }
+                        let (kb, kv) = encode(dt, &kvals);
+                        let (vb, vv) = encode(dt, &vvals);
+                        let (kbuf, vbuf) = (g.upload(&kb), g.upload(&vb));
+                        for s in [1, 2] {
+                            if t < s {
+                                continue;
+                            }
+                            let (qb, qv) = encode(dt, &uniform(&mut r, b * s * h * d, -2.0, 2.0));
+                            let qbuf = g.upload(&qb);
+                            let mut syms = Vec::new();
+                            syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
+                            syms.extend_from_slice(&(s as i64).to_le_bytes());
+                            g.write(&mut syms_buf, &syms);
+                            let masks: &[Mask] = if d == 64 {
+                                &[Mask::Causal, Mask::SlidingWindow(16), Mask::None]
+                            } else {
+                                &[Mask::Causal, Mask::SlidingWindow(16)]
+                            };
+                            for &mask in masks {
+                                let c =
+                                    AttnCase { b, s, h, kh, d, dv: d, t, cap, mask, scale: 1.0 / (d as f32).sqrt() };
+                                let want = attention_ref(&c, &qv, &kv, &vv);
+                                let suggested = decode::attention_decode_splits(b, s, h, kh, t, sms);
+                                for splits in [suggested, 61] {
+                                    decode::attention_decode_check(h, kh, d, d, splits).unwrap();
+                                    let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
+                                    let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
+                                    let obytes = b * s * h * d * dt.bytes_for(1);
+                                    let out = g.poisoned(obytes);
+                                    let (mk, win) = mask_args(mask);
+                                    let args: Args = vec![
+                                        (Role::Out(0), g.arg(&po)),
+                                        (Role::Out(1), g.arg(&pml)),
+                                        (Role::In(0), g.arg(&qbuf)),
+                                        (Role::In(1), g.arg(&kbuf)),
+                                        (Role::In(2), g.arg(&vbuf)),
+                                        (Role::Syms, g.arg(&syms_buf)),
+                                        (Role::Batch, ArgValue::I64(b as i64)),
+                                        (Role::Seq, ArgValue::I64(s as i64)),
+                                        (Role::Heads, ArgValue::I64(h as i64)),
+                                        (Role::KvHeads, ArgValue::I64(kh as i64)),
+                                        (Role::HeadDim, ArgValue::I64(d as i64)),
+                                        (Role::ValueDim, ArgValue::I64(d as i64)),
+                                        (Role::KBatchStride, ArgValue::I64((cap * kh * d) as i64)),
+                                        (Role::VBatchStride, ArgValue::I64((cap * kh * d) as i64)),
+                                        (Role::Splits, ArgValue::I64(splits as i64)),
+                                        (Role::Scale, ArgValue::F32(c.scale)),
+                                        (Role::MaskKind, ArgValue::I32(mk)),
+                                        (Role::Window, ArgValue::I64(win)),
+                                    ];
+                                    let (pi, ci) = decode::attention_decode_items(b, s, h, kh, splits);
+                                    g.launch(&pk, &pf, pi, &args);
+                                    let cargs: Args = vec![
+                                        (Role::Out(0), g.arg(&out)),
+                                        (Role::In(0), g.arg(&po)),
+                                        (Role::In(1), g.arg(&pml)),
+                                        (Role::N, ArgValue::I64((b * s * h) as i64)),
+                                        (Role::ValueDim, ArgValue::I64(d as i64)),
+                                        (Role::Splits, ArgValue::I64(splits as i64)),
+                                    ];
+                                    g.launch(&ck, &cf, ci, &cargs);
+                                    let what =
+                                        format!("{dt} b={b} s={s} h={h} kh={kh} d={d} t={t} {mask:?} splits={splits}");
+                                    // Every (max, sum) pair is written (-inf, 0 for empty chunks).
+                                    let ml = decode_values(DType::F32, &g.download(&pml, wml * 4));
+                                    for (i, p) in ml.chunks(2).enumerate() {
+                                        assert!(!p[1].is_nan(), "{what}: (max, sum) {i} not written");
+                                        assert!(
+                                            p[1] >= 0.0 && (p[1] > 0.0 || p[0] == f64::NEG_INFINITY),
+                                            "{what}: {p:?}"
+                                        );
+                                    }
+                                    let got = decode_values(dt, &g.download(&out, obytes));
+                                    let e = rel_l2(&what, &got, &want);
+                                    worst[di] = worst[di].max(e);
+                                    assert!(e < tol, "{what}: relative L2 error {e}");
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        println!(
+            "kiln-check\tdecode_attention\t{}\t{dt}\tcases={case_no}\tworst_rel_l2={:.3e}\ttol={tol:.0e}",
+            pk.sig.name, worst[di]
+        );
+    }
+}
+
+/// Head dims that are not multiples of 16 bytes (scalar staging), d != dv, and a batch
+/// stride that breaks 16-byte alignment.
+#[test]
+fn attention_decode_odd_shapes() {
+    let Some(g) = gpu() else { return };
+    let table = [Sym::new("past"), Sym::new("seq")];
+    let keys = &Dim::sym("past") + &Dim::sym("seq");
+    for dt in [DType::F32, DType::BF16] {
+        let (pk, ck) = decode::attention_decode(dt, &keys, &table).unwrap();
+        let (pf, cf) = (g.load(&pk), g.load(&ck));
+        let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
+        for (b, s, h, kh, d, dv, t, cap, mask) in [
+            (2, 1, 4, 2, 100, 80, 333, 335, Mask::Causal),
+            (1, 3, 8, 1, 256, 256, 1000, 1001, Mask::SlidingWindow(100)),
+            (2, 2, 6, 3, 128, 64, 77, 79, Mask::None),
+            (1, 1, 2, 2, 36, 36, 50, 53, Mask::Causal),
+        ] {
+            let mut r = rng(77);
+            let (qb, qv) = encode(dt, &uniform(&mut r, b * s * h * d, -1.0, 1.0));
+            let (kb, kv) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
+            let (vb, vv) = encode(dt, &uniform(&mut r, b * cap * kh * dv, -1.0, 1.0));
+            let c = AttnCase { b, s, h, kh, d, dv, t, cap, mask, scale: 0.125 };
+            let want = attention_ref(&c, &qv, &kv, &vv);
+            let mut syms = Vec::new();
+            syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
+            syms.extend_from_slice(&(s as i64).to_le_bytes());
+            let (qbuf, kbuf, vbuf, sbuf) = (g.upload(&qb), g.upload(&kb), g.upload(&vb), g.upload(&syms));
+            let splits = 7;
+            let (wo, wml) = decode::attention_decode_workspace(b, s, h, dv, splits);
+            let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
+            let obytes = b * s * h * dv * dt.bytes_for(1);
+            let out = g.poisoned(obytes);
+            let (mk, win) = mask_args(mask);
+            let args: Args = vec![
+                (Role::Out(0), g.arg(&po)),
+                (Role::Out(1), g.arg(&pml)),
+                (Role::In(0), g.arg(&qbuf)),
+                (Role::In(1), g.arg(&kbuf)),
+                (Role::In(2), g.arg(&vbuf)),
+                (Role::Syms, g.arg(&sbuf)),
+                (Role::Batch, ArgValue::I64(b as i64)),
+                (Role::Seq, ArgValue::I64(s as i64)),
+                (Role::Heads, ArgValue::I64(h as i64)),
+                (Role::KvHeads, ArgValue::I64(kh as i64)),
+                (Role::HeadDim, ArgValue::I64(d as i64)),
+                (Role::ValueDim, ArgValue::I64(dv as i64)),
+                (Role::KBatchStride, ArgValue::I64((cap * kh * d) as i64)),
+                (Role::VBatchStride, ArgValue::I64((cap * kh * dv) as i64)),
+                (Role::Splits, ArgValue::I64(splits as i64)),
+                (Role::Scale, ArgValue::F32(c.scale)),
+                (Role::MaskKind, ArgValue::I32(mk)),
+                (Role::Window, ArgValue::I64(win)),
+            ];
+            let (pi, ci) = decode::attention_decode_items(b, s, h, kh, splits);
+            g.launch(&pk, &pf, pi, &args);
+            let cargs: Args = vec![
+                (Role::Out(0), g.arg(&out)),
+                (Role::In(0), g.arg(&po)),
+                (Role::In(1), g.arg(&pml)),
+                (Role::N, ArgValue::I64((b * s * h) as i64)),
+                (Role::ValueDim, ArgValue::I64(dv as i64)),
+                (Role::Splits, ArgValue::I64(splits as i64)),
+            ];
+            g.launch(&ck, &cf, ci, &cargs);
+            let got = decode_values(dt, &g.download(&out, obytes));
+            let what = format!("{dt} b={b} s={s} h={h} kh={kh} d={d} dv={dv} t={t} cap={cap} {mask:?}");
+            let e = rel_l2(&what, &got, &want);
+            println!("kiln-check\tdecode_attention_odd\t{what}\trel_l2={e:.3e}\ttol={tol:.0e}");
+            assert!(e < tol, "{what}: relative L2 error {e}");
+        }
+    }
+}
+
+// ---- sampling -----------------------------------------------------------------------------------
+
+/// SplitMix64's finalizer of `z + golden`, as in `sample.cu`.
+fn mix(z: u64) -> u64 {
+    let mut z = z.wrapping_add(0x9e3779b97f4a7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
+}
+
+/// The documented sampling semantics, in f64 over the kernel's f32 scaled logits: the
+/// token the kernel must pick for (seed, step, row).
+fn sample_replica(l: &[f32], temperature: f32, top_k: usize, top_p: f32, seed: u64, step: u64, row: u64) -> usize {
+    let inv = 1.0f32 / temperature;
+    let x: Vec<f64> = l.iter().map(|&v| (v * inv + 0.0) as f64).collect();
+    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let mut sorted = x.clone();
+    sorted.sort_by(|a, b| b.partial_cmp(a).unwrap());
+    let mut tau = f64::NEG_INFINITY;
+    if top_k > 0 && top_k < x.len() {
+        tau = sorted[top_k - 1];
+    }
+    if top_p < 1.0 {
+        let zk: f64 = x.iter().filter(|&&v| v >= tau).map(|v| (v - m).exp()).sum();
+        let target = (top_p as f64 - 1e-6) * zk;
+        let mut cum = 0.0;
+        let mut i = 0;
+        let mut t2 = tau;
+        while i < sorted.len() && sorted[i] >= tau {
+            let v = sorted[i];
+            while i < sorted.len() && sorted[i] == v {
+                cum += (v - m).exp();
+                i += 1;
+            }
+            t2 = v;
+            if cum >= target {
+                break;
+            }
+        }
+        tau = tau.max(t2);
+    }
+    let kept: f64 = x.iter().filter(|&&v| v >= tau).map(|v| (v - m).exp()).sum();
+    let h = mix(mix(mix(seed) ^ step) ^ row);
+    let u = (h >> 40) as f64 / 16777216.0;
+    let target = u * kept;
+    let mut run = 0.0;
+    let mut last = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v >= tau {
+            let e = (v - m).exp();
+            if e > 0.0 {
+                last = i;
+            }
+            run += e;
+            if e > 0.0 && run > target {
+                return i;
+            }
+        }
+    }
+    last
+}
+
+/// `log_softmax(logits / temperature)[i]` in f64.
+fn log_softmax_scaled(l: &[f32], temperature: f32, i: usize) -> f64 {
+    let x: Vec<f64> = l.iter().map(|&v| v as f64 / temperature as f64).collect();
+    let m = x.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let lse = m + x.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+    x[i] - lse
+}
+
+struct Sampler {
+    k: Kernel,
+    f: CudaFunction,
+    dt: DType,
+    step: CudaSlice<u8>,
+}
+
+impl Sampler {
+    fn new(g: &Gpu, dt: DType) -> Sampler {
+        let k = decode::sample(dt).unwrap();
+        let f = g.load(&k);
+        let step = g.upload(&0i64.to_le_bytes());
+        Sampler { k, f, dt, step }
+    }
+    fn set_step(&mut self, g: &Gpu, v: i64) {
+        g.write(&mut self.step, &v.to_le_bytes());
+    }
+    fn step(&self, g: &Gpu) -> i64 {
+        i64::from_le_bytes(g.download(&self.step, 8).try_into().unwrap())
+    }
+    /// Uploads `logits` (`[rows, vocab]`) in the sampler's dtype: (buffer, the stored values).
+    fn logits(&self, g: &Gpu, logits: &[f32]) -> (CudaSlice<u8>, Vec<f32>) {
+        let (b, v) = encode(self.dt, logits);
+        (g.upload(&b), v.iter().map(|&x| x as f32).collect())
+    }
+    /// One launch: (ids, logprobs).
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        g: &Gpu,
+        logits: &CudaSlice<u8>,
+        rows: usize,
+        vocab: usize,
+        temperature: f32,
+        top_k: i64,
+        top_p: f32,
+        seed: u64,
+    ) -> (Vec<i64>, Vec<f32>) {
+        let (ids, lps) = (g.poisoned(rows * 8), g.poisoned(rows * 4));
+        let args: Args = vec![
+            (Role::Out(0), g.arg(&ids)),
+            (Role::Out(1), g.arg(&lps)),
+            (Role::In(0), g.arg(logits)),
+            (Role::Step, g.arg(&self.step)),
+            (Role::N, ArgValue::I64(rows as i64)),
+            (Role::Len, ArgValue::I64(vocab as i64)),
+            (Role::Temperature, ArgValue::F32(temperature)),
+            (Role::TopK, ArgValue::I64(top_k)),
+            (Role::TopP, ArgValue::F32(top_p)),
+            (Role::Seed, ArgValue::I64(seed as i64)),
+        ];
+        g.launch(&self.k, &self.f, decode::sample_items(rows), &args);
+        let ids: Vec<i64> =
+            g.download(&ids, rows * 8).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+        let lps: Vec<f32> =
+            g.download(&lps, rows * 4).chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap())).collect();
+        (ids, lps)
+    }
+}
+
+fn repeat_rows(row: &[f32], rows: usize) -> Vec<f32> {
+    (0..rows).flat_map(|_| row.iter().copied()).collect()
+}
+
+fn normal_logits(r: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    // Sum of uniforms: close enough to a normal for logits.
+    (0..n).map(|_| (0..4).map(|_| r.random_range(-1.0f32..1.0)).sum::<f32>() * scale).collect()
+}
+
+#[test]
+fn greedy_sampling_is_argmax_with_ties_to_the_lowest_index() {
+    let Some(g) = gpu() else { return };
+    for dt in [DType::F32, DType::BF16] {
+        let s = Sampler::new(&g, dt);
+        for vocab in [1000, 128256] {
+            let mut r = rng(vocab as u64);
+            let rows = 4;
+            let mut logits = normal_logits(&mut r, rows * vocab, 2.0);
+            // Row 1: a tie at the maximum; row 2: every value equal; row 3: -inf padding.
+            let mx = logits[vocab..2 * vocab].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+            logits[vocab + 917] = mx;
+            logits[vocab + 17] = mx;
+            logits[2 * vocab..3 * vocab].fill(0.5);
+            logits[3 * vocab..3 * vocab + 100].fill(f32::NEG_INFINITY);
+            let (buf, stored) = s.logits(&g, &logits);
+            for (temperature, top_k) in [(0.0f32, 0i64), (0.7, 1), (1.0, 1), (2.5, 1)] {
+                let (ids, lps) = s.run(&g, &buf, rows, vocab, temperature, top_k, 0.9, 42);
+                for row in 0..rows {
+                    let l = &stored[row * vocab..(row + 1) * vocab];
+                    let want = kiln_runtime::sampling::argmax(l);
+                    if row == 1 {
+                        assert_eq!(want, 17);
+                    }
+                    let id = ids[row] as usize;
+                    if top_k == 1 {
+                        // Top-k keeps every tie of the k-th value (documented): any maximum.
+                        assert_eq!(l[id], l[want], "{dt} vocab={vocab} row {row} T={temperature}: {id} is no maximum");
+                    } else {
+                        assert_eq!(id, want, "{dt} vocab={vocab} row {row}: greedy");
+                    }
+                    let t = if temperature > 0.0 { temperature } else { 1.0 };
+                    let lp = log_softmax_scaled(l, t, id);
+                    assert!((lps[row] as f64 - lp).abs() < 1e-4, "{dt} row {row}: logprob {} vs {lp}", lps[row]);
+                }
+            }
+        }
+    }
+    // A NaN logit: the greedy rule (NaN first), logprob NaN.
+    let s = Sampler::new(&g, DType::F32);
+    let mut l = vec![0.0f32; 300];
+    l[5] = 3.0;
+    l[200] = f32::NAN;
+    let (buf, _) = s.logits(&g, &l);
+    let (ids, lps) = s.run(&g, &buf, 1, 300, 1.0, 0, 1.0, 1);
+    assert_eq!(ids[0], 200);
+    assert!(lps[0].is_nan());
+}
+
+#[test]
+fn sampling_follows_the_documented_semantics() {
+    let Some(g) = gpu() else { return };
+    let seed = 0x5eed;
+    for dt in [DType::F32, DType::BF16] {
+        let mut s = Sampler::new(&g, dt);
+        for (vocab, rows) in [(1000usize, 300usize), (50000, 64), (256000, 4)] {
+            let mut r = rng(vocab as u64 + 1);
+            let mut row = normal_logits(&mut r, vocab, 1.5);
+            // Ties: a block of equal values around the top.
+            let top = row.iter().cloned().fold(f32::MIN, f32::max);
+            for i in (3..vocab).step_by(vocab / 7) {
+                row[i] = top - 0.25;
+            }
+            let (buf, stored) = s.logits(&g, &repeat_rows(&row, rows));
+            let l = &stored[..vocab];
+            for (temperature, top_k, top_p) in
+                [(1.0f32, 0i64, 1.0f32), (0.8, 50, 1.0), (1.2, 0, 0.9), (1.0, 40, 0.8), (0.5, 7, 0.3), (1.0, 3, 1.0)]
+            {
+                s.set_step(&g, 3 * rows as i64); // launch 3 of a counter that started at 0
+                let (ids, lps) = s.run(&g, &buf, rows, vocab, temperature, top_k, top_p, seed);
+                assert_eq!(s.step(&g), 4 * rows as i64, "the counter advances by one per row");
+                let mut mismatches = 0;
+                for (row_i, (&id, &lp)) in ids.iter().zip(&lps).enumerate() {
+                    let want = sample_replica(l, temperature, top_k as usize, top_p, seed, 3, row_i as u64);
+                    if id as usize != want {
+                        mismatches += 1;
+                        println!(
+                            "{dt} vocab={vocab} T={temperature} k={top_k} p={top_p} row {row_i}: got {id}, want {want}"
+                        );
+                    }
+                    let wlp = log_softmax_scaled(l, temperature, id as usize);
+                    assert!((lp as f64 - wlp).abs() < 1e-4, "{dt} vocab={vocab}: logprob {lp} vs {wlp}");
+                }
+                println!(
+                    "kiln-check\tdecode_sample\t{dt}\tvocab={vocab}\trows={rows}\tT={temperature}\ttop_k={top_k}\ttop_p={top_p}\tmismatches={mismatches}"
+                );
+                // Only a draw landing within rounding of a boundary may differ.
+                assert!(
+                    mismatches <= 1,
+                    "{dt} vocab={vocab} T={temperature} k={top_k} p={top_p}: {mismatches} picks differ"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sampling_histogram_matches_softmax() {
+    let Some(g) = gpu() else { return };
+    let mut s = Sampler::new(&g, DType::F32);
+    let probs = [0.1f64, 0.2, 0.3, 0.4];
+    let l: Vec<f32> = probs.iter().map(|p| (p.ln() as f32) * 0.7).collect(); // softmax(l / 0.7) = probs
+    let rows = 1000;
+    let (buf, _) = s.logits(&g, &repeat_rows(&l, rows));
+    s.set_step(&g, 0);
+    let mut counts = [0usize; 4];
+    let launches = 20;
+    for _ in 0..launches {
+        let (ids, lps) = s.run(&g, &buf, rows, 4, 0.7, 0, 1.0, 99);
+        for (&id, &lp) in ids.iter().zip(&lps) {
+            counts[id as usize] += 1;
+            assert!((lp as f64 - probs[id as usize].ln()).abs() < 1e-4, "logprob {lp} of {id}");
+        }
+    }
+    assert_eq!(s.step(&g), (rows * launches) as i64);
+    let n = (rows * launches) as f64;
+    for (i, (&c, &p)) in counts.iter().zip(&probs).enumerate() {
+        let f = c as f64 / n;
+        println!("kiln-check\tdecode_sample_histogram\ttoken {i}\tfreq={f:.4}\tprob={p}");
+        assert!((f - p).abs() < 0.02, "token {i}: frequency {f} vs probability {p} ({counts:?})");
+    }
+    // A peaked distribution under top_p = 0.5 always gives its top token.
+    let mut r = rng(8);
+    let mut peaked: Vec<f32> = normal_logits(&mut r, 1000, 0.25);
+    peaked[321] = 8.0;
+    let p_top = {
+        let z: f64 = peaked.iter().map(|&v| (v as f64 - 8.0).exp()).sum();
+        1.0 / z
+    };
+    assert!(p_top > 0.5, "test distribution not peaked enough: {p_top}");
+    let (buf, _) = s.logits(&g, &repeat_rows(&peaked, 256));
+    for launch in 0..4 {
+        let (ids, _) = s.run(&g, &buf, 256, 1000, 1.0, 0, 0.5, launch);
+        assert!(ids.iter().all(|&i| i == 321), "top_p=0.5: {ids:?}");
+    }
+}
+
+#[test]
+fn sampling_is_reproducible_per_seed() {
+    let Some(g) = gpu() else { return };
+    let mut s = Sampler::new(&g, DType::F32);
+    let mut r = rng(4);
+    let vocab = 1000;
+    let l = normal_logits(&mut r, vocab, 0.5);
+    let (buf, _) = s.logits(&g, &l);
+    let run = |s: &mut Sampler, seed: u64| -> Vec<i64> {
+        s.set_step(&g, 0);
+        (0..50).map(|_| s.run(&g, &buf, 1, vocab, 1.0, 0, 1.0, seed).0[0]).collect()
+    };
+    let a = run(&mut s, 11);
+    let b = run(&mut s, 11);
+    let c = run(&mut s, 12);
+    assert_eq!(a, b, "same seed and counter, same tokens");
+    assert_ne!(a, c, "different seeds");
+    // The counter makes consecutive launches draw fresh numbers.
+    let distinct: std::collections::HashSet<i64> = a.iter().copied().collect();
+    assert!(distinct.len() > 10, "50 draws over a flat distribution gave {} tokens", distinct.len());
+}
+
+#[test]
+fn sampling_time() {
+    let Some(g) = gpu() else { return };
+    let s = Sampler::new(&g, DType::F32);
+    let mut r = rng(6);
+    let vocab = 128256;
+    let (buf, _) = s.logits(&g, &normal_logits(&mut r, vocab, 2.0));
+    for (name, temperature, top_k, top_p) in
+        [("greedy", 0.0f32, 0i64, 1.0f32), ("temperature", 1.0, 0, 1.0), ("top_k50_top_p0.9", 1.0, 50, 0.9)]
+    {
+        s.run(&g, &buf, 1, vocab, temperature, top_k, top_p, 1);
+        let start = g.event();
+        let n = 20;
+        for _ in 0..n {
+            let (ids, lps) = (g.poisoned(8), g.poisoned(4));
+            let args: Args = vec![
+                (Role::Out(0), g.arg(&ids)),
+                (Role::Out(1), g.arg(&lps)),
+                (Role::In(0), g.arg(&buf)),
+                (Role::Step, g.arg(&s.step)),
+                (Role::N, ArgValue::I64(1)),
+                (Role::Len, ArgValue::I64(vocab as i64)),
+                (Role::Temperature, ArgValue::F32(temperature)),
+                (Role::TopK, ArgValue::I64(top_k)),
+                (Role::TopP, ArgValue::F32(top_p)),
+                (Role::Seed, ArgValue::I64(1)),
+            ];
+            g.launch(&s.k, &s.f, 1, &args);
+        }
+        let end = g.event();
+        g.sync();
+        let us = start.elapsed_ms(&end).unwrap() as f64 * 1e3 / n as f64;
+        println!("kiln-info\tsample_time\t{name}\tvocab={vocab}\trows=1\tus_per_launch={us:.1}");
+    }
+}
+
+/// Every decode kernel variant compiles with NVRTC (needs only NVRTC, not a GPU: the
+/// architecture is the device's, or sm_90 without one).
+#[test]
+fn every_decode_kernel_variant_compiles() {
+    if !kiln_codegen::nvrtc::nvrtc_present() {
+        println!("skipping: libnvrtc could not be loaded");
+        return;
+    }
+    let cc = CudaExecutor::available().map(|i| i.compute_capability).unwrap_or((9, 0));
+    let compiler = Compiler::new(cc, None).unwrap();
+    let floats = [DType::F32, DType::F16, DType::BF16];
+    let mut ks = Vec::new();
+    for &x in &floats {
+        for &w in &floats {
+            ks.push(decode::gemv(x, w, x).unwrap());
+            ks.push(decode::gemv_residual(x, w, x).unwrap());
+        }
+        let (p, c) =
+            decode::attention_decode(x, &(&Dim::sym("past") + &Dim::sym("seq")), &[Sym::new("past"), Sym::new("seq")])
+                .unwrap();
+        ks.extend([p, c, decode::sample(x).unwrap()]);
+    }
+    let refs: Vec<&Kernel> = ks.iter().collect();
+    let (cubins, stats) = compiler.compile_all(&refs).unwrap_or_else(|e| panic!("{e}"));
+    assert!(cubins.iter().all(|c| !c.is_empty()));
+    println!("kiln-time\tnvrtc_decode_variants\tkernels={}\tseconds={:.3}", ks.len(), stats.seconds);
+}

@@ -1,0 +1,188 @@
+//! The device-resident engine (`kiln_runtime::cuda::CudaEngine`) against the CPU
+//! reference: a tiny random Llama's logits after the prefill and after every decode step
+//! match the CPU executor's, greedy tokens agree, a batch decodes like its sequences one
+//! by one, and CUDA-graph replay equals eager launches. Skips without a GPU.
+
+use indexmap::IndexMap;
+use kiln::models::config::LlamaConfig;
+use kiln::models::llama::{LlamaForCausalLM, TraceOptions};
+use kiln::ops::{DType, HostTensor};
+use kiln::runtime::cpu::CpuExecutor;
+use kiln::runtime::cuda::{CudaEngine, CudaExecutor, EngineOptions};
+use kiln::runtime::generate::Generator;
+
+fn gpu() -> bool {
+    match CudaExecutor::available() {
+        Ok(info) => {
+            println!("device: {info}");
+            true
+        }
+        Err(why) => {
+            println!("skipped: no usable CUDA GPU ({why})");
+            false
+        }
+    }
+}
+
+const CONFIG: &str = r#"{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+  "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
+  "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+
+/// Random weights with a larger spread than an initializer's, so logits are far apart
+/// and greedy choices are stable across backends.
+fn weights(model: &LlamaForCausalLM, dtype: DType) -> IndexMap<String, HostTensor> {
+    let g = model.trace(&TraceOptions { dtype, last_token_only: true }).unwrap();
+    let mut s = 0x9e3779b97f4a7c15u64;
+    g.params()
+        .iter()
+        .map(|(name, &n)| {
+            let shape = g.node(n).outputs[0].shape.as_fixed().unwrap();
+            let len: usize = shape.iter().product();
+            let norm = name.ends_with("norm.weight");
+            let v: Vec<f32> = (0..len)
+                .map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    if norm {
+                        1.0 + 0.1 * u
+                    } else {
+                        0.25 * u
+                    }
+                })
+                .collect();
+            (name.clone(), HostTensor::from_f32(&shape, v).cast(dtype))
+        })
+        .collect()
+}
+
+fn setup(dtype: DType) -> (kiln::graph::Graph, IndexMap<String, HostTensor>) {
+    let model = LlamaForCausalLM::new(LlamaConfig::from_json_str(CONFIG).unwrap()).unwrap();
+    let w = weights(&model, dtype);
+    let g = model.trace(&TraceOptions { dtype, last_token_only: true }).unwrap();
+    let g = kiln::passes::default_pipeline().run(g).unwrap().graph;
+    (g, w)
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+/// Logits after the prefill and after each of `steps` decode steps, and the tokens.
+fn engine_run(
+    graph: &kiln::graph::Graph,
+    w: &IndexMap<String, HostTensor>,
+    prompt: &[u32],
+    steps: usize,
+    graphs: bool,
+) -> (Vec<Vec<f32>>, Vec<u32>) {
+    let opts = EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, ..Default::default() };
+    let mut e = CudaEngine::new(graph.clone(), w.clone(), opts).unwrap();
+    e.prefill(&[prompt.to_vec()]).unwrap();
+    let mut logits = vec![e.logits().unwrap()];
+    for _ in 0..steps {
+        e.decode_step().unwrap();
+        logits.push(e.logits().unwrap());
+    }
+    if graphs {
+        assert_eq!(e.not_capturable(), None, "the decode step should be capturable");
+    }
+    println!("kiln-info\tengine\tlaunches_per_decode_step={}", e.launches_per_decode_step());
+    (logits, e.tokens().unwrap().remove(0))
+}
+
+fn check_against_cpu(dtype: DType, tol: f64) {
+    if !gpu() {
+        return;
+    }
+    let (g, w) = setup(dtype);
+    let prompt: Vec<u32> = vec![3, 17, 99, 4, 250, 8, 1];
+    let steps = 12;
+    let (logits, tokens) = engine_run(&g, &w, &prompt, steps, true);
+    // CPU: the same graph, feeding the engine's tokens back (so both see one history).
+    let gen = Generator::new(CpuExecutor::new(g.clone(), w.clone()).unwrap(), 64).unwrap();
+    let (mut cpu_logits, mut cache) = gen.forward(&prompt, gen.empty_cache()).unwrap();
+    for (i, l) in logits.iter().enumerate() {
+        let err = rel_l2(l, &cpu_logits);
+        println!("kiln-check\tengine_{}\tstep {i}\tlogits\tmax_rel=0\trel_l2={err:.3e}", dtype.name());
+        assert!(err < tol, "step {i}: logits rel L2 {err:.3e} > {tol:e}");
+        let want = argmax(&cpu_logits);
+        let mut sorted = cpu_logits.clone();
+        sorted.sort_by(|a, b| b.total_cmp(a));
+        if sorted[0] - sorted[1] > 1e-2 * sorted[0].abs().max(1.0) {
+            assert_eq!(tokens[i], want, "step {i}: greedy token");
+        }
+        if i < steps {
+            (cpu_logits, cache) = gen.forward(&[tokens[i]], cache).unwrap();
+        }
+    }
+    assert_eq!(tokens.len(), steps + 1);
+}
+
+#[test]
+fn engine_matches_the_cpu_executor_f32() {
+    check_against_cpu(DType::F32, 1e-4);
+}
+
+#[test]
+fn engine_matches_the_cpu_executor_bf16() {
+    check_against_cpu(DType::BF16, 3e-2);
+}
+
+#[test]
+fn graph_replay_equals_eager_and_batches_decode_like_single_sequences() {
+    if !gpu() {
+        return;
+    }
+    let (g, w) = setup(DType::F32);
+    let (p1, p2) = (vec![5u32, 6, 7, 8], vec![200u32, 100, 50, 25]);
+    let (l_graph, t_graph) = engine_run(&g, &w, &p1, 8, true);
+    let (l_eager, t_eager) = engine_run(&g, &w, &p1, 8, false);
+    assert_eq!(t_graph, t_eager);
+    for (a, b) in l_graph.iter().zip(&l_eager) {
+        assert_eq!(a, b, "replayed and eager launches compute the same bits");
+    }
+    let (_, t2) = engine_run(&g, &w, &p2, 8, true);
+    let opts = EngineOptions { max_batch: 2, max_context: 64, ..Default::default() };
+    let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
+    e.prefill(&[p1.clone(), p2.clone()]).unwrap();
+    for _ in 0..8 {
+        e.decode_step().unwrap();
+    }
+    let both = e.tokens().unwrap();
+    assert_eq!(both, vec![t_graph, t2]);
+}
+
+#[test]
+fn engine_errors_name_the_problem() {
+    if !gpu() {
+        return;
+    }
+    let (g, w) = setup(DType::F32);
+    let opts = EngineOptions { max_batch: 1, max_context: 8, ..Default::default() };
+    let mut e = CudaEngine::new(g, w, opts).unwrap();
+    let err = e.decode_step().unwrap_err().to_string();
+    assert!(err.contains("before prefill"), "{err}");
+    let err = e.prefill(&[vec![1, 2], vec![3, 4]]).unwrap_err().to_string();
+    assert!(err.contains("1 to 1"), "{err}");
+    let err = e.prefill(&[vec![1; 8]]).unwrap_err().to_string();
+    assert!(err.contains("context of 8"), "{err}");
+    let err = e.prefill(&[vec![999]]).unwrap_err().to_string();
+    assert!(err.contains("vocabulary of 256"), "{err}");
+    e.prefill(&[vec![1, 2, 3, 4, 5, 6]]).unwrap();
+    e.decode_step().unwrap();
+    e.decode_step().unwrap();
+    let err = e.decode_step().unwrap_err().to_string();
+    assert!(err.contains("is full"), "{err}");
+}
