@@ -5,6 +5,8 @@
 //!
 #![doc = include_str!("../README.md")]
 
+pub mod bench;
+
 pub use kiln_codegen as codegen;
 pub use kiln_graph as graph;
 pub use kiln_models as models;

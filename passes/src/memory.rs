@@ -8,8 +8,11 @@
 //! at that node: the two values then share one buffer.
 //!
 //! Sources (inputs, params, constants) and graph outputs are not planned: they live in
-//! their own buffers owned by the runtime. [`check`] re-derives liveness independently
-//! and proves that no two simultaneously live buffers overlap.
+//! their own buffers owned by the runtime. A `reshape` is a *view*: it gets no buffer of
+//! its own but shares its operand's (its root's), so the root stays live until the last
+//! use of any view of it (to the end of the schedule when a view is a graph output).
+//! [`check`] re-derives liveness independently and proves that no two simultaneously
+//! live buffers overlap.
 
 use indexmap::IndexMap;
 use kiln_graph::{Graph, NodeId, Value};
@@ -35,6 +38,17 @@ pub struct MemoryPlan {
     pub arena_bytes: usize,
     /// Bytes if every intermediate had its own buffer.
     pub naive_bytes: usize,
+    /// Views (reshape outputs) and the value whose buffer each one shares (never itself
+    /// a view). A view of a source or graph output has no allocation either.
+    pub views: IndexMap<Value, Value>,
+}
+
+/// The value whose buffer `v` shares: `v` itself unless it is a reshape (a view).
+pub fn view_root(g: &Graph, mut v: Value) -> Value {
+    while matches!(g.node(v.node).op, Op::Reshape(_)) {
+        v = g.operands(v.node)[0];
+    }
+    v
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -56,19 +70,40 @@ pub enum PlanError {
     Size { what: String, msg: String },
 }
 
-/// Values the plan covers: outputs of non-source nodes that are not graph outputs.
+/// Values the plan covers: outputs of non-source, non-view nodes that are not graph
+/// outputs.
 fn planned_values(g: &Graph) -> Vec<Value> {
     let outputs: Vec<Value> = g.outputs().values().copied().collect();
     g.topo_order()
         .into_iter()
-        .filter(|&n| !matches!(g.node(n).op, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. }))
+        .filter(|&n| {
+            !matches!(g.node(n).op, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_))
+        })
         .flat_map(|n| (0..g.node(n).outputs.len()).map(move |i| Value::new(n, i as u8)))
         .filter(|v| !outputs.contains(v))
         .collect()
 }
 
-/// (definition step, last step that reads it) of every value, by schedule position.
+/// (definition step, last step that reads it) of every value, by schedule position; a
+/// view's reads count as reads of its root, and a root with a view that is a graph
+/// output stays live to the end.
 fn live_ranges(g: &Graph, order: &[NodeId]) -> HashMap<Value, (usize, usize)> {
+    let mut ranges = direct_ranges(g, order);
+    let end = order.len().saturating_sub(1);
+    let outputs: Vec<Value> = g.outputs().values().copied().collect();
+    for &n in order {
+        if matches!(g.node(n).op, Op::Reshape(_)) {
+            let v = Value::new(n, 0);
+            let root = view_root(g, v);
+            let last = if outputs.contains(&v) { end } else { ranges[&v].1 };
+            let r = ranges.get_mut(&root).expect("root defined");
+            r.1 = r.1.max(last);
+        }
+    }
+    ranges
+}
+
+fn direct_ranges(g: &Graph, order: &[NodeId]) -> HashMap<Value, (usize, usize)> {
     let step: HashMap<NodeId, usize> = order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
     let mut ranges = HashMap::new();
     for (i, &n) in order.iter().enumerate() {
@@ -165,7 +200,12 @@ pub fn plan(g: &Graph, b: &Bindings, opts: PlanOptions) -> Result<MemoryPlan, Pl
             (v, Allocation { offset: offset_of[gi], size: size[&v], in_place_of: in_place_of.get(&v).copied() })
         })
         .collect();
-    Ok(MemoryPlan { order, allocations, arena_bytes, naive_bytes })
+    let views = order
+        .iter()
+        .filter(|&&n| matches!(g.node(n).op, Op::Reshape(_)))
+        .map(|&n| (Value::new(n, 0), view_root(g, Value::new(n, 0))))
+        .collect();
+    Ok(MemoryPlan { order, allocations, arena_bytes, naive_bytes, views })
 }
 
 /// Proves the plan sound: every intermediate is planned, fits in the arena, and two
@@ -177,6 +217,11 @@ pub fn check(g: &Graph, p: &MemoryPlan) -> Result<(), String> {
     for v in planned_values(g) {
         if !p.allocations.contains_key(&v) {
             return Err(format!("%{}.{} is not planned", v.node.index(), v.output));
+        }
+    }
+    for (v, root) in &p.views {
+        if *root != view_root(g, *v) || p.allocations.contains_key(v) {
+            return Err(format!("view %{} must share the buffer of %{}", v.node.index(), root.node.index()));
         }
     }
     let allocs: Vec<(&Value, &Allocation)> = p.allocations.iter().collect();

@@ -107,3 +107,28 @@ proptest! {
         prop_assert_eq!(check(&g, &p), Ok(()));
     }
 }
+
+#[test]
+fn reshape_views_share_their_root_and_keep_it_live() {
+    // a = exp(x); v = reshape(a); b = sin(x); c = v + reshape(b) … a must stay live until
+    // the add that reads its view, so a and b cannot share a buffer.
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::F32, [64usize]).unwrap();
+    let a = x.exp().unwrap();
+    let v = a.reshape([8usize, 8]).unwrap();
+    let b = x.sin().unwrap().reshape([8usize, 8]).unwrap();
+    let c = (v + b).unwrap().tanh().unwrap();
+    tr.output("y", c).unwrap();
+    let g = tr.finish().unwrap();
+    let p = plan(&g, &Bindings::new(), PlanOptions { alignment: 256, in_place: false }).unwrap();
+    check(&g, &p).unwrap();
+    assert_eq!(p.views.len(), 2);
+    let (va, ra) = p.views.iter().find(|(_, r)| g.node(r.node).op.name() == "exp").unwrap();
+    assert!(!p.allocations.contains_key(va), "a view has no buffer of its own");
+    let rb = p.views.values().find(|r| g.node(r.node).op.name() == "sin").unwrap();
+    let (oa, ob) = (p.allocations[ra].offset, p.allocations[rb].offset);
+    assert_ne!(oa, ob, "exp's buffer is still live (through its view) when sin writes");
+    // exp, sin, add: three 256-byte buffers at most; add can reuse nothing live.
+    assert_eq!(p.naive_bytes, 768);
+    assert_eq!(p.arena_bytes, 768);
+}

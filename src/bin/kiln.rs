@@ -10,6 +10,9 @@
 //!   (the `last_token_only` prompt/decode graph unless `--full-logits`); `--dump-after`
 //!   also writes the IR text and DOT after each named pass into `DIR`.
 //! * `kiln convert --from FILE.gguf --to DIR`: a Hugging Face checkpoint from a GGUF file.
+//! * `kiln bench --preset NAME | --model MODEL [--dtype bf16] [--prefill 128,2048]
+//!   [--batch 1,8,64] [--decode-steps 128] [--json OUT] [--no-cuda-graphs]`: GPU prefill
+//!   and decode throughput, memory, launches per step and the decode roofline ([`kiln::bench`]).
 //! * `kiln viz [--model MODEL | --ir FILE]`: the interactive graph viewer over every stage
 //!   (traced, then after each pass).
 //!
@@ -168,6 +171,8 @@ enum Cmd {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Benchmark prefill and decode on the GPU (a preset with random weights, or a model).
+    Bench(kiln::bench::BenchArgs),
 }
 
 /// The model to use: the one given, or the default model (downloaded on first use).
@@ -350,6 +355,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             kiln_models::convert::convert_gguf_to_hf(&from, &to)?;
             tracing::info!(from = %from.display(), to = %to.display(), "converted");
         }
+        Cmd::Bench(args) => kiln::bench::run_cli(&args)?,
     }
     Ok(())
 }
