@@ -102,6 +102,14 @@ pub struct BenchArgs {
     /// Launch kernels one by one instead of replaying CUDA graphs.
     #[arg(long)]
     pub no_cuda_graphs: bool,
+    /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
+    /// each launch) and print where the step's time goes, per kernel and module.
+    #[arg(long)]
+    pub profile: bool,
+    /// Skip the fusion pass (canonicalization only): the "before" column of the
+    /// pipeline's effect on kernels per step, memory and speed.
+    #[arg(long)]
+    pub no_fusion: bool,
     /// Seed of the random weights (presets).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -122,6 +130,8 @@ impl BenchArgs {
             decode_steps: 128,
             json: None,
             no_cuda_graphs: false,
+            no_fusion: false,
+            profile: false,
             seed: 0,
             gpu: 0,
         }
@@ -327,9 +337,13 @@ pub struct MemoryUse {
 
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// `--profile`: (label, launches, µs) of one batch-1 decode step, the total last.
+    pub profile: Option<Vec<(String, usize, f64)>>,
     pub machine: Machine,
     pub model: ModelInfo,
     pub cuda_graphs: bool,
+    /// Whether the fusion pass ran (`--no-fusion` turns it off).
+    pub fusion: bool,
     pub engine_max_batch: usize,
     pub engine_max_context: usize,
     /// Device-to-device copy, read + written bytes per second.
@@ -368,6 +382,10 @@ pub(crate) trait Engine {
     /// `device_used` is left 0.
     fn memory(&self) -> MemoryUse;
     fn device(&self) -> &DeviceInfo;
+    /// (label, launches, µs) of one decode step, slowest first, the total last.
+    fn profile_decode_step(&mut self) -> Result<Vec<(String, usize, f64)>, BenchError> {
+        Err(BenchError::Engine("this engine cannot profile a decode step".into()))
+    }
 }
 
 /// What the engine is built for.
@@ -552,6 +570,9 @@ mod gpu {
         fn launches_per_decode_step(&self) -> usize {
             CudaEngine::launches_per_decode_step(self)
         }
+        fn profile_decode_step(&mut self) -> Result<Vec<(String, usize, f64)>, BenchError> {
+            Ok(CudaEngine::profile_decode_step(self)?)
+        }
         fn memory(&self) -> MemoryUse {
             let m = CudaEngine::memory(self);
             MemoryUse {
@@ -638,7 +659,8 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
     setup.insert("weights".to_string(), t.elapsed().as_secs_f64());
     let traced = model.trace(&TraceOptions { dtype, last_token_only: true })?;
     let t = Instant::now();
-    let graph = kiln_passes::default_pipeline().run(traced.clone())?.graph;
+    let pipeline = if args.no_fusion { kiln_passes::pipeline::canonicalize() } else { kiln_passes::default_pipeline() };
+    let graph = pipeline.run(traced.clone())?.graph;
     setup.insert("passes".to_string(), t.elapsed().as_secs_f64());
 
     tracing::info!(bytes = BANDWIDTH_BYTES, iters = BANDWIDTH_ITERS, "measuring copy bandwidth");
@@ -669,6 +691,12 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         tracing::info!(batch, tokens_per_s = format!("{:.0}", r.tokens_per_s), "decode");
         decode.push(r);
     }
+    let profile = if args.profile {
+        engine.prefill(&[prompt(DECODE_PROMPT, vocab, 0)])?;
+        Some(engine.profile_decode_step()?)
+    } else {
+        None
+    };
     // The arena grows to the largest plan run: read the memory after every measurement.
     let mut memory = engine.memory();
     memory.device_used = backend.device_used(args.gpu);
@@ -698,6 +726,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             hf_config: hf_config(args),
         },
         cuda_graphs: !args.no_cuda_graphs,
+        fusion: !args.no_fusion,
         engine_max_batch: max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -707,6 +736,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         memory,
         roofline_batch1,
         setup_s: setup,
+        profile,
     })
 }
 
@@ -714,6 +744,13 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
 pub fn run_cli(args: &BenchArgs) -> Result<(), BenchError> {
     let report = run(args)?;
     print!("{}", report.table());
+    if let Some(rows) = &report.profile {
+        println!("\none decode step (batch 1), GPU time per kernel and module:");
+        println!("{:>10} {:>9}  what", "µs", "launches");
+        for (label, n, us) in rows {
+            println!("{us:>10.1} {n:>9}  {label}");
+        }
+    }
     if let Some(path) = &args.json {
         report.write_json(path)?;
         tracing::info!(out = %path.display(), "JSON written");
@@ -835,8 +872,9 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "CUDA graphs: {} | kernels per decode step: {}",
+            "CUDA graphs: {} | fusion: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
+            if self.fusion { "on" } else { "off" },
             self.launches_per_decode_step
         );
         let _ = writeln!(s);

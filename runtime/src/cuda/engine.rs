@@ -667,6 +667,18 @@ impl CudaEngine {
 
     /// Launches every step of the graph. Returns the number of launches.
     fn run_steps(&self, b: &Bindings, plan: &MemoryPlan, slot: usize, decode: bool) -> Result<usize, CudaError> {
+        self.run_steps_marked(b, plan, slot, decode, &mut |_, _| Ok(()))
+    }
+
+    /// [`Self::run_steps`], calling `mark(step, label)` after each step's launches.
+    fn run_steps_marked(
+        &self,
+        b: &Bindings,
+        plan: &MemoryPlan,
+        slot: usize,
+        decode: bool,
+        mark: &mut dyn FnMut(&Step, &str) -> Result<(), CudaError>,
+    ) -> Result<usize, CudaError> {
         let st = &self.stream;
         let syms = dev(&self.syms_dev, st);
         let mut launches = 0;
@@ -738,6 +750,7 @@ impl CudaEngine {
                 }
             }
             launches += 1;
+            mark(step, &self.label(step))?;
         }
         Ok(launches)
     }
@@ -912,6 +925,104 @@ impl CudaEngine {
         self.past = len;
         self.first = first.iter().map(|&t| t as u32).collect();
         Ok(self.first.clone())
+    }
+
+    /// What a step launches, for profiles: the kernel (its generated hash dropped) or the
+    /// library call, and the last component of the node's module path.
+    fn label(&self, step: &Step) -> String {
+        let node = self.graph.node(step.node);
+        let what = match &step.run {
+            Run::Nothing => "nothing".to_string(),
+            Run::Kernel(k) | Run::Arange(k) | Run::Append { kernel: k, .. } => {
+                let name = &self.kernels[*k].0.sig.name;
+                match name.rsplit_once('_') {
+                    Some((head, tail)) if tail.len() == 16 && tail.bytes().all(|c| c.is_ascii_hexdigit()) => {
+                        head.to_string()
+                    }
+                    _ => name.clone(),
+                }
+            }
+            Run::MatMul { .. } => "matmul".into(),
+            Run::Attention { .. } => "attention (split-K partial + combine)".into(),
+        };
+        let scope = node.scope.rsplit('.').next().unwrap_or("");
+        if scope.is_empty() || scope.chars().all(|c| c.is_ascii_digit()) {
+            what
+        } else {
+            format!("{what} @{scope}")
+        }
+    }
+
+    /// Times every launch of one decode step on the device: the step is captured as a
+    /// CUDA graph with an event after each launch, replayed once, and the GPU time
+    /// between consecutive events is summed per label (kernel and module). Returns
+    /// (label, launches, microseconds) sorted by time, the step's total last. Advances
+    /// the running batch by one token like [`Self::decode_step`].
+    pub fn profile_decode_step(&mut self) -> Result<Vec<(String, usize, f64)>, CudaError> {
+        if self.batch == 0 {
+            return Err(contract("profile before prefill".into()));
+        }
+        if let Some(why) = &self.not_capturable {
+            return Err(contract(format!("the decode step cannot be captured: {why}")));
+        }
+        if self.past + 1 > self.opts.max_context {
+            return Err(contract(format!("the context of {} positions is full", self.opts.max_context)));
+        }
+        self.ctx.bind_to_thread().map_err(driver_err("bind context"))?;
+        let b = self.bindings(self.batch, 1, self.past);
+        let plan = self.prepare(&b)?;
+        let (ctx, stream) = (self.ctx.clone(), self.stream.clone());
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = ctx.new_event(timing).map_err(driver_err("event"))?;
+        let mut marks: Vec<(String, cudarc::driver::CudaEvent)> = Vec::new();
+        stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err("begin capture"))?;
+        let recorded = (|| -> Result<(), CudaError> {
+            start.record(&stream).map_err(driver_err("event"))?;
+            let mut mark = |_: &Step, label: &str| -> Result<(), CudaError> {
+                let e = ctx.new_event(timing).map_err(driver_err("event"))?;
+                e.record(&stream).map_err(driver_err("event"))?;
+                marks.push((label.to_string(), e));
+                Ok(())
+            };
+            self.run_steps_marked(&b, &plan, 0, true, &mut mark)?;
+            self.sample(&plan, self.batch, dev(&self.ids_decode, &self.stream))?;
+            let e = ctx.new_event(timing).map_err(driver_err("event"))?;
+            e.record(&stream).map_err(driver_err("event"))?;
+            marks.push(("argmax (sampling)".into(), e));
+            Ok(())
+        })();
+        let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        recorded?;
+        let graph = graph.map_err(driver_err("end capture"))?.ok_or_else(|| contract("empty capture".into()))?;
+        graph.launch().map_err(driver_err("graph launch"))?;
+        self.synchronize()?;
+        // The profiled step sampled into the ids but did not run the step end: do it now.
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
+            .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
+            .set(Role::In(0), ArgValue::Ptr(dev(&self.ids_decode, &self.stream)))
+            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+            .i64(Role::N, self.batch)
+            .i64(Role::Len, self.opts.max_context);
+        launch(&self.stream, &self.kernels[self.step_end], 1, &a)?;
+        self.past += 1;
+        let mut total: IndexMap<String, (usize, f64)> = IndexMap::new();
+        let mut prev = &start;
+        let mut sum = 0.0;
+        for (label, e) in &marks {
+            let us = prev.elapsed_ms(e).map_err(driver_err("event time"))? as f64 * 1e3;
+            let t = total.entry(label.clone()).or_default();
+            t.0 += 1;
+            t.1 += us;
+            sum += us;
+            prev = e;
+        }
+        let mut rows: Vec<(String, usize, f64)> = total.into_iter().map(|(l, (n, us))| (l, n, us)).collect();
+        rows.sort_by(|a, b| b.2.total_cmp(&a.2));
+        rows.push(("total".into(), marks.len(), sum));
+        Ok(rows)
     }
 
     /// One decode step's launches: the graph, greedy sampling into the ids, step end.
