@@ -18,16 +18,15 @@
 //! symbol).
 
 use super::blas::Gemm;
-use super::executor::{launch, launch_node, Args};
+use super::executor::{compile_and_load, launch, launch_node, live_nodes, Args};
 use super::{driver_err, host_bytes, CudaError, DeviceInfo};
 use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
-use cudarc::nvrtc::Ptx;
 use indexmap::IndexMap;
 use kiln_codegen::decode;
 use kiln_codegen::kernels::{self, NodeLowering};
-use kiln_codegen::{ArgValue, Compiler, Kernel, Role};
+use kiln_codegen::{ArgValue, Kernel, Role};
 use kiln_graph::{Graph, NodeId, Value};
 use kiln_ops::{Bindings, DType, Dim, HostTensor, Op, Sym};
 use kiln_passes::memory::{self, MemoryPlan, PlanOptions};
@@ -332,14 +331,7 @@ impl CudaEngine {
                 outputs.push(Output { buf: None, bytes: 0 });
             }
         }
-        // Live nodes only.
-        let mut live = std::collections::HashSet::new();
-        let mut stack: Vec<NodeId> = graph.outputs().values().map(|v| v.node).collect();
-        while let Some(n) = stack.pop() {
-            if live.insert(n) {
-                stack.extend(graph.operands(n).iter().map(|v| v.node));
-            }
-        }
+        let live = live_nodes(&graph);
         let mut steps = Vec::new();
         for n in graph.topo_order() {
             if !live.contains(&n) {
@@ -454,15 +446,7 @@ impl CudaEngine {
 
         // ---- compile ------------------------------------------------------------------
         let cache_dir = opts.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir);
-        let compiler = Compiler::new(info.compute_capability, Some(cache_dir))?;
-        let refs: Vec<&Kernel> = kernel_list.iter().collect();
-        let (cubins, stats) = compiler.compile_all(&refs)?;
-        let mut kernels = Vec::with_capacity(kernel_list.len());
-        for (k, cubin) in kernel_list.into_iter().zip(cubins) {
-            let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(driver_err("load module"))?;
-            let f = module.load_function(&k.sig.name).map_err(driver_err("load function"))?;
-            kernels.push((k, f));
-        }
+        let (kernels, stats) = compile_and_load(&ctx, info.compute_capability, Some(cache_dir), kernel_list)?;
 
         // Decode attention workspace: the largest over batch sizes and attention shapes.
         let sms = info.multiprocessors.max(1) as usize;
@@ -999,14 +983,7 @@ impl CudaEngine {
         graph.launch().map_err(driver_err("graph launch"))?;
         self.synchronize()?;
         // The profiled step sampled into the ids but did not run the step end: do it now.
-        let mut a = Args::default();
-        a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
-            .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
-            .set(Role::In(0), ArgValue::Ptr(dev(&self.ids_decode, &self.stream)))
-            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
-            .i64(Role::N, self.batch)
-            .i64(Role::Len, self.opts.max_context);
-        launch(&self.stream, &self.kernels[self.step_end], 1, &a)?;
+        self.launch_step_end()?;
         self.past += 1;
         let mut total: IndexMap<String, (usize, f64)> = IndexMap::new();
         let mut prev = &start;
@@ -1025,10 +1002,8 @@ impl CudaEngine {
         Ok(rows)
     }
 
-    /// One decode step's launches: the graph, greedy sampling into the ids, step end.
-    fn record_step(&self, b: &Bindings, plan: &MemoryPlan) -> Result<usize, CudaError> {
-        let mut n = self.run_steps(b, plan, 0, true)?;
-        self.sample(plan, self.batch, dev(&self.ids_decode, &self.stream))?;
+    /// The step-end kernel: records the sampled ids, advances `past` on the device.
+    fn launch_step_end(&self) -> Result<(), CudaError> {
         let mut a = Args::default();
         a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
             .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
@@ -1036,7 +1011,14 @@ impl CudaEngine {
             .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
             .i64(Role::N, self.batch)
             .i64(Role::Len, self.opts.max_context);
-        launch(&self.stream, &self.kernels[self.step_end], 1, &a)?;
+        launch(&self.stream, &self.kernels[self.step_end], 1, &a)
+    }
+
+    /// One decode step's launches: the graph, greedy sampling into the ids, step end.
+    fn record_step(&self, b: &Bindings, plan: &MemoryPlan) -> Result<usize, CudaError> {
+        let mut n = self.run_steps(b, plan, 0, true)?;
+        self.sample(plan, self.batch, dev(&self.ids_decode, &self.stream))?;
+        self.launch_step_end()?;
         n += 2;
         Ok(n)
     }

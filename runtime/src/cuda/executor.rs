@@ -145,14 +145,7 @@ impl CudaExecutor {
         let stream = ctx.new_stream().map_err(driver_err("stream"))?;
         let blas = CudaBlas::new(stream.clone()).map_err(|e| CudaError::Driver(format!("cuBLAS handle: {e:?}")))?;
 
-        // Live nodes: those the outputs depend on.
-        let mut live: HashSet<NodeId> = HashSet::new();
-        let mut stack: Vec<NodeId> = graph.outputs().values().map(|v| v.node).collect();
-        while let Some(n) = stack.pop() {
-            if live.insert(n) {
-                stack.extend(graph.operands(n).iter().map(|v| v.node));
-            }
-        }
+        let live = live_nodes(&graph);
 
         let upload = |t: &HostTensor| -> Result<Arc<Buf>, CudaError> {
             let bytes = host_bytes(t);
@@ -270,15 +263,7 @@ impl CudaExecutor {
         // Compile (or load from the cache) and load every kernel.
         let cache_dir =
             options.use_cache.then(|| options.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir));
-        let compiler = Compiler::new(info.compute_capability, cache_dir)?;
-        let refs: Vec<&Kernel> = kernel_list.iter().collect();
-        let (cubins, stats) = compiler.compile_all(&refs)?;
-        let mut kernels = Vec::with_capacity(kernel_list.len());
-        for (k, cubin) in kernel_list.into_iter().zip(cubins) {
-            let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(driver_err("load module"))?;
-            let f = module.load_function(&k.sig.name).map_err(driver_err("load function"))?;
-            kernels.push((k, f));
-        }
+        let (kernels, stats) = compile_and_load(&ctx, info.compute_capability, cache_dir, kernel_list)?;
         stream.synchronize().map_err(driver_err("upload"))?;
         tracing::info!(
             device = %info,
@@ -488,6 +473,38 @@ impl CudaExecutor {
         let g = Gemm { dtype, batch, m, n, k, ta, tb, shared_b: rb == 2 };
         g.run(&self.blas, ins[0].0.ptr(&self.stream), ins[1].0.ptr(&self.stream), c)
     }
+}
+
+/// The nodes the graph's outputs depend on.
+pub(super) fn live_nodes(graph: &Graph) -> HashSet<NodeId> {
+    let mut live: HashSet<NodeId> = HashSet::new();
+    let mut stack: Vec<NodeId> = graph.outputs().values().map(|v| v.node).collect();
+    while let Some(n) = stack.pop() {
+        if live.insert(n) {
+            stack.extend(graph.operands(n).iter().map(|v| v.node));
+        }
+    }
+    live
+}
+
+/// Compiles (or loads from the disk cache in `cache_dir`) every kernel for compute
+/// capability `cc` and loads it into `ctx`.
+pub(super) fn compile_and_load(
+    ctx: &Arc<CudaContext>,
+    cc: (i32, i32),
+    cache_dir: Option<PathBuf>,
+    kernel_list: Vec<Kernel>,
+) -> Result<(Vec<(Kernel, CudaFunction)>, CompileStats), CudaError> {
+    let compiler = Compiler::new(cc, cache_dir)?;
+    let refs: Vec<&Kernel> = kernel_list.iter().collect();
+    let (cubins, stats) = compiler.compile_all(&refs)?;
+    let mut kernels = Vec::with_capacity(kernel_list.len());
+    for (k, cubin) in kernel_list.into_iter().zip(cubins) {
+        let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(driver_err("load module"))?;
+        let f = module.load_function(&k.sig.name).map_err(driver_err("load function"))?;
+        kernels.push((k, f));
+    }
+    Ok((kernels, stats))
 }
 
 /// Launches `kf` over `items` work items with the values in `args` on `stream`.
