@@ -962,18 +962,32 @@ impl CudaEngine {
         stream
             .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
             .map_err(driver_err("begin capture"))?;
+        // Inside a capture an event record becomes a graph node only when it is marked
+        // external; a plain record would only order work within the capture.
+        let record = |e: &cudarc::driver::CudaEvent| -> Result<(), CudaError> {
+            // SAFETY: the event and the stream belong to this engine's context.
+            unsafe {
+                sys::cuEventRecordWithFlags(
+                    e.cu_event(),
+                    stream.cu_stream(),
+                    sys::CUevent_record_flags::CU_EVENT_RECORD_EXTERNAL as u32,
+                )
+            }
+            .result()
+            .map_err(driver_err("event record"))
+        };
         let recorded = (|| -> Result<(), CudaError> {
-            start.record(&stream).map_err(driver_err("event"))?;
+            record(&start)?;
             let mut mark = |_: &Step, label: &str| -> Result<(), CudaError> {
                 let e = ctx.new_event(timing).map_err(driver_err("event"))?;
-                e.record(&stream).map_err(driver_err("event"))?;
+                record(&e)?;
                 marks.push((label.to_string(), e));
                 Ok(())
             };
             self.run_steps_marked(&b, &plan, 0, true, &mut mark)?;
             self.sample(&plan, self.batch, dev(&self.ids_decode, &self.stream))?;
             let e = ctx.new_event(timing).map_err(driver_err("event"))?;
-            e.record(&stream).map_err(driver_err("event"))?;
+            record(&e)?;
             marks.push(("argmax (sampling)".into(), e));
             Ok(())
         })();
