@@ -255,7 +255,7 @@ pub fn argmax(d: DType) -> Result<Kernel, CodegenError> {
             (Role::Inner, ParamTy::I64),
         ],
     );
-    Ok(render(sig, ARGMAX, &[("KILN_C", compare_type(d)?.to_string())], Grid::WarpPerItem { warps: 8 }))
+    Ok(render(sig, ARGMAX, &[("KILN_C", compare_type(d)?.to_string())], Grid::BlockPerItem { threads: 512 }))
 }
 
 /// `topk` of `d` along one axis: values (as stored) and i64 indices.
