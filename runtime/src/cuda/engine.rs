@@ -537,10 +537,6 @@ impl CudaEngine {
         &self.info
     }
 
-    pub fn options(&self) -> &EngineOptions {
-        &self.opts
-    }
-
     /// Why decode steps are not captured as a CUDA graph (`None` when they are, or
     /// would be once graphs are enabled).
     pub fn not_capturable(&self) -> Option<&str> {
@@ -1131,13 +1127,5 @@ impl CudaEngine {
         let mut host = vec![0u8; n];
         self.stream.memcpy_dtoh(&buf.slice(0..n), &mut host).map_err(driver_err("download logits"))?;
         Ok(host.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
-    }
-
-    /// The last sampled token of every sequence, after waiting for the queue.
-    pub fn last_tokens(&mut self) -> Result<Vec<u32>, CudaError> {
-        self.synchronize()?;
-        let mut ids = vec![0i64; self.batch];
-        self.stream.memcpy_dtoh(&self.ids_decode.slice(0..self.batch), &mut ids).map_err(driver_err("download"))?;
-        Ok(ids.into_iter().map(|t| t as u32).collect())
     }
 }

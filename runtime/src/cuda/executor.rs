@@ -38,7 +38,7 @@ impl Default for CudaOptions {
 }
 
 /// A device buffer (at least one byte, so empty tensors have an address too).
-pub(super) struct Buf {
+struct Buf {
     slice: CudaSlice<u8>,
     bytes: usize,
 }
