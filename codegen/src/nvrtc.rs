@@ -38,6 +38,8 @@ pub struct CompileStats {
     pub compiled: usize,
     /// Kernels read from the disk cache.
     pub cached: usize,
+    /// Kernels taken from binaries given by the caller (an executable plan).
+    pub prebuilt: usize,
     /// Wall time of the whole batch, cache reads included.
     pub seconds: f64,
 }
@@ -130,11 +132,26 @@ impl Compiler {
     /// CUBINs for `kernels`, in order: from the cache where present, else compiled (in
     /// parallel) and stored. Logs how many were compiled and cached and the time.
     pub fn compile_all(&self, kernels: &[&Kernel]) -> Result<(Vec<Vec<u8>>, CompileStats), CompileError> {
+        self.compile_all_with(kernels, None)
+    }
+
+    /// As [`Compiler::compile_all`], but a kernel whose cache key ([`Compiler::key`]) is
+    /// in `prebuilt` takes that binary (neither the disk cache nor NVRTC is asked).
+    pub fn compile_all_with(
+        &self,
+        kernels: &[&Kernel],
+        prebuilt: Option<&std::collections::HashMap<String, Vec<u8>>>,
+    ) -> Result<(Vec<Vec<u8>>, CompileStats), CompileError> {
         let t0 = Instant::now();
         let keys: Vec<String> = kernels.iter().map(|k| self.key(&k.source)).collect();
-        let mut out: Vec<Option<Vec<u8>>> =
-            keys.iter().map(|k| self.cache_path(k).and_then(|p| std::fs::read(p).ok())).collect();
-        let cached = out.iter().filter(|o| o.is_some()).count();
+        let mut out: Vec<Option<Vec<u8>>> = keys.iter().map(|k| prebuilt.and_then(|p| p.get(k)).cloned()).collect();
+        let given = out.iter().filter(|o| o.is_some()).count();
+        for (o, k) in out.iter_mut().zip(&keys) {
+            if o.is_none() {
+                *o = self.cache_path(k).and_then(|p| std::fs::read(p).ok());
+            }
+        }
+        let cached = out.iter().filter(|o| o.is_some()).count() - given;
         let misses: Vec<usize> = (0..kernels.len()).filter(|&i| out[i].is_none()).collect();
         let threads = std::thread::available_parallelism().map_or(4, |n| n.get()).clamp(1, 16);
         let results: Vec<(usize, Result<Vec<u8>, CompileError>)> = std::thread::scope(|s| {
@@ -157,15 +174,18 @@ impl Compiler {
             }
             out[i] = Some(cubin);
         }
-        let stats = CompileStats { compiled: misses.len(), cached, seconds: t0.elapsed().as_secs_f64() };
+        let stats =
+            CompileStats { compiled: misses.len(), cached, prebuilt: given, seconds: t0.elapsed().as_secs_f64() };
         tracing::info!(
             compiled = stats.compiled,
             cached = stats.cached,
+            prebuilt = stats.prebuilt,
             seconds = stats.seconds,
             arch = %self.arch,
-            "CUDA kernels: {} compiled, {} from cache in {:.3} s",
+            "CUDA kernels: {} compiled, {} from cache, {} prebuilt in {:.3} s",
             stats.compiled,
             stats.cached,
+            stats.prebuilt,
             stats.seconds
         );
         Ok((out.into_iter().map(|o| o.expect("every kernel compiled or cached")).collect(), stats))

@@ -19,7 +19,7 @@
 
 use super::blas::Gemm;
 use super::executor::{compile_and_load, launch, launch_node, live_nodes, Args};
-use super::{driver_err, host_bytes, CudaError, DeviceInfo};
+use super::{driver_err, host_bytes, CompileStats, CudaError, DeviceInfo};
 use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
@@ -47,11 +47,15 @@ pub struct EngineOptions {
     pub cuda_graphs: bool,
     /// Kernel cache folder; `None` uses the default.
     pub cache_dir: Option<PathBuf>,
+    /// Kernel binaries by cache key (from an executable plan, see
+    /// [`CudaEngine::kernel_binaries`]): a kernel found here is neither compiled nor read
+    /// from the disk cache.
+    pub prebuilt: Option<Arc<HashMap<String, Vec<u8>>>>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { device: 0, max_batch: 1, max_context: 4096, cuda_graphs: true, cache_dir: None }
+        EngineOptions { device: 0, max_batch: 1, max_context: 4096, cuda_graphs: true, cache_dir: None, prebuilt: None }
     }
 }
 
@@ -135,6 +139,9 @@ pub struct CudaEngine {
     outputs: Vec<Output>,
     locs: HashMap<Value, Loc>,
     kernels: Vec<(Kernel, CudaFunction)>,
+    /// Every kernel binary under its cache key, and how they were obtained.
+    binaries: Vec<(String, Vec<u8>)>,
+    compile_stats: CompileStats,
     steps: Vec<Step>,
     /// Symbols in device-table order, and which are `batch`, `past`, `seq`.
     syms: Vec<Sym>,
@@ -446,7 +453,13 @@ impl CudaEngine {
 
         // ---- compile ------------------------------------------------------------------
         let cache_dir = opts.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir);
-        let (kernels, stats) = compile_and_load(&ctx, info.compute_capability, Some(cache_dir), kernel_list)?;
+        let (kernels, stats, binaries) = compile_and_load(
+            &ctx,
+            info.compute_capability,
+            Some(cache_dir),
+            kernel_list,
+            opts.prebuilt.as_deref(),
+        )?;
 
         // Decode attention workspace: the largest over batch sizes and attention shapes.
         let sms = info.multiprocessors.max(1) as usize;
@@ -481,6 +494,7 @@ impl CudaEngine {
             kernels = kernels.len(),
             compiled = stats.compiled,
             cached = stats.cached,
+            prebuilt = stats.prebuilt,
             capturable = not_capturable.is_none(),
             "CUDA engine ready"
         );
@@ -501,6 +515,8 @@ impl CudaEngine {
             outputs,
             locs,
             kernels,
+            binaries,
+            compile_stats: stats,
             steps,
             syms,
             batch_sym,
@@ -531,6 +547,19 @@ impl CudaEngine {
 
     pub fn graph(&self) -> &Graph {
         &self.graph
+    }
+
+    /// The binary of every kernel the engine loaded, under its cache key
+    /// ([`kiln_codegen::Compiler::key`]: source, architecture, options, NVRTC version), in
+    /// load order: what an executable plan stores and hands back through
+    /// [`EngineOptions::prebuilt`].
+    pub fn kernel_binaries(&self) -> &[(String, Vec<u8>)] {
+        &self.binaries
+    }
+
+    /// How the kernels were obtained: compiled, read from the disk cache, or prebuilt.
+    pub fn compile_stats(&self) -> CompileStats {
+        self.compile_stats
     }
 
     pub fn device(&self) -> &DeviceInfo {

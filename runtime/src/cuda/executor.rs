@@ -263,7 +263,7 @@ impl CudaExecutor {
         // Compile (or load from the cache) and load every kernel.
         let cache_dir =
             options.use_cache.then(|| options.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir));
-        let (kernels, stats) = compile_and_load(&ctx, info.compute_capability, cache_dir, kernel_list)?;
+        let (kernels, stats, _) = compile_and_load(&ctx, info.compute_capability, cache_dir, kernel_list, None)?;
         stream.synchronize().map_err(driver_err("upload"))?;
         tracing::info!(
             device = %info,
@@ -487,24 +487,31 @@ pub(super) fn live_nodes(graph: &Graph) -> HashSet<NodeId> {
     live
 }
 
-/// Compiles (or loads from the disk cache in `cache_dir`) every kernel for compute
-/// capability `cc` and loads it into `ctx`.
+/// The kernels of a compiled program: each with its function, the compile statistics, and
+/// every binary under its cache key ([`Compiler::key`]), for an executable plan.
+pub(super) type Loaded = (Vec<(Kernel, CudaFunction)>, CompileStats, Vec<(String, Vec<u8>)>);
+
+/// Compiles (or takes from `prebuilt`, or loads from the disk cache in `cache_dir`) every
+/// kernel for compute capability `cc` and loads it into `ctx`.
 pub(super) fn compile_and_load(
     ctx: &Arc<CudaContext>,
     cc: (i32, i32),
     cache_dir: Option<PathBuf>,
     kernel_list: Vec<Kernel>,
-) -> Result<(Vec<(Kernel, CudaFunction)>, CompileStats), CudaError> {
+    prebuilt: Option<&HashMap<String, Vec<u8>>>,
+) -> Result<Loaded, CudaError> {
     let compiler = Compiler::new(cc, cache_dir)?;
     let refs: Vec<&Kernel> = kernel_list.iter().collect();
-    let (cubins, stats) = compiler.compile_all(&refs)?;
+    let (cubins, stats) = compiler.compile_all_with(&refs, prebuilt)?;
     let mut kernels = Vec::with_capacity(kernel_list.len());
+    let mut binaries = Vec::with_capacity(kernel_list.len());
     for (k, cubin) in kernel_list.into_iter().zip(cubins) {
+        binaries.push((compiler.key(&k.source), cubin.clone()));
         let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(driver_err("load module"))?;
         let f = module.load_function(&k.sig.name).map_err(driver_err("load function"))?;
         kernels.push((k, f));
     }
-    Ok((kernels, stats))
+    Ok((kernels, stats, binaries))
 }
 
 /// Launches `kf` over `items` work items with the values in `args` on `stream`.
