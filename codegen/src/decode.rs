@@ -8,10 +8,11 @@
 //!   with 16-byte loads. Parameters: `out` (y), `in0` (x), `in1` (w), [`in2` (r),]
 //!   `m`, `n`, `k` (i64). Launch: [`gemv_items`].
 //! * [`attention_decode`]: `Op::Attention` for few query rows over a device-resident KV
-//!   cache, as a partial kernel over `splits` key chunks per (batch, kv head) and a
-//!   combine kernel. The key count is a [`Dim`] read from the device symbol table
+//!   cache, as one kernel over `splits` key chunks per (batch, kv head) whose last block
+//!   per query tile merges the chunks. The key count is a [`Dim`] read from the device symbol table
 //!   ([`Role::Syms`]), so a captured CUDA graph stays valid while the cache grows.
-//!   Workspace: [`attention_decode_workspace`]; launches: [`attention_decode_items`];
+//!   Workspace: [`attention_decode_workspace`] and [`attention_decode_counters`];
+//!   launches: [`attention_decode_items`];
 //!   host checks: [`attention_decode_check`]; a split count: [`attention_decode_splits`].
 //! * [`sample`]: greedy / temperature / top-k / top-p sampling of each row of logits
 //!   with a counter-based RNG driven by a device step counter. Launch: [`sample_items`].
@@ -163,7 +164,8 @@ pub fn gemv_items(m: usize, n: usize) -> usize {
 
 /// Split-K decode attention on q/k/v of the float dtype `d`, with `t` (the key count)
 /// given by `keys` over the device symbol table `syms` (rendered with [`dim_to_c`], so it
-/// is not a kernel argument). Returns `(partial, combine)`.
+/// is not a kernel argument): one kernel, whose last block per query tile merges the
+/// splits.
 ///
 /// Semantics are those of `Op::Attention` (q `[b, s, h, dk]`, out `[b, s, h, dv]`,
 /// `h % kh == 0`, query `i` at position `t - s + i`, masks none / causal / sliding
@@ -173,33 +175,36 @@ pub fn gemv_items(m: usize, n: usize) -> usize {
 /// cache `[b, capacity, kh, dk]` has `k_batch_stride = capacity · kh · dk`. Head dims
 /// up to 256.
 ///
-/// The partial kernel splits the keys any query row may see into `splits` chunks of
-/// `ceil(len / splits)` keys (trailing chunks may be empty) and writes, per
-/// `(b, s, h, split)`, f32 `out [.., dv]` = `Σ_j 2^(s_j - max) v_j` and
-/// `out1 [.., 2]` = `(max, Σ_j 2^(s_j - max))` with `s_j = scale · log2(e) · q·k_j`
-/// (`(-inf, 0)` and zeros for a chunk without a visible key). One block reads a chunk's
-/// K/V rows once for up to [`ATTENTION_DECODE_QUERY_TILE`] query (row, head) pairs of
-/// one kv head. The combine kernel merges the splits into `out` (dtype `d`, rounded
-/// once; zeros for a row with no visible key, like the CPU reference).
+/// Each block takes one chunk of `ceil(len / splits)` of the keys any query row may see
+/// (trailing chunks may be empty) for up to [`ATTENTION_DECODE_QUERY_TILE`] query (row,
+/// head) pairs of one kv head, reads the chunk's K/V rows once and writes, per
+/// `(b, s, h, split)`, f32 `out1 [.., dv]` = `Σ_j 2^(s_j - max) v_j` and
+/// `out2 [.., 2]` = `(max, Σ_j 2^(s_j - max))` with `s_j = scale · log2(e) · q·k_j`
+/// (`(-inf, 0)` and zeros for a chunk without a visible key). The last block of a tile
+/// to finish (counted on `counters`) merges its splits into `out` (dtype `d`, rounded
+/// once; zeros for a row with no visible key, like the CPU reference) and resets its
+/// counter.
 ///
-/// Partial parameters: `out` (f32 partial outputs), `out1` (f32 (max, sum)), `in0` (q),
-/// `in1` (k cache), `in2` (v cache), `syms`, `batch`, `seq`, `heads`, `kv_heads`,
-/// `head_dim`, `value_dim`, `k_batch_stride`, `v_batch_stride`, `splits` (i64), `scale`
-/// (f32), `mask_kind` (i32: 0 none, 1 causal, 2 sliding window), `window` (i64).
-/// Combine parameters: `out` (`[b, s, h, dv]` of `d`), `in0` (partial outputs), `in1`
-/// ((max, sum) pairs), `n` (`b·s·h`), `value_dim`, `splits`.
-/// Launch both with `grid.dims(items)` for the two counts of [`attention_decode_items`].
+/// Parameters: `out` (`[b, s, h, dv]` of `d`), `out1` (f32 partial outputs), `out2`
+/// (f32 (max, sum)), `counters` (`unsigned int`, [`attention_decode_counters`] of them,
+/// zero before the first launch and left zero by every launch), `in0` (q), `in1` (k
+/// cache), `in2` (v cache), `syms`, `batch`, `seq`, `heads`, `kv_heads`, `head_dim`,
+/// `value_dim`, `k_batch_stride`, `v_batch_stride`, `splits` (i64), `scale` (f32),
+/// `mask_kind` (i32: 0 none, 1 causal, 2 sliding window), `window` (i64).
+/// Launch with `grid.dims(attention_decode_items(..))`.
 /// Kernels launched with sizes [`attention_decode_check`] rejects write nothing.
-pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<(Kernel, Kernel), CodegenError> {
+pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
     let s = float_storage(d, "attention_decode")?;
     let keys_c = dim_to_c(keys, syms)?;
     let vec = vec_elems(d);
     let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1);
-    let partial = KernelSig::new(
+    let sig = KernelSig::new(
         format!("kiln_attn_decode_{}_{}", d.name(), stable_hash_hex(&keys_c)),
         vec![
-            (Role::Out(0), ParamTy::ptr("float")),
+            (Role::Out(0), ParamTy::ptr(s)),
             (Role::Out(1), ParamTy::ptr("float")),
+            (Role::Out(2), ParamTy::ptr("float")),
+            (Role::Counters, ParamTy::ptr("unsigned int")),
             (Role::In(0), ParamTy::const_ptr(s)),
             (Role::In(1), ParamTy::const_ptr(s)),
             (Role::In(2), ParamTy::const_ptr(s)),
@@ -219,11 +224,10 @@ pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<(Kernel, K
         ],
     );
     let template = format!("{VECTOR_HELPERS}{FLASH_DECODE}");
-    let partial = render(
-        partial,
+    Ok(render(
+        sig,
         &template,
         &[
-            ("KILN_PART", "1".to_string()),
             ("KILN_T", s.to_string()),
             ("KILN_VEC", vec.to_string()),
             ("AD_NVL", nvl.to_string()),
@@ -232,25 +236,7 @@ pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<(Kernel, K
             ("KILN_KEYS", keys_c),
         ],
         Grid::BlockPerItem { threads: 32 * ATTENTION_DECODE_WARPS as u32 },
-    );
-    let combine = KernelSig::new(
-        format!("kiln_attn_combine_{}", d.name()),
-        vec![
-            (Role::Out(0), ParamTy::ptr(s)),
-            (Role::In(0), ParamTy::const_ptr("float")),
-            (Role::In(1), ParamTy::const_ptr("float")),
-            (Role::N, ParamTy::I64),
-            (Role::ValueDim, ParamTy::I64),
-            (Role::Splits, ParamTy::I64),
-        ],
-    );
-    let combine = render(
-        combine,
-        &template,
-        &[("KILN_PART", "0".to_string()), ("KILN_T", s.to_string()), ("KILN_VEC", vec.to_string())],
-        Grid::BlockPerItem { threads: 128 },
-    );
-    Ok((partial, combine))
+    ))
 }
 
 /// Checks the sizes an [`attention_decode`] launch takes: `kv_heads > 0`,
@@ -284,20 +270,24 @@ pub fn attention_decode_workspace(b: usize, s: usize, h: usize, dv: usize, split
     (rows * dv, rows * 2)
 }
 
-/// Work items of the (partial, combine) launches of [`attention_decode`]: one partial
-/// block per (batch, kv head, tile of [`ATTENTION_DECODE_QUERY_TILE`] query pairs,
-/// split), one combine block per (batch, query row, head).
-pub fn attention_decode_items(b: usize, s: usize, h: usize, kh: usize, splits: usize) -> (usize, usize) {
+/// Work items (blocks) of an [`attention_decode`] launch: one per (batch, kv head, tile
+/// of [`ATTENTION_DECODE_QUERY_TILE`] query pairs, split).
+pub fn attention_decode_items(b: usize, s: usize, h: usize, kh: usize, splits: usize) -> usize {
+    attention_decode_counters(b, s, h, kh) * splits
+}
+
+/// Completion counters an [`attention_decode`] launch uses: one per (batch, kv head,
+/// query tile).
+pub fn attention_decode_counters(b: usize, s: usize, h: usize, kh: usize) -> usize {
     let group = h.checked_div(kh).unwrap_or(0);
-    let tiles = (s * group).div_ceil(ATTENTION_DECODE_QUERY_TILE);
-    (b * kh * tiles * splits, b * s * h)
+    b * kh * (s * group).div_ceil(ATTENTION_DECODE_QUERY_TILE)
 }
 
 /// A split count for [`attention_decode`] fixed at plan time: enough partial blocks for
 /// about two waves over `sms` multiprocessors, at least one key per split for up to
 /// `max_keys` keys, at most 256.
 pub fn attention_decode_splits(b: usize, s: usize, h: usize, kh: usize, max_keys: usize, sms: usize) -> usize {
-    let (per_split, _) = attention_decode_items(b, s, h, kh, 1);
+    let per_split = attention_decode_items(b, s, h, kh, 1);
     let want = (2 * sms).div_ceil(per_split.max(1));
     want.clamp(1, 256).min(max_keys.max(1))
 }

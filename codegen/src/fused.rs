@@ -88,6 +88,88 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
     Ok(Kernel { sig, source, grid })
 }
 
+/// How a fused body ends in a cache append: its only output is
+/// `concat{axis=1}(past, new)` with `past` the body input `past_input`. A
+/// device-resident KV cache turns such a body into [`fused_append_kernel`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FusedAppend {
+    /// The body input that is the cache (`past`).
+    pub past_input: usize,
+    /// The appended rows (the concat's second operand) as a body value.
+    pub new: FusedRef,
+}
+
+/// Whether `body` is an append (see [`FusedAppend`]).
+pub fn fused_append(body: &FusedBody) -> Option<FusedAppend> {
+    let [FusedRef::Node { node, output: 0 }] = body.outputs[..] else { return None };
+    let n = body.nodes.get(node as usize)?;
+    match (&n.op, &n.operands[..]) {
+        (Op::Concat { axis: 1 }, &[FusedRef::Input(past), new]) if n.outputs[0].rank() >= 2 => {
+            Some(FusedAppend { past_input: past as usize, new })
+        }
+        _ => None,
+    }
+}
+
+/// The in-place form of an append body (see [`fused_append`]) for a device-resident
+/// cache: one thread per element of the **new** rows `[batch, seq, inner..]`, each
+/// computed like the elementwise form and stored at row `at + t` of batch entry `b` of
+/// the cache (`out`, entries `batch_stride` elements apart, rows of
+/// `Π inner` elements), where `at` is the length of the body's `past` input (axis 1),
+/// read from `syms`. The cache's old rows are neither read nor copied.
+///
+/// Parameters: `out` (the cache), `in0`, … (the body's inputs; `past` is passed but not
+/// read), `syms`, `n` (elements of the new rows: [`fused_append_items`]),
+/// `batch_stride` ([`Role::CacheBatchStride`]).
+pub fn fused_append_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+    body.check().map_err(|e| CodegenError(format!("fused append: {e}")))?;
+    let Some(app) = fused_append(body) else {
+        return err("fused append: the body's only output must be concat{axis=1}(input, new)");
+    };
+    let new_body = FusedBody { inputs: body.inputs.clone(), nodes: body.nodes.clone(), outputs: vec![app.new] };
+    let domain = match new_body.kind().map_err(|e| CodegenError(format!("fused append: {e}")))? {
+        FusedKind::Elementwise { domain } => domain,
+        FusedKind::Rows { .. } => return err("fused append: the appended rows must be elementwise"),
+    };
+    let at = body.inputs[app.past_input].shape.dim(1).clone();
+    let mut params = params(body)?;
+    params.push((Role::CacheBatchStride, ParamTy::I64));
+    let mut g = Gen::new(&new_body, syms);
+    g.indent = 2;
+    let dims = domain.dims();
+    let coord = g.delinearize("i", dims)?;
+    let v = g.value(app.new, &coord)?;
+    let at_c = g.dim(&at)?;
+    let row = g.linearize(&coord[2..], &dims[2..])?;
+    let inner = g.dim(&Shape::new(dims[2..].iter().cloned()).numel())?;
+    let pos = g.plus(&at_c, &coord[1]);
+    let dst = g.index(format!("{} * batch_stride + {} * {inner} + {row}", paren(&coord[0]), paren(&pos)));
+    g.line(format!("kiln_st(out, {dst}, {v});"));
+    let n = g.dim(&domain.numel())?;
+    let mut head = g.dim_decls()?;
+    writeln!(head, "    const i64 n_items = {n};").expect("to a string");
+    let code = std::mem::take(&mut g.lines);
+    let kernel =
+        ELEMENTWISE.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
+    let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
+    src.push_str(PRELUDE);
+    src.push_str("\n// ---- kernel ----\n");
+    src.push_str(&kernel);
+    let hash =
+        fnv1a64(&src.replace("KILN_SIGNATURE", &KernelSig::new("kiln_fused_append", params.clone()).signature()));
+    let sig = KernelSig::new(format!("kiln_fused_append_{hash:016x}"), params);
+    let source = src.replace("KILN_SIGNATURE", &sig.signature());
+    Ok(Kernel { sig, source, grid: Grid::Elementwise { threads: ELEMENTWISE_THREADS } })
+}
+
+/// Work items of a [`fused_append_kernel`] launch: the elements of the new rows.
+pub fn fused_append_items(body: &FusedBody, b: &Bindings) -> Result<usize, CodegenError> {
+    let app = fused_append(body).ok_or_else(|| CodegenError("fused append: not an append body".into()))?;
+    let shape = &body.ty(app.new).expect("checked").shape;
+    let dims = shape.eval(b).map_err(|e| CodegenError(format!("fused append of {shape}: {e}")))?;
+    Ok(dims.iter().product())
+}
+
 /// The number of work items to launch a fused body's kernel with
 /// (`kernel.grid.dims(items)`): elements of the domain for the elementwise form, rows
 /// for the rows form. Errors name an unbound symbol or a body that fits neither form.

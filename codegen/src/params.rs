@@ -76,6 +76,9 @@ pub enum Role {
     VBatchStride,
     /// Key chunks per (batch, kv head, query tile) of split-K decode attention.
     Splits,
+    /// `unsigned int*`: split-K decode attention's completion counters (zero between
+    /// launches).
+    Counters,
     /// Sampling: temperature (f32, 0 = greedy), top-k (i64, 0 = off), top-p (f32, 1 =
     /// off), seed (i64, used as 64 raw bits) and the device draw counter (`i64*`).
     Temperature,
@@ -133,6 +136,7 @@ impl Role {
             Role::KBatchStride => "k_batch_stride",
             Role::VBatchStride => "v_batch_stride",
             Role::Splits => "splits",
+            Role::Counters => "counters",
             Role::Temperature => "temperature",
             Role::TopK => "top_k",
             Role::TopP => "top_p",

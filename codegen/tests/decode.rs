@@ -53,12 +53,14 @@ fn gemv_rejects_non_float_dtypes_by_name() {
 fn attention_decode_reads_the_key_count_from_the_symbol_table() {
     let table = [Sym::new("batch"), Sym::new("past"), Sym::new("seq")];
     let keys = &Dim::sym("past") + &Dim::sym("seq");
-    let (p, c) = attention_decode(DType::BF16, &keys, &table).unwrap();
+    let p = attention_decode(DType::BF16, &keys, &table).unwrap();
     assert_eq!(
         roles(&p),
         [
             Role::Out(0),
             Role::Out(1),
+            Role::Out(2),
+            Role::Counters,
             Role::In(0),
             Role::In(1),
             Role::In(2),
@@ -81,28 +83,23 @@ fn attention_decode_reads_the_key_count_from_the_symbol_table() {
     assert!(!roles(&p).contains(&Role::Keys));
     assert!(!sig.contains(" keys"), "{sig}");
     assert!(
-        sig.contains("float* __restrict__ out, float* __restrict__ out1, const kiln_bf16* __restrict__ in0"),
+        sig.contains(
+            "kiln_bf16* __restrict__ out, float* __restrict__ out1, float* __restrict__ out2, \
+             unsigned int* __restrict__ counters, const kiln_bf16* __restrict__ in0"
+        ),
         "{sig}"
     );
     assert!(sig.contains("const i64* __restrict__ syms"), "{sig}");
     assert!(sig.contains("float scale, int mask_kind, i64 window)"), "{sig}");
     assert!(p.source.contains("#define KILN_KEYS (syms[1] + syms[2])"), "keys expression missing");
-    assert!(p.source.contains("#define KILN_PART 1") && c.source.contains("#define KILN_PART 0"));
-
-    assert_eq!(roles(&c), [Role::Out(0), Role::In(0), Role::In(1), Role::N, Role::ValueDim, Role::Splits]);
-    assert!(c.sig.signature().contains("kiln_bf16* __restrict__ out, const float* __restrict__ in0"));
     assert_eq!(p.grid, Grid::BlockPerItem { threads: 128 });
-    assert_eq!(c.grid, Grid::BlockPerItem { threads: 128 });
 
-    // The partial kernel's name identifies its keys expression; the combine kernel's does
-    // not depend on it.
-    let (p2, c2) = attention_decode(DType::BF16, &Dim::sym("past"), &table).unwrap();
+    // The kernel's name identifies its keys expression.
+    let p2 = attention_decode(DType::BF16, &Dim::sym("past"), &table).unwrap();
     assert!(p2.source.contains("#define KILN_KEYS (syms[1])"));
     assert_ne!(p.sig.name, p2.sig.name);
-    assert_eq!(c.sig.name, c2.sig.name);
-    assert_eq!(c.source, c2.source);
     // f32 has 4 elements per 16 bytes, so two vectors per lane for head dim 256.
-    let (p3, _) = attention_decode(DType::F32, &keys, &table).unwrap();
+    let p3 = attention_decode(DType::F32, &keys, &table).unwrap();
     assert!(p3.source.contains("#define KILN_VEC 4") && p3.source.contains("#define AD_NVL 2"));
     assert!(p.source.contains("#define KILN_VEC 8") && p.source.contains("#define AD_NVL 1"));
 }
@@ -130,11 +127,13 @@ fn attention_decode_sizes() {
     assert_eq!(attention_decode_workspace(1, 1, 32, 128, 16), (65536, 1024));
     assert_eq!(attention_decode_workspace(3, 2, 9, 64, 5), (17280, 540));
     assert_eq!(attention_decode_workspace(2, 1, 4, 80, 1), (640, 16));
-    // Partial: b·kh·ceil(s·h/kh / 8)·splits; combine: b·s·h.
-    assert_eq!(attention_decode_items(1, 1, 32, 8, 16), (128, 32));
-    assert_eq!(attention_decode_items(3, 2, 9, 3, 5), (45, 54));
-    assert_eq!(attention_decode_items(1, 2, 32, 2, 4), (32, 64)); // 32 (row, head) pairs per kv head: 4 tiles
-    assert_eq!(attention_decode_items(2, 1, 4, 4, 3), (24, 8));
+    // Blocks: b·kh·ceil(s·h/kh / 8)·splits; counters: one per (b, kv head, tile).
+    assert_eq!(attention_decode_items(1, 1, 32, 8, 16), 128);
+    assert_eq!(attention_decode_items(3, 2, 9, 3, 5), 45);
+    assert_eq!(attention_decode_items(1, 2, 32, 2, 4), 32); // 32 (row, head) pairs per kv head: 4 tiles
+    assert_eq!(attention_decode_items(2, 1, 4, 4, 3), 24);
+    assert_eq!(attention_decode_counters(1, 2, 32, 2), 8);
+    assert_eq!(attention_decode_counters(3, 2, 9, 3), 9);
     assert_eq!(ATTENTION_DECODE_QUERY_TILE, 8);
     // Splits: about two waves of blocks, never more than the keys, in 1..=256.
     assert_eq!(attention_decode_splits(1, 1, 32, 8, 4096, 132), 33);

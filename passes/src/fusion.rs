@@ -11,10 +11,12 @@
 //!   into its body (reading the chain's root as a group input), so a broadcast or a slice
 //!   shared by several groups is recomputed by index mapping in each instead of being
 //!   materialized. The original node stays only if something outside groups still reads
-//!   it. `Concat` joins a group only when every operand is produced inside it (a member
-//!   or a copied movement chain): `rotate_half`'s concat fuses, the KV-cache append
-//!   `concat(past, new)` never does (its first operand is a graph input). A concat of
-//!   movement chains only is free like the other movement ops.
+//!   it. `Concat` joins a group when every operand is produced inside it (a member or a
+//!   copied movement chain), as `rotate_half`'s concat does, or when only its *leading*
+//!   operand comes from outside: an **append** such as the KV-cache update
+//!   `concat(past, rope(k))`, whose group computes the new rows and gives the whole
+//!   concat (the GPU engine writes just the new rows into its resident cache). A concat of movement chains only is free
+//!   like the other movement ops.
 //! * **Never fused**: sources, `MatMul`, `Attention`, `Gather`, `ArgMax`, `TopK`, `Fused`.
 //! * Groups grow greedily in topological order: a compute op (or a concat) tries to join
 //!   the groups of its operands' producers and to copy its free operands, all at once;
@@ -268,12 +270,15 @@ impl<'g> Planner<'g> {
             .collect()
     }
 
-    /// A concat joins a group only if every operand is a member or a free movement node.
+    /// A concat joins a group if every operand is a member or a free movement node, or
+    /// if only its leading operand comes from outside (an append: the group reads it as
+    /// an input and gives the whole concat).
     fn place_concat(&mut self, p: usize) -> Role {
         let roles: Vec<Role> = self.operands[p].iter().map(|&(q, _)| self.role[q]).collect();
+        let append = roles.len() >= 2 && roles[0] == Role::Plain && !roles[1..].contains(&Role::Plain);
         if roles.iter().all(|r| *r == Role::Free) {
             Role::Free
-        } else if roles.contains(&Role::Plain) {
+        } else if roles.contains(&Role::Plain) && !append {
             Role::Plain
         } else {
             self.place(p, true)

@@ -429,10 +429,15 @@ fn attention_decode_matches_reference() {
     let sms = g.info.multiprocessors.max(1) as usize;
     let mut worst = [0f64; 2];
     for (di, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
-        let (pk, ck) = decode::attention_decode(dt, &keys, &table).unwrap();
-        let (pf, cf) = (g.load(&pk), g.load(&ck));
+        let pk = decode::attention_decode(dt, &keys, &table).unwrap();
+        let pf = g.load(&pk);
         let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
         let mut syms_buf = g.upload(&[0u8; 16]);
+        // Completion counters: zero before the first launch, and every launch leaves them
+        // zero (checked below).
+        let n_counters =
+            decode::attention_decode_counters(3, 2, 32, 8).max(decode::attention_decode_counters(3, 2, 9, 3));
+        let counters = g.upload(&vec![0u8; 4 * n_counters]);
         let mut case_no = 0u64;
         for b in [1, 3] {
             for (h, kh) in [(32, 8), (9, 3), (4, 4)] {
@@ -483,8 +488,10 @@ fn attention_decode_matches_reference() {
                                     let out = g.poisoned(obytes);
                                     let (mk, win) = mask_args(mask);
                                     let args: Args = vec![
-                                        (Role::Out(0), g.arg(&po)),
-                                        (Role::Out(1), g.arg(&pml)),
+                                        (Role::Out(0), g.arg(&out)),
+                                        (Role::Out(1), g.arg(&po)),
+                                        (Role::Out(2), g.arg(&pml)),
+                                        (Role::Counters, g.arg(&counters)),
                                         (Role::In(0), g.arg(&qbuf)),
                                         (Role::In(1), g.arg(&kbuf)),
                                         (Role::In(2), g.arg(&vbuf)),
@@ -502,19 +509,12 @@ fn attention_decode_matches_reference() {
                                         (Role::MaskKind, ArgValue::I32(mk)),
                                         (Role::Window, ArgValue::I64(win)),
                                     ];
-                                    let (pi, ci) = decode::attention_decode_items(b, s, h, kh, splits);
+                                    let pi = decode::attention_decode_items(b, s, h, kh, splits);
                                     g.launch(&pk, &pf, pi, &args);
-                                    let cargs: Args = vec![
-                                        (Role::Out(0), g.arg(&out)),
-                                        (Role::In(0), g.arg(&po)),
-                                        (Role::In(1), g.arg(&pml)),
-                                        (Role::N, ArgValue::I64((b * s * h) as i64)),
-                                        (Role::ValueDim, ArgValue::I64(d as i64)),
-                                        (Role::Splits, ArgValue::I64(splits as i64)),
-                                    ];
-                                    g.launch(&ck, &cf, ci, &cargs);
                                     let what =
                                         format!("{dt} b={b} s={s} h={h} kh={kh} d={d} t={t} {mask:?} splits={splits}");
+                                    let left = g.download(&counters, 4 * n_counters);
+                                    assert!(left.iter().all(|&x| x == 0), "{what}: a completion counter was left set");
                                     // Every (max, sum) pair is written (-inf, 0 for empty chunks).
                                     let ml = decode_values(DType::F32, &g.download(&pml, wml * 4));
                                     for (i, p) in ml.chunks(2).enumerate() {
@@ -550,8 +550,8 @@ fn attention_decode_odd_shapes() {
     let table = [Sym::new("past"), Sym::new("seq")];
     let keys = &Dim::sym("past") + &Dim::sym("seq");
     for dt in [DType::F32, DType::BF16] {
-        let (pk, ck) = decode::attention_decode(dt, &keys, &table).unwrap();
-        let (pf, cf) = (g.load(&pk), g.load(&ck));
+        let pk = decode::attention_decode(dt, &keys, &table).unwrap();
+        let pf = g.load(&pk);
         let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
         for (b, s, h, kh, d, dv, t, cap, mask) in [
             (2, 1, 4, 2, 100, 80, 333, 335, Mask::Causal),
@@ -575,9 +575,13 @@ fn attention_decode_odd_shapes() {
             let obytes = b * s * h * dv * dt.bytes_for(1);
             let out = g.poisoned(obytes);
             let (mk, win) = mask_args(mask);
+            let n_counters = decode::attention_decode_counters(b, s, h, kh);
+            let counters = g.upload(&vec![0u8; 4 * n_counters]);
             let args: Args = vec![
-                (Role::Out(0), g.arg(&po)),
-                (Role::Out(1), g.arg(&pml)),
+                (Role::Out(0), g.arg(&out)),
+                (Role::Out(1), g.arg(&po)),
+                (Role::Out(2), g.arg(&pml)),
+                (Role::Counters, g.arg(&counters)),
                 (Role::In(0), g.arg(&qbuf)),
                 (Role::In(1), g.arg(&kbuf)),
                 (Role::In(2), g.arg(&vbuf)),
@@ -595,17 +599,9 @@ fn attention_decode_odd_shapes() {
                 (Role::MaskKind, ArgValue::I32(mk)),
                 (Role::Window, ArgValue::I64(win)),
             ];
-            let (pi, ci) = decode::attention_decode_items(b, s, h, kh, splits);
+            let pi = decode::attention_decode_items(b, s, h, kh, splits);
             g.launch(&pk, &pf, pi, &args);
-            let cargs: Args = vec![
-                (Role::Out(0), g.arg(&out)),
-                (Role::In(0), g.arg(&po)),
-                (Role::In(1), g.arg(&pml)),
-                (Role::N, ArgValue::I64((b * s * h) as i64)),
-                (Role::ValueDim, ArgValue::I64(dv as i64)),
-                (Role::Splits, ArgValue::I64(splits as i64)),
-            ];
-            g.launch(&ck, &cf, ci, &cargs);
+            assert!(g.download(&counters, 4 * n_counters).iter().all(|&x| x == 0), "a counter was left set");
             let got = decode_values(dt, &g.download(&out, obytes));
             let what = format!("{dt} b={b} s={s} h={h} kh={kh} d={d} dv={dv} t={t} cap={cap} {mask:?}");
             let e = rel_l2(&what, &got, &want);
@@ -966,10 +962,10 @@ fn every_decode_kernel_variant_compiles() {
             ks.push(decode::gemv(x, w, x).unwrap());
             ks.push(decode::gemv_residual(x, w, x).unwrap());
         }
-        let (p, c) =
+        let p =
             decode::attention_decode(x, &(&Dim::sym("past") + &Dim::sym("seq")), &[Sym::new("past"), Sym::new("seq")])
                 .unwrap();
-        ks.extend([p, c, decode::sample(x).unwrap()]);
+        ks.extend([p, decode::sample(x).unwrap()]);
     }
     let refs: Vec<&Kernel> = ks.iter().collect();
     let (cubins, stats) = compiler.compile_all(&refs).unwrap_or_else(|e| panic!("{e}"));

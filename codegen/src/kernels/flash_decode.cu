@@ -8,8 +8,8 @@
 // caches (in1, in2) whose batch entries are k_batch_stride / v_batch_stride elements
 // apart; inside an entry, position j of kv head g is the row (j·kv_heads + g)·d (·dv).
 //
-// KILN_PART 1: the partial kernel. Block x ↦ (batch, kv head, query tile, split), split
-// fastest. The keys any query row may see, [lo(first row), hi(last row)), are cut into
+// One kernel. Block x ↦ (batch, kv head, query tile, split), split fastest. The keys
+// any query row of the launch may see, [lo(first row), hi(last row)), are cut into
 // `splits` chunks of ceil(len / splits) keys (trailing chunks may be empty). A block
 // streams its chunk's K and V rows once, in tiles of AD_STAGE bytes double-buffered in
 // shared memory (cp.async, 16 bytes per copy, when rows are 16-byte aligned; plain loads
@@ -17,21 +17,23 @@
 // pairs of the kv head (the GQA group times the query rows). Each warp takes key slots
 // of lpk lanes (lpk·kpw = 32; a lane holds 16-byte vectors li, li + lpk, ... of q, k, v
 // rows) and keeps, per query, an online softmax in base 2 (max, sum, unnormalized
-// output). Slots are merged with shuffles, warps through shared memory, and written:
-//   out  [b, s, h, splits, dv]  Σ_j 2^(s_j - max) v_j               (f32)
-//   out1 [b, s, h, splits, 2]   (max, Σ_j 2^(s_j - max)),  s_j = scale·log2(e)·q·k_j
+// output). Slots are merged with shuffles, warps through shared memory, and the split's
+// partial result is written to the f32 workspaces:
+//   out1 [b, s, h, splits, dv]  Σ_j 2^(s_j - max) v_j
+//   out2 [b, s, h, splits, 2]   (max, Σ_j 2^(s_j - max)),  s_j = scale·log2(e)·q·k_j
 // A split that sees no key of a query writes (-inf, 0) and zeros.
 //
-// KILN_PART 0: the combine kernel, one block per (b, s, h) row (n rows): out (storage
-// dtype) = Σ_i 2^(max_i - M) out_i / Σ_i 2^(max_i - M) sum_i, rounded once; 0 for a
-// row without any key (like the CPU reference).
+// Then the block counts itself done on `counters[(b, kv head, tile)]` (after a fence
+// that makes its partials visible device-wide); the last of the `splits` blocks of a
+// tile merges them: out (storage dtype) = Σ_i 2^(max_i - M) out1_i / Σ_i 2^(max_i - M)
+// sum_i, rounded once; 0 for a row without any key (like the CPU reference). It resets
+// the counter to 0, so the next launch (or a replayed CUDA graph) starts clean; the
+// counters must be zero before the first launch.
 // AD_WARPS (warps per block), AD_QT (query pairs per block), AD_NVL (16-byte vectors
 // per lane and row) come from decode.rs.
 #define AD_MAXD 256
 #define AD_STAGE 16384
 #define AD_LOG2E 1.4426950408889634f
-
-#if KILN_PART
 
 // The keys [lo, hi) query position `pos` may see among t keys.
 __device__ __forceinline__ void ad_range(int mask_kind, i64 window, i64 pos, i64 t, i64& lo, i64& hi) {
@@ -294,34 +296,41 @@ KILN_SIGNATURE {
         }
         const i64 i = gq / group, hh = gq - (gq / group) * group;
         const i64 r = ((bi * seq + i) * heads + kvh * group + hh) * splits + split;
-        out[r * value_dim + e] = o;
+        out1[r * value_dim + e] = o;
         if (e == 0) {
-            out1[r * 2] = mn;
-            out1[r * 2 + 1] = l;
+            out2[r * 2] = mn;
+            out2[r * 2 + 1] = l;
         }
     }
-}
 
-#else  // KILN_PART
-
-KILN_SIGNATURE {
-    const i64 r = blockIdx.x;
-    if (r >= n || splits < 1) return;
-    const float* ml = in1 + r * splits * 2;
-    float mn = -KILN_INF;
-    for (i64 i = 0; i < splits; ++i) mn = fmaxf(mn, ml[2 * i]);
-    float l = 0.0f;
-    for (i64 i = 0; i < splits; ++i) {
-        if (ml[2 * i] != -KILN_INF) l += ml[2 * i + 1] * exp2f(ml[2 * i] - mn);
-    }
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-    for (i64 e = threadIdx.x; e < value_dim; e += blockDim.x) {
-        float o = 0.0f;
-        for (i64 i = 0; i < splits; ++i) {
-            if (ml[2 * i] != -KILN_INF) o += in0[(r * splits + i) * value_dim + e] * exp2f(ml[2 * i] - mn);
+    // The last block of this (batch, kv head, query tile) merges the splits.
+    __shared__ bool s_last;
+    __threadfence();  // this block's partials are visible device-wide before it counts itself
+    __syncthreads();
+    const i64 cidx = (bi * kv_heads + kvh) * ntiles + tile;
+    if (threadIdx.x == 0) s_last = atomicAdd(&counters[cidx], 1u) == (unsigned)(splits - 1);
+    __syncthreads();
+    if (!s_last) return;
+    __threadfence();  // every other block's partials are visible to this one
+    for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
+        const int a = idx / dv, e = idx - a * dv;
+        const i64 gq = tile * AD_QT + a;
+        if (gq >= nq) continue;
+        const i64 i = gq / group, hh = gq - (gq / group) * group;
+        const i64 row = (bi * seq + i) * heads + kvh * group + hh;
+        const float* ml = out2 + row * splits * 2;
+        float mn = -KILN_INF;
+        for (i64 sp = 0; sp < splits; ++sp) mn = fmaxf(mn, __ldcg(ml + 2 * sp));
+        float l = 0.0f, o = 0.0f;
+        for (i64 sp = 0; sp < splits; ++sp) {
+            const float m = __ldcg(ml + 2 * sp);
+            if (m != -KILN_INF) {
+                const float w = exp2f(m - mn);
+                l += __ldcg(ml + 2 * sp + 1) * w;
+                o += __ldcg(out1 + (row * splits + sp) * value_dim + e) * w;
+            }
         }
-        kiln_st(out, r * value_dim + e, o * inv);
+        kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
     }
+    if (threadIdx.x == 0) counters[cidx] = 0u;
 }
-
-#endif  // KILN_PART

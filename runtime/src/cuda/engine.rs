@@ -98,13 +98,16 @@ enum Run {
     Kernel(usize),
     /// The cache append replacing `present = concat(past, new)`.
     Append { kernel: usize, cache: usize },
+    /// A fused group ending in the cache append: it computes the new rows and writes
+    /// them into the cache in place (`kiln_codegen::fused_append_kernel`).
+    FusedAppend { kernel: usize, cache: usize },
     /// `arange` with a symbolic start read from the device table.
     Arange(usize),
     /// cuBLAS, or the GEMV kernel (`gemv`) when the product has few rows.
     MatMul { gemv: Option<usize> },
-    /// Attention over a resident cache, prefill and decode alike: the split-K kernels
+    /// Attention over a resident cache, prefill and decode alike: the split-K kernel
     /// (keys from the symbol table, the cache read through batch strides).
-    Attention { partial: usize, combine: usize },
+    Attention { kernel: usize },
 }
 
 struct Step {
@@ -163,6 +166,8 @@ pub struct CudaEngine {
     _blas_workspace: CudaSlice<u8>,
     /// f32 partial results of split-K decode attention (shared by every layer).
     attn_ws: CudaSlice<u8>,
+    /// Its completion counters (zero between launches).
+    attn_counters: CudaSlice<u32>,
     /// Per batch size: the captured decode step.
     graphs: HashMap<usize, CudaGraph>,
     /// Why the decode step cannot be captured, if it cannot.
@@ -256,9 +261,15 @@ impl CudaEngine {
                 .get(&present_name)
                 .ok_or_else(|| contract(format!("cache input `{name}` has no output `{present_name}`")))?;
             let pn = graph.node(present.node);
-            let is_append = matches!(pn.op, Op::Concat { axis: 1 })
-                && graph.operands(present.node).len() == 2
-                && graph.operands(present.node)[0] == Value::from(n);
+            let pops = graph.operands(present.node);
+            let is_append = match &pn.op {
+                Op::Concat { axis: 1 } => pops.len() == 2 && pops[0] == Value::from(n),
+                // A fused group ending in the append (the new rows computed in it).
+                Op::Fused(body) => {
+                    kiln_codegen::fused_append(body).is_some_and(|a| pops[a.past_input] == Value::from(n))
+                }
+                _ => false,
+            };
             if !is_append {
                 return Err(contract(format!(
                     "`{present_name}` must be concat(`{name}`, new, axis 1) for a device-resident cache"
@@ -351,7 +362,10 @@ impl CudaEngine {
                 scope: node.scope.clone(),
                 reason,
             };
-            let run = if let Some(&cache) = cache_of_present.get(&n) {
+            let run = if let (Some(&cache), Op::Fused(body)) = (cache_of_present.get(&n), &node.op) {
+                let k = kiln_codegen::fused_append_kernel(body, &syms).map_err(|e| unsupported(e.0))?;
+                Run::FusedAppend { kernel: add_kernel(k), cache }
+            } else if let Some(&cache) = cache_of_present.get(&n) {
                 let at = graph.value_type(graph.operands(n)[0]).shape.dims()[1].clone();
                 let k =
                     kiln_codegen::resident::kv_append(caches[cache].dtype, &at, &syms).map_err(|e| unsupported(e.0))?;
@@ -401,9 +415,8 @@ impl CudaEngine {
                             }
                             let kt = graph.value_type(ops[1]);
                             let keys = kt.shape.dims()[1].clone();
-                            let (partial, combine) =
-                                decode::attention_decode(kt.dtype, &keys, &syms).map_err(|e| unsupported(e.0))?;
-                            Run::Attention { partial: add_kernel(partial), combine: add_kernel(combine) }
+                            let k = decode::attention_decode(kt.dtype, &keys, &syms).map_err(|e| unsupported(e.0))?;
+                            Run::Attention { kernel: add_kernel(k) }
                         } else {
                             match kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))? {
                                 NodeLowering::Kernel(k) => Run::Kernel(add_kernel(k)),
@@ -436,7 +449,7 @@ impl CudaEngine {
                 .chain(graph.operands(s.node).iter().map(|v| graph.value_type(*v)))
                 .any(|t| t.shape.dims().iter().any(|d| d.symbols().contains(&past_sym)));
             let safe = match &s.run {
-                Run::Nothing | Run::Append { .. } | Run::Arange(_) => true,
+                Run::Nothing | Run::Append { .. } | Run::FusedAppend { .. } | Run::Arange(_) => true,
                 Run::Kernel(_) => !mentions_past || matches!(node.op, Op::Fused(_)),
                 Run::MatMul { .. } => !mentions_past,
                 Run::Attention { .. } => true,
@@ -453,17 +466,13 @@ impl CudaEngine {
 
         // ---- compile ------------------------------------------------------------------
         let cache_dir = opts.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir);
-        let (kernels, stats, binaries) = compile_and_load(
-            &ctx,
-            info.compute_capability,
-            Some(cache_dir),
-            kernel_list,
-            opts.prebuilt.as_deref(),
-        )?;
+        let (kernels, stats, binaries) =
+            compile_and_load(&ctx, info.compute_capability, Some(cache_dir), kernel_list, opts.prebuilt.as_deref())?;
 
         // Decode attention workspace: the largest over batch sizes and attention shapes.
         let sms = info.multiprocessors.max(1) as usize;
         let mut ws_bytes = 0usize;
+        let mut n_counters = 0usize;
         for s in &steps {
             if let Run::Attention { .. } = s.run {
                 let ops = graph.operands(s.node);
@@ -477,10 +486,12 @@ impl CudaEngine {
                     let splits = decode::attention_decode_splits(bsz, rows, h, kh, opts.max_context, sms);
                     let (o, ml) = decode::attention_decode_workspace(bsz, rows, h, dv, splits);
                     ws_bytes = ws_bytes.max(4 * (o + ml));
+                    n_counters = n_counters.max(decode::attention_decode_counters(bsz, rows, h, kh));
                 }
             }
         }
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
+        let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
         let zeros = |n: usize| stream.alloc_zeros::<i64>(n.max(1)).map_err(driver_err("alloc"));
         let syms_dev = zeros(syms.len())?;
         let ids_prefill = zeros(opts.max_context)?;
@@ -536,6 +547,7 @@ impl CudaEngine {
             plans: HashMap::new(),
             _blas_workspace: blas_ws,
             attn_ws,
+            attn_counters,
             graphs: HashMap::new(),
             not_capturable,
             launches_per_step: 0,
@@ -729,9 +741,8 @@ impl CudaEngine {
                 Run::Kernel(k) => {
                     launch_node(st, &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
-                Run::Attention { partial, combine } => {
-                    self.attention_decode(&node.op, (*partial, *combine), &ins, &outs).map_err(fill)?;
-                    launches += 1;
+                Run::Attention { kernel } => {
+                    self.attention_decode(&node.op, *kernel, &ins, &outs).map_err(fill)?;
                 }
                 Run::Arange(k) => {
                     let n = out_shapes[0][0];
@@ -754,6 +765,19 @@ impl CudaEngine {
                         .i64(Role::CacheBatchStride, self.opts.max_context * row);
                     launch(st, &self.kernels[*kernel], n, &a)?;
                 }
+                Run::FusedAppend { kernel, cache } => {
+                    let Op::Fused(body) = &node.op else { unreachable!("fused append step") };
+                    let n = kiln_codegen::fused_append_items(body, b).map_err(|e| err(e.0))?;
+                    let mut a = Args::default();
+                    a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+                        .set(Role::Syms, ArgValue::Ptr(syms))
+                        .i64(Role::N, n)
+                        .i64(Role::CacheBatchStride, self.opts.max_context * self.caches[*cache].row);
+                    for (i, (p, _)) in ins.iter().enumerate() {
+                        a.set(Role::In(i as u8), ArgValue::Ptr(*p));
+                    }
+                    launch(st, &self.kernels[*kernel], n, &a)?;
+                }
                 Run::MatMul { gemv } => {
                     self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
                 }
@@ -768,7 +792,7 @@ impl CudaEngine {
     fn attention_decode(
         &self,
         op: &Op,
-        (partial, combine): (usize, usize),
+        kernel: usize,
         ins: &[(u64, &[usize])],
         outs: &[(u64, &[usize])],
     ) -> Result<(), CudaError> {
@@ -791,10 +815,15 @@ impl CudaEngine {
         let ws = dev(&self.attn_ws, &self.stream);
         let (ws_o, ws_ml) = (ws, ws + 4 * wo as u64);
         let cap = self.opts.max_context;
-        let (items_p, items_c) = decode::attention_decode_items(bsz, s, h, kh, splits);
+        if decode::attention_decode_counters(bsz, s, h, kh) > self.attn_counters.len() {
+            return Err(bad(format!("decode attention counters too few for batch {bsz}, {s} rows")));
+        }
+        let items = decode::attention_decode_items(bsz, s, h, kh, splits);
         let mut a = Args::default();
-        a.set(Role::Out(0), ArgValue::Ptr(ws_o))
-            .set(Role::Out(1), ArgValue::Ptr(ws_ml))
+        a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+            .set(Role::Out(1), ArgValue::Ptr(ws_o))
+            .set(Role::Out(2), ArgValue::Ptr(ws_ml))
+            .set(Role::Counters, ArgValue::Ptr(dev(&self.attn_counters, &self.stream)))
             .set(Role::In(0), ArgValue::Ptr(ins[0].0))
             .set(Role::In(1), ArgValue::Ptr(ins[1].0))
             .set(Role::In(2), ArgValue::Ptr(ins[2].0))
@@ -811,15 +840,7 @@ impl CudaEngine {
             .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
             .set(Role::MaskKind, ArgValue::I32(mask))
             .i64(Role::Window, window);
-        launch(&self.stream, &self.kernels[partial], items_p, &a)?;
-        let mut c = Args::default();
-        c.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
-            .set(Role::In(0), ArgValue::Ptr(ws_o))
-            .set(Role::In(1), ArgValue::Ptr(ws_ml))
-            .i64(Role::N, bsz * s * h)
-            .i64(Role::ValueDim, dv)
-            .i64(Role::Splits, splits);
-        launch(&self.stream, &self.kernels[combine], items_c, &c)
+        launch(&self.stream, &self.kernels[kernel], items, &a)
     }
 
     fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
@@ -942,7 +963,7 @@ impl CudaEngine {
         let node = self.graph.node(step.node);
         let what = match &step.run {
             Run::Nothing => "nothing".to_string(),
-            Run::Kernel(k) | Run::Arange(k) | Run::Append { kernel: k, .. } => {
+            Run::Kernel(k) | Run::Arange(k) | Run::Append { kernel: k, .. } | Run::FusedAppend { kernel: k, .. } => {
                 let name = &self.kernels[*k].0.sig.name;
                 match name.rsplit_once('_') {
                     Some((head, tail)) if tail.len() == 16 && tail.bytes().all(|c| c.is_ascii_hexdigit()) => {
@@ -952,7 +973,7 @@ impl CudaEngine {
                 }
             }
             Run::MatMul { .. } => "matmul".into(),
-            Run::Attention { .. } => "attention (split-K partial + combine)".into(),
+            Run::Attention { .. } => "attention (split-K)".into(),
         };
         let scope = node.scope.rsplit('.').next().unwrap_or("");
         if scope.is_empty() || scope.chars().all(|c| c.is_ascii_digit()) {
