@@ -102,6 +102,10 @@ pub struct BenchArgs {
     /// Launch kernels one by one instead of replaying CUDA graphs.
     #[arg(long)]
     pub no_cuda_graphs: bool,
+    /// Launch kernels without programmatic dependent launch (each kernel starts only
+    /// after the previous one has finished).
+    #[arg(long)]
+    pub no_pdl: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -130,6 +134,7 @@ impl BenchArgs {
             decode_steps: 128,
             json: None,
             no_cuda_graphs: false,
+            no_pdl: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -342,6 +347,8 @@ pub struct BenchReport {
     pub machine: Machine,
     pub model: ModelInfo,
     pub cuda_graphs: bool,
+    /// Whether kernels were launched with programmatic dependent launch (`--no-pdl`).
+    pub pdl: bool,
     /// Whether the fusion pass ran (`--no-fusion` turns it off).
     pub fusion: bool,
     pub engine_max_batch: usize,
@@ -394,6 +401,7 @@ pub(crate) struct EngineSpec {
     pub max_batch: usize,
     pub max_context: usize,
     pub cuda_graphs: bool,
+    pub pdl: bool,
 }
 
 /// A deterministic prompt of `len` ids below `vocab` (sequence `seq` of a batch).
@@ -544,6 +552,7 @@ mod gpu {
                 max_batch: spec.max_batch,
                 max_context: spec.max_context,
                 cuda_graphs: spec.cuda_graphs,
+                pdl: spec.pdl,
                 ..Default::default()
             };
             Ok(Box::new(CudaEngine::new(graph, weights, opts)?))
@@ -670,7 +679,8 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let max_prefill = args.prefill.iter().copied().max().unwrap_or(1);
     let max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
-    let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs: !args.no_cuda_graphs };
+    let spec =
+        EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs: !args.no_cuda_graphs, pdl: !args.no_pdl };
     let t = Instant::now();
     let mut engine = backend.engine(graph, weights, &spec)?;
     setup.insert("engine".to_string(), t.elapsed().as_secs_f64());
@@ -726,6 +736,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             hf_config: hf_config(args),
         },
         cuda_graphs: !args.no_cuda_graphs,
+        pdl: !args.no_pdl,
         fusion: !args.no_fusion,
         engine_max_batch: max_batch,
         engine_max_context: max_context,
@@ -872,8 +883,9 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "CUDA graphs: {} | fusion: {} | kernels per decode step: {}",
+            "CUDA graphs: {} | PDL: {} | fusion: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
+            if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
             self.launches_per_decode_step
         );

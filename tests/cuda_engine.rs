@@ -86,8 +86,9 @@ fn engine_run(
     prompt: &[u32],
     steps: usize,
     graphs: bool,
+    pdl: bool,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let opts = EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, ..Default::default() };
+    let opts = EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, pdl, ..Default::default() };
     let mut e = CudaEngine::new(graph.clone(), w.clone(), opts).unwrap();
     e.prefill(&[prompt.to_vec()]).unwrap();
     let mut logits = vec![e.logits().unwrap()];
@@ -109,7 +110,7 @@ fn check_against_cpu(dtype: DType, tol: f64) {
     let (g, w) = setup(dtype);
     let prompt: Vec<u32> = vec![3, 17, 99, 4, 250, 8, 1];
     let steps = 12;
-    let (logits, tokens) = engine_run(&g, &w, &prompt, steps, true);
+    let (logits, tokens) = engine_run(&g, &w, &prompt, steps, true, true);
     // CPU: the same graph, feeding the engine's tokens back (so both see one history).
     let gen = Generator::new(CpuExecutor::new(g.clone(), w.clone()).unwrap(), 64).unwrap();
     let (mut cpu_logits, mut cache) = gen.forward(&prompt, gen.empty_cache()).unwrap();
@@ -147,13 +148,21 @@ fn graph_replay_equals_eager_and_batches_decode_like_single_sequences() {
     }
     let (g, w) = setup(DType::F32);
     let (p1, p2) = (vec![5u32, 6, 7, 8], vec![200u32, 100, 50, 25]);
-    let (l_graph, t_graph) = engine_run(&g, &w, &p1, 8, true);
-    let (l_eager, t_eager) = engine_run(&g, &w, &p1, 8, false);
+    let (l_graph, t_graph) = engine_run(&g, &w, &p1, 8, true, true);
+    let (l_eager, t_eager) = engine_run(&g, &w, &p1, 8, false, true);
     assert_eq!(t_graph, t_eager);
     for (a, b) in l_graph.iter().zip(&l_eager) {
         assert_eq!(a, b, "replayed and eager launches compute the same bits");
     }
-    let (_, t2) = engine_run(&g, &w, &p2, 8, true);
+    // Programmatic dependent launch changes when kernels start, never what they compute.
+    for graphs in [true, false] {
+        let (l_serial, t_serial) = engine_run(&g, &w, &p1, 8, graphs, false);
+        assert_eq!(t_serial, t_graph);
+        for (a, b) in l_serial.iter().zip(&l_graph) {
+            assert_eq!(a, b, "launches with and without PDL compute the same bits (graphs: {graphs})");
+        }
+    }
+    let (_, t2) = engine_run(&g, &w, &p2, 8, true, true);
     let opts = EngineOptions { max_batch: 2, max_context: 64, ..Default::default() };
     let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
     e.prefill(&[p1.clone(), p2.clone()]).unwrap();

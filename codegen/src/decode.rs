@@ -74,10 +74,49 @@ __device__ __forceinline__ void kiln_unpack(const kiln_u4& r, float* f, const fl
 
 /// Largest number of rows `m` a [`gemv`] takes.
 pub const GEMV_MAX_M: usize = 8;
-/// Rows of `w` (output columns) one GEMV block computes: [`GEMV_WARPS`] warps × 2 rows.
+/// Rows of `w` (output columns) one GEMV block of the default [`GemvConfig`] computes:
+/// [`GEMV_WARPS`] warps × 2 rows.
 pub const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Warps of one GEMV block.
 pub const GEMV_WARPS: usize = 8;
+
+/// The work split of a [`gemv`] kernel: each of a block's `warps` warps streams
+/// `rows_per_warp` rows of `w`, each lane keeping `unroll` 16-byte loads per row in
+/// flight. More rows or loads per warp hide more latency per warp; fewer rows per warp
+/// give more blocks (a short `n` needs them to fill the device).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GemvConfig {
+    pub warps: usize,
+    pub rows_per_warp: usize,
+    pub unroll: usize,
+}
+
+impl Default for GemvConfig {
+    fn default() -> Self {
+        GemvConfig { warps: GEMV_WARPS, rows_per_warp: GEMV_ROWS_PER_BLOCK / GEMV_WARPS, unroll: 4 }
+    }
+}
+
+impl GemvConfig {
+    /// Output columns (rows of `w`) per block.
+    pub fn rows_per_block(&self) -> usize {
+        self.warps * self.rows_per_warp
+    }
+
+    /// The split for `m` rows of activations: one row of `w` per warp for `m = 1`
+    /// (measured on an H200, 2026-12-03, over the weight shapes of Llama-3.2-1B and
+    /// SmolLM2-135M: 4–10% more bandwidth than two rows per warp), the default (two rows
+    /// per warp, which reuses each weight load for more activation rows) otherwise.
+    pub fn for_rows(m: usize) -> GemvConfig {
+        let d = GemvConfig::default();
+        if m <= 1 {
+            GemvConfig { rows_per_warp: 1, ..d }
+        } else {
+            d
+        }
+    }
+}
+
 /// Warps of one partial attention block.
 const ATTENTION_DECODE_WARPS: usize = 4;
 /// Query (row, head) pairs of one kv head that one partial attention block handles.
@@ -97,7 +136,10 @@ fn vec_elems(d: DType) -> usize {
     16 / (d.bits() / 8)
 }
 
-fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool) -> Result<Kernel, CodegenError> {
+fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+    if !(1..=32).contains(&cfg.warps) || !(1..=4).contains(&cfg.rows_per_warp) || !(1..=8).contains(&cfg.unroll) {
+        return Err(CodegenError(format!("gemv: unsupported split {cfg:?} (1..=32 warps, 1..=4 rows, 1..=8 loads)")));
+    }
     let what = if residual { "gemv_residual" } else { "gemv" };
     let (xs, ws, ys) = (
         float_storage(x, &format!("{what} input x"))?,
@@ -113,7 +155,11 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool) -> Result<Kernel,
         params.push((Role::In(2), ParamTy::const_ptr(ys)));
     }
     params.extend([(Role::MatM, ParamTy::I64), (Role::MatN, ParamTy::I64), (Role::MatK, ParamTy::I64)]);
-    let name = format!("kiln_{}_{}_{}_{}", if residual { "gemv_res" } else { "gemv" }, x.name(), w.name(), out.name());
+    let mut name =
+        format!("kiln_{}_{}_{}_{}", if residual { "gemv_res" } else { "gemv" }, x.name(), w.name(), out.name());
+    if cfg != GemvConfig::default() {
+        name.push_str(&format!("_w{}r{}u{}", cfg.warps, cfg.rows_per_warp, cfg.unroll));
+    }
     let sig = KernelSig::new(name, params);
     let template = format!("{VECTOR_HELPERS}{GEMV}");
     Ok(render(
@@ -125,10 +171,11 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool) -> Result<Kernel,
             ("KILN_Y", ys.to_string()),
             ("KILN_VEC", vec_elems(w).to_string()),
             ("KILN_RESIDUAL", u8::from(residual).to_string()),
-            ("GV_WARPS", GEMV_WARPS.to_string()),
-            ("GV_R", (GEMV_ROWS_PER_BLOCK / GEMV_WARPS).to_string()),
+            ("GV_WARPS", cfg.warps.to_string()),
+            ("GV_R", cfg.rows_per_warp.to_string()),
+            ("GV_U", cfg.unroll.to_string()),
         ],
-        Grid::BlockPerItem { threads: 32 * GEMV_WARPS as u32 },
+        Grid::BlockPerItem { threads: 32 * cfg.warps as u32 },
     ))
 }
 
@@ -143,7 +190,17 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool) -> Result<Kernel,
 /// elements and `w` is 16-byte aligned, elementwise otherwise. A kernel launched with
 /// `m` outside `1..=GEMV_MAX_M` writes nothing: the caller checks `m`.
 pub fn gemv(x: DType, w: DType, out: DType) -> Result<Kernel, CodegenError> {
-    gemv_kernel(x, w, out, false)
+    gemv_kernel(x, w, out, false, GemvConfig::default())
+}
+
+/// [`gemv`] with the work split `cfg` (launch with [`gemv_items_with`]).
+pub fn gemv_with(x: DType, w: DType, out: DType, cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+    gemv_kernel(x, w, out, false, cfg)
+}
+
+/// Work items (blocks) of a [`gemv_with`] launch with `n` output columns.
+pub fn gemv_items_with(n: usize, cfg: GemvConfig) -> usize {
+    n.div_ceil(cfg.rows_per_block())
 }
 
 /// [`gemv`] with a fused residual add: `y = round(round(x·wᵀ) + r)` with `r [m, n]` of
@@ -151,7 +208,7 @@ pub fn gemv(x: DType, w: DType, out: DType) -> Result<Kernel, CodegenError> {
 /// like the CPU reference of `matmul` followed by `add`. Parameters: `out`, `in0` (x),
 /// `in1` (w), `in2` (r), `m`, `n`, `k`.
 pub fn gemv_residual(x: DType, w: DType, out: DType) -> Result<Kernel, CodegenError> {
-    gemv_kernel(x, w, out, true)
+    gemv_kernel(x, w, out, true, GemvConfig::default())
 }
 
 /// Work items (blocks of [`Grid::BlockPerItem`]) of a [`gemv`] / [`gemv_residual`]
@@ -175,7 +232,7 @@ pub fn gemv_items(m: usize, n: usize) -> usize {
 /// cache `[b, capacity, kh, dk]` has `k_batch_stride = capacity · kh · dk`. Head dims
 /// up to 256.
 ///
-/// Each block takes one chunk of `ceil(len / splits)` of the keys any query row may see
+/// Each block takes one chunk of `max(ceil(len / splits), 32)` of the keys any query row may see
 /// (trailing chunks may be empty) for up to [`ATTENTION_DECODE_QUERY_TILE`] query (row,
 /// head) pairs of one kv head, reads the chunk's K/V rows once and writes, per
 /// `(b, s, h, split)`, f32 `out1 [.., dv]` = `Σ_j 2^(s_j - max) v_j` and

@@ -75,8 +75,9 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
             (ROWS, head, code, Grid::BlockPerItem { threads })
         }
     };
-    let kernel =
-        template.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
+    let kernel = crate::kernels::with_entry(template)
+        .replace("KILN_DIMS", head.trim_end_matches('\n'))
+        .replace("KILN_BODY", code.trim_end_matches('\n'));
     let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
     src.push_str(PRELUDE);
     src.push_str("\n// ---- kernel ----\n");

@@ -84,8 +84,18 @@ pub(crate) fn render(sig: KernelSig, template: &str, defines: &[(&str, String)],
     for (k, v) in defines {
         src.push_str(&format!("#define {k} {v}\n"));
     }
-    src.push_str(&template.replace("KILN_SIGNATURE", &sig.signature()));
+    src.push_str(&with_entry(template).replace("KILN_SIGNATURE", &sig.signature()));
     Kernel { sig, source: src, grid }
+}
+
+/// The template with `kiln_grid_entry();` (see `kiln.cuh`: programmatic dependent
+/// launch) as the first statement of the kernel, unless it says `KILN_MANUAL_ENTRY`.
+pub(crate) fn with_entry(template: &str) -> String {
+    if template.contains("KILN_MANUAL_ENTRY") {
+        template.to_string()
+    } else {
+        template.replacen("KILN_SIGNATURE {", "KILN_SIGNATURE {\n    kiln_grid_entry();", 1)
+    }
 }
 
 fn tag(d: DType) -> &'static str {

@@ -205,6 +205,7 @@ fn gemv_ref(x: &[f64], w: &[f64], r: Option<&[f64]>, yd: DType, m: usize, n: usi
 fn gemv_case(
     g: &Gpu,
     kern: &(Kernel, CudaFunction),
+    cfg: decode::GemvConfig,
     (xd, wd, yd): (DType, DType, DType),
     residual: bool,
     m: usize,
@@ -228,7 +229,7 @@ fn gemv_case(
         (Role::MatN, ArgValue::I64(n as i64)),
         (Role::MatK, ArgValue::I64(k as i64)),
     ];
-    g.launch(&kern.0, &kern.1, decode::gemv_items(m, n), &args);
+    g.launch(&kern.0, &kern.1, decode::gemv_items_with(n, cfg), &args);
     let got = decode_values(yd, &g.download(&y, ybytes));
     let want = gemv_ref(&xv, &wv, residual.then_some(&rv[..]), yd, m, n, k);
     let e = rel_l2(&format!("{} m={m} n={n} k={k}", kern.0.sig.name), &got, &want);
@@ -247,18 +248,31 @@ fn gemv_tol(yd: DType) -> f64 {
     }
 }
 
+/// Work splits the tests cover: the default and those `GemvConfig::for_shape` picks,
+/// plus a few more for the bandwidth table.
+const GEMV_CONFIGS: [decode::GemvConfig; 6] = [
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 8 },
+    decode::GemvConfig { warps: 4, rows_per_warp: 1, unroll: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 8 },
+    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 4 },
+];
+
 const GEMV_SHAPES: [(usize, usize); 5] = [(2048, 2048), (8192, 2048), (2048, 8192), (129, 100), (576, 1536)];
 
 #[test]
 fn gemv_matches_f64_reference() {
     let Some(g) = gpu() else { return };
     for dt in [DType::F32, DType::BF16] {
-        let k = decode::gemv(dt, dt, dt).unwrap();
-        let kern = (k.clone(), g.load(&k));
-        for (si, &(n, kk)) in GEMV_SHAPES.iter().chain(&[(37, 1001), (1, 8)]).enumerate() {
-            for m in [1, 2, 5, 8] {
-                let e = gemv_case(&g, &kern, (dt, dt, dt), false, m, n, kk, 100 + si as u64 * 10 + m as u64);
-                assert!(e < gemv_tol(dt), "gemv {dt} m={m} n={n} k={kk}: relative L2 error {e}");
+        for cfg in GEMV_CONFIGS {
+            let k = decode::gemv_with(dt, dt, dt, cfg).unwrap();
+            let kern = (k.clone(), g.load(&k));
+            for (si, &(n, kk)) in GEMV_SHAPES.iter().chain(&[(37, 1001), (1, 8)]).enumerate() {
+                for m in [1, 2, 5, 8] {
+                    let e = gemv_case(&g, &kern, cfg, (dt, dt, dt), false, m, n, kk, 100 + si as u64 * 10 + m as u64);
+                    assert!(e < gemv_tol(dt), "gemv {dt} {cfg:?} m={m} n={n} k={kk}: relative L2 error {e}");
+                }
             }
         }
     }
@@ -272,7 +286,7 @@ fn gemv_mixed_dtypes_and_fused_residual() {
         let k = decode::gemv(dts.0, dts.1, dts.2).unwrap();
         let kern = (k.clone(), g.load(&k));
         for (m, n, kk) in [(1, 576, 1536), (3, 129, 100), (8, 2048, 2048)] {
-            let e = gemv_case(&g, &kern, dts, false, m, n, kk, 7);
+            let e = gemv_case(&g, &kern, decode::GemvConfig::default(), dts, false, m, n, kk, 7);
             assert!(e < gemv_tol(dts.2), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
         }
     }
@@ -280,23 +294,47 @@ fn gemv_mixed_dtypes_and_fused_residual() {
         let k = decode::gemv_residual(dt, dt, dt).unwrap();
         let kern = (k.clone(), g.load(&k));
         for (m, n, kk) in [(1, 2048, 2048), (5, 129, 100), (8, 576, 1536)] {
-            let e = gemv_case(&g, &kern, (dt, dt, dt), true, m, n, kk, 9);
+            let e = gemv_case(&g, &kern, decode::GemvConfig::default(), (dt, dt, dt), true, m, n, kk, 9);
             assert!(e < gemv_tol(dt), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
         }
     }
 }
 
+/// Weight bandwidth of the GEMV per work split on the weight shapes of Llama-3.2-1B and
+/// SmolLM2-135M (batch 1), each launch reading a different copy of the weight (together
+/// far larger than L2, as in a decode step). Prints one line per shape: µs and GB/s per
+/// split, and the split `GemvConfig::for_shape` picks. Informational: nothing is timed
+/// against a threshold.
 #[test]
 fn gemv_bandwidth() {
     let Some(g) = gpu() else { return };
     let dt = DType::BF16;
-    let k = decode::gemv(dt, dt, dt).unwrap();
-    let f = g.load(&k);
+    let sms = g.info.multiprocessors.max(1) as usize;
+    let kernels: Vec<(decode::GemvConfig, Kernel, CudaFunction)> = GEMV_CONFIGS
+        .iter()
+        .map(|&c| {
+            let k = decode::gemv_with(dt, dt, dt, c).unwrap();
+            let f = g.load(&k);
+            (c, k, f)
+        })
+        .collect();
     let mut r = rng(5);
-    for (m, n, kk) in [(1, 8192, 2048), (1, 2048, 8192), (1, 8192, 8192), (8, 8192, 2048)] {
-        // Several weight copies, together larger than L2, so every launch reads DRAM.
+    let shapes = [
+        (1, 3072, 2048),
+        (1, 2048, 2048),
+        (1, 16384, 2048),
+        (1, 2048, 8192),
+        (1, 128256, 2048),
+        (1, 960, 576),
+        (1, 576, 576),
+        (1, 3072, 576),
+        (1, 576, 1536),
+        (1, 49152, 576),
+        (8, 8192, 2048),
+    ];
+    for (m, n, kk) in shapes {
         let wbytes = n * kk * 2;
-        let copies = (256usize << 20).div_ceil(wbytes).clamp(2, 16);
+        let copies = (512usize << 20).div_ceil(wbytes).clamp(2, 1024);
         let (wb, _) = encode(dt, &uniform(&mut r, n * kk, -1.0, 1.0));
         let ws: Vec<CudaSlice<u8>> = (0..copies).map(|_| g.upload(&wb)).collect();
         let (xb, _) = encode(dt, &uniform(&mut r, m * kk, -1.0, 1.0));
@@ -312,24 +350,27 @@ fn gemv_bandwidth() {
                 (Role::MatK, ArgValue::I64(kk as i64)),
             ]
         };
-        for i in 0..10 {
-            g.launch(&k, &f, decode::gemv_items(m, n), &args(i));
+        let mut line = format!("kiln-info\tgemv_bandwidth\tm={m}\tn={n}\tk={kk}");
+        for (c, k, f) in &kernels {
+            let items = decode::gemv_items_with(n, *c);
+            for i in 0..10 {
+                g.launch(k, f, items, &args(i));
+            }
+            let launches = 200;
+            let start = g.event();
+            for i in 0..launches {
+                g.launch(k, f, items, &args(i));
+            }
+            let end = g.event();
+            g.sync();
+            let us = start.elapsed_ms(&end).expect("elapsed") as f64 * 1e3 / launches as f64;
+            let gbs = wbytes as f64 / (us * 1e-6) / 1e9;
+            line.push_str(&format!("\tw{}r{}u{}={us:.1}us/{gbs:.0}", c.warps, c.rows_per_warp, c.unroll));
+            assert!(us > 0.0);
         }
-        let launches = 100;
-        let start = g.event();
-        for i in 0..launches {
-            g.launch(&k, &f, decode::gemv_items(m, n), &args(i));
-        }
-        let end = g.event();
-        g.sync();
-        let ms = start.elapsed_ms(&end).expect("elapsed") as f64;
-        let us = ms * 1e3 / launches as f64;
-        let gbs = wbytes as f64 / (us * 1e-6) / 1e9;
-        println!(
-            "kiln-info\tgemv_bandwidth\t{}\tm={m}\tn={n}\tk={kk}\tus_per_launch={us:.2}\tweight_GB/s={gbs:.0}\tcopies={copies}",
-            g.info.name
-        );
-        assert!(us > 0.0);
+        let pick = decode::GemvConfig::for_rows(m);
+        line.push_str(&format!("\tpick=w{}r{}u{}", pick.warps, pick.rows_per_warp, pick.unroll));
+        println!("{line}");
     }
 }
 

@@ -10,7 +10,8 @@
 //
 // One kernel. Block x ↦ (batch, kv head, query tile, split), split fastest. The keys
 // any query row of the launch may see, [lo(first row), hi(last row)), are cut into
-// `splits` chunks of ceil(len / splits) keys (trailing chunks may be empty). A block
+// `splits` chunks of max(ceil(len / splits), AD_MIN_CHUNK) keys (trailing chunks may be
+// empty, so short contexts use fewer splits). A block
 // streams its chunk's K and V rows once, in tiles of AD_STAGE bytes double-buffered in
 // shared memory (cp.async, 16 bytes per copy, when rows are 16-byte aligned; plain loads
 // otherwise), for all query (row, head) pairs of its tile: up to AD_QT of the s·(h/kh)
@@ -25,13 +26,15 @@
 //
 // Then the block counts itself done on `counters[(b, kv head, tile)]` (after a fence
 // that makes its partials visible device-wide); the last of the `splits` blocks of a
-// tile merges them: out (storage dtype) = Σ_i 2^(max_i - M) out1_i / Σ_i 2^(max_i - M)
+// tile merges the splits that saw keys (their (max, sum) pairs staged in shared
+// memory): out (storage dtype) = Σ_i 2^(max_i - M) out1_i / Σ_i 2^(max_i - M)
 // sum_i, rounded once; 0 for a row without any key (like the CPU reference). It resets
 // the counter to 0, so the next launch (or a replayed CUDA graph) starts clean; the
 // counters must be zero before the first launch.
 // AD_WARPS (warps per block), AD_QT (query pairs per block), AD_NVL (16-byte vectors
 // per lane and row) come from decode.rs.
 #define AD_MAXD 256
+#define AD_MIN_CHUNK 32
 #define AD_STAGE 16384
 #define AD_LOG2E 1.4426950408889634f
 
@@ -112,7 +115,8 @@ KILN_SIGNATURE {
     ad_range(mask_kind, window, t - seq, t, lo0, hi0);
     ad_range(mask_kind, window, t - 1, t, lo1, hi1);
     const i64 rlo = lo0, rhi = hi1 > lo0 ? hi1 : lo0;
-    const i64 chunk = (rhi - rlo + splits - 1) / splits;
+    i64 chunk = (rhi - rlo + splits - 1) / splits;
+    if (chunk < AD_MIN_CHUNK) chunk = AD_MIN_CHUNK;  // short contexts use fewer splits
     const i64 c0 = rlo + split * chunk < rhi ? rlo + split * chunk : rhi;
     const i64 c1 = c0 + chunk < rhi ? c0 + chunk : rhi;
 
@@ -312,21 +316,38 @@ KILN_SIGNATURE {
     __syncthreads();
     if (!s_last) return;
     __threadfence();  // every other block's partials are visible to this one
+    // Only the first `ns` splits saw keys (chunks of at least AD_MIN_CHUNK keys); the
+    // rest wrote (-inf, 0). Their (max, sum) pairs for the tile's rows go to shared
+    // memory (the stages are free: AD_QT·256·2 floats = 16 KiB at most).
+    const i64 active = (rhi - rlo + chunk - 1) / chunk;
+    const int ns = (int)(active < splits ? active : splits);
+    float* s_ml = (float*)s_kv;
+    for (int idx = threadIdx.x; idx < AD_QT * ns; idx += blockDim.x) {
+        const int a = idx / ns, sp = idx - a * ns;
+        const i64 gq = tile * AD_QT + a;
+        if (gq >= nq) continue;
+        const i64 i = gq / group, hh = gq - (gq / group) * group;
+        const i64 r = ((bi * seq + i) * heads + kvh * group + hh) * splits + sp;
+        s_ml[2 * idx] = __ldcg(out2 + 2 * r);
+        s_ml[2 * idx + 1] = __ldcg(out2 + 2 * r + 1);
+    }
+    __syncthreads();
     for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
         const int a = idx / dv, e = idx - a * dv;
         const i64 gq = tile * AD_QT + a;
         if (gq >= nq) continue;
         const i64 i = gq / group, hh = gq - (gq / group) * group;
         const i64 row = (bi * seq + i) * heads + kvh * group + hh;
-        const float* ml = out2 + row * splits * 2;
+        const float* ml = s_ml + 2 * a * ns;
         float mn = -KILN_INF;
-        for (i64 sp = 0; sp < splits; ++sp) mn = fmaxf(mn, __ldcg(ml + 2 * sp));
+        for (int sp = 0; sp < ns; ++sp) mn = fmaxf(mn, ml[2 * sp]);
         float l = 0.0f, o = 0.0f;
-        for (i64 sp = 0; sp < splits; ++sp) {
-            const float m = __ldcg(ml + 2 * sp);
+#pragma unroll 4
+        for (int sp = 0; sp < ns; ++sp) {
+            const float m = ml[2 * sp];
             if (m != -KILN_INF) {
                 const float w = exp2f(m - mn);
-                l += __ldcg(ml + 2 * sp + 1) * w;
+                l += ml[2 * sp + 1] * w;
                 o += __ldcg(out1 + (row * splits + sp) * value_dim + e) * w;
             }
         }

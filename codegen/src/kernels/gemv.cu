@@ -18,8 +18,11 @@
 // bank conflicts.
 // Scalar path (otherwise): lane L reads elements L, L+32, ...; x is staged row-major.
 // Each lane accumulates in f32; rows are reduced with warp shuffles; lane 0 stores.
-// GV_WARPS (warps per block) and GV_R (rows per warp) come from decode.rs.
-#define GV_U 4
+// KILN_MANUAL_ENTRY: the kernel lets the next one be scheduled at once, issues the first
+// chunk's weight loads (no kernel writes weights), and only then waits for the previous
+// kernel (which writes x) — programmatic dependent launch, see kiln.cuh.
+// GV_WARPS (warps per block), GV_R (rows per warp) and GV_U (16-byte loads in flight per
+// lane and row) come from decode.rs (`GemvConfig`).
 #define GV_XS 8192
 #define GV_MAX_M 8
 #define GV_P (KILN_VEC / 4)
@@ -53,7 +56,11 @@ __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W*
 KILN_SIGNATURE {
     __shared__ kiln_f4 xs4[GV_XS / 4];
     float* xs = (float*)xs4;
-    if (m < 1 || m > GV_MAX_M) return;  // uniform: the host checks m
+    kiln_grid_launch_dependents();
+    if (m < 1 || m > GV_MAX_M) {
+        kiln_grid_wait();
+        return;  // uniform: the host checks m
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const i64 row0 = ((i64)blockIdx.x * GV_WARPS + warp) * GV_R;
     const bool vec = (k % KILN_VEC) == 0 && (((unsigned long long)in1) & 15ull) == 0;
@@ -67,10 +74,12 @@ KILN_SIGNATURE {
         for (int rr = 0; rr < GV_R; ++rr) acc[r][rr] = 0.0f;
 
     kiln_u4 wv[GV_R][GV_U];
+    if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     for (i64 k0 = 0; k0 < k; k0 += kc) {
         const int len = (int)(k - k0 < (i64)kc ? k - k0 : (i64)kc);
         // The chunk's first weight loads go out before x is staged, so they overlap.
         if (vec) gv_load(wv, in1, row0, n, k, k0, 0, len / KILN_VEC, lane);
+        if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
         __syncthreads();  // every warp is done with the previous chunk
         if (vec) {
             // One float4 slot per thread and step: consecutive threads, consecutive slots.

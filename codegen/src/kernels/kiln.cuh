@@ -105,3 +105,24 @@ __device__ __forceinline__ i64 kiln_offset(i64 linear, int rank, const Idx8& sha
     }
     return off;
 }
+
+// Programmatic dependent launch (sm_90+). Every kernel starts with kiln_grid_entry():
+// it lets the next kernel on the stream be scheduled (launch_dependents) and then waits
+// until the previous kernel has completed and its writes are visible (wait), before it
+// reads or writes anything another kernel touches. Without a programmatic launch both
+// are no-ops. A kernel that marks itself KILN_MANUAL_ENTRY calls the two itself (the
+// GEMV issues its first weight loads, which no kernel writes, between them).
+__device__ __forceinline__ void kiln_grid_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void kiln_grid_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void kiln_grid_entry() {
+    kiln_grid_launch_dependents();
+    kiln_grid_wait();
+}

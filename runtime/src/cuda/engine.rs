@@ -18,7 +18,7 @@
 //! symbol).
 
 use super::blas::Gemm;
-use super::executor::{compile_and_load, launch, launch_node, live_nodes, Args};
+use super::executor::{compile_and_load, launch, launch_node, live_nodes, Args, Lane};
 use super::{driver_err, host_bytes, CompileStats, CudaError, DeviceInfo};
 use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
@@ -47,6 +47,10 @@ pub struct EngineOptions {
     pub cuda_graphs: bool,
     /// Kernel cache folder; `None` uses the default.
     pub cache_dir: Option<PathBuf>,
+    /// Launch each kernel with programmatic dependent launch (Hopper and later): it may
+    /// start while the previous kernel drains, and waits for it (`kiln_grid_wait`)
+    /// before touching its data; GEMVs prefetch their weights before that wait.
+    pub pdl: bool,
     /// Kernel binaries by cache key (from an executable plan, see
     /// [`CudaEngine::kernel_binaries`]): a kernel found here is neither compiled nor read
     /// from the disk cache.
@@ -55,7 +59,15 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        EngineOptions { device: 0, max_batch: 1, max_context: 4096, cuda_graphs: true, cache_dir: None, prebuilt: None }
+        EngineOptions {
+            device: 0,
+            max_batch: 1,
+            max_context: 4096,
+            cuda_graphs: true,
+            pdl: true,
+            cache_dir: None,
+            prebuilt: None,
+        }
     }
 }
 
@@ -103,8 +115,9 @@ enum Run {
     FusedAppend { kernel: usize, cache: usize },
     /// `arange` with a symbolic start read from the device table.
     Arange(usize),
-    /// cuBLAS, or the GEMV kernel (`gemv`) when the product has few rows.
-    MatMul { gemv: Option<usize> },
+    /// cuBLAS, or the GEMV kernel (`gemv`, with its work split) when the product has few
+    /// rows.
+    MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
     /// Attention over a resident cache, prefill and decode alike: the split-K kernel
     /// (keys from the symbol table, the cache read through batch strides).
     Attention { kernel: usize },
@@ -401,10 +414,19 @@ impl CudaEngine {
                     Op::MatMul { transpose_a, transpose_b } => {
                         let ops = graph.operands(n);
                         let (a, w) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
-                        let gemv = (!transpose_a && *transpose_b && w.rank() == 2)
-                            .then(|| decode::gemv(a.dtype, w.dtype, node.outputs[0].dtype).ok())
-                            .flatten();
-                        Run::MatMul { gemv: gemv.map(&mut add_kernel) }
+                        // Two GEMV splits: one row of activations, and 2..=GEMV_MAX_M.
+                        let mut gemv = None;
+                        if !transpose_a && *transpose_b && w.rank() == 2 {
+                            let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
+                            let y = node.outputs[0].dtype;
+                            if let (Ok(k1), Ok(k2)) = (
+                                decode::gemv_with(a.dtype, w.dtype, y, one),
+                                decode::gemv_with(a.dtype, w.dtype, y, more),
+                            ) {
+                                gemv = Some([(add_kernel(k1), one), (add_kernel(k2), more)]);
+                            }
+                        }
+                        Run::MatMul { gemv }
                     }
                     Op::Attention(_) => {
                         let ops = graph.operands(n);
@@ -649,6 +671,14 @@ impl CudaEngine {
         Ok(plan)
     }
 
+    /// Where this engine's launches go (PDL only on devices that have it, sm_90+, and
+    /// unless the environment sets `KILN_PDL=0`).
+    fn lane(&self) -> Lane<'_> {
+        static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let off = *ENV_OFF.get_or_init(|| std::env::var("KILN_PDL").is_ok_and(|v| v == "0"));
+        Lane { stream: &self.stream, pdl: self.opts.pdl && !off && self.info.compute_capability.0 >= 9 }
+    }
+
     fn ptr(&self, v: Value, plan: &MemoryPlan, slot: usize, decode: bool) -> Result<u64, CudaError> {
         let s = &self.stream;
         Ok(match self.locs.get(&v).copied().unwrap_or(Loc::Arena) {
@@ -739,7 +769,7 @@ impl CudaEngine {
             match &step.run {
                 Run::Nothing => {}
                 Run::Kernel(k) => {
-                    launch_node(st, &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
+                    launch_node(self.lane(), &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
                 Run::Attention { kernel } => {
                     self.attention_decode(&node.op, *kernel, &ins, &outs).map_err(fill)?;
@@ -748,7 +778,7 @@ impl CudaEngine {
                     let n = out_shapes[0][0];
                     let mut a = Args::default();
                     a.set(Role::Out(0), ArgValue::Ptr(outs[0].0)).set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::N, n);
-                    launch(st, &self.kernels[*k], n, &a)?;
+                    launch(self.lane(), &self.kernels[*k], n, &a)?;
                 }
                 Run::Append { kernel, cache } => {
                     let new = &shapes[1];
@@ -763,7 +793,7 @@ impl CudaEngine {
                         .i64(Role::Seq, seq)
                         .i64(Role::Inner, row)
                         .i64(Role::CacheBatchStride, self.opts.max_context * row);
-                    launch(st, &self.kernels[*kernel], n, &a)?;
+                    launch(self.lane(), &self.kernels[*kernel], n, &a)?;
                 }
                 Run::FusedAppend { kernel, cache } => {
                     let Op::Fused(body) = &node.op else { unreachable!("fused append step") };
@@ -776,7 +806,7 @@ impl CudaEngine {
                     for (i, (p, _)) in ins.iter().enumerate() {
                         a.set(Role::In(i as u8), ArgValue::Ptr(*p));
                     }
-                    launch(st, &self.kernels[*kernel], n, &a)?;
+                    launch(self.lane(), &self.kernels[*kernel], n, &a)?;
                 }
                 Run::MatMul { gemv } => {
                     self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
@@ -840,7 +870,7 @@ impl CudaEngine {
             .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
             .set(Role::MaskKind, ArgValue::I32(mask))
             .i64(Role::Window, window);
-        launch(&self.stream, &self.kernels[kernel], items, &a)
+        launch(self.lane(), &self.kernels[kernel], items, &a)
     }
 
     fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
@@ -850,7 +880,7 @@ impl CudaEngine {
     fn matmul(
         &self,
         op: &Op,
-        gemv: Option<usize>,
+        gemv: Option<[(usize, decode::GemvConfig); 2]>,
         ins: &[(u64, &[usize])],
         outs: &[(u64, &[usize])],
         dtype: DType,
@@ -870,9 +900,10 @@ impl CudaEngine {
             return unsafe { cudarc::driver::result::memset_d8_async(outs[0].0, 0, bytes, self.stream.cu_stream()) }
                 .map_err(driver_err("memset"));
         }
-        if let Some(kg) = gemv.filter(|_| batch * m <= decode::GEMV_MAX_M && rb == 2) {
+        if let Some(kernels) = gemv.filter(|_| batch * m <= decode::GEMV_MAX_M && rb == 2) {
             // `[.., m, k] · [n, k]ᵀ` with few rows: a bandwidth-bound GEMV over the weight.
             let rows = batch * m;
+            let (kg, cfg) = kernels[usize::from(rows > 1)];
             let mut a = Args::default();
             a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
                 .set(Role::In(0), ArgValue::Ptr(ins[0].0))
@@ -880,7 +911,7 @@ impl CudaEngine {
                 .i64(Role::MatM, rows)
                 .i64(Role::MatN, n)
                 .i64(Role::MatK, k);
-            return launch(&self.stream, &self.kernels[kg], decode::gemv_items(rows, n), &a);
+            return launch(self.lane(), &self.kernels[kg], decode::gemv_items_with(n, cfg), &a);
         }
         let g = Gemm { dtype, batch, m, n, k, ta, tb, shared_b: rb == 2 };
         g.run(&self.blas, ins[0].0, ins[1].0, outs[0].0)
@@ -891,7 +922,7 @@ impl CudaEngine {
         let logits = self.ptr(self.logits, plan, 0, false)?;
         let shape = [rows, 1, self.vocab];
         launch_node(
-            &self.stream,
+            self.lane(),
             &self.kernels[self.argmax],
             &Op::ArgMax { axis: 2 },
             &[(logits, &shape)],
@@ -1071,7 +1102,7 @@ impl CudaEngine {
             .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
             .i64(Role::N, self.batch)
             .i64(Role::Len, self.opts.max_context);
-        launch(&self.stream, &self.kernels[self.step_end], 1, &a)
+        launch(self.lane(), &self.kernels[self.step_end], 1, &a)
     }
 
     /// One decode step's launches: the graph, greedy sampling into the ids, step end.

@@ -5,7 +5,7 @@ use super::blas::Gemm;
 use super::{driver_err, host_bytes, tensor_from_bytes, CudaError, DeviceInfo};
 use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
 use cudarc::nvrtc::Ptx;
 use indexmap::IndexMap;
 use kiln_codegen::kernels::{self, NodeLowering, MAX_HEAD_DIM, MAX_RANK};
@@ -400,7 +400,7 @@ impl CudaExecutor {
                             let outv: Vec<(u64, &[usize])> =
                                 outv.iter().map(|(x, s)| (x.ptr(&self.stream), *s)).collect();
                             launch_node(
-                                &self.stream,
+                                Lane { stream: &self.stream, pdl: false },
                                 &self.kernels[k],
                                 &node.op,
                                 &ins,
@@ -514,13 +514,18 @@ pub(super) fn compile_and_load(
     Ok((kernels, stats, binaries))
 }
 
-/// Launches `kf` over `items` work items with the values in `args` on `stream`.
-pub(super) fn launch(
-    stream: &CudaStream,
-    kf: &(Kernel, CudaFunction),
-    items: usize,
-    args: &Args,
-) -> Result<(), CudaError> {
+/// Where launches go: a stream, and whether each launch may start while the previous
+/// kernel on the stream is still running (programmatic dependent launch, Hopper and
+/// later: every generated kernel begins with `kiln_grid_wait()` before it touches
+/// anything the previous kernel reads or writes; see `kiln.cuh`).
+#[derive(Clone, Copy)]
+pub(super) struct Lane<'a> {
+    pub stream: &'a CudaStream,
+    pub pdl: bool,
+}
+
+/// Launches `kf` over `items` work items with the values in `args` on `lane`.
+pub(super) fn launch(lane: Lane, kf: &(Kernel, CudaFunction), items: usize, args: &Args) -> Result<(), CudaError> {
     if items == 0 {
         return Ok(());
     }
@@ -528,6 +533,31 @@ pub(super) fn launch(
     let mut values = kernel.sig.pack(|r| args.get(r)).map_err(|e| CudaError::Driver(e.to_string()))?;
     let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_kernel_param()).collect();
     let (grid, block) = kernel.grid.dims(items);
+    if lane.pdl {
+        let mut attr = sys::CUlaunchAttribute {
+            id: sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION,
+            pad: [0; 4],
+            // SAFETY: an all-zero union is a valid value of every member.
+            value: unsafe { std::mem::zeroed() },
+        };
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let config = sys::CUlaunchConfig {
+            gridDimX: grid,
+            gridDimY: 1,
+            gridDimZ: 1,
+            blockDimX: block,
+            blockDimY: 1,
+            blockDimZ: 1,
+            sharedMemBytes: 0,
+            hStream: lane.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        // SAFETY: as below; `config` and `attr` outlive the call.
+        return unsafe { sys::cuLaunchKernelEx(&config, f.cu_function(), params.as_mut_ptr(), std::ptr::null_mut()) }
+            .result()
+            .map_err(|e| CudaError::Driver(format!("launch {}: {e:?}", kernel.sig.name)));
+    }
     // SAFETY: `params` points at one value per kernel parameter, in order and of the
     // parameter's C type (checked by `pack`); the device addresses are live buffers
     // sized for the shapes the index arguments describe.
@@ -537,7 +567,7 @@ pub(super) fn launch(
             (grid, 1, 1),
             (block, 1, 1),
             0,
-            stream.cu_stream(),
+            lane.stream.cu_stream(),
             &mut params,
         )
     }
@@ -548,7 +578,7 @@ pub(super) fn launch(
 /// operands and outputs given as (device address, shape); `syms` is the device symbol
 /// table. Errors with `node: 0` and an empty op: callers fill in the node.
 pub(super) fn launch_node(
-    stream: &CudaStream,
+    stream: Lane,
     k: &(Kernel, CudaFunction),
     op: &Op,
     ins: &[(u64, &[usize])],
