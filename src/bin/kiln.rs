@@ -268,45 +268,16 @@ fn trace(model: &Path, dtype: DType, last_token_only: bool) -> Result<Graph, Cli
     Ok(m.trace(&TraceOptions { dtype, last_token_only })?)
 }
 
-/// The traced graph followed by the graph after each pass of the default pipeline.
-fn stages(traced: Graph) -> Result<Vec<(String, Graph)>, CliError> {
-    let out = kiln_passes::default_pipeline().keep_stages(true).run(traced.clone())?;
-    let mut v = vec![("traced".to_string(), traced)];
-    v.extend(out.stages.into_iter().map(|s| (s.pass.to_string(), s.graph)));
-    Ok(v)
-}
-
-/// Checks a `--dump-after` pass name against the default pipeline's passes.
-fn check_dump_after(which: &str, fusion: bool) -> Result<(), CliError> {
-    let pipeline = if fusion { kiln_passes::default_pipeline() } else { kiln_passes::pipeline::canonicalize() };
-    let names = pipeline.pass_names();
-    if which == "all" || which == "traced" || names.contains(&which) {
-        return Ok(());
-    }
-    Err(fail(format!("--dump-after: no pass `{which}`; passes: all, traced, {}", names.join(", "))))
-}
-
 fn mib(bytes: usize) -> String {
     format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-/// Writes `NN-STAGE.kiln` and `NN-STAGE.dot` for the selected stages into `dir`.
+fn stages(traced: Graph) -> Result<Vec<(String, Graph)>, CliError> {
+    Ok(kiln::dump::stages(traced)?)
+}
+
 fn dump_stages(stages: &[(String, Graph)], which: &str, dir: &Path) -> Result<(), CliError> {
-    if which != "all" && !stages.iter().any(|(n, _)| n == which) {
-        let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
-        return Err(fail(format!("--dump-after: no pass `{which}`; passes: all, {}", names.join(", "))));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create `{}`: {e}", dir.display())))?;
-    for (i, (name, g)) in stages.iter().enumerate() {
-        if which == "all" || which == name {
-            write_file(&dir.join(format!("{i:02}-{name}.kiln")), kiln_graph::text::print(g).as_bytes())?;
-            write_file(
-                &dir.join(format!("{i:02}-{name}.dot")),
-                kiln_viz::dot::to_dot(g, &Default::default()).as_bytes(),
-            )?;
-        }
-    }
-    Ok(())
+    kiln::dump::write_stages(stages, which, dir).map(|_| ()).map_err(CliError)
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
@@ -434,7 +405,7 @@ fn run(cli: Cli) -> Result<(), CliError> {
             dump_after,
         } => {
             if let [which, _] = dump_after.as_slice() {
-                check_dump_after(which, !no_fusion)?;
+                kiln::dump::check_pass(which, !no_fusion).map_err(CliError)?;
             }
             let source = match preset {
                 Some(name) => ModelSource::Preset { name, seed },
