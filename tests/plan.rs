@@ -372,3 +372,96 @@ fn a_loaded_plan_compiles_nothing_and_decodes_like_a_normal_engine() {
     assert!(e.contains("stale") && e.contains("config differ"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint directory (config.json, model.safetensors, a byte-level tokenizer) of a
+/// tiny random Llama with HF tensor names.
+fn tiny_checkpoint(dir: &Path) {
+    let (vocab, hidden, inter, layers, heads, kv_heads) = (260usize, 64usize, 128usize, 2, 4, 2);
+    let head_dim = hidden / heads;
+    let config = serde_json::json!({
+        "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": inter,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "tie_word_embeddings": false, "bos_token_id": 256, "eos_token_id": 257
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let (q, kv) = (heads * head_dim, kv_heads * head_dim);
+    let mut t = vec![("model.embed_tokens.weight".to_string(), vec![vocab, hidden])];
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        t.push((format!("{p}.input_layernorm.weight"), vec![hidden]));
+        t.push((format!("{p}.self_attn.q_proj.weight"), vec![q, hidden]));
+        t.push((format!("{p}.self_attn.k_proj.weight"), vec![kv, hidden]));
+        t.push((format!("{p}.self_attn.v_proj.weight"), vec![kv, hidden]));
+        t.push((format!("{p}.self_attn.o_proj.weight"), vec![hidden, q]));
+        t.push((format!("{p}.post_attention_layernorm.weight"), vec![hidden]));
+        t.push((format!("{p}.mlp.gate_proj.weight"), vec![inter, hidden]));
+        t.push((format!("{p}.mlp.up_proj.weight"), vec![inter, hidden]));
+        t.push((format!("{p}.mlp.down_proj.weight"), vec![hidden, inter]));
+    }
+    t.push(("model.norm.weight".to_string(), vec![hidden]));
+    t.push(("lm_head.weight".to_string(), vec![vocab, hidden]));
+    let mut s = 0x9E3779B97F4A7C15u64;
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = t
+        .into_iter()
+        .map(|(name, shape)| {
+            let norm = name.ends_with("norm.weight");
+            let bytes = (0..shape.iter().product::<usize>())
+                .flat_map(|_| {
+                    s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    let u = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+                    (if norm { 1.0 + 0.1 * u } else { 0.25 * u }).to_le_bytes()
+                })
+                .collect();
+            (name, shape, bytes)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, sh, b)| {
+            (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, sh.clone(), b).unwrap())
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let tok = kiln::models::tokenizer::tiny_byte_level_tokenizer_json(&["<s>", "</s>"]);
+    std::fs::write(dir.join("tokenizer.json"), tok).unwrap();
+}
+
+/// `LLM::load_plan` (what `kiln generate --plan` runs) on a checkpoint's plan generates
+/// the same text and tokens as `LLM::load` on the checkpoint; a changed config.json
+/// makes the plan stale.
+#[test]
+fn generating_from_a_checkpoint_plan_equals_generating_from_the_checkpoint() {
+    use kiln::models::llm::{Device, LoadOptions, SamplingParams, LLM};
+    if !gpu() {
+        return;
+    }
+    let dir = tmp_dir("checkpoint");
+    tiny_checkpoint(&dir);
+    let source = ModelSource::Path(dir.display().to_string());
+    let opts = kiln::models::plan::BuildOptions { dtype: DType::F32, ..Default::default() };
+    let built = kiln::models::plan::build(&source, &opts).unwrap();
+    assert_eq!(built.plan.options.max_context, 128, "the model's max_position_embeddings");
+    let path = dir.join("tiny.plan");
+    built.plan.save(&path).unwrap();
+    drop(built);
+
+    let params = SamplingParams::greedy(12);
+    let from_plan = LLM::load_plan(&path).unwrap();
+    let a = from_plan.generate(&["Hello"], &params).unwrap().remove(0);
+    drop(from_plan);
+    let normal = LLM::load(&dir, LoadOptions { dtype: DType::F32, device: Device::Cuda }).unwrap();
+    let b = normal.generate(&["Hello"], &params).unwrap().remove(0);
+    drop(normal);
+    println!("kiln-info\tplan_generate\ttokens={:?}", a.token_ids);
+    assert_eq!(a.token_ids, b.token_ids);
+    assert_eq!(a.text, b.text);
+
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    cfg["rms_norm_eps"] = serde_json::json!(1e-6);
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let e = LLM::load_plan(&path).err().unwrap().to_string();
+    assert!(e.contains("stale") && e.contains("config.json differ"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
