@@ -721,7 +721,10 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         tracing::info!(bytes = BANDWIDTH_BYTES, iters = BANDWIDTH_ITERS, "measuring copy bandwidth");
         bw = backend.copy_bandwidth(args.gpu)?;
         tracing::info!(gb_per_s = format!("{:.0}", bw / 1e9), "copy bandwidth");
-        name = plan.model.source.to_string();
+        name = match &plan.model.source {
+            ModelSource::Preset { name, .. } => name.clone(),
+            ModelSource::Path(p) => p.clone(),
+        };
         weights_desc = match &plan.model.source {
             ModelSource::Preset { seed, .. } => format!("random weights, seed {seed}"),
             ModelSource::Path(_) => "checkpoint weights".into(),
