@@ -465,3 +465,38 @@ fn generating_from_a_checkpoint_plan_equals_generating_from_the_checkpoint() {
     assert!(e.contains("stale") && e.contains("config.json differ"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The CLI's plan commands fail cleanly: a file that is no plan, an unknown
+/// `--dump-after` pass, `kiln build` without a GPU, options a plan fixes.
+#[test]
+fn cli_plan_errors_are_clean() {
+    let kiln = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!err.contains("panicked"), "{err}");
+        (out.status.code(), err)
+    };
+    let dir = tmp_dir("cli");
+    let junk = dir.join("junk.plan");
+    std::fs::write(&junk, "not a plan at all").unwrap();
+    let j = junk.to_str().unwrap();
+    for args in [vec!["bench", "--plan", j], vec!["generate", "--plan", j, "--prompt", "hi"]] {
+        let (code, err) = kiln(&args);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("error: plan `") && err.contains("not a kiln plan"), "{err}");
+    }
+    let (code, err) = kiln(&["bench", "--plan", j, "--dtype", "f32"]);
+    assert_eq!(code, Some(2), "clap refuses options the plan fixes: {err}");
+    let out = dir.join("x.plan");
+    let o = out.to_str().unwrap();
+    let (code, err) = kiln(&["build", "--preset", "smollm2-135m", "--out", o, "--dump-after", "nope", "/tmp"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("no pass `nope`") && err.contains("fuse"), "{err}");
+    if kiln::runtime::cuda::available().is_err() {
+        let (code, err) = kiln(&["build", "--preset", "smollm2-135m", "--out", o]);
+        assert_eq!(code, Some(1), "{err}");
+        assert!(err.contains("needs a GPU"), "{err}");
+        assert!(!out.exists());
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
