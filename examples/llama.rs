@@ -11,8 +11,9 @@
 //! goes through its chat template.
 //!
 //! Ends with one summary line: prompt tokens, generated tokens, prefill time, decode
-//! speed and device. `--dump-ir DIR` also writes the traced IR there (`model.kiln`,
-//! `model.dot`, `model.json`).
+//! speed and device. `--dump-ir DIR` also writes the IR the model runs there
+//! (`model.kiln`, `model.dot`, `model.json`); `--dump-after PASS|all DIR` writes the IR
+//! text and DOT after the named pass of the pipeline, or after every pass (as `kiln dump`).
 
 use clap::{Parser, ValueEnum};
 use kiln::models::llm::{Device, LoadOptions, SamplingParams, LLM};
@@ -54,9 +55,12 @@ struct Args {
     chat: bool,
     #[arg(long, value_enum, default_value = "auto")]
     device: DeviceArg,
-    /// Write the traced IR (text, DOT, JSON) into this directory.
+    /// Write the IR the model runs (text, DOT, JSON) into this directory.
     #[arg(long)]
     dump_ir: Option<PathBuf>,
+    /// Write `NN-PASS.kiln` and `NN-PASS.dot` after the named pass (or `all`) into DIR.
+    #[arg(long, num_args = 2, value_names = ["PASS", "DIR"])]
+    dump_after: Vec<String>,
 }
 
 fn run(args: Args, model: PathBuf) -> Result<(), String> {
@@ -65,7 +69,19 @@ fn run(args: Args, model: PathBuf) -> Result<(), String> {
         DeviceArg::Cuda => Device::Cuda,
         DeviceArg::Auto => Device::Auto,
     };
+    if let [which, _] = args.dump_after.as_slice() {
+        kiln::dump::check_pass(which, true)?;
+    }
     let llm = LLM::load(&model, LoadOptions { dtype: DType::F32, device }).map_err(|e| e.to_string())?;
+    if let [which, dir] = args.dump_after.as_slice() {
+        let traced = llm
+            .model()
+            .trace(&kiln::models::llama::TraceOptions { dtype: DType::F32, last_token_only: true })
+            .map_err(|e| e.to_string())?;
+        let stages = kiln::dump::stages(traced).map_err(|e| e.to_string())?;
+        let files = kiln::dump::write_stages(&stages, which, std::path::Path::new(dir))?;
+        eprintln!("IR after `{which}` written to {dir} ({} files)", files.len());
+    }
     if let Some(dir) = &args.dump_ir {
         std::fs::create_dir_all(dir).map_err(|e| format!("cannot create `{}`: {e}", dir.display()))?;
         let g = llm.graph();

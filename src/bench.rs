@@ -3,7 +3,7 @@
 //! the decode roofline that bandwidth implies.
 //!
 //! ```text
-//! kiln bench --preset llama-3.2-1b | --model DIR|FILE.gguf [--dtype bf16] [--prefill 128,2048]
+//! kiln bench --preset llama-3.2-1b | --model DIR|FILE.gguf | --plan PLAN [--dtype bf16] [--prefill 128,2048]
 //!     [--batch 1,8,64] [--decode-steps 128] [--json OUT] [--no-cuda-graphs] [--seed S] [--gpu N]
 //! ```
 //!
@@ -22,6 +22,11 @@
 //!   bandwidth / bytes per step`, with the bandwidth of a device-to-device copy
 //!   ([`kiln_runtime::cuda::bandwidth::copy_bandwidth`], read + write bytes).
 //!
+//! With `--plan PLAN` (from `kiln build`) the engine comes from the plan: no tracing,
+//! passes or kernel compilation; its dtype, max batch, max context and CUDA-graph setting
+//! are the plan's, and the report gives the load time of each part (read, parse,
+//! weights, engine, of which kernels) and how many kernels were prebuilt.
+//!
 //! Without a GPU, [`run`] fails with "kiln bench needs a CUDA GPU: <reason>".
 
 use indexmap::IndexMap;
@@ -30,7 +35,8 @@ use kiln_models::llama::{LlamaForCausalLM, TraceOptions};
 use kiln_models::ModelError;
 use kiln_ops::{DType, HostTensor, Op};
 use kiln_passes::PassError;
-use kiln_runtime::cuda::{bandwidth, CudaError, DeviceInfo};
+use kiln_runtime::cuda::{bandwidth, CompileStats, CudaError, DeviceInfo};
+use kiln_runtime::plan::{ExecutablePlan, ModelSource, PlanError};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -68,6 +74,8 @@ pub enum BenchError {
     Engine(String),
     #[error("cannot write `{path}`: {source}")]
     Write { path: PathBuf, source: std::io::Error },
+    #[error(transparent)]
+    Plan(#[from] PlanError),
 }
 
 fn opt_err(option: &'static str, msg: impl Into<String>) -> BenchError {
@@ -76,7 +84,7 @@ fn opt_err(option: &'static str, msg: impl Into<String>) -> BenchError {
 
 /// The command line of `kiln bench` (also usable as a library: see [`run`]).
 #[derive(Clone, Debug, clap::Args)]
-#[command(group(clap::ArgGroup::new("source").required(true).args(["preset", "model"])))]
+#[command(group(clap::ArgGroup::new("source").required(true).args(["preset", "model", "plan"])))]
 pub struct BenchArgs {
     /// A model preset with random weights: llama-3.2-1b, llama-3-8b, smollm2-135m.
     #[arg(long)]
@@ -84,6 +92,10 @@ pub struct BenchArgs {
     /// An HF checkpoint directory or a GGUF file (its real weights).
     #[arg(long)]
     pub model: Option<PathBuf>,
+    /// An executable plan (`kiln build`): its engine, with its dtype and limits, loaded
+    /// without tracing, passes or kernel compilation.
+    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl"])]
+    pub plan: Option<PathBuf>,
     /// Storage dtype of weights, activations and KV cache.
     #[arg(long, default_value = "bf16", value_parser = ["f32", "f16", "bf16"])]
     pub dtype: String,
@@ -128,6 +140,7 @@ impl BenchArgs {
         BenchArgs {
             preset: Some(name.into()),
             model: None,
+            plan: None,
             dtype: "bf16".into(),
             prefill: vec![128, 2048],
             batch: vec![1, 8, 64],
@@ -363,8 +376,24 @@ pub struct BenchReport {
     pub memory: MemoryUse,
     /// The batch-1 decode entry's roofline, when batch 1 was measured.
     pub roofline_batch1: Option<Roofline>,
-    /// Seconds: random weights or checkpoint loading, passes, engine construction.
+    /// Seconds: random weights or checkpoint loading, passes, engine construction (with
+    /// a plan: reading it, parsing its graph, weights, engine, of which kernels).
     pub setup_s: IndexMap<String, f64>,
+    /// `--plan`: the plan and how its engine got its kernels.
+    pub plan: Option<PlanUse>,
+}
+
+/// The plan a benchmark ran from.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlanUse {
+    pub path: String,
+    pub key: String,
+    pub bytes: usize,
+    pub target: String,
+    pub kernels: usize,
+    pub prebuilt: usize,
+    pub compiled: usize,
+    pub cached: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -526,7 +555,9 @@ mod gpu {
     use indexmap::IndexMap;
     use kiln_graph::Graph;
     use kiln_ops::HostTensor;
-    use kiln_runtime::cuda::{bandwidth, CudaEngine, DeviceInfo, EngineOptions};
+    use kiln_runtime::cuda::{bandwidth, CompileStats, CudaEngine, DeviceInfo, EngineOptions};
+    use kiln_runtime::plan::{ExecutablePlan, LoadTimes};
+    use std::path::Path;
 
     pub(super) struct Gpu;
 
@@ -560,6 +591,17 @@ mod gpu {
 
         fn device_used(&self, gpu: usize) -> usize {
             bandwidth::memory_info(gpu).map_or(0, |(free, total)| total.saturating_sub(free))
+        }
+
+        fn plan_engine(
+            &self,
+            plan: ExecutablePlan,
+            read: f64,
+            path: &Path,
+            gpu: usize,
+        ) -> Result<(Box<dyn Engine>, Graph, LoadTimes, CompileStats), BenchError> {
+            let l = kiln_models::plan::load_opened(plan, read, path, gpu)?;
+            Ok((Box::new(l.engine), l.graph, l.times, l.kernels))
         }
     }
 
@@ -619,8 +661,8 @@ enum Weights {
     Checkpoint(PathBuf),
 }
 
-fn hf_config(args: &BenchArgs) -> Option<serde_json::Value> {
-    let text = match (&args.preset, &args.model) {
+fn hf_config(preset: Option<&str>, model: Option<&Path>) -> Option<serde_json::Value> {
+    let text = match (preset, model) {
         (Some(name), _) => kiln_models::presets::preset_json(name).ok()?.to_string(),
         (None, Some(dir)) if dir.is_dir() => std::fs::read_to_string(dir.join("config.json")).ok()?,
         _ => return None,
@@ -647,44 +689,124 @@ pub(crate) trait Backend {
     ) -> Result<Box<dyn Engine>, BenchError>;
     /// Bytes in use on the whole device (0 when unknown).
     fn device_used(&self, gpu: usize) -> usize;
+    /// The engine of a plan read from `path` (in `read` seconds): the plan's graph, the
+    /// load times and how the kernels were obtained.
+    fn plan_engine(
+        &self,
+        _plan: ExecutablePlan,
+        _read: f64,
+        _path: &Path,
+        _gpu: usize,
+    ) -> Result<(Box<dyn Engine>, Graph, kiln_runtime::plan::LoadTimes, CompileStats), BenchError> {
+        Err(BenchError::Engine("this backend cannot load plans".into()))
+    }
 }
 
 pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchReport, BenchError> {
-    let dtype = args.dtype()?;
-    let (name, model, weights_from) = load_model(args)?;
-    let cfg = model.config.clone();
-    args.check(cfg.max_position_embeddings)?;
-    backend.check(args.gpu)?;
     let mut setup = IndexMap::new();
-
-    let t = Instant::now();
-    let weights: IndexMap<String, HostTensor> = match &weights_from {
-        Weights::Random(seed) => kiln_models::presets::random_weights(&model, dtype, *seed)?,
-        Weights::Checkpoint(path) if kiln_models::llm::is_gguf(path) => {
-            kiln_models::gguf::model::load_gguf(path, dtype)?.1
-        }
-        Weights::Checkpoint(path) => kiln_models::weights::load_weights(path, &model, dtype)?,
-    };
-    setup.insert("weights".to_string(), t.elapsed().as_secs_f64());
-    let traced = model.trace(&TraceOptions { dtype, last_token_only: true })?;
-    let t = Instant::now();
-    let pipeline = if args.no_fusion { kiln_passes::pipeline::canonicalize() } else { kiln_passes::default_pipeline() };
-    let graph = pipeline.run(traced.clone())?.graph;
-    setup.insert("passes".to_string(), t.elapsed().as_secs_f64());
-
-    tracing::info!(bytes = BANDWIDTH_BYTES, iters = BANDWIDTH_ITERS, "measuring copy bandwidth");
-    let bw = backend.copy_bandwidth(args.gpu)?;
-    tracing::info!(gb_per_s = format!("{:.0}", bw / 1e9), "copy bandwidth");
-
     let max_batch = args.batch.iter().copied().max().unwrap_or(1);
     let max_prefill = args.prefill.iter().copied().max().unwrap_or(1);
-    let max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
-    let spec =
-        EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs: !args.no_cuda_graphs, pdl: !args.no_pdl };
-    let t = Instant::now();
-    let mut engine = backend.engine(graph, weights, &spec)?;
-    setup.insert("engine".to_string(), t.elapsed().as_secs_f64());
-    tracing::info!(seconds = format!("{:.1}", t.elapsed().as_secs_f64()), "engine built");
+    let (name, weights_desc, cfg, dtype, graph_info, fusion, cuda_graphs, max_context, mut engine, plan_use, bw);
+    let (mut engine_max_batch, mut source) = (max_batch, None);
+    if let Some(path) = &args.plan {
+        let t = Instant::now();
+        let plan = ExecutablePlan::open(path)?;
+        let read = t.elapsed().as_secs_f64();
+        let bytes = std::fs::metadata(path).map_or(0, |m| m.len() as usize);
+        cfg = kiln_models::plan::config(&plan.model.source)?;
+        args.check(cfg.max_position_embeddings)?;
+        let o = plan.options.clone();
+        if max_batch > o.max_batch {
+            return Err(opt_err("batch", format!("batch {max_batch} exceeds the plan's max batch {}", o.max_batch)));
+        }
+        let need = max_prefill.max(decode_context_end(args.decode_steps)) + 1;
+        if need > o.max_context {
+            return Err(opt_err(
+                "prefill",
+                format!("the runs need {need} positions, the plan's max context is {}", o.max_context),
+            ));
+        }
+        backend.check(args.gpu)?;
+        tracing::info!(bytes = BANDWIDTH_BYTES, iters = BANDWIDTH_ITERS, "measuring copy bandwidth");
+        bw = backend.copy_bandwidth(args.gpu)?;
+        tracing::info!(gb_per_s = format!("{:.0}", bw / 1e9), "copy bandwidth");
+        name = match &plan.model.source {
+            ModelSource::Preset { name, .. } => name.clone(),
+            ModelSource::Path(p) => p.clone(),
+        };
+        weights_desc = match &plan.model.source {
+            ModelSource::Preset { seed, .. } => format!("random weights, seed {seed}"),
+            ModelSource::Path(_) => "checkpoint weights".into(),
+        };
+        dtype = o.dtype().ok_or_else(|| opt_err("plan", format!("unknown dtype `{}`", o.dtype)))?;
+        (fusion, cuda_graphs, max_context) = (o.pipeline == "default", o.cuda_graphs, o.max_context);
+        let (key, target, kernels) = (plan.key.clone(), plan.target.to_string(), plan.kernels.len());
+        (engine_max_batch, source) = (o.max_batch, Some(plan.model.source.clone()));
+        let (e, g, times, stats) = backend.plan_engine(plan, read, path, args.gpu)?;
+        for (k, v) in [
+            ("plan read", times.read),
+            ("plan graph parse", times.parse),
+            ("weights", times.weights),
+            ("engine", times.engine),
+            ("engine kernels", times.kernels),
+        ] {
+            setup.insert(k.to_string(), v);
+        }
+        tracing::info!(prebuilt = stats.prebuilt, compiled = stats.compiled, "engine loaded from the plan");
+        plan_use = Some(PlanUse {
+            path: path.display().to_string(),
+            key,
+            bytes,
+            target,
+            kernels,
+            prebuilt: stats.prebuilt,
+            compiled: stats.compiled,
+            cached: stats.cached,
+        });
+        (engine, graph_info) = (e, g);
+    } else {
+        dtype = args.dtype()?;
+        let (n, model, weights_from) = load_model(args)?;
+        name = n;
+        cfg = model.config.clone();
+        args.check(cfg.max_position_embeddings)?;
+        backend.check(args.gpu)?;
+
+        let t = Instant::now();
+        let weights: IndexMap<String, HostTensor> = match &weights_from {
+            Weights::Random(seed) => kiln_models::presets::random_weights(&model, dtype, *seed)?,
+            Weights::Checkpoint(path) if kiln_models::llm::is_gguf(path) => {
+                kiln_models::gguf::model::load_gguf(path, dtype)?.1
+            }
+            Weights::Checkpoint(path) => kiln_models::weights::load_weights(path, &model, dtype)?,
+        };
+        setup.insert("weights".to_string(), t.elapsed().as_secs_f64());
+        let traced = model.trace(&TraceOptions { dtype, last_token_only: true })?;
+        let t = Instant::now();
+        let pipeline =
+            if args.no_fusion { kiln_passes::pipeline::canonicalize() } else { kiln_passes::default_pipeline() };
+        let graph = pipeline.run(traced.clone())?.graph;
+        setup.insert("passes".to_string(), t.elapsed().as_secs_f64());
+
+        tracing::info!(bytes = BANDWIDTH_BYTES, iters = BANDWIDTH_ITERS, "measuring copy bandwidth");
+        bw = backend.copy_bandwidth(args.gpu)?;
+        tracing::info!(gb_per_s = format!("{:.0}", bw / 1e9), "copy bandwidth");
+
+        max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
+        (fusion, cuda_graphs) = (!args.no_fusion, !args.no_cuda_graphs);
+        let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs, pdl: !args.no_pdl };
+        let t = Instant::now();
+        engine = backend.engine(graph, weights, &spec)?;
+        setup.insert("engine".to_string(), t.elapsed().as_secs_f64());
+        tracing::info!(seconds = format!("{:.1}", t.elapsed().as_secs_f64()), "engine built");
+        weights_desc = match weights_from {
+            Weights::Random(seed) => format!("random weights, seed {seed}"),
+            Weights::Checkpoint(_) => "checkpoint weights".into(),
+        };
+        graph_info = traced;
+        plan_use = None;
+    }
+    let traced = &graph_info;
 
     let vocab = cfg.vocab_size;
     let mut prefill = Vec::new();
@@ -696,7 +818,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
     let mut decode = Vec::new();
     for &batch in &args.batch {
         let runs = measure_decode(engine.as_mut(), batch, args.decode_steps, vocab)?;
-        let mut r = decode_result(batch, args.decode_steps, runs, &traced, bw)?;
+        let mut r = decode_result(batch, args.decode_steps, runs, traced, bw)?;
         r.launches_per_step = engine.launches_per_decode_step();
         tracing::info!(batch, tokens_per_s = format!("{:.0}", r.tokens_per_s), "decode");
         decode.push(r);
@@ -723,22 +845,26 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         machine: machine(engine.device()),
         model: ModelInfo {
             name,
-            weights: match weights_from {
-                Weights::Random(seed) => format!("random weights, seed {seed}"),
-                Weights::Checkpoint(_) => "checkpoint weights".into(),
-            },
+            weights: weights_desc,
             dtype: dtype.name().into(),
-            parameters: kiln_models::presets::num_parameters(&traced),
-            weight_bytes: weight_bytes(&traced),
+            parameters: kiln_models::presets::num_parameters(traced),
+            weight_bytes: weight_bytes(traced),
             layers: cfg.num_hidden_layers,
             hidden_size: cfg.hidden_size,
             vocab_size: cfg.vocab_size,
-            hf_config: hf_config(args),
+            hf_config: match &args.plan {
+                None => hf_config(args.preset.as_deref(), args.model.as_deref()),
+                Some(_) => match &source {
+                    Some(ModelSource::Preset { name, .. }) => hf_config(Some(name), None),
+                    Some(ModelSource::Path(p)) => hf_config(None, Some(Path::new(p))),
+                    None => None,
+                },
+            },
         },
-        cuda_graphs: !args.no_cuda_graphs,
+        cuda_graphs,
         pdl: !args.no_pdl,
-        fusion: !args.no_fusion,
-        engine_max_batch: max_batch,
+        fusion,
+        engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
         prefill,
@@ -748,6 +874,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         roofline_batch1,
         setup_s: setup,
         profile,
+        plan: plan_use,
     })
 }
 
@@ -889,6 +1016,26 @@ impl BenchReport {
             if self.fusion { "on" } else { "off" },
             self.launches_per_decode_step
         );
+        if let Some(p) = &self.plan {
+            let t = |k: &str| self.setup_s.get(k).copied().unwrap_or(0.0) * 1e3;
+            let _ = writeln!(
+                s,
+                "plan: {} ({:.1} MiB, key {}, {}): kernels {} prebuilt, {} compiled, {} from the disk cache; load: \
+                 read {:.1} ms, parse {:.1} ms, weights {:.1} ms, engine {:.1} ms (kernels {:.1} ms)",
+                p.path,
+                p.bytes as f64 / (1 << 20) as f64,
+                p.key,
+                p.target,
+                p.prebuilt,
+                p.compiled,
+                p.cached,
+                t("plan read"),
+                t("plan graph parse"),
+                t("weights"),
+                t("engine"),
+                t("engine kernels")
+            );
+        }
         let _ = writeln!(s);
         let _ = writeln!(s, "{:<22} {:>10} {:>14}", "prefill (batch 1)", "ms", "tokens/s");
         for p in &self.prefill {

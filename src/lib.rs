@@ -6,6 +6,7 @@
 #![doc = include_str!("../README.md")]
 
 pub mod bench;
+pub mod dump;
 
 pub use kiln_codegen as codegen;
 pub use kiln_graph as graph;

@@ -41,4 +41,7 @@ pub enum ModelError {
     /// and how to pass a model instead).
     #[error("cannot get the default model: {0}")]
     Fetch(String),
+    /// An executable plan that cannot be read, is stale or was built for another GPU.
+    #[error(transparent)]
+    Plan(Box<kiln_runtime::plan::PlanError>),
 }

@@ -11,6 +11,7 @@ pub mod gguf;
 pub mod layers;
 pub mod llama;
 pub mod llm;
+pub mod plan;
 pub mod presets;
 pub mod tokenizer;
 pub mod weights;

@@ -357,6 +357,51 @@ impl LLM {
         Ok(LLM { dir: path.to_path_buf(), model, tokenizer, runner, device, dtype: opts.dtype, eos_ids })
     }
 
+    /// Loads an executable plan (`kiln build`) of a checkpoint onto the GPU: the engine
+    /// from the plan (no tracing, passes or kernel compilation, see
+    /// [`crate::plan::load`]), the tokenizer and end-of-sequence ids from the checkpoint
+    /// the plan names. A plan of a preset has no tokenizer and is refused.
+    pub fn load_plan(plan_path: &Path) -> Result<LLM> {
+        use kiln_runtime::plan::{ExecutablePlan, ModelSource};
+        let t0 = std::time::Instant::now();
+        let plan = ExecutablePlan::open(plan_path)?;
+        let read = t0.elapsed().as_secs_f64();
+        let dir = match &plan.model.source {
+            ModelSource::Path(p) => PathBuf::from(p),
+            other => {
+                return Err(ModelError::Request(format!(
+                    "plan `{}` is of {other}, which has no tokenizer; build the plan from a checkpoint (--model)",
+                    plan_path.display()
+                )))
+            }
+        };
+        let dtype = plan.options.dtype().unwrap_or(DType::F32);
+        let tokenizer = if is_gguf(&dir) {
+            crate::gguf::tokenizer::tokenizer_from_gguf(&crate::gguf::GgufFile::open(&dir)?)?
+        } else {
+            Tokenizer::from_dir(&dir)?
+        };
+        let loaded = crate::plan::load_opened(plan, read, plan_path, 0)?;
+        let mut eos_ids = loaded.config.eos_token_ids.clone();
+        if !is_gguf(&dir) {
+            eos_ids.extend(generation_config_eos(&dir)?);
+        }
+        eos_ids.extend(tokenizer.eos_token_id());
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let vocab = loaded.config.vocab_size;
+        let context_len = loaded.plan.options.max_context;
+        let model = LlamaForCausalLM::new(loaded.config)?;
+        let runner = Runner::Resident { engine: Mutex::new(loaded.engine), graph: loaded.graph, context_len, vocab };
+        tracing::info!(
+            plan = %plan_path.display(),
+            model = %dir.display(),
+            load_ms = format!("{:.1}", t0.elapsed().as_secs_f64() * 1e3),
+            "model loaded from the plan"
+        );
+        Ok(LLM { dir, model, tokenizer, runner, device: Device::Cuda, dtype, eos_ids })
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

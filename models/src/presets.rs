@@ -174,7 +174,13 @@ pub fn random_weights(model: &LlamaForCausalLM, dtype: DType, seed: u64) -> Resu
             dtype.name()
         )));
     }
-    let graph = model.trace(&TraceOptions { dtype, last_token_only: true })?;
+    random_weights_for(&model.trace(&TraceOptions { dtype, last_token_only: true })?, seed)
+}
+
+/// [`random_weights`] for the parameters of `graph` (a traced graph, or the same after
+/// the pass pipeline, which keeps every parameter's name, shape and dtype): the same
+/// values, without tracing the model again (an executable plan holds the graph).
+pub fn random_weights_for(graph: &Graph, seed: u64) -> Result<IndexMap<String, HostTensor>> {
     let mut out = IndexMap::with_capacity(graph.params().len());
     for (name, &node) in graph.params() {
         let ty = &graph.node(node).outputs[0];

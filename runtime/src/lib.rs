@@ -5,7 +5,9 @@
 //! f16/bf16 storage, multi-threaded, matmul through the `gemm` crate). [`sampling`] and
 //! [`generate`] turn a model graph into tokens: prefill, then decode steps that feed the
 //! KV cache outputs back as inputs. [`cuda`] runs the same graphs on an NVIDIA GPU
-//! (NVRTC-compiled kernels and cuBLAS), loading CUDA at run time.
+//! (NVRTC-compiled kernels and cuBLAS), loading CUDA at run time. [`plan`] saves what the
+//! CUDA engine is built from (the optimized graph, its launch list and the kernel
+//! binaries) as an executable plan file that loads without tracing, passes or NVRTC.
 //!
 //! May depend on: `kiln-ops`, `kiln-graph`, `kiln-passes`, `kiln-codegen`.
 
@@ -14,4 +16,5 @@ pub mod cuda;
 pub mod error;
 mod feeds;
 pub mod generate;
+pub mod plan;
 pub mod sampling;

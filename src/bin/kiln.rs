@@ -1,6 +1,6 @@
 //! The `kiln` command line.
 //!
-//! * `kiln generate --model DIR --prompt TEXT [--chat] [--max-tokens N] [--temperature T]
+//! * `kiln generate (--model DIR | --plan PLAN) --prompt TEXT [--chat] [--max-tokens N] [--temperature T]
 //!   [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S] [--stop STR]… [--device D]`:
 //!   the generated text alone on stdout (streamed), statistics in the logs on stderr.
 //! * `kiln logits --model DIR --ids 1,2,3 --out FILE.safetensors [--device D]`: one forward
@@ -9,8 +9,13 @@
 //!   [--dump-after PASS|all DIR]`: the IR traced or after a pass of the default pipeline
 //!   (the `last_token_only` prompt/decode graph unless `--full-logits`); `--dump-after`
 //!   also writes the IR text and DOT after each named pass into `DIR`.
+//! * `kiln build (--model MODEL | --preset NAME [--seed S]) --out PLAN [--dtype bf16]
+//!   [--max-batch N] [--max-context N] [--no-cuda-graphs] [--no-fusion] [--gpu N]
+//!   [--dump-after PASS|all DIR]`: an executable plan (the optimized graph, its launch list
+//!   and the kernel binaries for this GPU, [`kiln::runtime::plan`]); `kiln generate --plan
+//!   PLAN` and `kiln bench --plan PLAN` load it without tracing, passes or compilation.
 //! * `kiln convert --from FILE.gguf --to DIR`: a Hugging Face checkpoint from a GGUF file.
-//! * `kiln bench --preset NAME | --model MODEL [--dtype bf16] [--prefill 128,2048]
+//! * `kiln bench --preset NAME | --model MODEL | --plan PLAN [--dtype bf16] [--prefill 128,2048]
 //!   [--batch 1,8,64] [--decode-steps 128] [--json OUT] [--no-cuda-graphs]`: GPU prefill
 //!   and decode throughput, memory, launches per step and the decode roofline ([`kiln::bench`]).
 //! * `kiln viz [--model MODEL | --ir FILE]`: the interactive graph viewer over every stage
@@ -28,6 +33,7 @@ use kiln_models::llama::{LlamaForCausalLM, TraceOptions};
 use kiln_models::llm::{load_config, prompt_logits, Device, LoadOptions, SamplingParams, LLM};
 use kiln_models::tokenizer::ChatMessage;
 use kiln_ops::DType;
+use kiln_runtime::plan::ModelSource;
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -88,6 +94,10 @@ enum Cmd {
         /// HF model directory or GGUF file [default: SmolLM2-135M-Instruct, fetched on first use].
         #[arg(long)]
         model: Option<PathBuf>,
+        /// An executable plan of a checkpoint (`kiln build --model`) instead of a model: runs
+        /// on the GPU with the plan's dtype and engine options.
+        #[arg(long, conflicts_with_all = ["model", "device", "dtype"])]
+        plan: Option<PathBuf>,
         #[arg(long)]
         prompt: String,
         /// Wrap the prompt as a user message in the model's chat template.
@@ -171,8 +181,44 @@ enum Cmd {
         #[arg(long)]
         to: PathBuf,
     },
-    /// Benchmark prefill and decode on the GPU (a preset with random weights, or a model).
+    /// Benchmark prefill and decode on the GPU (a preset with random weights, a model, or a plan).
     Bench(kiln::bench::BenchArgs),
+    /// Compile a model for this GPU into an executable plan file (needs a GPU).
+    Build {
+        /// HF model directory or GGUF file [default: SmolLM2-135M-Instruct].
+        #[arg(long, conflicts_with = "preset")]
+        model: Option<PathBuf>,
+        /// A model preset with random weights: llama-3.2-1b, llama-3-8b, smollm2-135m.
+        #[arg(long)]
+        preset: Option<String>,
+        /// Seed of the random weights (presets).
+        #[arg(long, default_value_t = 0, requires = "preset")]
+        seed: u64,
+        /// The plan file to write.
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, value_enum, default_value = "bf16")]
+        dtype: DTypeArg,
+        /// Sequences decoded together, at most.
+        #[arg(long, default_value_t = 1)]
+        max_batch: usize,
+        /// Positions per sequence (the KV cache's capacity) [default: the model's
+        /// max_position_embeddings, at most 16384].
+        #[arg(long)]
+        max_context: Option<usize>,
+        /// Launch kernels one by one instead of replaying CUDA graphs.
+        #[arg(long)]
+        no_cuda_graphs: bool,
+        /// Canonicalization only (skip the fusion pass).
+        #[arg(long)]
+        no_fusion: bool,
+        /// CUDA device ordinal.
+        #[arg(long, default_value_t = 0)]
+        gpu: usize,
+        /// Also write `NN-PASS.kiln` and `NN-PASS.dot` after the named pass (or `all`) into DIR.
+        #[arg(long, num_args = 2, value_names = ["PASS", "DIR"])]
+        dump_after: Vec<String>,
+    },
 }
 
 /// The model to use: the one given, or the default model (downloaded on first use).
@@ -222,37 +268,23 @@ fn trace(model: &Path, dtype: DType, last_token_only: bool) -> Result<Graph, Cli
     Ok(m.trace(&TraceOptions { dtype, last_token_only })?)
 }
 
-/// The traced graph followed by the graph after each pass of the default pipeline.
-fn stages(traced: Graph) -> Result<Vec<(String, Graph)>, CliError> {
-    let out = kiln_passes::default_pipeline().keep_stages(true).run(traced.clone())?;
-    let mut v = vec![("traced".to_string(), traced)];
-    v.extend(out.stages.into_iter().map(|s| (s.pass.to_string(), s.graph)));
-    Ok(v)
+fn mib(bytes: usize) -> String {
+    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
 }
 
-/// Writes `NN-STAGE.kiln` and `NN-STAGE.dot` for the selected stages into `dir`.
+fn stages(traced: Graph) -> Result<Vec<(String, Graph)>, CliError> {
+    Ok(kiln::dump::stages(traced)?)
+}
+
 fn dump_stages(stages: &[(String, Graph)], which: &str, dir: &Path) -> Result<(), CliError> {
-    if which != "all" && !stages.iter().any(|(n, _)| n == which) {
-        let names: Vec<&str> = stages.iter().map(|(n, _)| n.as_str()).collect();
-        return Err(fail(format!("--dump-after: no pass `{which}`; passes: all, {}", names.join(", "))));
-    }
-    std::fs::create_dir_all(dir).map_err(|e| fail(format!("cannot create `{}`: {e}", dir.display())))?;
-    for (i, (name, g)) in stages.iter().enumerate() {
-        if which == "all" || which == name {
-            write_file(&dir.join(format!("{i:02}-{name}.kiln")), kiln_graph::text::print(g).as_bytes())?;
-            write_file(
-                &dir.join(format!("{i:02}-{name}.dot")),
-                kiln_viz::dot::to_dot(g, &Default::default()).as_bytes(),
-            )?;
-        }
-    }
-    Ok(())
+    kiln::dump::write_stages(stages, which, dir).map(|_| ()).map_err(CliError)
 }
 
 fn run(cli: Cli) -> Result<(), CliError> {
     match cli.cmd {
         Cmd::Generate {
             model,
+            plan,
             prompt,
             chat,
             max_tokens,
@@ -276,7 +308,10 @@ fn run(cli: Cli) -> Result<(), CliError> {
                 ..SamplingParams::default()
             };
             params.validate()?;
-            let llm = LLM::load(&model_path(model)?, LoadOptions { dtype: dtype.into(), device: device.into() })?;
+            let llm = match plan {
+                Some(plan) => LLM::load_plan(&plan)?,
+                None => LLM::load(&model_path(model)?, LoadOptions { dtype: dtype.into(), device: device.into() })?,
+            };
             let stdout = std::io::stdout();
             let mut out = stdout.lock();
             let mut write_err = None;
@@ -356,6 +391,82 @@ fn run(cli: Cli) -> Result<(), CliError> {
             tracing::info!(from = %from.display(), to = %to.display(), "converted");
         }
         Cmd::Bench(args) => kiln::bench::run_cli(&args)?,
+        Cmd::Build {
+            model,
+            preset,
+            seed,
+            out,
+            dtype,
+            max_batch,
+            max_context,
+            no_cuda_graphs,
+            no_fusion,
+            gpu,
+            dump_after,
+        } => {
+            if let [which, _] = dump_after.as_slice() {
+                kiln::dump::check_pass(which, !no_fusion).map_err(CliError)?;
+            }
+            let source = match preset {
+                Some(name) => ModelSource::Preset { name, seed },
+                None => {
+                    let path = model_path(model)?;
+                    let abs = std::fs::canonicalize(&path)
+                        .map_err(|e| fail(format!("cannot read `{}`: {e}", path.display())))?;
+                    ModelSource::Path(abs.to_string_lossy().into_owned())
+                }
+            };
+            let opts = kiln_models::plan::BuildOptions {
+                dtype: dtype.into(),
+                max_batch,
+                max_context,
+                cuda_graphs: !no_cuda_graphs,
+                fusion: !no_fusion,
+                device: gpu,
+                keep_stages: !dump_after.is_empty(),
+            };
+            let t = std::time::Instant::now();
+            let mut built = kiln_models::plan::build(&source, &opts)?;
+            if let [which, dir] = dump_after.as_slice() {
+                dump_stages(&built.stages, which, Path::new(dir))?;
+            }
+            built.plan.build.date = kiln::bench::utc_now();
+            let plan = &built.plan;
+            let bytes = plan.save(&out)?;
+            let b = &plan.build;
+            let o = &plan.options;
+            println!("plan      {} ({}, key {})", out.display(), mib(bytes), plan.key);
+            println!("model     {}", plan.model.source);
+            println!(
+                "options   {}, max batch {}, max context {}, CUDA graphs {}, pipeline {}",
+                o.dtype,
+                o.max_batch,
+                o.max_context,
+                if o.cuda_graphs { "on" } else { "off" },
+                o.pipeline
+            );
+            println!("target    {} ({})", plan.target, plan.target.device);
+            println!(
+                "graph     {} nodes, {} launches per forward pass (with sampling)",
+                built.engine.graph().node_count(),
+                plan.launches.len()
+            );
+            println!(
+                "kernels   {} ({} of binaries): {} compiled, {} from the disk cache, in {:.2} s",
+                plan.kernels.len(),
+                mib(plan.kernel_bytes()),
+                b.compiled,
+                b.cached,
+                b.compile_seconds
+            );
+            println!(
+                "time      trace {:.2} s, passes {:.2} s, weights {:.2} s, total {:.2} s",
+                b.trace_seconds,
+                b.passes_seconds,
+                built.weights_seconds,
+                t.elapsed().as_secs_f64()
+            );
+        }
     }
     Ok(())
 }
