@@ -150,7 +150,10 @@ impl Role {
 /// The C type of a parameter.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum ParamTy {
-    /// `T*` (or `const T* __restrict__`) to device memory; `T` is a C type name.
+    /// `T*` (or `const T*`) to device memory; `T` is a C type name. Never
+    /// `__restrict__`: kernels start before their predecessor has finished (programmatic
+    /// dependent launch), and a restrict-qualified input would let the compiler hoist
+    /// its loads above the wait for the predecessor (`kiln_grid_wait` in `kiln.cuh`).
     Ptr {
         elem: String,
         is_const: bool,
@@ -171,8 +174,8 @@ impl ParamTy {
     }
     fn render(&self, name: &str) -> String {
         match self {
-            ParamTy::Ptr { elem, is_const: true } => format!("const {elem}* __restrict__ {name}"),
-            ParamTy::Ptr { elem, is_const: false } => format!("{elem}* __restrict__ {name}"),
+            ParamTy::Ptr { elem, is_const: true } => format!("const {elem}* {name}"),
+            ParamTy::Ptr { elem, is_const: false } => format!("{elem}* {name}"),
             ParamTy::I64 => format!("i64 {name}"),
             ParamTy::I32 => format!("int {name}"),
             ParamTy::F32 => format!("float {name}"),
@@ -248,7 +251,7 @@ impl KernelSig {
         KernelSig { name: name.into(), params: params.into_iter().map(|(role, ty)| Param { role, ty }).collect() }
     }
 
-    /// `extern "C" __global__ void name(T* __restrict__ out, …)`.
+    /// `extern "C" __global__ void name(T* out, …)`.
     pub fn signature(&self) -> String {
         let ps: Vec<String> = self.params.iter().map(|p| p.ty.render(&p.role.c_name())).collect();
         format!("extern \"C\" __global__ void {}({})", self.name, ps.join(", "))
@@ -302,7 +305,7 @@ mod tests {
     fn signature_and_arguments_come_from_one_list() {
         assert_eq!(
             sig().signature(),
-            "extern \"C\" __global__ void k(float* __restrict__ out, const kiln_bf16* __restrict__ in0, i64 n, \
+            "extern \"C\" __global__ void k(float* out, const kiln_bf16* in0, i64 n, \
              Idx8 shape, float scale)"
         );
         // Values are asked for by role, in parameter order, whatever order the caller keeps.

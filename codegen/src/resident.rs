@@ -84,12 +84,12 @@ mod tests {
         let table = [Sym::new("batch"), Sym::new("past"), Sym::new("seq")];
         let k = kv_append(DType::BF16, &Dim::sym("past"), &table).unwrap();
         assert!(k.source.contains("#define KILN_AT (syms[1])"), "{}", k.source);
-        assert!(k.sig.signature().contains("unsigned short* __restrict__ out"), "{}", k.sig.signature());
+        assert!(k.sig.signature().contains("unsigned short* out"), "{}", k.sig.signature());
         let a = arange_syms(&Dim::sym("past"), &table).unwrap();
         assert!(a.source.contains("#define KILN_START (syms[1])"));
         let e = step_end(Sym::new("past"), Sym::new("seq"), &table).unwrap();
         assert!(e.source.contains("#define KILN_PAST 1") && e.source.contains("#define KILN_SEQ 2"));
-        assert!(e.sig.signature().contains("i64* __restrict__ syms"));
+        assert!(e.sig.signature().contains("i64* syms"));
         assert!(step_end(Sym::new("nope"), Sym::new("seq"), &table).is_err());
     }
 }

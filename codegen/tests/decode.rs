@@ -16,8 +16,8 @@ fn gemv_parameters_and_launch() {
     assert_eq!(roles(&k), [Role::Out(0), Role::In(0), Role::In(1), Role::MatM, Role::MatN, Role::MatK]);
     assert_eq!(
         k.sig.signature(),
-        "extern \"C\" __global__ void kiln_gemv_bf16_bf16_bf16(kiln_bf16* __restrict__ out, const kiln_bf16* \
-         __restrict__ in0, const kiln_bf16* __restrict__ in1, i64 m, i64 n, i64 k)"
+        "extern \"C\" __global__ void kiln_gemv_bf16_bf16_bf16(kiln_bf16* out, const kiln_bf16* \
+         in0, const kiln_bf16* in1, i64 m, i64 n, i64 k)"
     );
     assert!(k.source.contains("#define KILN_VEC 8") && k.source.contains("#define KILN_RESIDUAL 0"));
     assert!(!k.source.contains("KILN_SIGNATURE"));
@@ -26,8 +26,8 @@ fn gemv_parameters_and_launch() {
     assert_eq!(roles(&r), [Role::Out(0), Role::In(0), Role::In(1), Role::In(2), Role::MatM, Role::MatN, Role::MatK]);
     let sig = r.sig.signature();
     // x f32, w bf16, y and r f16; the vector width follows w.
-    assert!(sig.contains("kiln_f16* __restrict__ out, const float* __restrict__ in0"), "{sig}");
-    assert!(sig.contains("const kiln_bf16* __restrict__ in1, const kiln_f16* __restrict__ in2"), "{sig}");
+    assert!(sig.contains("kiln_f16* out, const float* in0"), "{sig}");
+    assert!(sig.contains("const kiln_bf16* in1, const kiln_f16* in2"), "{sig}");
     assert!(r.source.contains("#define KILN_VEC 8") && r.source.contains("#define KILN_RESIDUAL 1"));
     assert_ne!(r.sig.name, gemv(DType::F32, DType::BF16, DType::F16).unwrap().sig.name);
     assert!(gemv(DType::F32, DType::F32, DType::F32).unwrap().source.contains("#define KILN_VEC 4"));
@@ -84,12 +84,12 @@ fn attention_decode_reads_the_key_count_from_the_symbol_table() {
     assert!(!sig.contains(" keys"), "{sig}");
     assert!(
         sig.contains(
-            "kiln_bf16* __restrict__ out, float* __restrict__ out1, float* __restrict__ out2, \
-             unsigned int* __restrict__ counters, const kiln_bf16* __restrict__ in0"
+            "kiln_bf16* out, float* out1, float* out2, \
+             unsigned int* counters, const kiln_bf16* in0"
         ),
         "{sig}"
     );
-    assert!(sig.contains("const i64* __restrict__ syms"), "{sig}");
+    assert!(sig.contains("const i64* syms"), "{sig}");
     assert!(sig.contains("float scale, int mask_kind, i64 window)"), "{sig}");
     assert!(p.source.contains("#define KILN_KEYS (syms[1] + syms[2])"), "keys expression missing");
     assert_eq!(p.grid, Grid::BlockPerItem { threads: 128 });
@@ -162,12 +162,12 @@ fn sample_parameters() {
     );
     assert_eq!(
         k.sig.signature(),
-        "extern \"C\" __global__ void kiln_sample_f32(i64* __restrict__ out, float* __restrict__ out1, const float* \
-         __restrict__ in0, i64* __restrict__ step, i64 n, i64 len, float temperature, i64 top_k, float top_p, i64 seed)"
+        "extern \"C\" __global__ void kiln_sample_f32(i64* out, float* out1, const float* \
+         in0, i64* step, i64 n, i64 len, float temperature, i64 top_k, float top_p, i64 seed)"
     );
     assert_eq!(k.grid, Grid::BlockPerItem { threads: SAMPLE_THREADS });
     assert!(k.source.contains(&format!("#define KILN_THREADS {SAMPLE_THREADS}")));
     assert_eq!(k.grid.dims(sample_items(3)), (3, 512));
-    assert!(sample(DType::BF16).unwrap().sig.signature().contains("const kiln_bf16* __restrict__ in0"));
+    assert!(sample(DType::BF16).unwrap().sig.signature().contains("const kiln_bf16* in0"));
     assert!(sample(DType::Bool).unwrap_err().0.contains("sample logits"));
 }

@@ -652,6 +652,75 @@ fn attention_decode_odd_shapes() {
     }
 }
 
+/// Time per launch of decode attention (batch 1, one query row) on the Llama-3.2-1B and
+/// SmolLM2-135M head shapes at a few context lengths, with the split count the engine
+/// uses. Informational: nothing is timed against a threshold.
+#[test]
+fn attention_decode_timing() {
+    let Some(g) = gpu() else { return };
+    let table = [Sym::new("past"), Sym::new("seq")];
+    let keys = &Dim::sym("past") + &Dim::sym("seq");
+    let dt = DType::BF16;
+    let pk = decode::attention_decode(dt, &keys, &table).unwrap();
+    let pf = g.load(&pk);
+    let sms = g.info.multiprocessors.max(1) as usize;
+    let mut r = rng(11);
+    for (h, kh, d) in [(32, 8, 64), (9, 3, 64)] {
+        for t in [200, 1000, 4000] {
+            let (b, s, cap) = (1, 1, 4096 + 16);
+            let (kb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
+            let (vb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
+            let (qb, _) = encode(dt, &uniform(&mut r, b * s * h * d, -1.0, 1.0));
+            let (kbuf, vbuf, qbuf) = (g.upload(&kb), g.upload(&vb), g.upload(&qb));
+            let mut syms = Vec::new();
+            syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
+            syms.extend_from_slice(&(s as i64).to_le_bytes());
+            let sbuf = g.upload(&syms);
+            let splits = decode::attention_decode_splits(b, s, h, kh, 16384, sms);
+            let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
+            let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
+            let out = g.poisoned(b * s * h * d * 2);
+            let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters(b, s, h, kh)]);
+            let args: Args = vec![
+                (Role::Out(0), g.arg(&out)),
+                (Role::Out(1), g.arg(&po)),
+                (Role::Out(2), g.arg(&pml)),
+                (Role::Counters, g.arg(&counters)),
+                (Role::In(0), g.arg(&qbuf)),
+                (Role::In(1), g.arg(&kbuf)),
+                (Role::In(2), g.arg(&vbuf)),
+                (Role::Syms, g.arg(&sbuf)),
+                (Role::Batch, ArgValue::I64(b as i64)),
+                (Role::Seq, ArgValue::I64(s as i64)),
+                (Role::Heads, ArgValue::I64(h as i64)),
+                (Role::KvHeads, ArgValue::I64(kh as i64)),
+                (Role::HeadDim, ArgValue::I64(d as i64)),
+                (Role::ValueDim, ArgValue::I64(d as i64)),
+                (Role::KBatchStride, ArgValue::I64((cap * kh * d) as i64)),
+                (Role::VBatchStride, ArgValue::I64((cap * kh * d) as i64)),
+                (Role::Splits, ArgValue::I64(splits as i64)),
+                (Role::Scale, ArgValue::F32(0.125)),
+                (Role::MaskKind, ArgValue::I32(1)),
+                (Role::Window, ArgValue::I64(0)),
+            ];
+            let items = decode::attention_decode_items(b, s, h, kh, splits);
+            for _ in 0..10 {
+                g.launch(&pk, &pf, items, &args);
+            }
+            let launches = 200;
+            let start = g.event();
+            for _ in 0..launches {
+                g.launch(&pk, &pf, items, &args);
+            }
+            let end = g.event();
+            g.sync();
+            let us = start.elapsed_ms(&end).expect("elapsed") as f64 * 1e3 / launches as f64;
+            println!("kiln-info\tattention_decode_timing\th={h}\tkh={kh}\td={d}\tt={t}\tsplits={splits}\tus={us:.1}");
+            assert!(us > 0.0);
+        }
+    }
+}
+
 // ---- sampling -----------------------------------------------------------------------------------
 
 /// SplitMix64's finalizer of `z + golden`, as in `sample.cu`.

@@ -64,7 +64,7 @@ __device__ __forceinline__ void ad_cp_wait_all() { asm volatile("cp.async.wait_g
 
 // Copies keys [j0, j1) of K and V into one stage: K rows of dp elements, then V rows of
 // dvp elements (dp, dvp: d, dv rounded up to KILN_VEC; the K padding is zeroed).
-__device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* __restrict__ kbase, const KILN_T* __restrict__ vbase,
+__device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const KILN_T* vbase,
                                          i64 j0, i64 j1, i64 kv_heads, int d, int dv, int dp, int dvp, int kt, bool vec) {
     KILN_T* sv = sk + kt * dp;
     const int nk = (int)(j1 - j0);

@@ -53,7 +53,7 @@ __device__ __forceinline__ unsigned long long sp_mix(unsigned long long z) {
     z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
     return z ^ (z >> 31);
 }
-__device__ __forceinline__ float sp_x(const KILN_L* __restrict__ row, i64 i, float inv_t) {
+__device__ __forceinline__ float sp_x(const KILN_L* row, i64 i, float inv_t) {
     return kiln_ld(row, i) * inv_t + 0.0f;
 }
 // Merges online-softmax states (max, Σ exp(x − max)).
@@ -84,7 +84,7 @@ __device__ __forceinline__ int sp_bin(const SpBins& b, float x, unsigned kx) {
 // them above hi) to the largest key τ whose count (by_count) or mass of keys >= τ
 // reaches the target (the lowest key of the window if none does). Returns τ and the
 // mass of the keys >= τ. Called by every thread of the block.
-__device__ void sp_select(const KILN_L* __restrict__ row, i64 len, float inv_t, float M, bool by_count, i64 target_c,
+__device__ void sp_select(const KILN_L* row, i64 len, float inv_t, float M, bool by_count, i64 target_c,
                           float target_m, unsigned lo, unsigned hi, float total, unsigned& tau, float& kept,
                           unsigned (*cnt)[SP_BINS], float (*mass)[SP_BINS], unsigned* s_u, float* s_f, i64* s_i) {
     const int tid = threadIdx.x, copy = (tid >> 5) & (SP_COPIES - 1);
