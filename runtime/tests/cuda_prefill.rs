@@ -203,6 +203,9 @@ fn prefill_attention_matches_reference() {
     }
 }
 
+/// b, s, t, h, kh, d, mask, scale, pointer offset (elements), warps.
+type OddCase = (usize, usize, usize, usize, usize, usize, Mask, f32, usize, usize);
+
 /// Other head dims, sharp softmax (scale 1: scores of tens), unaligned pointers (the
 /// plain-load path), K and V caches of different capacities, windows of 1 and of more
 /// than t, and the 2-warp variant.
@@ -211,7 +214,7 @@ fn prefill_attention_odd_cases() {
     let Some(g) = gpu() else { return };
     let (table, keys) = (table(), keys());
     #[rustfmt::skip]
-    let cases: &[(usize, usize, usize, usize, usize, usize, Mask, f32, usize, usize)] = &[
+    let cases: &[OddCase] = &[
         // b, s, t, h, kh, d, mask, scale, offset, warps
         (2, 100, 100, 4, 2, 64, Mask::Causal, 0.125, 1, 4),
         (1, 77, 300, 6, 2, 128, Mask::SlidingWindow(50), 0.09, 1, 4),
