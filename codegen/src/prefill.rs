@@ -71,17 +71,20 @@ fn check_head_dim(name: &str, v: usize) -> Result<(), CodegenError> {
 /// A kernel launched with sizes [`attention_prefill_check`] rejects (or another head
 /// dim than it was made for) writes nothing.
 pub fn attention_prefill(d: DType, head_dim: usize, keys: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
-    attention_prefill_with_warps(d, head_dim, PREFILL_WARPS, keys, syms)
+    attention_prefill_variant(d, head_dim, PREFILL_WARPS, 0, keys, syms)
 }
 
 /// [`attention_prefill`] with the [`PREFILL_QUERY_TILE`] rows of a block shared by 4
 /// warps (16 rows each, the default) or 2 warps (32 rows each: K/V fragments reused over
-/// twice the rows, more registers; head dims up to 64). For measurements.
+/// twice the rows, more registers; head dims up to 64), and, when `min_blocks > 0`,
+/// `__launch_bounds__(threads, min_blocks)` (fewer registers for more resident blocks,
+/// at the price of spills). Same semantics and launch; for measurements.
 #[doc(hidden)]
-pub fn attention_prefill_with_warps(
+pub fn attention_prefill_variant(
     d: DType,
     head_dim: usize,
     warps: usize,
+    min_blocks: u32,
     keys: &Dim,
     syms: &[Sym],
 ) -> Result<Kernel, CodegenError> {
@@ -97,7 +100,10 @@ pub fn attention_prefill_with_warps(
         }
     };
     let keys_c = dim_to_c(keys, syms)?;
-    let variant = if warps == PREFILL_WARPS { String::new() } else { format!("_w{warps}") };
+    let mut variant = if warps == PREFILL_WARPS { String::new() } else { format!("_w{warps}") };
+    if min_blocks > 0 {
+        variant.push_str(&format!("_b{min_blocks}"));
+    }
     let sig = KernelSig::new(
         format!("kiln_attn_prefill_{}_d{head_dim}{variant}_{}", d.name(), stable_hash_hex(&keys_c)),
         vec![
@@ -119,9 +125,20 @@ pub fn attention_prefill_with_warps(
             (Role::Window, ParamTy::I64),
         ],
     );
+    let threads = 32 * warps as u32;
+    let template = if min_blocks > 0 {
+        let head = sig.signature().replacen(
+            "__global__ void ",
+            &format!("__global__ void __launch_bounds__({threads}, {min_blocks}) "),
+            1,
+        );
+        FLASH_PREFILL.replace("KILN_SIGNATURE", &head)
+    } else {
+        FLASH_PREFILL.to_string()
+    };
     Ok(render(
         sig,
-        FLASH_PREFILL,
+        &template,
         &[
             ("KILN_T", s.to_string()),
             ("PF_F16", u8::from(d == DType::F16).to_string()),
@@ -130,7 +147,7 @@ pub fn attention_prefill_with_warps(
             ("PF_MW", mw.to_string()),
             ("KILN_KEYS", keys_c),
         ],
-        Grid::BlockPerItem { threads: 32 * warps as u32 },
+        Grid::BlockPerItem { threads },
     ))
 }
 
