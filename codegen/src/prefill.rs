@@ -71,23 +71,43 @@ fn check_head_dim(name: &str, v: usize) -> Result<(), CodegenError> {
 /// A kernel launched with sizes [`attention_prefill_check`] rejects (or another head
 /// dim than it was made for) writes nothing.
 pub fn attention_prefill(d: DType, head_dim: usize, keys: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
-    attention_prefill_variant(d, head_dim, PREFILL_WARPS, 0, keys, syms)
+    attention_prefill_variant(d, head_dim, PrefillTuning::default(), keys, syms)
 }
 
-/// [`attention_prefill`] with the [`PREFILL_QUERY_TILE`] rows of a block shared by 4
-/// warps (16 rows each, the default) or 2 warps (32 rows each: K/V fragments reused over
-/// twice the rows, more registers; head dims up to 64), and, when `min_blocks > 0`,
-/// `__launch_bounds__(threads, min_blocks)` (fewer registers for more resident blocks,
-/// at the price of spills). Same semantics and launch; for measurements.
+/// How an [`attention_prefill`] kernel is built; every variant has the same semantics
+/// and launch items. For measurements.
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrefillTuning {
+    /// Warps sharing the [`PREFILL_QUERY_TILE`] rows of a block: 4 (16 rows each) or 2
+    /// (32 rows each: K/V fragments reused over twice the rows, more registers; head
+    /// dims up to 64).
+    pub warps: usize,
+    /// `__launch_bounds__(threads, min_blocks)` when > 0: fewer registers for more
+    /// resident blocks, at the price of spills.
+    pub min_blocks: u32,
+    /// Shared-memory stages of the K and V tiles: 1 (K tile i+1 copied during P·V of
+    /// tile i, V tile i during q·kᵀ; three barriers per tile) or 2 (head dims up to 80:
+    /// tile i+1 copied during all of tile i, one barrier per tile).
+    pub stages: usize,
+}
+
+impl Default for PrefillTuning {
+    fn default() -> PrefillTuning {
+        PrefillTuning { warps: PREFILL_WARPS, min_blocks: 0, stages: 1 }
+    }
+}
+
+/// [`attention_prefill`] built with `tuning`.
 #[doc(hidden)]
 pub fn attention_prefill_variant(
     d: DType,
     head_dim: usize,
-    warps: usize,
-    min_blocks: u32,
+    tuning: PrefillTuning,
     keys: &Dim,
     syms: &[Sym],
 ) -> Result<Kernel, CodegenError> {
+    let PrefillTuning { warps, min_blocks, stages } = tuning;
     let s = storage(d)?;
     check_head_dim("head_dim", head_dim)?;
     let mw = match warps {
@@ -99,10 +119,18 @@ pub fn attention_prefill_variant(
             )))
         }
     };
+    if !(stages == 1 || stages == 2 && head_dim <= 80) {
+        return Err(CodegenError(format!(
+            "attention_prefill: {stages} stages with head_dim {head_dim} (1, or 2 up to head_dim 80)"
+        )));
+    }
     let keys_c = dim_to_c(keys, syms)?;
     let mut variant = if warps == PREFILL_WARPS { String::new() } else { format!("_w{warps}") };
     if min_blocks > 0 {
         variant.push_str(&format!("_b{min_blocks}"));
+    }
+    if stages > 1 {
+        variant.push_str(&format!("_s{stages}"));
     }
     let sig = KernelSig::new(
         format!("kiln_attn_prefill_{}_d{head_dim}{variant}_{}", d.name(), stable_hash_hex(&keys_c)),
@@ -145,6 +173,7 @@ pub fn attention_prefill_variant(
             ("PF_D", head_dim.to_string()),
             ("PF_WARPS", warps.to_string()),
             ("PF_MW", mw.to_string()),
+            ("PF_STAGES", stages.to_string()),
             ("KILN_KEYS", keys_c),
         ],
         Grid::BlockPerItem { threads },

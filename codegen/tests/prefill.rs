@@ -79,16 +79,32 @@ fn prefill_parameters_and_key_count_from_the_symbol_table() {
         }
     }
     // The 2-warp variant: 64 threads, another name.
-    let w2 = attention_prefill_variant(DType::BF16, 64, 2, 0, &keys, &table()).unwrap();
+    let w2 =
+        attention_prefill_variant(DType::BF16, 64, PrefillTuning { warps: 2, ..Default::default() }, &keys, &table())
+            .unwrap();
     assert_eq!(w2.grid, Grid::BlockPerItem { threads: 64 });
     assert!(w2.source.contains("#define PF_MW 2") && k.source.contains("#define PF_MW 1"));
     assert_ne!(w2.sig.name, k.sig.name);
     // Launch bounds only when asked for.
     assert!(!k.source.contains("__launch_bounds__"));
-    let b5 = attention_prefill_variant(DType::BF16, 64, 4, 5, &keys, &table()).unwrap();
+    let b5 = attention_prefill_variant(
+        DType::BF16,
+        64,
+        PrefillTuning { min_blocks: 5, ..Default::default() },
+        &keys,
+        &table(),
+    )
+    .unwrap();
     assert!(b5.source.contains(&format!("__global__ void __launch_bounds__(128, 5) {}(", b5.sig.name)));
     assert!(!b5.source.contains("KILN_SIGNATURE"));
     assert_ne!(b5.sig.name, k.sig.name);
+    // Two stages: twice the tiles, head dims up to 80.
+    let two = PrefillTuning { stages: 2, ..Default::default() };
+    let s2 = attention_prefill_variant(DType::BF16, 64, two, &keys, &table()).unwrap();
+    assert!(s2.source.contains("#define PF_STAGES 2") && k.source.contains("#define PF_STAGES 1"));
+    assert_ne!(s2.sig.name, k.sig.name);
+    let e = attention_prefill_variant(DType::BF16, 96, two, &keys, &table()).unwrap_err().0;
+    assert!(e.contains("2 stages") && e.contains("head_dim 96"), "{e}");
 }
 
 #[test]
@@ -118,7 +134,10 @@ fn prefill_errors_name_the_culprit() {
     assert!(attention_prefill(DType::BF16, 0, &keys, &table).unwrap_err().0.contains("head_dim 0"));
     let e = attention_prefill(DType::BF16, 64, &Dim::sym("seq"), &table).unwrap_err().0;
     assert!(e.contains("`seq`"), "{e}");
-    let e = attention_prefill_variant(DType::BF16, 128, 2, 0, &keys, &table).unwrap_err().0;
+    let e =
+        attention_prefill_variant(DType::BF16, 128, PrefillTuning { warps: 2, ..Default::default() }, &keys, &table)
+            .unwrap_err()
+            .0;
     assert!(e.contains("2 warps") && e.contains("head_dim 128"), "{e}");
 
     assert!(attention_prefill_check(DType::BF16, 32, 8, 64, 64).is_ok());

@@ -17,6 +17,7 @@ mod common;
 
 use common::{decode_values, encode, gpu, mask_args, rel_l2, rng, uniform, Args, AttnCase, Gpu};
 use cudarc::driver::{CudaFunction, CudaSlice};
+use kiln_codegen::prefill::PrefillTuning;
 use kiln_codegen::{decode, prefill, ArgValue, Compiler, Kernel, Role};
 use kiln_ops::{DType, Dim, Mask, Sym};
 use kiln_runtime::cuda::CudaExecutor;
@@ -216,38 +217,44 @@ fn prefill_attention_matches_reference() {
 }
 
 /// b, s, t, h, kh, d, mask, scale, pointer offset (elements), warps, min blocks (launch
-/// bounds; 0: none).
-type OddCase = (usize, usize, usize, usize, usize, usize, Mask, f32, usize, usize, u32);
+/// bounds; 0: none), stages.
+type OddCase = (usize, usize, usize, usize, usize, usize, Mask, f32, usize, usize, u32, usize);
 
 /// Other head dims, sharp softmax (scale 1: scores of tens), unaligned pointers (the
 /// plain-load path), K and V caches of different capacities, windows of 1 and of more
-/// than t, the 2-warp variant and launch-bounded variants.
+/// than t, the 2-warp, launch-bounded and 2-stage variants.
 #[test]
 fn prefill_attention_odd_cases() {
     let Some(g) = gpu() else { return };
     let (table, keys) = (table(), keys());
     #[rustfmt::skip]
     let cases: &[OddCase] = &[
-        // b, s, t, h, kh, d, mask, scale, offset, warps, min blocks
-        (2, 100, 100, 4, 2, 64, Mask::Causal, 0.125, 1, 4, 0),
-        (1, 77, 300, 6, 2, 128, Mask::SlidingWindow(50), 0.09, 1, 4, 0),
-        (2, 200, 200, 4, 1, 64, Mask::Causal, 1.0, 0, 4, 0),
-        (1, 129, 129, 2, 2, 128, Mask::None, 1.0, 0, 4, 0),
-        (1, 65, 65, 4, 4, 32, Mask::Causal, 0.2, 0, 4, 0),
-        (2, 90, 150, 3, 1, 96, Mask::SlidingWindow(1), 0.1, 0, 4, 0),
-        (1, 50, 50, 2, 1, 16, Mask::SlidingWindow(500), 0.25, 0, 4, 0),
-        (1, 300, 300, 4, 2, 112, Mask::Causal, 0.1, 0, 4, 0),
-        (2, 257, 300, 8, 2, 64, Mask::Causal, 0.125, 0, 2, 0),
-        (1, 130, 130, 4, 4, 64, Mask::SlidingWindow(16), 0.125, 1, 2, 0),
-        (1, 64, 1000, 4, 4, 32, Mask::None, 0.18, 0, 2, 0),
-        (2, 1000, 1000, 9, 3, 64, Mask::Causal, 0.125, 0, 4, 5),
-        (1, 70, 200, 32, 8, 64, Mask::None, 0.125, 1, 4, 5),
-        (1, 130, 130, 4, 4, 64, Mask::SlidingWindow(16), 0.125, 0, 4, 5),
-        (2, 1000, 1000, 9, 3, 128, Mask::Causal, 0.09, 0, 4, 4),
-        (1, 70, 200, 32, 8, 128, Mask::None, 0.09, 1, 4, 4),
+        // b, s, t, h, kh, d, mask, scale, offset, warps, min blocks, stages
+        (2, 100, 100, 4, 2, 64, Mask::Causal, 0.125, 1, 4, 0, 1),
+        (1, 77, 300, 6, 2, 128, Mask::SlidingWindow(50), 0.09, 1, 4, 0, 1),
+        (2, 200, 200, 4, 1, 64, Mask::Causal, 1.0, 0, 4, 0, 1),
+        (1, 129, 129, 2, 2, 128, Mask::None, 1.0, 0, 4, 0, 1),
+        (1, 65, 65, 4, 4, 32, Mask::Causal, 0.2, 0, 4, 0, 1),
+        (2, 90, 150, 3, 1, 96, Mask::SlidingWindow(1), 0.1, 0, 4, 0, 1),
+        (1, 50, 50, 2, 1, 16, Mask::SlidingWindow(500), 0.25, 0, 4, 0, 1),
+        (1, 300, 300, 4, 2, 112, Mask::Causal, 0.1, 0, 4, 0, 1),
+        (2, 257, 300, 8, 2, 64, Mask::Causal, 0.125, 0, 2, 0, 1),
+        (1, 130, 130, 4, 4, 64, Mask::SlidingWindow(16), 0.125, 1, 2, 0, 1),
+        (1, 64, 1000, 4, 4, 32, Mask::None, 0.18, 0, 2, 0, 1),
+        (2, 1000, 1000, 9, 3, 64, Mask::Causal, 0.125, 0, 4, 5, 1),
+        (1, 70, 200, 32, 8, 64, Mask::None, 0.125, 1, 4, 5, 1),
+        (1, 130, 130, 4, 4, 64, Mask::SlidingWindow(16), 0.125, 0, 4, 5, 1),
+        (2, 1000, 1000, 9, 3, 128, Mask::Causal, 0.09, 0, 4, 4, 1),
+        (1, 70, 200, 32, 8, 128, Mask::None, 0.09, 1, 4, 4, 1),
+        (2, 1000, 1000, 9, 3, 64, Mask::Causal, 0.125, 0, 4, 4, 2),
+        (1, 70, 200, 32, 8, 64, Mask::None, 0.125, 1, 4, 4, 2),
+        (1, 130, 130, 4, 4, 64, Mask::SlidingWindow(16), 0.125, 0, 4, 5, 2),
+        (2, 300, 300, 4, 2, 80, Mask::Causal, 0.1, 0, 4, 0, 2),
+        (1, 65, 1000, 6, 3, 32, Mask::None, 0.2, 1, 2, 0, 2),
+        (1, 1, 1, 4, 4, 64, Mask::Causal, 0.125, 0, 4, 4, 2),
     ];
     let mut failures = 0usize;
-    for (ci, &(b, s, t, h, kh, d, mask, scale, offset, warps, min_blocks)) in cases.iter().enumerate() {
+    for (ci, &(b, s, t, h, kh, d, mask, scale, offset, warps, min_blocks, stages)) in cases.iter().enumerate() {
         let mut r = rng(900 + ci as u64);
         let (cap, vcap) = (t + 3, t + 11);
         let q = shared_values(&mut r, b * s * h * d, -2.0, 2.0);
@@ -266,13 +273,15 @@ fn prefill_attention_odd_cases() {
         let c = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask, scale };
         let want = common::attention_ref(&c, &f64s(&q), &f64s(&kc), &vref);
         for dt in DTYPES {
-            let k = prefill::attention_prefill_variant(dt, d, warps, min_blocks, &keys, &table).unwrap();
+            let k =
+                prefill::attention_prefill_variant(dt, d, PrefillTuning { warps, min_blocks, stages }, &keys, &table)
+                    .unwrap();
             let f = g.load(&k);
             let mut bufs = Bufs::new(&g, dt, &q, &kc, &vc, b * s * h * d, offset);
             set_keys(&g, &mut bufs, s, t);
             let got = run(&g, &(k, f), &bufs, &c, vcap, dt);
             let what = format!(
-                "{dt} b={b} s={s} t={t} h={h} kh={kh} d={d} {mask:?} scale={scale} offset={offset} warps={warps} min_blocks={min_blocks}"
+                "{dt} b={b} s={s} t={t} h={h} kh={kh} d={d} {mask:?} scale={scale} offset={offset} warps={warps} min_blocks={min_blocks} stages={stages}"
             );
             let unwritten = got.iter().filter(|x| x.is_nan()).count();
             if unwritten > 0 {
@@ -307,7 +316,20 @@ fn every_prefill_kernel_variant_compiles() {
         for d in (16..=prefill::PREFILL_MAX_HEAD_DIM).step_by(16) {
             ks.push(prefill::attention_prefill(dt, d, &keys, &table).unwrap());
             if d <= 64 {
-                ks.push(prefill::attention_prefill_variant(dt, d, 2, 0, &keys, &table).unwrap());
+                ks.push(
+                    prefill::attention_prefill_variant(
+                        dt,
+                        d,
+                        PrefillTuning { warps: 2, ..Default::default() },
+                        &keys,
+                        &table,
+                    )
+                    .unwrap(),
+                );
+            }
+            if d <= 80 {
+                let two = PrefillTuning { stages: 2, ..Default::default() };
+                ks.push(prefill::attention_prefill_variant(dt, d, two, &keys, &table).unwrap());
             }
         }
     }
@@ -343,8 +365,8 @@ fn time_ms(g: &Gpu, n: usize, mut launch: impl FnMut()) -> f64 {
     median(events.windows(2).map(|w| w[0].elapsed_ms(&w[1]).expect("elapsed") as f64).collect())
 }
 
-/// b, s = t, h, kh, d, mask, warps, min blocks (launch bounds; 0: none).
-type TimedShape = (usize, usize, usize, usize, usize, Mask, usize, u32);
+/// b, s = t, h, kh, d, mask, warps, min blocks (launch bounds; 0: none), stages.
+type TimedShape = (usize, usize, usize, usize, usize, Mask, usize, u32, usize);
 
 /// Prefill attention times (never asserted): the Llama-3.2-1B shape (b=1, s=t=2048,
 /// h=32, kh=8, d=64, causal, bf16), the same with d=128, and a few more; the old
@@ -358,22 +380,26 @@ fn prefill_attention_timing() {
     let dt = DType::BF16;
     #[rustfmt::skip]
     let shapes: &[TimedShape] = &[
-        // b, s=t, h, kh, d, mask, warps, min blocks (0: no launch bounds)
-        (1, 2048, 32, 8, 64, Mask::Causal, 4, 0),
-        (1, 2048, 32, 8, 64, Mask::Causal, 4, 5),
-        (1, 2048, 32, 8, 64, Mask::Causal, 2, 0),
-        (1, 2048, 32, 8, 128, Mask::Causal, 4, 0),
-        (1, 2048, 32, 8, 128, Mask::Causal, 4, 4),
-        (1, 2048, 32, 8, 64, Mask::None, 4, 0),
-        (1, 2048, 32, 8, 64, Mask::None, 4, 5),
-        (4, 2048, 32, 8, 64, Mask::Causal, 4, 0),
-        (4, 2048, 32, 8, 64, Mask::Causal, 4, 5),
-        (1, 8192, 32, 8, 128, Mask::Causal, 4, 0),
-        (1, 8192, 32, 8, 128, Mask::Causal, 4, 4),
-        (1, 8192, 32, 8, 64, Mask::Causal, 4, 0),
-        (1, 8192, 32, 8, 64, Mask::Causal, 4, 5),
+        // b, s=t, h, kh, d, mask, warps, min blocks (0: no launch bounds), stages
+        (1, 2048, 32, 8, 64, Mask::Causal, 4, 0, 1),
+        (1, 2048, 32, 8, 64, Mask::Causal, 4, 5, 1),
+        (1, 2048, 32, 8, 64, Mask::Causal, 4, 4, 2),
+        (1, 2048, 32, 8, 64, Mask::Causal, 4, 5, 2),
+        (1, 2048, 32, 8, 64, Mask::Causal, 2, 0, 1),
+        (1, 2048, 32, 8, 128, Mask::Causal, 4, 0, 1),
+        (1, 2048, 32, 8, 128, Mask::Causal, 4, 4, 1),
+        (1, 2048, 32, 8, 64, Mask::None, 4, 0, 1),
+        (1, 2048, 32, 8, 64, Mask::None, 4, 4, 2),
+        (4, 2048, 32, 8, 64, Mask::Causal, 4, 0, 1),
+        (4, 2048, 32, 8, 64, Mask::Causal, 4, 5, 1),
+        (4, 2048, 32, 8, 64, Mask::Causal, 4, 4, 2),
+        (1, 8192, 32, 8, 128, Mask::Causal, 4, 0, 1),
+        (1, 8192, 32, 8, 128, Mask::Causal, 4, 4, 1),
+        (1, 8192, 32, 8, 64, Mask::Causal, 4, 0, 1),
+        (1, 8192, 32, 8, 64, Mask::Causal, 4, 5, 1),
+        (1, 8192, 32, 8, 64, Mask::Causal, 4, 4, 2),
     ];
-    for &(b, s, h, kh, d, mask, warps, min_blocks) in shapes {
+    for &(b, s, h, kh, d, mask, warps, min_blocks, stages) in shapes {
         let t = s;
         let mut r = rng(42);
         let q = uniform(&mut r, b * s * h * d, -2.0, 2.0);
@@ -382,7 +408,8 @@ fn prefill_attention_timing() {
         let mut bufs = Bufs::new(&g, dt, &q, &kc, &vc, b * s * h * d, 0);
         set_keys(&g, &mut bufs, s, t);
         let c = AttnCase { b, s, h, kh, d, dv: d, t, cap: t, mask, scale: 1.0 / (d as f32).sqrt() };
-        let k = prefill::attention_prefill_variant(dt, d, warps, min_blocks, &keys, &table).unwrap();
+        let k = prefill::attention_prefill_variant(dt, d, PrefillTuning { warps, min_blocks, stages }, &keys, &table)
+            .unwrap();
         let f = g.load(&k);
         let a = args(&g, &bufs, &c, t);
         let items = prefill::attention_prefill_items(b, s, h, kh);
@@ -392,7 +419,7 @@ fn prefill_attention_timing() {
         let causal = if mask == Mask::Causal { 0.5 } else { 1.0 };
         let flops = 4.0 * (b * h * s * t * d) as f64 * causal;
         println!(
-            "kiln-info\tprefill_attention_time\t{}\t{dt}\tb={b}\ts=t={s}\th={h}\tkh={kh}\td={d}\t{mask:?}\twarps={warps}\tmin_blocks={min_blocks}\tms={ms:.4}\tTFLOP/s={:.1}",
+            "kiln-info\tprefill_attention_time\t{}\t{dt}\tb={b}\ts=t={s}\th={h}\tkh={kh}\td={d}\t{mask:?}\twarps={warps}\tmin_blocks={min_blocks}\tstages={stages}\tms={ms:.4}\tTFLOP/s={:.1}",
             g.info.name,
             flops / (ms * 1e-3) / 1e12
         );

@@ -27,8 +27,11 @@
 // by ldmatrix.trans), f32 accumulation. A warp skips tiles none of its rows sees and the
 // mask where every key of the tile is visible to all its rows. O / l is rounded once.
 //
+// PF_STAGES 2 (head dims up to 80: four tiles in 48 KiB) instead: K and V tile i+1 are
+// copied into a second stage during all of tile i's work, one barrier per tile.
+//
 // PF_D (head dim, a multiple of 16, at most 128), PF_WARPS, PF_MW (PF_WARPS·PF_MW·16 =
-// PF_BQ), PF_F16 (0: bf16, 1: f16) come from prefill.rs.
+// PF_BQ), PF_STAGES, PF_F16 (0: bf16, 1: f16) come from prefill.rs.
 #define PF_BQ 64
 #define PF_BK 64
 #define PF_LD (PF_D + 8)
@@ -126,8 +129,8 @@ __device__ __forceinline__ float pf_exp2(float x) {
 }
 
 KILN_SIGNATURE {
-    __shared__ __align__(16) unsigned short s_k[PF_BK * PF_LD];
-    __shared__ __align__(16) unsigned short s_v[PF_BK * PF_LD];  // Q is staged here first
+    __shared__ __align__(16) unsigned short s_k[PF_STAGES * PF_BK * PF_LD];
+    __shared__ __align__(16) unsigned short s_v[PF_STAGES * PF_BK * PF_LD];  // Q is staged in the last stage first
     if (head_dim != PF_D || value_dim != PF_D || kv_heads < 1 || heads % kv_heads != 0 || batch < 1 || seq < 1)
         return;  // uniform: the host checks these
     const i64 t = KILN_KEYS;
@@ -189,22 +192,29 @@ KILN_SIGNATURE {
     const unsigned short* vbase = (const unsigned short*)in2 + bi * v_batch_stride + (klo * kv_heads + kvh) * PF_D;
     const i64 qstride = heads * PF_D, kvstride = kv_heads * PF_D;
 
-    // Q tile -> s_v, K tile 0 -> s_k; Q fragments into registers.
-    pf_load_tile(s_v, qbase, qstride, nq, vec);
+    // Q tile -> the last V stage, K tile 0 -> s_k (and V tile 0 -> s_v with 2 stages); Q
+    // fragments into registers.
+    const unsigned short* s_q = s_v + (PF_STAGES - 1) * PF_BK * PF_LD;
+    pf_load_tile((unsigned short*)s_q, qbase, qstride, nq, vec);
     pf_cp_commit();
-    if (ntiles > 0) pf_load_tile(s_k, kbase, kvstride, nkeys < PF_BK ? nkeys : PF_BK, vec);
+    if (ntiles > 0) {
+        pf_load_tile(s_k, kbase, kvstride, nkeys < PF_BK ? nkeys : PF_BK, vec);
+#if PF_STAGES == 2
+        pf_load_tile(s_v, vbase, kvstride, nkeys < PF_BK ? nkeys : PF_BK, vec);
+#endif
+    }
     pf_cp_commit();
     pf_cp_wait_all_but_one();
     __syncthreads();
     unsigned qf[PF_MW][PF_D / 16][4];
-    const unsigned sk_addr = pf_smem_addr(s_k), sv_addr = pf_smem_addr(s_v);
+    const unsigned sk_addr = pf_smem_addr(s_k), sv_addr = pf_smem_addr(s_v), sq_addr = pf_smem_addr(s_q);
 #pragma unroll
     for (int mi = 0; mi < PF_MW; ++mi)
 #pragma unroll
         for (int kk = 0; kk < PF_D / 16; ++kk) {
             const int row = w0 + mi * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
             const int col = kk * 16 + 8 * (lane >> 4);
-            pf_ldsm_x4(qf[mi][kk], sv_addr + (row * PF_LD + col) * 2);
+            pf_ldsm_x4(qf[mi][kk], sq_addr + (row * PF_LD + col) * 2);
         }
 
     float o[PF_MW][PF_D / 8][4], m[PF_MW][2], l[PF_MW][2];
@@ -224,10 +234,26 @@ KILN_SIGNATURE {
     for (int it = 0; it < ntiles; ++it) {
         const int j0 = it * PF_BK;  // relative to klo
         const int nk = nkeys - j0 < PF_BK ? nkeys - j0 : PF_BK;
+#if PF_STAGES == 2
+        // One barrier per tile: tile it + 1 is copied into the other stage during all of
+        // tile it's work.
+        const int st = it & 1;
+        pf_cp_wait_all();
+        __syncthreads();  // tile `it` is in stage st; every warp is done with stage st ^ 1 (tile it - 1, or Q)
+        if (it + 1 < ntiles) {
+            const int n1 = nkeys - j0 - PF_BK < PF_BK ? nkeys - j0 - PF_BK : PF_BK;
+            pf_load_tile(s_k + (st ^ 1) * PF_BK * PF_LD, kbase + (i64)(j0 + PF_BK) * kvstride, kvstride, n1, vec);
+            pf_load_tile(s_v + (st ^ 1) * PF_BK * PF_LD, vbase + (i64)(j0 + PF_BK) * kvstride, kvstride, n1, vec);
+            pf_cp_commit();
+        }
+        const unsigned skt = sk_addr + st * PF_BK * PF_LD * 2, svt = sv_addr + st * PF_BK * PF_LD * 2;
+#else
         pf_cp_wait_all();
         __syncthreads();  // K tile `it` is in s_k; every warp is done with s_v (Q or V tile it - 1)
         pf_load_tile(s_v, vbase + (i64)j0 * kvstride, kvstride, nk, vec);
         pf_cp_commit();
+        const unsigned skt = sk_addr, svt = sv_addr;
+#endif
 
         const bool active = j0 < whi && j0 + nk > wlo;                          // uniform per warp
         const bool full = j0 >= wall_lo && j0 + PF_BK <= wall_hi;               // no mask needed
@@ -247,7 +273,7 @@ KILN_SIGNATURE {
                     unsigned b[4];
                     const int row = nb * 16 + (lane & 7) + 8 * (lane >> 4);
                     const int col = kk * 16 + 8 * ((lane >> 3) & 1);
-                    pf_ldsm_x4(b, sk_addr + (row * PF_LD + col) * 2);
+                    pf_ldsm_x4(b, skt + (row * PF_LD + col) * 2);
 #pragma unroll
                     for (int mi = 0; mi < PF_MW; ++mi) {
                         pf_mma(s[mi][2 * nb], qf[mi][kk], b[0], b[1]);
@@ -304,6 +330,7 @@ KILN_SIGNATURE {
                 }
             }
         }
+#if PF_STAGES == 1
         __syncthreads();  // every warp is done with s_k
         if (it + 1 < ntiles) {
             const int n1 = nkeys - j0 - PF_BK < PF_BK ? nkeys - j0 - PF_BK : PF_BK;
@@ -314,6 +341,7 @@ KILN_SIGNATURE {
             pf_cp_wait_all();
         }
         __syncthreads();  // V tile `it` is in s_v
+#endif
         if (active) {
 #pragma unroll
             for (int ks = 0; ks < PF_BK / 16; ++ks)
@@ -322,7 +350,7 @@ KILN_SIGNATURE {
                     unsigned b[4];
                     const int row = ks * 16 + (lane & 7) + 8 * ((lane >> 3) & 1);
                     const int col = db * 16 + 8 * (lane >> 4);
-                    pf_ldsm_x4_t(b, sv_addr + (row * PF_LD + col) * 2);
+                    pf_ldsm_x4_t(b, svt + (row * PF_LD + col) * 2);
 #pragma unroll
                     for (int mi = 0; mi < PF_MW; ++mi) {
                         pf_mma(o[mi][2 * db], p[mi][ks], b[0], b[1]);
