@@ -145,19 +145,32 @@ fn run(g: &Gpu, k: &(Kernel, CudaFunction), bufs: &Bufs, c: &AttnCase, vcap: usi
 
 const DTYPES: [DType; 2] = [DType::BF16, DType::F16];
 
+/// The default build and the tuned variants measured by `prefill_attention_timing`.
+fn tunings(d: usize) -> Vec<PrefillTuning> {
+    let mut v = vec![PrefillTuning::default(), PrefillTuning { min_blocks: 4, ..Default::default() }];
+    if d <= 64 {
+        v.push(PrefillTuning { min_blocks: 5, ..Default::default() });
+        v.push(PrefillTuning { min_blocks: 4, stages: 2, ..Default::default() });
+        v.push(PrefillTuning { min_blocks: 5, stages: 2, ..Default::default() });
+    }
+    v
+}
+
 #[test]
 fn prefill_attention_matches_reference() {
     let Some(g) = gpu() else { return };
     let (table, keys) = (table(), keys());
+    // The default kernel and the tuned variants the timing test compares, all on every case.
     let mut kernels = Vec::new();
     for dt in DTYPES {
         for d in [64, 128] {
-            let k = prefill::attention_prefill(dt, d, &keys, &table).unwrap();
-            let f = g.load(&k);
-            kernels.push(((dt, d), (k, f)));
+            for tuning in tunings(d) {
+                let k = prefill::attention_prefill_variant(dt, d, tuning, &keys, &table).unwrap();
+                let f = g.load(&k);
+                kernels.push(((dt, d), tuning, (k, f)));
+            }
         }
     }
-    let kernel = |dt: DType, d: usize| &kernels.iter().find(|(key, _)| *key == (dt, d)).unwrap().1;
     let mut worst = [0f64; 2];
     let mut cases = 0usize;
     let mut failures = 0usize;
@@ -183,21 +196,23 @@ fn prefill_attention_matches_reference() {
                         let c = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask, scale: 1.0 / (d as f32).sqrt() };
                         let want = common::attention_ref(&c, &qv, &kv, &vv);
                         for (di, (dt, bu)) in bufs.iter().enumerate() {
-                            let got = run(&g, kernel(*dt, d), bu, &c, cap, *dt);
-                            let what = format!("{dt} b={b} s={s} t={t} h={h} kh={kh} d={d} {mask:?}");
-                            cases += 1;
-                            // Every failure is listed (not only the first), then the test fails.
-                            let unwritten = got.iter().filter(|x| x.is_nan()).count();
-                            if unwritten > 0 {
-                                println!("FAIL {what}: {unwritten} elements not written");
-                                failures += 1;
-                                continue;
-                            }
-                            let e = rel_l2(&what, &got, &want);
-                            worst[di] = worst[di].max(e);
-                            if e >= tol(*dt) {
-                                println!("FAIL {what}: relative L2 error {e:.3e}");
-                                failures += 1;
+                            for (_, tuning, k) in kernels.iter().filter(|(key, _, _)| *key == (*dt, d)) {
+                                let got = run(&g, k, bu, &c, cap, *dt);
+                                let what = format!("{dt} b={b} s={s} t={t} h={h} kh={kh} d={d} {mask:?} {tuning:?}");
+                                cases += 1;
+                                // Every failure is listed (not only the first), then the test fails.
+                                let unwritten = got.iter().filter(|x| x.is_nan()).count();
+                                if unwritten > 0 {
+                                    println!("FAIL {what}: {unwritten} elements not written");
+                                    failures += 1;
+                                    continue;
+                                }
+                                let e = rel_l2(&what, &got, &want);
+                                worst[di] = worst[di].max(e);
+                                if e >= tol(*dt) {
+                                    println!("FAIL {what}: relative L2 error {e:.3e}");
+                                    failures += 1;
+                                }
                             }
                         }
                     }
@@ -207,7 +222,7 @@ fn prefill_attention_matches_reference() {
     }
     for (di, dt) in DTYPES.iter().enumerate() {
         println!(
-            "kiln-check\tprefill_attention\t{dt}\tcases={}\tworst_rel_l2={:.3e}\ttol={:.0e}",
+            "kiln-check\tprefill_attention\t{dt}\tlaunches={}\tworst_rel_l2={:.3e}\ttol={:.0e}",
             cases / 2,
             worst[di],
             tol(*dt)
