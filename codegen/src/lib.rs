@@ -20,6 +20,9 @@
 //!   order). Sizes come from the device symbol table, never from launch arguments.
 //! * [`decode`]: bandwidth-bound decode kernels (GEMV, split-K decode attention,
 //!   sampling).
+//! * [`prefill`]: compute-bound prefill attention, a tiled tensor-core
+//!   (FlashAttention-2 style) kernel over the KV cache with the decode kernel's
+//!   semantics and parameter roles, bf16 / f16.
 //! * [`symbols`]: the device symbol table's order and dims rendered as C over it.
 //! * [`nvrtc`]: compilation for the device's architecture with a disk cache keyed by a
 //!   hash of (source, architecture, options, NVRTC version).
@@ -33,6 +36,7 @@ pub mod fused;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;
+pub mod prefill;
 pub mod resident;
 pub mod symbols;
 pub mod table;
