@@ -103,12 +103,18 @@ fn engine_run(
     (logits, e.tokens().unwrap().remove(0))
 }
 
-fn check_against_cpu(dtype: DType, tol: f64) {
+fn check_against_cpu(dtype: DType, tol: f64, prompt_len: usize) {
     if !gpu() {
         return;
     }
     let (g, w) = setup(dtype);
-    let prompt: Vec<u32> = vec![3, 17, 99, 4, 250, 8, 1];
+    let prompt: Vec<u32> = [3u32, 17, 99, 4, 250, 8, 1]
+        .iter()
+        .cycle()
+        .take(prompt_len)
+        .enumerate()
+        .map(|(i, &t)| (t + 31 * i as u32) % 256)
+        .collect();
     let steps = 12;
     let (logits, tokens) = engine_run(&g, &w, &prompt, steps, true, true);
     // CPU: the same graph, feeding the engine's tokens back (so both see one history).
@@ -133,12 +139,19 @@ fn check_against_cpu(dtype: DType, tol: f64) {
 
 #[test]
 fn engine_matches_the_cpu_executor_f32() {
-    check_against_cpu(DType::F32, 1e-4);
+    check_against_cpu(DType::F32, 1e-4, 7);
+}
+
+/// A prompt longer than `PREFILL_ROWS`: bf16 prefill attention runs the tensor-core kernel.
+#[test]
+fn engine_prefill_of_a_long_prompt_matches_the_cpu_executor_bf16() {
+    assert!(40 > kiln::runtime::cuda::PREFILL_ROWS);
+    check_against_cpu(DType::BF16, 3e-2, 40);
 }
 
 #[test]
 fn engine_matches_the_cpu_executor_bf16() {
-    check_against_cpu(DType::BF16, 3e-2);
+    check_against_cpu(DType::BF16, 3e-2, 7);
 }
 
 #[test]

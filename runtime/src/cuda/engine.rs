@@ -24,8 +24,8 @@ use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaGraph, CudaSlice, CudaStream, DevicePtr};
 use indexmap::IndexMap;
-use kiln_codegen::decode;
 use kiln_codegen::kernels::{self, NodeLowering};
+use kiln_codegen::{decode, prefill};
 use kiln_codegen::{ArgValue, Kernel, Role};
 use kiln_graph::{Graph, NodeId, Value};
 use kiln_ops::{Bindings, DType, Dim, HostTensor, Op, Sym};
@@ -118,9 +118,11 @@ enum Run {
     /// cuBLAS, or the GEMV kernel (`gemv`, with its work split) when the product has few
     /// rows.
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
-    /// Attention over a resident cache, prefill and decode alike: the split-K kernel
-    /// (keys from the symbol table, the cache read through batch strides).
-    Attention { kernel: usize },
+    /// Attention over a resident cache (keys from the symbol table, the cache read
+    /// through batch strides): the split-K kernel for up to [`PREFILL_ROWS`] query rows
+    /// (decode), the tensor-core prefill kernel (when the dtype and head dim allow it)
+    /// for more.
+    Attention { kernel: usize, prefill: Option<usize> },
 }
 
 struct Step {
@@ -193,6 +195,10 @@ pub struct CudaEngine {
 }
 
 const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// Attention over more query rows than this runs the tensor-core prefill kernel (when
+/// there is one for the dtype and head dim); up to this many, the split-K kernel.
+pub const PREFILL_ROWS: usize = 16;
 
 fn contract(msg: String) -> CudaError {
     CudaError::Runtime(RuntimeError::Backend { backend: "cuda", msg: format!("engine: {msg}") })
@@ -438,7 +444,13 @@ impl CudaEngine {
                             let kt = graph.value_type(ops[1]);
                             let keys = kt.shape.dims()[1].clone();
                             let k = decode::attention_decode(kt.dtype, &keys, &syms).map_err(|e| unsupported(e.0))?;
-                            Run::Attention { kernel: add_kernel(k) }
+                            let (qt, vt) = (graph.value_type(ops[0]), graph.value_type(ops[2]));
+                            let dim = |t: &kiln_ops::TensorType, i: usize| t.shape.dims()[i].as_fixed().unwrap_or(0);
+                            let (h, kh, d, dv) = (dim(qt, 2), dim(kt, 2), dim(qt, 3), dim(vt, 3));
+                            let prefill = prefill::attention_prefill_check(kt.dtype, h, kh, d, dv)
+                                .and_then(|_| prefill::attention_prefill(kt.dtype, d, &keys, &syms))
+                                .ok();
+                            Run::Attention { kernel: add_kernel(k), prefill: prefill.map(&mut add_kernel) }
                         } else {
                             match kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))? {
                                 NodeLowering::Kernel(k) => Run::Kernel(add_kernel(k)),
@@ -771,8 +783,12 @@ impl CudaEngine {
                 Run::Kernel(k) => {
                     launch_node(self.lane(), &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
-                Run::Attention { kernel } => {
-                    self.attention_decode(&node.op, *kernel, &ins, &outs).map_err(fill)?;
+                Run::Attention { kernel, prefill } => {
+                    let rows = ins[0].1[1];
+                    match prefill.filter(|_| rows > PREFILL_ROWS) {
+                        Some(p) => self.attention_prefill(&node.op, p, &ins, &outs).map_err(fill)?,
+                        None => self.attention_decode(&node.op, *kernel, &ins, &outs).map_err(fill)?,
+                    }
                 }
                 Run::Arange(k) => {
                     let n = out_shapes[0][0];
@@ -871,6 +887,44 @@ impl CudaEngine {
             .set(Role::MaskKind, ArgValue::I32(mask))
             .i64(Role::Window, window);
         launch(self.lane(), &self.kernels[kernel], items, &a)
+    }
+
+    /// Tensor-core prefill attention over the resident cache.
+    fn attention_prefill(
+        &self,
+        op: &Op,
+        kernel: usize,
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+    ) -> Result<(), CudaError> {
+        let Op::Attention(attrs) = op else { unreachable!("attention step") };
+        let (q, k, v) = (ins[0].1, ins[1].1, ins[2].1);
+        let (bsz, s, h, d) = (q[0], q[1], q[2], q[3]);
+        let (kh, dv) = (k[2], v[3]);
+        let (mask, window) = match attrs.mask {
+            kiln_ops::Mask::None => (0, 0),
+            kiln_ops::Mask::Causal => (1, 0),
+            kiln_ops::Mask::SlidingWindow(w) => (2, w as usize),
+        };
+        let cap = self.opts.max_context;
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+            .set(Role::In(0), ArgValue::Ptr(ins[0].0))
+            .set(Role::In(1), ArgValue::Ptr(ins[1].0))
+            .set(Role::In(2), ArgValue::Ptr(ins[2].0))
+            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+            .i64(Role::Batch, bsz)
+            .i64(Role::Seq, s)
+            .i64(Role::Heads, h)
+            .i64(Role::KvHeads, kh)
+            .i64(Role::HeadDim, d)
+            .i64(Role::ValueDim, dv)
+            .i64(Role::KBatchStride, cap * kh * d)
+            .i64(Role::VBatchStride, cap * kh * dv)
+            .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
+            .set(Role::MaskKind, ArgValue::I32(mask))
+            .i64(Role::Window, window);
+        launch(self.lane(), &self.kernels[kernel], prefill::attention_prefill_items(bsz, s, h, kh), &a)
     }
 
     fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
