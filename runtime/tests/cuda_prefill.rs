@@ -446,26 +446,23 @@ fn prefill_attention_timing() {
     let kc = uniform(&mut r, b * s * kh * d, -1.0, 1.0);
     let mut bufs = Bufs::new(&g, dt, &q, &kc, &kc, b * s * h * d, 0);
     set_keys(&g, &mut bufs, s, s);
-    let (pk, ck) = decode::attention_decode(dt, &keys, &table).unwrap();
-    let (pf, cf) = (g.load(&pk), g.load(&ck));
+    let pk = decode::attention_decode(dt, &keys, &table).unwrap();
+    let pf = g.load(&pk);
     let splits = decode::attention_decode_splits(b, s, h, kh, s, g.info.multiprocessors.max(1) as usize);
     let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
     let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
     let c = AttnCase { b, s, h, kh, d, dv: d, t: s, cap: s, mask: Mask::Causal, scale: 0.125 };
+    let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters(b, s, h, kh)]);
     let mut pa = args(&g, &bufs, &c, s);
-    pa.extend([(Role::Out(0), g.arg(&po)), (Role::Out(1), g.arg(&pml)), (Role::Splits, ArgValue::I64(splits as i64))]);
-    let ca: Args = vec![
-        (Role::Out(0), g.arg(&bufs.out)),
-        (Role::In(0), g.arg(&po)),
-        (Role::In(1), g.arg(&pml)),
-        (Role::N, ArgValue::I64((b * s * h) as i64)),
-        (Role::ValueDim, ArgValue::I64(d as i64)),
+    pa.extend([
+        (Role::Out(1), g.arg(&po)),
+        (Role::Out(2), g.arg(&pml)),
+        (Role::Counters, g.arg(&counters)),
         (Role::Splits, ArgValue::I64(splits as i64)),
-    ];
-    let (pi, ci) = decode::attention_decode_items(b, s, h, kh, splits);
+    ]);
+    let pi = decode::attention_decode_items(b, s, h, kh, splits);
     let ms = time_ms(&g, 5, || {
         g.launch(&pk, &pf, pi, &pa);
-        g.launch(&ck, &cf, ci, &ca);
     });
     println!(
         "kiln-info\tprefill_attention_time\t{}\t{dt}\tb={b}\ts=t={s}\th={h}\tkh={kh}\td={d}\tCausal\tdecode_kernels(splits={splits})\tms={ms:.4}\tTFLOP/s={:.1}",
