@@ -8,6 +8,11 @@
 //!   one launch. bf16 and f16, head dims that are multiples of 16 up to
 //!   [`PREFILL_MAX_HEAD_DIM`] (`dv == d`). Launch: [`attention_prefill_items`]; host
 //!   checks: [`attention_prefill_check`].
+//!
+//! Measured on an H200 (2026-12-03, NVRTC 13.0, default build, median of 20 launches
+//! after 3 warm-ups, each timed alone between two events): b=1, s=t=2048, h=32, kh=8,
+//! causal, bf16: d=64 0.149 ms (115 TFLOP/s; the split-K decode kernels took 7.94 ms),
+//! d=128 0.256 ms (134 TFLOP/s); s=t=8192: d=64 1.86 ms (148), d=128 3.47 ms (158).
 
 use crate::kernels::{render, CodegenError, Grid, Kernel};
 use crate::params::{KernelSig, ParamTy, Role};
