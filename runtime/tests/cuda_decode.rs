@@ -309,7 +309,6 @@ fn gemv_mixed_dtypes_and_fused_residual() {
 fn gemv_bandwidth() {
     let Some(g) = gpu() else { return };
     let dt = DType::BF16;
-    let sms = g.info.multiprocessors.max(1) as usize;
     let kernels: Vec<(decode::GemvConfig, Kernel, CudaFunction)> = GEMV_CONFIGS
         .iter()
         .map(|&c| {
