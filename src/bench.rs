@@ -94,7 +94,7 @@ pub struct BenchArgs {
     pub model: Option<PathBuf>,
     /// An executable plan (`kiln build`): its engine, with its dtype and limits, loaded
     /// without tracing, passes or kernel compilation.
-    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl"])]
+    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "pdl"])]
     pub plan: Option<PathBuf>,
     /// Storage dtype of weights, activations and KV cache.
     #[arg(long, default_value = "bf16", value_parser = ["f32", "f16", "bf16"])]
@@ -114,10 +114,11 @@ pub struct BenchArgs {
     /// Launch kernels one by one instead of replaying CUDA graphs.
     #[arg(long)]
     pub no_cuda_graphs: bool,
-    /// Launch kernels without programmatic dependent launch (each kernel starts only
-    /// after the previous one has finished).
+    /// Experimental: launch kernels with programmatic dependent launch (each may start
+    /// while the previous one drains). Known to give wrong decode results today (see
+    /// the README); for measurements only.
     #[arg(long)]
-    pub no_pdl: bool,
+    pub pdl: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -147,7 +148,7 @@ impl BenchArgs {
             decode_steps: 128,
             json: None,
             no_cuda_graphs: false,
-            no_pdl: false,
+            pdl: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -360,7 +361,7 @@ pub struct BenchReport {
     pub machine: Machine,
     pub model: ModelInfo,
     pub cuda_graphs: bool,
-    /// Whether kernels were launched with programmatic dependent launch (`--no-pdl`).
+    /// Whether kernels were launched with programmatic dependent launch (`--pdl`).
     pub pdl: bool,
     /// Whether the fusion pass ran (`--no-fusion` turns it off).
     pub fusion: bool,
@@ -794,7 +795,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
 
         max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
         (fusion, cuda_graphs) = (!args.no_fusion, !args.no_cuda_graphs);
-        let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs, pdl: !args.no_pdl };
+        let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs, pdl: args.pdl };
         let t = Instant::now();
         engine = backend.engine(graph, weights, &spec)?;
         setup.insert("engine".to_string(), t.elapsed().as_secs_f64());
@@ -862,7 +863,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             },
         },
         cuda_graphs,
-        pdl: !args.no_pdl,
+        pdl: args.pdl,
         fusion,
         engine_max_batch,
         engine_max_context: max_context,

@@ -461,7 +461,7 @@ fn engine_options(o: &PlanOptions, device: usize, prebuilt: Option<Arc<HashMap<S
         max_batch: o.max_batch,
         max_context: o.max_context,
         cuda_graphs: o.cuda_graphs,
-        pdl: true,
+        pdl: false,
         cache_dir: None,
         prebuilt,
     }

@@ -47,9 +47,12 @@ pub struct EngineOptions {
     pub cuda_graphs: bool,
     /// Kernel cache folder; `None` uses the default.
     pub cache_dir: Option<PathBuf>,
-    /// Launch each kernel with programmatic dependent launch (Hopper and later): it may
-    /// start while the previous kernel drains, and waits for it (`kiln_grid_wait`)
-    /// before touching its data; GEMVs prefetch their weights before that wait.
+    /// Experimental, off by default: launch each kernel with programmatic dependent
+    /// launch (Hopper and later), so it may start while the previous kernel drains and
+    /// waits for it (`kiln_grid_wait`) before touching its data; GEMVs prefetch their
+    /// weights before that wait. **Known wrong** on an H200 (2026-12-03): decode steps
+    /// diverge from the CPU reference with it on (prefill does not), for a reason not
+    /// found yet; `tests/cuda_engine.rs` keeps the failing comparison as an ignored test.
     pub pdl: bool,
     /// Kernel binaries by cache key (from an executable plan, see
     /// [`CudaEngine::kernel_binaries`]): a kernel found here is neither compiled nor read
@@ -64,7 +67,7 @@ impl Default for EngineOptions {
             max_batch: 1,
             max_context: 4096,
             cuda_graphs: true,
-            pdl: true,
+            pdl: false,
             cache_dir: None,
             prebuilt: None,
         }
@@ -683,8 +686,8 @@ impl CudaEngine {
         Ok(plan)
     }
 
-    /// Where this engine's launches go (PDL only on devices that have it, sm_90+, and
-    /// unless the environment sets `KILN_PDL=0`).
+    /// Where this engine's launches go (PDL only when asked for, on devices that have it,
+    /// sm_90+, and unless the environment sets `KILN_PDL=0`).
     fn lane(&self) -> Lane<'_> {
         static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let off = *ENV_OFF.get_or_init(|| std::env::var("KILN_PDL").is_ok_and(|v| v == "0"));
