@@ -28,13 +28,17 @@ export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-$$}"
     done
 } 2>&1 | tee "$LOG"
 
-if [ ! -x .gpu/cuda-test ]; then
-    echo "run.sh: .gpu/cuda-test is missing: run tools/gpu/build.sh and carry .gpu" | tee -a "$LOG"
+if ! ls .gpu/*-test >/dev/null 2>&1; then
+    echo "run.sh: no test executables in .gpu/: run tools/gpu/build.sh and carry .gpu" | tee -a "$LOG"
     exit 1
 fi
 start=$(date +%s%N)
-.gpu/cuda-test --show-output --test-threads="${THREADS:-8}" "$@" >>"$LOG" 2>&1
-rc=$?
+rc=0
+for t in .gpu/*-test; do
+    echo "== $t" >>"$LOG"
+    # One at a time: the engine and timing tests share the GPU.
+    "$t" --show-output --test-threads=1 "$@" >>"$LOG" 2>&1 || rc=1
+done
 end=$(date +%s%N)
 
 # The tail of the log (failures show here), then the table.
