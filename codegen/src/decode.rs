@@ -216,7 +216,7 @@ pub fn gemv_residual(x: DType, w: DType, out: DType) -> Result<Kernel, CodegenEr
 /// change the launch.
 pub fn gemv_items(m: usize, n: usize) -> usize {
     debug_assert!((1..=GEMV_MAX_M).contains(&m), "gemv takes 1..={GEMV_MAX_M} rows, got {m}");
-    n.div_ceil(GEMV_ROWS_PER_BLOCK)
+    gemv_items_with(n, GemvConfig::default())
 }
 
 /// Split-K decode attention on q/k/v of the float dtype `d`, with `t` (the key count)
@@ -257,28 +257,7 @@ pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<Kernel, Co
     let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1);
     let sig = KernelSig::new(
         format!("kiln_attn_decode_{}_{}", d.name(), stable_hash_hex(&keys_c)),
-        vec![
-            (Role::Out(0), ParamTy::ptr(s)),
-            (Role::Out(1), ParamTy::ptr("float")),
-            (Role::Out(2), ParamTy::ptr("float")),
-            (Role::Counters, ParamTy::ptr("unsigned int")),
-            (Role::In(0), ParamTy::const_ptr(s)),
-            (Role::In(1), ParamTy::const_ptr(s)),
-            (Role::In(2), ParamTy::const_ptr(s)),
-            (Role::Syms, ParamTy::const_ptr("i64")),
-            (Role::Batch, ParamTy::I64),
-            (Role::Seq, ParamTy::I64),
-            (Role::Heads, ParamTy::I64),
-            (Role::KvHeads, ParamTy::I64),
-            (Role::HeadDim, ParamTy::I64),
-            (Role::ValueDim, ParamTy::I64),
-            (Role::KBatchStride, ParamTy::I64),
-            (Role::VBatchStride, ParamTy::I64),
-            (Role::Splits, ParamTy::I64),
-            (Role::Scale, ParamTy::F32),
-            (Role::MaskKind, ParamTy::I32),
-            (Role::Window, ParamTy::I64),
-        ],
+        cache_attention_params(s, true),
     );
     let template = format!("{VECTOR_HELPERS}{FLASH_DECODE}");
     Ok(render(
@@ -294,6 +273,41 @@ pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<Kernel, Co
         ],
         Grid::BlockPerItem { threads: 32 * ATTENTION_DECODE_WARPS as u32 },
     ))
+}
+
+/// The parameters of an attention kernel over a resident KV cache, in signature order:
+/// `out` (storage type `s`), with `split_k` the f32 workspaces `out1`, `out2` and the
+/// `counters`, then q/k/v, `syms`, the sizes and strides, with `split_k` the `splits`,
+/// then `scale`, `mask_kind`, `window`. Shared by [`attention_decode`] and
+/// [`crate::prefill::attention_prefill`], so both launch from one argument list.
+pub(crate) fn cache_attention_params(s: &str, split_k: bool) -> Vec<(Role, ParamTy)> {
+    let mut p = vec![(Role::Out(0), ParamTy::ptr(s))];
+    if split_k {
+        p.extend([
+            (Role::Out(1), ParamTy::ptr("float")),
+            (Role::Out(2), ParamTy::ptr("float")),
+            (Role::Counters, ParamTy::ptr("unsigned int")),
+        ]);
+    }
+    p.extend([
+        (Role::In(0), ParamTy::const_ptr(s)),
+        (Role::In(1), ParamTy::const_ptr(s)),
+        (Role::In(2), ParamTy::const_ptr(s)),
+        (Role::Syms, ParamTy::const_ptr("i64")),
+        (Role::Batch, ParamTy::I64),
+        (Role::Seq, ParamTy::I64),
+        (Role::Heads, ParamTy::I64),
+        (Role::KvHeads, ParamTy::I64),
+        (Role::HeadDim, ParamTy::I64),
+        (Role::ValueDim, ParamTy::I64),
+        (Role::KBatchStride, ParamTy::I64),
+        (Role::VBatchStride, ParamTy::I64),
+    ]);
+    if split_k {
+        p.push((Role::Splits, ParamTy::I64));
+    }
+    p.extend([(Role::Scale, ParamTy::F32), (Role::MaskKind, ParamTy::I32), (Role::Window, ParamTy::I64)]);
+    p
 }
 
 /// Checks the sizes an [`attention_decode`] launch takes: `kv_heads > 0`,

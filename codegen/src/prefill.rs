@@ -2,7 +2,7 @@
 //! many query rows over a device-resident KV cache, `kernels/flash_prefill.cu`.
 //!
 //! * [`attention_prefill`]: `Op::Attention` with the semantics and parameter roles of
-//!   [`crate::decode::attention_decode`]'s partial kernel where they apply (q, the K/V
+//!   [`crate::decode::attention_decode`]'s where they apply (q, the K/V
 //!   caches and their batch strides, the key count from the device symbol table, masks,
 //!   GQA, scale), writing `out` directly in the storage dtype: no splits, no workspace,
 //!   one launch. bf16 and f16, head dims that are multiples of 16 up to
@@ -15,7 +15,7 @@
 //! d=128 0.256 ms (134 TFLOP/s); s=t=8192: d=64 1.86 ms (148), d=128 3.47 ms (158).
 
 use crate::kernels::{render, CodegenError, Grid, Kernel};
-use crate::params::{KernelSig, ParamTy, Role};
+use crate::params::KernelSig;
 use crate::symbols::{dim_to_c, stable_hash_hex};
 use crate::table;
 use kiln_ops::{DType, Dim, Sym};
@@ -139,24 +139,7 @@ pub fn attention_prefill_variant(
     }
     let sig = KernelSig::new(
         format!("kiln_attn_prefill_{}_d{head_dim}{variant}_{}", d.name(), stable_hash_hex(&keys_c)),
-        vec![
-            (Role::Out(0), ParamTy::ptr(s)),
-            (Role::In(0), ParamTy::const_ptr(s)),
-            (Role::In(1), ParamTy::const_ptr(s)),
-            (Role::In(2), ParamTy::const_ptr(s)),
-            (Role::Syms, ParamTy::const_ptr("i64")),
-            (Role::Batch, ParamTy::I64),
-            (Role::Seq, ParamTy::I64),
-            (Role::Heads, ParamTy::I64),
-            (Role::KvHeads, ParamTy::I64),
-            (Role::HeadDim, ParamTy::I64),
-            (Role::ValueDim, ParamTy::I64),
-            (Role::KBatchStride, ParamTy::I64),
-            (Role::VBatchStride, ParamTy::I64),
-            (Role::Scale, ParamTy::F32),
-            (Role::MaskKind, ParamTy::I32),
-            (Role::Window, ParamTy::I64),
-        ],
+        crate::decode::cache_attention_params(s, false),
     );
     let threads = 32 * warps as u32;
     let template = if min_blocks > 0 {

@@ -1,5 +1,5 @@
 //! CPU-only checks of the prefill attention kernel: its parameter list (the decode
-//! partial kernel's roles, no workspace, no split count), the symbol-table rendering of
+//! split-K kernel's roles without its workspaces, counters and split count), the symbol-table rendering of
 //! the key count (never an argument), deterministic rendering, launch sizes, and errors
 //! that name the culprit. The kernel itself runs in `runtime/tests/cuda_prefill.rs`.
 

@@ -2,184 +2,22 @@
 //! attention, sampling) launched directly on the GPU — compiled with
 //! `kiln_codegen::Compiler`, loaded with cudarc, launched with `launch_kernel` on the
 //! arguments `KernelSig::pack` orders — against f64 CPU references computed here.
-//! Every GPU test starts with [`gpu`], which prints `skipping: <reason>` and returns when
+//! Every GPU test starts with `gpu()` (the shared harness in `common/`), which prints `skipping: <reason>` and returns when
 //! no GPU and CUDA libraries are usable, so `cargo test` passes anywhere.
 //!
 //! Lines starting with `kiln-check` / `kiln-info` are collected by `tools/gpu/run.sh`.
 
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr};
-use cudarc::nvrtc::Ptx;
+mod common;
+
+use common::*;
+use cudarc::driver::{CudaFunction, CudaSlice};
 use kiln_codegen::decode;
 use kiln_codegen::{ArgValue, Compiler, Kernel, Role};
 use kiln_ops::{AttentionAttrs, Bindings, DType, Dim, F32Bits, HostTensor, Mask, Op, Sym};
-use kiln_runtime::cuda::{CudaExecutor, DeviceInfo};
-use rand::{Rng, SeedableRng};
+use kiln_runtime::cuda::CudaExecutor;
+use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
-use std::sync::{Arc, Mutex, MutexGuard};
-
-// ---- harness -----------------------------------------------------------------------------------
-
-struct Gpu {
-    info: DeviceInfo,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    compiler: Compiler,
-    /// Held for the whole test (dropped last): the GPU tests of this file run one at a
-    /// time, so the timings they print are not shared with other tests.
-    _serial: MutexGuard<'static, ()>,
-}
-
-static GPU_SERIAL: Mutex<()> = Mutex::new(());
-
-/// The GPU to test on, or `None` after printing why the test is skipped.
-fn gpu() -> Option<Gpu> {
-    let info = match CudaExecutor::available() {
-        Ok(info) => info,
-        Err(reason) => {
-            println!("skipping: {reason}");
-            return None;
-        }
-    };
-    println!("device: {info}");
-    let serial = GPU_SERIAL.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let ctx = CudaContext::new(info.ordinal).expect("CUDA context");
-    // SAFETY: one stream, no buffer is shared with another stream.
-    unsafe { ctx.disable_event_tracking() };
-    let stream = ctx.new_stream().expect("stream");
-    let compiler = Compiler::new(info.compute_capability, Some(kiln_codegen::nvrtc::default_cache_dir())).unwrap();
-    Some(Gpu { info, ctx, stream, compiler, _serial: serial })
-}
-
-/// Role → value pairs of one launch.
-type Args = Vec<(Role, ArgValue)>;
-
-impl Gpu {
-    fn load(&self, k: &Kernel) -> CudaFunction {
-        let (cubins, _) = self.compiler.compile_all(&[k]).unwrap_or_else(|e| panic!("{e}"));
-        let cubin = cubins.into_iter().next().unwrap();
-        let module = self.ctx.load_module(Ptx::from_binary(cubin)).expect("load module");
-        module.load_function(&k.sig.name).expect("load function")
-    }
-    fn upload(&self, bytes: &[u8]) -> CudaSlice<u8> {
-        if bytes.is_empty() {
-            return self.stream.alloc_zeros::<u8>(1).unwrap();
-        }
-        self.stream.clone_htod(bytes).expect("upload")
-    }
-    /// `bytes` of device memory filled with 0xff (NaN in every float format).
-    fn poisoned(&self, bytes: usize) -> CudaSlice<u8> {
-        let s = unsafe { self.stream.alloc::<u8>(bytes.max(1)) }.expect("alloc");
-        // SAFETY: the range is the buffer just allocated.
-        unsafe { cudarc::driver::result::memset_d8_async(self.ptr(&s), 0xff, bytes.max(1), self.stream.cu_stream()) }
-            .expect("memset");
-        s
-    }
-    fn ptr(&self, s: &CudaSlice<u8>) -> u64 {
-        s.device_ptr(&self.stream).0
-    }
-    fn arg(&self, s: &CudaSlice<u8>) -> ArgValue {
-        ArgValue::Ptr(self.ptr(s))
-    }
-    fn download(&self, s: &CudaSlice<u8>, bytes: usize) -> Vec<u8> {
-        let mut v = self.stream.clone_dtoh(s).expect("download");
-        v.truncate(bytes);
-        v
-    }
-    fn write(&self, s: &mut CudaSlice<u8>, bytes: &[u8]) {
-        self.stream.memcpy_htod(bytes, s).expect("upload");
-    }
-    fn sync(&self) {
-        self.stream.synchronize().expect("synchronize");
-    }
-    /// Launches `k` over `items` work items (`k.grid.dims`), arguments packed by role.
-    fn launch(&self, k: &Kernel, f: &CudaFunction, items: usize, args: &Args) {
-        assert!(items > 0, "{}: no work items", k.sig.name);
-        let get = |r: Role| args.iter().rev().find(|(role, _)| *role == r).map(|(_, v)| *v);
-        let mut values = k.sig.pack(get).unwrap_or_else(|e| panic!("{e}"));
-        let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_kernel_param()).collect();
-        let (grid, block) = k.grid.dims(items);
-        // SAFETY: one value per parameter, of its C type (checked by `pack`); the device
-        // buffers are live and sized for the sizes passed.
-        unsafe {
-            cudarc::driver::result::launch_kernel(
-                f.cu_function(),
-                (grid, 1, 1),
-                (block, 1, 1),
-                0,
-                self.stream.cu_stream(),
-                &mut params,
-            )
-        }
-        .unwrap_or_else(|e| panic!("launch {}: {e:?}", k.sig.name));
-    }
-    fn event(&self) -> cudarc::driver::CudaEvent {
-        self.stream.record_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT)).expect("event")
-    }
-}
-
-fn rng(seed: u64) -> ChaCha8Rng {
-    ChaCha8Rng::seed_from_u64(seed)
-}
-
-/// `v` rounded to `d` and stored little-endian: (device bytes, the stored values as f64).
-fn encode(d: DType, v: &[f32]) -> (Vec<u8>, Vec<f64>) {
-    let mut bytes = Vec::with_capacity(v.len() * 4);
-    let mut vals = Vec::with_capacity(v.len());
-    for &x in v {
-        match d {
-            DType::F32 => {
-                bytes.extend_from_slice(&x.to_le_bytes());
-                vals.push(x as f64);
-            }
-            DType::BF16 => {
-                let h = half::bf16::from_f32(x);
-                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
-                vals.push(h.to_f64());
-            }
-            DType::F16 => {
-                let h = half::f16::from_f32(x);
-                bytes.extend_from_slice(&h.to_bits().to_le_bytes());
-                vals.push(h.to_f64());
-            }
-            other => panic!("no float encoding for {other}"),
-        }
-    }
-    (bytes, vals)
-}
-
-fn decode_values(d: DType, bytes: &[u8]) -> Vec<f64> {
-    match d {
-        DType::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        DType::BF16 => {
-            bytes.chunks_exact(2).map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-        }
-        DType::F16 => {
-            bytes.chunks_exact(2).map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f64()).collect()
-        }
-        other => panic!("no float decoding for {other}"),
-    }
-}
-
-fn round_to(d: DType, x: f64) -> f64 {
-    encode(d, &[x as f32]).1[0]
-}
-
-fn uniform(r: &mut ChaCha8Rng, n: usize, lo: f32, hi: f32) -> Vec<f32> {
-    (0..n).map(|_| r.random_range(lo..hi)).collect()
-}
-
-/// ‖got − want‖ / ‖want‖; panics naming the first element that is NaN (never written).
-#[track_caller]
-fn rel_l2(what: &str, got: &[f64], want: &[f64]) -> f64 {
-    assert_eq!(got.len(), want.len(), "{what}: lengths");
-    if let Some(i) = got.iter().position(|x| x.is_nan()) {
-        panic!("{what}: element {i} was not written (still the 0xff poison)");
-    }
-    let num: f64 = got.iter().zip(want).map(|(a, b)| (a - b).powi(2)).sum();
-    let den: f64 = want.iter().map(|b| b * b).sum();
-    (num / den.max(1e-300)).sqrt()
-}
 
 // ---- GEMV ---------------------------------------------------------------------------------------
 
@@ -306,6 +144,7 @@ fn gemv_mixed_dtypes_and_fused_residual() {
 /// split, and the split `GemvConfig::for_shape` picks. Informational: nothing is timed
 /// against a threshold.
 #[test]
+#[ignore = "a measurement, not a check: run with --include-ignored on a GPU"]
 fn gemv_bandwidth() {
     let Some(g) = gpu() else { return };
     let dt = DType::BF16;
@@ -375,66 +214,34 @@ fn gemv_bandwidth() {
 
 // ---- decode attention ---------------------------------------------------------------------------
 
-struct AttnCase {
-    b: usize,
-    s: usize,
-    h: usize,
-    kh: usize,
-    d: usize,
-    dv: usize,
-    t: usize,
-    cap: usize,
-    mask: Mask,
-    scale: f32,
-}
-
-/// Op::Attention in f64 over caches `[b, cap, kh, d]` (positions `< t` used).
-fn attention_ref(c: &AttnCase, q: &[f64], k: &[f64], v: &[f64]) -> Vec<f64> {
-    let (s, h, kh, d, dv, t, cap) = (c.s, c.h, c.kh, c.d, c.dv, c.t, c.cap);
-    let group = h / kh;
-    let rows: Vec<Vec<f64>> = (0..c.b * s * h)
-        .into_par_iter()
-        .map(|row| {
-            let (bi, i, hi) = (row / (s * h), row / h % s, row % h);
-            let kvh = hi / group;
-            let pos = t - s + i;
-            let (lo, hi_k) = match c.mask {
-                Mask::None => (0, t),
-                Mask::Causal => (0, pos + 1),
-                Mask::SlidingWindow(w) => ((pos + 1).saturating_sub(w as usize), pos + 1),
-            };
-            let mut out = vec![0f64; dv];
-            if lo >= hi_k {
-                return out;
-            }
-            let qrow = &q[row * d..(row + 1) * d];
-            let scores: Vec<f64> = (lo..hi_k)
-                .map(|j| {
-                    let kr = &k[((bi * cap + j) * kh + kvh) * d..][..d];
-                    qrow.iter().zip(kr).map(|(a, b)| a * b).sum::<f64>() * c.scale as f64
-                })
-                .collect();
-            let mx = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            let ps: Vec<f64> = scores.iter().map(|x| (x - mx).exp()).collect();
-            let z: f64 = ps.iter().sum();
-            for (j, p) in (lo..hi_k).zip(&ps) {
-                let vr = &v[((bi * cap + j) * kh + kvh) * dv..][..dv];
-                for (o, x) in out.iter_mut().zip(vr) {
-                    *o += p / z * x;
-                }
-            }
-            out
-        })
-        .collect();
-    rows.concat()
-}
-
-fn mask_args(m: Mask) -> (i32, i64) {
-    match m {
-        Mask::None => (0, 0),
-        Mask::Causal => (1, 0),
-        Mask::SlidingWindow(w) => (2, w as i64),
-    }
+/// The launch arguments of `decode::attention_decode` for case `c` (caches of capacity
+/// `c.cap`): buffers out, partial outputs, (max, sum) pairs, counters, q, k, v, syms.
+fn attention_args(g: &Gpu, bufs: [&CudaSlice<u8>; 8], c: &AttnCase, splits: usize) -> Args {
+    let [out, po, pml, counters, q, k, v, syms] = bufs;
+    let (mk, win) = mask_args(c.mask);
+    let i = |x: usize| ArgValue::I64(x as i64);
+    vec![
+        (Role::Out(0), g.arg(out)),
+        (Role::Out(1), g.arg(po)),
+        (Role::Out(2), g.arg(pml)),
+        (Role::Counters, g.arg(counters)),
+        (Role::In(0), g.arg(q)),
+        (Role::In(1), g.arg(k)),
+        (Role::In(2), g.arg(v)),
+        (Role::Syms, g.arg(syms)),
+        (Role::Batch, i(c.b)),
+        (Role::Seq, i(c.s)),
+        (Role::Heads, i(c.h)),
+        (Role::KvHeads, i(c.kh)),
+        (Role::HeadDim, i(c.d)),
+        (Role::ValueDim, i(c.dv)),
+        (Role::KBatchStride, i(c.cap * c.kh * c.d)),
+        (Role::VBatchStride, i(c.cap * c.kh * c.dv)),
+        (Role::Splits, i(splits)),
+        (Role::Scale, ArgValue::F32(c.scale)),
+        (Role::MaskKind, ArgValue::I32(mk)),
+        (Role::Window, ArgValue::I64(win)),
+    ]
 }
 
 /// The f64 reference above agrees with `Op::Attention`'s CPU semantics (no GPU needed).
@@ -526,29 +333,12 @@ fn attention_decode_matches_reference() {
                                     let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
                                     let obytes = b * s * h * d * dt.bytes_for(1);
                                     let out = g.poisoned(obytes);
-                                    let (mk, win) = mask_args(mask);
-                                    let args: Args = vec![
-                                        (Role::Out(0), g.arg(&out)),
-                                        (Role::Out(1), g.arg(&po)),
-                                        (Role::Out(2), g.arg(&pml)),
-                                        (Role::Counters, g.arg(&counters)),
-                                        (Role::In(0), g.arg(&qbuf)),
-                                        (Role::In(1), g.arg(&kbuf)),
-                                        (Role::In(2), g.arg(&vbuf)),
-                                        (Role::Syms, g.arg(&syms_buf)),
-                                        (Role::Batch, ArgValue::I64(b as i64)),
-                                        (Role::Seq, ArgValue::I64(s as i64)),
-                                        (Role::Heads, ArgValue::I64(h as i64)),
-                                        (Role::KvHeads, ArgValue::I64(kh as i64)),
-                                        (Role::HeadDim, ArgValue::I64(d as i64)),
-                                        (Role::ValueDim, ArgValue::I64(d as i64)),
-                                        (Role::KBatchStride, ArgValue::I64((cap * kh * d) as i64)),
-                                        (Role::VBatchStride, ArgValue::I64((cap * kh * d) as i64)),
-                                        (Role::Splits, ArgValue::I64(splits as i64)),
-                                        (Role::Scale, ArgValue::F32(c.scale)),
-                                        (Role::MaskKind, ArgValue::I32(mk)),
-                                        (Role::Window, ArgValue::I64(win)),
-                                    ];
+                                    let args = attention_args(
+                                        &g,
+                                        [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &syms_buf],
+                                        &c,
+                                        splits,
+                                    );
                                     let pi = decode::attention_decode_items(b, s, h, kh, splits);
                                     g.launch(&pk, &pf, pi, &args);
                                     let what =
@@ -614,31 +404,9 @@ fn attention_decode_odd_shapes() {
             let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
             let obytes = b * s * h * dv * dt.bytes_for(1);
             let out = g.poisoned(obytes);
-            let (mk, win) = mask_args(mask);
             let n_counters = decode::attention_decode_counters(b, s, h, kh);
             let counters = g.upload(&vec![0u8; 4 * n_counters]);
-            let args: Args = vec![
-                (Role::Out(0), g.arg(&out)),
-                (Role::Out(1), g.arg(&po)),
-                (Role::Out(2), g.arg(&pml)),
-                (Role::Counters, g.arg(&counters)),
-                (Role::In(0), g.arg(&qbuf)),
-                (Role::In(1), g.arg(&kbuf)),
-                (Role::In(2), g.arg(&vbuf)),
-                (Role::Syms, g.arg(&sbuf)),
-                (Role::Batch, ArgValue::I64(b as i64)),
-                (Role::Seq, ArgValue::I64(s as i64)),
-                (Role::Heads, ArgValue::I64(h as i64)),
-                (Role::KvHeads, ArgValue::I64(kh as i64)),
-                (Role::HeadDim, ArgValue::I64(d as i64)),
-                (Role::ValueDim, ArgValue::I64(dv as i64)),
-                (Role::KBatchStride, ArgValue::I64((cap * kh * d) as i64)),
-                (Role::VBatchStride, ArgValue::I64((cap * kh * dv) as i64)),
-                (Role::Splits, ArgValue::I64(splits as i64)),
-                (Role::Scale, ArgValue::F32(c.scale)),
-                (Role::MaskKind, ArgValue::I32(mk)),
-                (Role::Window, ArgValue::I64(win)),
-            ];
+            let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &c, splits);
             let pi = decode::attention_decode_items(b, s, h, kh, splits);
             g.launch(&pk, &pf, pi, &args);
             assert!(g.download(&counters, 4 * n_counters).iter().all(|&x| x == 0), "a counter was left set");
@@ -655,6 +423,7 @@ fn attention_decode_odd_shapes() {
 /// SmolLM2-135M head shapes at a few context lengths, with the split count the engine
 /// uses. Informational: nothing is timed against a threshold.
 #[test]
+#[ignore = "a measurement, not a check: run with --include-ignored on a GPU"]
 fn attention_decode_timing() {
     let Some(g) = gpu() else { return };
     let table = [Sym::new("past"), Sym::new("seq")];
@@ -680,28 +449,8 @@ fn attention_decode_timing() {
             let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
             let out = g.poisoned(b * s * h * d * 2);
             let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters(b, s, h, kh)]);
-            let args: Args = vec![
-                (Role::Out(0), g.arg(&out)),
-                (Role::Out(1), g.arg(&po)),
-                (Role::Out(2), g.arg(&pml)),
-                (Role::Counters, g.arg(&counters)),
-                (Role::In(0), g.arg(&qbuf)),
-                (Role::In(1), g.arg(&kbuf)),
-                (Role::In(2), g.arg(&vbuf)),
-                (Role::Syms, g.arg(&sbuf)),
-                (Role::Batch, ArgValue::I64(b as i64)),
-                (Role::Seq, ArgValue::I64(s as i64)),
-                (Role::Heads, ArgValue::I64(h as i64)),
-                (Role::KvHeads, ArgValue::I64(kh as i64)),
-                (Role::HeadDim, ArgValue::I64(d as i64)),
-                (Role::ValueDim, ArgValue::I64(d as i64)),
-                (Role::KBatchStride, ArgValue::I64((cap * kh * d) as i64)),
-                (Role::VBatchStride, ArgValue::I64((cap * kh * d) as i64)),
-                (Role::Splits, ArgValue::I64(splits as i64)),
-                (Role::Scale, ArgValue::F32(0.125)),
-                (Role::MaskKind, ArgValue::I32(1)),
-                (Role::Window, ArgValue::I64(0)),
-            ];
+            let case = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask: Mask::Causal, scale: 0.125 };
+            let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits);
             let items = decode::attention_decode_items(b, s, h, kh, splits);
             for _ in 0..10 {
                 g.launch(&pk, &pf, items, &args);

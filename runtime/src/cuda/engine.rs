@@ -787,11 +787,8 @@ impl CudaEngine {
                     launch_node(self.lane(), &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
                 Run::Attention { kernel, prefill } => {
-                    let rows = ins[0].1[1];
-                    match prefill.filter(|_| rows > PREFILL_ROWS) {
-                        Some(p) => self.attention_prefill(&node.op, p, &ins, &outs).map_err(fill)?,
-                        None => self.attention_decode(&node.op, *kernel, &ins, &outs).map_err(fill)?,
-                    }
+                    let prefill = prefill.filter(|_| ins[0].1[1] > PREFILL_ROWS);
+                    self.attention(&node.op, *kernel, prefill, &ins, &outs).map_err(fill)?;
                 }
                 Run::Arange(k) => {
                     let n = out_shapes[0][0];
@@ -837,11 +834,14 @@ impl CudaEngine {
         Ok(launches)
     }
 
-    /// Split-K decode attention over the resident cache (batch strides of the cache).
-    fn attention_decode(
+    /// Attention over the resident cache (batch strides of the cache): the split-K
+    /// kernel `split_k`, or the tensor-core kernel `prefill` when given. Both take the
+    /// same sizes and attributes; the split-K kernel also its workspaces and counters.
+    fn attention(
         &self,
         op: &Op,
-        kernel: usize,
+        split_k: usize,
+        prefill: Option<usize>,
         ins: &[(u64, &[usize])],
         outs: &[(u64, &[usize])],
     ) -> Result<(), CudaError> {
@@ -850,84 +850,47 @@ impl CudaEngine {
         let (q, k, v) = (ins[0].1, ins[1].1, ins[2].1);
         let (bsz, s, h, d) = (q[0], q[1], q[2], q[3]);
         let (kh, dv) = (k[2], v[3]);
+        let (mask, window) = match attrs.mask {
+            kiln_ops::Mask::None => (0, 0),
+            kiln_ops::Mask::Causal => (1, 0),
+            kiln_ops::Mask::SlidingWindow(w) => (2, w as usize),
+        };
+        let cap = self.opts.max_context;
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+            .set(Role::In(0), ArgValue::Ptr(ins[0].0))
+            .set(Role::In(1), ArgValue::Ptr(ins[1].0))
+            .set(Role::In(2), ArgValue::Ptr(ins[2].0))
+            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+            .i64(Role::Batch, bsz)
+            .i64(Role::Seq, s)
+            .i64(Role::Heads, h)
+            .i64(Role::KvHeads, kh)
+            .i64(Role::HeadDim, d)
+            .i64(Role::ValueDim, dv)
+            .i64(Role::KBatchStride, cap * kh * d)
+            .i64(Role::VBatchStride, cap * kh * dv)
+            .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
+            .set(Role::MaskKind, ArgValue::I32(mask))
+            .i64(Role::Window, window);
+        if let Some(p) = prefill {
+            return launch(self.lane(), &self.kernels[p], prefill::attention_prefill_items(bsz, s, h, kh), &a);
+        }
         let splits = self.decode_splits(bsz, s, h, kh);
         decode::attention_decode_check(h, kh, d, dv, splits).map_err(|e| bad(e.0))?;
         let (wo, wml) = decode::attention_decode_workspace(bsz, s, h, dv, splits);
         if 4 * (wo + wml) > self.attn_ws.len() {
             return Err(bad(format!("decode attention workspace too small for batch {bsz}")));
         }
-        let (mask, window) = match attrs.mask {
-            kiln_ops::Mask::None => (0, 0),
-            kiln_ops::Mask::Causal => (1, 0),
-            kiln_ops::Mask::SlidingWindow(w) => (2, w as usize),
-        };
-        let ws = dev(&self.attn_ws, &self.stream);
-        let (ws_o, ws_ml) = (ws, ws + 4 * wo as u64);
-        let cap = self.opts.max_context;
         if decode::attention_decode_counters(bsz, s, h, kh) > self.attn_counters.len() {
             return Err(bad(format!("decode attention counters too few for batch {bsz}, {s} rows")));
         }
-        let items = decode::attention_decode_items(bsz, s, h, kh, splits);
-        let mut a = Args::default();
-        a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
-            .set(Role::Out(1), ArgValue::Ptr(ws_o))
-            .set(Role::Out(2), ArgValue::Ptr(ws_ml))
+        let ws = dev(&self.attn_ws, &self.stream);
+        a.set(Role::Out(1), ArgValue::Ptr(ws))
+            .set(Role::Out(2), ArgValue::Ptr(ws + 4 * wo as u64))
             .set(Role::Counters, ArgValue::Ptr(dev(&self.attn_counters, &self.stream)))
-            .set(Role::In(0), ArgValue::Ptr(ins[0].0))
-            .set(Role::In(1), ArgValue::Ptr(ins[1].0))
-            .set(Role::In(2), ArgValue::Ptr(ins[2].0))
-            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
-            .i64(Role::Batch, bsz)
-            .i64(Role::Seq, s)
-            .i64(Role::Heads, h)
-            .i64(Role::KvHeads, kh)
-            .i64(Role::HeadDim, d)
-            .i64(Role::ValueDim, dv)
-            .i64(Role::KBatchStride, cap * kh * d)
-            .i64(Role::VBatchStride, cap * kh * dv)
-            .i64(Role::Splits, splits)
-            .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
-            .set(Role::MaskKind, ArgValue::I32(mask))
-            .i64(Role::Window, window);
-        launch(self.lane(), &self.kernels[kernel], items, &a)
-    }
-
-    /// Tensor-core prefill attention over the resident cache.
-    fn attention_prefill(
-        &self,
-        op: &Op,
-        kernel: usize,
-        ins: &[(u64, &[usize])],
-        outs: &[(u64, &[usize])],
-    ) -> Result<(), CudaError> {
-        let Op::Attention(attrs) = op else { unreachable!("attention step") };
-        let (q, k, v) = (ins[0].1, ins[1].1, ins[2].1);
-        let (bsz, s, h, d) = (q[0], q[1], q[2], q[3]);
-        let (kh, dv) = (k[2], v[3]);
-        let (mask, window) = match attrs.mask {
-            kiln_ops::Mask::None => (0, 0),
-            kiln_ops::Mask::Causal => (1, 0),
-            kiln_ops::Mask::SlidingWindow(w) => (2, w as usize),
-        };
-        let cap = self.opts.max_context;
-        let mut a = Args::default();
-        a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
-            .set(Role::In(0), ArgValue::Ptr(ins[0].0))
-            .set(Role::In(1), ArgValue::Ptr(ins[1].0))
-            .set(Role::In(2), ArgValue::Ptr(ins[2].0))
-            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
-            .i64(Role::Batch, bsz)
-            .i64(Role::Seq, s)
-            .i64(Role::Heads, h)
-            .i64(Role::KvHeads, kh)
-            .i64(Role::HeadDim, d)
-            .i64(Role::ValueDim, dv)
-            .i64(Role::KBatchStride, cap * kh * d)
-            .i64(Role::VBatchStride, cap * kh * dv)
-            .set(Role::Scale, ArgValue::F32(attrs.scale.get()))
-            .set(Role::MaskKind, ArgValue::I32(mask))
-            .i64(Role::Window, window);
-        launch(self.lane(), &self.kernels[kernel], prefill::attention_prefill_items(bsz, s, h, kh), &a)
+            .i64(Role::Splits, splits);
+        launch(self.lane(), &self.kernels[split_k], decode::attention_decode_items(bsz, s, h, kh, splits), &a)
     }
 
     fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
