@@ -94,7 +94,7 @@ pub struct BenchArgs {
     pub model: Option<PathBuf>,
     /// An executable plan (`kiln build`): its engine, with its dtype and limits, loaded
     /// without tracing, passes or kernel compilation.
-    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "pdl"])]
+    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl"])]
     pub plan: Option<PathBuf>,
     /// Storage dtype of weights, activations and KV cache.
     #[arg(long, default_value = "bf16", value_parser = ["f32", "f16", "bf16"])]
@@ -114,11 +114,10 @@ pub struct BenchArgs {
     /// Launch kernels one by one instead of replaying CUDA graphs.
     #[arg(long)]
     pub no_cuda_graphs: bool,
-    /// Experimental: launch kernels with programmatic dependent launch (each may start
-    /// while the previous one drains). Known to give wrong decode results today (see
-    /// the README); for measurements only.
+    /// Launch kernels without programmatic dependent launch (by default each may start
+    /// while the previous one drains, on Hopper and later), for comparison.
     #[arg(long)]
-    pub pdl: bool,
+    pub no_pdl: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -148,7 +147,7 @@ impl BenchArgs {
             decode_steps: 128,
             json: None,
             no_cuda_graphs: false,
-            pdl: false,
+            no_pdl: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -361,7 +360,7 @@ pub struct BenchReport {
     pub machine: Machine,
     pub model: ModelInfo,
     pub cuda_graphs: bool,
-    /// Whether kernels were launched with programmatic dependent launch (`--pdl`).
+    /// Whether kernels were launched with programmatic dependent launch (off with `--no-pdl`).
     pub pdl: bool,
     /// Whether the fusion pass ran (`--no-fusion` turns it off).
     pub fusion: bool,
@@ -795,7 +794,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
 
         max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
         (fusion, cuda_graphs) = (!args.no_fusion, !args.no_cuda_graphs);
-        let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs, pdl: args.pdl };
+        let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs, pdl: !args.no_pdl };
         let t = Instant::now();
         engine = backend.engine(graph, weights, &spec)?;
         setup.insert("engine".to_string(), t.elapsed().as_secs_f64());
@@ -863,7 +862,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             },
         },
         cuda_graphs,
-        pdl: args.pdl,
+        pdl: !args.no_pdl,
         fusion,
         engine_max_batch,
         engine_max_context: max_context,

@@ -154,11 +154,9 @@ fn engine_matches_the_cpu_executor_bf16() {
     check_against_cpu(DType::BF16, 3e-2, 7);
 }
 
-/// Programmatic dependent launch (experimental, off by default) must change when kernels
-/// start, never what they compute. It does not hold yet: on an H200 (2026-12-03) decode
-/// step 1 already differs with PDL on, graph and eager alike, while the prefill matches.
+/// Programmatic dependent launch must change when kernels start, never what they
+/// compute: tokens and logits equal the serial launches' bit for bit, graph and eager.
 #[test]
-#[ignore = "PDL decode diverges from serial launches (2026-12-03, H200); see EngineOptions::pdl"]
 fn pdl_launches_compute_what_serial_launches_do() {
     if !gpu() {
         return;

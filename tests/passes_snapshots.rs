@@ -204,3 +204,43 @@ fn fusion_lowers_the_decode_arena_of_real_shapes() {
         assert!(pa.arena_bytes <= pb.arena_bytes, "{preset}: the fused arena is no larger");
     }
 }
+
+/// Programmatic dependent launch lets a kernel start before the previous one ends, so
+/// every kernel the engine launches must wait for it before touching memory. A fused KV
+/// append once did not (its template skipped `kiln_grid_entry`), and PDL decode
+/// diverged from the serial launches.
+#[test]
+fn every_kernel_of_the_decode_graph_waits_for_the_previous_one() {
+    use kiln::codegen::kernels::NodeLowering;
+    use kiln::codegen::{decode, fused_append, fused_append_kernel, lower_node, symbols::graph_symbols};
+    let g = optimized();
+    let syms = graph_symbols(&g);
+    let mut kernels = Vec::new();
+    for n in g.topo_order() {
+        let node = g.node(n);
+        match &node.op {
+            Op::Fused(b) if fused_append(b).is_some() => kernels.push(fused_append_kernel(b, &syms).unwrap()),
+            Op::MatMul { .. } => {
+                let (x, w) = (g.value_type(g.operands(n)[0]).dtype, g.value_type(g.operands(n)[1]).dtype);
+                for m in [1, 2] {
+                    let cfg = decode::GemvConfig::for_rows(m);
+                    kernels.push(decode::gemv_with(x, w, node.outputs[0].dtype, cfg).unwrap());
+                }
+            }
+            Op::Attention(_) => {
+                let k = g.value_type(g.operands(n)[1]);
+                kernels.push(decode::attention_decode(k.dtype, 2, &k.shape.dims()[1], &syms).unwrap());
+            }
+            _ => {
+                if let NodeLowering::Kernel(k) = lower_node(&g, n).unwrap() {
+                    kernels.push(k);
+                }
+            }
+        }
+    }
+    let appends = kernels.iter().filter(|k| k.sig.name.starts_with("kiln_fused_append")).count();
+    assert_eq!(appends, 4, "2 layers × (k, v)");
+    for k in &kernels {
+        assert!(k.waits_for_previous(), "kernel {} does not wait for the previous kernel", k.sig.name);
+    }
+}

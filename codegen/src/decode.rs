@@ -117,10 +117,15 @@ impl GemvConfig {
     }
 }
 
-/// Warps of one partial attention block.
+/// Warps of one attention block (twice that for query tiles of up to 4).
 const ATTENTION_DECODE_WARPS: usize = 4;
-/// Query (row, head) pairs of one kv head that one partial attention block handles.
+/// Query (row, head) pairs of one kv head that one attention block handles, at most; the
+/// tile of a kernel is [`attention_decode_query_tile`] of its GQA group.
 pub const ATTENTION_DECODE_QUERY_TILE: usize = 8;
+/// Keys of one split, at least: a context of up to this many keys is one block per
+/// (batch, kv head, query tile), which writes the output itself (no partial results,
+/// fence or merge: the short-context latency of a decode step).
+pub const ATTENTION_DECODE_MIN_CHUNK: usize = 256;
 /// Threads of one sampling block (one block per row).
 pub const SAMPLE_THREADS: u32 = 512;
 
@@ -232,15 +237,18 @@ pub fn gemv_items(m: usize, n: usize) -> usize {
 /// cache `[b, capacity, kh, dk]` has `k_batch_stride = capacity · kh · dk`. Head dims
 /// up to 256.
 ///
-/// Each block takes one chunk of `max(ceil(len / splits), 32)` of the keys any query row may see
-/// (trailing chunks may be empty) for up to [`ATTENTION_DECODE_QUERY_TILE`] query (row,
-/// head) pairs of one kv head, reads the chunk's K/V rows once and writes, per
-/// `(b, s, h, split)`, f32 `out1 [.., dv]` = `Σ_j 2^(s_j - max) v_j` and
-/// `out2 [.., 2]` = `(max, Σ_j 2^(s_j - max))` with `s_j = scale · log2(e) · q·k_j`
-/// (`(-inf, 0)` and zeros for a chunk without a visible key). The last block of a tile
-/// to finish (counted on `counters`) merges its splits into `out` (dtype `d`, rounded
-/// once; zeros for a row with no visible key, like the CPU reference) and resets its
-/// counter.
+/// The kernel is generated for GQA groups of `group` query heads per kv head (`heads /
+/// kv_heads` of the launch must equal it; launched otherwise it writes nothing).
+/// Each block takes one chunk of `max(ceil(len / splits),` [`ATTENTION_DECODE_MIN_CHUNK`]`)`
+/// of the keys any query row may see for the [`attention_decode_query_tile`] query (row,
+/// head) pairs of its tile; blocks whose chunk is past the keys return at once. With one
+/// chunk (short contexts) the block writes `out` itself. Otherwise each block reads its
+/// chunk's K/V rows once and writes, per `(b, s, h, split)`, f32 `out1 [.., dv]` =
+/// `Σ_j 2^(s_j - max) v_j` and `out2 [.., 2]` = `(max, Σ_j 2^(s_j - max))` with
+/// `s_j = scale · log2(e) · q·k_j` (`(-1e30, 0)` and zeros for a query without a visible
+/// key in the chunk); the last block of a tile to finish (counted on `counters`) merges
+/// the chunks into `out` (dtype `d`, rounded once; zeros for a row with no visible key,
+/// like the CPU reference) and resets its counter.
 ///
 /// Parameters: `out` (`[b, s, h, dv]` of `d`), `out1` (f32 partial outputs), `out2`
 /// (f32 (max, sum)), `counters` (`unsigned int`, [`attention_decode_counters`] of them,
@@ -250,13 +258,22 @@ pub fn gemv_items(m: usize, n: usize) -> usize {
 /// `mask_kind` (i32: 0 none, 1 causal, 2 sliding window), `window` (i64).
 /// Launch with `grid.dims(attention_decode_items(..))`.
 /// Kernels launched with sizes [`attention_decode_check`] rejects write nothing.
-pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+pub fn attention_decode(d: DType, group: usize, keys: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
     let s = float_storage(d, "attention_decode")?;
+    if group == 0 {
+        return Err(CodegenError("attention_decode: a GQA group of 0 query heads per kv head".into()));
+    }
     let keys_c = dim_to_c(keys, syms)?;
     let vec = vec_elems(d);
-    let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1);
+    let tile = attention_decode_query_tile(group);
+    // Small tiles (GQA groups up to 4) take twice the vectors per lane (fewer shuffle
+    // levels per key) and twice the warps (more keys in flight): register use and the
+    // warp-merge buffer (warps · tile · 256 floats = 32 KiB) stay the same.
+    let small = tile <= 4;
+    let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1) * if small { 2 } else { 1 };
+    let warps = if small { 2 * ATTENTION_DECODE_WARPS } else { ATTENTION_DECODE_WARPS };
     let sig = KernelSig::new(
-        format!("kiln_attn_decode_{}_{}", d.name(), stable_hash_hex(&keys_c)),
+        format!("kiln_attn_decode_{}_q{tile}_{}", d.name(), stable_hash_hex(&keys_c)),
         cache_attention_params(s, true),
     );
     let template = format!("{VECTOR_HELPERS}{FLASH_DECODE}");
@@ -267,11 +284,12 @@ pub fn attention_decode(d: DType, keys: &Dim, syms: &[Sym]) -> Result<Kernel, Co
             ("KILN_T", s.to_string()),
             ("KILN_VEC", vec.to_string()),
             ("AD_NVL", nvl.to_string()),
-            ("AD_WARPS", ATTENTION_DECODE_WARPS.to_string()),
-            ("AD_QT", ATTENTION_DECODE_QUERY_TILE.to_string()),
+            ("AD_WARPS", warps.to_string()),
+            ("AD_QT", tile.to_string()),
+            ("AD_MIN_CHUNK", ATTENTION_DECODE_MIN_CHUNK.to_string()),
             ("KILN_KEYS", keys_c),
         ],
-        Grid::BlockPerItem { threads: 32 * ATTENTION_DECODE_WARPS as u32 },
+        Grid::BlockPerItem { threads: 32 * warps as u32 },
     ))
 }
 
@@ -341,8 +359,16 @@ pub fn attention_decode_workspace(b: usize, s: usize, h: usize, dv: usize, split
     (rows * dv, rows * 2)
 }
 
+/// Query (row, head) pairs per block of an [`attention_decode`] kernel for a GQA group
+/// of `group` query heads per kv head: the largest divisor of `group` up to
+/// [`ATTENTION_DECODE_QUERY_TILE`], so every tile is full (the kernel's per-query loops
+/// have no guards) and lies within one query row.
+pub fn attention_decode_query_tile(group: usize) -> usize {
+    (1..=ATTENTION_DECODE_QUERY_TILE.min(group.max(1))).rev().find(|t| group.is_multiple_of(*t)).unwrap_or(1)
+}
+
 /// Work items (blocks) of an [`attention_decode`] launch: one per (batch, kv head, tile
-/// of [`ATTENTION_DECODE_QUERY_TILE`] query pairs, split).
+/// of [`attention_decode_query_tile`] query pairs, split).
 pub fn attention_decode_items(b: usize, s: usize, h: usize, kh: usize, splits: usize) -> usize {
     attention_decode_counters(b, s, h, kh) * splits
 }
@@ -351,7 +377,7 @@ pub fn attention_decode_items(b: usize, s: usize, h: usize, kh: usize, splits: u
 /// query tile).
 pub fn attention_decode_counters(b: usize, s: usize, h: usize, kh: usize) -> usize {
     let group = h.checked_div(kh).unwrap_or(0);
-    b * kh * (s * group).div_ceil(ATTENTION_DECODE_QUERY_TILE)
+    b * kh * (s * group).div_ceil(attention_decode_query_tile(group))
 }
 
 /// A split count for [`attention_decode`] fixed at plan time: enough partial blocks for

@@ -80,7 +80,7 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
         .replace("KILN_BODY", code.trim_end_matches('\n'));
     let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
     src.push_str(PRELUDE);
-    src.push_str("\n// ---- kernel ----\n");
+    src.push_str(crate::kernels::KERNEL_MARKER);
     src.push_str(&kernel);
     // The name is a hash of the source rendered under a placeholder name.
     let hash = fnv1a64(&src.replace("KILN_SIGNATURE", &KernelSig::new("kiln_fused", params.clone()).signature()));
@@ -150,11 +150,12 @@ pub fn fused_append_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, Cod
     let mut head = g.dim_decls()?;
     writeln!(head, "    const i64 n_items = {n};").expect("to a string");
     let code = std::mem::take(&mut g.lines);
-    let kernel =
-        ELEMENTWISE.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
+    let kernel = crate::kernels::with_entry(ELEMENTWISE)
+        .replace("KILN_DIMS", head.trim_end_matches('\n'))
+        .replace("KILN_BODY", code.trim_end_matches('\n'));
     let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
     src.push_str(PRELUDE);
-    src.push_str("\n// ---- kernel ----\n");
+    src.push_str(crate::kernels::KERNEL_MARKER);
     src.push_str(&kernel);
     let hash =
         fnv1a64(&src.replace("KILN_SIGNATURE", &KernelSig::new("kiln_fused_append", params.clone()).signature()));

@@ -47,12 +47,28 @@ impl Grid {
     }
 }
 
+/// The line between the shared prelude and a kernel's own text in [`Kernel::source`].
+pub(crate) const KERNEL_MARKER: &str = "\n// ---- kernel ----\n";
+
 /// A kernel ready for NVRTC: signature, full source and launch shape.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Kernel {
     pub sig: KernelSig,
     pub source: String,
     pub grid: Grid,
+}
+
+impl Kernel {
+    /// Whether the kernel waits for the previous kernel on its stream before touching
+    /// memory (`kiln_grid_entry()`, or a `KILN_MANUAL_ENTRY` kernel's own
+    /// `kiln_grid_wait()`; see `kiln.cuh`). Only such a kernel may be launched with
+    /// programmatic dependent launch: one that does not wait would read its inputs
+    /// while the kernel writing them still runs.
+    pub fn waits_for_previous(&self) -> bool {
+        // The kernel's own text follows the shared prelude (which defines the helpers).
+        let own = self.source.rsplit_once(KERNEL_MARKER).map_or(self.source.as_str(), |(_, k)| k);
+        own.contains("kiln_grid_entry();") || (own.contains("KILN_MANUAL_ENTRY") && own.contains("kiln_grid_wait();"))
+    }
 }
 
 /// The GPU backend cannot run something (a dtype or op it does not handle yet).
@@ -80,7 +96,7 @@ pub(crate) fn word(d: DType) -> Result<&'static str, CodegenError> {
 pub(crate) fn render(sig: KernelSig, template: &str, defines: &[(&str, String)], grid: Grid) -> Kernel {
     let mut src = String::with_capacity(PRELUDE.len() + template.len() + 512);
     src.push_str(PRELUDE);
-    src.push_str("\n// ---- kernel ----\n");
+    src.push_str(KERNEL_MARKER);
     for (k, v) in defines {
         src.push_str(&format!("#define {k} {v}\n"));
     }

@@ -53,7 +53,7 @@ fn gemv_rejects_non_float_dtypes_by_name() {
 fn attention_decode_reads_the_key_count_from_the_symbol_table() {
     let table = [Sym::new("batch"), Sym::new("past"), Sym::new("seq")];
     let keys = &Dim::sym("past") + &Dim::sym("seq");
-    let p = attention_decode(DType::BF16, &keys, &table).unwrap();
+    let p = attention_decode(DType::BF16, 4, &keys, &table).unwrap();
     assert_eq!(
         roles(&p),
         [
@@ -92,24 +92,34 @@ fn attention_decode_reads_the_key_count_from_the_symbol_table() {
     assert!(sig.contains("const i64* syms"), "{sig}");
     assert!(sig.contains("float scale, int mask_kind, i64 window)"), "{sig}");
     assert!(p.source.contains("#define KILN_KEYS (syms[1] + syms[2])"), "keys expression missing");
-    assert_eq!(p.grid, Grid::BlockPerItem { threads: 128 });
+    assert_eq!(p.grid, Grid::BlockPerItem { threads: 256 }); // tile 4: 8 warps
 
     // The kernel's name identifies its keys expression.
-    let p2 = attention_decode(DType::BF16, &Dim::sym("past"), &table).unwrap();
+    let p2 = attention_decode(DType::BF16, 4, &Dim::sym("past"), &table).unwrap();
     assert!(p2.source.contains("#define KILN_KEYS (syms[1])"));
     assert_ne!(p.sig.name, p2.sig.name);
-    // f32 has 4 elements per 16 bytes, so two vectors per lane for head dim 256.
-    let p3 = attention_decode(DType::F32, &keys, &table).unwrap();
-    assert!(p3.source.contains("#define KILN_VEC 4") && p3.source.contains("#define AD_NVL 2"));
-    assert!(p.source.contains("#define KILN_VEC 8") && p.source.contains("#define AD_NVL 1"));
+    // f32 has 4 elements per 16 bytes, so two vectors per lane for head dim 256, four
+    // for tiles of up to 4 queries (which use fewer lanes per key).
+    let p3 = attention_decode(DType::F32, 4, &keys, &table).unwrap();
+    assert!(p3.source.contains("#define KILN_VEC 4") && p3.source.contains("#define AD_NVL 4"));
+    assert!(p.source.contains("#define KILN_VEC 8") && p.source.contains("#define AD_NVL 2"));
+    let p8 = attention_decode(DType::BF16, 8, &keys, &table).unwrap();
+    assert!(p8.source.contains("#define AD_NVL 1") && p8.source.contains("#define AD_WARPS 4"));
+    assert_eq!(p8.grid, Grid::BlockPerItem { threads: 128 });
+    // The query tile is the GQA group's (4), and named: group 3 makes another kernel.
+    assert!(p.source.contains("#define AD_QT 4") && p.sig.name.contains("_q4_"), "{}", p.sig.name);
+    let p4 = attention_decode(DType::BF16, 3, &keys, &table).unwrap();
+    assert!(p4.source.contains("#define AD_QT 3") && p4.sig.name.contains("_q3_"));
 }
 
 #[test]
 fn attention_decode_errors_name_the_culprit() {
     let table = [Sym::new("past")];
-    let e = attention_decode(DType::BF16, &Dim::sym("seq"), &table).unwrap_err().0;
+    let e = attention_decode(DType::BF16, 4, &Dim::sym("seq"), &table).unwrap_err().0;
     assert!(e.contains("`seq`"), "{e}");
-    let e = attention_decode(DType::I64, &Dim::sym("past"), &table).unwrap_err().0;
+    let e = attention_decode(DType::BF16, 0, &Dim::sym("past"), &table).unwrap_err().0;
+    assert!(e.contains("group of 0"), "{e}");
+    let e = attention_decode(DType::I64, 4, &Dim::sym("past"), &table).unwrap_err().0;
     assert!(e.contains("attention_decode") && e.contains("i64"), "{e}");
     assert!(attention_decode_check(32, 8, 128, 128, 16).is_ok());
     let e = attention_decode_check(9, 2, 64, 64, 1).unwrap_err().0;
@@ -127,13 +137,16 @@ fn attention_decode_sizes() {
     assert_eq!(attention_decode_workspace(1, 1, 32, 128, 16), (65536, 1024));
     assert_eq!(attention_decode_workspace(3, 2, 9, 64, 5), (17280, 540));
     assert_eq!(attention_decode_workspace(2, 1, 4, 80, 1), (640, 16));
-    // Blocks: b·kh·ceil(s·h/kh / 8)·splits; counters: one per (b, kv head, tile).
+    // Query tiles: the largest divisor of the group up to 8, so tiles are full.
+    let tiles: Vec<usize> = [1, 3, 4, 7, 8, 9, 12, 16, 0].iter().map(|&g| attention_decode_query_tile(g)).collect();
+    assert_eq!(tiles, [1, 3, 4, 7, 8, 3, 6, 8, 1]);
+    // Blocks: b·kh·(s·h/kh / tile)·splits; counters: one per (b, kv head, tile).
     assert_eq!(attention_decode_items(1, 1, 32, 8, 16), 128);
-    assert_eq!(attention_decode_items(3, 2, 9, 3, 5), 45);
+    assert_eq!(attention_decode_items(3, 2, 9, 3, 5), 90); // tile 3: 2 tiles of the 6 pairs
     assert_eq!(attention_decode_items(1, 2, 32, 2, 4), 32); // 32 (row, head) pairs per kv head: 4 tiles
     assert_eq!(attention_decode_items(2, 1, 4, 4, 3), 24);
     assert_eq!(attention_decode_counters(1, 2, 32, 2), 8);
-    assert_eq!(attention_decode_counters(3, 2, 9, 3), 9);
+    assert_eq!(attention_decode_counters(3, 2, 9, 3), 18);
     assert_eq!(ATTENTION_DECODE_QUERY_TILE, 8);
     // Splits: about two waves of blocks, never more than the keys, in 1..=256.
     assert_eq!(attention_decode_splits(1, 1, 32, 8, 4096, 132), 33);

@@ -461,7 +461,7 @@ fn engine_options(o: &PlanOptions, device: usize, prebuilt: Option<Arc<HashMap<S
         max_batch: o.max_batch,
         max_context: o.max_context,
         cuda_graphs: o.cuda_graphs,
-        pdl: false,
+        pdl: EngineOptions::default().pdl,
         cache_dir: None,
         prebuilt,
     }
@@ -539,8 +539,10 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     }
                 }
                 Op::Attention(_) if ops[1..].iter().any(|v| present.contains_key(&v.node)) => {
-                    let kt = graph.value_type(ops[1]);
-                    match decode::attention_decode(kt.dtype, &kt.shape.dims()[1], &syms) {
+                    let (qt, kt) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
+                    let heads = |t: &kiln_ops::TensorType| t.shape.dims()[2].as_fixed().unwrap_or(0);
+                    let group = heads(qt).checked_div(heads(kt)).unwrap_or(0);
+                    match decode::attention_decode(kt.dtype, group, &kt.shape.dims()[1], &syms) {
                         Ok(k) => k.sig.name,
                         Err(e) => format!("unsupported: {}", e.0),
                     }

@@ -446,7 +446,7 @@ fn prefill_attention_timing() {
     let kc = uniform(&mut r, b * s * kh * d, -1.0, 1.0);
     let mut bufs = Bufs::new(&g, dt, &q, &kc, &kc, b * s * h * d, 0);
     set_keys(&g, &mut bufs, s, s);
-    let pk = decode::attention_decode(dt, &keys, &table).unwrap();
+    let pk = decode::attention_decode(dt, h / kh, &keys, &table).unwrap();
     let pf = g.load(&pk);
     let splits = decode::attention_decode_splits(b, s, h, kh, s, g.info.multiprocessors.max(1) as usize);
     let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);

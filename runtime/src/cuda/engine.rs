@@ -47,12 +47,13 @@ pub struct EngineOptions {
     pub cuda_graphs: bool,
     /// Kernel cache folder; `None` uses the default.
     pub cache_dir: Option<PathBuf>,
-    /// Experimental, off by default: launch each kernel with programmatic dependent
-    /// launch (Hopper and later), so it may start while the previous kernel drains and
-    /// waits for it (`kiln_grid_wait`) before touching its data; GEMVs prefetch their
-    /// weights before that wait. **Known wrong** on an H200 (2026-12-03): decode steps
-    /// diverge from the CPU reference with it on (prefill does not), for a reason not
-    /// found yet; `tests/cuda_engine.rs` keeps the failing comparison as an ignored test.
+    /// Launch each kernel with programmatic dependent launch (Hopper and later; on by
+    /// default, off with `KILN_PDL=0` in the environment), so it
+    /// may start while the previous kernel drains and waits for it (`kiln_grid_wait`)
+    /// before touching its data; GEMVs prefetch their weights before that wait. Every
+    /// kernel must wait ([`kiln_codegen::Kernel::waits_for_previous`]; the engine
+    /// refuses to build otherwise): a fused KV append that did not made decode diverge
+    /// (found and fixed 2026-12-03).
     pub pdl: bool,
     /// Kernel binaries by cache key (from an executable plan, see
     /// [`CudaEngine::kernel_binaries`]): a kernel found here is neither compiled nor read
@@ -67,7 +68,7 @@ impl Default for EngineOptions {
             max_batch: 1,
             max_context: 4096,
             cuda_graphs: true,
-            pdl: false,
+            pdl: true,
             cache_dir: None,
             prebuilt: None,
         }
@@ -446,10 +447,12 @@ impl CudaEngine {
                             }
                             let kt = graph.value_type(ops[1]);
                             let keys = kt.shape.dims()[1].clone();
-                            let k = decode::attention_decode(kt.dtype, &keys, &syms).map_err(|e| unsupported(e.0))?;
                             let (qt, vt) = (graph.value_type(ops[0]), graph.value_type(ops[2]));
                             let dim = |t: &kiln_ops::TensorType, i: usize| t.shape.dims()[i].as_fixed().unwrap_or(0);
                             let (h, kh, d, dv) = (dim(qt, 2), dim(kt, 2), dim(qt, 3), dim(vt, 3));
+                            let group = h.checked_div(kh).unwrap_or(0);
+                            let k = decode::attention_decode(kt.dtype, group, &keys, &syms)
+                                .map_err(|e| unsupported(e.0))?;
                             let prefill = prefill::attention_prefill_check(kt.dtype, h, kh, d, dv)
                                 .and_then(|_| prefill::attention_prefill(kt.dtype, d, &keys, &syms))
                                 .ok();
@@ -502,6 +505,15 @@ impl CudaEngine {
         }
 
         // ---- compile ------------------------------------------------------------------
+        if opts.pdl {
+            if let Some(k) = kernel_list.iter().find(|k| !k.waits_for_previous()) {
+                return Err(contract(format!(
+                    "kernel `{}` does not wait for the previous kernel (kiln_grid_entry): it cannot be launched \
+                     with programmatic dependent launch",
+                    k.sig.name
+                )));
+            }
+        }
         let cache_dir = opts.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir);
         let (kernels, stats, binaries) =
             compile_and_load(&ctx, info.compute_capability, Some(cache_dir), kernel_list, opts.prebuilt.as_deref())?;
