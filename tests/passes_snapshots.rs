@@ -4,7 +4,7 @@
 //! SiLU·up are one fused node each.
 
 use kiln::graph::text::{parse, print};
-use kiln::graph::{Graph, NodeId};
+use kiln::graph::{Graph, NodeId, Value};
 use kiln::models::config::LlamaConfig;
 use kiln::models::llama::{LlamaForCausalLM, TraceOptions};
 use kiln::ops::{DType, FusedBody, FusedKind, Op};
@@ -33,7 +33,7 @@ fn optimized() -> Graph {
 fn every_stage_of_a_tiny_llama() {
     let traced = tiny_llama();
     let pm = default_pipeline().verify(true).keep_stages(true);
-    assert_eq!(pm.pass_names(), ["fold", "simplify", "cse", "dce", "fuse"]);
+    assert_eq!(pm.pass_names(), ["fold", "simplify", "cse", "dce", "fuse", "fuse_matvec"]);
     let out = pm.run(traced.clone()).unwrap();
     let mut stages = vec![("traced", traced)];
     stages.extend(out.stages.into_iter().map(|s| (s.pass, s.graph)));
@@ -72,14 +72,14 @@ fn fused_readers(g: &Graph, name: &str) -> Vec<NodeId> {
     g.users(p).into_iter().map(|(u, _)| u).filter(|&u| body(g, u).is_some()).collect()
 }
 
-/// Per decoder layer: 10 kernels, 11 in layer 0 (it also normalizes its input; in later
-/// layers that norm is fused with the previous layer's last residual add, in scope
-/// `model.layers`, and the last layer's residual add goes with the final norm, in scope
-/// `model`). The 10: 4 matmuls (qkv, o_proj, gate_up, down), attention, and 5 fused
-/// nodes: RoPE of q, the k-cache append with the RoPE of k, the v-cache append with the
-/// v slice, residual add + post-attention RMSNorm, SiLU·up.
+/// Per decoder layer: at most 8 kernels. Layer 0's 8: attention, the o_proj matmul and
+/// 6 fused nodes: input RMSNorm + the qkv projection (a matrix-vector group), RoPE of q,
+/// the k-cache append with the RoPE of k, the v-cache append with the v slice, residual
+/// add + post-attention RMSNorm + gate_up, SiLU·up + down_proj. In later layers the
+/// input norm also takes the previous layer's last residual add, so that group (with the
+/// qkv projection) is in scope `model.layers`: 7 in the layer.
 #[test]
-fn decoder_layers_launch_at_most_11_kernels() {
+fn decoder_layers_launch_at_most_8_kernels() {
     let g = optimized();
     let mut per_layer: BTreeMap<usize, Vec<&str>> = BTreeMap::new();
     for n in g.topo_order() {
@@ -95,21 +95,47 @@ fn decoder_layers_launch_at_most_11_kernels() {
         let mut k = kernels.clone();
         k.sort_unstable();
         let fused = if *i == 0 { 6 } else { 5 };
-        let mut want = vec!["attention", "matmul", "matmul", "matmul", "matmul"];
+        let mut want = vec!["attention", "matmul"];
         want.extend(std::iter::repeat_n("fused", fused));
         want.sort_unstable();
         assert_eq!(k, want, "layer {i}");
-        assert!(kernels.len() <= 11, "layer {i}: {kernels:?}");
+        assert!(kernels.len() <= 8, "layer {i}: {kernels:?}");
     }
-    // Outside the layers: the embedding, the rope tables, the cross-layer add+norm, the last
-    // residual add with the final norm (2 kernels), lm_head and the logits cast.
+    // Outside the layers: the embedding, the rope tables, the cross-layer add + norm +
+    // qkv, the last residual add, the final norm with lm_head, and the logits cast.
     let rest: Vec<&str> = g
         .topo_order()
         .into_iter()
         .filter(|&n| layer_of(&g.node(n).scope).is_none() && launches_kernel(&g.node(n).op))
         .map(|n| g.node(n).op.name())
         .collect();
-    assert_eq!(rest, ["gather", "fused", "fused", "fused", "fused", "matmul", "fused"]);
+    assert_eq!(rest, ["gather", "fused", "fused", "fused", "fused", "fused"]);
+    // Every matrix-vector group: a prologue (a norm or SwiGLU) and the projection.
+    let matvec: Vec<String> = g
+        .topo_order()
+        .into_iter()
+        .filter_map(|n| match body(&g, n)?.kind() {
+            Ok(FusedKind::MatVec { prologue, .. }) => {
+                let w = g.operands(n).last().map(|v| g.node(v.node).op.clone())?;
+                let Op::Param { name, .. } = w else { return None };
+                let form = if matches!(*prologue, FusedKind::Rows { .. }) { "rows" } else { "elementwise" };
+                Some(format!("{form} {name}"))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        matvec,
+        [
+            "rows model.layers.0.self_attn.qkv.weight",
+            "rows model.layers.0.mlp.gate_up.weight",
+            "elementwise model.layers.0.mlp.down_proj.weight",
+            "rows model.layers.1.self_attn.qkv.weight",
+            "rows model.layers.1.mlp.gate_up.weight",
+            "elementwise model.layers.1.mlp.down_proj.weight",
+            "rows lm_head.weight",
+        ]
+    );
 }
 
 #[test]
@@ -121,12 +147,17 @@ fn rms_norm_rope_and_silu_up_are_one_fused_node_each() {
         for (norm, adds) in [("input_layernorm", i > 0), ("post_attention_layernorm", true)] {
             let readers = fused_readers(&g, &format!("model.layers.{i}.{norm}.weight"));
             assert_eq!(readers.len(), 1, "layer {i} {norm}");
+            // The norm is the prologue of the projection after it (a matrix-vector
+            // group): its outputs are the residual sum (when it adds), the normalized x,
+            // then the projection.
             let b = body(&g, readers[0]).unwrap();
             let ops = body_ops(b);
             assert_eq!(ops.iter().filter(|&&o| o == "reduce_mean").count(), 1, "{ops:?}");
             assert!(ops.contains(&"rsqrt"));
-            assert!(matches!(b.kind(), Ok(FusedKind::Rows { .. })));
-            assert_eq!(b.outputs.len(), if adds { 2 } else { 1 }, "layer {i} {norm}: {ops:?}");
+            let Ok(FusedKind::MatVec { prologue, .. }) = b.kind() else { panic!("{:?}", b.kind()) };
+            assert!(matches!(*prologue, FusedKind::Rows { .. }));
+            assert_eq!(ops.last(), Some(&"matmul"));
+            assert_eq!(b.outputs.len(), if adds { 3 } else { 2 }, "layer {i} {norm}: {ops:?}");
             // The norm adds eps; with the residual add there is a second add.
             let n_adds = ops.iter().filter(|&&o| o == "add").count();
             assert_eq!(n_adds, 1 + usize::from(adds), "layer {i} {norm}: {ops:?}");
@@ -135,12 +166,14 @@ fn rms_norm_rope_and_silu_up_are_one_fused_node_each() {
         // head slices, rotate_half (neg + concat) and the cos/sin products; k's also
         // appends to the cache (its domain is the whole concat), and the v append is a
         // third kernel reading the projection.
-        let qkv = g.topo_order().into_iter().find(|&n| {
-            matches!(g.node(n).op, Op::MatMul { .. })
-                && g.operands(n)[1] == g.params()[&format!("model.layers.{i}.self_attn.qkv.weight")].into()
-        });
-        let qkv = qkv.unwrap();
-        let readers: Vec<&FusedBody> = g.users(qkv).into_iter().filter_map(|(u, _)| body(&g, u)).collect();
+        let qkv = fused_readers(&g, &format!("model.layers.{i}.self_attn.qkv.weight"));
+        let y = Value::new(qkv[0], (body(&g, qkv[0]).unwrap().outputs.len() - 1) as u8);
+        let readers: Vec<&FusedBody> = g
+            .users(qkv[0])
+            .into_iter()
+            .filter(|&(u, slot)| g.operands(u)[slot as usize] == y)
+            .filter_map(|(u, _)| body(&g, u))
+            .collect();
         assert_eq!(readers.len(), 3, "layer {i}");
         let ropes: Vec<&FusedBody> = readers.iter().copied().filter(|b| body_ops(b).contains(&"neg")).collect();
         assert_eq!(ropes.len(), 2, "layer {i}");
@@ -157,21 +190,21 @@ fn rms_norm_rope_and_silu_up_are_one_fused_node_each() {
         }
         heads.sort();
         assert_eq!(heads, ["[batch, past + seq, 2, 16]", "[batch, seq, 4, 16]"]);
-        // SiLU·up: the gate and up slices, silu and the product in one kernel that feeds
-        // down_proj.
-        let down = g.topo_order().into_iter().find(|&n| {
-            matches!(g.node(n).op, Op::MatMul { .. })
-                && g.operands(n)[1] == g.params()[&format!("model.layers.{i}.mlp.down_proj.weight")].into()
-        });
-        let act = g.operands(down.unwrap())[0];
-        let mut ops = body_ops(body(&g, act.node).expect("down_proj reads a fused node"));
+        // SiLU·up: the gate and up slices, silu and the product, the elementwise prologue
+        // of down_proj.
+        let down = fused_readers(&g, &format!("model.layers.{i}.mlp.down_proj.weight"));
+        let b = body(&g, down[0]).unwrap();
+        let Ok(FusedKind::MatVec { prologue, .. }) = b.kind() else { panic!("{:?}", b.kind()) };
+        assert!(matches!(*prologue, FusedKind::Elementwise { .. }));
+        let mut ops = body_ops(b);
         ops.sort_unstable();
-        assert_eq!(ops, ["add", "div", "exp", "expand", "mul", "neg", "slice", "slice"], "layer {i}");
+        assert_eq!(ops, ["add", "div", "exp", "expand", "matmul", "mul", "neg", "slice", "slice"], "layer {i}");
     }
 }
 
-/// Fusion shrinks the peak activation memory of a decode step: intermediates inside a
-/// fused group never reach memory. Checked on the real Llama-3.2-1B and SmolLM2 shapes
+/// Fusion shrinks the activation memory of a decode step: intermediates inside a fused
+/// group never reach memory (the sum of all intermediates at least halves; the peak
+/// stays within 10%). Checked on the real Llama-3.2-1B and SmolLM2 shapes
 /// (tracing only, no weights), planned at batch 1, seq 1, past 200 (the numbers the
 /// README's before/after table quotes; run with `--nocapture` to see them).
 #[test]
@@ -201,7 +234,10 @@ fn fusion_lowers_the_decode_arena_of_real_shapes() {
             after.node_count()
         );
         assert!(pa.naive_bytes < pb.naive_bytes / 2, "{preset}: fusion should remove most intermediates");
-        assert!(pa.arena_bytes <= pb.arena_bytes, "{preset}: the fused arena is no larger");
+        // A matrix-vector group keeps x as an output next to y (so it can also run as
+        // its prologue's kernel and a matmul): the peak may grow by about one activation
+        // row, never by much.
+        assert!(pa.arena_bytes <= pb.arena_bytes + pb.arena_bytes / 10, "{preset}: the fused arena grew by > 10%");
     }
 }
 
@@ -212,7 +248,9 @@ fn fusion_lowers_the_decode_arena_of_real_shapes() {
 #[test]
 fn every_kernel_of_the_decode_graph_waits_for_the_previous_one() {
     use kiln::codegen::kernels::NodeLowering;
-    use kiln::codegen::{decode, fused_append, fused_append_kernel, lower_node, symbols::graph_symbols};
+    use kiln::codegen::{
+        decode, fused_append, fused_append_kernel, fused_kernel, gemv_prologue, lower_node, symbols::graph_symbols,
+    };
     let g = optimized();
     let syms = graph_symbols(&g);
     let mut kernels = Vec::new();
@@ -220,6 +258,10 @@ fn every_kernel_of_the_decode_graph_waits_for_the_previous_one() {
         let node = g.node(n);
         match &node.op {
             Op::Fused(b) if fused_append(b).is_some() => kernels.push(fused_append_kernel(b, &syms).unwrap()),
+            Op::Fused(b) if matches!(b.kind(), Ok(FusedKind::MatVec { .. })) => {
+                kernels.push(gemv_prologue(b, &syms, decode::GemvConfig::for_prologue()).unwrap());
+                kernels.push(fused_kernel(&b.prologue().unwrap(), &syms).unwrap());
+            }
             Op::MatMul { .. } => {
                 let (x, w) = (g.value_type(g.operands(n)[0]).dtype, g.value_type(g.operands(n)[1]).dtype);
                 for m in [1, 2] {

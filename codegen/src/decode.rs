@@ -26,13 +26,13 @@ use crate::symbols::{dim_to_c, stable_hash_hex};
 use crate::table;
 use kiln_ops::{DType, Dim, Sym};
 
-const GEMV: &str = include_str!("kernels/gemv.cu");
+pub(crate) const GEMV: &str = include_str!("kernels/gemv.cu");
 const FLASH_DECODE: &str = include_str!("kernels/flash_decode.cu");
 const SAMPLE: &str = include_str!("kernels/sample.cu");
 
 /// Device helpers shared by the GEMV and attention templates (prepended to them): 16-byte
 /// vector types, a streaming 16-byte load and its unpacking into f32 per storage type.
-const VECTOR_HELPERS: &str = r#"// ---- decode vector helpers ----
+pub(crate) const VECTOR_HELPERS: &str = r#"// ---- decode vector helpers ----
 struct alignas(16) kiln_u4 { unsigned x, y, z, w; };
 struct alignas(16) kiln_f4 { float x, y, z, w; };
 // 16 bytes of read-once data (weights) through the read-only path, not kept in L1.
@@ -115,6 +115,14 @@ impl GemvConfig {
             d
         }
     }
+
+    /// The split of a fused GEMV ([`crate::gemv_prologue`]): its blocks are one wave
+    /// that loops over the row tiles (see [`gemv_prologue_items`]), so each warp keeps
+    /// four rows' loads in flight (four times a plain GEMV's at one row) to make up for
+    /// the fewer resident warps.
+    pub fn for_prologue() -> GemvConfig {
+        GemvConfig { rows_per_warp: 4, ..GemvConfig::default() }
+    }
 }
 
 /// Warps of one attention block (twice that for query tiles of up to 4).
@@ -129,7 +137,7 @@ pub const ATTENTION_DECODE_MIN_CHUNK: usize = 256;
 /// Threads of one sampling block (one block per row).
 pub const SAMPLE_THREADS: u32 = 512;
 
-fn float_storage(d: DType, what: &str) -> Result<&'static str, CodegenError> {
+pub(crate) fn float_storage(d: DType, what: &str) -> Result<&'static str, CodegenError> {
     match d {
         DType::F32 | DType::F16 | DType::BF16 => Ok(table::storage_type(d).expect("float dtypes have storage")),
         other => Err(CodegenError(format!("{what}: dtype {other} is not supported (f32, f16 or bf16)"))),
@@ -137,14 +145,20 @@ fn float_storage(d: DType, what: &str) -> Result<&'static str, CodegenError> {
 }
 
 /// Elements of `d` in 16 bytes.
-fn vec_elems(d: DType) -> usize {
+pub(crate) fn vec_elems(d: DType) -> usize {
     16 / (d.bits() / 8)
 }
 
-fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+/// Checks a GEMV work split.
+pub(crate) fn gemv_check(cfg: GemvConfig) -> Result<(), CodegenError> {
     if !(1..=32).contains(&cfg.warps) || !(1..=4).contains(&cfg.rows_per_warp) || !(1..=8).contains(&cfg.unroll) {
         return Err(CodegenError(format!("gemv: unsupported split {cfg:?} (1..=32 warps, 1..=4 rows, 1..=8 loads)")));
     }
+    Ok(())
+}
+
+fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+    gemv_check(cfg)?;
     let what = if residual { "gemv_residual" } else { "gemv" };
     let (xs, ws, ys) = (
         float_storage(x, &format!("{what} input x"))?,
@@ -166,22 +180,46 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) 
         name.push_str(&format!("_w{}r{}u{}", cfg.warps, cfg.rows_per_warp, cfg.unroll));
     }
     let sig = KernelSig::new(name, params);
-    let template = format!("{VECTOR_HELPERS}{GEMV}");
-    Ok(render(
-        sig,
-        &template,
-        &[
-            ("KILN_X", xs.to_string()),
-            ("KILN_W", ws.to_string()),
-            ("KILN_Y", ys.to_string()),
-            ("KILN_VEC", vec_elems(w).to_string()),
-            ("KILN_RESIDUAL", u8::from(residual).to_string()),
-            ("GV_WARPS", cfg.warps.to_string()),
-            ("GV_R", cfg.rows_per_warp.to_string()),
-            ("GV_U", cfg.unroll.to_string()),
-        ],
-        Grid::BlockPerItem { threads: 32 * cfg.warps as u32 },
-    ))
+    let template = format!("{VECTOR_HELPERS}{GEMV}").replace("KILN_PROLOGUE", "");
+    let mut defines = gemv_defines(xs, ws, ys, vec_elems(w), cfg);
+    defines.extend([
+        ("KILN_RESIDUAL", u8::from(residual).to_string()),
+        ("GV_PROLOGUE", "0".to_string()),
+        ("GV_W", "in1".to_string()),
+        ("GV_Y", "out".to_string()),
+    ]);
+    Ok(render(sig, &template, &defines, Grid::BlockPerItem { threads: 32 * cfg.warps as u32 }))
+}
+
+/// The defines of the GEMV template for storage types x, w, y, `vec` weight elements per
+/// 16 bytes and the split `cfg` (shared with the fused form, `crate::gemv_prologue`).
+pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvConfig) -> Vec<(&'static str, String)> {
+    vec![
+        ("KILN_X", xs.to_string()),
+        ("KILN_W", ws.to_string()),
+        ("KILN_Y", ys.to_string()),
+        ("KILN_VEC", vec.to_string()),
+        ("GV_WARPS", cfg.warps.to_string()),
+        ("GV_R", cfg.rows_per_warp.to_string()),
+        ("GV_U", cfg.unroll.to_string()),
+    ]
+}
+
+/// Floats of x one GEMV block stages in shared memory (`GV_XS` of `gemv.cu`).
+pub const GEMV_STAGED_FLOATS: usize = 8192;
+
+/// Blocks of a fused GEMV ([`crate::gemv_prologue`]) launch over `n` rows of w on a
+/// device of `sms` multiprocessors: at most one per multiprocessor (its registers at the
+/// [`GemvConfig::for_prologue`] split leave room for one), each looping over its share of
+/// the row tiles, so the prologue runs once per block, in one wave.
+pub fn gemv_prologue_items(n: usize, cfg: GemvConfig, sms: usize) -> usize {
+    gemv_items_with(n, cfg).min(sms.max(1))
+}
+
+/// Whether a fused GEMV ([`crate::gemv_prologue`]) can stage whole rows of x: `m` rows
+/// (1..=[`GEMV_MAX_M`]) of `k` elements.
+pub fn gemv_prologue_fits(m: usize, k: usize) -> bool {
+    (1..=GEMV_MAX_M).contains(&m) && ((GEMV_STAGED_FLOATS / m) & !255) >= k
 }
 
 /// GEMV `y[i, j] = Σ_l x[i, l] · w[j, l]` (`x [m, k]`, `w [n, k]` row-major — the

@@ -29,6 +29,7 @@
 //! The kernel is named `kiln_fused_<FNV-1a 64 of its source>`, so identical bodies
 //! share one compiled kernel.
 
+use crate::decode::{self, GemvConfig};
 use crate::kernels::{CodegenError, Grid, Kernel, PRELUDE};
 use crate::params::{KernelSig, ParamTy, Role};
 use crate::symbols::dim_to_c;
@@ -63,18 +64,22 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
     let kind = body.kind().map_err(|e| CodegenError(format!("fused group: {e}")))?;
     let params = params(body)?;
     let mut g = Gen::new(body, syms);
-    let (template, head, code, grid) = match &kind {
-        FusedKind::Elementwise { domain } => {
-            let (head, code) = g.elementwise(domain)?;
-            (ELEMENTWISE, head, code, Grid::Elementwise { threads: ELEMENTWISE_THREADS })
-        }
-        FusedKind::Rows { rows, cols } => {
-            let (head, code) = g.rows(rows, cols)?;
-            let wide = cols.numel().as_fixed().is_some_and(|n| n >= WIDE_ROW);
-            let threads = if wide { WIDE_ROW_THREADS } else { ROW_THREADS };
-            (ROWS, head, code, Grid::BlockPerItem { threads })
-        }
-    };
+    let (template, head, code, grid) =
+        match &kind {
+            FusedKind::Elementwise { domain } => {
+                let (head, code) = g.elementwise(domain)?;
+                (ELEMENTWISE, head, code, Grid::Elementwise { threads: ELEMENTWISE_THREADS })
+            }
+            FusedKind::Rows { rows, cols } => {
+                let (head, code) = g.rows(rows, cols)?;
+                let wide = cols.numel().as_fixed().is_some_and(|n| n >= WIDE_ROW);
+                let threads = if wide { WIDE_ROW_THREADS } else { ROW_THREADS };
+                (ROWS, head, code, Grid::BlockPerItem { threads })
+            }
+            FusedKind::MatVec { .. } => return err(
+                "fused group: a matrix-vector group runs as `gemv_prologue`, or as its prologue's kernel and a matmul",
+            ),
+        };
     let kernel = crate::kernels::with_entry(template)
         .replace("KILN_DIMS", head.trim_end_matches('\n'))
         .replace("KILN_BODY", code.trim_end_matches('\n'));
@@ -130,7 +135,9 @@ pub fn fused_append_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, Cod
     let new_body = FusedBody { inputs: body.inputs.clone(), nodes: body.nodes.clone(), outputs: vec![app.new] };
     let domain = match new_body.kind().map_err(|e| CodegenError(format!("fused append: {e}")))? {
         FusedKind::Elementwise { domain } => domain,
-        FusedKind::Rows { .. } => return err("fused append: the appended rows must be elementwise"),
+        FusedKind::Rows { .. } | FusedKind::MatVec { .. } => {
+            return err("fused append: the appended rows must be elementwise")
+        }
     };
     let at = body.inputs[app.past_input].shape.dim(1).clone();
     let mut params = params(body)?;
@@ -180,10 +187,87 @@ pub fn fused_items(body: &FusedBody, b: &Bindings) -> Result<usize, CodegenError
     let shape = match &kind {
         FusedKind::Elementwise { domain } => domain,
         FusedKind::Rows { rows, .. } => rows,
+        FusedKind::MatVec { .. } => {
+            return err("fused group: a matrix-vector group is launched as a GEMV or in two parts")
+        }
     };
     let dims = shape.eval(b).map_err(|e| CodegenError(format!("fused group of {shape}: {e}")))?;
     Ok(dims.iter().product())
 }
+
+/// The one-kernel form of a [`FusedKind::MatVec`] body for few rows of x: the GEMV of
+/// [`crate::decode::gemv_with`] (split `cfg`) whose blocks compute x themselves. Each
+/// block runs the prologue (its row reductions included) over every row of x and stores
+/// x into its shared-memory staging instead of reading it; block 0 also writes the
+/// prologue's outputs (x among them), so the kernel computes every output of the body.
+/// y is rounded once to its dtype; x is the prologue's value (rounded as the CPU
+/// reference rounds it), staged as f32.
+///
+/// Parameters: `out`, `out1`, … (the body's outputs, y last), `in0`, … (its inputs, the
+/// weight `[n, k]` last), `syms`, `m` (rows of x), `n`, `k`. Launch
+/// `grid.dims(gemv_prologue_items(n, cfg, sms))` (any block count works: blocks loop
+/// over the row tiles) when [`crate::decode::gemv_prologue_fits`]`(m, k)` (a launch with
+/// rows that do not fit writes nothing).
+pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+    body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let FusedKind::MatVec { prologue, x, weight } = kind else {
+        return err("gemv_prologue: the body is no matrix-vector group");
+    };
+    decode::gemv_check(cfg)?;
+    let pro = body.prologue().expect("a matrix-vector body has a prologue");
+    let xi = pro.outputs.iter().position(|&r| r == x).expect("x is an output");
+    let xt = body.ty(x).expect("checked");
+    let (rows, cols) = match *prologue {
+        FusedKind::Rows { rows, cols } => (rows, cols),
+        _ => {
+            let d = xt.shape.dims();
+            (Shape::new(d[..d.len() - 1].iter().cloned()), Shape::new([d[d.len() - 1].clone()]))
+        }
+    };
+    let mut g = Gen::new(&pro, syms);
+    g.stage_x = Some(xi);
+    let (head, code) = g.rows(&rows, &cols)?;
+    let mut text = String::from("        {\n");
+    for l in head.lines() {
+        writeln!(text, "        {l}").expect("to a string");
+    }
+    text.push_str("            for (i64 row = 0; row < n_rows; ++row) {\n");
+    for l in code.lines() {
+        writeln!(text, "        {l}").expect("to a string");
+    }
+    text.push_str("            }\n        }");
+    let wt = &body.inputs[weight as usize];
+    let y = *body.outputs.last().expect("checked");
+    let yt = body.ty(y).expect("checked");
+    let what = "fused matrix-vector group";
+    let (xs, ws, ys) = (
+        decode::float_storage(xt.dtype, &format!("{what}: x"))?,
+        decode::float_storage(wt.dtype, &format!("{what}: weight"))?,
+        decode::float_storage(yt.dtype, &format!("{what}: y"))?,
+    );
+    let mut params = params(body)?;
+    params.retain(|(r, _)| *r != Role::N);
+    params.extend([(Role::MatM, ParamTy::I64), (Role::MatN, ParamTy::I64), (Role::MatK, ParamTy::I64)]);
+    let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    defines.extend([
+        ("KILN_RESIDUAL", "0".to_string()),
+        ("GV_PROLOGUE", "1".to_string()),
+        ("GV_W", Role::In(weight as u8).c_name()),
+        ("GV_Y", Role::Out((body.outputs.len() - 1) as u8).c_name()),
+    ]);
+    let template = format!("{ROUNDING}{}{}", decode::VECTOR_HELPERS, decode::GEMV).replace("KILN_PROLOGUE", &text);
+    let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
+    // The name is a hash of the source rendered under a placeholder name.
+    let probe = crate::kernels::render(KernelSig::new("kiln_gemv_pro", params.clone()), &template, &defines, grid);
+    let sig = KernelSig::new(format!("kiln_gemv_pro_{:016x}", fnv1a64(&probe.source)), params);
+    Ok(crate::kernels::render(sig, &template, &defines, grid))
+}
+
+/// The rounding helpers of the fused templates (`fused_*.cu`), for the GEMV prologue.
+const ROUNDING: &str =
+    "__device__ __forceinline__ float kiln_rnd_bf16(float x) { return kiln_bf16_to_f32(kiln_f32_to_bf16(x)); }\n\
+__device__ __forceinline__ float kiln_rnd_f16(float x) { return kiln_f16_to_f32(kiln_f32_to_f16(x)); }\n";
 
 /// Outputs, inputs, the symbol table, the item count: the contract with the executor.
 fn params(body: &FusedBody) -> Result<Vec<(Role, ParamTy)>, CodegenError> {
@@ -326,6 +410,9 @@ struct Gen<'a> {
     reduced: HashMap<usize, String>,
     /// Rows form: the current row's coordinate (`None` in the elementwise form).
     row: Option<Vec<String>>,
+    /// GEMV prologue mode ([`gemv_prologue`]): the output that is the GEMV's x, stored
+    /// into the GEMV's staging; block 0 alone writes the outputs to memory.
+    stage_x: Option<usize>,
 }
 
 impl<'a> Gen<'a> {
@@ -341,6 +428,7 @@ impl<'a> Gen<'a> {
             next: 0,
             reduced: HashMap::new(),
             row: None,
+            stage_x: None,
         }
     }
 
@@ -746,6 +834,18 @@ impl<'a> Gen<'a> {
     }
 
     /// The rows form: (size and shared-memory declarations, row loop body).
+    /// Opens a loop of the block's threads over the row's `ncols` columns. In the GEMV
+    /// prologue the block size is the constant `32 · GV_WARPS`, so the loop unrolls and
+    /// its loads overlap.
+    fn column_loop(&mut self, ncols: &str) {
+        if self.stage_x.is_some() {
+            self.line("#pragma unroll 4");
+            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += 32 * GV_WARPS) {{"));
+        } else {
+            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += blockDim.x) {{"));
+        }
+    }
+
     fn rows(&mut self, rows: &Shape, cols: &Shape) -> Result<(String, String), CodegenError> {
         let full: Vec<Dim> = rows.dims().iter().chain(cols.dims()).cloned().collect();
         let ncols = self.dim(&cols.numel())?;
@@ -765,7 +865,7 @@ impl<'a> Gen<'a> {
                 self.line(format!("{} {acc} = {};  // {} (node {k})", red.acc, red.init, op.name()));
                 accs.push((k, acc, red));
             }
-            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += blockDim.x) {{"));
+            self.column_loop(&ncols);
             let mark = self.enter();
             let cc = self.delinearize("j", cols.dims())?;
             let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
@@ -841,19 +941,32 @@ impl<'a> Gen<'a> {
         let outs: Vec<(usize, FusedRef)> = self.body.outputs.iter().copied().enumerate().collect();
         let (wide, narrow): (Vec<_>, Vec<_>) = outs.into_iter().partition(|&(_, r)| self.ty(r).shape == full_shape);
         if !wide.is_empty() {
-            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += blockDim.x) {{"));
+            self.column_loop(&ncols);
             let mark = self.enter();
             let cc = self.delinearize("j", cols.dims())?;
             let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
             for &(k, r) in &wide {
                 let v = self.value(r, &coord)?;
-                self.line(format!("kiln_st({}, row * {ncols} + j, {v});", Role::Out(k as u8).c_name()));
+                let store = format!("kiln_st({}, row * {ncols} + j, {v});", Role::Out(k as u8).c_name());
+                match self.stage_x {
+                    None => self.line(store),
+                    Some(x) => {
+                        if x == k {
+                            self.line(format!("gv_stage(xs, (int)row, j, {v}, vec, nv, len);"));
+                        }
+                        self.line(format!("if (blockIdx.x == 0) {store}"));
+                    }
+                }
             }
             self.leave(mark);
             self.line("}");
         }
         if !narrow.is_empty() {
-            self.line("if (threadIdx.x == 0) {");
+            self.line(if self.stage_x.is_some() {
+                "if (threadIdx.x == 0 && blockIdx.x == 0) {"
+            } else {
+                "if (threadIdx.x == 0) {"
+            });
             let mark = self.enter();
             for &(k, r) in &narrow {
                 // `[rows..]` or `[rows.., 1..]`: the kept dims are at 0.

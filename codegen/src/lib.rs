@@ -41,7 +41,9 @@ pub mod resident;
 pub mod symbols;
 pub mod table;
 
-pub use fused::{fused_append, fused_append_items, fused_append_kernel, fused_items, fused_kernel, FusedAppend};
+pub use fused::{
+    fused_append, fused_append_items, fused_append_kernel, fused_items, fused_kernel, gemv_prologue, FusedAppend,
+};
 pub use kernels::{lower_node, render_node_source, CodegenError, Grid, Kernel, NodeLowering};
 pub use nvrtc::{CompileError, CompileStats, Compiler};
 pub use params::{ArgValue, KernelSig, PackError, Param, ParamTy, Role};

@@ -44,6 +44,15 @@ pub enum FusedKind {
     /// dims dropped or kept as 1s), and every reduction reduces exactly the `cols` axes
     /// of a full-shaped value; outputs are full- or row-shaped.
     Rows { rows: Shape, cols: Shape },
+    /// A matrix-vector product with a fused prologue: the last body node is
+    /// `y = matmul(x, w, transpose_b)` with `w` the last body input (`[n, k]`, read by
+    /// nothing else) and `x [rows.., k]` a value of the rest of the body (the
+    /// [`FusedBody::prologue`]), which has the form `prologue`: elementwise over x's
+    /// shape, or row reductions over x's last axis with x full-shaped. The outputs are
+    /// the prologue's (x among them) and then `y`, so the body runs either as one kernel
+    /// (a GEMV that computes its x rows itself, for few rows) or as the prologue's kernel
+    /// followed by the matmul.
+    MatVec { prologue: Box<FusedKind>, x: FusedRef, weight: u16 },
 }
 
 /// The sub-graph of a fused node.
@@ -99,6 +108,9 @@ impl FusedBody {
 
     /// Which kernel form the body takes, or why it fits neither (see [`FusedKind`]).
     pub fn kind(&self) -> Result<FusedKind, String> {
+        if self.nodes.iter().any(|n| matches!(n.op, Op::MatMul { .. })) {
+            return self.matvec_kind();
+        }
         let reduces: Vec<(usize, &crate::Axes, &Shape)> = self
             .nodes
             .iter()
@@ -157,6 +169,71 @@ impl FusedBody {
             }
         }
         Ok(FusedKind::Rows { rows, cols })
+    }
+
+    /// The body without its trailing matmul (see [`FusedKind::MatVec`]): the same
+    /// inputs but the weight, the same nodes but the last, the same outputs but `y`.
+    /// `None` when the body does not end in a matmul reading the last input.
+    pub fn prologue(&self) -> Option<FusedBody> {
+        let last = self.nodes.last()?;
+        let w = self.inputs.len().checked_sub(1)?;
+        match (&last.op, &last.operands[..]) {
+            (Op::MatMul { .. }, &[_, FusedRef::Input(i)]) if i as usize == w && self.outputs.len() >= 2 => {
+                Some(FusedBody {
+                    inputs: self.inputs[..w].to_vec(),
+                    nodes: self.nodes[..self.nodes.len() - 1].to_vec(),
+                    outputs: self.outputs[..self.outputs.len() - 1].to_vec(),
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn matvec_kind(&self) -> Result<FusedKind, String> {
+        let bad = |m: &str| Err(format!("matrix-vector group: {m}"));
+        let n = self.nodes.len();
+        let last = &self.nodes[n - 1];
+        let Op::MatMul { transpose_a: false, transpose_b: true } = last.op else {
+            return bad("the last body node must be the only matmul, `x · wᵀ`");
+        };
+        if self.nodes[..n - 1].iter().any(|n| matches!(n.op, Op::MatMul { .. })) {
+            return bad("only the last body node may be a matmul");
+        }
+        let Some(w) = self.inputs.len().checked_sub(1).map(|w| w as u16) else {
+            return bad("the matmul's weight must be a body input");
+        };
+        let (x, wref) = (last.operands[0], last.operands[1]);
+        if wref != FusedRef::Input(w) || self.inputs[w as usize].rank() != 2 {
+            return bad("the matmul's weight must be the last body input, of rank 2");
+        }
+        if self.nodes.iter().flat_map(|n| n.operands.iter()).filter(|&&r| r == FusedRef::Input(w)).count() != 1 {
+            return bad("only the matmul may read the weight");
+        }
+        if !matches!(x, FusedRef::Node { .. }) {
+            return bad("x must be computed by the body (a group input needs no prologue)");
+        }
+        let y = FusedRef::Node { node: (n - 1) as u16, output: 0 };
+        if self.outputs.last() != Some(&y) || self.outputs[..self.outputs.len() - 1].contains(&y) {
+            return bad("y must be the last output, once");
+        }
+        if !self.outputs.contains(&x) {
+            return bad("x must be an output (for the prologue kernel + matmul form)");
+        }
+        let pro = self.prologue().ok_or_else(|| "matrix-vector group: no prologue".to_string())?;
+        let xs = self.ty(x).expect("checked").shape.clone();
+        let k = xs.dims().last().cloned().ok_or_else(|| "matrix-vector group: x is a scalar".to_string())?;
+        let fits = match pro.kind()? {
+            FusedKind::Elementwise { domain } => domain == xs,
+            FusedKind::Rows { rows, cols } => {
+                cols.dims() == [k] && Shape::new(rows.dims().iter().cloned().chain([cols.dims()[0].clone()])) == xs
+            }
+            FusedKind::MatVec { .. } => false,
+        };
+        if !fits {
+            return bad("the prologue must be elementwise over x or reduce x's last axis");
+        }
+        let prologue = Box::new(pro.kind()?);
+        Ok(FusedKind::MatVec { prologue, x, weight: w })
     }
 
     /// The shape rule of the fused node.

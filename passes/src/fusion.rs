@@ -81,7 +81,7 @@ impl Pass for Fuse {
 }
 
 /// Removes every node that no output depends on (inputs and params stay).
-fn remove_dead(g: &mut Graph) -> Result<(), String> {
+pub(crate) fn remove_dead(g: &mut Graph) -> Result<(), String> {
     let live = crate::canonicalize::live_nodes(g);
     for n in g.topo_order().into_iter().rev() {
         if !live.contains(&n) && removable(&g.node(n).op) {
@@ -118,7 +118,7 @@ pub fn singleton_body(g: &Graph, n: NodeId) -> FusedBody {
 }
 
 /// The longest common module path (whole `.`-separated components) of `scopes`.
-fn common_scope<'a>(mut scopes: impl Iterator<Item = &'a str>) -> String {
+pub(crate) fn common_scope<'a>(mut scopes: impl Iterator<Item = &'a str>) -> String {
     let Some(first) = scopes.next() else { return String::new() };
     let mut common: Vec<&str> = if first.is_empty() { vec![] } else { first.split('.').collect() };
     for s in scopes {

@@ -1,6 +1,6 @@
 //! The default pass pipeline, top to bottom.
 
-use crate::{ConstFold, Cse, Dce, Fuse, Pass, PassManager, Simplify};
+use crate::{ConstFold, Cse, Dce, Fuse, FuseMatVec, Pass, PassManager, Simplify};
 
 /// The canonicalization passes, in order (the start of [`default_pipeline`]).
 fn canonicalization_passes() -> Vec<Box<dyn Pass>> {
@@ -21,6 +21,9 @@ pub fn default_pipeline() -> PassManager {
     // become one `fused` node per kernel (see `fusion`); everything after it (memory
     // planning, codegen) sees kernels, not primitive ops.
     passes.push(Box::new(Fuse));
+    // Then a group whose value only feeds a `x · wᵀ` with a weight becomes that product's
+    // prologue (see `matvec`): the decode GEMV computes its x (a norm, SwiGLU) itself.
+    passes.push(Box::new(FuseMatVec));
     PassManager::new(passes)
 }
 

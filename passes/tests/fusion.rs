@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use kiln_graph::text::{parse, print};
 use kiln_graph::{Graph, Tensor, TensorExt, Tracer};
 use kiln_ops::{Bindings, DType, Dim, FusedKind, HostTensor, Mask, Op, ReduceOp, Shape, Sym, UnaryOp};
-use kiln_passes::{Fuse, Pass, PassError, PassManager, Spec};
+use kiln_passes::{Fuse, FuseMatVec, Pass, PassError, PassManager, Spec};
 use proptest::prelude::*;
 
 /// Runs the fusion pass alone, verifying the graph and the fusion spec afterwards.
@@ -461,6 +461,126 @@ fn a_fused_decoder_block_computes_bit_for_bit_what_the_original_did() {
     }
 }
 
+// ---- matrix-vector prologues ------------------------------------------------------------
+
+/// Fusion, then the matrix-vector prologue pass, verifying after each.
+fn fuse_matvec(g: Graph) -> Graph {
+    PassManager::new(vec![Box::new(Fuse), Box::new(FuseMatVec)]).verify(true).run(g).unwrap().graph
+}
+
+/// The decoder block: each norm joins the projection after it, SiLU·up joins down; the
+/// o projection (its x is attention's output) and the groups feeding attention stay.
+#[test]
+fn norms_and_silu_up_become_the_prologues_of_their_projections() {
+    let g = fuse_matvec(block(DType::BF16));
+    let matvec: Vec<(String, &'static str, usize)> = g
+        .topo_order()
+        .into_iter()
+        .filter_map(|n| match &g.node(n).op {
+            Op::Fused(b) => match b.kind() {
+                Ok(FusedKind::MatVec { prologue, .. }) => {
+                    let Op::Param { name, .. } = &g.node(g.operands(n).last()?.node).op else { return None };
+                    let form = if matches!(*prologue, FusedKind::Rows { .. }) { "rows" } else { "elementwise" };
+                    Some((name.clone(), form, b.outputs.len()))
+                }
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    let want = [("qkv", "rows", 2), ("gate_up", "rows", 3), ("down", "elementwise", 2)];
+    let want: Vec<(String, &str, usize)> = want.iter().map(|(n, f, o)| (n.to_string(), *f, *o)).collect();
+    assert_eq!(matvec, want, "(weight, prologue form, outputs: the prologue's, x among them, then y)");
+    // Kernels: 12 after fusion, 3 matmuls absorbed.
+    let kernels = ops_of(&g).into_iter().filter(|o| !matches!(*o, "input" | "param" | "const" | "reshape")).count();
+    assert_eq!(kernels, 9);
+    assert_eq!(ops_of(&g).iter().filter(|&&o| o == "matmul").count(), 1, "o_proj stays a matmul");
+}
+
+#[test]
+fn a_block_with_matvec_prologues_computes_bit_for_bit_what_the_original_did() {
+    for dt in [DType::F32, DType::BF16] {
+        let g = block(dt);
+        let f = fuse_matvec(g.clone());
+        for (seq, past) in [(3, 0), (1, 4)] {
+            let syms = Bindings::from([(Sym::new("seq"), seq), (Sym::new("past"), past)]);
+            assert_same_values(&g, &f, &syms);
+        }
+        // Deterministic, and a second run finds nothing more.
+        let text = print(&f);
+        assert_eq!(print(&fuse_matvec(g)), text);
+        let mut again = parse(&text).unwrap();
+        assert_eq!(FuseMatVec.run(&mut again).unwrap(), 0);
+    }
+}
+
+/// What stays a plain matmul: x read by another matmul too, x a graph output, an
+/// activation (not a param) as the weight, and no transpose.
+#[test]
+fn matvec_prologues_only_where_the_gemv_takes_them() {
+    let build = |case: usize| {
+        let tr = Tracer::new();
+        let x = tr.input("x", DType::F32, [Dim::sym("seq"), Dim::fixed(8)]).unwrap();
+        let h = x.rms_norm(tr.param("n", DType::F32, Shape::fixed(&[8])).unwrap(), 1e-5).unwrap();
+        let w = tr.param("w", DType::F32, Shape::fixed(&[4, 8])).unwrap();
+        let y = match case {
+            3 => h.matmul_t(x.slice(0, 0, 4).unwrap().exp().unwrap(), false, true),
+            4 => h.matmul(tr.param("wt", DType::F32, Shape::fixed(&[8, 4])).unwrap()),
+            _ => h.linear(w, None),
+        }
+        .unwrap();
+        tr.output("y", y).unwrap();
+        match case {
+            0 => tr
+                .output("h2", h.linear(tr.param("w2", DType::F32, Shape::fixed(&[4, 8])).unwrap(), None).unwrap())
+                .unwrap(),
+            1 => tr.output("h", h).unwrap(),
+            _ => {}
+        }
+        tr.finish().unwrap()
+    };
+    for case in [0, 1, 3, 4] {
+        let g = fuse_matvec(build(case));
+        let n = groups(&g).iter().filter(|grp| matches!(grp.kind, Ok(FusedKind::MatVec { .. }))).count();
+        assert_eq!(n, 0, "case {case}: {}", print(&g));
+        assert!(ops_of(&g).contains(&"matmul"), "case {case}");
+    }
+    // The control: a norm feeding only a linear does fuse.
+    let g = fuse_matvec({
+        let tr = Tracer::new();
+        let x = tr.input("x", DType::F32, [Dim::sym("seq"), Dim::fixed(8)]).unwrap();
+        let h = x.rms_norm(tr.param("n", DType::F32, Shape::fixed(&[8])).unwrap(), 1e-5).unwrap();
+        tr.output("y", h.linear(tr.param("w", DType::F32, Shape::fixed(&[4, 8])).unwrap(), None).unwrap()).unwrap();
+        tr.finish().unwrap()
+    });
+    assert!(!ops_of(&g).contains(&"matmul"));
+}
+
+/// A matrix-vector body's form is checked: the matmul must be last, read the last input
+/// as its weight (and nothing else may), and y must be the last output.
+#[test]
+fn matvec_bodies_are_checked() {
+    let g = fuse_matvec(block(DType::F32));
+    let n = g
+        .topo_order()
+        .into_iter()
+        .find(|&n| matches!(&g.node(n).op, Op::Fused(b) if matches!(b.kind(), Ok(FusedKind::MatVec { .. }))))
+        .unwrap();
+    let Op::Fused(b) = &g.node(n).op else { unreachable!() };
+    assert!(b.prologue().is_some());
+    let mut swapped = (**b).clone();
+    let k = swapped.outputs.len();
+    swapped.outputs.swap(0, k - 1);
+    assert!(swapped.kind().unwrap_err().contains("y must be the last output"), "{:?}", swapped.kind());
+    let mut no_x = (**b).clone();
+    let x = match no_x.kind() {
+        Ok(FusedKind::MatVec { x, .. }) => x,
+        other => panic!("{other:?}"),
+    };
+    no_x.outputs.retain(|&r| r != x);
+    assert!(no_x.kind().unwrap_err().contains("x must be an output"));
+}
+
 // ---- random graphs ---------------------------------------------------------------------
 
 #[derive(Clone, Debug)]
@@ -579,6 +699,7 @@ fn random_graphs_exercise_fusion() {
             match grp.kind {
                 Ok(FusedKind::Rows { .. }) => rows += 1,
                 Ok(FusedKind::Elementwise { .. }) => elementwise += 1,
+                Ok(FusedKind::MatVec { .. }) => panic!("the fuse pass forms no matrix-vector group"),
                 Err(e) => panic!("{e}"),
             }
             multi += usize::from(grp.outputs > 1);

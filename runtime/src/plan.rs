@@ -526,6 +526,17 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         } else {
             match &node.op {
                 Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_) => continue,
+                Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
+                    let fused = kiln_codegen::gemv_prologue(body, &syms, decode::GemvConfig::for_prologue());
+                    let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
+                    match (fused, pro) {
+                        (Ok(f), Some(Ok(p))) => {
+                            format!("{} for few rows, or {} then cuBLAS GEMM", f.sig.name, p.sig.name)
+                        }
+                        (Err(e), _) | (_, Some(Err(e))) => format!("unsupported: {}", e.0),
+                        (_, None) => "unsupported: no prologue".into(),
+                    }
+                }
                 Op::Arange { start, .. } if !start.is_fixed() => name_or(resident::arange_syms(start, &syms)),
                 Op::MatMul { transpose_a, transpose_b } => {
                     let (a, w) = (graph.value_type(ops[0]), graph.value_type(ops[1]));

@@ -18,6 +18,13 @@
 // bank conflicts.
 // Scalar path (otherwise): lane L reads elements L, L+32, ...; x is staged row-major.
 // Each lane accumulates in f32; rows are reduced with warp shuffles; lane 0 stores.
+// GV_PROLOGUE (a fused matrix-vector group, kiln_codegen::gemv_prologue): instead of
+// reading x, every block computes the rows of x itself from the group's inputs (code
+// generated from the group's body, put where x is staged: the prologue's reductions per
+// row, then its values stored into the staging with gv_stage; block 0 also writes the
+// prologue's outputs). The whole
+// rows are staged at once (the host checks m·k fits). GV_W and GV_Y name the weight and
+// y parameters (in1 and out for a plain GEMV).
 // KILN_MANUAL_ENTRY: the kernel lets the next one be scheduled at once, issues the first
 // chunk's weight loads (no kernel writes weights), and only then waits for the previous
 // kernel (which writes x) — programmatic dependent launch, see kiln.cuh.
@@ -26,6 +33,15 @@
 #define GV_XS 8192
 #define GV_MAX_M 8
 #define GV_P (KILN_VEC / 4)
+
+// Puts element j of activation row r (f32) where the staging keeps it (see above).
+__device__ __forceinline__ void gv_stage(float* xs, int r, i64 j, float v, bool vec, int nv, int len) {
+    if (vec) {
+        xs[((r * GV_P + (int)((j % KILN_VEC) / 4)) * nv + (int)(j / KILN_VEC)) * 4 + (int)(j % 4)] = v;
+    } else {
+        xs[r * len + j] = v;
+    }
+}
 
 // v rounded to y's storage type and back.
 __device__ __forceinline__ float gv_round(float v) {
@@ -62,11 +78,22 @@ KILN_SIGNATURE {
         return;  // uniform: the host checks m
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const i64 row0 = ((i64)blockIdx.x * GV_WARPS + warp) * GV_R;
-    const bool vec = (k % KILN_VEC) == 0 && (((unsigned long long)in1) & 15ull) == 0;
+    const bool vec = (k % KILN_VEC) == 0 && (((unsigned long long)GV_W) & 15ull) == 0;
     const int kc = (GV_XS / (int)m) & ~255;
     const int mm = (int)m;
+    if (GV_PROLOGUE && kc < k) {
+        kiln_grid_wait();
+        return;  // uniform: the host stages whole rows only when they fit
+    }
 
+    // Tiles of GV_WARPS·GV_R rows of w: one per block for a plain GEMV; a grid-stride
+    // loop for the prologue form, whose blocks compute (and stage) x once for all their
+    // tiles (the host launches fewer blocks than tiles).
+    const i64 ntiles = (n + GV_WARPS * GV_R - 1) / (GV_WARPS * GV_R);
+    const i64 tile_end = GV_PROLOGUE ? ntiles : (i64)blockIdx.x + 1;
+    if (k <= 0) kiln_grid_wait();  // no chunk: wait here
+    for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
+    const i64 row0 = (tile * GV_WARPS + warp) * GV_R;
     float acc[GV_MAX_M][GV_R];
 #pragma unroll
     for (int r = 0; r < GV_MAX_M; ++r)
@@ -74,13 +101,19 @@ KILN_SIGNATURE {
         for (int rr = 0; rr < GV_R; ++rr) acc[r][rr] = 0.0f;
 
     kiln_u4 wv[GV_R][GV_U];
-    if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     for (i64 k0 = 0; k0 < k; k0 += kc) {
         const int len = (int)(k - k0 < (i64)kc ? k - k0 : (i64)kc);
         // The chunk's first weight loads go out before x is staged, so they overlap.
-        if (vec) gv_load(wv, in1, row0, n, k, k0, 0, len / KILN_VEC, lane);
+        if (vec) gv_load(wv, GV_W, row0, n, k, k0, 0, len / KILN_VEC, lane);
+        if (!GV_PROLOGUE || tile == (i64)blockIdx.x) {  // uniform: stage this chunk of x
         if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
         __syncthreads();  // every warp is done with the previous chunk
+#if GV_PROLOGUE
+        {
+            const int nv = len / KILN_VEC;
+KILN_PROLOGUE
+        }
+#else
         if (vec) {
             // One float4 slot per thread and step: consecutive threads, consecutive slots.
             const int nv = len / KILN_VEC;
@@ -105,19 +138,21 @@ KILN_SIGNATURE {
                 }
             }
         }
+#endif
         __syncthreads();
+        }
 
         if (vec) {
             const int nv = len / KILN_VEC;
             for (int c0 = 0; c0 < nv; c0 += 32 * GV_U) {
-                if (c0 > 0) gv_load(wv, in1, row0, n, k, k0, c0, nv, lane);
+                if (c0 > 0) gv_load(wv, GV_W, row0, n, k, k0, c0, nv, lane);
 #pragma unroll
                 for (int u = 0; u < GV_U; ++u) {
                     const int c = c0 + u * 32 + lane;
                     if (c < nv) {
                         float wf[GV_R][KILN_VEC];
 #pragma unroll
-                        for (int rr = 0; rr < GV_R; ++rr) kiln_unpack(wv[rr][u], wf[rr], in1);
+                        for (int rr = 0; rr < GV_R; ++rr) kiln_unpack(wv[rr][u], wf[rr], GV_W);
 #pragma unroll
                         for (int r = 0; r < GV_MAX_M; ++r) {
                             if (r < mm) {
@@ -146,7 +181,7 @@ KILN_SIGNATURE {
 #pragma unroll
                 for (int rr = 0; rr < GV_R; ++rr) {
                     const i64 row = row0 + rr;
-                    wf[rr] = row < n ? kiln_ld(in1, row * k + k0 + e) : 0.0f;
+                    wf[rr] = row < n ? kiln_ld(GV_W, row * k + k0 + e) : 0.0f;
                 }
 #pragma unroll
                 for (int r = 0; r < GV_MAX_M; ++r) {
@@ -171,12 +206,13 @@ KILN_SIGNATURE {
                 const i64 row = row0 + rr;
                 if (lane == 0 && row < n) {
 #if KILN_RESIDUAL
-                    kiln_st(out, (i64)r * n + row, gv_round(v) + kiln_ld(in2, (i64)r * n + row));
+                    kiln_st(GV_Y, (i64)r * n + row, gv_round(v) + kiln_ld(in2, (i64)r * n + row));
 #else
-                    kiln_st(out, (i64)r * n + row, v);
+                    kiln_st(GV_Y, (i64)r * n + row, v);
 #endif
                 }
             }
         }
     }
+    }  // tiles
 }

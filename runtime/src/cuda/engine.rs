@@ -122,6 +122,18 @@ enum Run {
     /// cuBLAS, or the GEMV kernel (`gemv`, with its work split) when the product has few
     /// rows.
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
+    /// A matrix-vector group (`FusedKind::MatVec`): for few rows of x whose whole rows
+    /// fit the GEMV staging, one GEMV that computes x itself (`fused`, with its split);
+    /// otherwise (or with `KILN_MATVEC=split` in the environment, for comparisons) the prologue's kernel (`prologue`, the body without the
+    /// matmul: `pro_op`) writes x and the product runs like `MatMul` (`gemv` or cuBLAS).
+    /// `x`: the output that is x.
+    MatVec {
+        fused: (usize, decode::GemvConfig),
+        prologue: usize,
+        pro_op: Box<Op>,
+        gemv: Option<[(usize, decode::GemvConfig); 2]>,
+        x: usize,
+    },
     /// Attention over a resident cache (keys from the symbol table, the cache read
     /// through batch strides): the split-K kernel for up to [`PREFILL_ROWS`] query rows
     /// (decode), the tensor-core prefill kernel (when the dtype and head dim allow it)
@@ -203,6 +215,13 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// Attention over more query rows than this runs the tensor-core prefill kernel (when
 /// there is one for the dtype and head dim); up to this many, the split-K kernel.
 pub const PREFILL_ROWS: usize = 16;
+
+/// `KILN_MATVEC=split` in the environment: run matrix-vector groups as their prologue's
+/// kernel and a GEMV even where the fused GEMV applies (a measurement switch).
+fn matvec_split() -> bool {
+    static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SPLIT.get_or_init(|| std::env::var("KILN_MATVEC").is_ok_and(|v| v == "split"))
+}
 
 fn contract(msg: String) -> CudaError {
     CudaError::Runtime(RuntimeError::Backend { backend: "cuda", msg: format!("engine: {msg}") })
@@ -421,6 +440,28 @@ impl CudaEngine {
                     Op::Arange { start, .. } if !start.is_fixed() => Run::Arange(add_kernel(
                         kiln_codegen::resident::arange_syms(start, &syms).map_err(|e| unsupported(e.0))?,
                     )),
+                    Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
+                        let Ok(kiln_ops::FusedKind::MatVec { x, .. }) = body.kind() else { unreachable!() };
+                        let pro = body.prologue().expect("a matrix-vector body has a prologue");
+                        let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
+                        let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
+                        let yt = node.outputs.last().expect("y").dtype;
+                        let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
+                        let pcfg = decode::GemvConfig::for_prologue();
+                        let f1 = kiln_codegen::gemv_prologue(body, &syms, pcfg).map_err(|e| unsupported(e.0))?;
+                        let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
+                        let gemv = match (decode::gemv_with(xt, wt, yt, one), decode::gemv_with(xt, wt, yt, more)) {
+                            (Ok(k1), Ok(k2)) => Some([(add_kernel(k1), one), (add_kernel(k2), more)]),
+                            _ => None,
+                        };
+                        Run::MatVec {
+                            fused: (add_kernel(f1), pcfg),
+                            prologue: add_kernel(pk),
+                            pro_op: Box::new(Op::Fused(Box::new(pro))),
+                            gemv,
+                            x: x_out,
+                        }
+                    }
                     Op::MatMul { transpose_a, transpose_b } => {
                         let ops = graph.operands(n);
                         let (a, w) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
@@ -491,7 +532,7 @@ impl CudaEngine {
             let safe = match &s.run {
                 Run::Nothing | Run::Append { .. } | Run::FusedAppend { .. } | Run::Arange(_) => true,
                 Run::Kernel(_) => !mentions_past || matches!(node.op, Op::Fused(_)),
-                Run::MatMul { .. } => !mentions_past,
+                Run::MatMul { .. } | Run::MatVec { .. } => !mentions_past,
                 Run::Attention { .. } => true,
             };
             if !safe && not_capturable.is_none() {
@@ -839,6 +880,34 @@ impl CudaEngine {
                 Run::MatMul { gemv } => {
                     self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
                 }
+                Run::MatVec { fused, prologue, pro_op, gemv, x } => {
+                    let (xs, ys) = (outs[*x].1, outs[outs.len() - 1].1);
+                    let (k, n) = (xs[xs.len() - 1], ys[ys.len() - 1]);
+                    let m: usize = xs[..xs.len() - 1].iter().product();
+                    if m > 0 && decode::gemv_prologue_fits(m, k) && !matvec_split() {
+                        let (kg, cfg) = *fused;
+                        let mut a = Args::default();
+                        for (i, (p, _)) in outs.iter().enumerate() {
+                            a.set(Role::Out(i as u8), ArgValue::Ptr(*p));
+                        }
+                        for (i, (p, _)) in ins.iter().enumerate() {
+                            a.set(Role::In(i as u8), ArgValue::Ptr(*p));
+                        }
+                        a.set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::MatM, m).i64(Role::MatN, n).i64(Role::MatK, k);
+                        let sms = self.info.multiprocessors.max(1) as usize;
+                        launch(self.lane(), &self.kernels[kg], decode::gemv_prologue_items(n, cfg, sms), &a)?;
+                    } else {
+                        // The prologue writes x (and its other outputs), then the product.
+                        let (pro_ins, pro_outs) = (&ins[..ins.len() - 1], &outs[..outs.len() - 1]);
+                        launch_node(self.lane(), &self.kernels[*prologue], pro_op, pro_ins, pro_outs, b, syms)
+                            .map_err(fill)?;
+                        let mm = Op::MatMul { transpose_a: false, transpose_b: true };
+                        let y = node.outputs[node.outputs.len() - 1].dtype;
+                        self.matmul(&mm, *gemv, &[outs[*x], ins[ins.len() - 1]], &outs[outs.len() - 1..], y)
+                            .map_err(fill)?;
+                        launches += 1;
+                    }
+                }
             }
             launches += 1;
             mark(step, &self.label(step))?;
@@ -1036,6 +1105,7 @@ impl CudaEngine {
                 }
             }
             Run::MatMul { .. } => "matmul".into(),
+            Run::MatVec { .. } => "matvec (GEMV + prologue)".into(),
             Run::Attention { .. } => "attention (split-K)".into(),
         };
         let scope = node.scope.rsplit('.').next().unwrap_or("");
