@@ -8,7 +8,9 @@
 use kiln_codegen::kernels::NodeLowering;
 use kiln_codegen::symbols::graph_symbols;
 use kiln_codegen::{fused_items, fused_kernel, lower_node, Grid, Kernel, ParamTy, Role};
-use kiln_graph::ops::{Bindings, DType, Dim, FusedBody, FusedNode, FusedRef, HostData, HostTensor, Op, Shape, Sym};
+use kiln_graph::ops::{
+    Bindings, DType, Dim, FusedBody, FusedKind, FusedNode, FusedRef, HostData, HostTensor, Op, Shape, Sym,
+};
 use kiln_graph::{Graph, TensorExt, Tracer, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -717,4 +719,59 @@ fn host_movement_and_integer_bodies_match_exactly() {
     emulate("int_ops", &int_ops(), &seqs, |_| (0.0, 0.0));
     let pasts = [bind(&[("past", 0), ("seq", 3)]), bind(&[("past", 5), ("seq", 1)]), bind(&[("past", 4), ("seq", 9)])];
     emulate("concat3", &concat3(), &pasts, |_| (0.0, 0.0));
+}
+
+/// RMSNorm feeding `x · wᵀ` as one matrix-vector group: the body ends in the matmul, the
+/// weight is the last input, x (the normed rows) an output before y.
+fn norm_linear() -> Graph {
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(256)]).unwrap();
+    let n = tr.param("n", DType::BF16, [256]).unwrap();
+    let h = x.rms_norm(n, 1e-6).unwrap();
+    let w = tr.param("w", DType::BF16, [96, 256]).unwrap();
+    tr.output("normed", h).unwrap();
+    tr.output("y", h.linear(w, None).unwrap()).unwrap();
+    tr.finish().unwrap()
+}
+
+/// The one-kernel form of a matrix-vector group: the GEMV template with the norm
+/// generated where x is staged (its row reduction, then `gv_stage` into shared memory,
+/// block 0 writing x), the weight and y parameters named by the body, the prologue loops
+/// unrolled over the constant block size, waiting for the previous kernel. The body also
+/// splits into its prologue (a plain rows kernel) for the two-kernel form.
+#[test]
+fn a_matvec_group_is_a_gemv_that_computes_its_x() {
+    use kiln_codegen::decode::{gemv_prologue_fits, gemv_prologue_items, GemvConfig};
+    let (fg, _, _) = fuse_all(&norm_linear());
+    let body = match &fg.node(fg.topo_order().into_iter().find(|&n| fg.node(n).op.name() == "fused").unwrap()).op {
+        Op::Fused(b) => (**b).clone(),
+        _ => unreachable!(),
+    };
+    let Ok(FusedKind::MatVec { weight, .. }) = body.kind() else { panic!("{:?}", body.kind()) };
+    assert_eq!(weight as usize, body.inputs.len() - 1);
+    let syms = graph_symbols(&fg);
+    let cfg = GemvConfig::for_prologue();
+    let k = kiln_codegen::gemv_prologue(&body, &syms, cfg).unwrap();
+    assert!(k.waits_for_previous());
+    let part = kernel_part(&k);
+    assert!(part.contains("#define GV_PROLOGUE 1") && part.contains("#define GV_Y out1"));
+    assert!(part.contains(&format!("#define GV_W in{weight}")), "the weight is input {weight}");
+    assert!(part.contains("gv_stage(xs, (int)row, j, ") && part.contains("if (blockIdx.x == 0) kiln_st(out, "));
+    assert!(part.contains("j += 32 * GV_WARPS"));
+    let roles: Vec<Role> = k.sig.params.iter().map(|p| p.role).collect();
+    let mut want = vec![Role::Out(0), Role::Out(1)];
+    want.extend((0..body.inputs.len()).map(|i| Role::In(i as u8)));
+    want.extend([Role::Syms, Role::MatM, Role::MatN, Role::MatK]);
+    assert_eq!(roles, want);
+    // The two-kernel form's first half, and the launch sizes.
+    let pro = body.prologue().unwrap();
+    assert!(matches!(pro.kind(), Ok(FusedKind::Rows { .. })));
+    assert!(fused_kernel(&pro, &syms).is_ok());
+    assert!(gemv_prologue_fits(1, 8192) && !gemv_prologue_fits(1, 8193) && gemv_prologue_fits(4, 2048));
+    assert!(!gemv_prologue_fits(8, 2048) && !gemv_prologue_fits(0, 1));
+    assert_eq!(gemv_prologue_items(96, cfg, 132), 3); // 32 rows per block
+    assert_eq!(gemv_prologue_items(16384, cfg, 132), 132); // one wave looping over tiles
+                                                           // The template's staging size is the one the host checks against.
+    assert!(part.contains(&format!("#define GV_XS {}", kiln_codegen::decode::GEMV_STAGED_FLOATS)));
+    insta::assert_snapshot!("gemv_prologue_rmsnorm_bf16", part);
 }

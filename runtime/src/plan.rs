@@ -531,7 +531,10 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
                     match (fused, pro) {
                         (Ok(f), Some(Ok(p))) => {
-                            format!("{} for few rows, or {} then cuBLAS GEMM", f.sig.name, p.sig.name)
+                            format!(
+                                "{} then GEMV or cuBLAS GEMM (or {} with KILN_MATVEC=fused)",
+                                p.sig.name, f.sig.name
+                            )
                         }
                         (Err(e), _) | (_, Some(Err(e))) => format!("unsupported: {}", e.0),
                         (_, None) => "unsupported: no prologue".into(),

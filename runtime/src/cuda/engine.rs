@@ -122,9 +122,9 @@ enum Run {
     /// cuBLAS, or the GEMV kernel (`gemv`, with its work split) when the product has few
     /// rows.
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
-    /// A matrix-vector group (`FusedKind::MatVec`): for few rows of x whose whole rows
-    /// fit the GEMV staging, one GEMV that computes x itself (`fused`, with its split);
-    /// otherwise (or with `KILN_MATVEC=split` in the environment, for comparisons) the prologue's kernel (`prologue`, the body without the
+    /// A matrix-vector group (`FusedKind::MatVec`): with `KILN_MATVEC=fused` in the
+    /// environment (see [`matvec_fused_gemv`]) and few rows of x whose whole rows fit the
+    /// GEMV staging, one GEMV that computes x itself (`fused`, with its split); otherwise the prologue's kernel (`prologue`, the body without the
     /// matmul: `pro_op`) writes x and the product runs like `MatMul` (`gemv` or cuBLAS).
     /// `x`: the output that is x.
     MatVec {
@@ -216,11 +216,15 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// there is one for the dtype and head dim); up to this many, the split-K kernel.
 pub const PREFILL_ROWS: usize = 16;
 
-/// `KILN_MATVEC=split` in the environment: run matrix-vector groups as their prologue's
-/// kernel and a GEMV even where the fused GEMV applies (a measurement switch).
-fn matvec_split() -> bool {
-    static SPLIT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SPLIT.get_or_init(|| std::env::var("KILN_MATVEC").is_ok_and(|v| v == "split"))
+/// `KILN_MATVEC=fused` in the environment: run a matrix-vector group with few rows as
+/// one GEMV that computes its x (`kiln_codegen::gemv_prologue`) instead of the
+/// prologue's kernel and a plain GEMV. Off by default: on an H200 (2026-12-03, Llama-3.2-1B
+/// shape, batch 1) the fused form decoded 565 tok/s against 728 for the two kernels; its
+/// one wave of blocks keeps too few weight loads in flight, and each block computes
+/// SwiGLU over 8,192 columns before it can use them.
+fn matvec_fused_gemv() -> bool {
+    static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *FUSED.get_or_init(|| std::env::var("KILN_MATVEC").is_ok_and(|v| v == "fused"))
 }
 
 fn contract(msg: String) -> CudaError {
@@ -884,7 +888,7 @@ impl CudaEngine {
                     let (xs, ys) = (outs[*x].1, outs[outs.len() - 1].1);
                     let (k, n) = (xs[xs.len() - 1], ys[ys.len() - 1]);
                     let m: usize = xs[..xs.len() - 1].iter().product();
-                    if m > 0 && decode::gemv_prologue_fits(m, k) && !matvec_split() {
+                    if m > 0 && decode::gemv_prologue_fits(m, k) && matvec_fused_gemv() {
                         let (kg, cfg) = *fused;
                         let mut a = Args::default();
                         for (i, (p, _)) in outs.iter().enumerate() {
