@@ -470,8 +470,11 @@ fn generating_from_a_checkpoint_plan_equals_generating_from_the_checkpoint() {
 /// `--dump-after` pass, `kiln build` without a GPU, options a plan fixes.
 #[test]
 fn cli_plan_errors_are_clean() {
+    // `KILN_BIN`: where the CLI is when the test executable runs away from its build
+    // tree (tools/gpu/run.sh on the GPU machine).
+    let bin = std::env::var("KILN_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_kiln").to_string());
     let kiln = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).output().unwrap();
+        let out = std::process::Command::new(&bin).args(args).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(!err.contains("panicked"), "{err}");
         (out.status.code(), err)

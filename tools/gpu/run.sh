@@ -15,6 +15,8 @@ for d in $libdirs; do
     [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
 done
 export LD_LIBRARY_PATH
+# The CLI for the tests that run it (their build-time path does not exist here).
+export KILN_BIN="$PWD/.gpu/kiln"
 # A fresh kernel cache for this run (the cache test uses its own temp dir too).
 export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-$$}"
 
