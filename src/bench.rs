@@ -364,6 +364,9 @@ pub struct BenchReport {
     pub pdl: bool,
     /// Whether the fusion pass ran (`--no-fusion` turns it off).
     pub fusion: bool,
+    /// Whether matrix-vector groups ran as one GEMV computing its x
+    /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
+    pub matvec_one_kernel: bool,
     pub engine_max_batch: usize,
     pub engine_max_context: usize,
     /// Device-to-device copy, read + written bytes per second.
@@ -864,6 +867,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         cuda_graphs,
         pdl: !args.no_pdl,
         fusion,
+        matvec_one_kernel: kiln_runtime::cuda::matvec_fused_gemv(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1010,10 +1014,11 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "CUDA graphs: {} | PDL: {} | fusion: {} | kernels per decode step: {}",
+            "CUDA graphs: {} | PDL: {} | fusion: {} | matvec groups: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
+            if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );
         if let Some(p) = &self.plan {

@@ -222,7 +222,7 @@ pub const PREFILL_ROWS: usize = 16;
 /// shape, batch 1) the fused form decoded 565 tok/s against 728 for the two kernels; its
 /// one wave of blocks keeps too few weight loads in flight, and each block computes
 /// SwiGLU over 8,192 columns before it can use them.
-fn matvec_fused_gemv() -> bool {
+pub fn matvec_fused_gemv() -> bool {
     static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FUSED.get_or_init(|| std::env::var("KILN_MATVEC").is_ok_and(|v| v == "fused"))
 }
