@@ -608,10 +608,28 @@ impl ViewerState {
                     })
                     .collect()
             },
-            kernel: match kiln_codegen::lower_node(g, n) {
-                Ok(NodeLowering::Kernel(k)) => KernelInfo::Cuda { name: k.sig.name, source: k.source },
-                Ok(other) => KernelInfo::Instead(other.describe().unwrap_or_default().to_string()),
-                Err(e) => KernelInfo::Unsupported(e.0),
+            kernel: match (&node.op, kiln_codegen::lower_node(g, n)) {
+                // A matrix-vector group: what the CUDA engine runs by default (the
+                // prologue's kernel, then the GEMV), naming the one-kernel form too.
+                (Op::Fused(b), Err(_)) if matches!(b.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
+                    let syms = kiln_codegen::symbols::graph_symbols(g);
+                    let pro = b.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
+                    let one = kiln_codegen::gemv_prologue(b, &syms, kiln_codegen::decode::GemvConfig::for_prologue());
+                    match (pro, one) {
+                        (Some(Ok(p)), Ok(f)) => KernelInfo::Cuda {
+                            name: format!(
+                                "{} then a GEMV over the weight (one kernel with KILN_MATVEC=fused: {})",
+                                p.sig.name, f.sig.name
+                            ),
+                            source: p.source,
+                        },
+                        (Some(Err(e)), _) | (_, Err(e)) => KernelInfo::Unsupported(e.0),
+                        (None, _) => KernelInfo::Unsupported("a matrix-vector group without a prologue".into()),
+                    }
+                }
+                (_, Ok(NodeLowering::Kernel(k))) => KernelInfo::Cuda { name: k.sig.name, source: k.source },
+                (_, Ok(other)) => KernelInfo::Instead(other.describe().unwrap_or_default().to_string()),
+                (_, Err(e)) => KernelInfo::Unsupported(e.0),
             },
         }
     }
