@@ -242,7 +242,9 @@ fn fusion_lowers_the_decode_arena_of_real_shapes() {
 }
 
 /// Programmatic dependent launch lets a kernel start before the previous one ends, so
-/// every kernel the engine launches must wait for it before touching memory. A fused KV
+/// every kernel the engine may launch for the decode graph (fused groups, appends, both
+/// forms of the matrix-vector groups, GEMVs, attention) must wait for it before touching
+/// memory; and each compiles. A fused KV
 /// append once did not (its template skipped `kiln_grid_entry`), and PDL decode
 /// diverged from the serial launches.
 #[test]
@@ -285,4 +287,12 @@ fn every_kernel_of_the_decode_graph_waits_for_the_previous_one() {
     for k in &kernels {
         assert!(k.waits_for_previous(), "kernel {} does not wait for the previous kernel", k.sig.name);
     }
+    // And they compile for sm_90 where NVRTC can be loaded (no GPU needed).
+    if !kiln::codegen::nvrtc::nvrtc_present() {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+        return;
+    }
+    let compiler = kiln::codegen::Compiler::new((9, 0), None).unwrap();
+    let refs: Vec<&kiln::codegen::Kernel> = kernels.iter().collect();
+    compiler.compile_all(&refs).unwrap_or_else(|e| panic!("{e}"));
 }

@@ -28,6 +28,9 @@ use kiln_ops::{DType, Dim, Sym};
 
 pub(crate) const GEMV: &str = include_str!("kernels/gemv.cu");
 const FLASH_DECODE: &str = include_str!("kernels/flash_decode.cu");
+/// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
+/// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
+pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
 const SAMPLE: &str = include_str!("kernels/sample.cu");
 
 /// Device helpers shared by the GEMV and attention templates (prepended to them): 16-byte
@@ -202,10 +205,11 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_WARPS", cfg.warps.to_string()),
         ("GV_R", cfg.rows_per_warp.to_string()),
         ("GV_U", cfg.unroll.to_string()),
+        ("GV_XS", GEMV_STAGED_FLOATS.to_string()),
     ]
 }
 
-/// Floats of x one GEMV block stages in shared memory (`GV_XS` of `gemv.cu`).
+/// Floats of x one GEMV block stages in shared memory (`GV_XS` in `gemv.cu`).
 pub const GEMV_STAGED_FLOATS: usize = 8192;
 
 /// Blocks of a fused GEMV ([`crate::gemv_prologue`]) launch over `n` rows of w on a
@@ -314,7 +318,7 @@ pub fn attention_decode(d: DType, group: usize, keys: &Dim, syms: &[Sym]) -> Res
         format!("kiln_attn_decode_{}_q{tile}_{}", d.name(), stable_hash_hex(&keys_c)),
         cache_attention_params(s, true),
     );
-    let template = format!("{VECTOR_HELPERS}{FLASH_DECODE}");
+    let template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{FLASH_DECODE}");
     Ok(render(
         sig,
         &template,

@@ -30,7 +30,7 @@
 //! share one compiled kernel.
 
 use crate::decode::{self, GemvConfig};
-use crate::kernels::{CodegenError, Grid, Kernel, PRELUDE};
+use crate::kernels::{CodegenError, Grid, Kernel};
 use crate::params::{KernelSig, ParamTy, Role};
 use crate::symbols::dim_to_c;
 use crate::table;
@@ -80,18 +80,9 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
                 "fused group: a matrix-vector group runs as `gemv_prologue`, or as its prologue's kernel and a matmul",
             ),
         };
-    let kernel = crate::kernels::with_entry(template)
-        .replace("KILN_DIMS", head.trim_end_matches('\n'))
-        .replace("KILN_BODY", code.trim_end_matches('\n'));
-    let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
-    src.push_str(PRELUDE);
-    src.push_str(crate::kernels::KERNEL_MARKER);
-    src.push_str(&kernel);
-    // The name is a hash of the source rendered under a placeholder name.
-    let hash = fnv1a64(&src.replace("KILN_SIGNATURE", &KernelSig::new("kiln_fused", params.clone()).signature()));
-    let sig = KernelSig::new(format!("kiln_fused_{hash:016x}"), params);
-    let source = src.replace("KILN_SIGNATURE", &sig.signature());
-    Ok(Kernel { sig, source, grid })
+    let template =
+        template.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
+    Ok(render_hashed("kiln_fused", params, &template, &[], grid))
 }
 
 /// How a fused body ends in a cache append: its only output is
@@ -157,18 +148,9 @@ pub fn fused_append_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, Cod
     let mut head = g.dim_decls()?;
     writeln!(head, "    const i64 n_items = {n};").expect("to a string");
     let code = std::mem::take(&mut g.lines);
-    let kernel = crate::kernels::with_entry(ELEMENTWISE)
-        .replace("KILN_DIMS", head.trim_end_matches('\n'))
-        .replace("KILN_BODY", code.trim_end_matches('\n'));
-    let mut src = String::with_capacity(PRELUDE.len() + kernel.len() + 64);
-    src.push_str(PRELUDE);
-    src.push_str(crate::kernels::KERNEL_MARKER);
-    src.push_str(&kernel);
-    let hash =
-        fnv1a64(&src.replace("KILN_SIGNATURE", &KernelSig::new("kiln_fused_append", params.clone()).signature()));
-    let sig = KernelSig::new(format!("kiln_fused_append_{hash:016x}"), params);
-    let source = src.replace("KILN_SIGNATURE", &sig.signature());
-    Ok(Kernel { sig, source, grid: Grid::Elementwise { threads: ELEMENTWISE_THREADS } })
+    let template =
+        ELEMENTWISE.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
+    Ok(render_hashed("kiln_fused_append", params, &template, &[], Grid::Elementwise { threads: ELEMENTWISE_THREADS }))
 }
 
 /// Work items of a [`fused_append_kernel`] launch: the elements of the new rows.
@@ -256,18 +238,25 @@ pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         ("GV_W", Role::In(weight as u8).c_name()),
         ("GV_Y", Role::Out((body.outputs.len() - 1) as u8).c_name()),
     ]);
-    let template = format!("{ROUNDING}{}{}", decode::VECTOR_HELPERS, decode::GEMV).replace("KILN_PROLOGUE", &text);
+    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV).replace("KILN_PROLOGUE", &text);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
-    // The name is a hash of the source rendered under a placeholder name.
-    let probe = crate::kernels::render(KernelSig::new("kiln_gemv_pro", params.clone()), &template, &defines, grid);
-    let sig = KernelSig::new(format!("kiln_gemv_pro_{:016x}", fnv1a64(&probe.source)), params);
-    Ok(crate::kernels::render(sig, &template, &defines, grid))
+    Ok(render_hashed("kiln_gemv_pro", params, &template, &defines, grid))
 }
 
-/// The rounding helpers of the fused templates (`fused_*.cu`), for the GEMV prologue.
-const ROUNDING: &str =
-    "__device__ __forceinline__ float kiln_rnd_bf16(float x) { return kiln_bf16_to_f32(kiln_f32_to_bf16(x)); }\n\
-__device__ __forceinline__ float kiln_rnd_f16(float x) { return kiln_f16_to_f32(kiln_f32_to_f16(x)); }\n";
+/// [`crate::kernels::render`] under the name `{prefix}_{hash}`, the hash that of the
+/// source rendered under the name `prefix`: generated bodies get stable names, and equal
+/// sources share a name (and a kernel-cache entry).
+fn render_hashed(
+    prefix: &str,
+    params: Vec<(Role, ParamTy)>,
+    template: &str,
+    defines: &[(&str, String)],
+    grid: Grid,
+) -> Kernel {
+    let probe = crate::kernels::render(KernelSig::new(prefix, params.clone()), template, defines, grid);
+    let sig = KernelSig::new(format!("{prefix}_{:016x}", fnv1a64(&probe.source)), params);
+    crate::kernels::render(sig, template, defines, grid)
+}
 
 /// Outputs, inputs, the symbol table, the item count: the contract with the executor.
 fn params(body: &FusedBody) -> Result<Vec<(Role, ParamTy)>, CodegenError> {

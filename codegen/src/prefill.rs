@@ -142,17 +142,8 @@ pub fn attention_prefill_variant(
         crate::decode::cache_attention_params(s, false),
     );
     let threads = 32 * warps as u32;
-    let template = if min_blocks > 0 {
-        let head = sig.signature().replacen(
-            "__global__ void ",
-            &format!("__global__ void __launch_bounds__({threads}, {min_blocks}) "),
-            1,
-        );
-        FLASH_PREFILL.replace("KILN_SIGNATURE", &head)
-    } else {
-        FLASH_PREFILL.to_string()
-    };
-    Ok(render(
+    let template = format!("{}{FLASH_PREFILL}", crate::decode::CACHE_ATTENTION);
+    let mut kernel = render(
         sig,
         &template,
         &[
@@ -165,7 +156,15 @@ pub fn attention_prefill_variant(
             ("KILN_KEYS", keys_c),
         ],
         Grid::BlockPerItem { threads },
-    ))
+    );
+    if min_blocks > 0 {
+        // After rendering, so the signature stays the one `render` gives every kernel
+        // (and the body still starts with `kiln_grid_entry()`).
+        let plain = format!("__global__ void {}(", kernel.sig.name);
+        let bounded = format!("__global__ void __launch_bounds__({threads}, {min_blocks}) {}(", kernel.sig.name);
+        kernel.source = kernel.source.replacen(&plain, &bounded, 1);
+    }
+    Ok(kernel)
 }
 
 /// Checks what an [`attention_prefill`] launch takes: dtype bf16 or f16, `kv_heads > 0`,

@@ -10,10 +10,10 @@
 //! The rule, generic like fusion's (no names or scopes):
 //! * the matmul has `transpose_b` (the `linear` layout) and reads a graph param of rank
 //!   2 as `w`;
-//! * x is an output of a fused group of the elementwise or row-reduction kind (not an
-//!   append, not already a matrix-vector group) that the matmul is the only reader of
-//!   (and not a graph output), and the group's form fits x: elementwise over x, or
-//!   reductions over x's last axis.
+//! * x is an output of a fused group of the elementwise or row-reduction kind (not
+//!   already a matrix-vector group) that the matmul is the only reader of and that is no
+//!   graph output (so never a KV append, whose result is a `present` output), and the
+//!   group's form fits x: elementwise over x, or reductions over x's last axis.
 //!
 //! Every block of the fused GEMV computes the prologue over the whole of x (a few KiB
 //! from L2) once, then streams its share of `w`; blocks are one wave (see
@@ -88,7 +88,7 @@ fn candidate(g: &Graph, m: kiln_graph::NodeId) -> Option<(Value, Value)> {
         return None;
     }
     let Op::Fused(body) = &g.node(x.node).op else { return None };
-    if !matches!(body.kind(), Ok(FusedKind::Elementwise { .. } | FusedKind::Rows { .. })) || is_append(body) {
+    if !matches!(body.kind(), Ok(FusedKind::Elementwise { .. } | FusedKind::Rows { .. })) {
         return None;
     }
     // The matmul is x's only reader, and x is no graph output.
@@ -97,19 +97,4 @@ fn candidate(g: &Graph, m: kiln_graph::NodeId) -> Option<(Value, Value)> {
         return None;
     }
     Some((x, w))
-}
-
-/// Whether the body is a cache append (`concat{axis=1}(input, new)` as its only output):
-/// those run as in-place appends, not as kernels that write x.
-fn is_append(body: &kiln_ops::FusedBody) -> bool {
-    matches!(
-        (
-            body.outputs.as_slice(),
-            body.outputs.first().and_then(|&r| match r {
-                FusedRef::Node { node, .. } => body.nodes.get(node as usize),
-                FusedRef::Input(_) => None,
-            })
-        ),
-        ([_], Some(FusedNode { op: Op::Concat { axis: 1 }, .. }))
-    )
 }

@@ -146,6 +146,24 @@ fn run(g: &Gpu, k: &(Kernel, CudaFunction), bufs: &Bufs, c: &AttnCase, vcap: usi
 const DTYPES: [DType; 2] = [DType::BF16, DType::F16];
 
 /// The default build and the tuned variants measured by `prefill_attention_timing`.
+/// Checks one case: every output element written, relative L2 error under `tol`. A
+/// failure is printed and counted (so every failing case is listed before the test
+/// fails); returns the error when the output was fully written.
+fn judge(what: &str, got: &[f64], want: &[f64], tol: f64, failures: &mut usize) -> Option<f64> {
+    let unwritten = got.iter().filter(|x| x.is_nan()).count();
+    if unwritten > 0 {
+        println!("FAIL {what}: {unwritten} elements not written");
+        *failures += 1;
+        return None;
+    }
+    let e = rel_l2(what, got, want);
+    if e >= tol {
+        println!("FAIL {what}: relative L2 error {e:.3e}");
+        *failures += 1;
+    }
+    Some(e)
+}
+
 fn tunings(d: usize) -> Vec<PrefillTuning> {
     let mut v = vec![PrefillTuning::default(), PrefillTuning { min_blocks: 4, ..Default::default() }];
     if d <= 64 {
@@ -200,18 +218,8 @@ fn prefill_attention_matches_reference() {
                                 let got = run(&g, k, bu, &c, cap, *dt);
                                 let what = format!("{dt} b={b} s={s} t={t} h={h} kh={kh} d={d} {mask:?} {tuning:?}");
                                 cases += 1;
-                                // Every failure is listed (not only the first), then the test fails.
-                                let unwritten = got.iter().filter(|x| x.is_nan()).count();
-                                if unwritten > 0 {
-                                    println!("FAIL {what}: {unwritten} elements not written");
-                                    failures += 1;
-                                    continue;
-                                }
-                                let e = rel_l2(&what, &got, &want);
-                                worst[di] = worst[di].max(e);
-                                if e >= tol(*dt) {
-                                    println!("FAIL {what}: relative L2 error {e:.3e}");
-                                    failures += 1;
+                                if let Some(e) = judge(&what, &got, &want, tol(*dt), &mut failures) {
+                                    worst[di] = worst[di].max(e);
                                 }
                             }
                         }
@@ -298,17 +306,8 @@ fn prefill_attention_odd_cases() {
             let what = format!(
                 "{dt} b={b} s={s} t={t} h={h} kh={kh} d={d} {mask:?} scale={scale} offset={offset} warps={warps} min_blocks={min_blocks} stages={stages}"
             );
-            let unwritten = got.iter().filter(|x| x.is_nan()).count();
-            if unwritten > 0 {
-                println!("FAIL {what}: {unwritten} elements not written");
-                failures += 1;
-                continue;
-            }
-            let e = rel_l2(&what, &got, &want);
-            println!("kiln-check\tprefill_attention_odd\t{what}\trel_l2={e:.3e}\ttol={:.0e}", tol(dt));
-            if e >= tol(dt) {
-                println!("FAIL {what}: relative L2 error {e:.3e}");
-                failures += 1;
+            if let Some(e) = judge(&what, &got, &want, tol(dt), &mut failures) {
+                println!("kiln-check\tprefill_attention_odd\t{what}\trel_l2={e:.3e}\ttol={:.0e}", tol(dt));
             }
         }
     }

@@ -51,29 +51,7 @@ __device__ __forceinline__ float ad_exp2(float x) {
     return y;
 }
 
-// The keys [lo, hi) query position `pos` may see among t keys.
-__device__ __forceinline__ void ad_range(int mask_kind, i64 window, int pos, int t, int& lo, int& hi) {
-    lo = 0;
-    hi = t;
-    if (mask_kind >= 1) hi = pos + 1;
-    if (mask_kind == 2) lo = (i64)pos + 1 > window ? (int)((i64)pos + 1 - window) : 0;
-    if (hi > t) hi = t;
-    if (hi < 0) hi = 0;
-    if (lo < 0) lo = 0;
-    if (lo > hi) lo = hi;
-}
-
-__device__ __forceinline__ unsigned ad_smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 kiln_sa; cvta.to.shared.u64 kiln_sa, %1; cvt.u32.u64 %0, kiln_sa; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void ad_cp16(void* dst, const void* src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(ad_smem_addr(dst)), "l"(src) : "memory");
-}
-__device__ __forceinline__ void ad_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void ad_cp_wait_all_but_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-__device__ __forceinline__ void ad_cp_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+// kiln_key_range, kiln_cp16 and the cp.async group helpers: cache_attention.cuh.
 
 // Copies keys [j0, j1) of K and V into one stage: K rows of dp elements, then V rows of
 // dvp elements (dp, dvp: d, dv rounded up to KILN_VEC; the K padding is zeroed).
@@ -85,11 +63,11 @@ __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const 
         const int ck = d / KILN_VEC, cv = dv / KILN_VEC;
         for (int idx = threadIdx.x; idx < nk * ck; idx += blockDim.x) {
             const int r = idx / ck, c = idx - r * ck;
-            ad_cp16(sk + r * dp + c * KILN_VEC, kbase + (i64)(j0 + r) * kv_heads * d + c * KILN_VEC);
+            kiln_cp16(sk + r * dp + c * KILN_VEC, kbase + (i64)(j0 + r) * kv_heads * d + c * KILN_VEC);
         }
         for (int idx = threadIdx.x; idx < nk * cv; idx += blockDim.x) {
             const int r = idx / cv, c = idx - r * cv;
-            ad_cp16(sv + r * dvp + c * KILN_VEC, vbase + (i64)(j0 + r) * kv_heads * dv + c * KILN_VEC);
+            kiln_cp16(sv + r * dvp + c * KILN_VEC, vbase + (i64)(j0 + r) * kv_heads * dv + c * KILN_VEC);
         }
     } else {
         for (int idx = threadIdx.x; idx < nk * dp; idx += blockDim.x) {
@@ -132,8 +110,8 @@ KILN_SIGNATURE {
     // This split's chunk of the keys any query row of the launch may see; the splits
     // with keys: the first ns (at least one, which writes zeros when no key is visible).
     int lo0, hi0, lo1, hi1;
-    ad_range(mask_kind, window, t - sq, t, lo0, hi0);
-    ad_range(mask_kind, window, t - 1, t, lo1, hi1);
+    kiln_key_range(mask_kind, window, t - sq, t, lo0, hi0);
+    kiln_key_range(mask_kind, window, t - 1, t, lo1, hi1);
     const int rlo = lo0, rhi = hi1 > lo0 ? hi1 : lo0;
     int chunk = (rhi - rlo + nsplit - 1) / nsplit;
     if (chunk < AD_MIN_CHUNK) chunk = AD_MIN_CHUNK;  // short contexts use fewer splits
@@ -144,7 +122,7 @@ KILN_SIGNATURE {
     const int c1 = c0 + chunk < rhi ? c0 + chunk : rhi;
     // The keys the tile's row sees, relative to c0.
     int qlo, qhi;
-    ad_range(mask_kind, window, t - sq + qi, t, qlo, qhi);
+    kiln_key_range(mask_kind, window, t - sq + qi, t, qlo, qhi);
     qlo = (qlo < c0 ? c0 : (qlo > c1 ? c1 : qlo)) - c0;
     qhi = (qhi < c0 ? c0 : (qhi > c1 ? c1 : qhi)) - c0;
 
@@ -197,17 +175,17 @@ KILN_SIGNATURE {
 
     if (ntk > 0) {
         ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, c0 + kt < c1 ? c0 + kt : c1, kv_heads, d, dv, dp, dvp, kt, vec);
-        ad_cp_commit();
+        kiln_cp_commit();
     }
     for (int tt = 0; tt < ntk; ++tt) {
         const int j0 = c0 + tt * kt;
         if (tt + 1 < ntk) {
             const int n0 = j0 + kt, n1 = n0 + kt < c1 ? n0 + kt : c1;
             ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, kv_heads, d, dv, dp, dvp, kt, vec);
-            ad_cp_commit();
-            ad_cp_wait_all_but_one();
+            kiln_cp_commit();
+            kiln_cp_wait_all_but_one();
         } else {
-            ad_cp_wait_all();
+            kiln_cp_wait_all();
         }
         __syncthreads();  // tile tt is in shared memory for every thread
 

@@ -40,26 +40,8 @@
 
 struct alignas(16) pf_u4 { unsigned x, y, z, w; };
 
-// The keys [lo, hi) query position `pos` may see among t keys (flash_decode's ad_range).
-__device__ __forceinline__ void pf_range(int mask_kind, i64 window, i64 pos, i64 t, i64& lo, i64& hi) {
-    lo = 0;
-    hi = t;
-    if (mask_kind >= 1) hi = pos + 1;
-    if (mask_kind == 2) lo = pos + 1 > window ? pos + 1 - window : 0;
-    if (hi > t) hi = t;
-    if (hi < 0) hi = 0;
-    if (lo < 0) lo = 0;
-    if (lo > hi) lo = hi;
-}
-
-__device__ __forceinline__ unsigned pf_smem_addr(const void* p) {
-    unsigned a;
-    asm("{ .reg .u64 kiln_sa; cvta.to.shared.u64 kiln_sa, %1; cvt.u32.u64 %0, kiln_sa; }" : "=r"(a) : "l"(p));
-    return a;
-}
-__device__ __forceinline__ void pf_cp_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-__device__ __forceinline__ void pf_cp_wait_all_but_one() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-__device__ __forceinline__ void pf_cp_wait_all() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+// kiln_key_range, kiln_smem_addr, kiln_cp16 and the cp.async group helpers:
+// cache_attention.cuh.
 
 // 16 bytes (8 elements) global -> shared: cp.async when `vec`, plain 2-byte loads
 // otherwise; zeros when `src` is null.
@@ -67,7 +49,7 @@ __device__ __forceinline__ void pf_copy16(unsigned short* dst, const unsigned sh
     if (src == 0) {
         *(pf_u4*)dst = pf_u4{0u, 0u, 0u, 0u};
     } else if (vec) {
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(pf_smem_addr(dst)), "l"(src) : "memory");
+        kiln_cp16(dst, src);
     } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e) dst[e] = src[e];
@@ -150,8 +132,8 @@ KILN_SIGNATURE {
 
     // Keys of the block: [klo, khi) (lo and hi grow with the position).
     i64 klo, khi, unused;
-    pf_range(mask_kind, window, t - seq + q0, t, klo, unused);
-    pf_range(mask_kind, window, t - seq + q0 + nq - 1, t, unused, khi);
+    kiln_key_range(mask_kind, window, t - seq + q0, t, klo, unused);
+    kiln_key_range(mask_kind, window, t - seq + q0 + nq - 1, t, unused, khi);
     if (khi < klo) khi = klo;
     const int nkeys = (int)(khi - klo);
     const int ntiles = (nkeys + PF_BK - 1) / PF_BK;
@@ -167,7 +149,7 @@ KILN_SIGNATURE {
         for (int hr = 0; hr < 2; ++hr) {
             const int r = w0 + mi * 16 + g + 8 * hr;
             i64 lo = klo, hi = klo;
-            if (r < nq) pf_range(mask_kind, window, t - seq + q0 + r, t, lo, hi);
+            if (r < nq) kiln_key_range(mask_kind, window, t - seq + q0 + r, t, lo, hi);
             rlo[mi][hr] = (int)(lo - klo);
             rhi[mi][hr] = (int)(hi - klo);
         }
@@ -175,10 +157,10 @@ KILN_SIGNATURE {
     if (w0 < nq) {
         const int wl = (w0 + PF_MW * 16 < nq ? w0 + PF_MW * 16 : nq) - 1;
         i64 lo, hi;
-        pf_range(mask_kind, window, t - seq + q0 + w0, t, lo, hi);
+        kiln_key_range(mask_kind, window, t - seq + q0 + w0, t, lo, hi);
         wlo = (int)(lo - klo);
         wall_hi = (int)(hi - klo);
-        pf_range(mask_kind, window, t - seq + q0 + wl, t, lo, hi);
+        kiln_key_range(mask_kind, window, t - seq + q0 + wl, t, lo, hi);
         wall_lo = (int)(lo - klo);
         whi = (int)(hi - klo);
     }
@@ -196,18 +178,18 @@ KILN_SIGNATURE {
     // fragments into registers.
     const unsigned short* s_q = s_v + (PF_STAGES - 1) * PF_BK * PF_LD;
     pf_load_tile((unsigned short*)s_q, qbase, qstride, nq, vec);
-    pf_cp_commit();
+    kiln_cp_commit();
     if (ntiles > 0) {
         pf_load_tile(s_k, kbase, kvstride, nkeys < PF_BK ? nkeys : PF_BK, vec);
 #if PF_STAGES == 2
         pf_load_tile(s_v, vbase, kvstride, nkeys < PF_BK ? nkeys : PF_BK, vec);
 #endif
     }
-    pf_cp_commit();
-    pf_cp_wait_all_but_one();
+    kiln_cp_commit();
+    kiln_cp_wait_all_but_one();
     __syncthreads();
     unsigned qf[PF_MW][PF_D / 16][4];
-    const unsigned sk_addr = pf_smem_addr(s_k), sv_addr = pf_smem_addr(s_v), sq_addr = pf_smem_addr(s_q);
+    const unsigned sk_addr = kiln_smem_addr(s_k), sv_addr = kiln_smem_addr(s_v), sq_addr = kiln_smem_addr(s_q);
 #pragma unroll
     for (int mi = 0; mi < PF_MW; ++mi)
 #pragma unroll
@@ -238,20 +220,20 @@ KILN_SIGNATURE {
         // One barrier per tile: tile it + 1 is copied into the other stage during all of
         // tile it's work.
         const int st = it & 1;
-        pf_cp_wait_all();
+        kiln_cp_wait_all();
         __syncthreads();  // tile `it` is in stage st; every warp is done with stage st ^ 1 (tile it - 1, or Q)
         if (it + 1 < ntiles) {
             const int n1 = nkeys - j0 - PF_BK < PF_BK ? nkeys - j0 - PF_BK : PF_BK;
             pf_load_tile(s_k + (st ^ 1) * PF_BK * PF_LD, kbase + (i64)(j0 + PF_BK) * kvstride, kvstride, n1, vec);
             pf_load_tile(s_v + (st ^ 1) * PF_BK * PF_LD, vbase + (i64)(j0 + PF_BK) * kvstride, kvstride, n1, vec);
-            pf_cp_commit();
+            kiln_cp_commit();
         }
         const unsigned skt = sk_addr + st * PF_BK * PF_LD * 2, svt = sv_addr + st * PF_BK * PF_LD * 2;
 #else
-        pf_cp_wait_all();
+        kiln_cp_wait_all();
         __syncthreads();  // K tile `it` is in s_k; every warp is done with s_v (Q or V tile it - 1)
         pf_load_tile(s_v, vbase + (i64)j0 * kvstride, kvstride, nk, vec);
-        pf_cp_commit();
+        kiln_cp_commit();
         const unsigned skt = sk_addr, svt = sv_addr;
 #endif
 
@@ -335,10 +317,10 @@ KILN_SIGNATURE {
         if (it + 1 < ntiles) {
             const int n1 = nkeys - j0 - PF_BK < PF_BK ? nkeys - j0 - PF_BK : PF_BK;
             pf_load_tile(s_k, kbase + (i64)(j0 + PF_BK) * kvstride, kvstride, n1, vec);
-            pf_cp_commit();
-            pf_cp_wait_all_but_one();
+            kiln_cp_commit();
+            kiln_cp_wait_all_but_one();
         } else {
-            pf_cp_wait_all();
+            kiln_cp_wait_all();
         }
         __syncthreads();  // V tile `it` is in s_v
 #endif

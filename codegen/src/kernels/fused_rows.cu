@@ -8,11 +8,6 @@
 // The row count `n_rows` and column count `n_cols` are derived from the device symbol
 // table `syms`, not from the parameter `n` (which only sized the launch).
 
-// Round an f32 value to the nearest bf16 / f16 value (the CPU reference rounds every
-// float op's result to its logical dtype).
-__device__ __forceinline__ float kiln_rnd_bf16(float x) { return kiln_bf16_to_f32(kiln_f32_to_bf16(x)); }
-__device__ __forceinline__ float kiln_rnd_f16(float x) { return kiln_f16_to_f32(kiln_f32_to_f16(x)); }
-
 KILN_SIGNATURE {
 KILN_DIMS
     for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {

@@ -29,8 +29,8 @@
 // chunk's weight loads (no kernel writes weights), and only then waits for the previous
 // kernel (which writes x) — programmatic dependent launch, see kiln.cuh.
 // GV_WARPS (warps per block), GV_R (rows per warp) and GV_U (16-byte loads in flight per
-// lane and row) come from decode.rs (`GemvConfig`).
-#define GV_XS 8192
+// lane and row) come from decode.rs (`GemvConfig`), as does GV_XS (floats of x staged
+// per block, `GEMV_STAGED_FLOATS`).
 #define GV_MAX_M 8
 #define GV_P (KILN_VEC / 4)
 

@@ -36,6 +36,10 @@ __device__ __forceinline__ kiln_f16 kiln_f32_to_f16(float f) {
     asm("cvt.rn.f16.f32 %0, %1;" : "=h"(r.bits) : "f"(f));
     return r;
 }
+// Round an f32 value to the nearest bf16 / f16 value (the CPU reference rounds every
+// float op's result to its logical dtype; fused bodies do the same).
+__device__ __forceinline__ float kiln_rnd_bf16(float x) { return kiln_bf16_to_f32(kiln_f32_to_bf16(x)); }
+__device__ __forceinline__ float kiln_rnd_f16(float x) { return kiln_f16_to_f32(kiln_f32_to_f16(x)); }
 
 // Loads: storage type -> compute type (f32 for floats, int for 8-bit ints).
 __device__ __forceinline__ float kiln_ld(const float* p, i64 i) { return p[i]; }
