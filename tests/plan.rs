@@ -96,7 +96,7 @@ fn the_graph_text_parses_back_to_the_same_graph() {
     assert_eq!(g.params().keys().collect::<Vec<_>>(), orig.params().keys().collect::<Vec<_>>());
     // The launch list of the parsed graph is the plan's; its nodes are the text's `%N`.
     assert_eq!(launch_list(&g), p.launches);
-    for l in p.launches.iter().filter(|l| l.op != "argmax" && l.op != "step_end") {
+    for l in p.launches.iter().filter(|l| l.op != "greedy" && l.op != "step_end") {
         let line = p.graph.lines().find(|x| x.starts_with(&format!("%{} = ", l.node))).unwrap();
         assert!(line.contains(&l.op), "launch {l:?} vs `{line}`");
     }
@@ -108,7 +108,7 @@ fn the_launch_list_names_kernels_and_bindings() {
     let l = &p.launches;
     assert!(l.len() > 10, "{} launches", l.len());
     let last: Vec<&str> = l[l.len() - 2..].iter().map(|x| x.op.as_str()).collect();
-    assert_eq!(last, ["argmax", "step_end"]);
+    assert_eq!(last, ["greedy", "step_end"]);
     assert!(l.iter().all(|x| !x.kernel.starts_with("unsupported")), "{l:#?}");
     assert!(l.iter().any(|x| x.kernel.starts_with("cuBLAS GEMM")));
     assert!(l.iter().any(|x| x.inputs.iter().any(|b| b.starts_with("param \"model.embed_tokens.weight\""))));

@@ -32,6 +32,7 @@ const FLASH_DECODE: &str = include_str!("kernels/flash_decode.cu");
 /// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
 pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
 const SAMPLE: &str = include_str!("kernels/sample.cu");
+const GREEDY: &str = include_str!("kernels/greedy.cu");
 
 /// Device helpers shared by the GEMV and attention templates (prepended to them): 16-byte
 /// vector types, a streaming 16-byte load and its unpacking into f32 per storage type.
@@ -137,6 +138,11 @@ pub const ATTENTION_DECODE_QUERY_TILE: usize = 8;
 /// (batch, kv head, query tile), which writes the output itself (no partial results,
 /// fence or merge: the short-context latency of a decode step).
 pub const ATTENTION_DECODE_MIN_CHUNK: usize = 256;
+/// Bytes of one of the two K/V stages of an [`attention_decode`] block (dynamic shared
+/// memory, 96 KiB per block in all, which sm_80 and later allow): 192 keys of head dim
+/// 64 in bf16, so a short context is loaded in one round trip. The warp merge reuses
+/// the stages: warps · query tile · 256 f32 (32 KiB at most) must fit in them.
+pub const ATTENTION_DECODE_STAGE_BYTES: usize = 48 << 10;
 /// Threads of one sampling block (one block per row).
 pub const SAMPLE_THREADS: u32 = 512;
 
@@ -319,7 +325,7 @@ pub fn attention_decode(d: DType, group: usize, keys: &Dim, syms: &[Sym]) -> Res
         cache_attention_params(s, true),
     );
     let template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{FLASH_DECODE}");
-    Ok(render(
+    let mut k = render(
         sig,
         &template,
         &[
@@ -329,10 +335,13 @@ pub fn attention_decode(d: DType, group: usize, keys: &Dim, syms: &[Sym]) -> Res
             ("AD_WARPS", warps.to_string()),
             ("AD_QT", tile.to_string()),
             ("AD_MIN_CHUNK", ATTENTION_DECODE_MIN_CHUNK.to_string()),
+            ("AD_STAGE", ATTENTION_DECODE_STAGE_BYTES.to_string()),
             ("KILN_KEYS", keys_c),
         ],
         Grid::BlockPerItem { threads: 32 * warps as u32 },
-    ))
+    );
+    k.dynamic_smem = 2 * ATTENTION_DECODE_STAGE_BYTES as u32;
+    Ok(k)
 }
 
 /// The parameters of an attention kernel over a resident KV cache, in signature order:
@@ -489,6 +498,47 @@ pub fn sample(logits: DType) -> Result<Kernel, CodegenError> {
 /// Work items of a [`sample`] launch: one block per row.
 pub fn sample_items(rows: usize) -> usize {
     rows
+}
+
+/// Threads of one [`greedy`] block.
+pub const GREEDY_THREADS: u32 = 256;
+/// Logits one [`greedy`] block scans, about (16 per thread: four 16-byte loads).
+pub const GREEDY_CHUNK: usize = 4096;
+
+/// Greedy sampling on the device: `out[r] = argmax(in0[r, :])` for f32 logits
+/// `in0 [n, len]` (rows contiguous), the first maximum winning and NaN counting as the
+/// largest value (the CPU `ArgMax`). One launch of `n · splits` blocks
+/// ([`greedy_items`]; [`greedy_splits`] picks `splits`): each block scans a chunk of its
+/// row and writes its best pair to the workspaces `out1` (f32) and `out2` (i64), both
+/// `[n, splits]`; the last block of a row (counted on `counters[row]`, which must be zero
+/// before the first launch and is reset by that block) merges them. With one split a
+/// block writes `out` directly.
+pub fn greedy() -> Result<Kernel, CodegenError> {
+    let sig = KernelSig::new(
+        "kiln_greedy_f32",
+        vec![
+            (Role::Out(0), ParamTy::ptr("i64")),
+            (Role::Out(1), ParamTy::ptr("float")),
+            (Role::Out(2), ParamTy::ptr("i64")),
+            (Role::Counters, ParamTy::ptr("unsigned int")),
+            (Role::In(0), ParamTy::const_ptr("float")),
+            (Role::N, ParamTy::I64),
+            (Role::Len, ParamTy::I64),
+            (Role::Splits, ParamTy::I64),
+        ],
+    );
+    Ok(render(sig, &format!("{VECTOR_HELPERS}{GREEDY}"), &[], Grid::BlockPerItem { threads: GREEDY_THREADS }))
+}
+
+/// Blocks per row of a [`greedy`] launch over `len` logits: one per [`GREEDY_CHUNK`]
+/// logits, at most 128.
+pub fn greedy_splits(len: usize) -> usize {
+    len.div_ceil(GREEDY_CHUNK).clamp(1, 128)
+}
+
+/// Work items (blocks) of a [`greedy`] launch.
+pub fn greedy_items(rows: usize, splits: usize) -> usize {
+    rows * splits
 }
 
 #[cfg(test)]

@@ -43,13 +43,17 @@ const ROWS: &str = include_str!("kernels/fused_rows.cu");
 
 /// Threads per block of the elementwise form.
 pub const ELEMENTWISE_THREADS: u32 = 256;
-/// Threads per block (one block per row) of the rows form for rows of up to
-/// [`WIDE_ROW`] columns (or a symbolic column count)…
-pub const ROW_THREADS: u32 = 256;
-/// … and for rows of at least this many columns.
-pub const WIDE_ROW_THREADS: u32 = 512;
-/// The column count from which a row gets [`WIDE_ROW_THREADS`].
-pub const WIDE_ROW: usize = 4096;
+/// Threads per block (one block per row) of the rows form when the column count is
+/// symbolic; a fixed count of `n` columns gets [`row_threads`]`(n)`.
+pub const ROW_THREADS: u32 = 512;
+
+/// Threads per block of the rows form for rows of `cols` columns: one column per thread
+/// up to 1,024 (rounded up to whole warps, at least 64), so a decode step's single row
+/// is read in as few dependent rounds as possible (a 2,048-wide RMSNorm row on 256
+/// threads took 8 serial load rounds per pass: about 10 µs on an H200).
+pub fn row_threads(cols: usize) -> u32 {
+    (cols.div_ceil(32) * 32).clamp(64, 1024) as u32
+}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, CodegenError> {
     Err(CodegenError(msg.into()))
@@ -72,9 +76,8 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
             }
             FusedKind::Rows { rows, cols } => {
                 let (head, code) = g.rows(rows, cols)?;
-                let wide = cols.numel().as_fixed().is_some_and(|n| n >= WIDE_ROW);
-                let threads = if wide { WIDE_ROW_THREADS } else { ROW_THREADS };
-                (ROWS, head, code, Grid::BlockPerItem { threads })
+                let threads = cols.numel().as_fixed().map_or(ROW_THREADS, row_threads);
+                (ROWS, head.replace("KILN_ROW_THREADS", &threads.to_string()), code, Grid::BlockPerItem { threads })
             }
             FusedKind::MatVec { .. } => return err(
                 "fused group: a matrix-vector group runs as `gemv_prologue`, or as its prologue's kernel and a matmul",
@@ -823,15 +826,15 @@ impl<'a> Gen<'a> {
     }
 
     /// The rows form: (size and shared-memory declarations, row loop body).
-    /// Opens a loop of the block's threads over the row's `ncols` columns. In the GEMV
-    /// prologue the block size is the constant `32 · GV_WARPS`, so the loop unrolls and
-    /// its loads overlap.
+    /// Opens a loop of the block's threads over the row's `ncols` columns. The block
+    /// size is a constant (`32 · GV_WARPS` in the GEMV prologue, `kiln_row_threads`
+    /// otherwise), so the loop unrolls and the loads of a reduction pass overlap.
     fn column_loop(&mut self, ncols: &str) {
+        self.line("#pragma unroll 4");
         if self.stage_x.is_some() {
-            self.line("#pragma unroll 4");
             self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += 32 * GV_WARPS) {{"));
         } else {
-            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += blockDim.x) {{"));
+            self.line(format!("for (i64 j = threadIdx.x; j < {ncols}; j += kiln_row_threads) {{"));
         }
     }
 
@@ -971,6 +974,10 @@ impl<'a> Gen<'a> {
         let nrows = self.dim(&rows.numel())?;
         let mut head = self.dim_decls()?;
         writeln!(head, "    const i64 n_rows = {nrows};").expect("to a string");
+        if self.stage_x.is_none() {
+            // The launch's block size (fused_kernel substitutes it): a constant stride.
+            head.push_str("    constexpr int kiln_row_threads = KILN_ROW_THREADS;\n");
+        }
         if !levels.is_empty() {
             if shared_f > 0 {
                 writeln!(head, "    __shared__ float kiln_sf[{shared_f}][32];").expect("to a string");

@@ -56,6 +56,9 @@ pub struct Kernel {
     pub sig: KernelSig,
     pub source: String,
     pub grid: Grid,
+    /// Bytes of dynamic shared memory every launch gives a block (0: none). Over 48 KiB
+    /// the loader must raise the function's `MAX_DYNAMIC_SHARED_SIZE_BYTES` first.
+    pub dynamic_smem: u32,
 }
 
 impl Kernel {
@@ -101,7 +104,7 @@ pub(crate) fn render(sig: KernelSig, template: &str, defines: &[(&str, String)],
         src.push_str(&format!("#define {k} {v}\n"));
     }
     src.push_str(&with_entry(template).replace("KILN_SIGNATURE", &sig.signature()));
-    Kernel { sig, source: src, grid }
+    Kernel { sig, source: src, grid, dynamic_smem: 0 }
 }
 
 /// The template with `kiln_grid_entry();` (see `kiln.cuh`: programmatic dependent

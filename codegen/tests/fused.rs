@@ -6,6 +6,7 @@
 //! random data against the CPU reference `Op::eval` of the same fused op.
 
 use kiln_codegen::kernels::NodeLowering;
+use kiln_codegen::fused::{row_threads, ROW_THREADS};
 use kiln_codegen::symbols::graph_symbols;
 use kiln_codegen::{fused_items, fused_kernel, lower_node, Grid, Kernel, ParamTy, Role};
 use kiln_graph::ops::{
@@ -219,9 +220,12 @@ fn bind(pairs: &[(&str, usize)]) -> Bindings {
 fn rmsnorm_is_one_row_kernel_with_two_outputs() {
     let (fg, body, _, k) = kernel_of(&rmsnorm(576));
     assert_contract(&body, &k);
-    assert_eq!(k.grid, Grid::BlockPerItem { threads: 256 });
+    // One thread per column: a decode row is read in one round per pass.
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: 576 });
     let part = kernel_part(&k);
     assert!(part.contains("__shfl_xor_sync") && part.contains("__syncthreads"));
+    // The column loops stride by a constant (so they unroll and their loads overlap).
+    assert!(part.contains("constexpr int kiln_row_threads = 576;") && part.contains("j += kiln_row_threads"));
     // Exactly one reduction: one block reduction.
     assert_eq!(part.matches("if (lane == 0)").count(), 1);
     // The bf16 add is rounded before the f32 cast (as the CPU reference rounds it).
@@ -230,9 +234,10 @@ fn rmsnorm_is_one_row_kernel_with_two_outputs() {
     assert_eq!(graph_symbols(&fg), vec![Sym::new("seq")]);
     assert!(part.contains("syms[0]"));
     assert_eq!(fused_items(&body, &bind(&[("seq", 5)])).unwrap(), 10);
-    // Wide rows get more threads.
+    // Wider rows get at most 1,024 threads; narrow ones at least 64.
     let (_, _, _, wide) = kernel_of(&rmsnorm(4096));
-    assert_eq!(wide.grid, Grid::BlockPerItem { threads: 512 });
+    assert_eq!(wide.grid, Grid::BlockPerItem { threads: 1024 });
+    assert_eq!((row_threads(2048), row_threads(100), row_threads(1)), (1024, 128, 64));
     insta::assert_snapshot!("rmsnorm_residual_bf16", part);
 }
 
@@ -270,8 +275,8 @@ fn silu_up_reads_both_halves_of_one_input() {
 fn softmax_reduces_in_dependency_order() {
     let (fg, body, _, k) = kernel_of(&softmax(DType::F32));
     assert_contract(&body, &k);
-    // Symbolic columns: the narrow block size.
-    assert_eq!(k.grid, Grid::BlockPerItem { threads: 256 });
+    // Symbolic columns: the fixed block size.
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: ROW_THREADS });
     assert_eq!(graph_symbols(&fg), vec![Sym::new("keys"), Sym::new("seq")]);
     let part = kernel_part(&k);
     // max, then sum (which reads the max): two levels, two block reductions.
@@ -648,8 +653,9 @@ fn emulate(tag: &str, g: &Graph, bindings: &[Bindings], tol: impl Fn(DType) -> (
     let (fg, body, sources, k) = kernel_of(g);
     let table = graph_symbols(&fg);
     let host = compile_host(cxx, &k, tag);
+    // Row kernels stride their columns by the block size they are built for.
     let launch = match k.grid {
-        Grid::BlockPerItem { .. } => (2, 64),
+        Grid::BlockPerItem { threads } => (2, threads),
         _ => (2, 3),
     };
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);

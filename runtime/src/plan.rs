@@ -580,9 +580,9 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
     if let Some(&logits) = graph.outputs().get("logits") {
         out.push(Launch {
             node: logits.node.index(),
-            op: "argmax".into(),
+            op: "greedy".into(),
             scope: String::new(),
-            kernel: name_or(kernels::argmax(DType::F32)),
+            kernel: name_or(decode::greedy()),
             inputs: vec![describe(logits)],
             outputs: vec!["the next input ids (device)".into()],
         });

@@ -666,6 +666,69 @@ fn greedy_sampling_is_argmax_with_ties_to_the_lowest_index() {
     assert!(lps[0].is_nan());
 }
 
+/// The split greedy kernel (`decode::greedy`, what the engine samples with) against
+/// `Op::ArgMax`'s CPU semantics: ties to the lowest index across and within blocks, NaN first, an
+/// unaligned row length (scalar path), and two launches in a row (the last block of
+/// each row resets its counter).
+/// `Op::ArgMax`'s CPU semantics: the first NaN if there is one, else the first maximum.
+fn argmax_nan_first(l: &[f32]) -> usize {
+    l.iter().position(|v| v.is_nan()).unwrap_or_else(|| kiln_runtime::sampling::argmax(l))
+}
+
+#[test]
+fn split_greedy_is_the_cpu_argmax() {
+    let Some(g) = gpu() else { return };
+    let k = decode::greedy().unwrap();
+    let f = g.load(&k);
+    for vocab in [7usize, 1000, 4097, 49152, 128256, 128257] {
+        let splits = decode::greedy_splits(vocab);
+        let rows = 5;
+        let mut r = rng(vocab as u64 + 7);
+        let mut logits = normal_logits(&mut r, rows * vocab, 2.0);
+        // Row 1: the maximum twice (in different blocks for the long rows): the lower
+        // index wins. Row 2: all equal. Row 3: NaN late in the row.
+        // Row 4: -inf everywhere but one entry at the end.
+        let mx = logits[vocab..2 * vocab].iter().cloned().fold(f32::MIN, f32::max) + 1.0;
+        logits[vocab + vocab - 1] = mx;
+        logits[vocab + vocab / 3] = mx;
+        logits[2 * vocab..3 * vocab].fill(0.5);
+        logits[3 * vocab + vocab - 2] = f32::NAN;
+        logits[4 * vocab..5 * vocab].fill(f32::NEG_INFINITY);
+        logits[5 * vocab - 1] = -3.0;
+        let bytes: Vec<u8> = logits.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let buf = g.upload(&bytes);
+        let ids = g.poisoned(rows * 8);
+        let ws = g.poisoned(12 * rows * splits + 8);
+        let counters = g.upload(&vec![0u8; 4 * rows]);
+        let p1 = g.ptr(&ws);
+        let p2 = p1 + (4 * rows * splits).next_multiple_of(8) as u64;
+        let args: Args = vec![
+            (Role::Out(0), g.arg(&ids)),
+            (Role::Out(1), ArgValue::Ptr(p1)),
+            (Role::Out(2), ArgValue::Ptr(p2)),
+            (Role::Counters, g.arg(&counters)),
+            (Role::In(0), g.arg(&buf)),
+            (Role::N, ArgValue::I64(rows as i64)),
+            (Role::Len, ArgValue::I64(vocab as i64)),
+            (Role::Splits, ArgValue::I64(splits as i64)),
+        ];
+        for launch in 0..2 {
+            g.launch(&k, &f, decode::greedy_items(rows, splits), &args);
+            let got: Vec<i64> =
+                g.download(&ids, rows * 8).chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect();
+            for row in 0..rows {
+                let want = argmax_nan_first(&logits[row * vocab..(row + 1) * vocab]);
+                assert_eq!(got[row] as usize, want, "vocab {vocab} ({splits} splits) row {row}, launch {launch}");
+            }
+            assert_eq!(got[1] as usize, vocab / 3);
+            assert_eq!(got[2], 0);
+            assert_eq!(got[3] as usize, vocab - 2);
+            assert_eq!(got[4] as usize, vocab - 1);
+            assert_eq!(g.download(&counters, 4 * rows), vec![0u8; 4 * rows], "counters reset");
+        }
+    }
+}
+
 #[test]
 fn sampling_follows_the_documented_semantics() {
     let Some(g) = gpu() else { return };
@@ -833,6 +896,7 @@ fn every_decode_kernel_variant_compiles() {
         let p = decode::attention_decode(x, 4, &keys, &[Sym::new("past"), Sym::new("seq")]).unwrap();
         ks.extend([p, decode::sample(x).unwrap()]);
     }
+    ks.push(decode::greedy().unwrap());
     let refs: Vec<&Kernel> = ks.iter().collect();
     let (cubins, stats) = compiler.compile_all(&refs).unwrap_or_else(|e| panic!("{e}"));
     assert!(cubins.iter().all(|c| !c.is_empty()));

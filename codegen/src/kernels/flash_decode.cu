@@ -17,8 +17,10 @@
 // splits have keys (ns is the same for every block of a launch: it depends on the key
 // count only), so the blocks of the other splits return at once.
 // A block streams its chunk's K and V rows once, in tiles of AD_STAGE bytes
-// double-buffered in shared memory (cp.async, 16 bytes per copy, when rows are 16-byte
-// aligned; plain loads otherwise), for all AD_QT queries of its tile. Each warp takes
+// double-buffered in dynamic shared memory (cp.async, 16 bytes per copy, when rows are
+// 16-byte aligned; plain loads otherwise), for all AD_QT queries of its tile. Both
+// stages are in flight before the first is used, so a chunk of up to two stages of keys
+// (384 keys of head dim 64 in bf16) costs one memory round trip. Each warp takes
 // key slots of lpk lanes (lpk·kpw = 32; a lane holds 16-byte vectors li, li + lpk, ...
 // of q, k, v rows) and keeps, per query, an online softmax in base 2 (max, sum,
 // unnormalized output), updated without branches: the running max starts at AD_NEG (a
@@ -40,7 +42,6 @@
 // AD_WARPS (warps per block), AD_QT (query pairs per block), AD_NVL (16-byte vectors
 // per lane and row), AD_MIN_CHUNK (keys) come from decode.rs.
 #define AD_MAXD 256
-#define AD_STAGE 16384
 #define AD_LOG2E 1.4426950408889634f
 #define AD_NEG (-1.0e30f)
 
@@ -83,7 +84,8 @@ __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const 
 }
 
 KILN_SIGNATURE {
-    __shared__ kiln_u4 s_kv[2][AD_STAGE / 16];
+    extern __shared__ kiln_u4 s_dyn[];  // 2 · AD_STAGE bytes: the launch's dynamic shared memory
+    kiln_u4(*s_kv)[AD_STAGE / 16] = (kiln_u4(*)[AD_STAGE / 16])s_dyn;
     __shared__ float s_m[AD_WARPS][AD_QT], s_l[AD_WARPS][AD_QT];
     __shared__ bool s_last;
     if (head_dim < 1 || value_dim < 1 || head_dim > AD_MAXD || value_dim > AD_MAXD || kv_heads < 1 ||
@@ -270,7 +272,7 @@ KILN_SIGNATURE {
 
     // Merge the warps through shared memory (the stages are free now) and write: the
     // final output when this is the only split, else this split's partial result.
-    // AD_WARPS·AD_QT·dv floats <= AD_WARPS·AD_QT·AD_MAXD·4 bytes = 2 stages (decode.rs).
+    // AD_WARPS·AD_QT·dv floats <= AD_WARPS·AD_QT·AD_MAXD·4 bytes <= 2 stages (decode.rs).
     float* s_acc = (float*)s_kv;
     if (lane < lpk) {
 #pragma unroll

@@ -4,7 +4,8 @@
 // by a block reduction (warp shuffles, then the per-warp partials in shared memory,
 // combined in the same order by every thread, so all threads hold the identical row
 // value). A final column pass writes the full-shaped outputs; thread 0 writes the
-// row-shaped ones. Any block size that is a multiple of 32 (up to 1024) works.
+// row-shaped ones. The block size is the constant kiln_row_threads (fused.rs:
+// `row_threads`, one column per thread up to 1024), so the column loops unroll.
 // The row count `n_rows` and column count `n_cols` are derived from the device symbol
 // table `syms`, not from the parameter `n` (which only sized the launch).
 

@@ -187,7 +187,7 @@ pub struct CudaEngine {
     ids_decode: CudaSlice<i64>,
     history: CudaSlice<i64>,
     counter: CudaSlice<i64>,
-    argmax: usize,
+    greedy: usize,
     step_end: usize,
     logits: Value,
     vocab: usize,
@@ -199,6 +199,10 @@ pub struct CudaEngine {
     attn_ws: CudaSlice<u8>,
     /// Its completion counters (zero between launches).
     attn_counters: CudaSlice<u32>,
+    /// Greedy sampling's per-block best logits and indices (`[max_batch, splits]`, f32
+    /// then i64) and its per-row completion counters (zero between launches).
+    greedy_ws: CudaSlice<u8>,
+    greedy_counters: CudaSlice<u32>,
     /// Per batch size: the captured decode step.
     graphs: HashMap<usize, CudaGraph>,
     /// Why the decode step cannot be captured, if it cannot.
@@ -520,7 +524,7 @@ impl CudaEngine {
             }
             steps.push(Step { node: n, run });
         }
-        let argmax = add_kernel(kernels::argmax(DType::F32).map_err(|e| contract(e.0))?);
+        let greedy = add_kernel(decode::greedy().map_err(|e| contract(e.0))?);
         let step_end =
             add_kernel(kiln_codegen::resident::step_end(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?);
 
@@ -586,6 +590,9 @@ impl CudaEngine {
         }
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
+        let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
+        let greedy_ws = stream.alloc_zeros::<u8>(12 * greedy_pairs + 8).map_err(driver_err("alloc"))?;
+        let greedy_counters = stream.alloc_zeros::<u32>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
         let zeros = |n: usize| stream.alloc_zeros::<i64>(n.max(1)).map_err(driver_err("alloc"));
         let syms_dev = zeros(syms.len())?;
         let ids_prefill = zeros(opts.max_context)?;
@@ -632,7 +639,7 @@ impl CudaEngine {
             ids_decode,
             history,
             counter,
-            argmax,
+            greedy,
             step_end,
             logits,
             vocab,
@@ -642,6 +649,8 @@ impl CudaEngine {
             _blas_workspace: blas_ws,
             attn_ws,
             attn_counters,
+            greedy_ws,
+            greedy_counters,
             graphs: HashMap::new(),
             not_capturable,
             launches_per_step: 0,
@@ -1025,16 +1034,21 @@ impl CudaEngine {
     /// Greedy sampling of the logits of `rows` sequences into `ids` (device i64s).
     fn sample(&self, plan: &MemoryPlan, rows: usize, ids: u64) -> Result<(), CudaError> {
         let logits = self.ptr(self.logits, plan, 0, false)?;
-        let shape = [rows, 1, self.vocab];
-        launch_node(
-            self.lane(),
-            &self.kernels[self.argmax],
-            &Op::ArgMax { axis: 2 },
-            &[(logits, &shape)],
-            &[(ids, &[rows, 1])],
-            &Bindings::new(),
-            dev(&self.syms_dev, &self.stream),
-        )
+        let splits = decode::greedy_splits(self.vocab);
+        if rows > self.greedy_counters.len() {
+            return Err(contract(format!("greedy sampling of {rows} rows: workspace for {}", self.greedy_counters.len())));
+        }
+        let ws = dev(&self.greedy_ws, &self.stream);
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(ids))
+            .set(Role::Out(1), ArgValue::Ptr(ws))
+            .set(Role::Out(2), ArgValue::Ptr(ws + (4 * rows * splits).next_multiple_of(8) as u64))
+            .set(Role::Counters, ArgValue::Ptr(dev(&self.greedy_counters, &self.stream)))
+            .set(Role::In(0), ArgValue::Ptr(logits))
+            .i64(Role::N, rows)
+            .i64(Role::Len, self.vocab)
+            .i64(Role::Splits, splits);
+        launch(self.lane(), &self.kernels[self.greedy], decode::greedy_items(rows, splits), &a)
     }
 
     /// Prefills `prompts` (all of one length, at most `max_batch` of them) from
@@ -1171,7 +1185,7 @@ impl CudaEngine {
             self.sample(&plan, self.batch, dev(&self.ids_decode, &self.stream))?;
             let e = ctx.new_event(timing).map_err(driver_err("event"))?;
             record(&e)?;
-            marks.push(("argmax (sampling)".into(), e));
+            marks.push(("greedy sampling (argmax)".into(), e));
             Ok(())
         })();
         let graph = stream.end_capture(sys::CUgraphInstantiate_flags(0));

@@ -509,9 +509,22 @@ pub(super) fn compile_and_load(
         binaries.push((compiler.key(&k.source), cubin.clone()));
         let module = ctx.load_module(Ptx::from_binary(cubin)).map_err(driver_err("load module"))?;
         let f = module.load_function(&k.sig.name).map_err(driver_err("load function"))?;
+        allow_dynamic_smem(&k, &f)?;
         kernels.push((k, f));
     }
     Ok((kernels, stats, binaries))
+}
+
+/// Lets `f` be launched with the kernel's dynamic shared memory (needed above 48 KiB).
+pub(crate) fn allow_dynamic_smem(k: &Kernel, f: &CudaFunction) -> Result<(), CudaError> {
+    if k.dynamic_smem > 48 << 10 {
+        f.set_attribute(
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            k.dynamic_smem as i32,
+        )
+        .map_err(|e| CudaError::Driver(format!("{}: {} bytes of dynamic shared memory: {e:?}", k.sig.name, k.dynamic_smem)))?;
+    }
+    Ok(())
 }
 
 /// Where launches go: a stream, and whether each launch may start while the previous
@@ -548,7 +561,7 @@ pub(super) fn launch(lane: Lane, kf: &(Kernel, CudaFunction), items: usize, args
             blockDimX: block,
             blockDimY: 1,
             blockDimZ: 1,
-            sharedMemBytes: 0,
+            sharedMemBytes: kernel.dynamic_smem,
             hStream: lane.stream.cu_stream(),
             attrs: &mut attr,
             numAttrs: 1,
@@ -566,7 +579,7 @@ pub(super) fn launch(lane: Lane, kf: &(Kernel, CudaFunction), items: usize, args
             f.cu_function(),
             (grid, 1, 1),
             (block, 1, 1),
-            0,
+            kernel.dynamic_smem,
             lane.stream.cu_stream(),
             &mut params,
         )

@@ -54,7 +54,15 @@ impl Gpu {
         let (cubins, _) = self.compiler.compile_all(&[k]).unwrap_or_else(|e| panic!("{e}"));
         let cubin = cubins.into_iter().next().unwrap();
         let module = self.ctx.load_module(Ptx::from_binary(cubin)).expect("load module");
-        module.load_function(&k.sig.name).expect("load function")
+        let f = module.load_function(&k.sig.name).expect("load function");
+        if k.dynamic_smem > 48 << 10 {
+            f.set_attribute(
+                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                k.dynamic_smem as i32,
+            )
+            .expect("dynamic shared memory");
+        }
+        f
     }
     pub fn upload(&self, bytes: &[u8]) -> CudaSlice<u8> {
         if bytes.is_empty() {
@@ -105,7 +113,7 @@ impl Gpu {
                 f.cu_function(),
                 (grid, 1, 1),
                 (block, 1, 1),
-                0,
+                k.dynamic_smem,
                 self.stream.cu_stream(),
                 &mut params,
             )
