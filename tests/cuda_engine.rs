@@ -173,6 +173,42 @@ fn pdl_launches_compute_what_serial_launches_do() {
     }
 }
 
+/// Horizontal fusion (a layer's RoPE of q and its k / v appends in one launch) changes
+/// how many kernels a decode step launches, never what they compute: tokens and logits
+/// equal the separate launches' bit for bit, in f32 and bf16, graph and eager.
+#[test]
+fn horizontal_groups_compute_what_separate_launches_do() {
+    if !gpu() {
+        return;
+    }
+    let p1 = vec![5u32, 6, 7, 8];
+    for dt in [DType::F32, DType::BF16] {
+        let (g, w) = setup(dt);
+        let run = |graphs: bool, horizontal: bool| {
+            let opts =
+                EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, horizontal, ..Default::default() };
+            let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
+            e.prefill(&[p1.clone()]).unwrap();
+            let mut logits = vec![e.logits().unwrap()];
+            for _ in 0..6 {
+                e.decode_step().unwrap();
+                logits.push(e.logits().unwrap());
+            }
+            (logits, e.tokens().unwrap(), e.launches_per_decode_step())
+        };
+        let (l_sep, t_sep, n_sep) = run(true, false);
+        for graphs in [true, false] {
+            let (l_h, t_h, n_h) = run(graphs, true);
+            assert_eq!(t_h, t_sep, "{dt}");
+            for (a, b) in l_h.iter().zip(&l_sep) {
+                assert_eq!(a, b, "{dt}: horizontal groups compute the same bits (graphs: {graphs})");
+            }
+            // Two launches fewer per decoder layer (the test model has 2 layers).
+            assert_eq!(n_h + 2 * 2, n_sep, "{dt}: launches per decode step");
+        }
+    }
+}
+
 #[test]
 fn graph_replay_equals_eager_and_batches_decode_like_single_sequences() {
     if !gpu() {

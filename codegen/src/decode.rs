@@ -84,27 +84,64 @@ pub const GEMV_ROWS_PER_BLOCK: usize = 16;
 /// Warps of one GEMV block.
 pub const GEMV_WARPS: usize = 8;
 
-/// The work split of a [`gemv`] kernel: each of a block's `warps` warps streams
-/// `rows_per_warp` rows of `w`, each lane keeping `unroll` 16-byte loads per row in
-/// flight. More rows or loads per warp hide more latency per warp; fewer rows per warp
-/// give more blocks (a short `n` needs them to fill the device).
+/// The work split of a [`gemv`] kernel: a block's `warps` warps form row groups of
+/// `ksplit` warps; each group streams `rows_per_warp` rows of `w`, its warps taking
+/// interleaved shares of the columns (split-K), each lane keeping `unroll` 16-byte loads
+/// per row in flight. More rows or loads per warp hide more latency per warp; fewer rows
+/// per warp, or more warps per row, put more warps on a short `n`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct GemvConfig {
     pub warps: usize,
     pub rows_per_warp: usize,
     pub unroll: usize,
+    /// Warps per row (a power of two dividing `warps`).
+    pub ksplit: usize,
 }
 
 impl Default for GemvConfig {
     fn default() -> Self {
-        GemvConfig { warps: GEMV_WARPS, rows_per_warp: GEMV_ROWS_PER_BLOCK / GEMV_WARPS, unroll: 4 }
+        GemvConfig { warps: GEMV_WARPS, rows_per_warp: GEMV_ROWS_PER_BLOCK / GEMV_WARPS, unroll: 4, ksplit: 1 }
     }
 }
+
+/// Most warps per row [`GemvConfig::for_shape`] picks: 1, i.e. no split-K. Split-K over
+/// 2–4 warps per row (o_proj / down_proj at n = 2,048, qkv) made the whole Llama-3.2-1B
+/// decode step slower on an H200 (2026-12-03: 814 → 749 tok/s, SmolLM2 1,122 → 1,079):
+/// each block also stages x and joins its warps' sums through shared memory, and the
+/// extra blocks cost more than the extra loads in flight bring.
+pub const GEMV_MAX_KSPLIT: usize = 1;
+
+/// Warps a batch-1 GEMV aims to run at once ([`GemvConfig::for_shape`]): about one
+/// full wave on a 132-SM Hopper part (about 56 resident GEMV warps per SM).
+pub const GEMV_TARGET_WARPS: usize = 8192;
 
 impl GemvConfig {
     /// Output columns (rows of `w`) per block.
     pub fn rows_per_block(&self) -> usize {
-        self.warps * self.rows_per_warp
+        self.warps / self.ksplit * self.rows_per_warp
+    }
+
+    /// A short name of the split, e.g. `w8r1u4` or `w8r1u4k4` (with `ksplit` > 1).
+    pub fn tag(&self) -> String {
+        let k = if self.ksplit > 1 { format!("k{}", self.ksplit) } else { String::new() };
+        format!("w{}r{}u{}{k}", self.warps, self.rows_per_warp, self.unroll)
+    }
+
+    /// The split for `m` rows of x times `w [n, k]` with `vec` weight elements per 16
+    /// bytes: [`GemvConfig::for_rows`], and for one row of x, as many warps per row (up
+    /// to [`GEMV_MAX_KSPLIT`]) as keep [`GEMV_TARGET_WARPS`] warps busy while every warp
+    /// of a row still gets a slot of 32 vectors.
+    pub fn for_shape(m: usize, n: usize, k: usize, vec: usize) -> GemvConfig {
+        let base = GemvConfig::for_rows(m);
+        if m != 1 || n == 0 {
+            return base;
+        }
+        let slots = (k / vec.max(1)).div_ceil(32).max(1);
+        let mut ks = 1;
+        while ks < GEMV_MAX_KSPLIT && n * ks * 2 <= GEMV_TARGET_WARPS && ks * 2 <= slots {
+            ks *= 2;
+        }
+        GemvConfig { ksplit: ks, ..base }
     }
 
     /// The split for `m` rows of activations: one row of `w` per warp for `m = 1`
@@ -160,8 +197,16 @@ pub(crate) fn vec_elems(d: DType) -> usize {
 
 /// Checks a GEMV work split.
 pub(crate) fn gemv_check(cfg: GemvConfig) -> Result<(), CodegenError> {
-    if !(1..=32).contains(&cfg.warps) || !(1..=4).contains(&cfg.rows_per_warp) || !(1..=8).contains(&cfg.unroll) {
-        return Err(CodegenError(format!("gemv: unsupported split {cfg:?} (1..=32 warps, 1..=4 rows, 1..=8 loads)")));
+    if !(1..=32).contains(&cfg.warps)
+        || !(1..=4).contains(&cfg.rows_per_warp)
+        || !(1..=8).contains(&cfg.unroll)
+        || !cfg.ksplit.is_power_of_two()
+        || !cfg.warps.is_multiple_of(cfg.ksplit)
+    {
+        return Err(CodegenError(format!(
+            "gemv: unsupported split {cfg:?} (1..=32 warps, 1..=4 rows, 1..=8 loads, warps per row a power of two \
+             dividing the warps)"
+        )));
     }
     Ok(())
 }
@@ -186,7 +231,7 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) 
     let mut name =
         format!("kiln_{}_{}_{}_{}", if residual { "gemv_res" } else { "gemv" }, x.name(), w.name(), out.name());
     if cfg != GemvConfig::default() {
-        name.push_str(&format!("_w{}r{}u{}", cfg.warps, cfg.rows_per_warp, cfg.unroll));
+        name.push_str(&format!("_{}", cfg.tag()));
     }
     let sig = KernelSig::new(name, params);
     let template = format!("{VECTOR_HELPERS}{GEMV}").replace("KILN_PROLOGUE", "");
@@ -196,6 +241,7 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) 
         ("GV_PROLOGUE", "0".to_string()),
         ("GV_W", "in1".to_string()),
         ("GV_Y", "out".to_string()),
+        ("GV_RES", if residual { "in2" } else { "(const KILN_Y*)0" }.to_string()),
     ]);
     Ok(render(sig, &template, &defines, Grid::BlockPerItem { threads: 32 * cfg.warps as u32 }))
 }
@@ -211,8 +257,19 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_WARPS", cfg.warps.to_string()),
         ("GV_R", cfg.rows_per_warp.to_string()),
         ("GV_U", cfg.unroll.to_string()),
+        ("GV_KS", cfg.ksplit.to_string()),
         ("GV_XS", GEMV_STAGED_FLOATS.to_string()),
     ]
+}
+
+/// The GEMV split for `m` rows of x times the weight `w` (`[n, k]`): see
+/// [`GemvConfig::for_shape`] (its shape must be fixed; otherwise [`GemvConfig::for_rows`]).
+pub fn gemv_split(m: usize, w: &kiln_ops::TensorType) -> GemvConfig {
+    let d = w.shape.dims();
+    match (d.len(), d.first().and_then(|x| x.as_fixed()), d.get(1).and_then(|x| x.as_fixed())) {
+        (2, Some(n), Some(k)) => GemvConfig::for_shape(m, n, k, vec_elems(w.dtype)),
+        _ => GemvConfig::for_rows(m),
+    }
 }
 
 /// Floats of x one GEMV block stages in shared memory (`GV_XS` in `gemv.cu`).

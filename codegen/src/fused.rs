@@ -240,6 +240,7 @@ pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         ("GV_PROLOGUE", "1".to_string()),
         ("GV_W", Role::In(weight as u8).c_name()),
         ("GV_Y", Role::Out((body.outputs.len() - 1) as u8).c_name()),
+        ("GV_RES", "(const KILN_Y*)0".to_string()),
     ]);
     let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV).replace("KILN_PROLOGUE", &text);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
@@ -292,7 +293,7 @@ fn compute(d: DType, what: &str) -> Result<&'static str, CodegenError> {
 }
 
 /// 64-bit FNV-1a: stable across builds and platforms.
-fn fnv1a64(s: &str) -> u64 {
+pub(crate) fn fnv1a64(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3))
 }
 

@@ -79,7 +79,7 @@ impl Kernel {
 #[error("CUDA codegen: {0}")]
 pub struct CodegenError(pub String);
 
-fn err<T>(msg: impl Into<String>) -> Result<T, CodegenError> {
+pub(crate) fn err<T>(msg: impl Into<String>) -> Result<T, CodegenError> {
     Err(CodegenError(msg.into()))
 }
 

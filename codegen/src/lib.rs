@@ -18,6 +18,9 @@
 //!   form (one thread per output element, index mapping through the body's movement
 //!   ops) and a row-reduction form (one block per row, block reductions in dependency
 //!   order). Sizes come from the device symbol table, never from launch arguments.
+//! * [`horizontal`]: one launch for several independent grid-stride kernels (a decode
+//!   layer's RoPE of q and its k / v cache appends), each part a device function
+//!   taking its share of the blocks.
 //! * [`decode`]: bandwidth-bound decode kernels (GEMV, split-K decode attention,
 //!   sampling).
 //! * [`prefill`]: compute-bound prefill attention, a tiled tensor-core
@@ -33,6 +36,7 @@
 
 pub mod decode;
 pub mod fused;
+pub mod horizontal;
 pub mod kernels;
 pub mod nvrtc;
 pub mod params;

@@ -86,6 +86,9 @@ pub enum Role {
     TopP,
     Seed,
     Step,
+    /// Parameter `.1` of part `.0` of a horizontally fused kernel
+    /// ([`crate::horizontal`]), C name `p{part}_{param}`.
+    Part(u8, u8),
 }
 
 impl Role {
@@ -94,6 +97,7 @@ impl Role {
         let s = match self {
             Role::Out(0) => "out",
             Role::Out(i) => return format!("out{i}"),
+            Role::Part(p, i) => return format!("p{p}_{i}"),
             Role::In(0) => "in0",
             Role::In(i) => return format!("in{i}"),
             Role::N => "n",

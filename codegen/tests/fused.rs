@@ -5,8 +5,8 @@
 //! host with a small CUDA shim (threads, barriers, warp shuffles emulated) and run on
 //! random data against the CPU reference `Op::eval` of the same fused op.
 
-use kiln_codegen::kernels::NodeLowering;
 use kiln_codegen::fused::{row_threads, ROW_THREADS};
+use kiln_codegen::kernels::NodeLowering;
 use kiln_codegen::symbols::graph_symbols;
 use kiln_codegen::{fused_items, fused_kernel, lower_node, Grid, Kernel, ParamTy, Role};
 use kiln_graph::ops::{
@@ -239,6 +239,48 @@ fn rmsnorm_is_one_row_kernel_with_two_outputs() {
     assert_eq!(wide.grid, Grid::BlockPerItem { threads: 1024 });
     assert_eq!((row_threads(2048), row_threads(100), row_threads(1)), (1024, 128, 64));
     insta::assert_snapshot!("rmsnorm_residual_bf16", part);
+}
+
+/// Two independent elementwise kernels as one horizontal kernel: each part a device
+/// function over its own block range, parameters renamed per part with one shared
+/// symbol table, one entry wait; kernels that are not grid-stride are refused by name.
+#[test]
+fn horizontal_fusion_runs_parts_on_their_own_blocks() {
+    use kiln_codegen::horizontal::{horizontal, horizontal_items, horizontal_roles};
+    let (_, _, _, a) = kernel_of(&rope());
+    let (_, _, _, b) = kernel_of(&silu_up(DType::BF16));
+    let h = horizontal(&[&a, &b]).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(h.grid, Grid::BlockPerItem { threads: 256 });
+    let roles = horizontal_roles(&[&a, &b]);
+    assert_eq!(roles[0].len(), a.sig.params.len());
+    assert!(roles.iter().flatten().filter(|r| **r == Role::Syms).count() == 2);
+    let merged: Vec<Role> = h.sig.params.iter().map(|p| p.role).collect();
+    assert_eq!(merged.iter().filter(|r| **r == Role::Syms).count(), 1, "one shared symbol table");
+    assert_eq!(merged.len(), a.sig.params.len() + b.sig.params.len() - 1);
+    assert!(merged.contains(&Role::Part(1, 0)) && merged.contains(&Role::Part(0, 0)));
+    let part = kernel_part(&h);
+    assert_eq!(part.matches("__device__ __forceinline__ void kiln_part").count(), 2);
+    assert_eq!(part.matches("kiln_grid_entry();").count(), 1);
+    assert!(h.waits_for_previous());
+    // Block indices only in the dispatching kernel; parts use the ones they are given.
+    assert_eq!(part.matches("blockIdx.x").count(), 1, "{part}");
+    assert!(part.contains("kiln_part0(b, nb, ") && part.contains("kiln_part1(b, nb, "));
+    // 1000 and 256 items: 4 + 1 blocks; an empty part still gets its block.
+    assert_eq!(horizontal_items(&[1000, 256], 256), 5);
+    assert_eq!(horizontal_items(&[0, 1], 256), 2);
+    // Deterministic: the same parts give the same kernel.
+    assert_eq!(horizontal(&[&a, &b]).unwrap(), h);
+    // A row kernel is no grid-stride kernel.
+    let (_, _, _, rows) = kernel_of(&rmsnorm(64));
+    let e = horizontal(&[&a, &rows]).unwrap_err().0;
+    assert!(e.contains(&rows.sig.name) && e.contains("grid-stride"), "{e}");
+    assert!(horizontal(&[&a]).unwrap_err().0.contains("1 parts"));
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&h]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
 }
 
 #[test]

@@ -88,13 +88,16 @@ fn gemv_tol(yd: DType) -> f64 {
 
 /// Work splits the tests cover: the default and those `GemvConfig::for_shape` picks,
 /// plus a few more for the bandwidth table.
-const GEMV_CONFIGS: [decode::GemvConfig; 6] = [
-    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 8 },
-    decode::GemvConfig { warps: 4, rows_per_warp: 1, unroll: 8 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 8 },
-    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 4 },
+const GEMV_CONFIGS: [decode::GemvConfig; 9] = [
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 1 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 1 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 8, ksplit: 1 },
+    decode::GemvConfig { warps: 4, rows_per_warp: 1, unroll: 8, ksplit: 1 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 8, ksplit: 1 },
+    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 4, ksplit: 1 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 2 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 4 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 8 },
 ];
 
 const GEMV_SHAPES: [(usize, usize); 5] = [(2048, 2048), (8192, 2048), (2048, 8192), (129, 100), (576, 1536)];
@@ -135,6 +138,15 @@ fn gemv_mixed_dtypes_and_fused_residual() {
             let e = gemv_case(&g, &kern, decode::GemvConfig::default(), (dt, dt, dt), true, m, n, kk, 9);
             assert!(e < gemv_tol(dt), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
         }
+    }
+    // Mixed dtypes with split-K (the engine's batch-1 split for a short n).
+    let dts = (DType::F32, DType::BF16, DType::F32);
+    let cfg = decode::GemvConfig { ksplit: 4, ..decode::GemvConfig::for_rows(1) };
+    let k = decode::gemv_with(dts.0, dts.1, dts.2, cfg).unwrap();
+    let kern = (k.clone(), g.load(&k));
+    for (m, n, kk) in [(1, 2048, 2048), (1, 129, 1000), (3, 37, 4104)] {
+        let e = gemv_case(&g, &kern, cfg, dts, false, m, n, kk, 11);
+        assert!(e < gemv_tol(dts.2), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
     }
 }
 
@@ -203,11 +215,11 @@ fn gemv_bandwidth() {
             g.sync();
             let us = start.elapsed_ms(&end).expect("elapsed") as f64 * 1e3 / launches as f64;
             let gbs = wbytes as f64 / (us * 1e-6) / 1e9;
-            line.push_str(&format!("\tw{}r{}u{}={us:.1}us/{gbs:.0}", c.warps, c.rows_per_warp, c.unroll));
+            line.push_str(&format!("\t{}={us:.1}us/{gbs:.0}", c.tag()));
             assert!(us > 0.0);
         }
-        let pick = decode::GemvConfig::for_rows(m);
-        line.push_str(&format!("\tpick=w{}r{}u{}", pick.warps, pick.rows_per_warp, pick.unroll));
+        let pick = decode::GemvConfig::for_shape(m, n, kk, 8);
+        line.push_str(&format!("\tpick={}", pick.tag()));
         println!("{line}");
     }
 }
@@ -891,6 +903,10 @@ fn every_decode_kernel_variant_compiles() {
         for &w in &floats {
             ks.push(decode::gemv(x, w, x).unwrap());
             ks.push(decode::gemv_residual(x, w, x).unwrap());
+            ks.push(
+                decode::gemv_with(x, w, x, decode::GemvConfig { ksplit: 4, ..decode::GemvConfig::for_rows(1) })
+                    .unwrap(),
+            );
         }
         let keys = &Dim::sym("past") + &Dim::sym("seq");
         let p = decode::attention_decode(x, 4, &keys, &[Sym::new("past"), Sym::new("seq")]).unwrap();

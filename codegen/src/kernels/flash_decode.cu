@@ -8,7 +8,9 @@
 // caches (in1, in2) whose batch entries are k_batch_stride / v_batch_stride elements
 // apart; inside an entry, position j of kv head g is the row (j·kv_heads + g)·d (·dv).
 //
-// One kernel. Block x ↦ (batch, kv head, query tile, split), split fastest. A query
+// One kernel. Block x ↦ (split, batch, kv head, query tile), split slowest: the blocks
+// of the first splits (the only ones with keys in a short context) come first, so they
+// start in the first wave even when the others do not fit beside them. A query
 // tile is AD_QT consecutive (row, head) pairs of one kv head (the s·(h/kh) pairs of the
 // GQA group times the query rows); AD_QT divides the group (decode.rs checks it), so
 // every tile is full and the per-query loops carry no guards. The keys any query row of
@@ -96,13 +98,13 @@ KILN_SIGNATURE {
     const int group = (int)(heads / kv_heads);
     const int ntiles = sq * group / AD_QT;
     int x = (int)blockIdx.x;
-    const int split = x % nsplit;
-    x /= nsplit;
     const int tile = x % ntiles;
     x /= ntiles;
     const int kvh = x % khs;
-    const int bi = x / khs;
-    if (bi >= batch) return;
+    x /= khs;
+    const int bi = x % (int)batch;
+    const int split = x / (int)batch;
+    if (split >= nsplit) return;
     const int d = (int)head_dim, dv = (int)value_dim;
     // The tile's query row (a tile lies within one row: AD_QT divides the group) and the
     // first of its heads within the group.

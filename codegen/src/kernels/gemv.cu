@@ -4,14 +4,18 @@
 // dtype) and y = round(round(x·wᵀ) + r), like the CPU reference (matmul rounded to the
 // output dtype, then the add rounded again).
 //
-// Work: a block of GV_WARPS warps owns GV_WARPS·GV_R consecutive rows of w; warp `warp`
-// streams rows row0 .. row0 + GV_R. x is staged in shared memory as f32, kc columns at a
-// time (kc·m <= GV_XS, kc a multiple of 256), shared by the block's warps.
+// Work: a block of GV_WARPS warps owns (GV_WARPS / GV_KS)·GV_R consecutive rows of w;
+// the GV_KS warps of a row group (warp = group·GV_KS + ks) stream rows row0 .. row0 +
+// GV_R, each a share of the columns (split-K: a short n still puts enough warps, and
+// loads, in flight), and their partial sums are added in ks order through shared memory.
+// x is staged in shared memory as f32, kc columns at a time (kc·m <= GV_XS, kc a
+// multiple of 256), shared by the block's warps.
 //
-// Vector path (k % KILN_VEC == 0 and w 16-byte aligned, so every row of w is): lane L
-// reads the 16-byte vectors L, L+32, ... of each of its rows, GV_R·GV_U loads in flight
-// per lane, through the read-only path without L1 allocation (weights are read once);
-// a chunk's first loads are issued before x is staged.
+// Vector path (k % KILN_VEC == 0 and w 16-byte aligned, so every row of w is): the
+// row's 16-byte vectors go in slots of 32; slot s belongs to the warp with ks = s % GV_KS
+// and lane L reads vector L of it; GV_R·GV_U loads in flight per lane (slots ks, ks +
+// GV_KS, ... , GV_U of them per step), through the read-only path without L1 allocation
+// (weights are read once); a chunk's first loads are issued before x is staged.
 // Staged x element e of row r sits at float4 slot (r·GV_P + (e % KILN_VEC) / 4)·nv +
 // e / KILN_VEC (GV_P planes of 4 floats, nv vectors per chunk), so the warp's 16-byte
 // shared loads (and the staging stores) for one plane cover 32 consecutive slots: no
@@ -33,6 +37,7 @@
 // per block, `GEMV_STAGED_FLOATS`).
 #define GV_MAX_M 8
 #define GV_P (KILN_VEC / 4)
+#define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 
 // Puts element j of activation row r (f32) where the staging keeps it (see above).
 __device__ __forceinline__ void gv_stage(float* xs, int r, i64 j, float v, bool vec, int nv, int len) {
@@ -50,15 +55,15 @@ __device__ __forceinline__ float gv_round(float v) {
     return kiln_ld((const KILN_Y*)t, 0);
 }
 
-// Loads the GV_R·GV_U weight vectors of one step (vectors c0 + u·32 + lane of this
-// warp's rows, zeros past the end) of the chunk at column k0.
+// Loads the GV_R·GV_U weight vectors of one step (vectors c0 + u·32·GV_KS + lane of
+// this warp's rows, zeros past the end) of the chunk at column k0.
 __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W* __restrict__ w, i64 row0, i64 n,
                                         i64 k, i64 k0, int c0, int nv, int lane) {
 #pragma unroll
     for (int rr = 0; rr < GV_R; ++rr) {
 #pragma unroll
         for (int u = 0; u < GV_U; ++u) {
-            const int c = c0 + u * 32 + lane;
+            const int c = c0 + u * 32 * GV_KS + lane;
             const i64 row = row0 + rr;
             if (row < n && c < nv) {
                 wv[rr][u] = kiln_ld16(w + row * k + k0 + (i64)c * KILN_VEC);
@@ -69,8 +74,20 @@ __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W*
     }
 }
 
+// Stores y[r, row] = v (plus the residual).
+__device__ __forceinline__ void gv_store(KILN_Y* y, const KILN_Y* res, i64 n, int r, i64 row, float v) {
+#if KILN_RESIDUAL
+    kiln_st(y, (i64)r * n + row, gv_round(v) + kiln_ld(res, (i64)r * n + row));
+#else
+    kiln_st(y, (i64)r * n + row, v);
+#endif
+}
+
 KILN_SIGNATURE {
     __shared__ kiln_f4 xs4[GV_XS / 4];
+#if GV_KS > 1
+    __shared__ float gv_part[GV_WARPS][GV_MAX_M * GV_R];  // the warps' row sums
+#endif
     float* xs = (float*)xs4;
     kiln_grid_launch_dependents();
     if (m < 1 || m > GV_MAX_M) {
@@ -78,6 +95,7 @@ KILN_SIGNATURE {
         return;  // uniform: the host checks m
     }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int rw = warp / GV_KS, ks = warp - rw * GV_KS;  // row group, share of the columns
     const bool vec = (k % KILN_VEC) == 0 && (((unsigned long long)GV_W) & 15ull) == 0;
     const int kc = (GV_XS / (int)m) & ~255;
     const int mm = (int)m;
@@ -89,11 +107,11 @@ KILN_SIGNATURE {
     // Tiles of GV_WARPS·GV_R rows of w: one per block for a plain GEMV; a grid-stride
     // loop for the prologue form, whose blocks compute (and stage) x once for all their
     // tiles (the host launches fewer blocks than tiles).
-    const i64 ntiles = (n + GV_WARPS * GV_R - 1) / (GV_WARPS * GV_R);
+    const i64 ntiles = (n + GV_RW * GV_R - 1) / (GV_RW * GV_R);
     const i64 tile_end = GV_PROLOGUE ? ntiles : (i64)blockIdx.x + 1;
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
-    const i64 row0 = (tile * GV_WARPS + warp) * GV_R;
+    const i64 row0 = (tile * GV_RW + rw) * GV_R;
     float acc[GV_MAX_M][GV_R];
 #pragma unroll
     for (int r = 0; r < GV_MAX_M; ++r)
@@ -104,7 +122,7 @@ KILN_SIGNATURE {
     for (i64 k0 = 0; k0 < k; k0 += kc) {
         const int len = (int)(k - k0 < (i64)kc ? k - k0 : (i64)kc);
         // The chunk's first weight loads go out before x is staged, so they overlap.
-        if (vec) gv_load(wv, GV_W, row0, n, k, k0, 0, len / KILN_VEC, lane);
+        if (vec) gv_load(wv, GV_W, row0, n, k, k0, ks * 32, len / KILN_VEC, lane);
         if (!GV_PROLOGUE || tile == (i64)blockIdx.x) {  // uniform: stage this chunk of x
         if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
         __syncthreads();  // every warp is done with the previous chunk
@@ -144,11 +162,11 @@ KILN_PROLOGUE
 
         if (vec) {
             const int nv = len / KILN_VEC;
-            for (int c0 = 0; c0 < nv; c0 += 32 * GV_U) {
-                if (c0 > 0) gv_load(wv, GV_W, row0, n, k, k0, c0, nv, lane);
+            for (int c0 = ks * 32; c0 < nv; c0 += 32 * GV_KS * GV_U) {
+                if (c0 > ks * 32) gv_load(wv, GV_W, row0, n, k, k0, c0, nv, lane);
 #pragma unroll
                 for (int u = 0; u < GV_U; ++u) {
-                    const int c = c0 + u * 32 + lane;
+                    const int c = c0 + u * 32 * GV_KS + lane;
                     if (c < nv) {
                         float wf[GV_R][KILN_VEC];
 #pragma unroll
@@ -176,7 +194,7 @@ KILN_PROLOGUE
                 }
             }
         } else {
-            for (int e = lane; e < len; e += 32) {
+            for (int e = ks * 32 + lane; e < len; e += 32 * GV_KS) {
                 float wf[GV_R];
 #pragma unroll
                 for (int rr = 0; rr < GV_R; ++rr) {
@@ -204,15 +222,28 @@ KILN_PROLOGUE
 #pragma unroll
                 for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
                 const i64 row = row0 + rr;
-                if (lane == 0 && row < n) {
-#if KILN_RESIDUAL
-                    kiln_st(GV_Y, (i64)r * n + row, gv_round(v) + kiln_ld(in2, (i64)r * n + row));
+#if GV_KS > 1
+                if (lane == 0) gv_part[warp][r * GV_R + rr] = v;
 #else
-                    kiln_st(GV_Y, (i64)r * n + row, v);
+                if (lane == 0 && row < n) gv_store(GV_Y, GV_RES, n, r, row, v);
 #endif
-                }
             }
         }
     }
+#if GV_KS > 1
+    // The first warp of each row group adds its group's partial sums, in ks order.
+    __syncthreads();
+    if (ks == 0) {
+        for (int i = lane; i < mm * GV_R; i += 32) {
+            const int r = i / GV_R, rr = i - r * GV_R;
+            const i64 row = row0 + rr;
+            float v = gv_part[warp][i];
+#pragma unroll
+            for (int s = 1; s < GV_KS; ++s) v += gv_part[warp + s][i];
+            if (row < n) gv_store(GV_Y, GV_RES, n, r, row, v);
+        }
+    }
+    __syncthreads();  // gv_part is free for the next tile
+#endif
     }  // tiles
 }

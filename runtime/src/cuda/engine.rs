@@ -59,6 +59,11 @@ pub struct EngineOptions {
     /// [`CudaEngine::kernel_binaries`]): a kernel found here is neither compiled nor read
     /// from the disk cache.
     pub prebuilt: Option<Arc<HashMap<String, Vec<u8>>>>,
+    /// Launch runs of independent fused elementwise kernels and cache appends (a
+    /// layer's RoPE of q and its k / v appends) as one kernel each
+    /// ([`kiln_codegen::horizontal`]); on by default, off with `KILN_HFUSE=0` in the
+    /// environment.
+    pub horizontal: bool,
 }
 
 impl Default for EngineOptions {
@@ -71,6 +76,7 @@ impl Default for EngineOptions {
             pdl: true,
             cache_dir: None,
             prebuilt: None,
+            horizontal: true,
         }
     }
 }
@@ -144,6 +150,27 @@ enum Run {
 struct Step {
     node: NodeId,
     run: Run,
+    /// Part `.1` of horizontal group `.0` (see [`HGroup`]), if the step is in one.
+    group: Option<(usize, usize)>,
+}
+
+/// Consecutive steps (fused elementwise kernels and fused cache appends, none reading
+/// another's output) launched as one kernel: `kernel` runs the steps' own kernels as
+/// its parts ([`kiln_codegen::horizontal`]). At run time the parts are launched one by
+/// one instead if any part would write memory another part touches.
+struct HGroup {
+    kernel: usize,
+    parts: usize,
+}
+
+/// A grouped step's launch, held until the group's last step.
+struct PendingPart {
+    kernel: usize,
+    args: Args,
+    items: usize,
+    /// Device byte ranges it reads and writes.
+    reads: Vec<(u64, usize)>,
+    writes: Vec<(u64, usize)>,
 }
 
 struct Cache {
@@ -203,6 +230,8 @@ pub struct CudaEngine {
     /// then i64) and its per-row completion counters (zero between launches).
     greedy_ws: CudaSlice<u8>,
     greedy_counters: CudaSlice<u32>,
+    /// Horizontal groups of steps (see [`HGroup`]).
+    hgroups: Vec<HGroup>,
     /// Per batch size: the captured decode step.
     graphs: HashMap<usize, CudaGraph>,
     /// Why the decode step cannot be captured, if it cannot.
@@ -454,7 +483,8 @@ impl CudaEngine {
                         let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
                         let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
                         let yt = node.outputs.last().expect("y").dtype;
-                        let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
+                        let wty = body.inputs.last().expect("weight");
+                        let (one, more) = (decode::gemv_split(1, wty), decode::gemv_split(2, wty));
                         let pcfg = decode::GemvConfig::for_prologue();
                         let f1 = kiln_codegen::gemv_prologue(body, &syms, pcfg).map_err(|e| unsupported(e.0))?;
                         let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
@@ -476,7 +506,7 @@ impl CudaEngine {
                         // Two GEMV splits: one row of activations, and 2..=GEMV_MAX_M.
                         let mut gemv = None;
                         if !transpose_a && *transpose_b && w.rank() == 2 {
-                            let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
+                            let (one, more) = (decode::gemv_split(1, w), decode::gemv_split(2, w));
                             let y = node.outputs[0].dtype;
                             if let (Ok(k1), Ok(k2)) = (
                                 decode::gemv_with(a.dtype, w.dtype, y, one),
@@ -522,11 +552,79 @@ impl CudaEngine {
             for i in 0..node.outputs.len() {
                 locs.entry(Value::new(n, i as u8)).or_insert(Loc::Arena);
             }
-            steps.push(Step { node: n, run });
+            steps.push(Step { node: n, run, group: None });
         }
         let greedy = add_kernel(decode::greedy().map_err(|e| contract(e.0))?);
+
         let step_end =
             add_kernel(kiln_codegen::resident::step_end(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?);
+
+        // Horizontal fusion: runs of consecutive independent fused elementwise kernels
+        // and fused appends (views between them are skipped) become one launch.
+        let hfuse = opts.horizontal && std::env::var("KILN_HFUSE").map_or(true, |v| v != "0");
+        let mut hgroups: Vec<HGroup> = Vec::new();
+        let member = |s: &Step| -> Option<usize> {
+            match &s.run {
+                Run::Kernel(k)
+                    if matches!(&graph.node(s.node).op,
+                        Op::Fused(b) if matches!(b.kind(), Ok(kiln_ops::FusedKind::Elementwise { .. }))) =>
+                {
+                    Some(*k)
+                }
+                Run::FusedAppend { kernel, .. } => Some(*kernel),
+                _ => None,
+            }
+        };
+        let mut i = 0;
+        while hfuse && i < steps.len() {
+            let mut run: Vec<usize> = Vec::new();
+            let mut touched: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
+            let mut j = i;
+            while j < steps.len() && run.len() < kiln_codegen::horizontal::MAX_PARTS {
+                let s = &steps[j];
+                let reads_run = graph.operands(s.node).iter().any(|v| touched.contains(&v.node));
+                if member(s).is_some() {
+                    if reads_run {
+                        break;
+                    }
+                    run.push(j);
+                    touched.insert(s.node);
+                } else if matches!(s.run, Run::Nothing) {
+                    if reads_run {
+                        touched.insert(s.node);
+                    }
+                } else {
+                    break;
+                }
+                j += 1;
+            }
+            if run.len() >= 2 {
+                let merged = {
+                    let parts: Vec<&Kernel> =
+                        run.iter().map(|&j| &kernel_list[member(&steps[j]).expect("a member")]).collect();
+                    kiln_codegen::horizontal::horizontal(&parts)
+                };
+                match merged {
+                    Ok(k) => {
+                        let g = hgroups.len();
+                        // The layers' groups are alike: one kernel serves them all.
+                        let kernel = match kernel_list.iter().position(|x| x.sig.name == k.sig.name) {
+                            Some(at) => at,
+                            None => {
+                                kernel_list.push(k);
+                                kernel_list.len() - 1
+                            }
+                        };
+                        hgroups.push(HGroup { kernel, parts: run.len() });
+                        for (p, &j) in run.iter().enumerate() {
+                            steps[j].group = Some((g, p));
+                        }
+                    }
+                    Err(e) => tracing::debug!(reason = %e.0, "steps launched separately"),
+                }
+            }
+            i = if j > i && !run.is_empty() { j } else { i + 1 };
+        }
 
         // Which steps keep host-side arguments that change with `past` (not capturable).
         let mut not_capturable = None;
@@ -651,6 +749,7 @@ impl CudaEngine {
             attn_counters,
             greedy_ws,
             greedy_counters,
+            hgroups,
             graphs: HashMap::new(),
             not_capturable,
             launches_per_step: 0,
@@ -814,6 +913,7 @@ impl CudaEngine {
         let st = &self.stream;
         let syms = dev(&self.syms_dev, st);
         let mut launches = 0;
+        let mut pending: Vec<PendingPart> = Vec::new();
         for step in &self.steps {
             let node = self.graph.node(step.node);
             let err = |reason: String| CudaError::Unsupported {
@@ -847,6 +947,48 @@ impl CudaEngine {
                 .enumerate()
                 .map(|(i, s)| Ok((self.ptr(Value::new(step.node, i as u8), plan, slot, decode)?, s.as_slice())))
                 .collect::<Result<_, CudaError>>()?;
+            if let Some((g, p)) = step.group {
+                // A part of a horizontal group: its launch waits for the group's last part.
+                let (kernel, args, items) = match &step.run {
+                    Run::Kernel(k) => {
+                        let Op::Fused(body) = &node.op else { unreachable!("grouped steps are fused") };
+                        let items = kiln_codegen::fused_items(body, b).map_err(|e| err(e.0))?;
+                        let mut a = Args::default();
+                        for (i, (p, _)) in outs.iter().enumerate() {
+                            a.set(Role::Out(i as u8), ArgValue::Ptr(*p));
+                        }
+                        for (i, (p, _)) in ins.iter().enumerate() {
+                            a.set(Role::In(i as u8), ArgValue::Ptr(*p));
+                        }
+                        a.set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::N, items);
+                        (*k, a, items)
+                    }
+                    Run::FusedAppend { kernel, cache } => {
+                        let (a, n) = self.fused_append_args(node, *cache, &ins, &outs, b, syms).map_err(fill)?;
+                        (*kernel, a, n)
+                    }
+                    _ => unreachable!("only fused kernels and appends are grouped"),
+                };
+                let span = |v: Value, p: u64| {
+                    let t = self.graph.value_type(v);
+                    (p, t.shape.eval(b).map_or(0, |s| t.dtype.bytes_for(s.iter().product())))
+                };
+                let mut writes: Vec<(u64, usize)> =
+                    outs.iter().enumerate().map(|(i, o)| span(Value::new(step.node, i as u8), o.0)).collect();
+                if let Run::FusedAppend { cache, .. } = &step.run {
+                    // The append writes rows anywhere in its cache.
+                    let c = &self.caches[*cache].buf;
+                    writes = vec![(dev(c, &self.stream), c.len())];
+                }
+                let reads = operands.iter().zip(&ins).map(|(v, i)| span(*v, i.0)).collect();
+                pending.push(PendingPart { kernel, args, items, reads, writes });
+                if p + 1 == self.hgroups[g].parts {
+                    launches += self.launch_group(g, &pending).map_err(fill)?;
+                    pending.clear();
+                }
+                mark(step, &self.label(step))?;
+                continue;
+            }
             match &step.run {
                 Run::Nothing => {}
                 Run::Kernel(k) => {
@@ -878,16 +1020,7 @@ impl CudaEngine {
                     launch(self.lane(), &self.kernels[*kernel], n, &a)?;
                 }
                 Run::FusedAppend { kernel, cache } => {
-                    let Op::Fused(body) = &node.op else { unreachable!("fused append step") };
-                    let n = kiln_codegen::fused_append_items(body, b).map_err(|e| err(e.0))?;
-                    let mut a = Args::default();
-                    a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
-                        .set(Role::Syms, ArgValue::Ptr(syms))
-                        .i64(Role::N, n)
-                        .i64(Role::CacheBatchStride, self.opts.max_context * self.caches[*cache].row);
-                    for (i, (p, _)) in ins.iter().enumerate() {
-                        a.set(Role::In(i as u8), ArgValue::Ptr(*p));
-                    }
+                    let (a, n) = self.fused_append_args(node, *cache, &ins, &outs, b, syms).map_err(fill)?;
                     launch(self.lane(), &self.kernels[*kernel], n, &a)?;
                 }
                 Run::MatMul { gemv } => {
@@ -987,6 +1120,70 @@ impl CudaEngine {
         launch(self.lane(), &self.kernels[split_k], decode::attention_decode_items(bsz, s, h, kh, splits), &a)
     }
 
+    /// The arguments and item count of a fused append's launch.
+    fn fused_append_args(
+        &self,
+        node: &kiln_graph::Node,
+        cache: usize,
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+        b: &Bindings,
+        syms: u64,
+    ) -> Result<(Args, usize), CudaError> {
+        let Op::Fused(body) = &node.op else { unreachable!("fused append step") };
+        let n = kiln_codegen::fused_append_items(body, b).map_err(|e| CudaError::Unsupported {
+            node: 0,
+            op: String::new(),
+            scope: String::new(),
+            reason: e.0,
+        })?;
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+            .set(Role::Syms, ArgValue::Ptr(syms))
+            .i64(Role::N, n)
+            .i64(Role::CacheBatchStride, self.opts.max_context * self.caches[cache].row);
+        for (i, (p, _)) in ins.iter().enumerate() {
+            a.set(Role::In(i as u8), ArgValue::Ptr(*p));
+        }
+        Ok((a, n))
+    }
+
+    /// Launches horizontal group `g` whose parts are `parts`: as its fused kernel, or
+    /// part by part if a part writes memory another part reads or writes. Returns the
+    /// number of launches.
+    fn launch_group(&self, g: usize, parts: &[PendingPart]) -> Result<usize, CudaError> {
+        let overlap =
+            |&(a, n): &(u64, usize), &(c, m): &(u64, usize)| n > 0 && m > 0 && a < c + m as u64 && c < a + n as u64;
+        let conflict = parts.iter().enumerate().any(|(i, x)| {
+            x.writes.iter().any(|w| {
+                parts.iter().enumerate().any(|(j, y)| j != i && y.reads.iter().chain(&y.writes).any(|r| overlap(w, r)))
+            })
+        });
+        if conflict {
+            for x in parts {
+                launch(self.lane(), &self.kernels[x.kernel], x.items, &x.args)?;
+            }
+            return Ok(parts.len());
+        }
+        let merged = &self.kernels[self.hgroups[g].kernel];
+        let kernels: Vec<&Kernel> = parts.iter().map(|x| &self.kernels[x.kernel].0).collect();
+        let roles = kiln_codegen::horizontal::horizontal_roles(&kernels);
+        let mut a = Args::default();
+        for ((x, k), roles) in parts.iter().zip(&kernels).zip(&roles) {
+            for (prm, &role) in k.sig.params.iter().zip(roles) {
+                if let Some(v) = x.args.get(prm.role) {
+                    a.set(role, v);
+                }
+            }
+        }
+        let kiln_codegen::Grid::BlockPerItem { threads } = merged.0.grid else {
+            unreachable!("a horizontal kernel has a block per item")
+        };
+        let items: Vec<usize> = parts.iter().map(|x| x.items).collect();
+        launch(self.lane(), merged, kiln_codegen::horizontal::horizontal_items(&items, threads), &a)?;
+        Ok(1)
+    }
+
     fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
         decode::attention_decode_splits(bsz, s, h, kh, self.opts.max_context, self.info.multiprocessors.max(1) as usize)
     }
@@ -1036,7 +1233,10 @@ impl CudaEngine {
         let logits = self.ptr(self.logits, plan, 0, false)?;
         let splits = decode::greedy_splits(self.vocab);
         if rows > self.greedy_counters.len() {
-            return Err(contract(format!("greedy sampling of {rows} rows: workspace for {}", self.greedy_counters.len())));
+            return Err(contract(format!(
+                "greedy sampling of {rows} rows: workspace for {}",
+                self.greedy_counters.len()
+            )));
         }
         let ws = dev(&self.greedy_ws, &self.stream);
         let mut a = Args::default();

@@ -113,7 +113,7 @@ impl Args {
     pub(super) fn i64(&mut self, r: Role, v: usize) -> &mut Self {
         self.set(r, ArgValue::I64(v as i64))
     }
-    fn get(&self, r: Role) -> Option<ArgValue> {
+    pub(super) fn get(&self, r: Role) -> Option<ArgValue> {
         self.0.iter().rev().find(|(role, _)| *role == r).map(|(_, v)| *v)
     }
 }
@@ -522,7 +522,9 @@ pub(crate) fn allow_dynamic_smem(k: &Kernel, f: &CudaFunction) -> Result<(), Cud
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             k.dynamic_smem as i32,
         )
-        .map_err(|e| CudaError::Driver(format!("{}: {} bytes of dynamic shared memory: {e:?}", k.sig.name, k.dynamic_smem)))?;
+        .map_err(|e| {
+            CudaError::Driver(format!("{}: {} bytes of dynamic shared memory: {e:?}", k.sig.name, k.dynamic_smem))
+        })?;
     }
     Ok(())
 }
