@@ -188,7 +188,7 @@ fn horizontal_groups_compute_what_separate_launches_do() {
             let opts =
                 EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, horizontal, ..Default::default() };
             let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
-            e.prefill(&[p1.clone()]).unwrap();
+            e.prefill(std::slice::from_ref(&p1)).unwrap();
             let mut logits = vec![e.logits().unwrap()];
             for _ in 0..6 {
                 e.decode_step().unwrap();
