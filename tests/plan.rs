@@ -116,6 +116,13 @@ fn the_launch_list_names_kernels_and_bindings() {
     let appends: Vec<_> = l.iter().filter(|x| x.outputs.iter().any(|b| b.starts_with("cache \"present."))).collect();
     assert_eq!(appends.len(), 4, "2 layers × (k, v)");
     assert!(l.iter().any(|x| x.op == "attention" && x.inputs.iter().any(|b| b.starts_with("cache \"present."))));
+    // Each layer's RoPE of q and its k / v appends run as one horizontal kernel (the
+    // engine's grouping rule, `horizontal_runs`).
+    let parts: Vec<&str> =
+        l.iter().filter(|x| x.kernel.starts_with("kiln_hfused_")).map(|x| x.kernel.as_str()).collect();
+    assert_eq!(parts.len(), 2 * 3, "{parts:#?}");
+    assert_eq!(parts.iter().filter(|k| k.contains("(part 0 of 3, one launch: ")).count(), 2, "{parts:#?}");
+    assert!(parts.iter().all(|k| k.contains("kiln_fused")), "{parts:#?}");
     // Symbolic sizes stay symbolic (resolved at run time).
     assert!(l.iter().any(|x| x.outputs.iter().any(|b| b.contains("seq"))));
 }

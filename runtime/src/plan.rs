@@ -470,6 +470,57 @@ fn engine_options(o: &PlanOptions, device: usize, prebuilt: Option<Arc<HashMap<S
 /// Every launch of one forward pass of `graph` (the model contract of the engine) in
 /// order, then greedy sampling and the step end, as the engine runs them. Derived from
 /// the graph and the kernel generators alone (no GPU needed).
+/// What a step (a node in launch order) is to horizontal fusion
+/// ([`kiln_codegen::horizontal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum HStep {
+    /// A fused elementwise kernel or a fused cache append: may join a group.
+    Part,
+    /// Launches nothing (a view, a source): skipped, but reading a group member makes
+    /// it one for the dependence check.
+    View,
+    /// Anything else ends a group.
+    Barrier,
+}
+
+/// The horizontal groups of a step sequence: runs of 2 to
+/// [`kiln_codegen::horizontal::MAX_PARTS`] consecutive parts none of which reads
+/// another's output (directly or through views between them); returns each run's step
+/// positions. The engine launches each run as one kernel; the plan's launch list says
+/// so. The one rule for both.
+pub(crate) fn horizontal_runs(graph: &Graph, steps: &[(NodeId, HStep)]) -> Vec<Vec<usize>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < steps.len() {
+        let mut run: Vec<usize> = Vec::new();
+        let mut touched: HashSet<NodeId> = HashSet::new();
+        let mut j = i;
+        while j < steps.len() && run.len() < kiln_codegen::horizontal::MAX_PARTS {
+            let (n, kind) = steps[j];
+            let reads_run = graph.operands(n).iter().any(|v| touched.contains(&v.node));
+            match kind {
+                HStep::Part if reads_run => break,
+                HStep::Part => {
+                    run.push(j);
+                    touched.insert(n);
+                }
+                HStep::View => {
+                    if reads_run {
+                        touched.insert(n);
+                    }
+                }
+                HStep::Barrier => break,
+            }
+            j += 1;
+        }
+        i = if j > i && !run.is_empty() { j } else { i + 1 };
+        if run.len() >= 2 {
+            runs.push(run);
+        }
+    }
+    runs
+}
+
 pub fn launch_list(graph: &Graph) -> Vec<Launch> {
     let mut live: HashSet<NodeId> = HashSet::new();
     let mut stack: Vec<NodeId> = graph.outputs().values().map(|v| v.node).collect();
@@ -512,12 +563,34 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         Err(e) => format!("unsupported: {}", e.0),
     };
     let mut out = Vec::new();
+    // Horizontal fusion candidates: (node, kind, its kernel, its launch's index).
+    let mut hsteps: Vec<(NodeId, HStep)> = Vec::new();
+    let mut hparts: Vec<Option<(kiln_codegen::Kernel, usize)>> = Vec::new();
     for n in graph.topo_order() {
         if !live.contains(&n) {
             continue;
         }
         let node = graph.node(n);
         let ops = graph.operands(n);
+        let part = match &node.op {
+            Op::Fused(body) if present.contains_key(&n) => kiln_codegen::fused_append_kernel(body, &syms).ok(),
+            Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::Elementwise { .. })) => {
+                kiln_codegen::fused_kernel(body, &syms).ok()
+            }
+            _ => None,
+        };
+        let view = matches!(node.op, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_));
+        hsteps.push((
+            n,
+            if part.is_some() {
+                HStep::Part
+            } else if view {
+                HStep::View
+            } else {
+                HStep::Barrier
+            },
+        ));
+        hparts.push(part.map(|k| (k, out.len())));
         let kernel = if let (true, Op::Fused(body)) = (present.contains_key(&n), &node.op) {
             name_or(kiln_codegen::fused_append_kernel(body, &syms))
         } else if present.contains_key(&n) {
@@ -576,6 +649,17 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
             inputs: ops.iter().map(|&v| describe(v)).collect(),
             outputs: (0..node.outputs.len()).map(|i| describe(Value::new(n, i as u8))).collect(),
         });
+    }
+    for run in horizontal_runs(graph, &hsteps) {
+        let parts: Vec<&(kiln_codegen::Kernel, usize)> =
+            run.iter().map(|&j| hparts[j].as_ref().expect("parts have kernels")).collect();
+        let kernels: Vec<&kiln_codegen::Kernel> = parts.iter().map(|(k, _)| k).collect();
+        if let Ok(h) = kiln_codegen::horizontal::horizontal(&kernels) {
+            for (p, (_, at)) in parts.iter().enumerate() {
+                let own = std::mem::take(&mut out[*at].kernel);
+                out[*at].kernel = format!("{} (part {p} of {}, one launch: {own})", h.sig.name, parts.len());
+            }
+        }
     }
     if let Some(&logits) = graph.outputs().get("logits") {
         out.push(Launch {

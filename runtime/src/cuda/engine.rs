@@ -575,55 +575,42 @@ impl CudaEngine {
                 _ => None,
             }
         };
-        let mut i = 0;
-        while hfuse && i < steps.len() {
-            let mut run: Vec<usize> = Vec::new();
-            let mut touched: std::collections::HashSet<NodeId> = std::collections::HashSet::new();
-            let mut j = i;
-            while j < steps.len() && run.len() < kiln_codegen::horizontal::MAX_PARTS {
-                let s = &steps[j];
-                let reads_run = graph.operands(s.node).iter().any(|v| touched.contains(&v.node));
-                if member(s).is_some() {
-                    if reads_run {
-                        break;
-                    }
-                    run.push(j);
-                    touched.insert(s.node);
-                } else if matches!(s.run, Run::Nothing) {
-                    if reads_run {
-                        touched.insert(s.node);
-                    }
-                } else {
-                    break;
-                }
-                j += 1;
-            }
-            if run.len() >= 2 {
-                let merged = {
-                    let parts: Vec<&Kernel> =
-                        run.iter().map(|&j| &kernel_list[member(&steps[j]).expect("a member")]).collect();
-                    kiln_codegen::horizontal::horizontal(&parts)
+        let hsteps: Vec<(NodeId, crate::plan::HStep)> = steps
+            .iter()
+            .map(|s| {
+                let kind = match (&s.run, member(s)) {
+                    (_, Some(_)) => crate::plan::HStep::Part,
+                    (Run::Nothing, None) => crate::plan::HStep::View,
+                    _ => crate::plan::HStep::Barrier,
                 };
-                match merged {
-                    Ok(k) => {
-                        let g = hgroups.len();
-                        // The layers' groups are alike: one kernel serves them all.
-                        let kernel = match kernel_list.iter().position(|x| x.sig.name == k.sig.name) {
-                            Some(at) => at,
-                            None => {
-                                kernel_list.push(k);
-                                kernel_list.len() - 1
-                            }
-                        };
-                        hgroups.push(HGroup { kernel, parts: run.len() });
-                        for (p, &j) in run.iter().enumerate() {
-                            steps[j].group = Some((g, p));
+                (s.node, kind)
+            })
+            .collect();
+        let runs = if hfuse { crate::plan::horizontal_runs(&graph, &hsteps) } else { Vec::new() };
+        for run in runs {
+            let merged = {
+                let parts: Vec<&Kernel> =
+                    run.iter().map(|&j| &kernel_list[member(&steps[j]).expect("a member")]).collect();
+                kiln_codegen::horizontal::horizontal(&parts)
+            };
+            match merged {
+                Ok(k) => {
+                    // The layers' groups are alike: one kernel serves them all.
+                    let kernel = match kernel_list.iter().position(|x| x.sig.name == k.sig.name) {
+                        Some(at) => at,
+                        None => {
+                            kernel_list.push(k);
+                            kernel_list.len() - 1
                         }
+                    };
+                    let g = hgroups.len();
+                    hgroups.push(HGroup { kernel, parts: run.len() });
+                    for (p, &j) in run.iter().enumerate() {
+                        steps[j].group = Some((g, p));
                     }
-                    Err(e) => tracing::debug!(reason = %e.0, "steps launched separately"),
                 }
+                Err(e) => tracing::debug!(reason = %e.0, "steps launched separately"),
             }
-            i = if j > i && !run.is_empty() { j } else { i + 1 };
         }
 
         // Which steps keep host-side arguments that change with `past` (not capturable).
