@@ -929,20 +929,21 @@ fn nvidia_driver(gpu: usize) -> Option<String> {
     out.lines().next().map(|l| l.trim().to_string())
 }
 
-/// The kiln commit: `KILN_GIT_COMMIT` at build time, else `git rev-parse` now, else a
-/// `commit` file next to the executable (what tools/gpu/build.sh writes), else "unknown".
+/// The kiln commit: `KILN_GIT_COMMIT` at build time, else a `commit` file next to the
+/// executable (what tools/gpu/build.sh writes: the commit the binary was built from;
+/// the working tree it runs in may have another HEAD), else `git rev-parse` now, else
+/// "unknown".
 pub fn kiln_commit() -> String {
     if let Some(c) = option_env!("KILN_GIT_COMMIT").filter(|c| !c.is_empty()) {
         return c.to_string();
     }
-    if let Some(c) = command_output("git", &["rev-parse", "--short", "HEAD"]) {
-        return c;
-    }
     let file = std::env::current_exe().ok().and_then(|e| e.parent().map(|d| d.join("commit")));
-    file.and_then(|f| std::fs::read_to_string(f).ok())
-        .map(|s| s.trim().to_string())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "unknown".into())
+    if let Some(c) = file.and_then(|f| std::fs::read_to_string(f).ok()).map(|s| s.trim().to_string()) {
+        if !c.is_empty() {
+            return c;
+        }
+    }
+    command_output("git", &["rev-parse", "--short", "HEAD"]).unwrap_or_else(|| "unknown".into())
 }
 
 /// The current UTC time as `YYYY-MM-DDTHH:MM:SSZ`.
