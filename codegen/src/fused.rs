@@ -85,7 +85,15 @@ pub fn fused_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenErr
         };
     let template =
         template.replace("KILN_DIMS", head.trim_end_matches('\n')).replace("KILN_BODY", code.trim_end_matches('\n'));
-    Ok(render_hashed("kiln_fused", params, &template, &[], grid))
+    let mut kernel = render_hashed("kiln_fused", params, &template, &[], grid);
+    if let Grid::BlockPerItem { threads } = grid {
+        // Up to 1,024 threads per block: the compiler must keep the registers within
+        // what such a block may have (64 per thread at 1,024), or the launch fails.
+        let plain = format!("__global__ void {}(", kernel.sig.name);
+        let bounded = format!("__global__ void __launch_bounds__({threads}) {}(", kernel.sig.name);
+        kernel.source = kernel.source.replacen(&plain, &bounded, 1);
+    }
+    Ok(kernel)
 }
 
 /// How a fused body ends in a cache append: its only output is

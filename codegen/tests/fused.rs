@@ -185,7 +185,12 @@ fn assert_contract(body: &FusedBody, k: &Kernel) {
     assert!(name.len() == 16 && name.chars().all(|c| c.is_ascii_hexdigit()), "name {}", k.sig.name);
     let src = &k.source;
     assert_eq!(src.matches("__global__").count(), 1, "one kernel");
-    assert!(src.contains(&format!("extern \"C\" __global__ void {}(", k.sig.name)));
+    // Row kernels (a block per row, up to 1,024 threads) bound their registers to fit.
+    let bounds = match k.grid {
+        Grid::BlockPerItem { threads } => format!("__launch_bounds__({threads}) "),
+        _ => String::new(),
+    };
+    assert!(src.contains(&format!("extern \"C\" __global__ void {bounds}{}(", k.sig.name)), "{bounds}");
     for p in ["KILN_SIGNATURE", "KILN_DIMS", "KILN_BODY"] {
         assert!(!src.contains(p), "placeholder {p} left");
     }
@@ -443,6 +448,7 @@ const SHIM: &str = r#"
 #include <thread>
 #include <vector>
 #define __global__
+#define __launch_bounds__(...)
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
