@@ -19,10 +19,83 @@ use crate::fused::fnv1a64;
 use crate::kernels::{err, Grid, Kernel, KERNEL_MARKER};
 use crate::params::{KernelSig, Role};
 use crate::CodegenError;
+use kiln_graph::{Graph, NodeId};
+use kiln_ops::{FusedKind, Op};
+use std::collections::HashSet;
 use std::fmt::Write as _;
 
 /// Most parts one horizontal kernel takes.
 pub const MAX_PARTS: usize = 8;
+
+/// What a step (a node in launch order) is to horizontal fusion
+/// ([`horizontal`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HStep {
+    /// A fused elementwise kernel or a fused cache append: may join a group.
+    Part,
+    /// Launches nothing (a view, a source): skipped, but reading a group member makes
+    /// it one for the dependence check.
+    View,
+    /// Anything else ends a group.
+    Barrier,
+}
+
+/// The horizontal groups of a step sequence: runs of 2 to [`MAX_PARTS`] consecutive
+/// parts none of which reads another's output (directly or through views between
+/// them); returns each run's step positions. The CUDA engine launches each run as one
+/// kernel; the plan's launch list and the viewer say so. The one rule for all three.
+pub fn horizontal_runs(graph: &Graph, steps: &[(NodeId, HStep)]) -> Vec<Vec<usize>> {
+    let mut runs = Vec::new();
+    let mut i = 0;
+    while i < steps.len() {
+        let mut run: Vec<usize> = Vec::new();
+        let mut touched: HashSet<NodeId> = HashSet::new();
+        let mut j = i;
+        while j < steps.len() && run.len() < MAX_PARTS {
+            let (n, kind) = steps[j];
+            let reads_run = graph.operands(n).iter().any(|v| touched.contains(&v.node));
+            match kind {
+                HStep::Part if reads_run => break,
+                HStep::Part => {
+                    run.push(j);
+                    touched.insert(n);
+                }
+                HStep::View => {
+                    if reads_run {
+                        touched.insert(n);
+                    }
+                }
+                HStep::Barrier => break,
+            }
+            j += 1;
+        }
+        i = if j > i && !run.is_empty() { j } else { i + 1 };
+        if run.len() >= 2 {
+            runs.push(run);
+        }
+    }
+    runs
+}
+
+/// What node `n` of `graph` is to horizontal fusion: a fused elementwise group or a
+/// fused cache append is a part; sources and reshapes (no launch) are views; anything
+/// else is a barrier. (The engine classifies its own steps: it also knows which nodes
+/// it turns into views.)
+pub fn node_step(graph: &Graph, n: NodeId) -> HStep {
+    match &graph.node(n).op {
+        Op::Fused(b) if crate::fused::fused_append(b).is_some() => HStep::Part,
+        Op::Fused(b) if matches!(b.kind(), Ok(FusedKind::Elementwise { .. })) => HStep::Part,
+        Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_) => HStep::View,
+        _ => HStep::Barrier,
+    }
+}
+
+/// The horizontal groups of `graph`'s nodes in topological order ([`node_step`],
+/// [`horizontal_runs`]), as node lists.
+pub fn graph_runs(graph: &Graph) -> Vec<Vec<NodeId>> {
+    let steps: Vec<(NodeId, HStep)> = graph.topo_order().into_iter().map(|n| (n, node_step(graph, n))).collect();
+    horizontal_runs(graph, &steps).into_iter().map(|run| run.into_iter().map(|i| steps[i].0).collect()).collect()
+}
 
 /// The merged role of each parameter of each part (part-major, in parameter order).
 pub fn horizontal_roles(parts: &[&Kernel]) -> Vec<Vec<Role>> {

@@ -29,6 +29,7 @@
 
 use crate::cuda::{CompileStats, CudaEngine, CudaError, DeviceInfo, EngineOptions};
 use indexmap::IndexMap;
+use kiln_codegen::horizontal::HStep;
 use kiln_codegen::kernels::{self, NodeLowering};
 pub use kiln_codegen::nvrtc::stable_hash;
 use kiln_codegen::{decode, resident};
@@ -470,57 +471,6 @@ fn engine_options(o: &PlanOptions, device: usize, prebuilt: Option<Arc<HashMap<S
 /// Every launch of one forward pass of `graph` (the model contract of the engine) in
 /// order, then greedy sampling and the step end, as the engine runs them. Derived from
 /// the graph and the kernel generators alone (no GPU needed).
-/// What a step (a node in launch order) is to horizontal fusion
-/// ([`kiln_codegen::horizontal`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum HStep {
-    /// A fused elementwise kernel or a fused cache append: may join a group.
-    Part,
-    /// Launches nothing (a view, a source): skipped, but reading a group member makes
-    /// it one for the dependence check.
-    View,
-    /// Anything else ends a group.
-    Barrier,
-}
-
-/// The horizontal groups of a step sequence: runs of 2 to
-/// [`kiln_codegen::horizontal::MAX_PARTS`] consecutive parts none of which reads
-/// another's output (directly or through views between them); returns each run's step
-/// positions. The engine launches each run as one kernel; the plan's launch list says
-/// so. The one rule for both.
-pub(crate) fn horizontal_runs(graph: &Graph, steps: &[(NodeId, HStep)]) -> Vec<Vec<usize>> {
-    let mut runs = Vec::new();
-    let mut i = 0;
-    while i < steps.len() {
-        let mut run: Vec<usize> = Vec::new();
-        let mut touched: HashSet<NodeId> = HashSet::new();
-        let mut j = i;
-        while j < steps.len() && run.len() < kiln_codegen::horizontal::MAX_PARTS {
-            let (n, kind) = steps[j];
-            let reads_run = graph.operands(n).iter().any(|v| touched.contains(&v.node));
-            match kind {
-                HStep::Part if reads_run => break,
-                HStep::Part => {
-                    run.push(j);
-                    touched.insert(n);
-                }
-                HStep::View => {
-                    if reads_run {
-                        touched.insert(n);
-                    }
-                }
-                HStep::Barrier => break,
-            }
-            j += 1;
-        }
-        i = if j > i && !run.is_empty() { j } else { i + 1 };
-        if run.len() >= 2 {
-            runs.push(run);
-        }
-    }
-    runs
-}
-
 pub fn launch_list(graph: &Graph) -> Vec<Launch> {
     let mut live: HashSet<NodeId> = HashSet::new();
     let mut stack: Vec<NodeId> = graph.outputs().values().map(|v| v.node).collect();
@@ -579,17 +529,11 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
             }
             _ => None,
         };
-        let view = matches!(node.op, Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_));
-        hsteps.push((
-            n,
-            if part.is_some() {
-                HStep::Part
-            } else if view {
-                HStep::View
-            } else {
-                HStep::Barrier
-            },
-        ));
+        let kind = match kiln_codegen::horizontal::node_step(graph, n) {
+            HStep::Part if part.is_none() => HStep::Barrier,
+            k => k,
+        };
+        hsteps.push((n, kind));
         hparts.push(part.map(|k| (k, out.len())));
         let kernel = if let (true, Op::Fused(body)) = (present.contains_key(&n), &node.op) {
             name_or(kiln_codegen::fused_append_kernel(body, &syms))
@@ -650,7 +594,7 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
             outputs: (0..node.outputs.len()).map(|i| describe(Value::new(n, i as u8))).collect(),
         });
     }
-    for run in horizontal_runs(graph, &hsteps) {
+    for run in kiln_codegen::horizontal::horizontal_runs(graph, &hsteps) {
         let parts: Vec<&(kiln_codegen::Kernel, usize)> =
             run.iter().map(|&j| hparts[j].as_ref().expect("parts have kernels")).collect();
         let kernels: Vec<&kiln_codegen::Kernel> = parts.iter().map(|(k, _)| k).collect();

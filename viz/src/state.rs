@@ -122,6 +122,16 @@ pub enum KernelInfo {
     Unsupported(String),
 }
 
+impl NodeDetails {
+    /// Notes in the kernel line that the node shares its launch with `others`.
+    fn with_group(mut self, others: Option<Vec<String>>) -> NodeDetails {
+        if let (Some(others), KernelInfo::Cuda { name, .. }) = (others, &mut self.kernel) {
+            name.push_str(&format!(" (one launch with {}: horizontal fusion)", others.join(", ")));
+        }
+        self
+    }
+}
+
 impl KernelInfo {
     /// One line for the details table.
     pub fn summary(&self) -> String {
@@ -632,6 +642,15 @@ impl ViewerState {
                 (_, Err(e)) => KernelInfo::Unsupported(e.0),
             },
         }
+        .with_group(self.launch_group(n))
+    }
+
+    /// The other nodes of `n`'s horizontal group (launched as one kernel with it by the
+    /// CUDA engine: `kiln_codegen::horizontal::graph_runs`), if it is in one.
+    fn launch_group(&self, n: NodeId) -> Option<Vec<String>> {
+        let g = self.graph();
+        let run = kiln_codegen::horizontal::graph_runs(g).into_iter().find(|r| r.contains(&n))?;
+        Some(run.into_iter().filter(|&m| m != n).map(|m| format!("%{}", self.num.id(m))).collect())
     }
 
     /// Where value `v` lives under the stage's memory plan.

@@ -2,6 +2,7 @@ mod common;
 
 use common::{mlp_graph, toy_transformer};
 use kiln_graph::ops::Op;
+use kiln_graph::TensorExt;
 use kiln_viz::state::{human_bytes, Details, KernelInfo, NodeDetails, PlanSizes, ViewerState, VisKey};
 
 fn stages(layers: usize) -> Vec<(String, kiln_graph::Graph)> {
@@ -302,4 +303,26 @@ fn a_matvec_node_shows_its_prologue_kernel_and_the_gemv() {
     assert!(name.starts_with("kiln_fused_") && name.contains("then a GEMV"), "{name}");
     assert!(name.contains("KILN_MATVEC=fused: kiln_gemv_pro_"), "{name}");
     assert!(source.contains("kiln_grid_entry();") && !source.contains("gv_stage"), "the prologue's own kernel");
+}
+
+#[test]
+fn nodes_that_share_a_launch_say_with_which() {
+    // Two independent elementwise chains (like a layer's RoPE of q and its appends).
+    let tr = kiln_graph::Tracer::new();
+    let shape = [kiln_graph::ops::Dim::sym("seq"), kiln_graph::ops::Dim::fixed(8)];
+    let x = tr.input("x", kiln_graph::ops::DType::F32, shape.clone()).unwrap();
+    let y = tr.input("y", kiln_graph::ops::DType::F32, shape).unwrap();
+    let a = x.silu().unwrap().mul(x).unwrap();
+    let b = y.exp().unwrap().add(y).unwrap();
+    tr.output("a", a).unwrap();
+    tr.output("b", b).unwrap();
+    let g = kiln_passes::default_pipeline().run(tr.finish().unwrap()).unwrap().graph;
+    let runs = kiln_codegen::horizontal::graph_runs(&g);
+    assert_eq!(runs.len(), 1, "{}", kiln_graph::text::print(&g));
+    let s = ViewerState::with_collapse_depth(vec![("optimized".into(), g)], 0);
+    let run = &runs[0];
+    let d = node_details(&s, run[0]);
+    let KernelInfo::Cuda { name, .. } = &d.kernel else { panic!("{:?}", d.kernel) };
+    assert!(name.contains("one launch with %") && name.contains("horizontal fusion"), "{name}");
+    assert_eq!(name.matches('%').count(), run.len() - 1, "{name}");
 }

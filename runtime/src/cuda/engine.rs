@@ -575,18 +575,18 @@ impl CudaEngine {
                 _ => None,
             }
         };
-        let hsteps: Vec<(NodeId, crate::plan::HStep)> = steps
+        let hsteps: Vec<(NodeId, kiln_codegen::horizontal::HStep)> = steps
             .iter()
             .map(|s| {
                 let kind = match (&s.run, member(s)) {
-                    (_, Some(_)) => crate::plan::HStep::Part,
-                    (Run::Nothing, None) => crate::plan::HStep::View,
-                    _ => crate::plan::HStep::Barrier,
+                    (_, Some(_)) => kiln_codegen::horizontal::HStep::Part,
+                    (Run::Nothing, None) => kiln_codegen::horizontal::HStep::View,
+                    _ => kiln_codegen::horizontal::HStep::Barrier,
                 };
                 (s.node, kind)
             })
             .collect();
-        let runs = if hfuse { crate::plan::horizontal_runs(&graph, &hsteps) } else { Vec::new() };
+        let runs = if hfuse { kiln_codegen::horizontal::horizontal_runs(&graph, &hsteps) } else { Vec::new() };
         for run in runs {
             let merged = {
                 let parts: Vec<&Kernel> =
