@@ -94,7 +94,7 @@ pub struct BenchArgs {
     pub model: Option<PathBuf>,
     /// An executable plan (`kiln build`): its engine, with its dtype and limits, loaded
     /// without tracing, passes or kernel compilation.
-    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl"])]
+    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse"])]
     pub plan: Option<PathBuf>,
     /// Storage dtype of weights, activations and KV cache.
     #[arg(long, default_value = "bf16", value_parser = ["f32", "f16", "bf16"])]
@@ -118,6 +118,11 @@ pub struct BenchArgs {
     /// while the previous one drains, on Hopper and later), for comparison.
     #[arg(long)]
     pub no_pdl: bool,
+    /// Launch every kernel separately: no horizontal fusion of independent kernels (a
+    /// layer's RoPE of q and its KV appends are one launch by default), for comparison.
+    /// `KILN_HFUSE=0` in the environment does the same.
+    #[arg(long)]
+    pub no_hfuse: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -148,6 +153,7 @@ impl BenchArgs {
             json: None,
             no_cuda_graphs: false,
             no_pdl: false,
+            no_hfuse: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -364,6 +370,9 @@ pub struct BenchReport {
     pub pdl: bool,
     /// Whether the fusion pass ran (`--no-fusion` turns it off).
     pub fusion: bool,
+    /// Whether independent kernels were launched together (horizontal fusion; off with
+    /// `--no-hfuse` or `KILN_HFUSE=0`).
+    pub horizontal: bool,
     /// Whether matrix-vector groups ran as one GEMV computing its x
     /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
     pub matvec_one_kernel: bool,
@@ -434,6 +443,7 @@ pub(crate) struct EngineSpec {
     pub max_context: usize,
     pub cuda_graphs: bool,
     pub pdl: bool,
+    pub horizontal: bool,
 }
 
 /// A deterministic prompt of `len` ids below `vocab` (sequence `seq` of a batch).
@@ -587,6 +597,7 @@ mod gpu {
                 max_context: spec.max_context,
                 cuda_graphs: spec.cuda_graphs,
                 pdl: spec.pdl,
+                horizontal: spec.horizontal,
                 ..Default::default()
             };
             Ok(Box::new(CudaEngine::new(graph, weights, opts)?))
@@ -797,7 +808,14 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
 
         max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
         (fusion, cuda_graphs) = (!args.no_fusion, !args.no_cuda_graphs);
-        let spec = EngineSpec { device: args.gpu, max_batch, max_context, cuda_graphs, pdl: !args.no_pdl };
+        let spec = EngineSpec {
+            device: args.gpu,
+            max_batch,
+            max_context,
+            cuda_graphs,
+            pdl: !args.no_pdl,
+            horizontal: !args.no_hfuse,
+        };
         let t = Instant::now();
         engine = backend.engine(graph, weights, &spec)?;
         setup.insert("engine".to_string(), t.elapsed().as_secs_f64());
@@ -868,6 +886,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         pdl: !args.no_pdl,
         fusion,
         matvec_one_kernel: kiln_runtime::cuda::matvec_fused_gemv(),
+        horizontal: !args.no_hfuse && !kiln_runtime::cuda::horizontal_off_by_env(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1015,10 +1034,11 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "CUDA graphs: {} | PDL: {} | fusion: {} | matvec groups: {} | kernels per decode step: {}",
+            "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | matvec groups: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
+            if self.horizontal { "on" } else { "off" },
             if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );

@@ -249,6 +249,12 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// there is one for the dtype and head dim); up to this many, the split-K kernel.
 pub const PREFILL_ROWS: usize = 16;
 
+/// `KILN_HFUSE=0` in the environment: no horizontal fusion, whatever
+/// [`EngineOptions::horizontal`] says.
+pub fn horizontal_off_by_env() -> bool {
+    std::env::var("KILN_HFUSE").is_ok_and(|v| v == "0")
+}
+
 /// `KILN_MATVEC=fused` in the environment: run a matrix-vector group with few rows as
 /// one GEMV that computes its x (`kiln_codegen::gemv_prologue`) instead of the
 /// prologue's kernel and a plain GEMV. Off by default: on an H200 (2026-12-03, Llama-3.2-1B
@@ -561,7 +567,7 @@ impl CudaEngine {
 
         // Horizontal fusion: runs of consecutive independent fused elementwise kernels
         // and fused appends (views between them are skipped) become one launch.
-        let hfuse = opts.horizontal && std::env::var("KILN_HFUSE").map_or(true, |v| v != "0");
+        let hfuse = opts.horizontal && !horizontal_off_by_env();
         let mut hgroups: Vec<HGroup> = Vec::new();
         let member = |s: &Step| -> Option<usize> {
             match &s.run {

@@ -18,7 +18,7 @@ mod blas;
 mod engine;
 mod executor;
 
-pub use engine::{matvec_fused_gemv, CudaEngine, EngineOptions, MemoryReport, PREFILL_ROWS};
+pub use engine::{horizontal_off_by_env, matvec_fused_gemv, CudaEngine, EngineOptions, MemoryReport, PREFILL_ROWS};
 pub use executor::{CudaExecutor, CudaOptions};
 pub use kiln_codegen::CompileStats;
 
