@@ -94,7 +94,11 @@ pub struct GemvConfig {
     pub warps: usize,
     pub rows_per_warp: usize,
     pub unroll: usize,
-    /// Warps per row (a power of two dividing `warps`).
+    /// Warps per row (a power of two dividing `warps`). The engine keeps 1: split-K
+    /// over 2–8 warps per row measured slower on every Llama-3.2-1B and SmolLM2 weight
+    /// shape (H200, 2026-12-03, `gemv_bandwidth`; 2048×2048: 6.5 µs at 1, 7.3 / 8.5 /
+    /// 10.4 µs at 2 / 4 / 8) and made the 1B decode step slower (814 → 749 tok/s): each
+    /// block also stages x and adds its warps' sums through shared memory.
     pub ksplit: usize,
 }
 
@@ -103,17 +107,6 @@ impl Default for GemvConfig {
         GemvConfig { warps: GEMV_WARPS, rows_per_warp: GEMV_ROWS_PER_BLOCK / GEMV_WARPS, unroll: 4, ksplit: 1 }
     }
 }
-
-/// Most warps per row [`GemvConfig::for_shape`] picks: 1, i.e. no split-K. Split-K over
-/// 2–4 warps per row (o_proj / down_proj at n = 2,048, qkv) made the whole Llama-3.2-1B
-/// decode step slower on an H200 (2026-12-03: 814 → 749 tok/s, SmolLM2 1,122 → 1,079):
-/// each block also stages x and joins its warps' sums through shared memory, and the
-/// extra blocks cost more than the extra loads in flight bring.
-pub const GEMV_MAX_KSPLIT: usize = 1;
-
-/// Warps a batch-1 GEMV aims to run at once ([`GemvConfig::for_shape`]): about one
-/// full wave on a 132-SM Hopper part (about 56 resident GEMV warps per SM).
-pub const GEMV_TARGET_WARPS: usize = 8192;
 
 impl GemvConfig {
     /// Output columns (rows of `w`) per block.
@@ -125,23 +118,6 @@ impl GemvConfig {
     pub fn tag(&self) -> String {
         let k = if self.ksplit > 1 { format!("k{}", self.ksplit) } else { String::new() };
         format!("w{}r{}u{}{k}", self.warps, self.rows_per_warp, self.unroll)
-    }
-
-    /// The split for `m` rows of x times `w [n, k]` with `vec` weight elements per 16
-    /// bytes: [`GemvConfig::for_rows`], and for one row of x, as many warps per row (up
-    /// to [`GEMV_MAX_KSPLIT`]) as keep [`GEMV_TARGET_WARPS`] warps busy while every warp
-    /// of a row still gets a slot of 32 vectors.
-    pub fn for_shape(m: usize, n: usize, k: usize, vec: usize) -> GemvConfig {
-        let base = GemvConfig::for_rows(m);
-        if m != 1 || n == 0 {
-            return base;
-        }
-        let slots = (k / vec.max(1)).div_ceil(32).max(1);
-        let mut ks = 1;
-        while ks < GEMV_MAX_KSPLIT && n * ks * 2 <= GEMV_TARGET_WARPS && ks * 2 <= slots {
-            ks *= 2;
-        }
-        GemvConfig { ksplit: ks, ..base }
     }
 
     /// The split for `m` rows of activations: one row of `w` per warp for `m = 1`
@@ -260,16 +236,6 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_KS", cfg.ksplit.to_string()),
         ("GV_XS", GEMV_STAGED_FLOATS.to_string()),
     ]
-}
-
-/// The GEMV split for `m` rows of x times the weight `w` (`[n, k]`): see
-/// [`GemvConfig::for_shape`] (its shape must be fixed; otherwise [`GemvConfig::for_rows`]).
-pub fn gemv_split(m: usize, w: &kiln_ops::TensorType) -> GemvConfig {
-    let d = w.shape.dims();
-    match (d.len(), d.first().and_then(|x| x.as_fixed()), d.get(1).and_then(|x| x.as_fixed())) {
-        (2, Some(n), Some(k)) => GemvConfig::for_shape(m, n, k, vec_elems(w.dtype)),
-        _ => GemvConfig::for_rows(m),
-    }
 }
 
 /// Floats of x one GEMV block stages in shared memory (`GV_XS` in `gemv.cu`).

@@ -113,14 +113,10 @@ pub fn horizontal_roles(parts: &[&Kernel]) -> Vec<Vec<Role>> {
         .collect()
 }
 
-/// Blocks a part of `items` work items takes (as its own `Grid::Elementwise` launch).
-pub fn part_blocks(items: usize, threads: u32) -> usize {
-    items.div_ceil(threads as usize).clamp(1, 1 << 20)
-}
-
-/// Blocks of a [`horizontal`] launch whose parts have `items` work items each.
+/// Blocks of a [`horizontal`] launch whose parts have `items` work items each: each
+/// part's own `Grid::Elementwise` launch size (`kiln_part_blocks` in the kernel).
 pub fn horizontal_items(items: &[usize], threads: u32) -> usize {
-    items.iter().map(|&n| part_blocks(n, threads)).sum()
+    items.iter().map(|&n| Grid::Elementwise { threads }.dims(n).0 as usize).sum()
 }
 
 /// One kernel running `parts` side by side (see the module docs). Each part must be a

@@ -829,3 +829,32 @@ fn a_matvec_group_is_a_gemv_that_computes_its_x() {
     assert!(part.contains(&format!("#define GV_XS {}", kiln_codegen::decode::GEMV_STAGED_FLOATS)));
     insta::assert_snapshot!("gemv_prologue_rmsnorm_bf16", part);
 }
+
+/// The grouping rule: consecutive parts that do not read each other's outputs, also
+/// through a view between them; a part that does starts the next group.
+#[test]
+fn horizontal_runs_stop_at_a_part_that_reads_the_run() {
+    use kiln_codegen::horizontal::{horizontal_runs, HStep};
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::F32, [Dim::fixed(4), Dim::fixed(8)]).unwrap();
+    let y = tr.input("y", DType::F32, [Dim::fixed(4), Dim::fixed(8)]).unwrap();
+    let a = x.exp().unwrap();
+    let b = a.neg().unwrap(); // reads a
+    let c = y.exp().unwrap();
+    let r = c.reshape([Dim::fixed(32)]).unwrap(); // a view of c
+    let d = r.neg().unwrap(); // reads c through the view
+    let e = y.neg().unwrap();
+    let ids = [a.node(), b.node(), c.node(), r.node(), d.node(), e.node()];
+    for t in [&b, &d, &e] {
+        tr.output(&format!("o{}", t.node().index()), t.clone()).unwrap();
+    }
+    let g = tr.finish().unwrap();
+    let step = |i: usize| (ids[i], if i == 3 { HStep::View } else { HStep::Part });
+    let steps: Vec<_> = (0..6).map(step).collect();
+    // a | b c (r) | d e: b reads a, d reads c through r.
+    assert_eq!(horizontal_runs(&g, &steps), vec![vec![1, 2], vec![4, 5]]);
+    // A barrier ends a group; a single part is no group.
+    let mut steps = steps;
+    steps[2].1 = HStep::Barrier;
+    assert_eq!(horizontal_runs(&g, &steps), vec![vec![4, 5]]);
+}

@@ -86,7 +86,7 @@ fn gemv_tol(yd: DType) -> f64 {
     }
 }
 
-/// Work splits the tests cover: the default and those `GemvConfig::for_shape` picks,
+/// Work splits the tests cover: the default and those `GemvConfig::for_rows` picks,
 /// plus a few more for the bandwidth table.
 const GEMV_CONFIGS: [decode::GemvConfig; 9] = [
     decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 1 },
@@ -153,7 +153,7 @@ fn gemv_mixed_dtypes_and_fused_residual() {
 /// Weight bandwidth of the GEMV per work split on the weight shapes of Llama-3.2-1B and
 /// SmolLM2-135M (batch 1), each launch reading a different copy of the weight (together
 /// far larger than L2, as in a decode step). Prints one line per shape: µs and GB/s per
-/// split, and the split `GemvConfig::for_shape` picks. Informational: nothing is timed
+/// split, and the split `GemvConfig::for_rows` picks. Informational: nothing is timed
 /// against a threshold.
 #[test]
 #[ignore = "a measurement, not a check: run with --include-ignored on a GPU"]
@@ -218,7 +218,7 @@ fn gemv_bandwidth() {
             line.push_str(&format!("\t{}={us:.1}us/{gbs:.0}", c.tag()));
             assert!(us > 0.0);
         }
-        let pick = decode::GemvConfig::for_shape(m, n, kk, 8);
+        let pick = decode::GemvConfig::for_rows(m);
         line.push_str(&format!("\tpick={}", pick.tag()));
         println!("{line}");
     }

@@ -18,7 +18,7 @@
 //! symbol).
 
 use super::blas::Gemm;
-use super::executor::{compile_and_load, launch, launch_node, live_nodes, Args, Lane};
+use super::executor::{compile_and_load, fused_args, launch, launch_node, live_nodes, Args, Lane};
 use super::{driver_err, host_bytes, CompileStats, CudaError, DeviceInfo};
 use crate::error::RuntimeError;
 use cudarc::cublas::CudaBlas;
@@ -489,8 +489,7 @@ impl CudaEngine {
                         let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
                         let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
                         let yt = node.outputs.last().expect("y").dtype;
-                        let wty = body.inputs.last().expect("weight");
-                        let (one, more) = (decode::gemv_split(1, wty), decode::gemv_split(2, wty));
+                        let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
                         let pcfg = decode::GemvConfig::for_prologue();
                         let f1 = kiln_codegen::gemv_prologue(body, &syms, pcfg).map_err(|e| unsupported(e.0))?;
                         let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
@@ -512,7 +511,7 @@ impl CudaEngine {
                         // Two GEMV splits: one row of activations, and 2..=GEMV_MAX_M.
                         let mut gemv = None;
                         if !transpose_a && *transpose_b && w.rank() == 2 {
-                            let (one, more) = (decode::gemv_split(1, w), decode::gemv_split(2, w));
+                            let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
                             let y = node.outputs[0].dtype;
                             if let (Ok(k1), Ok(k2)) = (
                                 decode::gemv_with(a.dtype, w.dtype, y, one),
@@ -945,15 +944,7 @@ impl CudaEngine {
                 let (kernel, args, items) = match &step.run {
                     Run::Kernel(k) => {
                         let Op::Fused(body) = &node.op else { unreachable!("grouped steps are fused") };
-                        let items = kiln_codegen::fused_items(body, b).map_err(|e| err(e.0))?;
-                        let mut a = Args::default();
-                        for (i, (p, _)) in outs.iter().enumerate() {
-                            a.set(Role::Out(i as u8), ArgValue::Ptr(*p));
-                        }
-                        for (i, (p, _)) in ins.iter().enumerate() {
-                            a.set(Role::In(i as u8), ArgValue::Ptr(*p));
-                        }
-                        a.set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::N, items);
+                        let (a, items) = fused_args(body, &ins, &outs, b, syms).map_err(err)?;
                         (*k, a, items)
                     }
                     Run::FusedAppend { kernel, cache } => {

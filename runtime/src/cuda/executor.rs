@@ -516,7 +516,7 @@ pub(super) fn compile_and_load(
 }
 
 /// Lets `f` be launched with the kernel's dynamic shared memory (needed above 48 KiB).
-pub(crate) fn allow_dynamic_smem(k: &Kernel, f: &CudaFunction) -> Result<(), CudaError> {
+pub fn allow_dynamic_smem(k: &Kernel, f: &CudaFunction) -> Result<(), CudaError> {
     if k.dynamic_smem > 48 << 10 {
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
@@ -587,6 +587,27 @@ pub(super) fn launch(lane: Lane, kf: &(Kernel, CudaFunction), items: usize, args
         )
     }
     .map_err(|e| CudaError::Driver(format!("launch {}: {e:?}", kernel.sig.name)))
+}
+
+/// The arguments and work items of a fused group's kernel ([`kiln_codegen::fused_kernel`]):
+/// outputs, inputs, the symbol table and the item count.
+pub(super) fn fused_args(
+    body: &kiln_ops::FusedBody,
+    ins: &[(u64, &[usize])],
+    outs: &[(u64, &[usize])],
+    b: &Bindings,
+    syms: u64,
+) -> Result<(Args, usize), String> {
+    let items = kiln_codegen::fused::fused_items(body, b).map_err(|e| e.0)?;
+    let mut a = Args::default();
+    for (i, (p, _)) in outs.iter().enumerate() {
+        a.set(Role::Out(i as u8), ArgValue::Ptr(*p));
+    }
+    for (i, (p, _)) in ins.iter().enumerate() {
+        a.set(Role::In(i as u8), ArgValue::Ptr(*p));
+    }
+    a.set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::N, items);
+    Ok((a, items))
 }
 
 /// Launches the kernel of a node (as [`kiln_codegen::lower_node`] chose it) with its
@@ -765,11 +786,7 @@ pub(super) fn launch_node(
             launch(stream, k, bsz * s * h, &a)
         }
         Op::Fused(body) => {
-            for (i, (p, _)) in outs.iter().enumerate() {
-                a.set(Role::Out(i as u8), ptr(*p));
-            }
-            let items = kiln_codegen::fused::fused_items(body, b).map_err(|e| bad(e.0))?;
-            a.i64(Role::N, items);
+            let (a, items) = fused_args(body, ins, outs, b, syms).map_err(bad)?;
             launch(stream, k, items, &a)
         }
         other => Err(bad(format!("`{}` has no GPU kernel", other.name()))),

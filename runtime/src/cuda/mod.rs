@@ -19,7 +19,7 @@ mod engine;
 mod executor;
 
 pub use engine::{horizontal_off_by_env, matvec_fused_gemv, CudaEngine, EngineOptions, MemoryReport, PREFILL_ROWS};
-pub use executor::{CudaExecutor, CudaOptions};
+pub use executor::{allow_dynamic_smem, CudaExecutor, CudaOptions};
 pub use kiln_codegen::CompileStats;
 
 use crate::error::RuntimeError;

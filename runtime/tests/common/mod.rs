@@ -55,13 +55,7 @@ impl Gpu {
         let cubin = cubins.into_iter().next().unwrap();
         let module = self.ctx.load_module(Ptx::from_binary(cubin)).expect("load module");
         let f = module.load_function(&k.sig.name).expect("load function");
-        if k.dynamic_smem > 48 << 10 {
-            f.set_attribute(
-                cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                k.dynamic_smem as i32,
-            )
-            .expect("dynamic shared memory");
-        }
+        kiln_runtime::cuda::allow_dynamic_smem(k, &f).expect("dynamic shared memory");
         f
     }
     pub fn upload(&self, bytes: &[u8]) -> CudaSlice<u8> {
