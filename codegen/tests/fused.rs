@@ -845,8 +845,8 @@ fn horizontal_runs_stop_at_a_part_that_reads_the_run() {
     let d = r.neg().unwrap(); // reads c through the view
     let e = y.neg().unwrap();
     let ids = [a.node(), b.node(), c.node(), r.node(), d.node(), e.node()];
-    for t in [&b, &d, &e] {
-        tr.output(&format!("o{}", t.node().index()), t.clone()).unwrap();
+    for t in [b, d, e] {
+        tr.output(&format!("o{}", t.node().index()), t).unwrap();
     }
     let g = tr.finish().unwrap();
     let step = |i: usize| (ids[i], if i == 3 { HStep::View } else { HStep::Part });
