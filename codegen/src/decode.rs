@@ -100,11 +100,23 @@ pub struct GemvConfig {
     /// 10.4 µs at 2 / 4 / 8) and made the 1B decode step slower (814 → 749 tok/s): each
     /// block also stages x and adds its warps' sums through shared memory.
     pub ksplit: usize,
+    /// Rows of x (`m`) the kernel takes, at most (1..=[`GEMV_MAX_M`]; a launch with more
+    /// writes nothing). The accumulators are sized by it at compile time: a kernel for
+    /// one row keeps 1 instead of 8 per weight row, 63 → 40 registers for `w8r1u4` in
+    /// bf16 (sm_90), so 6 instead of 4 blocks fit a multiprocessor and more weight loads
+    /// are in flight.
+    pub max_rows: usize,
 }
 
 impl Default for GemvConfig {
     fn default() -> Self {
-        GemvConfig { warps: GEMV_WARPS, rows_per_warp: GEMV_ROWS_PER_BLOCK / GEMV_WARPS, unroll: 4, ksplit: 1 }
+        GemvConfig {
+            warps: GEMV_WARPS,
+            rows_per_warp: GEMV_ROWS_PER_BLOCK / GEMV_WARPS,
+            unroll: 4,
+            ksplit: 1,
+            max_rows: GEMV_MAX_M,
+        }
     }
 }
 
@@ -114,20 +126,33 @@ impl GemvConfig {
         self.warps / self.ksplit * self.rows_per_warp
     }
 
-    /// A short name of the split, e.g. `w8r1u4` or `w8r1u4k4` (with `ksplit` > 1).
+    /// A short name of the split, e.g. `w8r2u4`, `w8r1u4k4` (with `ksplit` > 1) or
+    /// `w16r1u8m1` (a kernel for one row of x).
     pub fn tag(&self) -> String {
         let k = if self.ksplit > 1 { format!("k{}", self.ksplit) } else { String::new() };
-        format!("w{}r{}u{}{k}", self.warps, self.rows_per_warp, self.unroll)
+        let m = if self.max_rows != GEMV_MAX_M { format!("m{}", self.max_rows) } else { String::new() };
+        format!("w{}r{}u{}{k}{m}", self.warps, self.rows_per_warp, self.unroll)
     }
 
-    /// The split for `m` rows of activations: one row of `w` per warp for `m = 1`
-    /// (measured on an H200, 2026-12-03, over the weight shapes of Llama-3.2-1B and
-    /// SmolLM2-135M: 4–10% more bandwidth than two rows per warp), the default (two rows
-    /// per warp, which reuses each weight load for more activation rows) otherwise.
+    /// The split for `m` rows of activations. For `m = 1`: one row of `w` per warp, 16
+    /// warps per block, 8 loads in flight per lane (a whole 2,048-wide bf16 row, issued
+    /// before the kernel waits for the previous one), a kernel for one row of x
+    /// (`max_rows` 1). Measured on an H200 (2026-12-04), first `gemv_bandwidth` (bf16,
+    /// µs, back to back): `w16r1u4m1` took qkv 3072×2048 6.6, o_proj 2048×2048 5.9,
+    /// gate_up 16384×2048 18.1, down 2048×8192 13.2, LM head 128256×2048 116.9 (4.5
+    /// TB/s), SmolLM2's LM head 49152×576 19.0; the same split compiled for up to 8 rows
+    /// took 11.1, 7.2, 35.8, 15.8, 243.2 and 57.5 (its 8-row accumulators cost
+    /// registers, and so resident blocks). Then the decode step (tok/s at batch 1,
+    /// 1B / SmolLM2): `w16r1u8m1` 1,009.5 / 1,541, `w16r1u4m1` 999.3 / 1,522, `w8r1u8m1`
+    /// 1,011.5 / 1,455, `w8r1u4m1` 936.7 / 1,531, `w16r2u4m1` 969.1 / 1,462,
+    /// `w16r1u2m1` 954.1 / 1,390; 16-byte staging of x in the one-row kernel (70 instead
+    /// of 40 registers) 817.9 / 1,409. Otherwise the default (two rows per warp, which reuses each
+    /// weight load for more activation rows): 28.3 µs for 8 rows of 8192×2048, against
+    /// 35.9 with one row per warp.
     pub fn for_rows(m: usize) -> GemvConfig {
         let d = GemvConfig::default();
         if m <= 1 {
-            GemvConfig { rows_per_warp: 1, ..d }
+            GemvConfig { warps: 16, rows_per_warp: 1, unroll: 8, max_rows: 1, ..d }
         } else {
             d
         }
@@ -178,10 +203,11 @@ pub(crate) fn gemv_check(cfg: GemvConfig) -> Result<(), CodegenError> {
         || !(1..=8).contains(&cfg.unroll)
         || !cfg.ksplit.is_power_of_two()
         || !cfg.warps.is_multiple_of(cfg.ksplit)
+        || !(1..=GEMV_MAX_M).contains(&cfg.max_rows)
     {
         return Err(CodegenError(format!(
             "gemv: unsupported split {cfg:?} (1..=32 warps, 1..=4 rows, 1..=8 loads, warps per row a power of two \
-             dividing the warps)"
+             dividing the warps, 1..={GEMV_MAX_M} rows of x)"
         )));
     }
     Ok(())
@@ -235,6 +261,8 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_U", cfg.unroll.to_string()),
         ("GV_KS", cfg.ksplit.to_string()),
         ("GV_XS", GEMV_STAGED_FLOATS.to_string()),
+        ("GV_MAX_M", cfg.max_rows.to_string()),
+        ("GV_XVEC", u8::from(cfg.max_rows > 1).to_string()),
     ]
 }
 
@@ -330,13 +358,31 @@ pub fn gemv_items(m: usize, n: usize) -> usize {
 /// Launch with `grid.dims(attention_decode_items(..))`.
 /// Kernels launched with sizes [`attention_decode_check`] rejects write nothing.
 pub fn attention_decode(d: DType, group: usize, keys: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+    attention_decode_tiled(d, group, attention_decode_query_tile(group), keys, syms)
+}
+
+/// [`attention_decode`] with query tiles of `tile` (row, head) pairs, a divisor of
+/// `group` (1 always is): launch it with the `_tiled` item and counter counts of the
+/// same tile. [`attention_decode_pick_tile`] says when a tile of 1 is worth a kernel.
+pub fn attention_decode_tiled(
+    d: DType,
+    group: usize,
+    tile: usize,
+    keys: &Dim,
+    syms: &[Sym],
+) -> Result<Kernel, CodegenError> {
     let s = float_storage(d, "attention_decode")?;
     if group == 0 {
         return Err(CodegenError("attention_decode: a GQA group of 0 query heads per kv head".into()));
     }
+    if tile == 0 || !group.is_multiple_of(tile) || tile > ATTENTION_DECODE_QUERY_TILE {
+        return Err(CodegenError(format!(
+            "attention_decode: a query tile of {tile} does not divide the GQA group of {group} (or exceeds \
+             {ATTENTION_DECODE_QUERY_TILE})"
+        )));
+    }
     let keys_c = dim_to_c(keys, syms)?;
     let vec = vec_elems(d);
-    let tile = attention_decode_query_tile(group);
     // Small tiles (GQA groups up to 4) take twice the vectors per lane (fewer shuffle
     // levels per key) and twice the warps (more keys in flight): register use and the
     // warp-merge buffer (warps · tile · 256 floats = 32 KiB) stay the same.
@@ -441,24 +487,70 @@ pub fn attention_decode_query_tile(group: usize) -> usize {
     (1..=ATTENTION_DECODE_QUERY_TILE.min(group.max(1))).rev().find(|t| group.is_multiple_of(*t)).unwrap_or(1)
 }
 
+/// Blocks per split below which a launch is better off with query tiles of 1 (one block
+/// per query head) than with whole GQA groups: measured on an H200 (2026-12-04, batch 1
+/// and 8): tile 1 decodes 3.8% faster at batch 1 on the Llama-3.2-1B shape (8 blocks of
+/// 4 heads → 32) and 3.7% / 3.1% at batch 1 / 8 on SmolLM2 (3 / 24 blocks of 3 heads);
+/// at 64 blocks (1B, batch 8) whole groups are 5% faster.
+pub const ATTENTION_DECODE_MIN_BLOCKS: usize = 32;
+
+/// The query tile for a launch over `b` sequences of `s` rows, `h` heads and `kh` kv
+/// heads, given kernels for the default tile ([`attention_decode_query_tile`]) and for
+/// tile 1: the default unless it leaves fewer than [`ATTENTION_DECODE_MIN_BLOCKS`]
+/// blocks per split.
+pub fn attention_decode_pick_tile(b: usize, s: usize, h: usize, kh: usize) -> usize {
+    let group = h.checked_div(kh).unwrap_or(0);
+    let tile = attention_decode_query_tile(group);
+    if attention_decode_counters_tiled(b, s, h, kh, tile) < ATTENTION_DECODE_MIN_BLOCKS {
+        1
+    } else {
+        tile
+    }
+}
+
 /// Work items (blocks) of an [`attention_decode`] launch: one per (batch, kv head, tile
 /// of [`attention_decode_query_tile`] query pairs, split).
 pub fn attention_decode_items(b: usize, s: usize, h: usize, kh: usize, splits: usize) -> usize {
     attention_decode_counters(b, s, h, kh) * splits
 }
 
+/// [`attention_decode_items`] of a kernel with query tiles of `tile` pairs.
+pub fn attention_decode_items_tiled(b: usize, s: usize, h: usize, kh: usize, splits: usize, tile: usize) -> usize {
+    attention_decode_counters_tiled(b, s, h, kh, tile) * splits
+}
+
 /// Completion counters an [`attention_decode`] launch uses: one per (batch, kv head,
 /// query tile).
 pub fn attention_decode_counters(b: usize, s: usize, h: usize, kh: usize) -> usize {
     let group = h.checked_div(kh).unwrap_or(0);
-    b * kh * (s * group).div_ceil(attention_decode_query_tile(group))
+    attention_decode_counters_tiled(b, s, h, kh, attention_decode_query_tile(group))
+}
+
+/// [`attention_decode_counters`] of a kernel with query tiles of `tile` pairs.
+pub fn attention_decode_counters_tiled(b: usize, s: usize, h: usize, kh: usize, tile: usize) -> usize {
+    let group = h.checked_div(kh).unwrap_or(0);
+    b * kh * (s * group).div_ceil(tile.max(1))
 }
 
 /// A split count for [`attention_decode`] fixed at plan time: enough partial blocks for
 /// about two waves over `sms` multiprocessors, at least one key per split for up to
 /// `max_keys` keys, at most 256.
 pub fn attention_decode_splits(b: usize, s: usize, h: usize, kh: usize, max_keys: usize, sms: usize) -> usize {
-    let per_split = attention_decode_items(b, s, h, kh, 1);
+    let group = h.checked_div(kh).unwrap_or(0);
+    attention_decode_splits_tiled(b, s, h, kh, max_keys, sms, attention_decode_query_tile(group))
+}
+
+/// [`attention_decode_splits`] for a kernel with query tiles of `tile` pairs.
+pub fn attention_decode_splits_tiled(
+    b: usize,
+    s: usize,
+    h: usize,
+    kh: usize,
+    max_keys: usize,
+    sms: usize,
+    tile: usize,
+) -> usize {
+    let per_split = attention_decode_items_tiled(b, s, h, kh, 1, tile);
     let want = (2 * sms).div_ceil(per_split.max(1));
     want.clamp(1, 256).min(max_keys.max(1))
 }

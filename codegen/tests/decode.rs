@@ -156,6 +156,36 @@ fn attention_decode_sizes() {
 }
 
 #[test]
+fn attention_decode_one_head_tiles() {
+    assert_eq!(ATTENTION_DECODE_MIN_BLOCKS, 32);
+    // Llama-3.2-1B (32 heads, 8 kv heads): batch 1 has 8 group tiles, too few: one head
+    // per block (32 blocks); batch 8 has 64: whole groups.
+    assert_eq!(attention_decode_pick_tile(1, 1, 32, 8), 1);
+    assert_eq!(attention_decode_pick_tile(8, 1, 32, 8), 4);
+    // SmolLM2 (9 heads, 3 kv heads): 3 and 24 group tiles at batch 1 and 8; 192 at 64.
+    assert_eq!(attention_decode_pick_tile(1, 1, 9, 3), 1);
+    assert_eq!(attention_decode_pick_tile(8, 1, 9, 3), 1);
+    assert_eq!(attention_decode_pick_tile(64, 1, 9, 3), 3);
+    // A prefill of 16 rows on the 1B shape: 8·16 = 128 group tiles.
+    assert_eq!(attention_decode_pick_tile(1, 16, 32, 8), 4);
+    // Counts with tile 1: one block per (b, row, head) and split.
+    assert_eq!(attention_decode_counters_tiled(1, 1, 32, 8, 1), 32);
+    assert_eq!(attention_decode_items_tiled(3, 2, 9, 3, 5, 1), 3 * 2 * 9 * 5);
+    assert_eq!(attention_decode_items_tiled(3, 2, 9, 3, 5, 3), attention_decode_items(3, 2, 9, 3, 5));
+    assert_eq!(attention_decode_splits_tiled(1, 1, 32, 8, 4096, 132, 1), 9); // 264 / 32 blocks
+                                                                             // The kernels differ by name; a tile must divide the group.
+    let keys = Dim::sym("t");
+    let syms = [Sym::new("t")];
+    let k4 = attention_decode_tiled(DType::BF16, 4, 4, &keys, &syms).unwrap();
+    let k1 = attention_decode_tiled(DType::BF16, 4, 1, &keys, &syms).unwrap();
+    assert_eq!(k4.sig.name, attention_decode(DType::BF16, 4, &keys, &syms).unwrap().sig.name);
+    assert_ne!(k4.sig.name, k1.sig.name);
+    assert!(k1.source.contains("#define AD_QT 1\n"), "tile 1 kernel");
+    let e = attention_decode_tiled(DType::BF16, 4, 3, &keys, &syms).unwrap_err().0;
+    assert!(e.contains("query tile of 3") && e.contains("group of 4"), "{e}");
+}
+
+#[test]
 fn sample_parameters() {
     let k = sample(DType::F32).unwrap();
     assert_eq!(
@@ -183,4 +213,23 @@ fn sample_parameters() {
     assert_eq!(k.grid.dims(sample_items(3)), (3, 512));
     assert!(sample(DType::BF16).unwrap().sig.signature().contains("const kiln_bf16* in0"));
     assert!(sample(DType::Bool).unwrap_err().0.contains("sample logits"));
+}
+
+#[test]
+fn gemv_one_row_kernels_size_their_accumulators() {
+    // The batch-1 split keeps one accumulator per weight row (GV_MAX_M 1); the split for
+    // more rows takes up to GEMV_MAX_M. Names say which, so both can be loaded at once.
+    let one = GemvConfig::for_rows(1);
+    let more = GemvConfig::for_rows(2);
+    assert_eq!((one.max_rows, more.max_rows), (1, GEMV_MAX_M));
+    assert_eq!((one.tag().as_str(), more.tag().as_str()), ("w16r1u8m1", "w8r2u4"));
+    let k1 = gemv_with(DType::BF16, DType::BF16, DType::BF16, one).unwrap();
+    let k8 = gemv_with(DType::BF16, DType::BF16, DType::BF16, more).unwrap();
+    assert!(k1.source.contains("#define GV_MAX_M 1\n") && k8.source.contains("#define GV_MAX_M 8\n"));
+    assert!(k1.sig.name.ends_with("_w16r1u8m1"), "{}", k1.sig.name);
+    assert_ne!(k1.sig.name, k8.sig.name);
+    for bad in [0, GEMV_MAX_M + 1] {
+        let e = gemv_with(DType::BF16, DType::BF16, DType::BF16, GemvConfig { max_rows: bad, ..one }).unwrap_err().0;
+        assert!(e.contains("rows of x"), "{e}");
+    }
 }

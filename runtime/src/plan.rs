@@ -573,7 +573,19 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     let (qt, kt) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
                     let heads = |t: &kiln_ops::TensorType| t.shape.dims()[2].as_fixed().unwrap_or(0);
                     let group = heads(qt).checked_div(heads(kt)).unwrap_or(0);
-                    match decode::attention_decode(kt.dtype, group, &kt.shape.dims()[1], &syms) {
+                    let keys = &kt.shape.dims()[1];
+                    match decode::attention_decode(kt.dtype, group, keys, &syms) {
+                        Ok(k) if decode::attention_decode_query_tile(group) > 1 => {
+                            match decode::attention_decode_tiled(kt.dtype, group, 1, keys, &syms) {
+                                Ok(k1) => format!(
+                                    "{}, or {} below {} blocks per split",
+                                    k.sig.name,
+                                    k1.sig.name,
+                                    decode::ATTENTION_DECODE_MIN_BLOCKS
+                                ),
+                                Err(e) => format!("unsupported: {}", e.0),
+                            }
+                        }
                         Ok(k) => k.sig.name,
                         Err(e) => format!("unsupported: {}", e.0),
                     }

@@ -88,16 +88,19 @@ fn gemv_tol(yd: DType) -> f64 {
 
 /// Work splits the tests cover: the default and those `GemvConfig::for_rows` picks,
 /// plus a few more for the bandwidth table.
-const GEMV_CONFIGS: [decode::GemvConfig; 9] = [
-    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 1 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 1 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 8, ksplit: 1 },
-    decode::GemvConfig { warps: 4, rows_per_warp: 1, unroll: 8, ksplit: 1 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 8, ksplit: 1 },
-    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 4, ksplit: 1 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 2 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 4 },
-    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 8 },
+const GEMV_CONFIGS: [decode::GemvConfig; 12] = [
+    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 8, ksplit: 1, max_rows: 1 },
+    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 1 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 1 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 1, max_rows: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 8, ksplit: 1, max_rows: 8 },
+    decode::GemvConfig { warps: 4, rows_per_warp: 1, unroll: 8, ksplit: 1, max_rows: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 8, ksplit: 1, max_rows: 8 },
+    decode::GemvConfig { warps: 16, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 2, max_rows: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 1, unroll: 4, ksplit: 4, max_rows: 8 },
+    decode::GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, ksplit: 8, max_rows: 8 },
 ];
 
 const GEMV_SHAPES: [(usize, usize); 5] = [(2048, 2048), (8192, 2048), (2048, 8192), (129, 100), (576, 1536)];
@@ -110,7 +113,7 @@ fn gemv_matches_f64_reference() {
             let k = decode::gemv_with(dt, dt, dt, cfg).unwrap();
             let kern = (k.clone(), g.load(&k));
             for (si, &(n, kk)) in GEMV_SHAPES.iter().chain(&[(37, 1001), (1, 8)]).enumerate() {
-                for m in [1, 2, 5, 8] {
+                for m in [1, 2, 5, 8].into_iter().filter(|&m| m <= cfg.max_rows) {
                     let e = gemv_case(&g, &kern, cfg, (dt, dt, dt), false, m, n, kk, 100 + si as u64 * 10 + m as u64);
                     assert!(e < gemv_tol(dt), "gemv {dt} {cfg:?} m={m} n={n} k={kk}: relative L2 error {e}");
                 }
@@ -139,9 +142,9 @@ fn gemv_mixed_dtypes_and_fused_residual() {
             assert!(e < gemv_tol(dt), "{} m={m} n={n} k={kk}: relative L2 error {e}", k.sig.name);
         }
     }
-    // Mixed dtypes with split-K (the engine's batch-1 split for a short n).
+    // Mixed dtypes with split-K.
     let dts = (DType::F32, DType::BF16, DType::F32);
-    let cfg = decode::GemvConfig { ksplit: 4, ..decode::GemvConfig::for_rows(1) };
+    let cfg = decode::GemvConfig { ksplit: 4, max_rows: decode::GEMV_MAX_M, ..decode::GemvConfig::for_rows(1) };
     let k = decode::gemv_with(dts.0, dts.1, dts.2, cfg).unwrap();
     let kern = (k.clone(), g.load(&k));
     for (m, n, kk) in [(1, 2048, 2048), (1, 129, 1000), (3, 37, 4104)] {
@@ -160,7 +163,15 @@ fn gemv_mixed_dtypes_and_fused_residual() {
 fn gemv_bandwidth() {
     let Some(g) = gpu() else { return };
     let dt = DType::BF16;
-    let kernels: Vec<(decode::GemvConfig, Kernel, CudaFunction)> = GEMV_CONFIGS
+    // Every split, in its form for any m and its one-row form.
+    let mut configs: Vec<decode::GemvConfig> = GEMV_CONFIGS.to_vec();
+    for c in GEMV_CONFIGS {
+        let one = decode::GemvConfig { max_rows: 1, ..c };
+        if !configs.contains(&one) {
+            configs.push(one);
+        }
+    }
+    let kernels: Vec<(decode::GemvConfig, Kernel, CudaFunction)> = configs
         .iter()
         .map(|&c| {
             let k = decode::gemv_with(dt, dt, dt, c).unwrap();
@@ -201,7 +212,7 @@ fn gemv_bandwidth() {
             ]
         };
         let mut line = format!("kiln-info\tgemv_bandwidth\tm={m}\tn={n}\tk={kk}");
-        for (c, k, f) in &kernels {
+        for (c, k, f) in kernels.iter().filter(|(c, _, _)| m <= c.max_rows) {
             let items = decode::gemv_items_with(n, *c);
             for i in 0..10 {
                 g.launch(k, f, items, &args(i));
@@ -288,97 +299,115 @@ fn attention_decode_matches_reference() {
     let sms = g.info.multiprocessors.max(1) as usize;
     let mut worst = [0f64; 2];
     for (di, dt) in [DType::F32, DType::BF16].into_iter().enumerate() {
-        // One kernel per GQA group (its query tile).
-        let kernels: Vec<(usize, Kernel, CudaFunction)> = [4, 3, 1]
+        // Per GQA group: the kernel of its default query tile and the one-head tile the
+        // engine switches to when the default leaves few blocks.
+        let kernels: Vec<(usize, usize, Kernel, CudaFunction)> = [(4, 4), (4, 1), (3, 3), (3, 1), (1, 1)]
             .into_iter()
-            .map(|group| {
-                let pk = decode::attention_decode(dt, group, &keys, &table).unwrap();
+            .map(|(group, tile)| {
+                assert!(tile == 1 || tile == decode::attention_decode_query_tile(group));
+                let pk = decode::attention_decode_tiled(dt, group, tile, &keys, &table).unwrap();
                 let pf = g.load(&pk);
-                (group, pk, pf)
+                (group, tile, pk, pf)
             })
             .collect();
         let tol = if dt == DType::F32 { 1e-5 } else { 1e-2 };
         let mut syms_buf = g.upload(&[0u8; 16]);
         // Completion counters: zero before the first launch, and every launch leaves them
         // zero (checked below).
-        let n_counters =
-            decode::attention_decode_counters(3, 2, 32, 8).max(decode::attention_decode_counters(3, 2, 9, 3));
+        let n_counters = decode::attention_decode_counters_tiled(3, 2, 32, 8, 1)
+            .max(decode::attention_decode_counters_tiled(3, 2, 9, 3, 1));
         let counters = g.upload(&vec![0u8; 4 * n_counters]);
         let mut case_no = 0u64;
         for b in [1, 3] {
             for (h, kh) in [(32, 8), (9, 3), (4, 4)] {
-                let (_, pk, pf) = kernels.iter().find(|k| k.0 == h / kh).expect("a kernel per group");
-                for d in [64, 128] {
-                    for t in [1, 7, 300, 4097] {
-                        // Caches with room to spare; positions >= t hold NaN, which must
-                        // never be read.
-                        let cap = t + 3;
-                        let mut r = rng(1000 + case_no);
-                        case_no += 1;
-                        let mut kvals = uniform(&mut r, b * cap * kh * d, -1.0, 1.0);
-                        let mut vvals = uniform(&mut r, b * cap * kh * d, -1.0, 1.0);
-                        for bi in 0..b {
-                            for j in t..cap {
-                                let at = (bi * cap + j) * kh * d;
-                                kvals[at..at + kh * d].fill(f32::NAN);
-                                vvals[at..at + kh * d].fill(f32::NAN);
+                for (_, tile, pk, pf) in kernels.iter().filter(|k| k.0 == h / kh) {
+                    let tile = *tile;
+                    for d in [64, 128] {
+                        for t in [1, 7, 300, 4097] {
+                            // Caches with room to spare; positions >= t hold NaN, which must
+                            // never be read.
+                            let cap = t + 3;
+                            let mut r = rng(1000 + case_no);
+                            case_no += 1;
+                            let mut kvals = uniform(&mut r, b * cap * kh * d, -1.0, 1.0);
+                            let mut vvals = uniform(&mut r, b * cap * kh * d, -1.0, 1.0);
+                            for bi in 0..b {
+                                for j in t..cap {
+                                    let at = (bi * cap + j) * kh * d;
+                                    kvals[at..at + kh * d].fill(f32::NAN);
+                                    vvals[at..at + kh * d].fill(f32::NAN);
+                                }
                             }
-                        }
-                        let (kb, kv) = encode(dt, &kvals);
-                        let (vb, vv) = encode(dt, &vvals);
-                        let (kbuf, vbuf) = (g.upload(&kb), g.upload(&vb));
-                        for s in [1, 2] {
-                            if t < s {
-                                continue;
-                            }
-                            let (qb, qv) = encode(dt, &uniform(&mut r, b * s * h * d, -2.0, 2.0));
-                            let qbuf = g.upload(&qb);
-                            let mut syms = Vec::new();
-                            syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
-                            syms.extend_from_slice(&(s as i64).to_le_bytes());
-                            g.write(&mut syms_buf, &syms);
-                            let masks: &[Mask] = if d == 64 {
-                                &[Mask::Causal, Mask::SlidingWindow(16), Mask::None]
-                            } else {
-                                &[Mask::Causal, Mask::SlidingWindow(16)]
-                            };
-                            for &mask in masks {
-                                let c =
-                                    AttnCase { b, s, h, kh, d, dv: d, t, cap, mask, scale: 1.0 / (d as f32).sqrt() };
-                                let want = attention_ref(&c, &qv, &kv, &vv);
-                                let suggested = decode::attention_decode_splits(b, s, h, kh, t, sms);
-                                for splits in [suggested, 61] {
-                                    decode::attention_decode_check(h, kh, d, d, splits).unwrap();
-                                    let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
-                                    let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
-                                    let obytes = b * s * h * d * dt.bytes_for(1);
-                                    let out = g.poisoned(obytes);
-                                    let args = attention_args(
-                                        &g,
-                                        [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &syms_buf],
-                                        &c,
-                                        splits,
-                                    );
-                                    let pi = decode::attention_decode_items(b, s, h, kh, splits);
-                                    g.launch(pk, pf, pi, &args);
-                                    let what =
-                                        format!("{dt} b={b} s={s} h={h} kh={kh} d={d} t={t} {mask:?} splits={splits}");
-                                    let left = g.download(&counters, 4 * n_counters);
-                                    assert!(left.iter().all(|&x| x == 0), "{what}: a completion counter was left set");
-                                    // The (max, sum) pairs written (splits with keys, when
-                                    // there are several) are sums of weights <= 1 each, and a
-                                    // zero sum comes with the -1e30 stand-in for -inf.
-                                    let ml = decode_values(DType::F32, &g.download(&pml, wml * 4));
-                                    for p in ml.chunks(2).filter(|p| !p[1].is_nan()) {
-                                        assert!(
-                                            p[1] >= 0.0 && (p[1] > 0.0 || p[0] <= -1e30) && p[1] <= t as f64,
-                                            "{what}: {p:?}"
+                            let (kb, kv) = encode(dt, &kvals);
+                            let (vb, vv) = encode(dt, &vvals);
+                            let (kbuf, vbuf) = (g.upload(&kb), g.upload(&vb));
+                            for s in [1, 2] {
+                                if t < s {
+                                    continue;
+                                }
+                                let (qb, qv) = encode(dt, &uniform(&mut r, b * s * h * d, -2.0, 2.0));
+                                let qbuf = g.upload(&qb);
+                                let mut syms = Vec::new();
+                                syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
+                                syms.extend_from_slice(&(s as i64).to_le_bytes());
+                                g.write(&mut syms_buf, &syms);
+                                let masks: &[Mask] = if d == 64 {
+                                    &[Mask::Causal, Mask::SlidingWindow(16), Mask::None]
+                                } else {
+                                    &[Mask::Causal, Mask::SlidingWindow(16)]
+                                };
+                                for &mask in masks {
+                                    let c = AttnCase {
+                                        b,
+                                        s,
+                                        h,
+                                        kh,
+                                        d,
+                                        dv: d,
+                                        t,
+                                        cap,
+                                        mask,
+                                        scale: 1.0 / (d as f32).sqrt(),
+                                    };
+                                    let want = attention_ref(&c, &qv, &kv, &vv);
+                                    let suggested = decode::attention_decode_splits_tiled(b, s, h, kh, t, sms, tile);
+                                    for splits in [suggested, 61] {
+                                        decode::attention_decode_check(h, kh, d, d, splits).unwrap();
+                                        let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
+                                        let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
+                                        let obytes = b * s * h * d * dt.bytes_for(1);
+                                        let out = g.poisoned(obytes);
+                                        let args = attention_args(
+                                            &g,
+                                            [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &syms_buf],
+                                            &c,
+                                            splits,
                                         );
+                                        let pi = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
+                                        g.launch(pk, pf, pi, &args);
+                                        let what = format!(
+                                        "{dt} b={b} s={s} h={h} kh={kh} tile={tile} d={d} t={t} {mask:?} splits={splits}"
+                                    );
+                                        let left = g.download(&counters, 4 * n_counters);
+                                        assert!(
+                                            left.iter().all(|&x| x == 0),
+                                            "{what}: a completion counter was left set"
+                                        );
+                                        // The (max, sum) pairs written (splits with keys, when
+                                        // there are several) are sums of weights <= 1 each, and a
+                                        // zero sum comes with the -1e30 stand-in for -inf.
+                                        let ml = decode_values(DType::F32, &g.download(&pml, wml * 4));
+                                        for p in ml.chunks(2).filter(|p| !p[1].is_nan()) {
+                                            assert!(
+                                                p[1] >= 0.0 && (p[1] > 0.0 || p[0] <= -1e30) && p[1] <= t as f64,
+                                                "{what}: {p:?}"
+                                            );
+                                        }
+                                        let got = decode_values(dt, &g.download(&out, obytes));
+                                        let e = rel_l2(&what, &got, &want);
+                                        worst[di] = worst[di].max(e);
+                                        assert!(e < tol, "{what}: relative L2 error {e}");
                                     }
-                                    let got = decode_values(dt, &g.download(&out, obytes));
-                                    let e = rel_l2(&what, &got, &want);
-                                    worst[di] = worst[di].max(e);
-                                    assert!(e < tol, "{what}: relative L2 error {e}");
                                 }
                             }
                         }
@@ -388,7 +417,7 @@ fn attention_decode_matches_reference() {
         }
         println!(
             "kiln-check\tdecode_attention\t{}\t{dt}\tcases={case_no}\tworst_rel_l2={:.3e}\ttol={tol:.0e}",
-            kernels[0].1.sig.name, worst[di]
+            kernels[0].2.sig.name, worst[di]
         );
     }
 }

@@ -9,7 +9,8 @@
 // GV_R, each a share of the columns (split-K: a short n still puts enough warps, and
 // loads, in flight), and their partial sums are added in ks order through shared memory.
 // x is staged in shared memory as f32, kc columns at a time (kc·m <= GV_XS, kc a
-// multiple of 256), shared by the block's warps.
+// multiple of 256), shared by the block's warps; with several rows of x 16-byte aligned,
+// through 16-byte loads, GV_XL per thread in flight.
 //
 // Vector path (k % KILN_VEC == 0 and w 16-byte aligned, so every row of w is): the
 // row's 16-byte vectors go in slots of 32; slot s belongs to the warp with ks = s % GV_KS
@@ -32,12 +33,15 @@
 // KILN_MANUAL_ENTRY: the kernel lets the next one be scheduled at once, issues the first
 // chunk's weight loads (no kernel writes weights), and only then waits for the previous
 // kernel (which writes x) — programmatic dependent launch, see kiln.cuh.
-// GV_WARPS (warps per block), GV_R (rows per warp) and GV_U (16-byte loads in flight per
-// lane and row) come from decode.rs (`GemvConfig`), as does GV_XS (floats of x staged
-// per block, `GEMV_STAGED_FLOATS`).
-#define GV_MAX_M 8
+// GV_WARPS (warps per block), GV_R (rows per warp), GV_U (16-byte loads in flight per
+// lane and row), GV_MAX_M (rows of x the kernel takes, which size the accumulators)
+// and GV_XVEC (16-byte staging of x: kernels for more than one row) come from decode.rs
+// (`GemvConfig`), as does GV_XS (floats of x staged per block,
+// `GEMV_STAGED_FLOATS`).
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
+#define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
+#define GV_XL 4  // 16-byte loads of x in flight per thread while staging
 
 // Puts element j of activation row r (f32) where the staging keeps it (see above).
 __device__ __forceinline__ void gv_stage(float* xs, int r, i64 j, float v, bool vec, int nv, int len) {
@@ -97,6 +101,13 @@ KILN_SIGNATURE {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int rw = warp / GV_KS, ks = warp - rw * GV_KS;  // row group, share of the columns
     const bool vec = (k % KILN_VEC) == 0 && (((unsigned long long)GV_W) & 15ull) == 0;
+#if !GV_PROLOGUE
+    // x in 16-byte vectors too: every row of x starts 16-byte aligned. GV_XVEC is 0 for
+    // a one-row kernel: its x is one short row, and the loads in flight would cost it 30
+    // registers (40 → 70 for w16r1u4 in bf16), a third of its resident blocks (the
+    // decode step measured 18% slower).
+    const bool xvec = GV_XVEC && (k % GV_XV) == 0 && (((unsigned long long)in0) & 15ull) == 0;
+#endif
     const int kc = (GV_XS / (int)m) & ~255;
     const int mm = (int)m;
     if (GV_PROLOGUE && kc < k) {
@@ -132,7 +143,42 @@ KILN_SIGNATURE {
 KILN_PROLOGUE
         }
 #else
-        if (vec) {
+        if (vec && xvec) {
+            // 16-byte loads of x (GV_XV elements each), GV_XL per thread issued before
+            // any is stored, so a chunk of x arrives in one or two round trips; each
+            // 4-element group is one float4 of the staging.
+            const int nv = len / KILN_VEC, nq = len / GV_XV, total = mm * nq;
+            for (int q0 = threadIdx.x; q0 < total; q0 += blockDim.x * GV_XL) {
+                kiln_u4 xv[GV_XL];
+#pragma unroll
+                for (int u = 0; u < GV_XL; ++u) {
+                    const int q = q0 + u * (int)blockDim.x;
+                    if (q < total) {
+                        const int r = q / nq, c = q - r * nq;
+                        xv[u] = *(const kiln_u4*)(in0 + (i64)r * k + k0 + (i64)c * GV_XV);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < GV_XL; ++u) {
+                    const int q = q0 + u * (int)blockDim.x;
+                    if (q < total) {
+                        const int r = q / nq, c = q - r * nq;
+                        float f[GV_XV];
+                        kiln_unpack(xv[u], f, (const KILN_X*)0);
+#pragma unroll
+                        for (int g = 0; g < GV_XV / 4; ++g) {
+                            const int j = c * GV_XV + 4 * g;
+                            kiln_f4 v;
+                            v.x = f[4 * g];
+                            v.y = f[4 * g + 1];
+                            v.z = f[4 * g + 2];
+                            v.w = f[4 * g + 3];
+                            xs4[(r * GV_P + (j % KILN_VEC) / 4) * nv + j / KILN_VEC] = v;
+                        }
+                    }
+                }
+            }
+        } else if (vec) {
             // One float4 slot per thread and step: consecutive threads, consecutive slots.
             const int nv = len / KILN_VEC;
             for (int r = 0; r < mm; ++r) {

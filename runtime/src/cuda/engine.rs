@@ -143,8 +143,9 @@ enum Run {
     /// Attention over a resident cache (keys from the symbol table, the cache read
     /// through batch strides): the split-K kernel for up to [`PREFILL_ROWS`] query rows
     /// (decode), the tensor-core prefill kernel (when the dtype and head dim allow it)
-    /// for more.
-    Attention { kernel: usize, prefill: Option<usize> },
+    /// for more. `single`: the split-K kernel with query tiles of one head, when the
+    /// default tile is larger (picked per launch by `decode::attention_decode_pick_tile`).
+    Attention { kernel: usize, single: Option<usize>, prefill: Option<usize> },
 }
 
 struct Step {
@@ -537,10 +538,17 @@ impl CudaEngine {
                             let group = h.checked_div(kh).unwrap_or(0);
                             let k = decode::attention_decode(kt.dtype, group, &keys, &syms)
                                 .map_err(|e| unsupported(e.0))?;
+                            let single = if decode::attention_decode_query_tile(group) > 1 {
+                                let k1 = decode::attention_decode_tiled(kt.dtype, group, 1, &keys, &syms)
+                                    .map_err(|e| unsupported(e.0))?;
+                                Some(add_kernel(k1))
+                            } else {
+                                None
+                            };
                             let prefill = prefill::attention_prefill_check(kt.dtype, h, kh, d, dv)
                                 .and_then(|_| prefill::attention_prefill(kt.dtype, d, &keys, &syms))
                                 .ok();
-                            Run::Attention { kernel: add_kernel(k), prefill: prefill.map(&mut add_kernel) }
+                            Run::Attention { kernel: add_kernel(k), single, prefill: prefill.map(&mut add_kernel) }
                         } else {
                             match kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))? {
                                 NodeLowering::Kernel(k) => Run::Kernel(add_kernel(k)),
@@ -671,10 +679,11 @@ impl CudaEngine {
                 // prefill: one sequence of up to max_context rows.
                 let shapes = (1..=opts.max_batch).map(|b| (b, 1)).chain((1..opts.max_context).map(|s| (1, s)));
                 for (bsz, rows) in shapes {
-                    let splits = decode::attention_decode_splits(bsz, rows, h, kh, opts.max_context, sms);
+                    let tile = decode::attention_decode_pick_tile(bsz, rows, h, kh);
+                    let splits = decode::attention_decode_splits_tiled(bsz, rows, h, kh, opts.max_context, sms, tile);
                     let (o, ml) = decode::attention_decode_workspace(bsz, rows, h, dv, splits);
                     ws_bytes = ws_bytes.max(4 * (o + ml));
-                    n_counters = n_counters.max(decode::attention_decode_counters(bsz, rows, h, kh));
+                    n_counters = n_counters.max(decode::attention_decode_counters_tiled(bsz, rows, h, kh, tile));
                 }
             }
         }
@@ -978,9 +987,9 @@ impl CudaEngine {
                 Run::Kernel(k) => {
                     launch_node(self.lane(), &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
-                Run::Attention { kernel, prefill } => {
+                Run::Attention { kernel, single, prefill } => {
                     let prefill = prefill.filter(|_| ins[0].1[1] > PREFILL_ROWS);
-                    self.attention(&node.op, *kernel, prefill, &ins, &outs).map_err(fill)?;
+                    self.attention(&node.op, (*kernel, *single), prefill, &ins, &outs).map_err(fill)?;
                 }
                 Run::Arange(k) => {
                     let n = out_shapes[0][0];
@@ -1051,7 +1060,7 @@ impl CudaEngine {
     fn attention(
         &self,
         op: &Op,
-        split_k: usize,
+        (split_k, single): (usize, Option<usize>),
         prefill: Option<usize>,
         ins: &[(u64, &[usize])],
         outs: &[(u64, &[usize])],
@@ -1087,13 +1096,20 @@ impl CudaEngine {
         if let Some(p) = prefill {
             return launch(self.lane(), &self.kernels[p], prefill::attention_prefill_items(bsz, s, h, kh), &a);
         }
-        let splits = self.decode_splits(bsz, s, h, kh);
+        // Whole GQA groups per block, or one head per block when that leaves too few
+        // blocks (and the kernel for it exists).
+        let (kernel, tile) = match single {
+            Some(k1) if decode::attention_decode_pick_tile(bsz, s, h, kh) == 1 => (k1, 1),
+            _ => (split_k, decode::attention_decode_query_tile(h.checked_div(kh).unwrap_or(0))),
+        };
+        let sms = self.info.multiprocessors.max(1) as usize;
+        let splits = decode::attention_decode_splits_tiled(bsz, s, h, kh, self.opts.max_context, sms, tile);
         decode::attention_decode_check(h, kh, d, dv, splits).map_err(|e| bad(e.0))?;
         let (wo, wml) = decode::attention_decode_workspace(bsz, s, h, dv, splits);
         if 4 * (wo + wml) > self.attn_ws.len() {
             return Err(bad(format!("decode attention workspace too small for batch {bsz}")));
         }
-        if decode::attention_decode_counters(bsz, s, h, kh) > self.attn_counters.len() {
+        if decode::attention_decode_counters_tiled(bsz, s, h, kh, tile) > self.attn_counters.len() {
             return Err(bad(format!("decode attention counters too few for batch {bsz}, {s} rows")));
         }
         let ws = dev(&self.attn_ws, &self.stream);
@@ -1101,7 +1117,12 @@ impl CudaEngine {
             .set(Role::Out(2), ArgValue::Ptr(ws + 4 * wo as u64))
             .set(Role::Counters, ArgValue::Ptr(dev(&self.attn_counters, &self.stream)))
             .i64(Role::Splits, splits);
-        launch(self.lane(), &self.kernels[split_k], decode::attention_decode_items(bsz, s, h, kh, splits), &a)
+        launch(
+            self.lane(),
+            &self.kernels[kernel],
+            decode::attention_decode_items_tiled(bsz, s, h, kh, splits, tile),
+            &a,
+        )
     }
 
     /// The arguments and item count of a fused append's launch.
@@ -1166,10 +1187,6 @@ impl CudaEngine {
         let items: Vec<usize> = parts.iter().map(|x| x.items).collect();
         launch(self.lane(), merged, kiln_codegen::horizontal::horizontal_items(&items, threads), &a)?;
         Ok(1)
-    }
-
-    fn decode_splits(&self, bsz: usize, s: usize, h: usize, kh: usize) -> usize {
-        decode::attention_decode_splits(bsz, s, h, kh, self.opts.max_context, self.info.multiprocessors.max(1) as usize)
     }
 
     fn matmul(
