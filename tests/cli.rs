@@ -279,7 +279,9 @@ fn dump_after_writes_every_stage_and_stage_selects_one() {
             "05-fuse.dot",
             "05-fuse.kiln",
             "06-fuse_matvec.dot",
-            "06-fuse_matvec.kiln"
+            "06-fuse_matvec.kiln",
+            "07-fuse_epilogue.dot",
+            "07-fuse_epilogue.kiln"
         ]
     );
     // The selected stage is the last pass's graph, and it still parses and verifies.
@@ -287,7 +289,10 @@ fn dump_after_writes_every_stage_and_stage_selects_one() {
     assert_eq!(ir, std::fs::read_to_string(stages.join("04-dce.kiln")).unwrap());
     kiln::graph::text::parse(&ir).unwrap();
     let out = kiln(&["dump", "--model", s(&dir), "--out", s(&last), "--stage", "fusion"]);
-    assert_fails(&out, "--stage: no stage `fusion`; stages: traced, fold, simplify, cse, dce, fuse, fuse_matvec");
+    assert_fails(
+        &out,
+        "--stage: no stage `fusion`; stages: traced, fold, simplify, cse, dce, fuse, fuse_matvec, fuse_epilogue",
+    );
     let out = kiln(&["dump", "--model", s(&dir), "--out", s(&last), "--dump-after", "nope", s(&stages)]);
     assert_fails(&out, "--dump-after: no pass `nope`");
 }

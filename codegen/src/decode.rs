@@ -236,11 +236,12 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) 
         name.push_str(&format!("_{}", cfg.tag()));
     }
     let sig = KernelSig::new(name, params);
-    let template = format!("{VECTOR_HELPERS}{GEMV}").replace("KILN_PROLOGUE", "");
+    let template = format!("{VECTOR_HELPERS}{GEMV}").replace("KILN_PROLOGUE", "").replace("KILN_EPILOGUE", "");
     let mut defines = gemv_defines(xs, ws, ys, vec_elems(w), cfg);
     defines.extend([
         ("KILN_RESIDUAL", u8::from(residual).to_string()),
         ("GV_PROLOGUE", "0".to_string()),
+        ("GV_X", "in0".to_string()),
         ("GV_W", "in1".to_string()),
         ("GV_Y", "out".to_string()),
         ("GV_RES", if residual { "in2" } else { "(const KILN_Y*)0" }.to_string()),

@@ -204,8 +204,8 @@ pub fn fused_items(body: &FusedBody, b: &Bindings) -> Result<usize, CodegenError
 pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
-    let FusedKind::MatVec { prologue, x, weight } = kind else {
-        return err("gemv_prologue: the body is no matrix-vector group");
+    let FusedKind::MatVec { prologue, x, weight, epilogue: None } = kind else {
+        return err("gemv_prologue: the body is no matrix-vector group without an epilogue");
     };
     decode::gemv_check(cfg)?;
     let pro = body.prologue().expect("a matrix-vector body has a prologue");
@@ -246,13 +246,124 @@ pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
     defines.extend([
         ("KILN_RESIDUAL", "0".to_string()),
         ("GV_PROLOGUE", "1".to_string()),
+        ("GV_X", Role::In(0).c_name()),
         ("GV_W", Role::In(weight as u8).c_name()),
         ("GV_Y", Role::Out((body.outputs.len() - 1) as u8).c_name()),
         ("GV_RES", "(const KILN_Y*)0".to_string()),
     ]);
-    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV).replace("KILN_PROLOGUE", &text);
+    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
+        .replace("KILN_PROLOGUE", &text)
+        .replace("KILN_EPILOGUE", "");
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     Ok(render_hashed("kiln_gemv_pro", params, &template, &defines, grid))
+}
+
+/// The GEMV of a [`FusedKind::MatVec`] body with an [`kiln_ops::Epilogue`], for few rows
+/// of x (written by the prologue's kernel): the blocks of [`gemv_epilogue_items`] each
+/// compute the rows of w that `cols` consecutive epilogue columns read (`cols` =
+/// `cfg.warps` / the epilogue's slice count; warp `s · cols + t` takes row `offsets[s] +
+/// tile · cols + t`), store them into y, and then compute the epilogue of those columns
+/// for every row of x from the values they hold (rounded to y's dtype, as the CPU
+/// reference rounds the matmul). y is written for the columns the epilogue reads (all of
+/// them when its slices cover y, as SwiGLU's do). `cfg` must have one row per warp and
+/// no split-K.
+///
+/// Parameters: `out`, `out1`, … (the epilogue's outputs), then y, then `in{1 + i}` for
+/// body input `i` (all but the weight, which the epilogue reads as it needs), x, the
+/// weight, `syms`, `m` (rows of x), `n` (y's columns), `k`.
+pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+    body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let FusedKind::MatVec { x, weight, epilogue: Some(form), .. } = kind else {
+        return err("gemv_epilogue: the body is no matrix-vector group with an epilogue");
+    };
+    decode::gemv_check(cfg)?;
+    if cfg.rows_per_warp != 1 || cfg.ksplit != 1 || cfg.warps < form.offsets.len() {
+        return err(format!(
+            "gemv_epilogue: the split {cfg:?} must have one row per warp, no split-K and a warp per slice"
+        ));
+    }
+    let epi = body.epilogue().expect("a body with an epilogue form has one");
+    let mut g = Gen::new(&epi, syms);
+    let (head, code) = g.elementwise(&form.domain)?;
+    let mut text = String::new();
+    for l in head.lines() {
+        writeln!(text, "    {l}").expect("to a string");
+    }
+    text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
+    text.push_str("        (void)n_items;\n");
+    text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
+    text.push_str("            const int r = q / GV_EPI_T;\n");
+    text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
+    text.push_str("            if (col >= GV_EPI_W) continue;\n");
+    text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
+    for l in code.lines() {
+        writeln!(text, "    {l}").expect("to a string");
+    }
+    text.push_str("        }");
+    let what = "fused matrix-vector group";
+    let wt = &body.inputs[weight as usize];
+    let (xt, yt) = (body.ty(x).expect("checked"), &body.nodes[body.matmul_node().expect("checked")].outputs[0]);
+    let (xs, ws, ys) = (
+        decode::float_storage(xt.dtype, &format!("{what}: x"))?,
+        decode::float_storage(wt.dtype, &format!("{what}: weight"))?,
+        decode::float_storage(yt.dtype, &format!("{what}: y"))?,
+    );
+    // Parameters: the epilogue's outputs, y, the body's inputs but the weight (as the
+    // epilogue body numbers them: from 1), x, the weight.
+    let mut params = Vec::new();
+    for (i, &r) in epi.outputs.iter().enumerate() {
+        let d = epi.ty(r).expect("checked").dtype;
+        params.push((Role::Out(i as u8), ParamTy::ptr(storage(d, &format!("epilogue output {i}"))?)));
+    }
+    let e = epi.outputs.len();
+    params.push((Role::Out(e as u8), ParamTy::ptr(ys)));
+    let nin = body.inputs.len() - 1;
+    for (i, t) in body.inputs[..nin].iter().enumerate() {
+        params.push((Role::In((i + 1) as u8), ParamTy::const_ptr(storage(t.dtype, &format!("fused input {i}"))?)));
+    }
+    params.push((Role::In((nin + 1) as u8), ParamTy::const_ptr(xs)));
+    params.push((Role::In((nin + 2) as u8), ParamTy::const_ptr(ws)));
+    params.extend([
+        (Role::Syms, ParamTy::const_ptr("i64")),
+        (Role::MatM, ParamTy::I64),
+        (Role::MatN, ParamTy::I64),
+        (Role::MatK, ParamTy::I64),
+    ]);
+    if params.len() > 250 {
+        return err("gemv_epilogue: too many inputs and outputs");
+    }
+    // GV_EPI_OFF(s): offset s, a constant expression (no array in local memory).
+    let off = form
+        .offsets
+        .iter()
+        .enumerate()
+        .rev()
+        .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
+    let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    defines.extend([
+        ("KILN_RESIDUAL", "0".to_string()),
+        ("GV_PROLOGUE", "0".to_string()),
+        ("GV_EPI", "1".to_string()),
+        ("GV_EPI_S", form.offsets.len().to_string()),
+        ("GV_EPI_OFF(s)", off),
+        ("GV_EPI_W", format!("{}LL", form.width)),
+        ("GV_X", Role::In((nin + 1) as u8).c_name()),
+        ("GV_W", Role::In((nin + 2) as u8).c_name()),
+        ("GV_Y", Role::Out(e as u8).c_name()),
+        ("GV_RES", "(const KILN_Y*)0".to_string()),
+    ]);
+    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
+        .replace("KILN_PROLOGUE", "")
+        .replace("KILN_EPILOGUE", text.trim_end_matches('\n'));
+    let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
+    Ok(render_hashed("kiln_gemv_epi", params, &template, &defines, grid))
+}
+
+/// Blocks of a [`gemv_epilogue`] launch: one per `cfg.warps / slices` epilogue columns.
+pub fn gemv_epilogue_items(form: &kiln_ops::Epilogue, cfg: GemvConfig) -> usize {
+    let cols = (cfg.warps / form.offsets.len().max(1)).max(1);
+    form.width.div_ceil(cols)
 }
 
 /// [`crate::kernels::render`] under the name `{prefix}_{hash}`, the hash that of the

@@ -46,7 +46,8 @@ pub mod symbols;
 pub mod table;
 
 pub use fused::{
-    fused_append, fused_append_items, fused_append_kernel, fused_items, fused_kernel, gemv_prologue, FusedAppend,
+    fused_append, fused_append_items, fused_append_kernel, fused_items, fused_kernel, gemv_epilogue,
+    gemv_epilogue_items, gemv_prologue, FusedAppend,
 };
 pub use kernels::{lower_node, render_node_source, CodegenError, Grid, Kernel, NodeLowering};
 pub use nvrtc::{CompileError, CompileStats, Compiler};

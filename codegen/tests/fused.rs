@@ -830,6 +830,94 @@ fn a_matvec_group_is_a_gemv_that_computes_its_x() {
     insta::assert_snapshot!("gemv_prologue_rmsnorm_bf16", part);
 }
 
+/// A matrix-vector group with SwiGLU as its epilogue: norm → gate_up → silu(gate)·up.
+/// The epilogue GEMV: its warps take the gate and up rows of the block's columns (two
+/// slices, 8 columns per 16-warp block), y and the epilogue's output as parameters, the
+/// epilogue code reading y through `kiln_epi_y`; NVRTC compiles it.
+#[test]
+fn a_matvec_group_with_an_epilogue_is_a_gemv_that_finishes_its_columns() {
+    use kiln_codegen::decode::GemvConfig;
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(64)]).unwrap();
+    let h = x.rms_norm(tr.param("n", DType::BF16, [64]).unwrap(), 1e-6).unwrap();
+    let y = h.linear(tr.param("w", DType::BF16, [256, 64]).unwrap(), None).unwrap();
+    let z = y.slice(2, 0, 128).unwrap().silu().unwrap().mul(y.slice(2, 128, 256).unwrap()).unwrap();
+    tr.output("normed", h).unwrap();
+    tr.output("z", z).unwrap();
+    tr.output("y", y).unwrap();
+    let g = tr.finish().unwrap();
+    let (fg, _, _) = fuse_all(&g);
+    let mut body = match &fg.node(fg.topo_order().into_iter().find(|&n| fg.node(n).op.name() == "fused").unwrap()).op {
+        Op::Fused(b) => (**b).clone(),
+        _ => unreachable!(),
+    };
+    // The weight is the last input of a matrix-vector body (SiLU's constant came after it).
+    let mm = body.nodes.iter().position(|n| matches!(n.op, Op::MatMul { .. })).unwrap();
+    let FusedRef::Input(wi) = body.nodes[mm].operands[1] else { unreachable!() };
+    let last = (body.inputs.len() - 1) as u16;
+    body.inputs.swap(wi as usize, last as usize);
+    for n in &mut body.nodes {
+        for r in n.operands.iter_mut() {
+            *r = match *r {
+                FusedRef::Input(i) if i == wi => FusedRef::Input(last),
+                FusedRef::Input(i) if i == last => FusedRef::Input(wi),
+                other => other,
+            };
+        }
+    }
+    let Ok(FusedKind::MatVec { epilogue: Some(form), .. }) = body.kind() else { panic!("{:?}", body.kind()) };
+    assert_eq!((form.width, form.offsets.to_vec()), (128, vec![0, 128]));
+    let syms = graph_symbols(&fg);
+    let cfg = GemvConfig::for_rows(1);
+    let k = kiln_codegen::gemv_epilogue(&body, &syms, cfg).unwrap();
+    if let Ok(p) = std::env::var("KILN_DUMP_EPI") {
+        std::fs::write(p, &k.source).unwrap();
+    }
+    assert!(k.waits_for_previous());
+    assert_eq!(kiln_codegen::gemv_epilogue_items(&form, cfg), 16); // 8 columns per block
+    let part = kernel_part(&k);
+    for d in [
+        "#define GV_EPI 1",
+        "#define GV_EPI_S 2",
+        "#define GV_EPI_OFF(s) ((s) == 0 ? 0LL : ((s) == 1 ? 128LL : 0LL))",
+        "#define GV_EPI_W 128LL",
+    ] {
+        assert!(part.contains(d), "{d}");
+    }
+    assert!(part.contains("const kiln_epi_y in0 = {gv_ey, n, tile};"));
+    let roles: Vec<Role> = k.sig.params.iter().map(|p| p.role).collect();
+    let nin = body.inputs.len() - 1;
+    let mut want = vec![Role::Out(0), Role::Out(1)];
+    want.extend((1..=nin + 2).map(|i| Role::In(i as u8)));
+    want.extend([Role::Syms, Role::MatM, Role::MatN, Role::MatK]);
+    assert_eq!(roles, want, "epilogue output, y, the inputs from 1, x, the weight");
+    assert!(
+        part.contains(&format!("#define GV_X in{}", nin + 1)) && part.contains(&format!("#define GV_W in{}", nin + 2))
+    );
+    assert!(part.contains("#define GV_Y out1"));
+    // The two-kernel form's first half, and the epilogue alone (for many rows).
+    assert_eq!(body.prologue().unwrap().outputs.len(), 1);
+    let epi = body.epilogue().unwrap();
+    assert!(fused_kernel(&epi, &syms).is_ok());
+    // Splits the epilogue cannot take.
+    for bad in [GemvConfig { rows_per_warp: 2, ..cfg }, GemvConfig { ksplit: 2, ..cfg }] {
+        assert!(kiln_codegen::gemv_epilogue(&body, &syms, bad).unwrap_err().0.contains("one row per warp"));
+    }
+    assert!(kiln_codegen::gemv_prologue(&body, &syms, cfg).is_err(), "the one-kernel prologue form has no epilogue");
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        let several = kiln_codegen::gemv_epilogue(
+            &body,
+            &syms,
+            kiln_codegen::decode::GemvConfig { rows_per_warp: 1, ..GemvConfig::for_rows(2) },
+        )
+        .unwrap();
+        c.compile_all(&[&k, &several]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+}
+
 /// The grouping rule: consecutive parts that do not read each other's outputs, also
 /// through a view between them; a part that does starts the next group.
 #[test]

@@ -44,16 +44,36 @@ pub enum FusedKind {
     /// dims dropped or kept as 1s), and every reduction reduces exactly the `cols` axes
     /// of a full-shaped value; outputs are full- or row-shaped.
     Rows { rows: Shape, cols: Shape },
-    /// A matrix-vector product with a fused prologue: the last body node is
-    /// `y = matmul(x, w, transpose_b)` with `w` the last body input (`[n, k]`, read by
-    /// nothing else) and `x [rows.., k]` a value of the rest of the body (the
-    /// [`FusedBody::prologue`]), which has the form `prologue`: elementwise over x's
-    /// shape, or row reductions over x's last axis with x full-shaped. The outputs are
-    /// the prologue's (x among them) and then `y`, so the body runs either as one kernel
-    /// (a GEMV that computes its x rows itself, for few rows) or as the prologue's kernel
-    /// followed by the matmul.
-    MatVec { prologue: Box<FusedKind>, x: FusedRef, weight: u16 },
+    /// A matrix-vector product with a fused prologue, and optionally an epilogue: one
+    /// body node is `y = matmul(x, w, transpose_b)` with `w` the last body input
+    /// (`[n, k]`, read by nothing else) and `x [rows.., k]` a value of the nodes before
+    /// it (the [`FusedBody::prologue`]), which has the form `prologue`: elementwise over
+    /// x's shape, or row reductions over x's last axis with x full-shaped. The nodes
+    /// after it, if any, are the [`Epilogue`]. The outputs are the prologue's (x among
+    /// them), then the epilogue's, then `y`, so the body runs as one kernel (a GEMV that
+    /// computes its x rows itself, for few rows), or as the prologue's kernel followed
+    /// by the matmul (a GEMV that also computes the epilogue for few rows; a GEMM and
+    /// the epilogue's kernel otherwise).
+    MatVec { prologue: Box<FusedKind>, x: FusedRef, weight: u16, epilogue: Option<Epilogue> },
 }
+
+/// The elementwise tail of a [`FusedKind::MatVec`] body, computed from y by the GEMV
+/// blocks that computed it: the nodes after the matmul, elementwise over `domain`
+/// (`[rows.., width]`, y's rows), reading y only through slices of its last axis that
+/// start at `offsets` (each `width` wide; offset 0 and width `n` for y itself). So
+/// output column `j` needs y's columns `offsets[s] + j` only: a GEMV block that owns
+/// those rows of w computes the epilogue of its columns (SwiGLU's `silu(gate) · up`
+/// over the halves of a fused gate_up product). The epilogue's other operands are body
+/// inputs (constants, biases) or values computed from them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Epilogue {
+    pub domain: Shape,
+    pub width: usize,
+    pub offsets: SmallVec<[usize; 4]>,
+}
+
+/// The most slices of y an [`Epilogue`] may read.
+pub const EPILOGUE_MAX_SLICES: usize = 4;
 
 /// The sub-graph of a fused node.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -171,38 +191,86 @@ impl FusedBody {
         Ok(FusedKind::Rows { rows, cols })
     }
 
-    /// The body without its trailing matmul (see [`FusedKind::MatVec`]): the same
-    /// inputs but the weight, the same nodes but the last, the same outputs but `y`.
-    /// `None` when the body does not end in a matmul reading the last input.
-    pub fn prologue(&self) -> Option<FusedBody> {
-        let last = self.nodes.last()?;
+    /// The index of the body's matmul node, when it has one reading the last input as
+    /// its weight.
+    pub fn matmul_node(&self) -> Option<usize> {
         let w = self.inputs.len().checked_sub(1)?;
-        match (&last.op, &last.operands[..]) {
-            (Op::MatMul { .. }, &[_, FusedRef::Input(i)]) if i as usize == w && self.outputs.len() >= 2 => {
-                Some(FusedBody {
-                    inputs: self.inputs[..w].to_vec(),
-                    nodes: self.nodes[..self.nodes.len() - 1].to_vec(),
-                    outputs: self.outputs[..self.outputs.len() - 1].to_vec(),
-                })
-            }
-            _ => None,
+        self.nodes.iter().position(
+            |n| matches!((&n.op, &n.operands[..]), (Op::MatMul { .. }, &[_, FusedRef::Input(i)]) if i as usize == w),
+        )
+    }
+
+    /// The part of a [`FusedKind::MatVec`] body before its matmul: the same inputs but
+    /// the weight, the nodes before the matmul, the outputs computed by them (x among
+    /// them). `None` when the body has no matmul reading the last input, or no output
+    /// before `y`.
+    pub fn prologue(&self) -> Option<FusedBody> {
+        let p = self.matmul_node()?;
+        let w = self.inputs.len() - 1;
+        let before = |r: &FusedRef| match *r {
+            FusedRef::Input(i) => (i as usize) < w,
+            FusedRef::Node { node, .. } => (node as usize) < p,
+        };
+        let outputs: Vec<FusedRef> = self.outputs.iter().copied().filter(before).collect();
+        if outputs.is_empty() {
+            return None;
         }
+        Some(FusedBody { inputs: self.inputs[..w].to_vec(), nodes: self.nodes[..p].to_vec(), outputs })
+    }
+
+    /// The part of a [`FusedKind::MatVec`] body after its matmul, as an elementwise body
+    /// of its own: input 0 is y, input `1 + i` the body's input `i` (all but the
+    /// weight), the nodes after the matmul, the outputs computed by them. `None` when the
+    /// body has no matmul reading the last input or nothing after it.
+    pub fn epilogue(&self) -> Option<FusedBody> {
+        let p = self.matmul_node()?;
+        if p + 1 == self.nodes.len() {
+            return None;
+        }
+        let w = self.inputs.len() - 1;
+        let map = |r: FusedRef| -> Option<FusedRef> {
+            match r {
+                FusedRef::Input(i) if (i as usize) < w => Some(FusedRef::Input(i + 1)),
+                FusedRef::Input(_) => None,
+                FusedRef::Node { node, output } if node as usize == p => (output == 0).then_some(FusedRef::Input(0)),
+                FusedRef::Node { node, output } if node as usize > p => {
+                    Some(FusedRef::Node { node: node - p as u16 - 1, output })
+                }
+                FusedRef::Node { .. } => None,
+            }
+        };
+        let mut nodes = Vec::with_capacity(self.nodes.len() - p - 1);
+        for n in &self.nodes[p + 1..] {
+            let operands = n.operands.iter().map(|&r| map(r)).collect::<Option<SmallVec<[FusedRef; 4]>>>()?;
+            nodes.push(FusedNode { op: n.op.clone(), operands, outputs: n.outputs.clone() });
+        }
+        let outputs: Vec<FusedRef> = self
+            .outputs
+            .iter()
+            .filter(|r| matches!(r, FusedRef::Node { node, .. } if *node as usize > p))
+            .map(|&r| map(r))
+            .collect::<Option<Vec<_>>>()?;
+        let y = self.nodes[p].outputs[0].clone();
+        let inputs = std::iter::once(y).chain(self.inputs[..w].iter().cloned()).collect();
+        Some(FusedBody { inputs, nodes, outputs })
     }
 
     fn matvec_kind(&self) -> Result<FusedKind, String> {
         let bad = |m: &str| Err(format!("matrix-vector group: {m}"));
-        let n = self.nodes.len();
-        let last = &self.nodes[n - 1];
-        let Op::MatMul { transpose_a: false, transpose_b: true } = last.op else {
-            return bad("the last body node must be the only matmul, `x · wᵀ`");
-        };
-        if self.nodes[..n - 1].iter().any(|n| matches!(n.op, Op::MatMul { .. })) {
-            return bad("only the last body node may be a matmul");
+        if self.nodes.iter().filter(|n| matches!(n.op, Op::MatMul { .. })).count() != 1 {
+            return bad("the body must have one matmul");
         }
+        let Some(p) = self.matmul_node() else {
+            return bad("the matmul's weight must be the last body input");
+        };
+        let mm = &self.nodes[p];
+        let Op::MatMul { transpose_a: false, transpose_b: true } = mm.op else {
+            return bad("the matmul must be `x · wᵀ`");
+        };
         let Some(w) = self.inputs.len().checked_sub(1).map(|w| w as u16) else {
             return bad("the matmul's weight must be a body input");
         };
-        let (x, wref) = (last.operands[0], last.operands[1]);
+        let (x, wref) = (mm.operands[0], mm.operands[1]);
         if wref != FusedRef::Input(w) || self.inputs[w as usize].rank() != 2 {
             return bad("the matmul's weight must be the last body input, of rank 2");
         }
@@ -212,9 +280,21 @@ impl FusedBody {
         if !matches!(x, FusedRef::Node { .. }) {
             return bad("x must be computed by the body (a group input needs no prologue)");
         }
-        let y = FusedRef::Node { node: (n - 1) as u16, output: 0 };
+        let y = FusedRef::Node { node: p as u16, output: 0 };
         if self.outputs.last() != Some(&y) || self.outputs[..self.outputs.len() - 1].contains(&y) {
             return bad("y must be the last output, once");
+        }
+        // Outputs: the prologue's, then the epilogue's, then y.
+        let stage = |r: &FusedRef| match *r {
+            FusedRef::Input(_) => 0,
+            FusedRef::Node { node, .. } => match (node as usize).cmp(&p) {
+                std::cmp::Ordering::Less => 0,
+                std::cmp::Ordering::Equal => 2,
+                std::cmp::Ordering::Greater => 1,
+            },
+        };
+        if self.outputs.windows(2).any(|o| stage(&o[0]) > stage(&o[1])) {
+            return bad("the outputs must be the prologue's, then the epilogue's, then y");
         }
         if !self.outputs.contains(&x) {
             return bad("x must be an output (for the prologue kernel + matmul form)");
@@ -233,7 +313,72 @@ impl FusedBody {
             return bad("the prologue must be elementwise over x or reduce x's last axis");
         }
         let prologue = Box::new(pro.kind()?);
-        Ok(FusedKind::MatVec { prologue, x, weight: w })
+        let epilogue = if p + 1 < self.nodes.len() { Some(self.epilogue_form(p)?) } else { None };
+        Ok(FusedKind::MatVec { prologue, x, weight: w, epilogue })
+    }
+
+    /// The [`Epilogue`] of a matrix-vector body whose matmul is node `p`, or why the
+    /// nodes after it are not one.
+    fn epilogue_form(&self, p: usize) -> Result<Epilogue, String> {
+        let bad = |m: String| Err(format!("matrix-vector group epilogue: {m}"));
+        let Some(epi) = self.epilogue() else {
+            return bad("it may read y, the body's inputs and its own values only".into());
+        };
+        if epi.outputs.is_empty() {
+            return bad("it computes no output".into());
+        }
+        let domain = match epi.kind()? {
+            FusedKind::Elementwise { domain } => domain,
+            _ => return bad("it must be elementwise (no reduction, no matmul)".into()),
+        };
+        let yt = &self.nodes[p].outputs[0];
+        let (yd, dd) = (yt.shape.dims(), domain.dims());
+        if dd.len() != yd.len() || dd[..dd.len() - 1] != yd[..yd.len() - 1] {
+            return bad(format!("its domain {domain} does not have y's rows ({})", yt.shape));
+        }
+        let (Some(width), Some(n)) = (dd[dd.len() - 1].as_fixed(), yd[yd.len() - 1].as_fixed()) else {
+            return bad("y's columns and the epilogue's must be fixed".into());
+        };
+        let last = yd.len() - 1;
+        // Which epilogue values depend on y; those are read at the output coordinate.
+        let mut from_y = vec![false; epi.nodes.len()];
+        let mut offsets: SmallVec<[usize; 4]> = SmallVec::new();
+        for (i, nd) in epi.nodes.iter().enumerate() {
+            let reads_y = nd.operands.contains(&FusedRef::Input(0));
+            let dep = nd.operands.iter().any(|r| matches!(r, FusedRef::Node { node, .. } if from_y[*node as usize]));
+            if reads_y {
+                let offset = match (&nd.op, nd.operands.len()) {
+                    (Op::Slice { axis, start, end }, 1) if *axis == last => match (start.as_fixed(), end.as_fixed()) {
+                        (Some(s), Some(e)) if e >= s && e - s == width => s,
+                        _ => return bad(format!("body node {i}: a slice of y must be {width} columns wide")),
+                    },
+                    _ if nd.op.is_elementwise() && width == n && nd.outputs[0].shape == domain => 0,
+                    _ => {
+                        return bad(format!(
+                            "body node {i} (`{}`) reads y other than through a slice of its columns",
+                            nd.op.name()
+                        ))
+                    }
+                };
+                if !offsets.contains(&offset) {
+                    offsets.push(offset);
+                }
+                from_y[i] = true;
+            }
+            if dep {
+                if !(nd.op.is_elementwise() && nd.outputs.iter().all(|t| t.shape == domain)) {
+                    return bad(format!(
+                        "body node {i} (`{}`) moves values computed from y (only elementwise ops over {domain} may use them)",
+                        nd.op.name()
+                    ));
+                }
+                from_y[i] = true;
+            }
+        }
+        if offsets.is_empty() || offsets.len() > EPILOGUE_MAX_SLICES {
+            return bad(format!("it reads y through {} slices (1..={EPILOGUE_MAX_SLICES})", offsets.len()));
+        }
+        Ok(Epilogue { domain, width, offsets })
     }
 
     /// The shape rule of the fused node.

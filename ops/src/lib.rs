@@ -29,7 +29,7 @@ mod source;
 pub use dim::{Bindings, Dim, Sym};
 pub use dtype::DType;
 pub use error::{EvalError, OpError};
-pub use fused::{FusedBody, FusedKind, FusedNode, FusedRef};
+pub use fused::{Epilogue, FusedBody, FusedKind, FusedNode, FusedRef, EPILOGUE_MAX_SLICES};
 pub use host::{compute_dtype, Element, HostData, HostTensor};
 pub use op::{
     Arity, AttentionAttrs, Attr, Axes, BinaryOp, ConstValues, F32Bits, Mask, Op, OutTypes, ReduceOp, UnaryOp,

@@ -21,6 +21,6 @@ pub mod pipeline;
 
 pub use canonicalize::{ConstFold, Cse, Dce, Simplify};
 pub use fusion::Fuse;
-pub use matvec::FuseMatVec;
+pub use matvec::{FuseEpilogue, FuseMatVec};
 pub use pass::{Pass, PassError, PassManager, PassOutcome, Spec, Stage};
 pub use pipeline::default_pipeline;

@@ -1,6 +1,6 @@
 //! The default pass pipeline, top to bottom.
 
-use crate::{ConstFold, Cse, Dce, Fuse, FuseMatVec, Pass, PassManager, Simplify};
+use crate::{ConstFold, Cse, Dce, Fuse, FuseEpilogue, FuseMatVec, Pass, PassManager, Simplify};
 
 /// The canonicalization passes, in order (the start of [`default_pipeline`]).
 fn canonicalization_passes() -> Vec<Box<dyn Pass>> {
@@ -24,6 +24,10 @@ pub fn default_pipeline() -> PassManager {
     // Then a group whose value only feeds a `x · wᵀ` with a weight becomes that product's
     // prologue (see `matvec`): the decode GEMV computes its x (a norm, SwiGLU) itself.
     passes.push(Box::new(FuseMatVec));
+    // Then an elementwise prologue that only reads another product's y column-wise moves
+    // into that product as its epilogue (see `matvec::FuseEpilogue`): SwiGLU is computed
+    // by the gate_up GEMV, and down_proj becomes a plain matmul.
+    passes.push(Box::new(FuseEpilogue));
     PassManager::new(passes)
 }
 

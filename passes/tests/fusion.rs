@@ -8,7 +8,7 @@ use indexmap::IndexMap;
 use kiln_graph::text::{parse, print};
 use kiln_graph::{Graph, Tensor, TensorExt, Tracer};
 use kiln_ops::{Bindings, DType, Dim, FusedKind, HostTensor, Mask, Op, ReduceOp, Shape, Sym, UnaryOp};
-use kiln_passes::{Fuse, FuseMatVec, Pass, PassError, PassManager, Spec};
+use kiln_passes::{Fuse, FuseEpilogue, FuseMatVec, Pass, PassError, PassManager, Spec};
 use proptest::prelude::*;
 
 /// Runs the fusion pass alone, verifying the graph and the fusion spec afterwards.
@@ -574,6 +574,115 @@ fn matvec_bodies_are_checked() {
     };
     no_x.outputs.retain(|&r| r != x);
     assert!(no_x.kind().unwrap_err().contains("x must be an output"));
+}
+
+// ---- matrix-vector epilogues -------------------------------------------------------------
+
+/// The body of the graph's (first) matrix-vector group with an epilogue.
+fn epilogue_body(g: &Graph) -> Option<kiln_ops::FusedBody> {
+    g.topo_order().into_iter().find_map(|n| match &g.node(n).op {
+        Op::Fused(b) if matches!(b.kind(), Ok(FusedKind::MatVec { epilogue: Some(_), .. })) => Some((**b).clone()),
+        _ => None,
+    })
+}
+
+/// Fusion, the matrix-vector prologues, then the epilogues (the default pipeline's end).
+fn fuse_epilogue(g: Graph) -> Graph {
+    PassManager::new(vec![Box::new(Fuse), Box::new(FuseMatVec), Box::new(FuseEpilogue)])
+        .verify(true)
+        .run(g)
+        .unwrap()
+        .graph
+}
+
+/// SiLU·up moves from down's prologue into gate_up as its epilogue (y read through two
+/// 32-column slices, at 0 and 32); down becomes a plain matmul; the kernel count stays;
+/// every output is bit-identical to the unfused block's on the CPU.
+#[test]
+fn silu_up_becomes_the_epilogue_of_gate_up() {
+    for dt in [DType::F32, DType::BF16] {
+        let g = block(dt);
+        let f = fuse_epilogue(g.clone());
+        for (seq, past) in [(3, 0), (1, 4)] {
+            let syms = Bindings::from([(Sym::new("seq"), seq), (Sym::new("past"), past)]);
+            assert_same_values(&g, &f, &syms);
+        }
+        let epilogues: Vec<(usize, Vec<usize>)> = groups(&f)
+            .iter()
+            .filter_map(|grp| match &grp.kind {
+                Ok(FusedKind::MatVec { epilogue: Some(e), .. }) => Some((e.width, e.offsets.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(epilogues, [(32, vec![0, 32])], "{}", print(&f));
+        let kernels = |g: &Graph| {
+            ops_of(g).into_iter().filter(|o| !matches!(*o, "input" | "param" | "const" | "reshape")).count()
+        };
+        assert_eq!(kernels(&f), kernels(&fuse_matvec(g.clone())), "a group in, a group out");
+        assert_eq!(ops_of(&f).iter().filter(|&&o| o == "matmul").count(), 2, "o_proj and down");
+        // The gate_up group's outputs: the residual, x, then SiLU·up, then y.
+        let b = epilogue_body(&f).unwrap();
+        let shapes: Vec<String> = b.outputs.iter().map(|&r| b.ty(r).unwrap().shape.to_string()).collect();
+        assert_eq!(shapes, ["[1, seq, 16]", "[1, seq, 16]", "[1, seq, 32]", "[1, seq, 64]"]);
+        let epi = b.epilogue().unwrap();
+        assert!(matches!(epi.kind(), Ok(FusedKind::Elementwise { .. })));
+        assert_eq!(b.prologue().unwrap().outputs.len(), 2);
+    }
+    // Deterministic, and a second run finds nothing more to move.
+    let text = print(&fuse_epilogue(block(DType::BF16)));
+    assert_eq!(print(&fuse_epilogue(block(DType::BF16))), text);
+    let mut again = parse(&text).unwrap();
+    assert_eq!(FuseEpilogue.run(&mut again).unwrap(), 0);
+}
+
+/// What does not become an epilogue: a prologue that reads y along its rows (a sum over
+/// y's columns is no elementwise epilogue), one whose y has another reader, and one
+/// reading y through a slice narrower than its domain; the epilogue's form is checked.
+#[test]
+fn epilogues_only_where_the_gemv_takes_them() {
+    let build = |case: usize| {
+        let tr = Tracer::new();
+        let x = tr.input("x", DType::F32, [Dim::sym("seq"), Dim::fixed(8)]).unwrap();
+        let h = x.rms_norm(tr.param("n", DType::F32, Shape::fixed(&[8])).unwrap(), 1e-5).unwrap();
+        let y = h.linear(tr.param("w", DType::F32, Shape::fixed(&[16, 8])).unwrap(), None).unwrap();
+        let z = match case {
+            0 => y.slice(1, 0, 8).unwrap().silu().unwrap().mul(y.slice(1, 8, 16).unwrap()).unwrap(),
+            1 => y.exp().unwrap(),
+            2 => y.slice(1, 0, 8).unwrap().exp().unwrap(),
+            3 => y.permute(&[1, 0]).unwrap().exp().unwrap().permute(&[1, 0]).unwrap(),
+            _ => y.slice(1, 0, 8).unwrap().exp().unwrap(),
+        };
+        let cols = if case == 1 || case == 3 { 16 } else { 8 };
+        let out = z.linear(tr.param("w2", DType::F32, Shape::fixed(&[4, cols])).unwrap(), None).unwrap();
+        tr.output("out", out).unwrap();
+        if case == 4 {
+            tr.output("y", y).unwrap();
+        }
+        tr.finish().unwrap()
+    };
+    let epilogue = |g: &Graph| {
+        groups(g).iter().find_map(|grp| match &grp.kind {
+            Ok(FusedKind::MatVec { epilogue: Some(e), .. }) => Some((e.width, e.offsets.to_vec())),
+            _ => None,
+        })
+    };
+    let syms = Bindings::from([(Sym::new("seq"), 2)]);
+    for (case, want) in
+        [(0, Some((8, vec![0, 8]))), (1, Some((16, vec![0]))), (2, Some((8, vec![0]))), (3, None), (4, None)]
+    {
+        let (g, f) = (build(case), fuse_epilogue(build(case)));
+        assert_eq!(epilogue(&f), want, "case {case}: {}", print(&f));
+        assert_same_values(&g, &f, &syms);
+    }
+    // A body whose tail reads y other than column-wise is refused by the kind check.
+    let f = fuse_epilogue(build(0));
+    let mut wide = epilogue_body(&f).unwrap();
+    let p = wide.matmul_node().unwrap();
+    let slice = wide.nodes.iter_mut().skip(p + 1).find(|n| matches!(n.op, Op::Slice { .. })).unwrap();
+    if let Op::Slice { start, .. } = &mut slice.op {
+        *start = Dim::fixed(1);
+    }
+    assert!(wide.check().is_err() || wide.kind().is_err());
 }
 
 // ---- random graphs ---------------------------------------------------------------------

@@ -543,6 +543,19 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         } else {
             match &node.op {
                 Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_) => continue,
+                Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. })) => {
+                    let epi = kiln_codegen::gemv_epilogue(body, &syms, decode::GemvConfig::for_rows(1));
+                    let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
+                    match (epi, pro) {
+                        (Ok(e), Some(Ok(p))) => format!(
+                            "{} then {} (the GEMV that also computes the epilogue; with many rows cuBLAS GEMM, then \
+                             the epilogue's kernel)",
+                            p.sig.name, e.sig.name
+                        ),
+                        (Err(e), _) | (_, Some(Err(e))) => format!("unsupported: {}", e.0),
+                        (_, None) => "unsupported: no prologue".into(),
+                    }
+                }
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
                     let fused = kiln_codegen::gemv_prologue(body, &syms, decode::GemvConfig::for_prologue());
                     let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));

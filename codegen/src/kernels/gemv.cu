@@ -37,11 +37,49 @@
 // lane and row), GV_MAX_M (rows of x the kernel takes, which size the accumulators)
 // and GV_XVEC (16-byte staging of x: kernels for more than one row) come from decode.rs
 // (`GemvConfig`), as does GV_XS (floats of x staged per block,
-// `GEMV_STAGED_FLOATS`).
+// `GEMV_STAGED_FLOATS`). GV_X names x (in0 for a plain GEMV).
+// GV_EPI (a matrix-vector group with an epilogue, kiln_codegen::gemv_epilogue): the
+// block's warps compute the rows of w its epilogue columns need (warp s·GV_EPI_T + t:
+// row GV_EPI_OFF(s) + tile·GV_EPI_T + t, see gv_epi_row), keep them (rounded to y's
+// type) in gv_ey, and then compute the epilogue of the block's GV_EPI_T columns for every
+// row of x (code generated from the group's epilogue, which reads y through
+// kiln_epi_y). y is stored for the rows computed: the columns the epilogue reads.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
 #define GV_XL 4  // 16-byte loads of x in flight per thread while staging
+#ifndef GV_EPI
+#define GV_EPI 0
+#endif
+#if GV_EPI
+#define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
+// The row of w that warp rw of the block for columns tile·GV_EPI_T.. computes (n: none).
+__device__ __forceinline__ i64 gv_epi_row(i64 tile, int rw, i64 n) {
+    const int s = rw / GV_EPI_T, t = rw - s * GV_EPI_T;
+    const i64 col = tile * GV_EPI_T + t;
+    if (s >= GV_EPI_S || col >= GV_EPI_W) return n;
+    return GV_EPI_OFF(s) + col;
+}
+#define GV_ROW0(tile, rw) gv_epi_row((tile), (rw), n)
+// y as the epilogue reads it: element `off` of y [m, n] from the block's rows.
+struct kiln_epi_y {
+    const float* ey;
+    i64 n;
+    i64 tile;
+};
+__device__ __forceinline__ float kiln_ld(const kiln_epi_y& e, i64 off) {
+    const i64 r = off / e.n, c = off - r * e.n;
+    int w = 0;
+#pragma unroll
+    for (int s = 0; s < GV_EPI_S; ++s) {
+        const i64 t = c - GV_EPI_OFF(s) - e.tile * GV_EPI_T;
+        if (t >= 0 && t < GV_EPI_T) w = s * GV_EPI_T + (int)t;
+    }
+    return e.ey[r * GV_WARPS + w];
+}
+#else
+#define GV_ROW0(tile, rw) (((tile) * GV_RW + (rw)) * GV_R)
+#endif
 
 // Puts element j of activation row r (f32) where the staging keeps it (see above).
 __device__ __forceinline__ void gv_stage(float* xs, int r, i64 j, float v, bool vec, int nv, int len) {
@@ -89,6 +127,9 @@ __device__ __forceinline__ void gv_store(KILN_Y* y, const KILN_Y* res, i64 n, in
 
 KILN_SIGNATURE {
     __shared__ kiln_f4 xs4[GV_XS / 4];
+#if GV_EPI
+    __shared__ float gv_ey[GV_MAX_M * GV_WARPS];  // the block's y values, row-major by warp
+#endif
 #if GV_KS > 1
     __shared__ float gv_part[GV_WARPS][GV_MAX_M * GV_R];  // the warps' row sums
 #endif
@@ -106,7 +147,7 @@ KILN_SIGNATURE {
     // a one-row kernel: its x is one short row, and the loads in flight would cost it 30
     // registers (40 → 70 for w16r1u4 in bf16), a third of its resident blocks (the
     // decode step measured 18% slower).
-    const bool xvec = GV_XVEC && (k % GV_XV) == 0 && (((unsigned long long)in0) & 15ull) == 0;
+    const bool xvec = GV_XVEC && (k % GV_XV) == 0 && (((unsigned long long)GV_X) & 15ull) == 0;
 #endif
     const int kc = (GV_XS / (int)m) & ~255;
     const int mm = (int)m;
@@ -122,7 +163,7 @@ KILN_SIGNATURE {
     const i64 tile_end = GV_PROLOGUE ? ntiles : (i64)blockIdx.x + 1;
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
-    const i64 row0 = (tile * GV_RW + rw) * GV_R;
+    const i64 row0 = GV_ROW0(tile, rw);
     float acc[GV_MAX_M][GV_R];
 #pragma unroll
     for (int r = 0; r < GV_MAX_M; ++r)
@@ -155,7 +196,7 @@ KILN_PROLOGUE
                     const int q = q0 + u * (int)blockDim.x;
                     if (q < total) {
                         const int r = q / nq, c = q - r * nq;
-                        xv[u] = *(const kiln_u4*)(in0 + (i64)r * k + k0 + (i64)c * GV_XV);
+                        xv[u] = *(const kiln_u4*)(GV_X + (i64)r * k + k0 + (i64)c * GV_XV);
                     }
                 }
 #pragma unroll
@@ -187,10 +228,10 @@ KILN_PROLOGUE
                     for (int c = threadIdx.x; c < nv; c += blockDim.x) {
                         const i64 e = (i64)r * k + k0 + (i64)c * KILN_VEC + 4 * p;
                         kiln_f4 v;
-                        v.x = kiln_ld(in0, e);
-                        v.y = kiln_ld(in0, e + 1);
-                        v.z = kiln_ld(in0, e + 2);
-                        v.w = kiln_ld(in0, e + 3);
+                        v.x = kiln_ld(GV_X, e);
+                        v.y = kiln_ld(GV_X, e + 1);
+                        v.z = kiln_ld(GV_X, e + 2);
+                        v.w = kiln_ld(GV_X, e + 3);
                         xs4[(r * GV_P + p) * nv + c] = v;
                     }
                 }
@@ -198,7 +239,7 @@ KILN_PROLOGUE
         } else {
             for (int r = 0; r < mm; ++r) {
                 for (int e = threadIdx.x; e < len; e += blockDim.x) {
-                    xs[r * len + e] = kiln_ld(in0, (i64)r * k + k0 + e);
+                    xs[r * len + e] = kiln_ld(GV_X, (i64)r * k + k0 + e);
                 }
             }
         }
@@ -272,6 +313,9 @@ KILN_PROLOGUE
                 if (lane == 0) gv_part[warp][r * GV_R + rr] = v;
 #else
                 if (lane == 0 && row < n) gv_store(GV_Y, GV_RES, n, r, row, v);
+#if GV_EPI
+                if (lane == 0) gv_ey[r * GV_WARPS + warp] = gv_round(v);
+#endif
 #endif
             }
         }
@@ -290,6 +334,12 @@ KILN_PROLOGUE
         }
     }
     __syncthreads();  // gv_part is free for the next tile
+#endif
+#if GV_EPI
+    __syncthreads();  // gv_ey is complete
+    {
+KILN_EPILOGUE
+    }
 #endif
     }  // tiles
 }

@@ -134,11 +134,12 @@ enum Run {
     /// matmul: `pro_op`) writes x and the product runs like `MatMul` (`gemv` or cuBLAS).
     /// `x`: the output that is x.
     MatVec {
-        fused: (usize, decode::GemvConfig),
+        fused: Option<(usize, decode::GemvConfig)>,
         prologue: usize,
         pro_op: Box<Op>,
         gemv: Option<[(usize, decode::GemvConfig); 2]>,
         x: usize,
+        epilogue: Option<Box<EpiRun>>,
     },
     /// Attention over a resident cache (keys from the symbol table, the cache read
     /// through batch strides): the split-K kernel for up to [`PREFILL_ROWS`] query rows
@@ -146,6 +147,19 @@ enum Run {
     /// for more. `single`: the split-K kernel with query tiles of one head, when the
     /// default tile is larger (picked per launch by `decode::attention_decode_pick_tile`).
     Attention { kernel: usize, single: Option<usize>, prefill: Option<usize> },
+}
+
+/// The epilogue of a matrix-vector group (`kiln_ops::Epilogue`): for few rows the
+/// GEMV that computes it from the y values it holds (`kiln_codegen::gemv_epilogue`, for
+/// one row and for up to `GEMV_MAX_M`); otherwise the product, then the epilogue's own
+/// elementwise kernel (`kernel`, running `op`) over y.
+struct EpiRun {
+    gemv: Option<[(usize, decode::GemvConfig); 2]>,
+    kernel: usize,
+    op: Op,
+    form: kiln_ops::Epilogue,
+    /// Outputs of the prologue (the group's first outputs); the epilogue's follow.
+    n_pro: usize,
 }
 
 struct Step {
@@ -485,25 +499,60 @@ impl CudaEngine {
                         kiln_codegen::resident::arange_syms(start, &syms).map_err(|e| unsupported(e.0))?,
                     )),
                     Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
-                        let Ok(kiln_ops::FusedKind::MatVec { x, .. }) = body.kind() else { unreachable!() };
+                        let Ok(kiln_ops::FusedKind::MatVec { x, epilogue: form, .. }) = body.kind() else {
+                            unreachable!()
+                        };
                         let pro = body.prologue().expect("a matrix-vector body has a prologue");
                         let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
                         let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
                         let yt = node.outputs.last().expect("y").dtype;
                         let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
                         let pcfg = decode::GemvConfig::for_prologue();
-                        let f1 = kiln_codegen::gemv_prologue(body, &syms, pcfg).map_err(|e| unsupported(e.0))?;
+                        let fused = match form {
+                            None => Some((
+                                add_kernel(
+                                    kiln_codegen::gemv_prologue(body, &syms, pcfg).map_err(|e| unsupported(e.0))?,
+                                ),
+                                pcfg,
+                            )),
+                            Some(_) => None,
+                        };
+                        let n_pro = pro.outputs.len();
                         let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
                         let gemv = match (decode::gemv_with(xt, wt, yt, one), decode::gemv_with(xt, wt, yt, more)) {
                             (Ok(k1), Ok(k2)) => Some([(add_kernel(k1), one), (add_kernel(k2), more)]),
                             _ => None,
                         };
+                        let epilogue = match form {
+                            None => None,
+                            Some(form) => {
+                                let epi = body.epilogue().expect("a body with an epilogue form has one");
+                                let ek = kiln_codegen::fused_kernel(&epi, &syms).map_err(|e| unsupported(e.0))?;
+                                // One weight row per warp (the epilogue's column split).
+                                let several = decode::GemvConfig { rows_per_warp: 1, ..more };
+                                let gemv = match (
+                                    kiln_codegen::gemv_epilogue(body, &syms, one),
+                                    kiln_codegen::gemv_epilogue(body, &syms, several),
+                                ) {
+                                    (Ok(k1), Ok(k2)) => Some([(add_kernel(k1), one), (add_kernel(k2), several)]),
+                                    _ => None,
+                                };
+                                Some(Box::new(EpiRun {
+                                    gemv,
+                                    kernel: add_kernel(ek),
+                                    op: Op::Fused(Box::new(epi)),
+                                    form,
+                                    n_pro,
+                                }))
+                            }
+                        };
                         Run::MatVec {
-                            fused: (add_kernel(f1), pcfg),
+                            fused,
                             prologue: add_kernel(pk),
                             pro_op: Box::new(Op::Fused(Box::new(pro))),
                             gemv,
                             x: x_out,
+                            epilogue,
                         }
                     }
                     Op::MatMul { transpose_a, transpose_b } => {
@@ -1019,12 +1068,12 @@ impl CudaEngine {
                 Run::MatMul { gemv } => {
                     self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
                 }
-                Run::MatVec { fused, prologue, pro_op, gemv, x } => {
+                Run::MatVec { fused, prologue, pro_op, gemv, x, epilogue } => {
                     let (xs, ys) = (outs[*x].1, outs[outs.len() - 1].1);
                     let (k, n) = (xs[xs.len() - 1], ys[ys.len() - 1]);
                     let m: usize = xs[..xs.len() - 1].iter().product();
-                    if m > 0 && decode::gemv_prologue_fits(m, k) && matvec_fused_gemv() {
-                        let (kg, cfg) = *fused;
+                    let one_kernel = fused.filter(|_| m > 0 && decode::gemv_prologue_fits(m, k) && matvec_fused_gemv());
+                    if let Some((kg, cfg)) = one_kernel {
                         let mut a = Args::default();
                         for (i, (p, _)) in outs.iter().enumerate() {
                             a.set(Role::Out(i as u8), ArgValue::Ptr(*p));
@@ -1037,13 +1086,23 @@ impl CudaEngine {
                         launch(self.lane(), &self.kernels[kg], decode::gemv_prologue_items(n, cfg, sms), &a)?;
                     } else {
                         // The prologue writes x (and its other outputs), then the product.
-                        let (pro_ins, pro_outs) = (&ins[..ins.len() - 1], &outs[..outs.len() - 1]);
+                        let n_pro = epilogue.as_ref().map_or(outs.len() - 1, |e| e.n_pro);
+                        let (pro_ins, pro_outs) = (&ins[..ins.len() - 1], &outs[..n_pro]);
                         launch_node(self.lane(), &self.kernels[*prologue], pro_op, pro_ins, pro_outs, b, syms)
                             .map_err(fill)?;
-                        let mm = Op::MatMul { transpose_a: false, transpose_b: true };
                         let y = node.outputs[node.outputs.len() - 1].dtype;
-                        self.matmul(&mm, *gemv, &[outs[*x], ins[ins.len() - 1]], &outs[outs.len() - 1..], y)
-                            .map_err(fill)?;
+                        let (xw, yo) = ([outs[*x], ins[ins.len() - 1]], &outs[outs.len() - 1..]);
+                        match epilogue {
+                            None => {
+                                let mm = Op::MatMul { transpose_a: false, transpose_b: true };
+                                self.matmul(&mm, *gemv, &xw, yo, y).map_err(fill)?;
+                            }
+                            Some(e) => {
+                                launches += self
+                                    .matvec_epilogue(e, *gemv, &ins, &outs, outs[*x], (m, n, k), y, b, syms)
+                                    .map_err(fill)?;
+                            }
+                        }
                         launches += 1;
                     }
                 }
@@ -1186,6 +1245,53 @@ impl CudaEngine {
         };
         let items: Vec<usize> = parts.iter().map(|x| x.items).collect();
         launch(self.lane(), merged, kiln_codegen::horizontal::horizontal_items(&items, threads), &a)?;
+        Ok(1)
+    }
+
+    /// The product and epilogue of a matrix-vector group after its prologue: the
+    /// epilogue GEMV for up to `GEMV_MAX_M` rows, else the product and then the
+    /// epilogue's kernel over y. Returns the launches beyond the first.
+    #[allow(clippy::too_many_arguments)]
+    fn matvec_epilogue(
+        &self,
+        e: &EpiRun,
+        gemv: Option<[(usize, decode::GemvConfig); 2]>,
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+        x: (u64, &[usize]),
+        (m, n, k): (usize, usize, usize),
+        y: DType,
+        b: &Bindings,
+        syms: u64,
+    ) -> Result<usize, CudaError> {
+        let (w, yo) = (ins[ins.len() - 1], outs[outs.len() - 1]);
+        let nin = ins.len() - 1;
+        if let Some(kernels) = e.gemv.filter(|_| (1..=decode::GEMV_MAX_M).contains(&m)) {
+            let (kg, cfg) = kernels[usize::from(m > 1)];
+            let n_epi = outs.len() - 1 - e.n_pro;
+            let mut a = Args::default();
+            for i in 0..n_epi {
+                a.set(Role::Out(i as u8), ArgValue::Ptr(outs[e.n_pro + i].0));
+            }
+            a.set(Role::Out(n_epi as u8), ArgValue::Ptr(yo.0));
+            for (j, i) in ins[..nin].iter().enumerate() {
+                a.set(Role::In((j + 1) as u8), ArgValue::Ptr(i.0));
+            }
+            a.set(Role::In((nin + 1) as u8), ArgValue::Ptr(x.0))
+                .set(Role::In((nin + 2) as u8), ArgValue::Ptr(w.0))
+                .set(Role::Syms, ArgValue::Ptr(syms))
+                .i64(Role::MatM, m)
+                .i64(Role::MatN, n)
+                .i64(Role::MatK, k);
+            launch(self.lane(), &self.kernels[kg], kiln_codegen::gemv_epilogue_items(&e.form, cfg), &a)?;
+            return Ok(0);
+        }
+        let mm = Op::MatMul { transpose_a: false, transpose_b: true };
+        self.matmul(&mm, gemv, &[x, w], &[yo], y)?;
+        let mut epi_ins: Vec<(u64, &[usize])> = Vec::with_capacity(nin + 1);
+        epi_ins.push(yo);
+        epi_ins.extend_from_slice(&ins[..nin]);
+        launch_node(self.lane(), &self.kernels[e.kernel], &e.op, &epi_ins, &outs[e.n_pro..outs.len() - 1], b, syms)?;
         Ok(1)
     }
 
