@@ -546,14 +546,15 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. })) => {
                     let epi = kiln_codegen::gemv_epilogue(body, &syms, decode::GemvConfig::for_rows(1));
                     let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
-                    match (epi, pro) {
-                        (Ok(e), Some(Ok(p))) => format!(
-                            "{} then {} (the GEMV that also computes the epilogue; with many rows cuBLAS GEMM, then \
-                             the epilogue's kernel)",
-                            p.sig.name, e.sig.name
+                    let tail = body.epilogue().map(|e| kiln_codegen::fused_kernel(&e, &syms));
+                    match (epi, pro, tail) {
+                        (Ok(e), Some(Ok(p)), Some(Ok(t))) => format!(
+                            "{} then {} (the GEMV that also computes the epilogue: one row, one wave of blocks), \
+                             or a GEMV or cuBLAS GEMM then {}",
+                            p.sig.name, e.sig.name, t.sig.name
                         ),
-                        (Err(e), _) | (_, Some(Err(e))) => format!("unsupported: {}", e.0),
-                        (_, None) => "unsupported: no prologue".into(),
+                        (Err(e), _, _) | (_, Some(Err(e)), _) | (_, _, Some(Err(e))) => format!("unsupported: {}", e.0),
+                        (_, None, _) | (_, _, None) => "unsupported: no prologue or epilogue".into(),
                     }
                 }
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
