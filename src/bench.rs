@@ -94,7 +94,10 @@ pub struct BenchArgs {
     pub model: Option<PathBuf>,
     /// An executable plan (`kiln build`): its engine, with its dtype and limits, loaded
     /// without tracing, passes or kernel compilation.
-    #[arg(long, conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse"])]
+    #[arg(
+        long,
+        conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv"]
+    )]
     pub plan: Option<PathBuf>,
     /// Storage dtype of weights, activations and KV cache.
     #[arg(long, default_value = "bf16", value_parser = ["f32", "f16", "bf16"])]
@@ -123,6 +126,11 @@ pub struct BenchArgs {
     /// `KILN_HFUSE=0` in the environment does the same.
     #[arg(long)]
     pub no_hfuse: bool,
+    /// Never let a GEMV compute its group's epilogue (SwiGLU after gate_up): the GEMV
+    /// writes y and the epilogue's own kernel follows, for comparison.
+    /// `KILN_EPILOGUE_GEMV=0` in the environment does the same.
+    #[arg(long)]
+    pub no_epilogue_gemv: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -154,6 +162,7 @@ impl BenchArgs {
             no_cuda_graphs: false,
             no_pdl: false,
             no_hfuse: false,
+            no_epilogue_gemv: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -373,6 +382,9 @@ pub struct BenchReport {
     /// Whether independent kernels were launched together (horizontal fusion; off with
     /// `--no-hfuse` or `KILN_HFUSE=0`).
     pub horizontal: bool,
+    /// Whether a GEMV could compute its group's epilogue (off with `--no-epilogue-gemv`
+    /// or `KILN_EPILOGUE_GEMV=0`).
+    pub epilogue_gemv: bool,
     /// Whether matrix-vector groups ran as one GEMV computing its x
     /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
     pub matvec_one_kernel: bool,
@@ -444,6 +456,7 @@ pub(crate) struct EngineSpec {
     pub cuda_graphs: bool,
     pub pdl: bool,
     pub horizontal: bool,
+    pub epilogue_gemv: bool,
 }
 
 /// A deterministic prompt of `len` ids below `vocab` (sequence `seq` of a batch).
@@ -598,6 +611,7 @@ mod gpu {
                 cuda_graphs: spec.cuda_graphs,
                 pdl: spec.pdl,
                 horizontal: spec.horizontal,
+                epilogue_gemv: spec.epilogue_gemv,
                 ..Default::default()
             };
             Ok(Box::new(CudaEngine::new(graph, weights, opts)?))
@@ -815,6 +829,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             cuda_graphs,
             pdl: !args.no_pdl,
             horizontal: !args.no_hfuse,
+            epilogue_gemv: !args.no_epilogue_gemv,
         };
         let t = Instant::now();
         engine = backend.engine(graph, weights, &spec)?;
@@ -887,6 +902,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         fusion,
         matvec_one_kernel: kiln_runtime::cuda::matvec_fused_gemv(),
         horizontal: !args.no_hfuse && !kiln_runtime::cuda::horizontal_off_by_env(),
+        epilogue_gemv: !args.no_epilogue_gemv && !kiln_runtime::cuda::epilogue_gemv_off_by_env(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1034,11 +1050,13 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | matvec groups: {} | kernels per decode step: {}",
+            "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | epilogue GEMV: {} | matvec groups: {} | \
+             kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
             if self.horizontal { "on" } else { "off" },
+            if self.epilogue_gemv { "on" } else { "off" },
             if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );
@@ -1333,8 +1351,12 @@ mod tests {
     }
 
     /// A backend without a GPU: a fixed bandwidth and the fake engine.
+    /// What the fake backend was asked for: device, max batch, max context, CUDA
+    /// graphs, epilogue GEMV.
+    type SpecSeen = Option<(usize, usize, usize, bool, bool)>;
+
     struct FakeBackend {
-        spec: std::cell::RefCell<Option<(usize, usize, usize, bool)>>,
+        spec: std::cell::RefCell<SpecSeen>,
     }
 
     impl Backend for FakeBackend {
@@ -1351,7 +1373,8 @@ mod tests {
             spec: &EngineSpec,
         ) -> Result<Box<dyn Engine>, BenchError> {
             assert_eq!(weights.len(), graph.params().len());
-            *self.spec.borrow_mut() = Some((spec.device, spec.max_batch, spec.max_context, spec.cuda_graphs));
+            *self.spec.borrow_mut() =
+                Some((spec.device, spec.max_batch, spec.max_context, spec.cuda_graphs, spec.epilogue_gemv));
             Ok(Box::new(Fake::with_vocab(false, 49152)))
         }
         fn device_used(&self, _gpu: usize) -> usize {
@@ -1366,12 +1389,13 @@ mod tests {
             batch: vec![1, 3],
             decode_steps: 4,
             no_cuda_graphs: true,
+            no_epilogue_gemv: true,
             ..BenchArgs::preset("smollm2-135m")
         };
         let backend = FakeBackend { spec: Default::default() };
         let r = run_on(&args, &backend).unwrap();
         // max_context: the longest of prefill (64) and decode (128 + 8 + 4), plus one.
-        assert_eq!(*backend.spec.borrow(), Some((0, 3, DECODE_PROMPT + DECODE_WARMUP + 4 + 1, false)));
+        assert_eq!(*backend.spec.borrow(), Some((0, 3, DECODE_PROMPT + DECODE_WARMUP + 4 + 1, false, false)));
         assert_eq!(r.model.parameters, 134_515_008);
         assert_eq!(r.model.weight_bytes, 2 * 134_515_008);
         assert_eq!(r.model.dtype, "bf16");
@@ -1392,7 +1416,8 @@ mod tests {
 
         let table = r.table();
         eprintln!("{table}");
-        for want in ["smollm2-135m", "prefill (batch 1)", "16 tokens", "batch 3", "% roofline", "CUDA graphs: off"] {
+        let header = ["smollm2-135m", "prefill (batch 1)", "16 tokens", "batch 3", "% roofline", "CUDA graphs: off"];
+        for want in header.into_iter().chain(["epilogue GEMV: off"]) {
             assert!(table.contains(want), "missing `{want}` in\n{table}");
         }
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
@@ -1401,6 +1426,7 @@ mod tests {
         assert_eq!(v["prefill"][0]["tokens"], 16);
         assert!(v["roofline_batch1"]["percent"].as_f64().unwrap() > 0.0);
         assert!(v["copy_bandwidth_bytes_per_s"].as_f64().unwrap() == 4e12);
+        assert_eq!(v["epilogue_gemv"], false);
         assert!(v["machine"]["kiln_commit"].as_str().is_some_and(|c| !c.is_empty()));
         if let Ok(dir) = std::env::var("KILN_BENCH_SAMPLE_JSON") {
             // For trying tools/bench_hf.py and tools/gpu/bench.sh without a GPU.

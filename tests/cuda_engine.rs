@@ -173,6 +173,48 @@ fn pdl_launches_compute_what_serial_launches_do() {
     }
 }
 
+/// The epilogue GEMV (SwiGLU computed by the gate_up GEMV's blocks, one row of x, one
+/// wave: the test model's small MLP) changes how many kernels a decode step launches,
+/// never what they compute: tokens and logits equal those of the GEMV followed by the
+/// epilogue's own kernel bit for bit, in f32 and bf16, graph and eager.
+#[test]
+fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
+    if !gpu() {
+        return;
+    }
+    let p1 = vec![5u32, 6, 7, 8];
+    for dt in [DType::F32, DType::BF16] {
+        let (g, w) = setup(dt);
+        let run = |graphs: bool, epilogue_gemv: bool| {
+            let opts = EngineOptions {
+                max_batch: 1,
+                max_context: 64,
+                cuda_graphs: graphs,
+                epilogue_gemv,
+                ..Default::default()
+            };
+            let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
+            e.prefill(std::slice::from_ref(&p1)).unwrap();
+            let mut logits = vec![e.logits().unwrap()];
+            for _ in 0..6 {
+                e.decode_step().unwrap();
+                logits.push(e.logits().unwrap());
+            }
+            (logits, e.tokens().unwrap(), e.launches_per_decode_step())
+        };
+        let (l_sep, t_sep, n_sep) = run(true, false);
+        for graphs in [true, false] {
+            let (l_e, t_e, n_e) = run(graphs, true);
+            assert_eq!(t_e, t_sep, "{dt}");
+            for (a, b) in l_e.iter().zip(&l_sep) {
+                assert_eq!(a, b, "{dt}: the epilogue GEMV computes the same bits (graphs: {graphs})");
+            }
+            // One launch fewer per decoder layer (the test model has 2 layers).
+            assert_eq!(n_e + 2, n_sep, "{dt}: launches per decode step");
+        }
+    }
+}
+
 /// Horizontal fusion (a layer's RoPE of q and its k / v appends in one launch) changes
 /// how many kernels a decode step launches, never what they compute: tokens and logits
 /// equal the separate launches' bit for bit, in f32 and bf16, graph and eager.

@@ -64,6 +64,11 @@ pub struct EngineOptions {
     /// ([`kiln_codegen::horizontal`]); on by default, off with `KILN_HFUSE=0` in the
     /// environment.
     pub horizontal: bool,
+    /// Let a GEMV compute its matrix-vector group's epilogue where the rule of
+    /// `EpiRun` takes it (one row of x, one wave of blocks); off (`false`, or
+    /// `KILN_EPILOGUE_GEMV=0` in the environment), the GEMV writes y and the epilogue's
+    /// own kernel follows: a same-run A/B of the epilogue GEMV.
+    pub epilogue_gemv: bool,
 }
 
 impl Default for EngineOptions {
@@ -77,6 +82,7 @@ impl Default for EngineOptions {
             cache_dir: None,
             prebuilt: None,
             horizontal: true,
+            epilogue_gemv: true,
         }
     }
 }
@@ -271,6 +277,12 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 /// Attention over more query rows than this runs the tensor-core prefill kernel (when
 /// there is one for the dtype and head dim); up to this many, the split-K kernel.
 pub const PREFILL_ROWS: usize = 16;
+
+/// `KILN_EPILOGUE_GEMV=0` in the environment: no epilogue GEMV, whatever
+/// [`EngineOptions::epilogue_gemv`] says.
+pub fn epilogue_gemv_off_by_env() -> bool {
+    std::env::var("KILN_EPILOGUE_GEMV").is_ok_and(|v| v == "0")
+}
 
 /// `KILN_HFUSE=0` in the environment: no horizontal fusion, whatever
 /// [`EngineOptions::horizontal`] says.
@@ -740,7 +752,8 @@ impl CudaEngine {
         }
         // Epilogue GEMVs: whether their blocks fit in one wave (see `EpiRun`), from the
         // loaded kernel's occupancy.
-        for s in &mut steps {
+        let epilogue_gemv = opts.epilogue_gemv && !epilogue_gemv_off_by_env();
+        for s in steps.iter_mut().filter(|_| epilogue_gemv) {
             if let Run::MatVec { epilogue: Some(e), .. } = &mut s.run {
                 if let Some((kg, cfg)) = e.gemv {
                     let per_sm = kernels[kg]
