@@ -88,7 +88,24 @@ fn engine_run(
     graphs: bool,
     pdl: bool,
 ) -> (Vec<Vec<f32>>, Vec<u32>) {
-    let opts = EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, pdl, ..Default::default() };
+    let (logits, tokens, _) = engine_run_with(graph, w, prompt, steps, EngineOptions { pdl, ..test_options(graphs) });
+    (logits, tokens)
+}
+
+/// The engine options of these tests: batch 2, context 64, CUDA graphs or not.
+fn test_options(graphs: bool) -> EngineOptions {
+    EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, ..Default::default() }
+}
+
+/// [`engine_run`] with any options; also the launches per decode step.
+fn engine_run_with(
+    graph: &kiln::graph::Graph,
+    w: &IndexMap<String, HostTensor>,
+    prompt: &[u32],
+    steps: usize,
+    opts: EngineOptions,
+) -> (Vec<Vec<f32>>, Vec<u32>, usize) {
+    let graphs = opts.cuda_graphs;
     let mut e = CudaEngine::new(graph.clone(), w.clone(), opts).unwrap();
     e.prefill(&[prompt.to_vec()]).unwrap();
     let mut logits = vec![e.logits().unwrap()];
@@ -99,8 +116,9 @@ fn engine_run(
     if graphs {
         assert_eq!(e.not_capturable(), None, "the decode step should be capturable");
     }
-    println!("kiln-info\tengine\tlaunches_per_decode_step={}", e.launches_per_decode_step());
-    (logits, e.tokens().unwrap().remove(0))
+    let launches = e.launches_per_decode_step();
+    println!("kiln-info\tengine\tlaunches_per_decode_step={launches}");
+    (logits, e.tokens().unwrap().remove(0), launches)
 }
 
 fn check_against_cpu(dtype: DType, tol: f64, prompt_len: usize) {
@@ -186,21 +204,7 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
     for dt in [DType::F32, DType::BF16] {
         let (g, w) = setup(dt);
         let run = |graphs: bool, epilogue_gemv: bool| {
-            let opts = EngineOptions {
-                max_batch: 1,
-                max_context: 64,
-                cuda_graphs: graphs,
-                epilogue_gemv,
-                ..Default::default()
-            };
-            let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
-            e.prefill(std::slice::from_ref(&p1)).unwrap();
-            let mut logits = vec![e.logits().unwrap()];
-            for _ in 0..6 {
-                e.decode_step().unwrap();
-                logits.push(e.logits().unwrap());
-            }
-            (logits, e.tokens().unwrap(), e.launches_per_decode_step())
+            engine_run_with(&g, &w, &p1, 6, EngineOptions { epilogue_gemv, ..test_options(graphs) })
         };
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {
@@ -227,16 +231,7 @@ fn horizontal_groups_compute_what_separate_launches_do() {
     for dt in [DType::F32, DType::BF16] {
         let (g, w) = setup(dt);
         let run = |graphs: bool, horizontal: bool| {
-            let opts =
-                EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, horizontal, ..Default::default() };
-            let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
-            e.prefill(std::slice::from_ref(&p1)).unwrap();
-            let mut logits = vec![e.logits().unwrap()];
-            for _ in 0..6 {
-                e.decode_step().unwrap();
-                logits.push(e.logits().unwrap());
-            }
-            (logits, e.tokens().unwrap(), e.launches_per_decode_step())
+            engine_run_with(&g, &w, &p1, 6, EngineOptions { horizontal, ..test_options(graphs) })
         };
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {

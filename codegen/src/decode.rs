@@ -146,9 +146,9 @@ impl GemvConfig {
     /// 1B / SmolLM2): `w16r1u8m1` 1,009.5 / 1,541, `w16r1u4m1` 999.3 / 1,522, `w8r1u8m1`
     /// 1,011.5 / 1,455, `w8r1u4m1` 936.7 / 1,531, `w16r2u4m1` 969.1 / 1,462,
     /// `w16r1u2m1` 954.1 / 1,390; 16-byte staging of x in the one-row kernel (70 instead
-    /// of 40 registers) 817.9 / 1,409. Otherwise the default (two rows per warp, which reuses each
-    /// weight load for more activation rows): 28.3 µs for 8 rows of 8192×2048, against
-    /// 35.9 with one row per warp.
+    /// of 40 registers) 817.9 / 1,409. Otherwise the default (two rows per warp, which
+    /// reuses each weight load for more activation rows): 28.3 µs for 8 rows of
+    /// 8192×2048, against 35.9 with one row per warp.
     pub fn for_rows(m: usize) -> GemvConfig {
         let d = GemvConfig::default();
         if m <= 1 {

@@ -21,6 +21,9 @@
 //! latency per product, and an LM head takes its final norm as well.
 //!
 //! The fused node's scope is the common module path of the group's and the matmul's.
+//!
+//! [`FuseEpilogue`], run after it, then moves SwiGLU on from down's prologue to become
+//! the epilogue of the gate_up product that computes its input.
 
 use crate::fusion::{common_scope, remove_dead};
 use crate::{Pass, PassError, Spec};
@@ -109,9 +112,10 @@ fn candidate(g: &Graph, m: kiln_graph::NodeId) -> Option<(Value, Value)> {
 /// The rule, generic (no names or scopes): group `C` is a [`FusedKind::MatVec`] without
 /// an epilogue whose prologue is elementwise; one of its operands is the `y` of another
 /// such group `P` (read by `C` alone, no graph output); `C`'s other prologue operands
-/// are sources (constants, params) or defined before `P`; and the body made of `P`'s, then `C`'s prologue, passes
-/// [`kiln_ops::FusedBody::kind`] as a matrix-vector group with an epilogue (elementwise
-/// over `y`'s rows, `y` read through up to four column slices of one width).
+/// are sources (constants, params) or defined before `P`; and the body made of `P`'s,
+/// then `C`'s prologue, passes [`kiln_ops::FusedBody::kind`] as a matrix-vector group
+/// with an epilogue (elementwise over `y`'s rows, `y` read through up to four column
+/// slices of one width).
 pub struct FuseEpilogue;
 
 impl Pass for FuseEpilogue {

@@ -20,13 +20,8 @@ presets=("$@")
 OUT=${OUT:-/tmp/kiln-gpu}
 ROUNDS=${ROUNDS:-2}
 mkdir -p "$OUT"
-libdirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib"
-nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null || true)
-if [ -n "$nv" ]; then libdirs="$libdirs $(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ' ')"; fi
-for d in $libdirs; do
-    [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-export LD_LIBRARY_PATH
+# CUDA libraries on LD_LIBRARY_PATH.
+source tools/gpu/cuda-libs.sh
 export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-bench}"
 if [ ! -x .gpu/kiln ]; then
     echo "ab.sh: .gpu/kiln is missing: run tools/gpu/build.sh and carry .gpu" >&2

@@ -14,14 +14,8 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT"
 
-# CUDA libraries: the toolkit's lib dirs, then the pip wheels' (nvidia/cu13/lib …), as run.sh.
-libdirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib"
-nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null || true)
-if [ -n "$nv" ]; then libdirs="$libdirs $(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ' ')"; fi
-for d in $libdirs; do
-    [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-export LD_LIBRARY_PATH
+# CUDA libraries on LD_LIBRARY_PATH.
+source tools/gpu/cuda-libs.sh
 # One kernel cache for the whole run (presets share kernels).
 export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-bench}"
 

@@ -7,14 +7,8 @@ OUT=${OUT:-/tmp/kiln-gpu}
 mkdir -p "$OUT"
 LOG="$OUT/cuda-test.log"
 
-# CUDA libraries: the toolkit's lib dirs, then the pip wheels' (nvidia/cu13/lib …).
-libdirs="/usr/local/cuda/lib64 /usr/local/cuda/targets/x86_64-linux/lib"
-nv=$(python3 -c 'import nvidia, os; print(os.path.dirname(nvidia.__file__))' 2>/dev/null || true)
-if [ -n "$nv" ]; then libdirs="$libdirs $(ls -d "$nv"/*/lib 2>/dev/null | tr '\n' ' ')"; fi
-for d in $libdirs; do
-    [ -d "$d" ] && LD_LIBRARY_PATH="${LD_LIBRARY_PATH:+$LD_LIBRARY_PATH:}$d"
-done
-export LD_LIBRARY_PATH
+# CUDA libraries on LD_LIBRARY_PATH.
+source tools/gpu/cuda-libs.sh
 # The CLI for the tests that run it (their build-time path does not exist here).
 export KILN_BIN="$PWD/.gpu/kiln"
 # A fresh kernel cache for this run (the cache test uses its own temp dir too).

@@ -135,9 +135,11 @@ enum Run {
     /// rows.
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
     /// A matrix-vector group (`FusedKind::MatVec`): with `KILN_MATVEC=fused` in the
-    /// environment (see [`matvec_fused_gemv`]) and few rows of x whose whole rows fit the
-    /// GEMV staging, one GEMV that computes x itself (`fused`, with its split); otherwise the prologue's kernel (`prologue`, the body without the
-    /// matmul: `pro_op`) writes x and the product runs like `MatMul` (`gemv` or cuBLAS).
+    /// environment (see [`matvec_fused_gemv`]), a group without an epilogue and few rows
+    /// of x whose whole rows fit the GEMV staging, one GEMV that computes x itself
+    /// (`fused`, with its split); otherwise the prologue's kernel (`prologue`, the nodes
+    /// before the matmul: `pro_op`) writes x, and the product runs like `MatMul` (`gemv`
+    /// or cuBLAS), followed by the `epilogue` if the group has one (see [`EpiRun`]).
     /// `x`: the output that is x.
     MatVec {
         fused: Option<(usize, decode::GemvConfig)>,
@@ -1119,11 +1121,11 @@ impl CudaEngine {
                         launch_node(self.lane(), &self.kernels[*prologue], pro_op, pro_ins, pro_outs, b, syms)
                             .map_err(fill)?;
                         let y = node.outputs[node.outputs.len() - 1].dtype;
-                        let (xw, yo) = ([outs[*x], ins[ins.len() - 1]], &outs[outs.len() - 1..]);
                         match epilogue {
                             None => {
                                 let mm = Op::MatMul { transpose_a: false, transpose_b: true };
-                                self.matmul(&mm, *gemv, &xw, yo, y).map_err(fill)?;
+                                let xw = [outs[*x], ins[ins.len() - 1]];
+                                self.matmul(&mm, *gemv, &xw, &outs[outs.len() - 1..], y).map_err(fill)?;
                             }
                             Some(e) => {
                                 launches += self
