@@ -126,9 +126,8 @@ pub struct BenchArgs {
     /// `KILN_HFUSE=0` in the environment does the same.
     #[arg(long)]
     pub no_hfuse: bool,
-    /// Never let a GEMV compute its group's epilogue (SwiGLU after gate_up, the residual
-    /// add and norm after o_proj and down_proj): the GEMV writes y and the epilogue's own
-    /// kernel follows, for comparison.
+    /// Never let a GEMV compute its group's epilogue (SwiGLU after gate_up): the GEMV
+    /// writes y and the epilogue's own kernel follows, for comparison.
     /// `KILN_EPILOGUE_GEMV=0` in the environment does the same.
     #[arg(long)]
     pub no_epilogue_gemv: bool,

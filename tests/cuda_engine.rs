@@ -191,11 +191,10 @@ fn pdl_launches_compute_what_serial_launches_do() {
     }
 }
 
-/// The epilogue GEMVs (SwiGLU computed by the gate_up GEMV's blocks, one row of x, one
-/// wave: the test model's small MLP; the residual add and RMSNorm computed by the last
-/// block of the o_proj and down_proj GEMVs) change how many kernels a decode step
-/// launches, never what they compute: tokens and logits equal those of the GEMV followed
-/// by the epilogue's own kernel bit for bit, in f32 and bf16, graph and eager.
+/// The epilogue GEMV (SwiGLU computed by the gate_up GEMV's blocks, one row of x, one
+/// wave: the test model's small MLP) changes how many kernels a decode step launches,
+/// never what they compute: tokens and logits equal those of the GEMV followed by the
+/// epilogue's own kernel bit for bit, in f32 and bf16, graph and eager.
 #[test]
 fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
     if !gpu() {
@@ -207,17 +206,6 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
         let run = |graphs: bool, epilogue_gemv: bool| {
             engine_run_with(&g, &w, &p1, 6, EngineOptions { epilogue_gemv, ..test_options(graphs) })
         };
-        // Every group with an epilogue saves its epilogue's launch: per layer o_proj's,
-        // gate_up's and (but for the last layer) down_proj's.
-        let groups = g
-            .topo_order()
-            .into_iter()
-            .filter(|&n| {
-                matches!(&g.node(n).op, kiln::ops::Op::Fused(b)
-                    if matches!(b.kind(), Ok(kiln::ops::FusedKind::MatVec { epilogue: Some(_), .. })))
-            })
-            .count();
-        assert_eq!(groups, 5);
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {
             let (l_e, t_e, n_e) = run(graphs, true);
@@ -225,7 +213,8 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
             for (a, b) in l_e.iter().zip(&l_sep) {
                 assert_eq!(a, b, "{dt}: the epilogue GEMV computes the same bits (graphs: {graphs})");
             }
-            assert_eq!(n_e + groups, n_sep, "{dt}: launches per decode step");
+            // One launch fewer per decoder layer (the test model has 2 layers).
+            assert_eq!(n_e + 2, n_sep, "{dt}: launches per decode step");
         }
     }
 }

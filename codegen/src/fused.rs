@@ -204,8 +204,8 @@ pub fn fused_items(body: &FusedBody, b: &Bindings) -> Result<usize, CodegenError
 pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
-    let FusedKind::MatVec { prologue: Some(prologue), x, weight, epilogue: None } = kind else {
-        return err("gemv_prologue: the body is no matrix-vector group with a prologue and without an epilogue");
+    let FusedKind::MatVec { prologue, x, weight, epilogue: None } = kind else {
+        return err("gemv_prologue: the body is no matrix-vector group without an epilogue");
     };
     decode::gemv_check(cfg)?;
     let pro = body.prologue().expect("a matrix-vector body has a prologue");
@@ -253,33 +253,24 @@ pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
     ]);
     let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
         .replace("KILN_PROLOGUE", &text)
-        .replace("KILN_EPILOGUE", "")
-        .replace("KILN_TAIL", "");
+        .replace("KILN_EPILOGUE", "");
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     Ok(render_hashed("kiln_gemv_pro", params, &template, &defines, grid))
 }
 
 /// The GEMV of a [`FusedKind::MatVec`] body with an [`kiln_ops::Epilogue`], for few rows
-/// of x (a group input, or written by the prologue's kernel).
-///
-/// Columns epilogue: the blocks of [`gemv_epilogue_items`] each compute the rows of w
-/// that `cols` consecutive epilogue columns read (`cols` = `cfg.warps` / the epilogue's
-/// slice count; warp `s · cols + t` takes row `offsets[s] + tile · cols + t`), store them
-/// into y, and then compute the epilogue of those columns for every row of x from the
-/// values they hold (rounded to y's dtype, as the CPU reference rounds the matmul). y is
-/// written for the columns the epilogue reads (all of them when its slices cover y, as
-/// SwiGLU's do). `cfg` must have one row per warp and no split-K.
-///
-/// Rows epilogue: a plain GEMV (any split; [`gemv_epilogue_items`] blocks) writes y;
-/// every block then counts itself done on the device counter (`counters[0]`, zero
-/// between launches, after a fence that makes its y visible), and the block that counts
-/// last computes the epilogue's rows from y (read past L1) and sets the counter back to
-/// zero: the residual add and RMSNorm after a projection, with no launch of their own.
+/// of x (written by the prologue's kernel): the blocks of [`gemv_epilogue_items`] each
+/// compute the rows of w that `cols` consecutive epilogue columns read (`cols` =
+/// `cfg.warps` / the epilogue's slice count; warp `s · cols + t` takes row `offsets[s] +
+/// tile · cols + t`), store them into y, and then compute the epilogue of those columns
+/// for every row of x from the values they hold (rounded to y's dtype, as the CPU
+/// reference rounds the matmul). y is written for the columns the epilogue reads (all of
+/// them when its slices cover y, as SwiGLU's do). `cfg` must have one row per warp and
+/// no split-K.
 ///
 /// Parameters: `out`, `out1`, … (the epilogue's outputs), then y, then `in{1 + i}` for
 /// body input `i` (all but the weight, which the epilogue reads as it needs), x, the
-/// weight, `syms`, `m` (rows of x), `n` (y's columns), `k`; the rows form also
-/// `counters`.
+/// weight, `syms`, `m` (rows of x), `n` (y's columns), `k`.
 pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
@@ -287,47 +278,29 @@ pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         return err("gemv_epilogue: the body is no matrix-vector group with an epilogue");
     };
     decode::gemv_check(cfg)?;
-    if !form.rows && (cfg.rows_per_warp != 1 || cfg.ksplit != 1 || cfg.warps < form.offsets.len()) {
+    if cfg.rows_per_warp != 1 || cfg.ksplit != 1 || cfg.warps < form.offsets.len() {
         return err(format!(
             "gemv_epilogue: the split {cfg:?} must have one row per warp, no split-K and a warp per slice"
         ));
     }
     let epi = body.epilogue().expect("a body with an epilogue form has one");
     let mut g = Gen::new(&epi, syms);
+    let (head, code) = g.elementwise(&form.domain)?;
     let mut text = String::new();
-    if form.rows {
-        let FusedKind::Rows { rows, cols } =
-            epi.kind().map_err(|e| CodegenError(format!("fused matrix-vector group epilogue: {e}")))?
-        else {
-            return err("gemv_epilogue: a rows epilogue must reduce rows");
-        };
-        let (head, code) = g.rows(&rows, &cols)?;
-        for l in head.lines() {
-            writeln!(text, "        {l}").expect("to a string");
-        }
-        text.push_str("            const kiln_tail_y in0 = {GV_Y};\n");
-        text.push_str("            for (i64 row = 0; row < n_rows; ++row) {\n");
-        for l in code.lines() {
-            writeln!(text, "        {l}").expect("to a string");
-        }
-        text.push_str("            }");
-    } else {
-        let (head, code) = g.elementwise(&form.domain)?;
-        for l in head.lines() {
-            writeln!(text, "    {l}").expect("to a string");
-        }
-        text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
-        text.push_str("        (void)n_items;\n");
-        text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
-        text.push_str("            const int r = q / GV_EPI_T;\n");
-        text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
-        text.push_str("            if (col >= GV_EPI_W) continue;\n");
-        text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
-        for l in code.lines() {
-            writeln!(text, "    {l}").expect("to a string");
-        }
-        text.push_str("        }");
+    for l in head.lines() {
+        writeln!(text, "    {l}").expect("to a string");
     }
+    text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
+    text.push_str("        (void)n_items;\n");
+    text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
+    text.push_str("            const int r = q / GV_EPI_T;\n");
+    text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
+    text.push_str("            if (col >= GV_EPI_W) continue;\n");
+    text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
+    for l in code.lines() {
+        writeln!(text, "    {l}").expect("to a string");
+    }
+    text.push_str("        }");
     let what = "fused matrix-vector group";
     let wt = &body.inputs[weight as usize];
     let (xt, yt) = (body.ty(x).expect("checked"), &body.nodes[body.matmul_node().expect("checked")].outputs[0]);
@@ -357,62 +330,38 @@ pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         (Role::MatN, ParamTy::I64),
         (Role::MatK, ParamTy::I64),
     ]);
-    if form.rows {
-        params.push((Role::Counters, ParamTy::ptr("unsigned")));
-    }
     if params.len() > 250 {
         return err("gemv_epilogue: too many inputs and outputs");
     }
+    // GV_EPI_OFF(s): offset s, a constant expression (no array in local memory).
+    let off = form
+        .offsets
+        .iter()
+        .enumerate()
+        .rev()
+        .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
     defines.extend([
         ("KILN_RESIDUAL", "0".to_string()),
         ("GV_PROLOGUE", "0".to_string()),
+        ("GV_EPI", "1".to_string()),
+        ("GV_EPI_S", form.offsets.len().to_string()),
+        ("GV_EPI_OFF(s)", off),
+        ("GV_EPI_W", format!("{}LL", form.width)),
         ("GV_X", Role::In((nin + 1) as u8).c_name()),
         ("GV_W", Role::In((nin + 2) as u8).c_name()),
         ("GV_Y", Role::Out(e as u8).c_name()),
         ("GV_RES", "(const KILN_Y*)0".to_string()),
     ]);
-    let template = if form.rows {
-        defines.extend([
-            ("GV_TAIL", "1".to_string()),
-            ("GV_COUNTER", Role::Counters.c_name()),
-            ("KILN_ROW_THREADS", (32 * cfg.warps).to_string()),
-        ]);
-        format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
-            .replace("KILN_PROLOGUE", "")
-            .replace("KILN_EPILOGUE", "")
-            .replace("KILN_TAIL", text.trim_end_matches('\n'))
-    } else {
-        // GV_EPI_OFF(s): offset s, a constant expression (no array in local memory).
-        let off = form
-            .offsets
-            .iter()
-            .enumerate()
-            .rev()
-            .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
-        defines.extend([
-            ("GV_EPI", "1".to_string()),
-            ("GV_EPI_S", form.offsets.len().to_string()),
-            ("GV_EPI_OFF(s)", off),
-            ("GV_EPI_W", format!("{}LL", form.width)),
-        ]);
-        format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
-            .replace("KILN_PROLOGUE", "")
-            .replace("KILN_EPILOGUE", text.trim_end_matches('\n'))
-            .replace("KILN_TAIL", "")
-    };
+    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
+        .replace("KILN_PROLOGUE", "")
+        .replace("KILN_EPILOGUE", text.trim_end_matches('\n'));
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
-    let prefix = if form.rows { "kiln_gemv_tail" } else { "kiln_gemv_epi" };
-    Ok(render_hashed(prefix, params, &template, &defines, grid))
+    Ok(render_hashed("kiln_gemv_epi", params, &template, &defines, grid))
 }
 
-/// Blocks of a [`gemv_epilogue`] launch: for a columns epilogue one per `cfg.warps /
-/// slices` epilogue columns, for a rows epilogue a plain GEMV's ([`decode::gemv_items_with`]
-/// over y's `width` columns).
+/// Blocks of a [`gemv_epilogue`] launch: one per `cfg.warps / slices` epilogue columns.
 pub fn gemv_epilogue_items(form: &kiln_ops::Epilogue, cfg: GemvConfig) -> usize {
-    if form.rows {
-        return decode::gemv_items_with(form.width, cfg);
-    }
     let cols = (cfg.warps / form.offsets.len().max(1)).max(1);
     form.width.div_ceil(cols)
 }

@@ -918,66 +918,6 @@ fn a_matvec_group_with_an_epilogue_is_a_gemv_that_finishes_its_columns() {
     }
 }
 
-/// A projection followed by the residual add and RMSNorm (o_proj, then the
-/// post-attention norm): after the default pipeline, the norm is the rows epilogue of
-/// the projection's group. Its GEMV is a plain one (any split) that counts finished
-/// blocks on a device counter; the last block computes the rows from y. Parameters: the
-/// epilogue's outputs (residual sum, normalized x), y, the inputs from 1, x, the weight,
-/// the GEMV sizes and the counter; NVRTC compiles it for one and several rows.
-#[test]
-fn a_rows_epilogue_is_computed_by_the_gemvs_last_block() {
-    use kiln_codegen::decode::GemvConfig;
-    let tr = Tracer::new();
-    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(96)]).unwrap();
-    let r = tr.input("r", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(64)]).unwrap();
-    let y = x.linear(tr.param("wo", DType::BF16, [64, 96]).unwrap(), None).unwrap();
-    let h = r.add(y).unwrap();
-    let n = h.rms_norm(tr.param("n", DType::BF16, [64]).unwrap(), 1e-6).unwrap();
-    let z = n.linear(tr.param("wg", DType::BF16, [32, 64]).unwrap(), None).unwrap();
-    tr.output("h", h).unwrap();
-    tr.output("z", z).unwrap();
-    let g = kiln_passes::default_pipeline().run(tr.finish().unwrap()).unwrap().graph;
-    let fused: Vec<_> = g.topo_order().into_iter().filter(|&n| g.node(n).op.name() == "fused").collect();
-    assert_eq!(fused.len(), 1, "{}", kiln_graph::text::print(&g));
-    let Op::Fused(body) = &g.node(fused[0]).op else { unreachable!() };
-    let Ok(FusedKind::MatVec { prologue: None, epilogue: Some(form), .. }) = body.kind() else {
-        panic!("{:?}", body.kind())
-    };
-    assert!(form.rows);
-    assert_eq!((form.width, form.offsets.to_vec()), (64, vec![0]));
-    assert!(body.prologue().is_none());
-    let syms = graph_symbols(&g);
-    // Any split: a rows epilogue reads y only after every block has written it.
-    let cfg = GemvConfig::for_rows(1);
-    let k = kiln_codegen::gemv_epilogue(body, &syms, cfg).unwrap();
-    assert!(k.waits_for_previous());
-    assert!(k.sig.name.starts_with("kiln_gemv_tail_"), "{}", k.sig.name);
-    assert_eq!(kiln_codegen::gemv_epilogue_items(&form, cfg), kiln_codegen::decode::gemv_items_with(64, cfg));
-    let part = kernel_part(&k);
-    for d in ["#define GV_TAIL 1", "#define GV_COUNTER counters", &format!("#define KILN_ROW_THREADS {}", 32 * cfg.warps)]
-    {
-        assert!(part.contains(d), "{d}");
-    }
-    assert!(!part.contains("#define GV_EPI 1"));
-    assert!(part.contains("const kiln_tail_y in0 = {GV_Y};"));
-    let roles: Vec<Role> = k.sig.params.iter().map(|p| p.role).collect();
-    let nin = body.inputs.len() - 1;
-    let mut want = vec![Role::Out(0), Role::Out(1), Role::Out(2)];
-    want.extend((1..=nin + 2).map(|i| Role::In(i as u8)));
-    want.extend([Role::Syms, Role::MatM, Role::MatN, Role::MatK, Role::Counters]);
-    assert_eq!(roles, want, "epilogue outputs, y, the inputs from 1, x, the weight, the counter");
-    assert!(part.contains("#define GV_Y out2"));
-    // The epilogue alone (after a GEMM, for many rows) is a rows kernel.
-    assert!(fused_kernel(&body.epilogue().unwrap(), &syms).is_ok());
-    if kiln_codegen::nvrtc::nvrtc_present() {
-        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
-        let split = kiln_codegen::gemv_epilogue(body, &syms, GemvConfig::for_rows(4)).unwrap();
-        c.compile_all(&[&k, &split]).unwrap_or_else(|e| panic!("{e}"));
-    } else {
-        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
-    }
-}
-
 /// The grouping rule: consecutive parts that do not read each other's outputs, also
 /// through a view between them; a part that does starts the next group.
 #[test]

@@ -44,42 +44,32 @@ pub enum FusedKind {
     /// dims dropped or kept as 1s), and every reduction reduces exactly the `cols` axes
     /// of a full-shaped value; outputs are full- or row-shaped.
     Rows { rows: Shape, cols: Shape },
-    /// A matrix-vector product with a fused prologue, an epilogue, or both: one body
-    /// node is `y = matmul(x, w, transpose_b)` with `w` the last body input (`[n, k]`,
-    /// read by nothing else). `x [rows.., k]` is either another body input (no
-    /// prologue: `prologue` is `None`) or a value of the nodes before the matmul (the
-    /// [`FusedBody::prologue`]), which has the form `prologue`: elementwise over x's
-    /// shape, or row reductions over x's last axis with x full-shaped. The nodes after
-    /// it, if any, are the [`Epilogue`]. The outputs are the prologue's (x among them),
-    /// then the epilogue's, then `y`, so the body runs as one kernel (a GEMV that
+    /// A matrix-vector product with a fused prologue, and optionally an epilogue: one
+    /// body node is `y = matmul(x, w, transpose_b)` with `w` the last body input
+    /// (`[n, k]`, read by nothing else) and `x [rows.., k]` a value of the nodes before
+    /// it (the [`FusedBody::prologue`]), which has the form `prologue`: elementwise over
+    /// x's shape, or row reductions over x's last axis with x full-shaped. The nodes
+    /// after it, if any, are the [`Epilogue`]. The outputs are the prologue's (x among
+    /// them), then the epilogue's, then `y`, so the body runs as one kernel (a GEMV that
     /// computes its x rows itself, for few rows), or as the prologue's kernel followed
     /// by the matmul (a GEMV that also computes the epilogue for few rows; a GEMM and
-    /// the epilogue's kernel otherwise). A body with neither prologue nor epilogue is
-    /// no group (a plain matmul).
-    MatVec { prologue: Option<Box<FusedKind>>, x: FusedRef, weight: u16, epilogue: Option<Epilogue> },
+    /// the epilogue's kernel otherwise).
+    MatVec { prologue: Box<FusedKind>, x: FusedRef, weight: u16, epilogue: Option<Epilogue> },
 }
 
-/// The tail of a [`FusedKind::MatVec`] body, computed from y by the kernel that
-/// computed y: the nodes after the matmul, over `domain` (`[rows.., width]`, y's rows).
-/// Two forms:
-/// * columns (`rows` false): elementwise, reading y only through slices of its last
-///   axis that start at `offsets` (each `width` wide; offset 0 and width `n` for y
-///   itself). So output column `j` needs y's columns `offsets[s] + j` only: a GEMV block
-///   that owns those rows of w computes the epilogue of its columns (SwiGLU's
-///   `silu(gate) · up` over the halves of a fused gate_up product).
-/// * rows (`rows` true): row reductions over y's last axis (`width` = `n`, `offsets`
-///   `[0]`), e.g. the residual add and RMSNorm after a projection. Every output needs a
-///   whole row of y, so a GEMV computes it in the block that finishes last, once all of
-///   y is written.
-///
-/// The epilogue's other operands are body inputs (constants, biases, a residual) or
-/// values computed from them.
+/// The elementwise tail of a [`FusedKind::MatVec`] body, computed from y by the GEMV
+/// blocks that computed it: the nodes after the matmul, elementwise over `domain`
+/// (`[rows.., width]`, y's rows), reading y only through slices of its last axis that
+/// start at `offsets` (each `width` wide; offset 0 and width `n` for y itself). So
+/// output column `j` needs y's columns `offsets[s] + j` only: a GEMV block that owns
+/// those rows of w computes the epilogue of its columns (SwiGLU's `silu(gate) · up`
+/// over the halves of a fused gate_up product). The epilogue's other operands are body
+/// inputs (constants, biases) or values computed from them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Epilogue {
     pub domain: Shape,
     pub width: usize,
     pub offsets: SmallVec<[usize; 4]>,
-    pub rows: bool,
 }
 
 /// The most slices of y an [`Epilogue`] may read.
@@ -287,8 +277,8 @@ impl FusedBody {
         if self.nodes.iter().flat_map(|n| n.operands.iter()).filter(|&&r| r == FusedRef::Input(w)).count() != 1 {
             return bad("only the matmul may read the weight");
         }
-        if x == FusedRef::Input(w) {
-            return bad("x cannot be the weight");
+        if !matches!(x, FusedRef::Node { .. }) {
+            return bad("x must be computed by the body (a group input needs no prologue)");
         }
         let y = FusedRef::Node { node: p as u16, output: 0 };
         if self.outputs.last() != Some(&y) || self.outputs[..self.outputs.len() - 1].contains(&y) {
@@ -306,36 +296,24 @@ impl FusedBody {
         if self.outputs.windows(2).any(|o| stage(&o[0]) > stage(&o[1])) {
             return bad("the outputs must be the prologue's, then the epilogue's, then y");
         }
-        let prologue = if let FusedRef::Node { .. } = x {
-            if !self.outputs.contains(&x) {
-                return bad("x must be an output (for the prologue kernel + matmul form)");
-            }
-            let pro = self.prologue().ok_or_else(|| "matrix-vector group: no prologue".to_string())?;
-            let xs = self.ty(x).expect("checked").shape.clone();
-            let k = xs.dims().last().cloned().ok_or_else(|| "matrix-vector group: x is a scalar".to_string())?;
-            let fits = match pro.kind()? {
-                FusedKind::Elementwise { domain } => domain == xs,
-                FusedKind::Rows { rows, cols } => {
-                    cols.dims() == [k] && Shape::new(rows.dims().iter().cloned().chain([cols.dims()[0].clone()])) == xs
-                }
-                FusedKind::MatVec { .. } => false,
-            };
-            if !fits {
-                return bad("the prologue must be elementwise over x or reduce x's last axis");
-            }
-            Some(Box::new(pro.kind()?))
-        } else {
-            // x is a group input: no prologue, so the nodes before the matmul (there
-            // may be none) compute nothing the matmul or an output reads.
-            if p > 0 {
-                return bad("with x a group input, the matmul must be the first body node");
-            }
-            None
-        };
-        let epilogue = if p + 1 < self.nodes.len() { Some(self.epilogue_form(p)?) } else { None };
-        if prologue.is_none() && epilogue.is_none() {
-            return bad("a plain matmul (no prologue, no epilogue) is no fused group");
+        if !self.outputs.contains(&x) {
+            return bad("x must be an output (for the prologue kernel + matmul form)");
         }
+        let pro = self.prologue().ok_or_else(|| "matrix-vector group: no prologue".to_string())?;
+        let xs = self.ty(x).expect("checked").shape.clone();
+        let k = xs.dims().last().cloned().ok_or_else(|| "matrix-vector group: x is a scalar".to_string())?;
+        let fits = match pro.kind()? {
+            FusedKind::Elementwise { domain } => domain == xs,
+            FusedKind::Rows { rows, cols } => {
+                cols.dims() == [k] && Shape::new(rows.dims().iter().cloned().chain([cols.dims()[0].clone()])) == xs
+            }
+            FusedKind::MatVec { .. } => false,
+        };
+        if !fits {
+            return bad("the prologue must be elementwise over x or reduce x's last axis");
+        }
+        let prologue = Box::new(pro.kind()?);
+        let epilogue = if p + 1 < self.nodes.len() { Some(self.epilogue_form(p)?) } else { None };
         Ok(FusedKind::MatVec { prologue, x, weight: w, epilogue })
     }
 
@@ -349,23 +327,11 @@ impl FusedBody {
         if epi.outputs.is_empty() {
             return bad("it computes no output".into());
         }
-        let yt = &self.nodes[p].outputs[0];
         let domain = match epi.kind()? {
             FusedKind::Elementwise { domain } => domain,
-            FusedKind::Rows { rows, cols } => {
-                // Row reductions over y's last axis: the whole of y, once it is written.
-                let yd = yt.shape.dims();
-                let full = Shape::new(rows.dims().iter().chain(cols.dims()).cloned());
-                if cols.rank() != 1 || full != yt.shape {
-                    return bad(format!("its reductions must be over the last axis of y ({})", yt.shape));
-                }
-                let Some(n) = yd[yd.len() - 1].as_fixed() else {
-                    return bad("y's columns must be fixed".into());
-                };
-                return Ok(Epilogue { domain: yt.shape.clone(), width: n, offsets: smallvec::smallvec![0], rows: true });
-            }
-            _ => return bad("it must be elementwise or reduce y's rows (no matmul)".into()),
+            _ => return bad("it must be elementwise (no reduction, no matmul)".into()),
         };
+        let yt = &self.nodes[p].outputs[0];
         let (yd, dd) = (yt.shape.dims(), domain.dims());
         if dd.len() != yd.len() || dd[..dd.len() - 1] != yd[..yd.len() - 1] {
             return bad(format!("its domain {domain} does not have y's rows ({})", yt.shape));
@@ -412,7 +378,7 @@ impl FusedBody {
         if offsets.is_empty() || offsets.len() > EPILOGUE_MAX_SLICES {
             return bad(format!("it reads y through {} slices (1..={EPILOGUE_MAX_SLICES})", offsets.len()));
         }
-        Ok(Epilogue { domain, width, offsets, rows: false })
+        Ok(Epilogue { domain, width, offsets })
     }
 
     /// The shape rule of the fused node.

@@ -22,10 +22,8 @@
 //!
 //! The fused node's scope is the common module path of the group's and the matmul's.
 //!
-//! [`FuseEpilogue`], run after it, then moves prologues on to become the epilogue of the
-//! product that computes their input: SwiGLU from down's prologue into gate_up, and each
-//! residual add + RMSNorm after o_proj or down_proj into that projection (the next
-//! projection then reads x as a plain matmul).
+//! [`FuseEpilogue`], run after it, then moves SwiGLU on from down's prologue to become
+//! the epilogue of the gate_up product that computes its input.
 
 use crate::fusion::{common_scope, remove_dead};
 use crate::{Pass, PassError, Spec};
@@ -104,27 +102,20 @@ fn candidate(g: &Graph, m: kiln_graph::NodeId) -> Option<(Value, Value)> {
     Some((x, w))
 }
 
-/// Epilogue fusion into matrix-vector products: the prologue of one matrix-vector
-/// group that reads the `y` of a product (a plain matmul `x · wᵀ` of a weight, or a
-/// matrix-vector group without an epilogue) moves into that product as its
-/// [`kiln_ops::Epilogue`], so the kernel that computes `y` also computes it, and the
-/// group that had it becomes a plain matmul. An elementwise prologue that reads `y`
-/// through column slices becomes a columns epilogue (SwiGLU's `silu(gate) · up` from
-/// the fused gate_up product: every GEMV block finishes its own columns); a prologue of
-/// row reductions over `y` becomes a rows epilogue (the residual add and RMSNorm after
-/// o_proj and down_proj: the GEMV block that finishes last computes it). The graph keeps
-/// its kernel count (a fused group in, a fused group out); a decode step launches one
-/// kernel fewer per moved prologue.
+/// Epilogue fusion into matrix-vector products: an elementwise prologue of one
+/// matrix-vector group that reads the `y` of another only through slices of its columns
+/// moves into that other group as its [`kiln_ops::Epilogue`], so the GEMV that computes
+/// `y` also computes it (SwiGLU's `silu(gate) · up` from the fused gate_up product), and
+/// the group that had it becomes a plain matmul. The graph keeps its kernel count (a
+/// fused group in, a fused group out); a decode step launches one kernel fewer per layer.
 ///
 /// The rule, generic (no names or scopes): group `C` is a [`FusedKind::MatVec`] without
-/// an epilogue; one of its operands is the `y` of a product `P` (read by `C` alone, no
-/// graph output); `C`'s other prologue operands are sources (constants, params) or
-/// defined before `P`; and the body made of `P`'s, then `C`'s prologue, passes
-/// [`kiln_ops::FusedBody::kind`] as a matrix-vector group with an epilogue (elementwise
-/// over `y`'s rows reading `y` through up to four column slices of one width, or row
-/// reductions over `y`'s last axis). Groups are taken in topological order, so in a
-/// decoder layer the post-attention norm moves into o_proj, then SwiGLU into gate_up,
-/// then the next layer's input norm into down_proj.
+/// an epilogue whose prologue is elementwise; one of its operands is the `y` of another
+/// such group `P` (read by `C` alone, no graph output); `C`'s other prologue operands
+/// are sources (constants, params) or defined before `P`; and the body made of `P`'s,
+/// then `C`'s prologue, passes [`kiln_ops::FusedBody::kind`] as a matrix-vector group
+/// with an epilogue (elementwise over `y`'s rows, `y` read through up to four column
+/// slices of one width).
 pub struct FuseEpilogue;
 
 impl Pass for FuseEpilogue {
@@ -143,9 +134,8 @@ impl Pass for FuseEpilogue {
                 order.iter().enumerate().map(|(i, &n)| (n, i)).collect();
             let Some((p, c, iy, body)) = order.iter().find_map(|&c| epilogue_candidate(g, c, &pos)) else { break };
             let (pops, cops) = (g.operands(p).to_vec(), g.operands(c).to_vec());
-            let Op::Fused(cb) = &g.node(c).op else { unreachable!("checked") };
-            // P is a matrix-vector group or a plain matmul (one output, y).
-            let (np_out, nc_pro) = (g.node(p).outputs.len(), cb.outputs.len() - 1);
+            let (Op::Fused(pb), Op::Fused(cb)) = (&g.node(p).op, &g.node(c).op) else { unreachable!("checked") };
+            let (np_out, nc_pro) = (pb.outputs.len(), cb.outputs.len() - 1);
             let mut inputs: Vec<Value> = pops[..pops.len() - 1].to_vec();
             inputs.extend(cops[..cops.len() - 1].iter().enumerate().filter(|&(j, _)| j != iy).map(|(_, &v)| v));
             inputs.push(pops[pops.len() - 1]);
@@ -189,9 +179,19 @@ fn epilogue_candidate(
     pos: &std::collections::HashMap<kiln_graph::NodeId, usize>,
 ) -> Option<(kiln_graph::NodeId, kiln_graph::NodeId, usize, kiln_ops::FusedBody)> {
     let Op::Fused(cb) = &g.node(c).op else { return None };
-    let Ok(FusedKind::MatVec { prologue: Some(_), epilogue: None, .. }) = cb.kind() else { return None };
+    let Ok(FusedKind::MatVec { prologue, epilogue: None, .. }) = cb.kind() else { return None };
+    if !matches!(*prologue, FusedKind::Elementwise { .. }) {
+        return None;
+    }
     let cops = g.operands(c);
-    let ys: Vec<usize> = (0..cops.len() - 1).filter(|&j| product_body(g, cops[j]).is_some()).collect();
+    let is_y_of_matvec = |v: Value| match &g.node(v.node).op {
+        Op::Fused(pb) => {
+            matches!(pb.kind(), Ok(FusedKind::MatVec { epilogue: None, .. }))
+                && v.output as usize == pb.outputs.len() - 1
+        }
+        _ => false,
+    };
+    let ys: Vec<usize> = (0..cops.len() - 1).filter(|&j| is_y_of_matvec(cops[j])).collect();
     let [iy] = ys[..] else { return None };
     let y = cops[iy];
     let p = y.node;
@@ -206,7 +206,7 @@ fn epilogue_candidate(
     if cops[..cops.len() - 1].iter().enumerate().any(|(j, v)| j != iy && !early(v)) {
         return None;
     }
-    let pb = product_body(g, y)?;
+    let Op::Fused(pb) = &g.node(p).op else { return None };
     let cpro = cb.prologue()?;
     let pm = pb.matmul_node()?;
     let wp = (pb.inputs.len() - 1) as u16;
@@ -247,35 +247,6 @@ fn epilogue_candidate(
     let body = kiln_ops::FusedBody { inputs, nodes, outputs };
     match body.kind() {
         Ok(FusedKind::MatVec { epilogue: Some(_), .. }) => Some((p, c, iy, body)),
-        _ => None,
-    }
-}
-
-/// The body of the product computing `v`, when `v` is the `y` of one that can take an
-/// epilogue: a matrix-vector group without one, or a plain matmul `x · wᵀ` of a rank-2
-/// param (as a body: inputs x and w, the matmul, output y).
-fn product_body(g: &Graph, v: Value) -> Option<kiln_ops::FusedBody> {
-    let node = g.node(v.node);
-    match &node.op {
-        Op::Fused(pb) => (matches!(pb.kind(), Ok(FusedKind::MatVec { epilogue: None, .. }))
-            && v.output as usize == pb.outputs.len() - 1)
-            .then(|| (**pb).clone()),
-        op @ Op::MatMul { transpose_a: false, transpose_b: true } => {
-            let ops = g.operands(v.node);
-            let w = ops[1];
-            if !matches!(g.node(w.node).op, Op::Param { .. }) || g.value_type(w).rank() != 2 {
-                return None;
-            }
-            Some(kiln_ops::FusedBody {
-                inputs: vec![g.value_type(ops[0]).clone(), g.value_type(w).clone()],
-                nodes: vec![FusedNode {
-                    op: op.clone(),
-                    operands: smallvec![FusedRef::Input(0), FusedRef::Input(1)],
-                    outputs: node.outputs.clone(),
-                }],
-                outputs: vec![FusedRef::Node { node: 0, output: 0 }],
-            })
-        }
         _ => None,
     }
 }

@@ -544,24 +544,17 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
             match &node.op {
                 Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_) => continue,
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. })) => {
-                    let rows = matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(e), .. }) if e.rows);
                     let epi = kiln_codegen::gemv_epilogue(body, &syms, decode::GemvConfig::for_rows(1));
-                    let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms)).transpose();
+                    let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
                     let tail = body.epilogue().map(|e| kiln_codegen::fused_kernel(&e, &syms));
-                    let when = if rows {
-                        "whose last block also computes the rows epilogue: up to 8 rows"
-                    } else {
-                        "that also computes the epilogue: one row, one wave of blocks"
-                    };
                     match (epi, pro, tail) {
-                        (Ok(e), Ok(p), Some(Ok(t))) => format!(
-                            "{}{} (the GEMV {when}), or a GEMV or cuBLAS GEMM then {}",
-                            p.map_or(String::new(), |p| format!("{} then ", p.sig.name)),
-                            e.sig.name,
-                            t.sig.name
+                        (Ok(e), Some(Ok(p)), Some(Ok(t))) => format!(
+                            "{} then {} (the GEMV that also computes the epilogue: one row, one wave of blocks), \
+                             or a GEMV or cuBLAS GEMM then {}",
+                            p.sig.name, e.sig.name, t.sig.name
                         ),
-                        (Err(e), _, _) | (_, Err(e), _) | (_, _, Some(Err(e))) => format!("unsupported: {}", e.0),
-                        (_, _, None) => "unsupported: no epilogue".into(),
+                        (Err(e), _, _) | (_, Some(Err(e)), _) | (_, _, Some(Err(e))) => format!("unsupported: {}", e.0),
+                        (_, None, _) | (_, _, None) => "unsupported: no prologue or epilogue".into(),
                     }
                 }
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {

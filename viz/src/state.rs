@@ -619,28 +619,24 @@ impl ViewerState {
                     .collect()
             },
             kernel: match (&node.op, kiln_codegen::lower_node(g, n)) {
-                // A matrix-vector group with an epilogue: what the CUDA engine runs at
-                // batch 1 (the prologue's kernel, if any, then the GEMV that also computes
-                // the epilogue: per column, or in its last block for a rows epilogue).
+                // A matrix-vector group: what the CUDA engine runs by default (the
+                // prologue's kernel, then the GEMV), naming the one-kernel form too.
                 (Op::Fused(b), Err(_))
                     if matches!(b.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. })) =>
                 {
                     let syms = kiln_codegen::symbols::graph_symbols(g);
-                    let pro = b.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms)).transpose();
+                    let pro = b.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
                     let epi = kiln_codegen::gemv_epilogue(b, &syms, kiln_codegen::decode::GemvConfig::for_rows(1));
-                    let rows = matches!(b.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(e), .. }) if e.rows);
-                    let what = if rows {
-                        "the GEMV whose last block also computes the rows epilogue"
-                    } else {
-                        "the GEMV that also computes the epilogue"
-                    };
                     match (pro, epi) {
-                        (Ok(Some(p)), Ok(e)) => KernelInfo::Cuda {
-                            name: format!("{} then {} ({what})", p.sig.name, e.sig.name),
+                        (Some(Ok(p)), Ok(e)) => KernelInfo::Cuda {
+                            name: format!(
+                                "{} then {} (the GEMV that also computes the epilogue)",
+                                p.sig.name, e.sig.name
+                            ),
                             source: e.source,
                         },
-                        (Ok(None), Ok(e)) => KernelInfo::Cuda { name: format!("{} ({what})", e.sig.name), source: e.source },
-                        (Err(e), _) | (_, Err(e)) => KernelInfo::Unsupported(e.0),
+                        (Some(Err(e)), _) | (_, Err(e)) => KernelInfo::Unsupported(e.0),
+                        (None, _) => KernelInfo::Unsupported("a matrix-vector group without a prologue".into()),
                     }
                 }
                 (Op::Fused(b), Err(_)) if matches!(b.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {

@@ -44,11 +44,6 @@
 // type) in gv_ey, and then compute the epilogue of the block's GV_EPI_T columns for every
 // row of x (code generated from the group's epilogue, which reads y through
 // kiln_epi_y). y is stored for the rows computed: the columns the epilogue reads.
-// GV_TAIL (a matrix-vector group with a rows epilogue, kiln_codegen::gemv_epilogue): a
-// plain GEMV, then every block counts itself done on GV_COUNTER (after a fence that
-// makes its y visible device-wide); the block that counts last computes the epilogue's
-// rows from all of y (code generated from the group's epilogue, reading y through
-// kiln_tail_y, past L1) and sets the counter back to zero for the next launch.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
@@ -84,28 +79,6 @@ __device__ __forceinline__ float kiln_ld(const kiln_epi_y& e, i64 off) {
 }
 #else
 #define GV_ROW0(tile, rw) (((tile) * GV_RW + (rw)) * GV_R)
-#endif
-#ifndef GV_TAIL
-#define GV_TAIL 0
-#endif
-#if GV_TAIL
-// y as a rows epilogue reads it: written by the other blocks of this launch, so loaded
-// from L2 (ld.global.cg), never from a stale L1 line.
-__device__ __forceinline__ float gv_ldcg(const float* p) { return __ldcg(p); }
-__device__ __forceinline__ float gv_ldcg(const kiln_bf16* p) {
-    kiln_bf16 v;
-    v.bits = __ldcg((const unsigned short*)p);
-    return kiln_ld(&v, 0);
-}
-__device__ __forceinline__ float gv_ldcg(const kiln_f16* p) {
-    kiln_f16 v;
-    v.bits = __ldcg((const unsigned short*)p);
-    return kiln_ld(&v, 0);
-}
-struct kiln_tail_y {
-    const KILN_Y* y;
-};
-__device__ __forceinline__ float kiln_ld(const kiln_tail_y& e, i64 off) { return gv_ldcg(e.y + off); }
 #endif
 
 // Puts element j of activation row r (f32) where the staging keeps it (see above).
@@ -369,20 +342,4 @@ KILN_EPILOGUE
     }
 #endif
     }  // tiles
-#if GV_TAIL
-    {
-        __shared__ int gv_last;
-        __threadfence();  // this thread's y is visible device-wide before the block counts itself
-        __syncthreads();
-        if (threadIdx.x == 0) gv_last = atomicAdd(GV_COUNTER, 1u) == gridDim.x - 1u;
-        __syncthreads();
-        if (gv_last) {  // uniform: the block that counts last
-            __threadfence();  // every other block's y is visible to this one
-            {
-KILN_TAIL
-            }
-            if (threadIdx.x == 0) *GV_COUNTER = 0u;  // zero for the next launch
-        }
-    }
-#endif
 }

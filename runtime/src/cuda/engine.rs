@@ -65,8 +65,7 @@ pub struct EngineOptions {
     /// environment.
     pub horizontal: bool,
     /// Let a GEMV compute its matrix-vector group's epilogue where the rule of
-    /// `EpiRun` takes it (columns: one row of x, one wave of blocks; rows: up to
-    /// `GEMV_MAX_M` rows, in the last block); off (`false`, or
+    /// `EpiRun` takes it (one row of x, one wave of blocks); off (`false`, or
     /// `KILN_EPILOGUE_GEMV=0` in the environment), the GEMV writes y and the epilogue's
     /// own kernel follows: a same-run A/B of the epilogue GEMV.
     pub epilogue_gemv: bool,
@@ -136,18 +135,18 @@ enum Run {
     /// rows.
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
     /// A matrix-vector group (`FusedKind::MatVec`): with `KILN_MATVEC=fused` in the
-    /// environment (see [`matvec_fused_gemv`]), a group with a prologue, without an
-    /// epilogue, and few rows of x whose whole rows fit the GEMV staging, one GEMV that
-    /// computes x itself (`fused`, with its split); otherwise the prologue's kernel
-    /// (`prologue`, the nodes before the matmul running `.1`), if the group has one,
-    /// writes x, and the product runs like `MatMul` (`gemv` or cuBLAS), followed by the
-    /// `epilogue` if the group has one (see [`EpiRun`]). `x`: where x is, an output
-    /// (written by the prologue) or an input.
+    /// environment (see [`matvec_fused_gemv`]), a group without an epilogue and few rows
+    /// of x whose whole rows fit the GEMV staging, one GEMV that computes x itself
+    /// (`fused`, with its split); otherwise the prologue's kernel (`prologue`, the nodes
+    /// before the matmul: `pro_op`) writes x, and the product runs like `MatMul` (`gemv`
+    /// or cuBLAS), followed by the `epilogue` if the group has one (see [`EpiRun`]).
+    /// `x`: the output that is x.
     MatVec {
         fused: Option<(usize, decode::GemvConfig)>,
-        prologue: Option<(usize, Box<Op>)>,
+        prologue: usize,
+        pro_op: Box<Op>,
         gemv: Option<[(usize, decode::GemvConfig); 2]>,
-        x: XAt,
+        x: usize,
         epilogue: Option<Box<EpiRun>>,
     },
     /// Attention over a resident cache (keys from the symbol table, the cache read
@@ -158,41 +157,24 @@ enum Run {
     Attention { kernel: usize, single: Option<usize>, prefill: Option<usize> },
 }
 
-/// Where a matrix-vector group's x is: its prologue's output `i`, or its input `i`.
-#[derive(Clone, Copy, Debug)]
-enum XAt {
-    Out(usize),
-    In(usize),
-}
-
-/// The epilogue of a matrix-vector group (`kiln_ops::Epilogue`).
-///
-/// Columns form: for one row of x, when its blocks fit in one wave, the GEMV that
-/// computes it from the y values it holds (`kiln_codegen::gemv_epilogue`); otherwise
-/// the product, then the epilogue's own elementwise kernel (`kernel`, running `op`) over
-/// y. Measured on an H200 (2026-12-04, batch 1, epilogue GEMV against GEMV + kernel):
-/// SmolLM2 (gate_up 3,072 rows, 192 blocks, one wave) 1,553 → 1,580 tok/s; the
-/// Llama-3.2-1B shape (16,384 rows, 1,024 blocks, four waves of two blocks per
-/// multiprocessor) 1,010 → 996: each block ends with a barrier and the epilogue, a tail
-/// paid once per wave, against one launch saved. For several rows the epilogue GEMV
-/// (one weight row per warp) was slower than the GEMV with two (2,757 against 3,104
-/// tok/s at batch 8 on the 1B shape).
-///
-/// Rows form (the residual add and RMSNorm after a projection): for up to
-/// `GEMV_MAX_M` rows of x, the GEMV whose last block computes it (`gemv`: one row,
-/// `gemv_more`: 2 and more; the engine's `tail_counter`); otherwise the product, then
-/// the epilogue's row kernel.
+/// The epilogue of a matrix-vector group (`kiln_ops::Epilogue`): for one row of x, when
+/// its blocks fit in one wave, the GEMV that computes it from the y values it holds
+/// (`kiln_codegen::gemv_epilogue`); otherwise the product, then the epilogue's own
+/// elementwise kernel (`kernel`, running `op`) over y. Measured on an H200 (2026-12-04,
+/// batch 1, epilogue GEMV against GEMV + kernel): SmolLM2 (gate_up 3,072 rows, 192
+/// blocks, one wave) 1,553 → 1,580 tok/s; the Llama-3.2-1B shape (16,384 rows, 1,024
+/// blocks, four waves of two blocks per multiprocessor) 1,010 → 996: each block ends with
+/// a barrier and the epilogue, a tail paid once per wave, against one launch saved. For
+/// several rows the epilogue GEMV (one weight row per warp) was slower than the GEMV
+/// with two (2,757 against 3,104 tok/s at batch 8 on the 1B shape).
 struct EpiRun {
     gemv: Option<(usize, decode::GemvConfig)>,
-    gemv_more: Option<(usize, decode::GemvConfig)>,
     kernel: usize,
     op: Op,
     form: kiln_ops::Epilogue,
-    /// Outputs of the prologue (the group's first outputs; none without a prologue);
-    /// the epilogue's follow.
+    /// Outputs of the prologue (the group's first outputs); the epilogue's follow.
     n_pro: usize,
-    /// Whether the columns epilogue GEMV's blocks fit in one wave (set once the kernels
-    /// load).
+    /// Whether the epilogue GEMV's blocks fit in one wave (set once the kernels load).
     one_wave: bool,
 }
 
@@ -275,9 +257,6 @@ pub struct CudaEngine {
     attn_ws: CudaSlice<u8>,
     /// Its completion counters (zero between launches).
     attn_counters: CudaSlice<u32>,
-    /// The completion counter of the GEMVs with a rows epilogue (zero between launches;
-    /// one for all of them: each launch waits for the previous kernel to complete).
-    tail_counter: CudaSlice<u32>,
     /// Greedy sampling's per-block best logits and indices (`[max_batch, splits]`, f32
     /// then i64) and its per-row completion counters (zero between launches).
     greedy_ws: CudaSlice<u8>,
@@ -545,32 +524,23 @@ impl CudaEngine {
                         let Ok(kiln_ops::FusedKind::MatVec { x, epilogue: form, .. }) = body.kind() else {
                             unreachable!()
                         };
-                        let pro = body.prologue();
-                        let x_at = match x {
-                            kiln_ops::FusedRef::Input(i) => XAt::In(i as usize),
-                            _ => XAt::Out(body.outputs.iter().position(|&r| r == x).expect("x is an output")),
-                        };
+                        let pro = body.prologue().expect("a matrix-vector body has a prologue");
+                        let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
                         let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
                         let yt = node.outputs.last().expect("y").dtype;
                         let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
                         let pcfg = decode::GemvConfig::for_prologue();
-                        let fused = match (&form, &pro) {
-                            (None, Some(_)) => Some((
+                        let fused = match form {
+                            None => Some((
                                 add_kernel(
                                     kiln_codegen::gemv_prologue(body, &syms, pcfg).map_err(|e| unsupported(e.0))?,
                                 ),
                                 pcfg,
                             )),
-                            _ => None,
+                            Some(_) => None,
                         };
-                        let n_pro = pro.as_ref().map_or(0, |p| p.outputs.len());
-                        let prologue = match pro {
-                            Some(pro) => {
-                                let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
-                                Some((add_kernel(pk), Box::new(Op::Fused(Box::new(pro)))))
-                            }
-                            None => None,
-                        };
+                        let n_pro = pro.outputs.len();
+                        let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
                         let gemv = match (decode::gemv_with(xt, wt, yt, one), decode::gemv_with(xt, wt, yt, more)) {
                             (Ok(k1), Ok(k2)) => Some([(add_kernel(k1), one), (add_kernel(k2), more)]),
                             _ => None,
@@ -582,14 +552,8 @@ impl CudaEngine {
                                 let ek = kiln_codegen::fused_kernel(&epi, &syms).map_err(|e| unsupported(e.0))?;
                                 let gemv =
                                     kiln_codegen::gemv_epilogue(body, &syms, one).ok().map(|k| (add_kernel(k), one));
-                                let gemv_more = if form.rows {
-                                    kiln_codegen::gemv_epilogue(body, &syms, more).ok().map(|k| (add_kernel(k), more))
-                                } else {
-                                    None
-                                };
                                 Some(Box::new(EpiRun {
                                     gemv,
-                                    gemv_more,
                                     kernel: add_kernel(ek),
                                     op: Op::Fused(Box::new(epi)),
                                     form,
@@ -598,7 +562,14 @@ impl CudaEngine {
                                 }))
                             }
                         };
-                        Run::MatVec { fused, prologue, gemv, x: x_at, epilogue }
+                        Run::MatVec {
+                            fused,
+                            prologue: add_kernel(pk),
+                            pro_op: Box::new(Op::Fused(Box::new(pro))),
+                            gemv,
+                            x: x_out,
+                            epilogue,
+                        }
                     }
                     Op::MatMul { transpose_a, transpose_b } => {
                         let ops = graph.operands(n);
@@ -784,13 +755,9 @@ impl CudaEngine {
         // Epilogue GEMVs: whether their blocks fit in one wave (see `EpiRun`), from the
         // loaded kernel's occupancy.
         let epilogue_gemv = opts.epilogue_gemv && !epilogue_gemv_off_by_env();
-        for s in steps.iter_mut() {
+        for s in steps.iter_mut().filter(|_| epilogue_gemv) {
             if let Run::MatVec { epilogue: Some(e), .. } = &mut s.run {
-                if !epilogue_gemv {
-                    (e.gemv, e.gemv_more) = (None, None);
-                    continue;
-                }
-                if let Some((kg, cfg)) = e.gemv.filter(|_| !e.form.rows) {
+                if let Some((kg, cfg)) = e.gemv {
                     let per_sm = kernels[kg]
                         .1
                         .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, 0, None)
@@ -801,7 +768,6 @@ impl CudaEngine {
         }
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
-        let tail_counter = stream.alloc_zeros::<u32>(1).map_err(driver_err("alloc"))?;
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
         let greedy_ws = stream.alloc_zeros::<u8>(12 * greedy_pairs + 8).map_err(driver_err("alloc"))?;
         let greedy_counters = stream.alloc_zeros::<u32>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
@@ -861,7 +827,6 @@ impl CudaEngine {
             _blas_workspace: blas_ws,
             attn_ws,
             attn_counters,
-            tail_counter,
             greedy_ws,
             greedy_counters,
             hgroups,
@@ -1133,12 +1098,8 @@ impl CudaEngine {
                 Run::MatMul { gemv } => {
                     self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
                 }
-                Run::MatVec { fused, prologue, gemv, x, epilogue } => {
-                    let xv = match *x {
-                        XAt::Out(i) => outs[i],
-                        XAt::In(i) => ins[i],
-                    };
-                    let (xs, ys) = (xv.1, outs[outs.len() - 1].1);
+                Run::MatVec { fused, prologue, pro_op, gemv, x, epilogue } => {
+                    let (xs, ys) = (outs[*x].1, outs[outs.len() - 1].1);
                     let (k, n) = (xs[xs.len() - 1], ys[ys.len() - 1]);
                     let m: usize = xs[..xs.len() - 1].iter().product();
                     let one_kernel = fused.filter(|_| m > 0 && decode::gemv_prologue_fits(m, k) && matvec_fused_gemv());
@@ -1154,27 +1115,25 @@ impl CudaEngine {
                         let sms = self.info.multiprocessors.max(1) as usize;
                         launch(self.lane(), &self.kernels[kg], decode::gemv_prologue_items(n, cfg, sms), &a)?;
                     } else {
-                        // The prologue, if any, writes x (and its other outputs), then the product.
-                        if let Some((pk, pro_op)) = prologue {
-                            let n_pro = epilogue.as_ref().map_or(outs.len() - 1, |e| e.n_pro);
-                            let (pro_ins, pro_outs) = (&ins[..ins.len() - 1], &outs[..n_pro]);
-                            launch_node(self.lane(), &self.kernels[*pk], pro_op, pro_ins, pro_outs, b, syms)
-                                .map_err(fill)?;
-                            launches += 1;
-                        }
+                        // The prologue writes x (and its other outputs), then the product.
+                        let n_pro = epilogue.as_ref().map_or(outs.len() - 1, |e| e.n_pro);
+                        let (pro_ins, pro_outs) = (&ins[..ins.len() - 1], &outs[..n_pro]);
+                        launch_node(self.lane(), &self.kernels[*prologue], pro_op, pro_ins, pro_outs, b, syms)
+                            .map_err(fill)?;
                         let y = node.outputs[node.outputs.len() - 1].dtype;
                         match epilogue {
                             None => {
                                 let mm = Op::MatMul { transpose_a: false, transpose_b: true };
-                                let xw = [xv, ins[ins.len() - 1]];
+                                let xw = [outs[*x], ins[ins.len() - 1]];
                                 self.matmul(&mm, *gemv, &xw, &outs[outs.len() - 1..], y).map_err(fill)?;
                             }
                             Some(e) => {
                                 launches += self
-                                    .matvec_epilogue(e, *gemv, &ins, &outs, xv, (m, n, k), y, b, syms)
+                                    .matvec_epilogue(e, *gemv, &ins, &outs, outs[*x], (m, n, k), y, b, syms)
                                     .map_err(fill)?;
                             }
                         }
+                        launches += 1;
                     }
                 }
             }
@@ -1338,16 +1297,7 @@ impl CudaEngine {
     ) -> Result<usize, CudaError> {
         let (w, yo) = (ins[ins.len() - 1], outs[outs.len() - 1]);
         let nin = ins.len() - 1;
-        let fused = if e.form.rows {
-            if m == 1 {
-                e.gemv
-            } else {
-                e.gemv_more.filter(|_| m <= decode::GEMV_MAX_M)
-            }
-        } else {
-            e.gemv.filter(|_| m == 1 && e.one_wave)
-        };
-        if let Some((kg, cfg)) = fused {
+        if let Some((kg, cfg)) = e.gemv.filter(|_| m == 1 && e.one_wave) {
             let n_epi = outs.len() - 1 - e.n_pro;
             let mut a = Args::default();
             for i in 0..n_epi {
@@ -1363,9 +1313,6 @@ impl CudaEngine {
                 .i64(Role::MatM, m)
                 .i64(Role::MatN, n)
                 .i64(Role::MatK, k);
-            if e.form.rows {
-                a.set(Role::Counters, ArgValue::Ptr(dev(&self.tail_counter, &self.stream)));
-            }
             launch(self.lane(), &self.kernels[kg], kiln_codegen::gemv_epilogue_items(&e.form, cfg), &a)?;
             return Ok(0);
         }
@@ -1513,15 +1460,7 @@ impl CudaEngine {
                 }
             }
             Run::MatMul { .. } => "matmul".into(),
-            Run::MatVec { prologue, epilogue, .. } => {
-                let pro = if prologue.is_some() { " + prologue" } else { "" };
-                let epi = match epilogue.as_deref() {
-                    Some(e) if e.form.rows => " + rows epilogue",
-                    Some(_) => " + epilogue",
-                    None => "",
-                };
-                format!("matvec (GEMV{pro}{epi})")
-            }
+            Run::MatVec { .. } => "matvec (GEMV + prologue)".into(),
             Run::Attention { .. } => "attention (split-K)".into(),
         };
         let scope = node.scope.rsplit('.').next().unwrap_or("");
