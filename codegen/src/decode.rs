@@ -158,6 +158,27 @@ impl GemvConfig {
         }
     }
 
+    /// The split for `m` rows of activations over weight rows of `row_bytes` bytes
+    /// (`None` where unknown): [`GemvConfig::for_rows`], except that one row of x over
+    /// rows of at most [`GEMV_SHORT_ROW_BYTES`] takes two weight rows per warp, 8 warps
+    /// and 4 loads in flight per lane (`w8r2u4m1`): the 16 warps × 8 loads of the
+    /// default request 4 KiB per warp, several times such a row, and leave most lanes
+    /// idle. Measured on an H200 (2026-12-04, `gemv_bandwidth`, bf16, µs back to back,
+    /// `w16r1u8m1` against `w8r2u4m1`): SmolLM2's LM head 49152×576 26.8 → 17.3, qkv
+    /// 960×576 3.7 → 3.5, o_proj 576×576 3.8 → 3.7, gate_up 3072×576 4.5 → 4.4; its down
+    /// projection (576×1536, 3 KiB rows) 4.0 against 4.4, so it keeps the default. In the
+    /// decode step (CUDA graph with PDL, which hides most of the LM head's difference):
+    /// SmolLM2 1,580.0 → 1,587.4 tok/s at batch 1 (two rounds, same run); the Llama-3.2-1B
+    /// shape has no short rows.
+    pub fn for_shape(m: usize, row_bytes: Option<usize>) -> GemvConfig {
+        match row_bytes {
+            Some(b) if m <= 1 && b <= GEMV_SHORT_ROW_BYTES => {
+                GemvConfig { warps: 8, rows_per_warp: 2, unroll: 4, max_rows: 1, ..GemvConfig::default() }
+            }
+            _ => GemvConfig::for_rows(m),
+        }
+    }
+
     /// The split of a fused GEMV ([`crate::gemv_prologue`]): its blocks are one wave
     /// that loops over the row tiles (see [`gemv_prologue_items`]), so each warp keeps
     /// four rows' loads in flight (four times a plain GEMV's at one row) to make up for
@@ -166,6 +187,10 @@ impl GemvConfig {
         GemvConfig { rows_per_warp: 4, ..GemvConfig::default() }
     }
 }
+
+/// Weight rows of at most this many bytes are "short" for the one-row GEMV
+/// ([`GemvConfig::for_shape`]).
+pub const GEMV_SHORT_ROW_BYTES: usize = 2048;
 
 /// Warps of one attention block (twice that for query tiles of up to 4).
 const ATTENTION_DECODE_WARPS: usize = 4;

@@ -575,7 +575,10 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                 Op::MatMul { transpose_a, transpose_b } => {
                     let (a, w) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
                     let y = node.outputs[0].dtype;
-                    let gemv = |m: usize| decode::gemv_with(a.dtype, w.dtype, y, decode::GemvConfig::for_rows(m)).ok();
+                    let dims = w.shape.dims();
+                    let row = (dims.len() == 2).then(|| dims[1].as_fixed()).flatten().map(|k| w.dtype.bytes_for(k));
+                    let gemv =
+                        |m: usize| decode::gemv_with(a.dtype, w.dtype, y, decode::GemvConfig::for_shape(m, row)).ok();
                     match (!transpose_a && *transpose_b && w.rank() == 2).then(|| (gemv(1), gemv(2))) {
                         Some((Some(k1), Some(k2))) => {
                             format!("cuBLAS GEMM, or {} for one row, {} for a few", k1.sig.name, k2.sig.name)

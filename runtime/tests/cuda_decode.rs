@@ -470,8 +470,11 @@ fn attention_decode_odd_shapes() {
 }
 
 /// Time per launch of decode attention (batch 1, one query row) on the Llama-3.2-1B and
-/// SmolLM2-135M head shapes at a few context lengths, with the split count the engine
-/// uses. Informational: nothing is timed against a threshold.
+/// SmolLM2-135M head shapes at a few context lengths: the engine's configuration (query
+/// tile from `attention_decode_pick_tile`, its split count), and for comparison whole
+/// GQA groups per block, one split (a grid of only the blocks with keys at these
+/// lengths), and 16 KiB stages instead of 48. Informational: nothing is timed against a
+/// threshold.
 #[test]
 #[ignore = "a measurement, not a check: run with --include-ignored on a GPU"]
 fn attention_decode_timing() {
@@ -482,39 +485,61 @@ fn attention_decode_timing() {
     let sms = g.info.multiprocessors.max(1) as usize;
     let mut r = rng(11);
     for (h, kh, d) in [(32, 8, 64), (9, 3, 64)] {
-        let pk = decode::attention_decode(dt, h / kh, &keys, &table).unwrap();
-        let pf = g.load(&pk);
-        for t in [200, 1000, 4000] {
-            let (b, s, cap) = (1, 1, 4096 + 16);
-            let (kb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
-            let (vb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
-            let (qb, _) = encode(dt, &uniform(&mut r, b * s * h * d, -1.0, 1.0));
-            let (kbuf, vbuf, qbuf) = (g.upload(&kb), g.upload(&vb), g.upload(&qb));
-            let mut syms = Vec::new();
-            syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
-            syms.extend_from_slice(&(s as i64).to_le_bytes());
-            let sbuf = g.upload(&syms);
-            let splits = decode::attention_decode_splits(b, s, h, kh, 16384, sms);
-            let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
-            let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
-            let out = g.poisoned(b * s * h * d * 2);
-            let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters(b, s, h, kh)]);
-            let case = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask: Mask::Causal, scale: 0.125 };
-            let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits);
-            let items = decode::attention_decode_items(b, s, h, kh, splits);
-            for _ in 0..10 {
-                g.launch(&pk, &pf, items, &args);
+        let (b, s, cap) = (1, 1, 4096 + 16);
+        let engine_tile = decode::attention_decode_pick_tile(b, s, h, kh);
+        let group_tile = decode::attention_decode_query_tile(h / kh);
+        // (what, tile, splits: None = the engine's for the tile, stage bytes)
+        let variants: [(&str, usize, Option<usize>, usize); 4] = [
+            ("engine", engine_tile, None, decode::ATTENTION_DECODE_STAGE_BYTES),
+            ("group_tile", group_tile, None, decode::ATTENTION_DECODE_STAGE_BYTES),
+            ("one_split", engine_tile, Some(1), decode::ATTENTION_DECODE_STAGE_BYTES),
+            ("stage16k", engine_tile, None, 16 << 10),
+        ];
+        for (what, tile, fixed_splits, stage) in variants {
+            let mut pk = decode::attention_decode_tiled(dt, h / kh, tile, &keys, &table).unwrap();
+            if stage != decode::ATTENTION_DECODE_STAGE_BYTES {
+                let from = format!("#define AD_STAGE {}", decode::ATTENTION_DECODE_STAGE_BYTES);
+                assert!(pk.source.contains(&from), "the stage define");
+                pk.source = pk.source.replace(&from, &format!("#define AD_STAGE {stage}"));
+                pk.dynamic_smem = 2 * stage as u32;
             }
-            let launches = 200;
-            let start = g.event();
-            for _ in 0..launches {
-                g.launch(&pk, &pf, items, &args);
+            let pf = g.load(&pk);
+            for t in [200, 1000, 4000] {
+                let (kb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
+                let (vb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
+                let (qb, _) = encode(dt, &uniform(&mut r, b * s * h * d, -1.0, 1.0));
+                let (kbuf, vbuf, qbuf) = (g.upload(&kb), g.upload(&vb), g.upload(&qb));
+                let mut syms = Vec::new();
+                syms.extend_from_slice(&((t - s) as i64).to_le_bytes());
+                syms.extend_from_slice(&(s as i64).to_le_bytes());
+                let sbuf = g.upload(&syms);
+                let splits = fixed_splits
+                    .unwrap_or_else(|| decode::attention_decode_splits_tiled(b, s, h, kh, 16384, sms, tile));
+                let (wo, wml) = decode::attention_decode_workspace(b, s, h, d, splits);
+                let (po, pml) = (g.poisoned(wo * 4), g.poisoned(wml * 4));
+                let out = g.poisoned(b * s * h * d * 2);
+                let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters_tiled(b, s, h, kh, tile)]);
+                let case = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask: Mask::Causal, scale: 0.125 };
+                let args =
+                    attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits);
+                let items = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
+                for _ in 0..10 {
+                    g.launch(&pk, &pf, items, &args);
+                }
+                let launches = 200;
+                let start = g.event();
+                for _ in 0..launches {
+                    g.launch(&pk, &pf, items, &args);
+                }
+                let end = g.event();
+                g.sync();
+                let us = start.elapsed_ms(&end).expect("elapsed") as f64 * 1e3 / launches as f64;
+                println!(
+                    "kiln-info\tattention_decode_timing\t{what}\th={h}\tkh={kh}\td={d}\tt={t}\ttile={tile}\t\
+                     splits={splits}\tstage={stage}\tblocks={items}\tus={us:.1}"
+                );
+                assert!(us > 0.0);
             }
-            let end = g.event();
-            g.sync();
-            let us = start.elapsed_ms(&end).expect("elapsed") as f64 * 1e3 / launches as f64;
-            println!("kiln-info\tattention_decode_timing\th={h}\tkh={kh}\td={d}\tt={t}\tsplits={splits}\tus={us:.1}");
-            assert!(us > 0.0);
         }
     }
 }

@@ -178,6 +178,13 @@ struct EpiRun {
     one_wave: bool,
 }
 
+/// Bytes of one row of a rank-2 weight `[n, k]` of fixed `k` (what
+/// `GemvConfig::for_shape` picks the one-row GEMV by).
+fn weight_row_bytes(w: &kiln_ops::TensorType) -> Option<usize> {
+    let dims = w.shape.dims();
+    (dims.len() == 2).then(|| dims[1].as_fixed()).flatten().map(|k| w.dtype.bytes_for(k))
+}
+
 struct Step {
     node: NodeId,
     run: Run,
@@ -528,7 +535,9 @@ impl CudaEngine {
                         let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
                         let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
                         let yt = node.outputs.last().expect("y").dtype;
-                        let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
+                        let row_bytes = weight_row_bytes(body.inputs.last().expect("weight"));
+                        let (one, more) =
+                            (decode::GemvConfig::for_shape(1, row_bytes), decode::GemvConfig::for_shape(2, row_bytes));
                         let pcfg = decode::GemvConfig::for_prologue();
                         let fused = match form {
                             None => Some((
@@ -550,8 +559,10 @@ impl CudaEngine {
                             Some(form) => {
                                 let epi = body.epilogue().expect("a body with an epilogue form has one");
                                 let ek = kiln_codegen::fused_kernel(&epi, &syms).map_err(|e| unsupported(e.0))?;
+                                // One weight row per warp: the columns the epilogue reads.
+                                let ecfg = decode::GemvConfig::for_rows(1);
                                 let gemv =
-                                    kiln_codegen::gemv_epilogue(body, &syms, one).ok().map(|k| (add_kernel(k), one));
+                                    kiln_codegen::gemv_epilogue(body, &syms, ecfg).ok().map(|k| (add_kernel(k), ecfg));
                                 Some(Box::new(EpiRun {
                                     gemv,
                                     kernel: add_kernel(ek),
@@ -577,7 +588,9 @@ impl CudaEngine {
                         // Two GEMV splits: one row of activations, and 2..=GEMV_MAX_M.
                         let mut gemv = None;
                         if !transpose_a && *transpose_b && w.rank() == 2 {
-                            let (one, more) = (decode::GemvConfig::for_rows(1), decode::GemvConfig::for_rows(2));
+                            let row_bytes = weight_row_bytes(w);
+                            let (one, more) =
+                                (decode::GemvConfig::for_shape(1, row_bytes), decode::GemvConfig::for_shape(2, row_bytes));
                             let y = node.outputs[0].dtype;
                             if let (Ok(k1), Ok(k2)) = (
                                 decode::gemv_with(a.dtype, w.dtype, y, one),
