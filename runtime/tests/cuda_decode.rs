@@ -472,9 +472,13 @@ fn attention_decode_odd_shapes() {
 /// Time per launch of decode attention (batch 1, one query row) on the Llama-3.2-1B and
 /// SmolLM2-135M head shapes at a few context lengths: the engine's configuration (query
 /// tile from `attention_decode_pick_tile`, its split count), and for comparison whole
-/// GQA groups per block, one split (a grid of only the blocks with keys at these
-/// lengths), and 16 KiB stages instead of 48. Informational: nothing is timed against a
-/// threshold.
+/// GQA groups per block, one split (a grid of only the blocks with keys at short
+/// lengths), 16 KiB stages instead of 48, and 16 warps per block. One key (`t=1`) shows
+/// the kernel's fixed cost. Informational: nothing is timed against a threshold.
+/// On an H200 (2026-12-04, µs back to back, SmolLM2 / 1B heads): the engine's kernel
+/// 5.7 / 5.8 at one key, 7.6 / 7.7 at 200, 9.8 / 12.0 at 1,000, 12.6 / 23.5 at 4,000;
+/// one split 5.0 / 5.1 at one key and 7.3 / 7.4 at 200 but 53 at 4,000; 16 KiB stages
+/// and 16 warps slower from 200 keys on (the smallest GEMV, 576×576, takes 3.5).
 #[test]
 #[ignore = "a measurement, not a check: run with --include-ignored on a GPU"]
 fn attention_decode_timing() {
@@ -488,15 +492,25 @@ fn attention_decode_timing() {
         let (b, s, cap) = (1, 1, 4096 + 16);
         let engine_tile = decode::attention_decode_pick_tile(b, s, h, kh);
         let group_tile = decode::attention_decode_query_tile(h / kh);
-        // (what, tile, splits: None = the engine's for the tile, stage bytes)
-        let variants: [(&str, usize, Option<usize>, usize); 4] = [
-            ("engine", engine_tile, None, decode::ATTENTION_DECODE_STAGE_BYTES),
-            ("group_tile", group_tile, None, decode::ATTENTION_DECODE_STAGE_BYTES),
-            ("one_split", engine_tile, Some(1), decode::ATTENTION_DECODE_STAGE_BYTES),
-            ("stage16k", engine_tile, None, 16 << 10),
+        // (what, tile, splits: None = the engine's for the tile, stage bytes, warps: 0 =
+        // the kernel's own)
+        let full = decode::ATTENTION_DECODE_STAGE_BYTES;
+        let variants: [(&str, usize, Option<usize>, usize, u32); 5] = [
+            ("engine", engine_tile, None, full, 0),
+            ("group_tile", group_tile, None, full, 0),
+            ("one_split", engine_tile, Some(1), full, 0),
+            ("stage16k", engine_tile, None, 16 << 10, 0),
+            ("warps16", engine_tile, None, full, 16),
         ];
-        for (what, tile, fixed_splits, stage) in variants {
+        for (what, tile, fixed_splits, stage, warps) in variants {
             let mut pk = decode::attention_decode_tiled(dt, h / kh, tile, &keys, &table).unwrap();
+            if warps > 0 {
+                let kiln_codegen::Grid::BlockPerItem { threads } = pk.grid else { panic!("{:?}", pk.grid) };
+                let from = format!("#define AD_WARPS {}", threads / 32);
+                assert!(pk.source.contains(&from), "the warps define");
+                pk.source = pk.source.replace(&from, &format!("#define AD_WARPS {warps}"));
+                pk.grid = kiln_codegen::Grid::BlockPerItem { threads: 32 * warps };
+            }
             if stage != decode::ATTENTION_DECODE_STAGE_BYTES {
                 let from = format!("#define AD_STAGE {}", decode::ATTENTION_DECODE_STAGE_BYTES);
                 assert!(pk.source.contains(&from), "the stage define");
@@ -504,7 +518,7 @@ fn attention_decode_timing() {
                 pk.dynamic_smem = 2 * stage as u32;
             }
             let pf = g.load(&pk);
-            for t in [200, 1000, 4000] {
+            for t in [1, 200, 1000, 4000] {
                 let (kb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
                 let (vb, _) = encode(dt, &uniform(&mut r, b * cap * kh * d, -1.0, 1.0));
                 let (qb, _) = encode(dt, &uniform(&mut r, b * s * h * d, -1.0, 1.0));
@@ -520,8 +534,7 @@ fn attention_decode_timing() {
                 let out = g.poisoned(b * s * h * d * 2);
                 let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters_tiled(b, s, h, kh, tile)]);
                 let case = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask: Mask::Causal, scale: 0.125 };
-                let args =
-                    attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits);
+                let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits);
                 let items = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
                 for _ in 0..10 {
                     g.launch(&pk, &pf, items, &args);

@@ -589,8 +589,10 @@ impl CudaEngine {
                         let mut gemv = None;
                         if !transpose_a && *transpose_b && w.rank() == 2 {
                             let row_bytes = weight_row_bytes(w);
-                            let (one, more) =
-                                (decode::GemvConfig::for_shape(1, row_bytes), decode::GemvConfig::for_shape(2, row_bytes));
+                            let (one, more) = (
+                                decode::GemvConfig::for_shape(1, row_bytes),
+                                decode::GemvConfig::for_shape(2, row_bytes),
+                            );
                             let y = node.outputs[0].dtype;
                             if let (Ok(k1), Ok(k2)) = (
                                 decode::gemv_with(a.dtype, w.dtype, y, one),
