@@ -12,7 +12,8 @@
 //!   [`PREFILL_REPS`] timed `prefill` calls (each returns the sampled token, so it ends
 //!   synchronized); tokens/s = length / time.
 //! * **decode** (for each batch size): every sequence is prefilled with
-//!   [`DECODE_PROMPT`] tokens, [`DECODE_WARMUP`] steps are run and synchronized, then
+//!   `--decode-prompt` tokens ([`DECODE_PROMPT`] by default), [`DECODE_WARMUP`] steps
+//!   are run and synchronized, then
 //!   `decode_steps` steps are queued and the device is synchronized once at the end;
 //!   tokens/s = batch · steps / time, the median of [`DECODE_REPS`] such runs.
 //! * **roofline**: a decode step must read every weight once (a tied embedding table,
@@ -96,7 +97,10 @@ pub struct BenchArgs {
     /// without tracing, passes or kernel compilation.
     #[arg(
         long,
-        conflicts_with_all = ["dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv"]
+        conflicts_with_all = [
+            "dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv",
+            "attention_long_keys"
+        ]
     )]
     pub plan: Option<PathBuf>,
     /// Storage dtype of weights, activations and KV cache.
@@ -111,6 +115,14 @@ pub struct BenchArgs {
     /// Timed decode steps per batch size.
     #[arg(long, default_value_t = 128)]
     pub decode_steps: usize,
+    /// Prompt length of every sequence before a decode measurement: the decode context
+    /// starts here (transformers' baseline in `tools/bench_hf.py` keeps 128).
+    #[arg(long, default_value_t = DECODE_PROMPT)]
+    pub decode_prompt: usize,
+    /// Keys above which decode attention takes whole GQA groups per block rather than
+    /// one query head per block (default: the engine's, 2,048), for comparison.
+    #[arg(long)]
+    pub attention_long_keys: Option<usize>,
     /// Write every number as a JSON object to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -158,6 +170,8 @@ impl BenchArgs {
             prefill: vec![128, 2048],
             batch: vec![1, 8, 64],
             decode_steps: 128,
+            decode_prompt: DECODE_PROMPT,
+            attention_long_keys: None,
             json: None,
             no_cuda_graphs: false,
             no_pdl: false,
@@ -196,13 +210,15 @@ impl BenchArgs {
         if self.decode_steps == 0 {
             return Err(opt_err("decode-steps", "must be positive"));
         }
-        if decode_context_end(self.decode_steps) >= max_positions {
+        if self.decode_prompt == 0 {
+            return Err(opt_err("decode-prompt", "must be positive"));
+        }
+        if decode_context_end(self.decode_prompt, self.decode_steps) >= max_positions {
             return Err(opt_err(
                 "decode-steps",
                 format!(
-                    "{DECODE_PROMPT} prompt + {DECODE_WARMUP} warm-up + {} steps exceed the model's {max_positions} \
-                     positions",
-                    self.decode_steps
+                    "{} prompt + {DECODE_WARMUP} warm-up + {} steps exceed the model's {max_positions} positions",
+                    self.decode_prompt, self.decode_steps
                 ),
             ));
         }
@@ -211,8 +227,8 @@ impl BenchArgs {
 }
 
 /// Positions used by a decode run: prompt, warm-up and timed steps.
-fn decode_context_end(steps: usize) -> usize {
-    DECODE_PROMPT + DECODE_WARMUP + steps
+fn decode_context_end(prompt: usize, steps: usize) -> usize {
+    prompt + DECODE_WARMUP + steps
 }
 
 /// Mean number of positions a timed decode step attends to: step `j` (0-based) runs at
@@ -457,6 +473,8 @@ pub(crate) struct EngineSpec {
     pub pdl: bool,
     pub horizontal: bool,
     pub epilogue_gemv: bool,
+    /// `None`: the engine's default.
+    pub attention_long_keys: Option<usize>,
 }
 
 /// A deterministic prompt of `len` ids below `vocab` (sequence `seq` of a batch).
@@ -503,16 +521,17 @@ pub(crate) fn measure_prefill(e: &mut dyn Engine, len: usize, vocab: usize) -> R
     Ok(PrefillResult { tokens: len, batch: 1, median_ms, tokens_per_s: len as f64 / (median_ms / 1e3), runs_ms: runs })
 }
 
-/// Decode at `batch` sequences: per run a fresh prefill of [`DECODE_PROMPT`] tokens,
+/// Decode at `batch` sequences: per run a fresh prefill of `prompt_len` tokens,
 /// [`DECODE_WARMUP`] synchronized steps, then `steps` steps queued with one
 /// synchronization at the end. Returns the run times in ms (one per [`DECODE_REPS`]).
 pub(crate) fn measure_decode(
     e: &mut dyn Engine,
     batch: usize,
+    prompt_len: usize,
     steps: usize,
     vocab: usize,
 ) -> Result<Vec<f64>, BenchError> {
-    let prompts: Vec<Vec<u32>> = (0..batch).map(|s| prompt(DECODE_PROMPT, vocab, s)).collect();
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|s| prompt(prompt_len, vocab, s)).collect();
     let mut runs = Vec::with_capacity(DECODE_REPS);
     for _ in 0..DECODE_REPS {
         let first = e.prefill(&prompts)?;
@@ -549,6 +568,7 @@ pub(crate) fn measure_decode(
 
 fn decode_result(
     batch: usize,
+    prompt_len: usize,
     steps: usize,
     mut runs: Vec<f64>,
     traced: &Graph,
@@ -556,7 +576,7 @@ fn decode_result(
 ) -> Result<DecodeResult, BenchError> {
     let median = bandwidth::median(&mut runs.clone());
     let tokens_per_s = (batch * steps) as f64 / (median / 1e3);
-    let mean_context = mean_decode_context(DECODE_PROMPT, DECODE_WARMUP, steps);
+    let mean_context = mean_decode_context(prompt_len, DECODE_WARMUP, steps);
     let bytes = decode_step_bytes(traced, batch, mean_context.round() as usize)?;
     let roofline = roofline_tokens_per_s(bw, batch, bytes);
     runs.iter_mut().for_each(|r| *r = (*r * 1e3).round() / 1e3);
@@ -612,6 +632,9 @@ mod gpu {
                 pdl: spec.pdl,
                 horizontal: spec.horizontal,
                 epilogue_gemv: spec.epilogue_gemv,
+                attention_long_keys: spec
+                    .attention_long_keys
+                    .unwrap_or(kiln_codegen::decode::ATTENTION_DECODE_LONG_KEYS),
                 ..Default::default()
             };
             Ok(Box::new(CudaEngine::new(graph, weights, opts)?))
@@ -747,7 +770,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         if max_batch > o.max_batch {
             return Err(opt_err("batch", format!("batch {max_batch} exceeds the plan's max batch {}", o.max_batch)));
         }
-        let need = max_prefill.max(decode_context_end(args.decode_steps)) + 1;
+        let need = max_prefill.max(decode_context_end(args.decode_prompt, args.decode_steps)) + 1;
         if need > o.max_context {
             return Err(opt_err(
                 "prefill",
@@ -820,7 +843,8 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         bw = backend.copy_bandwidth(args.gpu)?;
         tracing::info!(gb_per_s = format!("{:.0}", bw / 1e9), "copy bandwidth");
 
-        max_context = (max_prefill.max(decode_context_end(args.decode_steps)) + 1).min(cfg.max_position_embeddings);
+        max_context = (max_prefill.max(decode_context_end(args.decode_prompt, args.decode_steps)) + 1)
+            .min(cfg.max_position_embeddings);
         (fusion, cuda_graphs) = (!args.no_fusion, !args.no_cuda_graphs);
         let spec = EngineSpec {
             device: args.gpu,
@@ -830,6 +854,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             pdl: !args.no_pdl,
             horizontal: !args.no_hfuse,
             epilogue_gemv: !args.no_epilogue_gemv,
+            attention_long_keys: args.attention_long_keys,
         };
         let t = Instant::now();
         engine = backend.engine(graph, weights, &spec)?;
@@ -853,14 +878,14 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
     }
     let mut decode = Vec::new();
     for &batch in &args.batch {
-        let runs = measure_decode(engine.as_mut(), batch, args.decode_steps, vocab)?;
-        let mut r = decode_result(batch, args.decode_steps, runs, traced, bw)?;
+        let runs = measure_decode(engine.as_mut(), batch, args.decode_prompt, args.decode_steps, vocab)?;
+        let mut r = decode_result(batch, args.decode_prompt, args.decode_steps, runs, traced, bw)?;
         r.launches_per_step = engine.launches_per_decode_step();
         tracing::info!(batch, tokens_per_s = format!("{:.0}", r.tokens_per_s), "decode");
         decode.push(r);
     }
     let profile = if args.profile {
-        engine.prefill(&[prompt(DECODE_PROMPT, vocab, 0)])?;
+        engine.prefill(&[prompt(args.decode_prompt, vocab, 0)])?;
         Some(engine.profile_decode_step()?)
     } else {
         None
@@ -1289,7 +1314,7 @@ mod tests {
     #[test]
     fn decode_runs_the_steps_and_checks_the_tokens() {
         let mut e = Fake::new(false);
-        let runs = measure_decode(&mut e, 4, 5, 10).unwrap();
+        let runs = measure_decode(&mut e, 4, DECODE_PROMPT, 5, 10).unwrap();
         assert_eq!(runs.len(), DECODE_REPS);
         // Warm-up steps, a sync, the timed steps with no sync in between, one sync.
         let step = |n| std::iter::repeat_n("step".to_string(), n);
@@ -1306,7 +1331,7 @@ mod tests {
 
         // An engine that loses a token is caught.
         let mut e = Fake::new(true);
-        let err = measure_decode(&mut e, 2, 5, 10).unwrap_err().to_string();
+        let err = measure_decode(&mut e, 2, DECODE_PROMPT, 5, 10).unwrap_err().to_string();
         assert!(err.contains("sequence 0 has 12 tokens after 13 decode steps"), "{err}");
     }
 
@@ -1314,7 +1339,7 @@ mod tests {
     fn decode_result_uses_the_median_run() {
         let g = traced(true, DType::BF16);
         // 3 runs of 4 steps at batch 2; median 20 ms → 400 tokens/s, 5 ms per step.
-        let r = decode_result(2, 4, vec![30.0, 20.0, 10.0], &g, 1e9).unwrap();
+        let r = decode_result(2, DECODE_PROMPT, 4, vec![30.0, 20.0, 10.0], &g, 1e9).unwrap();
         assert_eq!(r.median_ms_per_step, 5.0);
         assert!((r.tokens_per_s - 400.0).abs() < 1e-9);
         assert_eq!(r.mean_context, mean_decode_context(DECODE_PROMPT, DECODE_WARMUP, 4));
@@ -1336,6 +1361,14 @@ mod tests {
         a.batch = vec![1];
         a.decode_steps = 8100;
         assert!(a.check(8192).unwrap_err().to_string().starts_with("--decode-steps"));
+        // A long decode prompt counts against the positions too.
+        a.decode_steps = 128;
+        a.decode_prompt = 8100;
+        let e = a.check(8192).unwrap_err().to_string();
+        assert!(e.starts_with("--decode-steps") && e.contains("8100 prompt"), "{e}");
+        a.decode_prompt = 0;
+        assert!(a.check(8192).unwrap_err().to_string().starts_with("--decode-prompt"));
+        a.decode_prompt = DECODE_PROMPT;
         a.dtype = "i8".into();
         assert!(a.dtype().is_err());
     }
@@ -1411,6 +1444,10 @@ mod tests {
         // 30 layers × (k, v) × 139 positions × 3 kv heads × 64 × 2 bytes.
         let roof = r.roofline_batch1.as_ref().unwrap();
         assert_eq!(roof.context, 138.5);
+        // A longer decode prompt: a larger engine and a later mean context.
+        let long = BenchArgs { decode_prompt: 1000, prefill: vec![16], batch: vec![1], ..args.clone() };
+        let rl = run_on(&long, &FakeBackend { spec: Default::default() }).unwrap();
+        assert_eq!(rl.decode[0].mean_context, 1000.0 + 8.0 + 2.5);
         assert_eq!(roof.bytes_per_step, 2 * 134_515_008 + 30 * 2 * 139 * 3 * 64 * 2);
         assert!((roof.tokens_per_s - 4e12 / roof.bytes_per_step as f64).abs() < 1e-6);
 

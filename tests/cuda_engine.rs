@@ -126,21 +126,33 @@ fn check_against_cpu(dtype: DType, tol: f64, prompt_len: usize) {
         return;
     }
     let (g, w) = setup(dtype);
-    let prompt: Vec<u32> = [3u32, 17, 99, 4, 250, 8, 1]
-        .iter()
-        .cycle()
-        .take(prompt_len)
-        .enumerate()
-        .map(|(i, &t)| (t + 31 * i as u32) % 256)
-        .collect();
-    let steps = 12;
-    let (logits, tokens) = engine_run(&g, &w, &prompt, steps, true, false);
-    // CPU: the same graph, feeding the engine's tokens back (so both see one history).
+    let prompt = test_prompt(prompt_len);
+    let (logits, tokens) = engine_run(&g, &w, &prompt, 12, true, false);
+    compare_with_cpu(&g, &w, &prompt, &logits, &tokens, dtype.name(), tol);
+}
+
+fn test_prompt(len: usize) -> Vec<u32> {
+    [3u32, 17, 99, 4, 250, 8, 1].iter().cycle().take(len).enumerate().map(|(i, &t)| (t + 31 * i as u32) % 256).collect()
+}
+
+/// The engine's logits after the prefill and each decode step against the CPU executor
+/// fed the engine's tokens (so both see one history): relative L2 under `tol`, and the
+/// greedy token wherever the CPU's top two logits are apart.
+fn compare_with_cpu(
+    g: &kiln::graph::Graph,
+    w: &IndexMap<String, HostTensor>,
+    prompt: &[u32],
+    logits: &[Vec<f32>],
+    tokens: &[u32],
+    what: &str,
+    tol: f64,
+) {
+    let steps = logits.len() - 1;
     let gen = Generator::new(CpuExecutor::new(g.clone(), w.clone()).unwrap(), 64).unwrap();
-    let (mut cpu_logits, mut cache) = gen.forward(&prompt, gen.empty_cache()).unwrap();
+    let (mut cpu_logits, mut cache) = gen.forward(prompt, gen.empty_cache()).unwrap();
     for (i, l) in logits.iter().enumerate() {
         let err = rel_l2(l, &cpu_logits);
-        println!("kiln-check\tengine_{}\tstep {i}\tlogits\tmax_rel=0\trel_l2={err:.3e}", dtype.name());
+        println!("kiln-check\tengine_{what}\tstep {i}\tlogits\tmax_rel=0\trel_l2={err:.3e}");
         assert!(err < tol, "step {i}: logits rel L2 {err:.3e} > {tol:e}");
         let want = argmax(&cpu_logits);
         let mut sorted = cpu_logits.clone();
@@ -153,6 +165,33 @@ fn check_against_cpu(dtype: DType, tol: f64, prompt_len: usize) {
         }
     }
     assert_eq!(tokens.len(), steps + 1);
+}
+
+/// Past `attention_long_keys` decode attention takes whole GQA groups per block (the
+/// test model's batch 1 otherwise takes one head per block), and the decode step is a
+/// second CUDA graph: a run that crosses the bound (7 prompt tokens, 12 steps, bound 10)
+/// captures two graphs and still matches the CPU executor, in f32 and bf16.
+#[test]
+fn long_contexts_switch_the_attention_tile_and_still_match_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    for (dtype, tol) in [(DType::F32, 1e-4), (DType::BF16, 3e-2)] {
+        let (g, w) = setup(dtype);
+        let prompt = test_prompt(7);
+        let opts = EngineOptions { attention_long_keys: 10, ..test_options(true) };
+        let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
+        e.prefill(std::slice::from_ref(&prompt)).unwrap();
+        let mut logits = vec![e.logits().unwrap()];
+        for _ in 0..12 {
+            e.decode_step().unwrap();
+            logits.push(e.logits().unwrap());
+        }
+        assert_eq!(e.not_capturable(), None);
+        assert_eq!(e.decode_graphs(), 2, "{dtype}: one graph per side of the bound");
+        let tokens = e.tokens().unwrap().remove(0);
+        compare_with_cpu(&g, &w, &prompt, &logits, &tokens, &format!("long_{}", dtype.name()), tol);
+    }
 }
 
 #[test]

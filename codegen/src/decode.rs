@@ -505,6 +505,17 @@ pub fn attention_decode_workspace(b: usize, s: usize, h: usize, dv: usize, split
     (rows * dv, rows * 2)
 }
 
+/// Keys above which decode attention takes whole GQA groups per block even where
+/// [`attention_decode_pick_tile`] would take one query head per block: one-head tiles read
+/// every K/V row once per query head, which long contexts pay for. Measured on an H200
+/// (2026-12-04, `attention_decode_timing`, µs back to back, one head per block against
+/// whole groups): the Llama-3.2-1B heads (32 over 8) 12.0 / 13.4 at 1,000 keys, 23.5 /
+/// 14.6 at 4,000; SmolLM2's (9 over 3) 9.8 / 11.8 and 12.6 / 12.7. In the decode step at
+/// context 4,040 (`kiln bench --decode-prompt 4000`, against `--attention-long-keys
+/// 1000000`, two rounds): the 1B shape 765.7 → 895.7 tok/s, SmolLM2 1,234 → 1,223 (its
+/// crossover lies higher; one bound for all shapes).
+pub const ATTENTION_DECODE_LONG_KEYS: usize = 2048;
+
 /// Query (row, head) pairs per block of an [`attention_decode`] kernel for a GQA group
 /// of `group` query heads per kv head: the largest divisor of `group` up to
 /// [`ATTENTION_DECODE_QUERY_TILE`], so every tile is full (the kernel's per-query loops

@@ -69,6 +69,11 @@ pub struct EngineOptions {
     /// `KILN_EPILOGUE_GEMV=0` in the environment), the GEMV writes y and the epilogue's
     /// own kernel follows: a same-run A/B of the epilogue GEMV.
     pub epilogue_gemv: bool,
+    /// Keys (past + new positions) above which decode attention takes whole GQA groups
+    /// per block rather than one query head per block
+    /// ([`decode::ATTENTION_DECODE_LONG_KEYS`] by default). A decode step is captured as
+    /// one CUDA graph per batch size and side of this bound.
+    pub attention_long_keys: usize,
 }
 
 impl Default for EngineOptions {
@@ -83,6 +88,7 @@ impl Default for EngineOptions {
             prebuilt: None,
             horizontal: true,
             epilogue_gemv: true,
+            attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
         }
     }
 }
@@ -271,7 +277,7 @@ pub struct CudaEngine {
     /// Horizontal groups of steps (see [`HGroup`]).
     hgroups: Vec<HGroup>,
     /// Per batch size: the captured decode step.
-    graphs: HashMap<usize, CudaGraph>,
+    graphs: HashMap<(usize, bool), CudaGraph>,
     /// Why the decode step cannot be captured, if it cannot.
     not_capturable: Option<String>,
     launches_per_step: usize,
@@ -758,12 +764,18 @@ impl CudaEngine {
                 // Decode steps: one query row per sequence, up to max_batch sequences;
                 // prefill: one sequence of up to max_context rows.
                 let shapes = (1..=opts.max_batch).map(|b| (b, 1)).chain((1..opts.max_context).map(|s| (1, s)));
+                // Either tile a launch may take (one head per block, or whole groups past
+                // the long-context bound).
+                let group_tile = decode::attention_decode_query_tile(h.checked_div(kh).unwrap_or(0));
                 for (bsz, rows) in shapes {
-                    let tile = decode::attention_decode_pick_tile(bsz, rows, h, kh);
-                    let splits = decode::attention_decode_splits_tiled(bsz, rows, h, kh, opts.max_context, sms, tile);
-                    let (o, ml) = decode::attention_decode_workspace(bsz, rows, h, dv, splits);
-                    ws_bytes = ws_bytes.max(4 * (o + ml));
-                    n_counters = n_counters.max(decode::attention_decode_counters_tiled(bsz, rows, h, kh, tile));
+                    let picked = decode::attention_decode_pick_tile(bsz, rows, h, kh);
+                    for tile in [picked, group_tile] {
+                        let splits =
+                            decode::attention_decode_splits_tiled(bsz, rows, h, kh, opts.max_context, sms, tile);
+                        let (o, ml) = decode::attention_decode_workspace(bsz, rows, h, dv, splits);
+                        ws_bytes = ws_bytes.max(4 * (o + ml));
+                        n_counters = n_counters.max(decode::attention_decode_counters_tiled(bsz, rows, h, kh, tile));
+                    }
                 }
             }
         }
@@ -884,6 +896,12 @@ impl CudaEngine {
     /// Kernel launches (generated kernels and cuBLAS calls) of the last decode step.
     pub fn launches_per_decode_step(&self) -> usize {
         self.launches_per_step
+    }
+
+    /// Decode steps captured as CUDA graphs so far (one per batch size and side of
+    /// [`EngineOptions::attention_long_keys`]).
+    pub fn decode_graphs(&self) -> usize {
+        self.graphs.len()
     }
 
     pub fn memory(&self) -> MemoryReport {
@@ -1201,9 +1219,14 @@ impl CudaEngine {
             return launch(self.lane(), &self.kernels[p], prefill::attention_prefill_items(bsz, s, h, kh), &a);
         }
         // Whole GQA groups per block, or one head per block when that leaves too few
-        // blocks (and the kernel for it exists).
+        // blocks (and the kernel for it exists) and the context is not long.
+        let keys = k[1];
         let (kernel, tile) = match single {
-            Some(k1) if decode::attention_decode_pick_tile(bsz, s, h, kh) == 1 => (k1, 1),
+            Some(k1)
+                if decode::attention_decode_pick_tile(bsz, s, h, kh) == 1 && keys <= self.opts.attention_long_keys =>
+            {
+                (k1, 1)
+            }
             _ => (split_k, decode::attention_decode_query_tile(h.checked_div(kh).unwrap_or(0))),
         };
         let sms = self.info.multiprocessors.max(1) as usize;
@@ -1599,8 +1622,11 @@ impl CudaEngine {
         let b = self.bindings(self.batch, 1, self.past);
         let plan = self.prepare(&b)?;
         let capture = self.opts.cuda_graphs && self.not_capturable.is_none();
+        // One graph per batch size and side of the long-context bound (the attention
+        // kernel differs).
+        let key = (self.batch, self.past + 1 > self.opts.attention_long_keys);
         if capture {
-            if !self.graphs.contains_key(&self.batch) {
+            if !self.graphs.contains_key(&key) {
                 self.stream
                     .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
                     .map_err(driver_err("begin capture"))?;
@@ -1611,9 +1637,9 @@ impl CudaEngine {
                     graph.map_err(driver_err("end capture"))?.ok_or_else(|| contract("empty capture".into()))?;
                 self.launches_per_step = n;
                 tracing::debug!(batch = self.batch, launches = n, "decode step captured as a CUDA graph");
-                self.graphs.insert(self.batch, graph);
+                self.graphs.insert(key, graph);
             }
-            self.graphs[&self.batch].launch().map_err(driver_err("graph launch"))?;
+            self.graphs[&key].launch().map_err(driver_err("graph launch"))?;
         } else {
             self.launches_per_step = self.record_step(&b, &plan)?;
         }
