@@ -1444,12 +1444,14 @@ mod tests {
         // 30 layers × (k, v) × 139 positions × 3 kv heads × 64 × 2 bytes.
         let roof = r.roofline_batch1.as_ref().unwrap();
         assert_eq!(roof.context, 138.5);
-        // A longer decode prompt: a larger engine and a later mean context.
-        let long = BenchArgs { decode_prompt: 1000, prefill: vec![16], batch: vec![1], ..args.clone() };
-        let rl = run_on(&long, &FakeBackend { spec: Default::default() }).unwrap();
-        assert_eq!(rl.decode[0].mean_context, 1000.0 + 8.0 + 2.5);
         assert_eq!(roof.bytes_per_step, 2 * 134_515_008 + 30 * 2 * 139 * 3 * 64 * 2);
         assert!((roof.tokens_per_s - 4e12 / roof.bytes_per_step as f64).abs() < 1e-6);
+        // A longer decode prompt: an engine for its context, and a later mean context.
+        let long = BenchArgs { decode_prompt: 1000, prefill: vec![16], batch: vec![1], ..args.clone() };
+        let long_backend = FakeBackend { spec: Default::default() };
+        let rl = run_on(&long, &long_backend).unwrap();
+        assert_eq!(*long_backend.spec.borrow(), Some((0, 1, 1000 + DECODE_WARMUP + 4 + 1, false, false)));
+        assert_eq!(rl.decode[0].mean_context, 1000.0 + 8.0 + 2.5);
 
         let table = r.table();
         eprintln!("{table}");

@@ -192,6 +192,13 @@ impl GemvConfig {
 /// ([`GemvConfig::for_shape`]).
 pub const GEMV_SHORT_ROW_BYTES: usize = 2048;
 
+/// Bytes of one row of a rank-2 weight `[n, k]` of fixed `k` (what
+/// [`GemvConfig::for_shape`] picks the one-row GEMV by); `None` for other weights.
+pub fn weight_row_bytes(w: &kiln_ops::TensorType) -> Option<usize> {
+    let dims = w.shape.dims();
+    (dims.len() == 2).then(|| dims[1].as_fixed()).flatten().map(|k| w.dtype.bytes_for(k))
+}
+
 /// Warps of one attention block (twice that for query tiles of up to 4).
 const ATTENTION_DECODE_WARPS: usize = 4;
 /// Query (row, head) pairs of one kv head that one attention block handles, at most; the

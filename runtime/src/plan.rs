@@ -575,8 +575,7 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                 Op::MatMul { transpose_a, transpose_b } => {
                     let (a, w) = (graph.value_type(ops[0]), graph.value_type(ops[1]));
                     let y = node.outputs[0].dtype;
-                    let dims = w.shape.dims();
-                    let row = (dims.len() == 2).then(|| dims[1].as_fixed()).flatten().map(|k| w.dtype.bytes_for(k));
+                    let row = decode::weight_row_bytes(w);
                     let gemv =
                         |m: usize| decode::gemv_with(a.dtype, w.dtype, y, decode::GemvConfig::for_shape(m, row)).ok();
                     match (!transpose_a && *transpose_b && w.rank() == 2).then(|| (gemv(1), gemv(2))) {

@@ -184,13 +184,6 @@ struct EpiRun {
     one_wave: bool,
 }
 
-/// Bytes of one row of a rank-2 weight `[n, k]` of fixed `k` (what
-/// `GemvConfig::for_shape` picks the one-row GEMV by).
-fn weight_row_bytes(w: &kiln_ops::TensorType) -> Option<usize> {
-    let dims = w.shape.dims();
-    (dims.len() == 2).then(|| dims[1].as_fixed()).flatten().map(|k| w.dtype.bytes_for(k))
-}
-
 struct Step {
     node: NodeId,
     run: Run,
@@ -541,7 +534,7 @@ impl CudaEngine {
                         let x_out = body.outputs.iter().position(|&r| r == x).expect("x is an output");
                         let (xt, wt) = (body.ty(x).expect("checked").dtype, body.inputs.last().expect("weight").dtype);
                         let yt = node.outputs.last().expect("y").dtype;
-                        let row_bytes = weight_row_bytes(body.inputs.last().expect("weight"));
+                        let row_bytes = decode::weight_row_bytes(body.inputs.last().expect("weight"));
                         let (one, more) =
                             (decode::GemvConfig::for_shape(1, row_bytes), decode::GemvConfig::for_shape(2, row_bytes));
                         let pcfg = decode::GemvConfig::for_prologue();
@@ -594,7 +587,7 @@ impl CudaEngine {
                         // Two GEMV splits: one row of activations, and 2..=GEMV_MAX_M.
                         let mut gemv = None;
                         if !transpose_a && *transpose_b && w.rank() == 2 {
-                            let row_bytes = weight_row_bytes(w);
+                            let row_bytes = decode::weight_row_bytes(w);
                             let (one, more) = (
                                 decode::GemvConfig::for_shape(1, row_bytes),
                                 decode::GemvConfig::for_shape(2, row_bytes),
