@@ -99,7 +99,7 @@ pub struct BenchArgs {
         long,
         conflicts_with_all = [
             "dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv",
-            "attention_long_keys"
+            "no_scaled_gemv", "attention_long_keys"
         ]
     )]
     pub plan: Option<PathBuf>,
@@ -143,6 +143,11 @@ pub struct BenchArgs {
     /// `KILN_EPILOGUE_GEMV=0` in the environment does the same.
     #[arg(long)]
     pub no_epilogue_gemv: bool,
+    /// Never let a GEMV compute a norm prologue as a scale after its products (the
+    /// scaled GEMV): the norm's own kernel writes x and the GEMV reads it, for
+    /// comparison. `KILN_SCALED_GEMV=0` in the environment does the same.
+    #[arg(long)]
+    pub no_scaled_gemv: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -177,6 +182,7 @@ impl BenchArgs {
             no_pdl: false,
             no_hfuse: false,
             no_epilogue_gemv: false,
+            no_scaled_gemv: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -401,6 +407,9 @@ pub struct BenchReport {
     /// Whether a GEMV could compute its group's epilogue (off with `--no-epilogue-gemv`
     /// or `KILN_EPILOGUE_GEMV=0`).
     pub epilogue_gemv: bool,
+    /// Whether a GEMV could compute a norm prologue as a scale after its products (off
+    /// with `--no-scaled-gemv` or `KILN_SCALED_GEMV=0`).
+    pub scaled_gemv: bool,
     /// Whether matrix-vector groups ran as one GEMV computing its x
     /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
     pub matvec_one_kernel: bool,
@@ -473,6 +482,7 @@ pub(crate) struct EngineSpec {
     pub pdl: bool,
     pub horizontal: bool,
     pub epilogue_gemv: bool,
+    pub scaled_gemv: bool,
     /// `None`: the engine's default.
     pub attention_long_keys: Option<usize>,
 }
@@ -632,6 +642,7 @@ mod gpu {
                 pdl: spec.pdl,
                 horizontal: spec.horizontal,
                 epilogue_gemv: spec.epilogue_gemv,
+                scaled_gemv: spec.scaled_gemv,
                 attention_long_keys: spec
                     .attention_long_keys
                     .unwrap_or(kiln_codegen::decode::ATTENTION_DECODE_LONG_KEYS),
@@ -854,6 +865,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             pdl: !args.no_pdl,
             horizontal: !args.no_hfuse,
             epilogue_gemv: !args.no_epilogue_gemv,
+            scaled_gemv: !args.no_scaled_gemv,
             attention_long_keys: args.attention_long_keys,
         };
         let t = Instant::now();
@@ -928,6 +940,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         matvec_one_kernel: kiln_runtime::cuda::matvec_fused_gemv(),
         horizontal: !args.no_hfuse && !kiln_runtime::cuda::horizontal_off_by_env(),
         epilogue_gemv: !args.no_epilogue_gemv && !kiln_runtime::cuda::epilogue_gemv_off_by_env(),
+        scaled_gemv: !args.no_scaled_gemv && !kiln_runtime::cuda::scaled_gemv_off_by_env(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1075,13 +1088,14 @@ impl BenchReport {
         );
         let _ = writeln!(
             s,
-            "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | epilogue GEMV: {} | matvec groups: {} | \
-             kernels per decode step: {}",
+            "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | epilogue GEMV: {} | scaled GEMV: {} | \
+             matvec groups: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
             if self.horizontal { "on" } else { "off" },
             if self.epilogue_gemv { "on" } else { "off" },
+            if self.scaled_gemv { "on" } else { "off" },
             if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );
@@ -1423,6 +1437,7 @@ mod tests {
             decode_steps: 4,
             no_cuda_graphs: true,
             no_epilogue_gemv: true,
+            no_scaled_gemv: true,
             ..BenchArgs::preset("smollm2-135m")
         };
         let backend = FakeBackend { spec: Default::default() };
@@ -1456,7 +1471,7 @@ mod tests {
         let table = r.table();
         eprintln!("{table}");
         let header = ["smollm2-135m", "prefill (batch 1)", "16 tokens", "batch 3", "% roofline", "CUDA graphs: off"];
-        for want in header.into_iter().chain(["epilogue GEMV: off"]) {
+        for want in header.into_iter().chain(["epilogue GEMV: off", "scaled GEMV: off"]) {
             assert!(table.contains(want), "missing `{want}` in\n{table}");
         }
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
@@ -1466,6 +1481,7 @@ mod tests {
         assert!(v["roofline_batch1"]["percent"].as_f64().unwrap() > 0.0);
         assert!(v["copy_bandwidth_bytes_per_s"].as_f64().unwrap() == 4e12);
         assert_eq!(v["epilogue_gemv"], false);
+        assert_eq!(v["scaled_gemv"], false);
         assert!(v["machine"]["kiln_commit"].as_str().is_some_and(|c| !c.is_empty()));
         if let Ok(dir) = std::env::var("KILN_BENCH_SAMPLE_JSON") {
             // For trying tools/bench_hf.py and tools/gpu/bench.sh without a GPU.

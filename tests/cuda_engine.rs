@@ -258,6 +258,36 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
     }
 }
 
+/// The scaled GEMV (the RMSNorm before qkv, gate_up and the LM head computed by the
+/// GEMV's blocks as a scale after their products, the residual add staged with it)
+/// replaces each norm's kernel: 2 per decoder layer and the final one, 5 launches fewer
+/// on the 2-layer test model. It skips the rounding of the normed x to the storage
+/// type, so it matches the norm kernel + GEMV to rounding, not bit for bit: both match
+/// the CPU executor (logits and greedy tokens), in f32 and bf16, graph and eager.
+#[test]
+fn the_scaled_gemv_replaces_the_norm_kernels_and_matches_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    let prompt = test_prompt(7);
+    for (dt, tol, close) in [(DType::F32, 1e-4, 1e-5), (DType::BF16, 3e-2, 2e-2)] {
+        let (g, w) = setup(dt);
+        let run = |graphs: bool, scaled_gemv: bool| {
+            engine_run_with(&g, &w, &prompt, 12, EngineOptions { scaled_gemv, ..test_options(graphs) })
+        };
+        let (l_off, _, n_off) = run(true, false);
+        for graphs in [true, false] {
+            let (l_on, t_on, n_on) = run(graphs, true);
+            assert_eq!(n_on + 5, n_off, "{dt}: launches per decode step (graphs: {graphs})");
+            for (i, (a, b)) in l_on.iter().zip(&l_off).enumerate() {
+                let err = rel_l2(a, b);
+                assert!(err < close, "{dt}: step {i}: scaled vs norm kernel rel L2 {err:.3e} (graphs: {graphs})");
+            }
+            compare_with_cpu(&g, &w, &prompt, &l_on, &t_on, &format!("scaled_{}", dt.name()), tol);
+        }
+    }
+}
+
 /// Horizontal fusion (a layer's RoPE of q and its k / v appends in one launch) changes
 /// how many kernels a decode step launches, never what they compute: tokens and logits
 /// equal the separate launches' bit for bit, in f32 and bf16, graph and eager.

@@ -366,6 +366,415 @@ pub fn gemv_epilogue_items(form: &kiln_ops::Epilogue, cfg: GemvConfig) -> usize 
     form.width.div_ceil(cols)
 }
 
+/// How a [`FusedKind::MatVec`] prologue factors for [`gemv_scaled`]: x = A · S, where
+/// A is computed elementwise (no reduction) and S is a value per row of x computed from
+/// the prologue's reductions (RMSNorm: A = γ · h, S = rsqrt(mean(h²) + ε)).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScaledPrologue {
+    /// Prologue values whose product (in f32) is A: full-shaped, reduction-free.
+    pub a: Vec<FusedRef>,
+    /// Row-shaped prologue values whose product (in f32) is S.
+    pub s: Vec<FusedRef>,
+    /// The reductions (body node indices): one level, float sum / mean / max over the
+    /// columns of x.
+    pub reductions: Vec<usize>,
+    /// Prologue outputs (indices into the prologue's outputs) the kernel writes: the
+    /// full-shaped ones computed without a reduction. The others (x among them) are not
+    /// written: the caller checks nothing reads them.
+    pub written: Vec<usize>,
+}
+
+/// The factorization of a matrix-vector body's prologue for [`gemv_scaled`], or why it
+/// has none. x must be a product of reduction-free values and broadcasts of row values
+/// (casts between float types are looked through: A · S is computed in f32, without the
+/// roundings of the casts, so the result differs from the CPU reference by those
+/// roundings, like any reordered f32 sum).
+pub fn scaled_prologue(body: &FusedBody) -> Result<ScaledPrologue, CodegenError> {
+    let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let FusedKind::MatVec { prologue, x, .. } = kind else {
+        return err("scaled_prologue: the body is no matrix-vector group");
+    };
+    let pro = body.prologue().expect("a matrix-vector body has a prologue");
+    let xt = body.ty(x).expect("checked");
+    let rank = xt.shape.rank();
+    let rows_rank = match *prologue {
+        FusedKind::Rows { ref rows, .. } => rows.rank(),
+        _ => rank - 1,
+    };
+    // Which prologue values depend on a reduction.
+    let mut dep = vec![false; pro.nodes.len()];
+    for (i, n) in pro.nodes.iter().enumerate() {
+        dep[i] = matches!(n.op, Op::Reduce { .. })
+            || n.operands.iter().any(|r| matches!(r, FusedRef::Node { node, .. } if dep[*node as usize]));
+    }
+    let depends = |r: FusedRef| matches!(r, FusedRef::Node { node, .. } if dep[node as usize]);
+    let (mut a, mut s) = (Vec::new(), Vec::new());
+    let mut stack = vec![x];
+    while let Some(r) = stack.pop() {
+        if !depends(r) {
+            a.push(r);
+            continue;
+        }
+        let FusedRef::Node { node, .. } = r else { unreachable!("inputs depend on nothing") };
+        let n = &pro.nodes[node as usize];
+        let ty = |r: FusedRef| pro.ty(r).expect("checked");
+        match &n.op {
+            Op::Binary(kiln_ops::BinaryOp::Mul) if n.outputs[0].dtype.is_float() => {
+                stack.extend(n.operands.iter().rev().copied());
+            }
+            Op::Cast(to) if to.is_float() && ty(n.operands[0]).dtype.is_float() => stack.push(n.operands[0]),
+            Op::Expand(_) => {
+                let v = n.operands[0];
+                let vs = &ty(v).shape;
+                if vs.rank() != rank || (rows_rank..rank).any(|k| vs.dim(k).as_fixed() != Some(1)) {
+                    return err(format!("scaled_prologue: node {node} broadcasts a value that is not one per row"));
+                }
+                s.push(v);
+            }
+            other => {
+                return err(format!(
+                    "scaled_prologue: x is not a product of row values and reduction-free values (node {node}: `{}`)",
+                    other.name()
+                ))
+            }
+        }
+    }
+    // The reductions x depends on: one level, float sum / mean / max.
+    let mut reductions = Vec::new();
+    let mut seen = vec![false; pro.nodes.len()];
+    let mut stack: Vec<FusedRef> = s.clone();
+    while let Some(r) = stack.pop() {
+        let FusedRef::Node { node, .. } = r else { continue };
+        if std::mem::replace(&mut seen[node as usize], true) {
+            continue;
+        }
+        let n = &pro.nodes[node as usize];
+        if let Op::Reduce { op, .. } = n.op {
+            let operand = n.operands[0];
+            if depends(operand) {
+                return err("scaled_prologue: a reduction of a reduced value (two levels)");
+            }
+            if !pro.ty(operand).expect("checked").dtype.is_float() || !n.outputs[0].dtype.is_float() {
+                return err("scaled_prologue: a reduction over integers");
+            }
+            let _ = op;
+            reductions.push(node as usize);
+        } else {
+            stack.extend(n.operands.iter().copied());
+        }
+    }
+    reductions.sort_unstable();
+    let written = pro
+        .outputs
+        .iter()
+        .enumerate()
+        .filter(|&(_, &r)| !depends(r) && pro.ty(r).expect("checked").shape == xt.shape)
+        .map(|(i, _)| i)
+        .collect();
+    Ok(ScaledPrologue { a, s, reductions, written })
+}
+
+/// The GEMV of a [`FusedKind::MatVec`] body whose prologue factors as x = A · S
+/// ([`scaled_prologue`], e.g. an RMSNorm, with the residual add before it): every block
+/// stages A (computed from the group's inputs, no reduction before its first FMA) and,
+/// in the same pass over the columns, its share of the reductions; the warps' partial
+/// sums meet in shared memory at the barrier the staging needs anyway, and each warp
+/// scales its dot products by S after its last FMA: `y = round(S · Σ w · A)`. Block 0
+/// also writes the prologue outputs [`ScaledPrologue::written`] lists (the residual
+/// sum). With `epilogue` (the body has one), the blocks then compute it like
+/// [`gemv_epilogue`] (`cfg` one row per warp); without, y is the product.
+///
+/// Parameters: `out`, … (the epilogue's outputs, with `epilogue`), y, then the prologue's
+/// outputs (each its own parameter, written or not), `in{1 + i}` for body input `i` but
+/// the weight, the weight, `syms`, `m` (rows of x), `n`, `k`. One block per
+/// `cfg.rows_per_block()` rows of w ([`crate::decode::gemv_items_with`]), or per epilogue
+/// tile ([`gemv_epilogue_items`]). The caller checks
+/// [`crate::decode::gemv_prologue_fits`]`(m, k)` and `m <= cfg.max_rows`.
+pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bool) -> Result<Kernel, CodegenError> {
+    body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    let FusedKind::MatVec { prologue, x, weight, epilogue: form } = kind else {
+        return err("gemv_scaled: the body is no matrix-vector group");
+    };
+    decode::gemv_check(cfg)?;
+    if cfg.ksplit != 1 {
+        return err(format!("gemv_scaled: the split {cfg:?} must have no split-K"));
+    }
+    let form = match (epilogue, form) {
+        (false, _) => None,
+        (true, Some(f)) => {
+            if cfg.rows_per_warp != 1 || cfg.warps < f.offsets.len() {
+                return err(format!("gemv_scaled: the split {cfg:?} must have one row per warp and a warp per slice"));
+            }
+            Some(f)
+        }
+        (true, None) => return err("gemv_scaled: the body has no epilogue"),
+    };
+    let plan = scaled_prologue(body)?;
+    let nin = body.inputs.len() - 1;
+    if weight as usize != nin {
+        return err("gemv_scaled: the weight must be the body's last input");
+    }
+    let pro = body.prologue().expect("a matrix-vector body has a prologue");
+    let xt = body.ty(x).expect("checked");
+    let (rows, cols) = match *prologue {
+        FusedKind::Rows { rows, cols } => (rows, cols),
+        _ => {
+            let d = xt.shape.dims();
+            (Shape::new(d[..d.len() - 1].iter().cloned()), Shape::new([d[d.len() - 1].clone()]))
+        }
+    };
+    let e = match &form {
+        Some(_) => body.epilogue().expect("a body with an epilogue form has one").outputs.len(),
+        None => 0,
+    };
+    let pro_out = |j: usize| Role::Out((e + 1 + j) as u8);
+
+    // The staging pass for the one row of x: A into the staging, the reductions'
+    // partial sums, block 0's stores of the written outputs; a barrier; then every
+    // thread combines the warps' partials and computes S, before its products (whose
+    // weights are still in flight). Every load of the pass (the columns' and those S
+    // needs besides the reductions, e.g. ε) is issued before the first use of any.
+    if cfg.max_rows != 1 {
+        return err(format!("gemv_scaled: the split {cfg:?} must be for one row of x"));
+    }
+    let mut g = Gen::new(&pro, syms);
+    g.in_base = 1;
+    g.indent = 2;
+    let ncols = g.dim(&cols.numel())?;
+    let reds: Vec<(usize, Reduction)> = plan
+        .reductions
+        .iter()
+        .map(|&k| {
+            let Op::Reduce { op, .. } = pro.nodes[k].op else { unreachable!("reductions") };
+            Ok((k, reduction(op, pro.ty(pro.nodes[k].operands[0]).expect("checked").dtype, k)?))
+        })
+        .collect::<Result<_, CodegenError>>()?;
+    let product = |vals: &[String]| -> String {
+        if vals.is_empty() {
+            "1.0f".to_string()
+        } else {
+            vals.iter().map(|v| format!("(float){v}")).collect::<Vec<_>>().join(" * ")
+        }
+    };
+    let Some(ncols_fixed) = cols.numel().as_fixed() else {
+        return err("gemv_scaled: the prologue's column count must be fixed");
+    };
+    let per_thread = ncols_fixed.div_ceil(32 * cfg.warps).max(1);
+    g.line("const i64 row = 0;");
+    let row = g.delinearize("row", rows.dims())?;
+    g.row = Some(row.clone());
+    for (i, (_, red)) in reds.iter().enumerate() {
+        g.line(format!("float gv_acc{i} = {};", red.init));
+    }
+    for (w, &o) in plan.written.iter().enumerate() {
+        let c = compute(pro.ty(pro.outputs[o]).expect("checked").dtype, "a prologue output")?;
+        g.line(format!("{c} gv_w{w}[{per_thread}];"));
+    }
+    // Lines that compute indices or load go first (in order), the rest after them. A
+    // generated branch (concat) cannot be split so.
+    let mut loads = String::new();
+    let mut rest = String::new();
+    let split = |code: String, loads: &mut String, rest: &mut String| -> Result<(), CodegenError> {
+        for l in code.lines() {
+            let t = l.trim_start();
+            if t.contains('{') || t.contains('}') {
+                return err("gemv_scaled: the prologue needs branches (concat) in its column loop");
+            }
+            let early = t.starts_with("const i64 ") || t.starts_with("const bool ") || t.contains("kiln_ld(");
+            writeln!(if early { &mut *loads } else { &mut *rest }, "{l}").expect("to a string");
+        }
+        Ok(())
+    };
+    // The thread's columns unrolled by hand, without a branch: a thread past the last
+    // column computes the last column again (its staging store writes the same value)
+    // and adds the reduction's identity.
+    for u in 0..per_thread {
+        let before = std::mem::take(&mut g.lines);
+        g.line(format!("const i64 gv_j{u} = threadIdx.x + {u} * (32 * GV_WARPS);"));
+        g.line(format!("const bool gv_ok{u} = gv_j{u} < {ncols};"));
+        g.line(format!("const i64 j{u} = gv_ok{u} ? gv_j{u} : {ncols} - 1;"));
+        let cc = g.delinearize(&format!("j{u}"), cols.dims())?;
+        let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
+        let mut av = Vec::new();
+        for &r in &plan.a {
+            av.push(g.value(r, &coord)?);
+        }
+        g.line(format!("gv_stage(xs, 0, j{u}, {}, vec, nv, len);", product(&av)));
+        for (i, (k, red)) in reds.iter().enumerate() {
+            let v = g.value(pro.nodes[*k].operands[0], &coord)?;
+            let acc = format!("gv_acc{i}");
+            let v = format!("(gv_ok{u} ? (float){v} : {})", red.init);
+            g.line(format!("{acc} = {};", substitute(red.combine, &[&acc, &v])));
+        }
+        for (w, &o) in plan.written.iter().enumerate() {
+            let v = g.value(pro.outputs[o], &coord)?;
+            g.line(format!("gv_w{w}[{u}] = {v};"));
+        }
+        let code = std::mem::replace(&mut g.lines, before);
+        split(code, &mut loads, &mut rest)?;
+    }
+    // S, with the reductions as locals combined after the barrier.
+    let before = std::mem::take(&mut g.lines);
+    for (i, (k, _)) in reds.iter().enumerate() {
+        g.reduced.insert(*k, format!("gv_red_v{i}"));
+    }
+    let mut sv = Vec::new();
+    for &r in &plan.s {
+        let rank = pro.ty(r).expect("checked").shape.rank();
+        let mut c = row.clone();
+        c.resize(rank, String::from("0"));
+        sv.push(g.value(r, &c)?);
+    }
+    g.line(format!("gv_s[0] = {};", product(&sv)));
+    let s_code = std::mem::replace(&mut g.lines, before);
+    let mut s_rest = String::new();
+    split(s_code, &mut loads, &mut s_rest)?;
+    g.lines.push_str(&loads);
+    g.lines.push_str(&rest);
+    for (i, (_, red)) in reds.iter().enumerate() {
+        let acc = format!("gv_acc{i}");
+        let shfl = substitute(red.combine, &[&acc, &format!("__shfl_xor_sync(0xffffffffu, {acc}, s)")]);
+        g.line(format!("for (int s = 16; s > 0; s >>= 1) {acc} = {shfl};"));
+        g.line(format!("if (lane == 0) gv_red[{i} * GV_WARPS + warp] = {acc};"));
+    }
+    if !plan.written.is_empty() {
+        g.line("if (blockIdx.x == 0) {");
+        for u in 0..per_thread {
+            g.line(format!("    if (gv_ok{u}) {{"));
+            for (w, &o) in plan.written.iter().enumerate() {
+                g.line(format!("        kiln_st({}, row * {ncols} + j{u}, gv_w{w}[{u}]);", pro_out(o).c_name()));
+            }
+            g.line("    }");
+        }
+        g.line("}");
+    }
+    g.line("__syncthreads();  // the warps' partials are complete");
+    for (i, (k, red)) in reds.iter().enumerate() {
+        let acc = format!("gv_t{i}");
+        g.line(format!("float {acc} = gv_red[{i} * GV_WARPS];"));
+        let c = substitute(red.combine, &[&acc, &format!("gv_red[{i} * GV_WARPS + w]")]);
+        g.line(format!("for (int w = 1; w < GV_WARPS; ++w) {acc} = {c};"));
+        let n = &pro.nodes[*k];
+        let Op::Reduce { op, .. } = n.op else { unreachable!("reductions") };
+        let value = match op {
+            ReduceOp::Mean => format!("{acc} / (float){ncols}"),
+            _ => acc.clone(),
+        };
+        g.line(format!("const float gv_red_v{i} = {};", finish(value, n.outputs[0].dtype)));
+    }
+    g.lines.push_str(&s_rest);
+    let staging = std::mem::take(&mut g.lines);
+    let head = g.dim_decls()?;
+    let block = |code: &str| {
+        let mut t = String::from("        {\n");
+        for l in head.lines().chain(code.lines()) {
+            writeln!(t, "        {l}").expect("to a string");
+        }
+        t.push_str("        }");
+        t
+    };
+    let staging = block(&staging);
+
+    // The epilogue, as gemv_epilogue generates it.
+    let mut epi_text = String::new();
+    if let Some(f) = &form {
+        let epi = body.epilogue().expect("checked");
+        let mut ge = Gen::new(&epi, syms);
+        let (head, code) = ge.elementwise(&f.domain)?;
+        for l in head.lines() {
+            writeln!(epi_text, "    {l}").expect("to a string");
+        }
+        epi_text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
+        epi_text.push_str("        (void)n_items;\n");
+        epi_text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
+        epi_text.push_str("            const int r = q / GV_EPI_T;\n");
+        epi_text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
+        epi_text.push_str("            if (col >= GV_EPI_W) continue;\n");
+        epi_text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
+        for l in code.lines() {
+            writeln!(epi_text, "    {l}").expect("to a string");
+        }
+        epi_text.push_str("        }");
+    }
+
+    let what = "fused matrix-vector group";
+    let wt = &body.inputs[nin];
+    let yt = &body.nodes[body.matmul_node().expect("checked")].outputs[0];
+    let (xs, ws, ys) = (
+        decode::float_storage(xt.dtype, &format!("{what}: x"))?,
+        decode::float_storage(wt.dtype, &format!("{what}: weight"))?,
+        decode::float_storage(yt.dtype, &format!("{what}: y"))?,
+    );
+    let mut params = Vec::new();
+    if form.is_some() {
+        let epi = body.epilogue().expect("checked");
+        for (i, &r) in epi.outputs.iter().enumerate() {
+            let d = epi.ty(r).expect("checked").dtype;
+            params.push((Role::Out(i as u8), ParamTy::ptr(storage(d, &format!("epilogue output {i}"))?)));
+        }
+    }
+    params.push((Role::Out(e as u8), ParamTy::ptr(ys)));
+    for (j, &r) in pro.outputs.iter().enumerate() {
+        let d = pro.ty(r).expect("checked").dtype;
+        params.push((pro_out(j), ParamTy::ptr(storage(d, &format!("prologue output {j}"))?)));
+    }
+    for (i, t) in body.inputs[..nin].iter().enumerate() {
+        params.push((Role::In((i + 1) as u8), ParamTy::const_ptr(storage(t.dtype, &format!("fused input {i}"))?)));
+    }
+    params.push((Role::In((nin + 1) as u8), ParamTy::const_ptr(ws)));
+    params.extend([
+        (Role::Syms, ParamTy::const_ptr("i64")),
+        (Role::MatM, ParamTy::I64),
+        (Role::MatN, ParamTy::I64),
+        (Role::MatK, ParamTy::I64),
+    ]);
+    if params.len() > 250 {
+        return err("gemv_scaled: too many inputs and outputs");
+    }
+    let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    defines.extend([
+        ("KILN_RESIDUAL", "0".to_string()),
+        ("GV_PROLOGUE", "1".to_string()),
+        ("GV_SCALE", "1".to_string()),
+        ("GV_NRED", reds.len().max(1).to_string()),
+        ("GV_X", "((const KILN_X*)0)".to_string()),
+        ("GV_W", Role::In((nin + 1) as u8).c_name()),
+        ("GV_Y", Role::Out(e as u8).c_name()),
+        ("GV_RES", "(const KILN_Y*)0".to_string()),
+    ]);
+    if let Some(f) = &form {
+        let off = f
+            .offsets
+            .iter()
+            .enumerate()
+            .rev()
+            .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
+        defines.extend([
+            ("GV_EPI", "1".to_string()),
+            ("GV_EPI_S", f.offsets.len().to_string()),
+            ("GV_EPI_OFF(s)", off),
+            ("GV_EPI_W", format!("{}LL", f.width)),
+        ]);
+    }
+    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
+        .replace("KILN_PROLOGUE", &staging)
+        .replace("KILN_EPILOGUE", epi_text.trim_end_matches('\n'));
+    let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
+    let prefix = if form.is_some() { "kiln_gemv_scaled_epi" } else { "kiln_gemv_scaled" };
+    let mut kernel = render_hashed(prefix, params, &template, &defines, grid);
+    // At most 64 registers per thread (2 blocks of 512 threads, 4 of 256 per
+    // multiprocessor, what the plain one-row GEMV gets): the staging's loads, all in
+    // flight next to the weight loads, would otherwise take 79 (sm_90, 2,048 columns)
+    // and halve the resident blocks; capped, ptxas spills a few index registers.
+    let threads = 32 * cfg.warps;
+    let min_blocks = (65536 / (threads * 64)).max(1);
+    let plain = format!("__global__ void {}(", kernel.sig.name);
+    let bounded = format!("__global__ void __launch_bounds__({threads}, {min_blocks}) {}(", kernel.sig.name);
+    kernel.source = kernel.source.replacen(&plain, &bounded, 1);
+    Ok(kernel)
+}
+
 /// [`crate::kernels::render`] under the name `{prefix}_{hash}`, the hash that of the
 /// source rendered under the name `prefix`: generated bodies get stable names, and equal
 /// sources share a name (and a kernel-cache entry).
@@ -525,6 +934,8 @@ struct Gen<'a> {
     /// GEMV prologue mode ([`gemv_prologue`]): the output that is the GEMV's x, stored
     /// into the GEMV's staging; block 0 alone writes the outputs to memory.
     stage_x: Option<usize>,
+    /// Added to body input numbers in parameter names (`in{i + in_base}`).
+    in_base: u8,
 }
 
 impl<'a> Gen<'a> {
@@ -541,6 +952,7 @@ impl<'a> Gen<'a> {
             reduced: HashMap::new(),
             row: None,
             stage_x: None,
+            in_base: 0,
         }
     }
 
@@ -763,7 +1175,7 @@ impl<'a> Gen<'a> {
                 let dims = ty.shape.dims().to_vec();
                 let off = self.linearize(coord, &dims)?;
                 let name = self.fresh("v");
-                self.line(format!("const {c} {name} = kiln_ld({}, {off});", Role::In(i as u8).c_name()));
+                self.line(format!("const {c} {name} = kiln_ld({}, {off});", Role::In(i as u8 + self.in_base).c_name()));
                 name
             }
             FusedRef::Node { node, output } => self.node_value(node as usize, output as usize, coord)?,

@@ -834,9 +834,9 @@ fn a_matvec_group_is_a_gemv_that_computes_its_x() {
 /// The epilogue GEMV: its warps take the gate and up rows of the block's columns (two
 /// slices, 8 columns per 16-warp block), y and the epilogue's output as parameters, the
 /// epilogue code reading y through `kiln_epi_y`; NVRTC compiles it.
-#[test]
-fn a_matvec_group_with_an_epilogue_is_a_gemv_that_finishes_its_columns() {
-    use kiln_codegen::decode::GemvConfig;
+/// norm → gate_up → silu(gate)·up as one matrix-vector group with an epilogue, the
+/// weight moved to the last input (SiLU's constant came after it).
+fn norm_swiglu_body() -> (Graph, FusedBody) {
     let tr = Tracer::new();
     let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(64)]).unwrap();
     let h = x.rms_norm(tr.param("n", DType::BF16, [64]).unwrap(), 1e-6).unwrap();
@@ -865,6 +865,13 @@ fn a_matvec_group_with_an_epilogue_is_a_gemv_that_finishes_its_columns() {
             };
         }
     }
+    (fg, body)
+}
+
+#[test]
+fn a_matvec_group_with_an_epilogue_is_a_gemv_that_finishes_its_columns() {
+    use kiln_codegen::decode::GemvConfig;
+    let (fg, body) = norm_swiglu_body();
     let Ok(FusedKind::MatVec { epilogue: Some(form), .. }) = body.kind() else { panic!("{:?}", body.kind()) };
     assert_eq!((form.width, form.offsets.to_vec()), (128, vec![0, 128]));
     let syms = graph_symbols(&fg);
@@ -913,6 +920,89 @@ fn a_matvec_group_with_an_epilogue_is_a_gemv_that_finishes_its_columns() {
         )
         .unwrap();
         c.compile_all(&[&k, &several]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+}
+
+/// An RMSNorm prologue factors as x = A · S for the scaled GEMV: A = γ · x (the cast of
+/// x to f32 and the broadcast weight), S = rsqrt(mean(x²) + ε) from one reduction; x̂
+/// itself depends on the reduction, so the kernel does not write it. The kernel stages
+/// A, reduces in the same pass, scales after the products; with SwiGLU the epilogue
+/// follows. Layer norm (a reduction of a reduced value) has no such factorization.
+/// NVRTC compiles both forms where it is present.
+#[test]
+fn a_norm_prologue_factors_into_a_scaled_gemv() {
+    use kiln_codegen::decode::GemvConfig;
+    let fused_body = |g: &Graph| -> (Graph, FusedBody) {
+        let (fg, _, _) = fuse_all(g);
+        let n = fg.topo_order().into_iter().find(|&n| fg.node(n).op.name() == "fused").unwrap();
+        let Op::Fused(b) = &fg.node(n).op else { unreachable!() };
+        let b = (**b).clone();
+        (fg, b)
+    };
+    let (fg, body) = fused_body(&norm_linear());
+    let plan = kiln_codegen::scaled_prologue(&body).unwrap();
+    assert_eq!(plan.reductions.len(), 1, "{plan:?}");
+    assert_eq!(plan.s.len(), 1, "one row value: the rsqrt");
+    assert_eq!(plan.a.len(), 2, "the broadcast weight and x in f32: {plan:?}");
+    assert!(plan.written.is_empty(), "x̂ depends on the reduction: {plan:?}");
+    let Op::Reduce { op: kiln_graph::ops::ReduceOp::Mean, .. } = body.nodes[plan.reductions[0]].op else {
+        panic!("{plan:?}")
+    };
+    let syms = graph_symbols(&fg);
+    let cfg = GemvConfig::for_rows(1);
+    let k = kiln_codegen::gemv_scaled(&body, &syms, cfg, false).unwrap();
+    assert!(k.waits_for_previous());
+    let part = kernel_part(&k);
+    for d in ["#define GV_SCALE 1", "#define GV_NRED 1", "#define GV_PROLOGUE 1", "#define GV_Y out\n"] {
+        assert!(part.contains(d), "{d}");
+    }
+    assert!(part.contains(&format!("#define GV_W in{}\n", body.inputs.len())), "the weight after the inputs");
+    assert!(part.contains("gv_stage(xs, 0, j0, (float)"), "A is staged");
+    assert!(part.contains("gv_red[0 * GV_WARPS + warp] = gv_acc0;"));
+    assert!(part.contains("gv_s[0] = (float)"), "S of the row");
+    // Every load of the staging before any use: the last load precedes the first stage.
+    let (last_load, first_stage) = (part.rfind("kiln_ld(in").unwrap(), part.find("gv_stage(xs, 0, j0").unwrap());
+    assert!(last_load < first_stage, "the staging's loads come first");
+    assert!(!part.contains("kiln_st(out1"), "x̂ is not written");
+    let roles: Vec<Role> = k.sig.params.iter().map(|p| p.role).collect();
+    let mut want = vec![Role::Out(0), Role::Out(1)];
+    want.extend((1..body.inputs.len() + 1).map(|i| Role::In(i as u8)));
+    want.extend([Role::Syms, Role::MatM, Role::MatN, Role::MatK]);
+    assert_eq!(roles, want, "y, the prologue's output, the inputs from 1, the weight");
+    assert!(kiln_codegen::gemv_scaled(&body, &syms, cfg, true).unwrap_err().0.contains("no epilogue"));
+    assert!(kiln_codegen::gemv_scaled(&body, &syms, GemvConfig { ksplit: 2, ..cfg }, false).is_err());
+    let several = kiln_codegen::gemv_scaled(&body, &syms, GemvConfig::for_rows(2), false).unwrap_err();
+    assert!(several.0.contains("one row of x"), "{several}");
+
+    // With SwiGLU after the product: the epilogue GEMV's columns, scaled first.
+    let (fg2, body2) = norm_swiglu_body();
+    let syms2 = graph_symbols(&fg2);
+    let ke = kiln_codegen::gemv_scaled(&body2, &syms2, cfg, true).unwrap();
+    if let Ok(p) = std::env::var("KILN_DUMP_SCALED") {
+        std::fs::write(p, &ke.source).unwrap();
+    }
+    let part = kernel_part(&ke);
+    assert!(part.contains("#define GV_EPI 1") && part.contains("#define GV_SCALE 1"));
+    assert!(part.contains("const kiln_epi_y in0 = {gv_ey, n, tile};"));
+    let plain = kiln_codegen::gemv_scaled(&body2, &syms2, GemvConfig::for_rows(1), false).unwrap();
+    assert!(!kernel_part(&plain).contains("#define GV_EPI 1"));
+
+    // Layer norm: the variance reduces x - mean (two levels).
+    let (_, ln) = fused_body(&{
+        let tr = Tracer::new();
+        let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(256)]).unwrap();
+        let h = x.layer_norm(tr.param("g", DType::BF16, [256]).unwrap(), None, 1e-5).unwrap();
+        tr.output("y", h.linear(tr.param("w", DType::BF16, [96, 256]).unwrap(), None).unwrap()).unwrap();
+        tr.finish().unwrap()
+    });
+    if matches!(ln.kind(), Ok(FusedKind::MatVec { .. })) {
+        assert!(kiln_codegen::scaled_prologue(&ln).is_err());
+    }
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&k, &ke, &plain]).unwrap_or_else(|e| panic!("{e}"));
     } else {
         println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }

@@ -38,6 +38,11 @@
 // and GV_XVEC (16-byte staging of x: kernels for more than one row) come from decode.rs
 // (`GemvConfig`), as does GV_XS (floats of x staged per block,
 // `GEMV_STAGED_FLOATS`). GV_X names x (in0 for a plain GEMV).
+// GV_SCALE (with GV_PROLOGUE, kiln_codegen::gemv_scaled): the prologue factors as
+// x = A · S (an RMSNorm: A = γ·h, S = rsqrt(mean(h²) + ε)); every block stages A for its
+// one row of x, reduces in the same pass (partials in gv_red, GV_NRED reductions),
+// computes S into gv_s after a barrier, and multiplies its dot products by S before
+// they are stored (or kept for the epilogue). One tile per block, like a plain GEMV.
 // GV_EPI (a matrix-vector group with an epilogue, kiln_codegen::gemv_epilogue): the
 // block's warps compute the rows of w its epilogue columns need (warp s·GV_EPI_T + t:
 // row GV_EPI_OFF(s) + tile·GV_EPI_T + t, see gv_epi_row), keep them (rounded to y's
@@ -50,6 +55,9 @@
 #define GV_XL 4  // 16-byte loads of x in flight per thread while staging
 #ifndef GV_EPI
 #define GV_EPI 0
+#endif
+#ifndef GV_SCALE
+#define GV_SCALE 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -82,12 +90,12 @@ __device__ __forceinline__ float kiln_ld(const kiln_epi_y& e, i64 off) {
 #endif
 
 // Puts element j of activation row r (f32) where the staging keeps it (see above).
+// Branch-free (one store at a selected index), so a generated prologue's unrolled
+// column loop stays one basic block whose loads can all be issued first.
 __device__ __forceinline__ void gv_stage(float* xs, int r, i64 j, float v, bool vec, int nv, int len) {
-    if (vec) {
-        xs[((r * GV_P + (int)((j % KILN_VEC) / 4)) * nv + (int)(j / KILN_VEC)) * 4 + (int)(j % 4)] = v;
-    } else {
-        xs[r * len + j] = v;
-    }
+    const int iv = ((r * GV_P + (int)((j % KILN_VEC) / 4)) * nv + (int)(j / KILN_VEC)) * 4 + (int)(j % 4);
+    const int is = r * len + (int)j;
+    xs[vec ? iv : is] = v;
 }
 
 // v rounded to y's storage type and back.
@@ -133,6 +141,9 @@ KILN_SIGNATURE {
 #if GV_KS > 1
     __shared__ float gv_part[GV_WARPS][GV_MAX_M * GV_R];  // the warps' row sums
 #endif
+#if GV_SCALE
+    __shared__ float gv_red[GV_MAX_M * GV_NRED * GV_WARPS];  // the warps' partial reductions
+#endif
     float* xs = (float*)xs4;
     kiln_grid_launch_dependents();
     if (m < 1 || m > GV_MAX_M) {
@@ -160,7 +171,7 @@ KILN_SIGNATURE {
     // loop for the prologue form, whose blocks compute (and stage) x once for all their
     // tiles (the host launches fewer blocks than tiles).
     const i64 ntiles = (n + GV_RW * GV_R - 1) / (GV_RW * GV_R);
-    const i64 tile_end = GV_PROLOGUE ? ntiles : (i64)blockIdx.x + 1;
+    const i64 tile_end = (GV_PROLOGUE && !GV_SCALE) ? ntiles : (i64)blockIdx.x + 1;
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
     const i64 row0 = GV_ROW0(tile, rw);
@@ -171,6 +182,9 @@ KILN_SIGNATURE {
         for (int rr = 0; rr < GV_R; ++rr) acc[r][rr] = 0.0f;
 
     kiln_u4 wv[GV_R][GV_U];
+#if GV_SCALE
+    float gv_s[GV_MAX_M];  // each row's scale S, computed where x is staged (gemv_scaled)
+#endif
     for (i64 k0 = 0; k0 < k; k0 += kc) {
         const int len = (int)(k - k0 < (i64)kc ? k - k0 : (i64)kc);
         // The chunk's first weight loads go out before x is staged, so they overlap.
@@ -308,6 +322,9 @@ KILN_PROLOGUE
                 float v = acc[r][rr];
 #pragma unroll
                 for (int s = 16; s > 0; s >>= 1) v += __shfl_xor_sync(0xffffffffu, v, s);
+#if GV_SCALE
+                v *= gv_s[r];
+#endif
                 const i64 row = row0 + rr;
 #if GV_KS > 1
                 if (lane == 0) gv_part[warp][r * GV_R + rr] = v;

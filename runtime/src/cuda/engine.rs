@@ -69,6 +69,12 @@ pub struct EngineOptions {
     /// `KILN_EPILOGUE_GEMV=0` in the environment), the GEMV writes y and the epilogue's
     /// own kernel follows: a same-run A/B of the epilogue GEMV.
     pub epilogue_gemv: bool,
+    /// Let a GEMV compute a matrix-vector group's prologue when it factors as x = A · S
+    /// (an RMSNorm, with the residual add before it: `kiln_codegen::gemv_scaled`) for one
+    /// row of x: one kernel instead of the prologue's kernel and the GEMV (see
+    /// `ScaledRun`). Off (`false`, or `KILN_SCALED_GEMV=0` in the environment), the
+    /// prologue's kernel writes x and the GEMV reads it: a same-run A/B.
+    pub scaled_gemv: bool,
     /// Keys (past + new positions) above which decode attention takes whole GQA groups
     /// per block rather than one query head per block
     /// ([`decode::ATTENTION_DECODE_LONG_KEYS`] by default). A decode step is captured as
@@ -88,6 +94,7 @@ impl Default for EngineOptions {
             prebuilt: None,
             horizontal: true,
             epilogue_gemv: true,
+            scaled_gemv: true,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
         }
     }
@@ -148,6 +155,7 @@ enum Run {
     /// or cuBLAS), followed by the `epilogue` if the group has one (see [`EpiRun`]).
     /// `x`: the output that is x.
     MatVec {
+        scaled: Option<Box<ScaledRun>>,
         fused: Option<(usize, decode::GemvConfig)>,
         prologue: usize,
         pro_op: Box<Op>,
@@ -182,6 +190,22 @@ struct EpiRun {
     n_pro: usize,
     /// Whether the epilogue GEMV's blocks fit in one wave (set once the kernels load).
     one_wave: bool,
+}
+
+/// The scaled GEMV of a matrix-vector group whose prologue factors as x = A · S
+/// (`kiln_codegen::gemv_scaled`: an RMSNorm, with the residual add before it), for one
+/// row of x whose whole row fits the staging: every block computes A from the group's
+/// inputs, reduces in the same pass and scales its dot products by S, so the prologue's
+/// own kernel (a launch and a dependent round trip through memory) is gone. x itself is
+/// not written (the engine takes the form only when nothing reads it); block 0 writes
+/// the prologue's other outputs (the residual sum). `plain` writes y (the epilogue's
+/// kernel follows, if the group has one); `epi` also computes the epilogue, used where
+/// its blocks fit in one wave (as for `EpiRun`).
+struct ScaledRun {
+    plain: (usize, decode::GemvConfig),
+    epi: Option<(usize, decode::GemvConfig)>,
+    /// Whether `epi`'s blocks fit in one wave (set once the kernels load).
+    epi_one_wave: bool,
 }
 
 struct Step {
@@ -292,6 +316,12 @@ pub fn epilogue_gemv_off_by_env() -> bool {
     std::env::var("KILN_EPILOGUE_GEMV").is_ok_and(|v| v == "0")
 }
 
+/// `KILN_SCALED_GEMV=0` in the environment: no scaled GEMV, whatever
+/// [`EngineOptions::scaled_gemv`] says.
+pub fn scaled_gemv_off_by_env() -> bool {
+    std::env::var("KILN_SCALED_GEMV").is_ok_and(|v| v == "0")
+}
+
 /// `KILN_HFUSE=0` in the environment: no horizontal fusion, whatever
 /// [`EngineOptions::horizontal`] says.
 pub fn horizontal_off_by_env() -> bool {
@@ -307,6 +337,40 @@ pub fn horizontal_off_by_env() -> bool {
 pub fn matvec_fused_gemv() -> bool {
     static FUSED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *FUSED.get_or_init(|| std::env::var("KILN_MATVEC").is_ok_and(|v| v == "fused"))
+}
+
+/// The [`ScaledRun`] of matrix-vector group node `n` (body `body`), when its prologue
+/// factors (`kiln_codegen::scaled_prologue`), nothing reads the prologue outputs the
+/// kernel does not write, and the kernels render; `None` otherwise (the group runs as
+/// its prologue's kernel and a GEMV).
+fn scaled_run(
+    graph: &Graph,
+    n: NodeId,
+    body: &kiln_ops::FusedBody,
+    syms: &[kiln_ops::Sym],
+    row_bytes: Option<usize>,
+    add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
+) -> Option<Box<ScaledRun>> {
+    let plan = kiln_codegen::scaled_prologue(body).ok()?;
+    let n_pro = body.prologue()?.outputs.len();
+    let read = |j: usize| {
+        let v = Value::new(n, j as u8);
+        graph.outputs().values().any(|&o| o == v)
+            || graph.users(n).into_iter().any(|(u, i)| graph.operands(u).get(i as usize) == Some(&v))
+    };
+    if (0..n_pro).any(|j| !plan.written.contains(&j) && read(j)) {
+        return None;
+    }
+    let cfg = decode::GemvConfig::for_shape(1, row_bytes);
+    let plain = kiln_codegen::gemv_scaled(body, syms, cfg, false).ok()?;
+    let ecfg = decode::GemvConfig::for_rows(1);
+    let epi = match body.kind() {
+        Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }) => {
+            kiln_codegen::gemv_scaled(body, syms, ecfg, true).ok().map(|k| (add_kernel(k), ecfg))
+        }
+        _ => None,
+    };
+    Some(Box::new(ScaledRun { plain: (add_kernel(plain), cfg), epi, epi_one_wave: false }))
 }
 
 fn contract(msg: String) -> CudaError {
@@ -548,6 +612,11 @@ impl CudaEngine {
                             Some(_) => None,
                         };
                         let n_pro = pro.outputs.len();
+                        let scaled = if opts.scaled_gemv && !scaled_gemv_off_by_env() {
+                            scaled_run(&graph, n, body, &syms, row_bytes, &mut add_kernel)
+                        } else {
+                            None
+                        };
                         let pk = kiln_codegen::fused_kernel(&pro, &syms).map_err(|e| unsupported(e.0))?;
                         let gemv = match (decode::gemv_with(xt, wt, yt, one), decode::gemv_with(xt, wt, yt, more)) {
                             (Ok(k1), Ok(k2)) => Some([(add_kernel(k1), one), (add_kernel(k2), more)]),
@@ -573,6 +642,7 @@ impl CudaEngine {
                             }
                         };
                         Run::MatVec {
+                            scaled,
                             fused,
                             prologue: add_kernel(pk),
                             pro_op: Box::new(Op::Fused(Box::new(pro))),
@@ -775,14 +845,20 @@ impl CudaEngine {
         // Epilogue GEMVs: whether their blocks fit in one wave (see `EpiRun`), from the
         // loaded kernel's occupancy.
         let epilogue_gemv = opts.epilogue_gemv && !epilogue_gemv_off_by_env();
+        let one_wave = |kg: usize, cfg: decode::GemvConfig, form: &kiln_ops::Epilogue| -> Result<bool, CudaError> {
+            let per_sm = kernels[kg]
+                .1
+                .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, 0, None)
+                .map_err(driver_err("occupancy"))?;
+            Ok(kiln_codegen::gemv_epilogue_items(form, cfg) <= per_sm as usize * sms)
+        };
         for s in steps.iter_mut().filter(|_| epilogue_gemv) {
-            if let Run::MatVec { epilogue: Some(e), .. } = &mut s.run {
+            if let Run::MatVec { epilogue: Some(e), scaled, .. } = &mut s.run {
                 if let Some((kg, cfg)) = e.gemv {
-                    let per_sm = kernels[kg]
-                        .1
-                        .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, 0, None)
-                        .map_err(driver_err("occupancy"))?;
-                    e.one_wave = kiln_codegen::gemv_epilogue_items(&e.form, cfg) <= per_sm as usize * sms;
+                    e.one_wave = one_wave(kg, cfg, &e.form)?;
+                }
+                if let Some((sr, (kg, cfg))) = scaled.as_mut().and_then(|sr| sr.epi.map(|k| (sr, k))) {
+                    sr.epi_one_wave = one_wave(kg, cfg, &e.form)?;
                 }
             }
         }
@@ -1124,10 +1200,19 @@ impl CudaEngine {
                 Run::MatMul { gemv } => {
                     self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
                 }
-                Run::MatVec { fused, prologue, pro_op, gemv, x, epilogue } => {
+                Run::MatVec { scaled, fused, prologue, pro_op, gemv, x, epilogue } => {
                     let (xs, ys) = (outs[*x].1, outs[outs.len() - 1].1);
                     let (k, n) = (xs[xs.len() - 1], ys[ys.len() - 1]);
                     let m: usize = xs[..xs.len() - 1].iter().product();
+                    let scaled = scaled.as_ref().filter(|_| m == 1 && decode::gemv_prologue_fits(m, k));
+                    if let Some(sr) = scaled {
+                        launches += self
+                            .scaled_matvec(sr, epilogue.as_deref(), &ins, &outs, (m, n, k), b, syms)
+                            .map_err(fill)?;
+                        launches += 1;
+                        mark(step, &self.label(step))?;
+                        continue;
+                    }
                     let one_kernel = fused.filter(|_| m > 0 && decode::gemv_prologue_fits(m, k) && matvec_fused_gemv());
                     if let Some((kg, cfg)) = one_kernel {
                         let mut a = Args::default();
@@ -1354,6 +1439,64 @@ impl CudaEngine {
         epi_ins.extend_from_slice(&ins[..nin]);
         launch_node(self.lane(), &self.kernels[e.kernel], &e.op, &epi_ins, &outs[e.n_pro..outs.len() - 1], b, syms)?;
         Ok(1)
+    }
+
+    /// A matrix-vector group's scaled GEMV (see [`ScaledRun`]), with the epilogue when
+    /// its blocks fit in one wave, else followed by the epilogue's kernel. Returns the
+    /// launches beyond the first.
+    #[allow(clippy::too_many_arguments)]
+    fn scaled_matvec(
+        &self,
+        sr: &ScaledRun,
+        epilogue: Option<&EpiRun>,
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+        (m, n, k): (usize, usize, usize),
+        b: &Bindings,
+        syms: u64,
+    ) -> Result<usize, CudaError> {
+        let nin = ins.len() - 1;
+        let n_pro = epilogue.map_or(outs.len() - 1, |e| e.n_pro);
+        let with_epi = epilogue.and(sr.epi).filter(|_| sr.epi_one_wave);
+        let ((kg, cfg), e) = match with_epi {
+            Some(kc) => (kc, outs.len() - 1 - n_pro),
+            None => (sr.plain, 0),
+        };
+        let mut a = Args::default();
+        for i in 0..e {
+            a.set(Role::Out(i as u8), ArgValue::Ptr(outs[n_pro + i].0));
+        }
+        a.set(Role::Out(e as u8), ArgValue::Ptr(outs[outs.len() - 1].0));
+        for (j, o) in outs[..n_pro].iter().enumerate() {
+            a.set(Role::Out((e + 1 + j) as u8), ArgValue::Ptr(o.0));
+        }
+        for (i, p) in ins.iter().enumerate() {
+            a.set(Role::In((i + 1) as u8), ArgValue::Ptr(p.0));
+        }
+        a.set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::MatM, m).i64(Role::MatN, n).i64(Role::MatK, k);
+        let items = match (with_epi, epilogue) {
+            (Some(_), Some(ep)) => kiln_codegen::gemv_epilogue_items(&ep.form, cfg),
+            _ => decode::gemv_items_with(n, cfg),
+        };
+        launch(self.lane(), &self.kernels[kg], items, &a)?;
+        match epilogue {
+            Some(ep) if with_epi.is_none() => {
+                let mut epi_ins: Vec<(u64, &[usize])> = Vec::with_capacity(nin + 1);
+                epi_ins.push(outs[outs.len() - 1]);
+                epi_ins.extend_from_slice(&ins[..nin]);
+                launch_node(
+                    self.lane(),
+                    &self.kernels[ep.kernel],
+                    &ep.op,
+                    &epi_ins,
+                    &outs[n_pro..outs.len() - 1],
+                    b,
+                    syms,
+                )?;
+                Ok(1)
+            }
+            _ => Ok(0),
+        }
     }
 
     fn matmul(
