@@ -474,6 +474,29 @@ pub fn scaled_prologue(body: &FusedBody) -> Result<ScaledPrologue, CodegenError>
     Ok(ScaledPrologue { a, s, reductions, written })
 }
 
+/// [`scaled_prologue`] of matrix-vector group node `n` of `g`, when the scaled GEMV may
+/// run it: besides the factorization, nothing may read a prologue output the kernel
+/// does not write (x, normally read by the product alone), neither a node nor a graph
+/// output. The one rule the engine, the plan's launch list and the viewer use.
+pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Result<ScaledPrologue, CodegenError> {
+    let Op::Fused(body) = &g.node(n).op else {
+        return err("scaled_prologue_in: not a fused node");
+    };
+    let plan = scaled_prologue(body)?;
+    let n_pro = body.prologue().map_or(0, |p| p.outputs.len());
+    for j in (0..n_pro).filter(|j| !plan.written.contains(j)) {
+        let v = kiln_graph::Value::new(n, j as u8);
+        let read = g.outputs().values().any(|&o| o == v)
+            || g.users(n).into_iter().any(|(u, i)| g.operands(u).get(i as usize) == Some(&v));
+        if read {
+            return err(format!(
+                "scaled_prologue_in: prologue output {j} is read elsewhere, and the scaled GEMV does not write it"
+            ));
+        }
+    }
+    Ok(plan)
+}
+
 /// The GEMV of a [`FusedKind::MatVec`] body whose prologue factors as x = A · S
 /// ([`scaled_prologue`], e.g. an RMSNorm, with the residual add before it): every block
 /// stages A (computed from the group's inputs, no reduction before its first FMA) and,

@@ -947,6 +947,10 @@ fn a_norm_prologue_factors_into_a_scaled_gemv() {
     assert_eq!(plan.s.len(), 1, "one row value: the rsqrt");
     assert_eq!(plan.a.len(), 2, "the broadcast weight and x in f32: {plan:?}");
     assert!(plan.written.is_empty(), "x̂ depends on the reduction: {plan:?}");
+    // Here x̂ is also a graph output ("normed"), which the scaled GEMV would not write.
+    let node = fg.topo_order().into_iter().find(|&n| fg.node(n).op.name() == "fused").unwrap();
+    let e = kiln_codegen::scaled_prologue_in(&fg, node).unwrap_err();
+    assert!(e.0.contains("read elsewhere"), "{e}");
     let Op::Reduce { op: kiln_graph::ops::ReduceOp::Mean, .. } = body.nodes[plan.reductions[0]].op else {
         panic!("{plan:?}")
     };

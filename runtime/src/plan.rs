@@ -543,33 +543,16 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         } else {
             match &node.op {
                 Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_) => continue,
-                Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. })) => {
-                    let epi = kiln_codegen::gemv_epilogue(body, &syms, decode::GemvConfig::for_rows(1));
-                    let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
-                    let tail = body.epilogue().map(|e| kiln_codegen::fused_kernel(&e, &syms));
-                    match (epi, pro, tail) {
-                        (Ok(e), Some(Ok(p)), Some(Ok(t))) => format!(
-                            "{} then {} (the GEMV that also computes the epilogue: one row, one wave of blocks), \
-                             or a GEMV or cuBLAS GEMM then {}",
-                            p.sig.name, e.sig.name, t.sig.name
-                        ),
-                        (Err(e), _, _) | (_, Some(Err(e)), _) | (_, _, Some(Err(e))) => format!("unsupported: {}", e.0),
-                        (_, None, _) | (_, _, None) => "unsupported: no prologue or epilogue".into(),
-                    }
+                Op::Fused(body) if scaled_gemv(graph, n, body, &syms).is_some() => {
+                    let (k, one) = scaled_gemv(graph, n, body, &syms).expect("checked");
+                    format!(
+                        "{k} for one row of x (the norm as a scale after the products{}), else {}",
+                        if one { "; with the epilogue when its blocks fit in one wave" } else { "" },
+                        matvec_launch(body, &syms)
+                    )
                 }
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
-                    let fused = kiln_codegen::gemv_prologue(body, &syms, decode::GemvConfig::for_prologue());
-                    let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, &syms));
-                    match (fused, pro) {
-                        (Ok(f), Some(Ok(p))) => {
-                            format!(
-                                "{} then GEMV or cuBLAS GEMM (or {} with KILN_MATVEC=fused)",
-                                p.sig.name, f.sig.name
-                            )
-                        }
-                        (Err(e), _) | (_, Some(Err(e))) => format!("unsupported: {}", e.0),
-                        (_, None) => "unsupported: no prologue".into(),
-                    }
+                    matvec_launch(body, &syms)
                 }
                 Op::Arange { start, .. } if !start.is_fixed() => name_or(resident::arange_syms(start, &syms)),
                 Op::MatMul { transpose_a, transpose_b } => {
@@ -652,4 +635,47 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         });
     }
     out
+}
+
+/// The launch-list entry of a matrix-vector group as the prologue's kernel and a GEMV
+/// (with its epilogue's forms).
+fn matvec_launch(body: &kiln_ops::FusedBody, syms: &[kiln_ops::Sym]) -> String {
+    match body.kind() {
+        Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }) => {
+            let epi = kiln_codegen::gemv_epilogue(body, syms, decode::GemvConfig::for_rows(1));
+            let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, syms));
+            let tail = body.epilogue().map(|e| kiln_codegen::fused_kernel(&e, syms));
+            match (epi, pro, tail) {
+                (Ok(e), Some(Ok(p)), Some(Ok(t))) => format!(
+                    "{} then {} (the GEMV that also computes the epilogue: one row, one wave of blocks), \
+                     or a GEMV or cuBLAS GEMM then {}",
+                    p.sig.name, e.sig.name, t.sig.name
+                ),
+                (Err(e), _, _) | (_, Some(Err(e)), _) | (_, _, Some(Err(e))) => format!("unsupported: {}", e.0),
+                (_, None, _) | (_, _, None) => "unsupported: no prologue or epilogue".into(),
+            }
+        }
+        _ => {
+            let fused = kiln_codegen::gemv_prologue(body, syms, decode::GemvConfig::for_prologue());
+            let pro = body.prologue().map(|p| kiln_codegen::fused_kernel(&p, syms));
+            match (fused, pro) {
+                (Ok(f), Some(Ok(p))) => {
+                    format!("{} then GEMV or cuBLAS GEMM (or {} with KILN_MATVEC=fused)", p.sig.name, f.sig.name)
+                }
+                (Err(e), _) | (_, Some(Err(e))) => format!("unsupported: {}", e.0),
+                (_, None) => "unsupported: no prologue".into(),
+            }
+        }
+    }
+}
+
+/// The scaled GEMV's kernel name for matrix-vector group node `n`, and whether the group
+/// has an epilogue (which the scaled GEMV also computes when one wave), when
+/// [`kiln_codegen::scaled_prologue_in`] allows it (as the engine decides).
+fn scaled_gemv(graph: &Graph, n: NodeId, body: &kiln_ops::FusedBody, syms: &[kiln_ops::Sym]) -> Option<(String, bool)> {
+    kiln_codegen::scaled_prologue_in(graph, n).ok()?;
+    let row = body.inputs.last().and_then(decode::weight_row_bytes);
+    let k = kiln_codegen::gemv_scaled(body, syms, decode::GemvConfig::for_shape(1, row), false).ok()?;
+    let epi = matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }));
+    Some((k.sig.name, epi))
 }

@@ -619,6 +619,24 @@ impl ViewerState {
                     .collect()
             },
             kernel: match (&node.op, kiln_codegen::lower_node(g, n)) {
+                // A matrix-vector group whose norm the scaled GEMV computes (one row of x):
+                // that kernel.
+                (Op::Fused(b), Err(_)) if kiln_codegen::scaled_prologue_in(g, n).is_ok() => {
+                    let syms = kiln_codegen::symbols::graph_symbols(g);
+                    let row = b.inputs.last().and_then(kiln_codegen::decode::weight_row_bytes);
+                    let cfg = kiln_codegen::decode::GemvConfig::for_shape(1, row);
+                    match kiln_codegen::gemv_scaled(b, &syms, cfg, false) {
+                        Ok(k) => KernelInfo::Cuda {
+                            name: format!(
+                                "{} for one row of x (the norm as a scale after the products); else the prologue's \
+                                 kernel then a GEMV",
+                                k.sig.name
+                            ),
+                            source: k.source,
+                        },
+                        Err(e) => KernelInfo::Unsupported(e.0),
+                    }
+                }
                 // A matrix-vector group: what the CUDA engine runs by default (the
                 // prologue's kernel, then the GEMV), naming the one-kernel form too.
                 (Op::Fused(b), Err(_))

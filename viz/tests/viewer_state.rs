@@ -291,8 +291,9 @@ fn plan_sizes_bind_seq_and_past_and_every_other_symbol_to_one() {
 }
 
 /// A matrix-vector group (after `fuse_matvec`) shows what the CUDA engine runs by
-/// default: its prologue's kernel, then a GEMV, naming the one-kernel form too; one with
-/// an epilogue (after `fuse_epilogue`), its prologue's kernel and the epilogue GEMV.
+/// default: the scaled GEMV that computes its RMSNorm (also with an epilogue, after
+/// `fuse_epilogue`); for a prologue that does not factor (layer norm), its prologue's
+/// kernel, then a GEMV, naming the one-kernel form too.
 #[test]
 fn a_matvec_node_shows_its_prologue_kernel_and_the_gemv() {
     let g = kiln_passes::default_pipeline().run(toy_transformer(1)).unwrap().graph;
@@ -302,20 +303,35 @@ fn a_matvec_node_shows_its_prologue_kernel_and_the_gemv() {
         |op| matches!(op, Op::Fused(b) if matches!(b.kind(), Ok(kiln_graph::ops::FusedKind::MatVec { epilogue: None, .. }))),
     );
     let d = node_details(&s, n);
+    // Its RMSNorm runs in the scaled GEMV (one row of x), whose source is shown.
     let KernelInfo::Cuda { name, source } = &d.kernel else { panic!("{:?}", d.kernel) };
-    assert!(name.starts_with("kiln_fused_") && name.contains("then a GEMV"), "{name}");
-    assert!(name.contains("KILN_MATVEC=fused: kiln_gemv_pro_"), "{name}");
-    assert!(source.contains("kiln_grid_entry();") && !source.contains("gv_stage"), "the prologue's own kernel");
-    // The MLP's gate_up group has SwiGLU as its epilogue: the prologue's kernel, then
-    // the GEMV that computes the epilogue too (its source is shown).
+    assert!(name.starts_with("kiln_gemv_scaled_") && name.contains("for one row of x"), "{name}");
+    assert!(source.contains("#define GV_SCALE 1"), "the scaled GEMV's source");
+    // The MLP's gate_up group (SwiGLU as its epilogue) too.
     let n = find(
         &s,
         |op| matches!(op, Op::Fused(b) if matches!(b.kind(), Ok(kiln_graph::ops::FusedKind::MatVec { epilogue: Some(_), .. }))),
     );
     let d = node_details(&s, n);
+    let KernelInfo::Cuda { name, .. } = &d.kernel else { panic!("{:?}", d.kernel) };
+    assert!(name.starts_with("kiln_gemv_scaled_"), "{name}");
+
+    // A layer norm (a reduction of a reduced value) does not factor: the prologue's
+    // kernel runs, then the GEMV (the one-kernel form named too).
+    let tr = kiln_graph::Tracer::new();
+    let shape = [kiln_graph::ops::Dim::fixed(1), kiln_graph::ops::Dim::sym("seq"), kiln_graph::ops::Dim::fixed(64)];
+    let x = tr.input("x", kiln_graph::ops::DType::F32, shape).unwrap();
+    let h = x.layer_norm(tr.param("n", kiln_graph::ops::DType::F32, [64]).unwrap(), None, 1e-5).unwrap();
+    tr.output("y", h.linear(tr.param("w", kiln_graph::ops::DType::F32, [32, 64]).unwrap(), None).unwrap()).unwrap();
+    let g = kiln_passes::default_pipeline().run(tr.finish().unwrap()).unwrap().graph;
+    let s = ViewerState::with_collapse_depth(vec![("optimized".into(), g)], 0);
+    let n =
+        find(&s, |op| matches!(op, Op::Fused(b) if matches!(b.kind(), Ok(kiln_graph::ops::FusedKind::MatVec { .. }))));
+    let d = node_details(&s, n);
     let KernelInfo::Cuda { name, source } = &d.kernel else { panic!("{:?}", d.kernel) };
-    assert!(name.starts_with("kiln_fused_") && name.contains("then kiln_gemv_epi_"), "{name}");
-    assert!(source.contains("kiln_epi_y in0"), "the epilogue GEMV's source");
+    assert!(name.starts_with("kiln_fused_") && name.contains("then a GEMV"), "{name}");
+    assert!(name.contains("KILN_MATVEC=fused: kiln_gemv_pro_"), "{name}");
+    assert!(source.contains("kiln_grid_entry();") && !source.contains("gv_stage"), "the prologue's own kernel");
 }
 
 #[test]

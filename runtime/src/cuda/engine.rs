@@ -147,7 +147,9 @@ enum Run {
     /// cuBLAS, or the GEMV kernel (`gemv`, with its work split) when the product has few
     /// rows.
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
-    /// A matrix-vector group (`FusedKind::MatVec`): with `KILN_MATVEC=fused` in the
+    /// A matrix-vector group (`FusedKind::MatVec`): for one row of x, the scaled GEMV
+    /// (`scaled`, see [`ScaledRun`]) when its prologue factors; else, with
+    /// `KILN_MATVEC=fused` in the
     /// environment (see [`matvec_fused_gemv`]), a group without an epilogue and few rows
     /// of x whose whole rows fit the GEMV staging, one GEMV that computes x itself
     /// (`fused`, with its split); otherwise the prologue's kernel (`prologue`, the nodes
@@ -339,10 +341,9 @@ pub fn matvec_fused_gemv() -> bool {
     *FUSED.get_or_init(|| std::env::var("KILN_MATVEC").is_ok_and(|v| v == "fused"))
 }
 
-/// The [`ScaledRun`] of matrix-vector group node `n` (body `body`), when its prologue
-/// factors (`kiln_codegen::scaled_prologue`), nothing reads the prologue outputs the
-/// kernel does not write, and the kernels render; `None` otherwise (the group runs as
-/// its prologue's kernel and a GEMV).
+/// The [`ScaledRun`] of matrix-vector group node `n` (body `body`), when
+/// `kiln_codegen::scaled_prologue_in` allows the scaled GEMV and its kernels render;
+/// `None` otherwise (the group runs as its prologue's kernel and a GEMV).
 fn scaled_run(
     graph: &Graph,
     n: NodeId,
@@ -351,16 +352,7 @@ fn scaled_run(
     row_bytes: Option<usize>,
     add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
 ) -> Option<Box<ScaledRun>> {
-    let plan = kiln_codegen::scaled_prologue(body).ok()?;
-    let n_pro = body.prologue()?.outputs.len();
-    let read = |j: usize| {
-        let v = Value::new(n, j as u8);
-        graph.outputs().values().any(|&o| o == v)
-            || graph.users(n).into_iter().any(|(u, i)| graph.operands(u).get(i as usize) == Some(&v))
-    };
-    if (0..n_pro).any(|j| !plan.written.contains(&j) && read(j)) {
-        return None;
-    }
+    kiln_codegen::scaled_prologue_in(graph, n).ok()?;
     let cfg = decode::GemvConfig::for_shape(1, row_bytes);
     let plain = kiln_codegen::gemv_scaled(body, syms, cfg, false).ok()?;
     let ecfg = decode::GemvConfig::for_rows(1);
