@@ -99,7 +99,7 @@ pub struct BenchArgs {
         long,
         conflicts_with_all = [
             "dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv",
-            "no_scaled_gemv", "attention_long_keys"
+            "no_scaled_gemv", "no_attention_early", "attention_long_keys"
         ]
     )]
     pub plan: Option<PathBuf>,
@@ -148,6 +148,12 @@ pub struct BenchArgs {
     /// comparison. `KILN_SCALED_GEMV=0` in the environment does the same.
     #[arg(long)]
     pub no_scaled_gemv: bool,
+    /// Decode attention waits for the previous kernel before it reads anything (by
+    /// default, in the captured decode step, it issues the copies of earlier steps'
+    /// cache rows first), for comparison. `KILN_ATTN_EARLY=0` in the environment does
+    /// the same.
+    #[arg(long)]
+    pub no_attention_early: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -183,6 +189,7 @@ impl BenchArgs {
             no_hfuse: false,
             no_epilogue_gemv: false,
             no_scaled_gemv: false,
+            no_attention_early: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -410,6 +417,9 @@ pub struct BenchReport {
     /// Whether a GEMV could compute a norm prologue as a scale after its products (off
     /// with `--no-scaled-gemv` or `KILN_SCALED_GEMV=0`).
     pub scaled_gemv: bool,
+    /// Whether decode attention read earlier steps' cache rows before its wait (off
+    /// with `--no-attention-early` or `KILN_ATTN_EARLY=0`).
+    pub attention_early: bool,
     /// Whether matrix-vector groups ran as one GEMV computing its x
     /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
     pub matvec_one_kernel: bool,
@@ -483,6 +493,7 @@ pub(crate) struct EngineSpec {
     pub horizontal: bool,
     pub epilogue_gemv: bool,
     pub scaled_gemv: bool,
+    pub attention_early: bool,
     /// `None`: the engine's default.
     pub attention_long_keys: Option<usize>,
 }
@@ -643,6 +654,7 @@ mod gpu {
                 horizontal: spec.horizontal,
                 epilogue_gemv: spec.epilogue_gemv,
                 scaled_gemv: spec.scaled_gemv,
+                attention_early: spec.attention_early,
                 attention_long_keys: spec
                     .attention_long_keys
                     .unwrap_or(kiln_codegen::decode::ATTENTION_DECODE_LONG_KEYS),
@@ -866,6 +878,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             horizontal: !args.no_hfuse,
             epilogue_gemv: !args.no_epilogue_gemv,
             scaled_gemv: !args.no_scaled_gemv,
+            attention_early: !args.no_attention_early,
             attention_long_keys: args.attention_long_keys,
         };
         let t = Instant::now();
@@ -941,6 +954,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         horizontal: !args.no_hfuse && !kiln_runtime::cuda::horizontal_off_by_env(),
         epilogue_gemv: !args.no_epilogue_gemv && !kiln_runtime::cuda::epilogue_gemv_off_by_env(),
         scaled_gemv: !args.no_scaled_gemv && !kiln_runtime::cuda::scaled_gemv_off_by_env(),
+        attention_early: !args.no_attention_early && !kiln_runtime::cuda::attention_early_off_by_env(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1089,13 +1103,14 @@ impl BenchReport {
         let _ = writeln!(
             s,
             "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | epilogue GEMV: {} | scaled GEMV: {} | \
-             matvec groups: {} | kernels per decode step: {}",
+             early attention: {} | matvec groups: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
             if self.horizontal { "on" } else { "off" },
             if self.epilogue_gemv { "on" } else { "off" },
             if self.scaled_gemv { "on" } else { "off" },
+            if self.attention_early { "on" } else { "off" },
             if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );
@@ -1438,6 +1453,7 @@ mod tests {
             no_cuda_graphs: true,
             no_epilogue_gemv: true,
             no_scaled_gemv: true,
+            no_attention_early: true,
             ..BenchArgs::preset("smollm2-135m")
         };
         let backend = FakeBackend { spec: Default::default() };
@@ -1471,7 +1487,7 @@ mod tests {
         let table = r.table();
         eprintln!("{table}");
         let header = ["smollm2-135m", "prefill (batch 1)", "16 tokens", "batch 3", "% roofline", "CUDA graphs: off"];
-        for want in header.into_iter().chain(["epilogue GEMV: off", "scaled GEMV: off"]) {
+        for want in header.into_iter().chain(["epilogue GEMV: off", "scaled GEMV: off", "early attention: off"]) {
             assert!(table.contains(want), "missing `{want}` in\n{table}");
         }
         let v: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
@@ -1482,6 +1498,7 @@ mod tests {
         assert!(v["copy_bandwidth_bytes_per_s"].as_f64().unwrap() == 4e12);
         assert_eq!(v["epilogue_gemv"], false);
         assert_eq!(v["scaled_gemv"], false);
+        assert_eq!(v["attention_early"], false);
         assert!(v["machine"]["kiln_commit"].as_str().is_some_and(|c| !c.is_empty()));
         if let Ok(dir) = std::env::var("KILN_BENCH_SAMPLE_JSON") {
             // For trying tools/bench_hf.py and tools/gpu/bench.sh without a GPU.

@@ -76,6 +76,9 @@ pub enum Role {
     VBatchStride,
     /// Key chunks per (batch, kv head, query tile) of split-K decode attention.
     Splits,
+    /// Decode attention may read the rows of earlier decode steps before it waits for
+    /// the previous kernel (1 inside the engine's captured decode step, else 0).
+    Early,
     /// `unsigned int*`: split-K decode attention's completion counters (zero between
     /// launches).
     Counters,
@@ -140,6 +143,7 @@ impl Role {
             Role::KBatchStride => "k_batch_stride",
             Role::VBatchStride => "v_batch_stride",
             Role::Splits => "splits",
+            Role::Early => "early",
             Role::Counters => "counters",
             Role::Temperature => "temperature",
             Role::TopK => "top_k",

@@ -74,11 +74,16 @@ fn attention_decode_reads_the_key_count_from_the_symbol_table() {
             Role::KBatchStride,
             Role::VBatchStride,
             Role::Splits,
+            Role::Early,
             Role::Scale,
             Role::MaskKind,
             Role::Window,
         ]
     );
+    // It waits for the previous kernel itself: at once, or (early) after issuing the
+    // copies of the rows of earlier steps.
+    assert!(p.waits_for_previous() && !p.source.contains("kiln_grid_entry();"));
+    assert!(p.source.contains("if (!early) kiln_grid_wait();"));
     let sig = p.sig.signature();
     assert!(!roles(&p).contains(&Role::Keys));
     assert!(!sig.contains(" keys"), "{sig}");

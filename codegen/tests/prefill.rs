@@ -22,7 +22,7 @@ fn prefill_parameters_and_key_count_from_the_symbol_table() {
     // The decode kernel's parameters without its split-K ones (one list builds both:
     // `decode::cache_attention_params`; codegen/tests/decode.rs spells it out).
     let decode = kiln_codegen::decode::attention_decode(DType::BF16, 4, &keys, &table()).unwrap();
-    let split_k = [Role::Out(1), Role::Out(2), Role::Counters, Role::Splits];
+    let split_k = [Role::Out(1), Role::Out(2), Role::Counters, Role::Splits, Role::Early];
     let want: Vec<Role> = roles(&decode).into_iter().filter(|r| !split_k.contains(r)).collect();
     assert_eq!(roles(&k), want);
     let sig = k.sig.signature();

@@ -238,8 +238,11 @@ fn gemv_bandwidth() {
 // ---- decode attention ---------------------------------------------------------------------------
 
 /// The launch arguments of `decode::attention_decode` for case `c` (caches of capacity
-/// `c.cap`): buffers out, partial outputs, (max, sum) pairs, counters, q, k, v, syms.
-fn attention_args(g: &Gpu, bufs: [&CudaSlice<u8>; 8], c: &AttnCase, splits: usize) -> Args {
+/// `c.cap`): buffers out, partial outputs, (max, sum) pairs, counters, q, k, v, syms;
+/// `early`: the kernel reads the rows before the launch's own before it waits (what the
+/// engine's captured decode step does; without a programmatic launch the wait is a no-op,
+/// so the results must be the same bits).
+fn attention_args(g: &Gpu, bufs: [&CudaSlice<u8>; 8], c: &AttnCase, splits: usize, early: bool) -> Args {
     let [out, po, pml, counters, q, k, v, syms] = bufs;
     let (mk, win) = mask_args(c.mask);
     let i = |x: usize| ArgValue::I64(x as i64);
@@ -261,6 +264,7 @@ fn attention_args(g: &Gpu, bufs: [&CudaSlice<u8>; 8], c: &AttnCase, splits: usiz
         (Role::KBatchStride, i(c.cap * c.kh * c.d)),
         (Role::VBatchStride, i(c.cap * c.kh * c.dv)),
         (Role::Splits, i(splits)),
+        (Role::Early, ArgValue::I64(i64::from(early))),
         (Role::Scale, ArgValue::F32(c.scale)),
         (Role::MaskKind, ArgValue::I32(mk)),
         (Role::Window, ArgValue::I64(win)),
@@ -382,6 +386,7 @@ fn attention_decode_matches_reference() {
                                             [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &syms_buf],
                                             &c,
                                             splits,
+                                            splits == 61,
                                         );
                                         let pi = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
                                         g.launch(pk, pf, pi, &args);
@@ -456,7 +461,7 @@ fn attention_decode_odd_shapes() {
             let out = g.poisoned(obytes);
             let n_counters = decode::attention_decode_counters(b, s, h, kh);
             let counters = g.upload(&vec![0u8; 4 * n_counters]);
-            let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &c, splits);
+            let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &c, splits, false);
             let pi = decode::attention_decode_items(b, s, h, kh, splits);
             g.launch(&pk, &pf, pi, &args);
             assert!(g.download(&counters, 4 * n_counters).iter().all(|&x| x == 0), "a counter was left set");
@@ -534,7 +539,8 @@ fn attention_decode_timing() {
                 let out = g.poisoned(b * s * h * d * 2);
                 let counters = g.upload(&vec![0u8; 4 * decode::attention_decode_counters_tiled(b, s, h, kh, tile)]);
                 let case = AttnCase { b, s, h, kh, d, dv: d, t, cap, mask: Mask::Causal, scale: 0.125 };
-                let args = attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits);
+                let args =
+                    attention_args(&g, [&out, &po, &pml, &counters, &qbuf, &kbuf, &vbuf, &sbuf], &case, splits, false);
                 let items = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
                 for _ in 0..10 {
                     g.launch(&pk, &pf, items, &args);

@@ -458,6 +458,7 @@ fn prefill_attention_timing() {
         (Role::Out(2), g.arg(&pml)),
         (Role::Counters, g.arg(&counters)),
         (Role::Splits, ArgValue::I64(splits as i64)),
+        (Role::Early, ArgValue::I64(0)),
     ]);
     let pi = decode::attention_decode_items(b, s, h, kh, splits);
     let ms = time_ms(&g, 5, || {

@@ -43,6 +43,14 @@
 // starts clean; the counters must be zero before the first launch.
 // AD_WARPS (warps per block), AD_QT (query pairs per block), AD_NVL (16-byte vectors
 // per lane and row), AD_MIN_CHUNK (keys) come from decode.rs.
+// KILN_MANUAL_ENTRY (programmatic dependent launch, kiln.cuh): the kernel lets the next
+// one be scheduled at once. With `early` = 0 it then waits for the previous kernel
+// before anything else. With `early` = 1 (the engine's captured decode step) it first
+// reads the key count and issues the copies of its first stage's rows that precede the
+// launch's own rows (t - seq and later, which the kernels just before it append): those
+// rows, and the symbol table, were written by earlier replays of the step (a CUDA graph
+// launch starts after the previous one completed), so they may be read before the wait,
+// while the previous kernel runs. After the wait: the launch's own rows, q, the rest.
 #define AD_MAXD 256
 #define AD_LOG2E 1.4426950408889634f
 #define AD_NEG (-1.0e30f)
@@ -58,9 +66,11 @@ __device__ __forceinline__ float ad_exp2(float x) {
 
 // Copies keys [j0, j1) of K and V into one stage: K rows of dp elements, then V rows of
 // dvp elements (dp, dvp: d, dv rounded up to KILN_VEC; the K padding is zeroed).
-__device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const KILN_T* vbase,
-                                         int j0, int j1, i64 kv_heads, int d, int dv, int dp, int dvp, int kt, bool vec) {
-    KILN_T* sv = sk + kt * dp;
+// Rows go to slots r0, r0 + 1, ... of the stage.
+__device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const KILN_T* vbase, int j0, int j1,
+                                         int r0, i64 kv_heads, int d, int dv, int dp, int dvp, int kt, bool vec) {
+    KILN_T* sv = sk + kt * dp + r0 * dvp;
+    sk += r0 * dp;
     const int nk = j1 - j0;
     if (vec) {
         const int ck = d / KILN_VEC, cv = dv / KILN_VEC;
@@ -90,6 +100,8 @@ KILN_SIGNATURE {
     kiln_u4(*s_kv)[AD_STAGE / 16] = (kiln_u4(*)[AD_STAGE / 16])s_dyn;
     __shared__ float s_m[AD_WARPS][AD_QT], s_l[AD_WARPS][AD_QT];
     __shared__ bool s_last;
+    kiln_grid_launch_dependents();
+    if (!early) kiln_grid_wait();
     if (head_dim < 1 || value_dim < 1 || head_dim > AD_MAXD || value_dim > AD_MAXD || kv_heads < 1 ||
         heads % kv_heads != 0 || (heads / kv_heads) % AD_QT != 0 || splits < 1)
         return;  // uniform: the host checks these
@@ -141,6 +153,29 @@ KILN_SIGNATURE {
     const float scale2 = scale * AD_LOG2E;
     const bool qvec = head_dim % KILN_VEC == 0 && (((unsigned long long)in0) & 15ull) == 0;
 
+    const bool vec = head_dim % KILN_VEC == 0 && value_dim % KILN_VEC == 0 && k_batch_stride % KILN_VEC == 0 &&
+                     v_batch_stride % KILN_VEC == 0 &&
+                     ((((unsigned long long)in1) | ((unsigned long long)in2)) & 15ull) == 0;
+    const int dp = (d + KILN_VEC - 1) / KILN_VEC * KILN_VEC, dvp = (dv + KILN_VEC - 1) / KILN_VEC * KILN_VEC;
+    const int kt = AD_STAGE / ((dp + dvp) * (int)sizeof(KILN_T));
+    const KILN_T* kbase = in1 + bi * k_batch_stride + kvh * head_dim;
+    const KILN_T* vbase = in2 + bi * v_batch_stride + kvh * value_dim;
+    const int ntk = (c1 - c0 + kt - 1) / kt;
+
+    if (ntk > 0) {
+        const int s1 = c0 + kt < c1 ? c0 + kt : c1;
+        // Before the wait (early): the stage's rows before the launch's own.
+        const int tnew = t - sq, o1 = early ? (tnew < c0 ? c0 : (tnew < s1 ? tnew : s1)) : c0;
+        if (early) {
+            ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, o1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+            kiln_grid_wait();
+        }
+        ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, s1, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
+        kiln_cp_commit();
+    } else if (early) {
+        kiln_grid_wait();
+    }
+
     // Queries of the tile: q (pre-scaled), softmax state.
     float qr[AD_QT][AD_NVL][KILN_VEC], acc[AD_QT][AD_NVL][KILN_VEC], mx[AD_QT], sm[AD_QT];
 #pragma unroll
@@ -168,24 +203,11 @@ KILN_SIGNATURE {
         }
     }
 
-    const bool vec = head_dim % KILN_VEC == 0 && value_dim % KILN_VEC == 0 && k_batch_stride % KILN_VEC == 0 &&
-                     v_batch_stride % KILN_VEC == 0 &&
-                     ((((unsigned long long)in1) | ((unsigned long long)in2)) & 15ull) == 0;
-    const int dp = (d + KILN_VEC - 1) / KILN_VEC * KILN_VEC, dvp = (dv + KILN_VEC - 1) / KILN_VEC * KILN_VEC;
-    const int kt = AD_STAGE / ((dp + dvp) * (int)sizeof(KILN_T));
-    const KILN_T* kbase = in1 + bi * k_batch_stride + kvh * head_dim;
-    const KILN_T* vbase = in2 + bi * v_batch_stride + kvh * value_dim;
-    const int ntk = (c1 - c0 + kt - 1) / kt;
-
-    if (ntk > 0) {
-        ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, c0 + kt < c1 ? c0 + kt : c1, kv_heads, d, dv, dp, dvp, kt, vec);
-        kiln_cp_commit();
-    }
     for (int tt = 0; tt < ntk; ++tt) {
         const int j0 = c0 + tt * kt;
         if (tt + 1 < ntk) {
             const int n0 = j0 + kt, n1 = n0 + kt < c1 ? n0 + kt : c1;
-            ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, kv_heads, d, dv, dp, dvp, kt, vec);
+            ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
             kiln_cp_commit();
             kiln_cp_wait_all_but_one();
         } else {
