@@ -211,13 +211,7 @@ pub fn gemv_prologue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
     let pro = body.prologue().expect("a matrix-vector body has a prologue");
     let xi = pro.outputs.iter().position(|&r| r == x).expect("x is an output");
     let xt = body.ty(x).expect("checked");
-    let (rows, cols) = match *prologue {
-        FusedKind::Rows { rows, cols } => (rows, cols),
-        _ => {
-            let d = xt.shape.dims();
-            (Shape::new(d[..d.len() - 1].iter().cloned()), Shape::new([d[d.len() - 1].clone()]))
-        }
-    };
+    let (rows, cols) = prologue_rows(*prologue, &xt.shape);
     let mut g = Gen::new(&pro, syms);
     g.stage_x = Some(xi);
     let (head, code) = g.rows(&rows, &cols)?;
@@ -284,23 +278,7 @@ pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         ));
     }
     let epi = body.epilogue().expect("a body with an epilogue form has one");
-    let mut g = Gen::new(&epi, syms);
-    let (head, code) = g.elementwise(&form.domain)?;
-    let mut text = String::new();
-    for l in head.lines() {
-        writeln!(text, "    {l}").expect("to a string");
-    }
-    text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
-    text.push_str("        (void)n_items;\n");
-    text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
-    text.push_str("            const int r = q / GV_EPI_T;\n");
-    text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
-    text.push_str("            if (col >= GV_EPI_W) continue;\n");
-    text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
-    for l in code.lines() {
-        writeln!(text, "    {l}").expect("to a string");
-    }
-    text.push_str("        }");
+    let (text, epi_defines) = epilogue_code(&epi, syms, &form)?;
     let what = "fused matrix-vector group";
     let wt = &body.inputs[weight as usize];
     let (xt, yt) = (body.ty(x).expect("checked"), &body.nodes[body.matmul_node().expect("checked")].outputs[0]);
@@ -324,30 +302,12 @@ pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
     }
     params.push((Role::In((nin + 1) as u8), ParamTy::const_ptr(xs)));
     params.push((Role::In((nin + 2) as u8), ParamTy::const_ptr(ws)));
-    params.extend([
-        (Role::Syms, ParamTy::const_ptr("i64")),
-        (Role::MatM, ParamTy::I64),
-        (Role::MatN, ParamTy::I64),
-        (Role::MatK, ParamTy::I64),
-    ]);
-    if params.len() > 250 {
-        return err("gemv_epilogue: too many inputs and outputs");
-    }
-    // GV_EPI_OFF(s): offset s, a constant expression (no array in local memory).
-    let off = form
-        .offsets
-        .iter()
-        .enumerate()
-        .rev()
-        .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
+    gemv_params_end(&mut params, "gemv_epilogue")?;
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    defines.extend(epi_defines);
     defines.extend([
         ("KILN_RESIDUAL", "0".to_string()),
         ("GV_PROLOGUE", "0".to_string()),
-        ("GV_EPI", "1".to_string()),
-        ("GV_EPI_S", form.offsets.len().to_string()),
-        ("GV_EPI_OFF(s)", off),
-        ("GV_EPI_W", format!("{}LL", form.width)),
         ("GV_X", Role::In((nin + 1) as u8).c_name()),
         ("GV_W", Role::In((nin + 2) as u8).c_name()),
         ("GV_Y", Role::Out(e as u8).c_name()),
@@ -358,6 +318,73 @@ pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         .replace("KILN_EPILOGUE", text.trim_end_matches('\n'));
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     Ok(render_hashed("kiln_gemv_epi", params, &template, &defines, grid))
+}
+
+/// The rows and columns of a matrix-vector prologue of kind `prologue` whose x has shape
+/// `x`: those of a rows-kind prologue, else x's leading dims and its last.
+fn prologue_rows(prologue: FusedKind, x: &Shape) -> (Shape, Shape) {
+    match prologue {
+        FusedKind::Rows { rows, cols } => (rows, cols),
+        _ => {
+            let d = x.dims();
+            (Shape::new(d[..d.len() - 1].iter().cloned()), Shape::new([d[d.len() - 1].clone()]))
+        }
+    }
+}
+
+/// `#define`s of a rendered template.
+type Defines = Vec<(&'static str, String)>;
+
+/// Ends the parameter list of a fused GEMV (`syms`, `m`, `n`, `k`), which may hold at
+/// most 250 parameters.
+fn gemv_params_end(params: &mut Vec<(Role, ParamTy)>, what: &str) -> Result<(), CodegenError> {
+    params.extend([
+        (Role::Syms, ParamTy::const_ptr("i64")),
+        (Role::MatM, ParamTy::I64),
+        (Role::MatN, ParamTy::I64),
+        (Role::MatK, ParamTy::I64),
+    ]);
+    if params.len() > 250 {
+        return err(format!("{what}: too many inputs and outputs"));
+    }
+    Ok(())
+}
+
+/// The epilogue code of the GEMV template (`KILN_EPILOGUE`: the block's columns of the
+/// epilogue for every row of x, reading y through `kiln_epi_y`) and its defines, for the
+/// epilogue body `epi` of form `form`.
+fn epilogue_code(epi: &FusedBody, syms: &[Sym], form: &kiln_ops::Epilogue) -> Result<(String, Defines), CodegenError> {
+    let mut g = Gen::new(epi, syms);
+    let (head, code) = g.elementwise(&form.domain)?;
+    let mut text = String::new();
+    for l in head.lines() {
+        writeln!(text, "    {l}").expect("to a string");
+    }
+    text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
+    text.push_str("        (void)n_items;\n");
+    text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
+    text.push_str("            const int r = q / GV_EPI_T;\n");
+    text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
+    text.push_str("            if (col >= GV_EPI_W) continue;\n");
+    text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
+    for l in code.lines() {
+        writeln!(text, "    {l}").expect("to a string");
+    }
+    text.push_str("        }");
+    // GV_EPI_OFF(s): offset s, a constant expression (no array in local memory).
+    let off = form
+        .offsets
+        .iter()
+        .enumerate()
+        .rev()
+        .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
+    let defines = vec![
+        ("GV_EPI", "1".to_string()),
+        ("GV_EPI_S", form.offsets.len().to_string()),
+        ("GV_EPI_OFF(s)", off),
+        ("GV_EPI_W", format!("{}LL", form.width)),
+    ];
+    Ok((text, defines))
 }
 
 /// Blocks of a [`gemv_epilogue`] launch: one per `cfg.warps / slices` epilogue columns.
@@ -540,13 +567,7 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
     }
     let pro = body.prologue().expect("a matrix-vector body has a prologue");
     let xt = body.ty(x).expect("checked");
-    let (rows, cols) = match *prologue {
-        FusedKind::Rows { rows, cols } => (rows, cols),
-        _ => {
-            let d = xt.shape.dims();
-            (Shape::new(d[..d.len() - 1].iter().cloned()), Shape::new([d[d.len() - 1].clone()]))
-        }
-    };
+    let (rows, cols) = prologue_rows(*prologue, &xt.shape);
     let e = match &form {
         Some(_) => body.epilogue().expect("a body with an epilogue form has one").outputs.len(),
         None => 0,
@@ -700,26 +721,10 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
     let staging = block(&staging);
 
     // The epilogue, as gemv_epilogue generates it.
-    let mut epi_text = String::new();
-    if let Some(f) = &form {
-        let epi = body.epilogue().expect("checked");
-        let mut ge = Gen::new(&epi, syms);
-        let (head, code) = ge.elementwise(&f.domain)?;
-        for l in head.lines() {
-            writeln!(epi_text, "    {l}").expect("to a string");
-        }
-        epi_text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
-        epi_text.push_str("        (void)n_items;\n");
-        epi_text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
-        epi_text.push_str("            const int r = q / GV_EPI_T;\n");
-        epi_text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
-        epi_text.push_str("            if (col >= GV_EPI_W) continue;\n");
-        epi_text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
-        for l in code.lines() {
-            writeln!(epi_text, "    {l}").expect("to a string");
-        }
-        epi_text.push_str("        }");
-    }
+    let (epi_text, epi_defines) = match &form {
+        Some(f) => epilogue_code(&body.epilogue().expect("checked"), syms, f)?,
+        None => (String::new(), Vec::new()),
+    };
 
     let what = "fused matrix-vector group";
     let wt = &body.inputs[nin];
@@ -746,15 +751,7 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
         params.push((Role::In((i + 1) as u8), ParamTy::const_ptr(storage(t.dtype, &format!("fused input {i}"))?)));
     }
     params.push((Role::In((nin + 1) as u8), ParamTy::const_ptr(ws)));
-    params.extend([
-        (Role::Syms, ParamTy::const_ptr("i64")),
-        (Role::MatM, ParamTy::I64),
-        (Role::MatN, ParamTy::I64),
-        (Role::MatK, ParamTy::I64),
-    ]);
-    if params.len() > 250 {
-        return err("gemv_scaled: too many inputs and outputs");
-    }
+    gemv_params_end(&mut params, "gemv_scaled")?;
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
     defines.extend([
         ("KILN_RESIDUAL", "0".to_string()),
@@ -766,20 +763,7 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
         ("GV_Y", Role::Out(e as u8).c_name()),
         ("GV_RES", "(const KILN_Y*)0".to_string()),
     ]);
-    if let Some(f) = &form {
-        let off = f
-            .offsets
-            .iter()
-            .enumerate()
-            .rev()
-            .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
-        defines.extend([
-            ("GV_EPI", "1".to_string()),
-            ("GV_EPI_S", f.offsets.len().to_string()),
-            ("GV_EPI_OFF(s)", off),
-            ("GV_EPI_W", format!("{}LL", f.width)),
-        ]);
-    }
+    defines.extend(epi_defines);
     let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
         .replace("KILN_PROLOGUE", &staging)
         .replace("KILN_EPILOGUE", epi_text.trim_end_matches('\n'));

@@ -1085,8 +1085,8 @@ impl CudaEngine {
         .map_err(driver_err("upload symbols"))
     }
 
-    /// Launches every step of the graph. Returns the number of launches.
-    /// Launches every step. `early`: the launches are being captured into a decode
+    /// Launches every step of the graph. Returns the number of launches. `early`: the
+    /// launches are being captured into a decode
     /// graph, so decode attention may read the cache rows of earlier steps before it
     /// waits for the previous kernel (see `flash_decode.cu`).
     fn run_steps(
