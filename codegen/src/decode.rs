@@ -449,8 +449,9 @@ pub fn attention_decode_tiled(
 /// The parameters of an attention kernel over a resident KV cache, in signature order:
 /// `out` (storage type `s`), with `split_k` the f32 workspaces `out1`, `out2` and the
 /// `counters`, then q/k/v, `syms`, the sizes and strides, with `split_k` the `splits`
-/// and `early` (see `flash_decode.cu`), then `scale`, `mask_kind`, `window`. Shared by [`attention_decode`] and
-/// [`crate::prefill::attention_prefill`], so both launch from one argument list.
+/// and `early` (see `flash_decode.cu`), then `scale`, `mask_kind`, `window`. Shared by
+/// [`attention_decode`] and [`crate::prefill::attention_prefill`], so both launch from
+/// one argument list.
 pub(crate) fn cache_attention_params(s: &str, split_k: bool) -> Vec<(Role, ParamTy)> {
     let mut p = vec![(Role::Out(0), ParamTy::ptr(s))];
     if split_k {

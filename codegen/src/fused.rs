@@ -387,6 +387,15 @@ fn epilogue_code(epi: &FusedBody, syms: &[Sym], form: &kiln_ops::Epilogue) -> Re
     Ok((text, defines))
 }
 
+/// The scaled GEMV without the epilogue for one row of x, with the split a plain one-row
+/// GEMV over the group's weight takes ([`GemvConfig::for_shape`]): what the engine
+/// launches, and what the plan's launch list and the viewer name.
+pub fn gemv_scaled_one_row(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, GemvConfig), CodegenError> {
+    let w = body.inputs.last().ok_or_else(|| CodegenError("gemv_scaled: a body without inputs".into()))?;
+    let cfg = GemvConfig::for_shape(1, decode::weight_row_bytes(w));
+    Ok((gemv_scaled(body, syms, cfg, false)?, cfg))
+}
+
 /// Blocks of a [`gemv_epilogue`] launch: one per `cfg.warps / slices` epilogue columns.
 pub fn gemv_epilogue_items(form: &kiln_ops::Epilogue, cfg: GemvConfig) -> usize {
     let cols = (cfg.warps / form.offsets.len().max(1)).max(1);
@@ -424,10 +433,7 @@ pub fn scaled_prologue(body: &FusedBody) -> Result<ScaledPrologue, CodegenError>
     let pro = body.prologue().expect("a matrix-vector body has a prologue");
     let xt = body.ty(x).expect("checked");
     let rank = xt.shape.rank();
-    let rows_rank = match *prologue {
-        FusedKind::Rows { ref rows, .. } => rows.rank(),
-        _ => rank - 1,
-    };
+    let rows_rank = prologue_rows(*prologue, &xt.shape).0.rank();
     // Which prologue values depend on a reduction.
     let mut dep = vec![false; pro.nodes.len()];
     for (i, n) in pro.nodes.iter().enumerate() {
@@ -476,7 +482,7 @@ pub fn scaled_prologue(body: &FusedBody) -> Result<ScaledPrologue, CodegenError>
             continue;
         }
         let n = &pro.nodes[node as usize];
-        if let Op::Reduce { op, .. } = n.op {
+        if let Op::Reduce { .. } = n.op {
             let operand = n.operands[0];
             if depends(operand) {
                 return err("scaled_prologue: a reduction of a reduced value (two levels)");
@@ -484,7 +490,6 @@ pub fn scaled_prologue(body: &FusedBody) -> Result<ScaledPrologue, CodegenError>
             if !pro.ty(operand).expect("checked").dtype.is_float() || !n.outputs[0].dtype.is_float() {
                 return err("scaled_prologue: a reduction over integers");
             }
-            let _ = op;
             reductions.push(node as usize);
         } else {
             stack.extend(n.operands.iter().copied());
@@ -528,8 +533,8 @@ pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resul
 /// ([`scaled_prologue`], e.g. an RMSNorm, with the residual add before it): every block
 /// stages A (computed from the group's inputs, no reduction before its first FMA) and,
 /// in the same pass over the columns, its share of the reductions; the warps' partial
-/// sums meet in shared memory at the barrier the staging needs anyway, and each warp
-/// scales its dot products by S after its last FMA: `y = round(S · Σ w · A)`. Block 0
+/// sums meet in shared memory at a barrier after the staging, where every thread computes
+/// S, and each warp scales its dot products by it: `y = round(S · Σ w · A)`. Block 0
 /// also writes the prologue outputs [`ScaledPrologue::written`] lists (the residual
 /// sum). With `epilogue` (the body has one), the blocks then compute it like
 /// [`gemv_epilogue`] (`cfg` one row per warp); without, y is the product.
@@ -538,8 +543,8 @@ pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resul
 /// outputs (each its own parameter, written or not), `in{1 + i}` for body input `i` but
 /// the weight, the weight, `syms`, `m` (rows of x), `n`, `k`. One block per
 /// `cfg.rows_per_block()` rows of w ([`crate::decode::gemv_items_with`]), or per epilogue
-/// tile ([`gemv_epilogue_items`]). The caller checks
-/// [`crate::decode::gemv_prologue_fits`]`(m, k)` and `m <= cfg.max_rows`.
+/// tile ([`gemv_epilogue_items`]). `cfg` is for one row of x (`max_rows` 1): the caller
+/// launches it for `m` = 1 when [`crate::decode::gemv_prologue_fits`]`(1, k)`.
 pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bool) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
@@ -547,8 +552,8 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
         return err("gemv_scaled: the body is no matrix-vector group");
     };
     decode::gemv_check(cfg)?;
-    if cfg.ksplit != 1 {
-        return err(format!("gemv_scaled: the split {cfg:?} must have no split-K"));
+    if cfg.ksplit != 1 || cfg.max_rows != 1 {
+        return err(format!("gemv_scaled: the split {cfg:?} must be for one row of x, without split-K"));
     }
     let form = match (epilogue, form) {
         (false, _) => None,
@@ -579,9 +584,6 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
     // thread combines the warps' partials and computes S, before its products (whose
     // weights are still in flight). Every load of the pass (the columns' and those S
     // needs besides the reductions, e.g. ε) is issued before the first use of any.
-    if cfg.max_rows != 1 {
-        return err(format!("gemv_scaled: the split {cfg:?} must be for one row of x"));
-    }
     let mut g = Gen::new(&pro, syms);
     g.in_base = 1;
     g.indent = 2;

@@ -979,6 +979,10 @@ fn a_norm_prologue_factors_into_a_scaled_gemv() {
     assert!(kiln_codegen::gemv_scaled(&body, &syms, GemvConfig { ksplit: 2, ..cfg }, false).is_err());
     let several = kiln_codegen::gemv_scaled(&body, &syms, GemvConfig::for_rows(2), false).unwrap_err();
     assert!(several.0.contains("one row of x"), "{several}");
+    // The engine's one-row kernel: the plain one-row GEMV's split for the weight.
+    let (one, one_cfg) = kiln_codegen::gemv_scaled_one_row(&body, &syms).unwrap();
+    assert_eq!(one_cfg, GemvConfig::for_shape(1, kiln_codegen::decode::weight_row_bytes(body.inputs.last().unwrap())));
+    assert!(one.sig.name.starts_with("kiln_gemv_scaled_"));
 
     // With SwiGLU after the product: the epilogue GEMV's columns, scaled first.
     let (fg2, body2) = norm_swiglu_body();
@@ -998,12 +1002,13 @@ fn a_norm_prologue_factors_into_a_scaled_gemv() {
         let tr = Tracer::new();
         let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(256)]).unwrap();
         let h = x.layer_norm(tr.param("g", DType::BF16, [256]).unwrap(), None, 1e-5).unwrap();
+        tr.output("normed", h).unwrap();
         tr.output("y", h.linear(tr.param("w", DType::BF16, [96, 256]).unwrap(), None).unwrap()).unwrap();
         tr.finish().unwrap()
     });
-    if matches!(ln.kind(), Ok(FusedKind::MatVec { .. })) {
-        assert!(kiln_codegen::scaled_prologue(&ln).is_err());
-    }
+    assert!(matches!(ln.kind(), Ok(FusedKind::MatVec { .. })), "{:?}", ln.kind());
+    let e = kiln_codegen::scaled_prologue(&ln).unwrap_err();
+    assert!(e.0.contains("two levels") || e.0.contains("not a product"), "{e}");
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
         c.compile_all(&[&k, &ke, &plain]).unwrap_or_else(|e| panic!("{e}"));

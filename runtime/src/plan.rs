@@ -674,8 +674,7 @@ fn matvec_launch(body: &kiln_ops::FusedBody, syms: &[kiln_ops::Sym]) -> String {
 /// [`kiln_codegen::scaled_prologue_in`] allows it (as the engine decides).
 fn scaled_gemv(graph: &Graph, n: NodeId, body: &kiln_ops::FusedBody, syms: &[kiln_ops::Sym]) -> Option<(String, bool)> {
     kiln_codegen::scaled_prologue_in(graph, n).ok()?;
-    let row = body.inputs.last().and_then(decode::weight_row_bytes);
-    let k = kiln_codegen::gemv_scaled(body, syms, decode::GemvConfig::for_shape(1, row), false).ok()?;
+    let (k, _) = kiln_codegen::gemv_scaled_one_row(body, syms).ok()?;
     let epi = matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }));
     Some((k.sig.name, epi))
 }

@@ -623,10 +623,8 @@ impl ViewerState {
                 // that kernel.
                 (Op::Fused(b), Err(_)) if kiln_codegen::scaled_prologue_in(g, n).is_ok() => {
                     let syms = kiln_codegen::symbols::graph_symbols(g);
-                    let row = b.inputs.last().and_then(kiln_codegen::decode::weight_row_bytes);
-                    let cfg = kiln_codegen::decode::GemvConfig::for_shape(1, row);
-                    match kiln_codegen::gemv_scaled(b, &syms, cfg, false) {
-                        Ok(k) => KernelInfo::Cuda {
+                    match kiln_codegen::gemv_scaled_one_row(b, &syms) {
+                        Ok((k, _)) => KernelInfo::Cuda {
                             name: format!(
                                 "{} for one row of x (the norm as a scale after the products); else the prologue's \
                                  kernel then a GEMV",

@@ -142,7 +142,7 @@ KILN_SIGNATURE {
     __shared__ float gv_part[GV_WARPS][GV_MAX_M * GV_R];  // the warps' row sums
 #endif
 #if GV_SCALE
-    __shared__ float gv_red[GV_MAX_M * GV_NRED * GV_WARPS];  // the warps' partial reductions
+    __shared__ float gv_red[GV_NRED * GV_WARPS];  // the warps' partial reductions (one row of x)
 #endif
     float* xs = (float*)xs4;
     kiln_grid_launch_dependents();

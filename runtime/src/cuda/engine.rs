@@ -158,8 +158,8 @@ enum Run {
     MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
     /// A matrix-vector group (`FusedKind::MatVec`): for one row of x, the scaled GEMV
     /// (`scaled`, see [`ScaledRun`]) when its prologue factors; else, with
-    /// `KILN_MATVEC=fused` in the
-    /// environment (see [`matvec_fused_gemv`]), a group without an epilogue and few rows
+    /// `KILN_MATVEC=fused` in the environment (see [`matvec_fused_gemv`]), a group
+    /// without an epilogue and few rows
     /// of x whose whole rows fit the GEMV staging, one GEMV that computes x itself
     /// (`fused`, with its split); otherwise the prologue's kernel (`prologue`, the nodes
     /// before the matmul: `pro_op`) writes x, and the product runs like `MatMul` (`gemv`
@@ -364,12 +364,10 @@ fn scaled_run(
     n: NodeId,
     body: &kiln_ops::FusedBody,
     syms: &[kiln_ops::Sym],
-    row_bytes: Option<usize>,
     add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
 ) -> Option<Box<ScaledRun>> {
     kiln_codegen::scaled_prologue_in(graph, n).ok()?;
-    let cfg = decode::GemvConfig::for_shape(1, row_bytes);
-    let plain = kiln_codegen::gemv_scaled(body, syms, cfg, false).ok()?;
+    let (plain, cfg) = kiln_codegen::gemv_scaled_one_row(body, syms).ok()?;
     let ecfg = decode::GemvConfig::for_rows(1);
     let epi = match body.kind() {
         Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }) => {
@@ -620,7 +618,7 @@ impl CudaEngine {
                         };
                         let n_pro = pro.outputs.len();
                         let scaled = if opts.scaled_gemv && !scaled_gemv_off_by_env() {
-                            scaled_run(&graph, n, body, &syms, row_bytes, &mut add_kernel)
+                            scaled_run(&graph, n, body, &syms, &mut add_kernel)
                         } else {
                             None
                         };
@@ -1086,9 +1084,9 @@ impl CudaEngine {
     }
 
     /// Launches every step of the graph. Returns the number of launches. `early`: the
-    /// launches are being captured into a decode
-    /// graph, so decode attention may read the cache rows of earlier steps before it
-    /// waits for the previous kernel (see `flash_decode.cu`).
+    /// launches are being captured into a decode graph, so decode attention may read
+    /// the cache rows of earlier steps before it waits for the previous kernel (see
+    /// `flash_decode.cu`).
     fn run_steps(
         &self,
         b: &Bindings,
@@ -1454,10 +1452,7 @@ impl CudaEngine {
         }
         let mm = Op::MatMul { transpose_a: false, transpose_b: true };
         self.matmul(&mm, gemv, &[x, w], &[yo], y)?;
-        let mut epi_ins: Vec<(u64, &[usize])> = Vec::with_capacity(nin + 1);
-        epi_ins.push(yo);
-        epi_ins.extend_from_slice(&ins[..nin]);
-        launch_node(self.lane(), &self.kernels[e.kernel], &e.op, &epi_ins, &outs[e.n_pro..outs.len() - 1], b, syms)?;
+        self.epilogue_kernel(e, ins, outs, b, syms)?;
         Ok(1)
     }
 
@@ -1475,7 +1470,6 @@ impl CudaEngine {
         b: &Bindings,
         syms: u64,
     ) -> Result<usize, CudaError> {
-        let nin = ins.len() - 1;
         let n_pro = epilogue.map_or(outs.len() - 1, |e| e.n_pro);
         let with_epi = epilogue.and(sr.epi).filter(|_| sr.epi_one_wave);
         let ((kg, cfg), e) = match with_epi {
@@ -1501,22 +1495,28 @@ impl CudaEngine {
         launch(self.lane(), &self.kernels[kg], items, &a)?;
         match epilogue {
             Some(ep) if with_epi.is_none() => {
-                let mut epi_ins: Vec<(u64, &[usize])> = Vec::with_capacity(nin + 1);
-                epi_ins.push(outs[outs.len() - 1]);
-                epi_ins.extend_from_slice(&ins[..nin]);
-                launch_node(
-                    self.lane(),
-                    &self.kernels[ep.kernel],
-                    &ep.op,
-                    &epi_ins,
-                    &outs[n_pro..outs.len() - 1],
-                    b,
-                    syms,
-                )?;
+                self.epilogue_kernel(ep, ins, outs, b, syms)?;
                 Ok(1)
             }
             _ => Ok(0),
         }
+    }
+
+    /// A matrix-vector group's epilogue kernel over y (the group's last output), its
+    /// other inputs the group's but the weight; it writes the epilogue's outputs.
+    fn epilogue_kernel(
+        &self,
+        e: &EpiRun,
+        ins: &[(u64, &[usize])],
+        outs: &[(u64, &[usize])],
+        b: &Bindings,
+        syms: u64,
+    ) -> Result<(), CudaError> {
+        let nin = ins.len() - 1;
+        let mut epi_ins: Vec<(u64, &[usize])> = Vec::with_capacity(nin + 1);
+        epi_ins.push(outs[outs.len() - 1]);
+        epi_ins.extend_from_slice(&ins[..nin]);
+        launch_node(self.lane(), &self.kernels[e.kernel], &e.op, &epi_ins, &outs[e.n_pro..outs.len() - 1], b, syms)
     }
 
     fn matmul(
