@@ -99,7 +99,7 @@ pub struct BenchArgs {
         long,
         conflicts_with_all = [
             "dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv",
-            "no_scaled_gemv", "no_attention_early", "attention_long_keys"
+            "no_scaled_gemv", "no_attention_early", "no_attention_fused", "attention_long_keys"
         ]
     )]
     pub plan: Option<PathBuf>,
@@ -154,6 +154,11 @@ pub struct BenchArgs {
     /// the same.
     #[arg(long)]
     pub no_attention_early: bool,
+    /// Decode attention reads q and the caches from memory, written by the launch of
+    /// their producers (a layer's RoPE and cache appends), instead of computing them
+    /// itself, for comparison. `KILN_ATTN_FUSED=0` in the environment does the same.
+    #[arg(long)]
+    pub no_attention_fused: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -190,6 +195,7 @@ impl BenchArgs {
             no_epilogue_gemv: false,
             no_scaled_gemv: false,
             no_attention_early: false,
+            no_attention_fused: false,
             no_fusion: false,
             profile: false,
             seed: 0,
@@ -420,6 +426,9 @@ pub struct BenchReport {
     /// Whether decode attention read earlier steps' cache rows before its wait (off
     /// with `--no-attention-early` or `KILN_ATTN_EARLY=0`).
     pub attention_early: bool,
+    /// Whether decode attention computed q and the new K/V rows itself (off with
+    /// `--no-attention-fused` or `KILN_ATTN_FUSED=0`).
+    pub attention_fused: bool,
     /// Whether matrix-vector groups ran as one GEMV computing its x
     /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
     pub matvec_one_kernel: bool,
@@ -494,6 +503,7 @@ pub(crate) struct EngineSpec {
     pub epilogue_gemv: bool,
     pub scaled_gemv: bool,
     pub attention_early: bool,
+    pub attention_fused: bool,
     /// `None`: the engine's default.
     pub attention_long_keys: Option<usize>,
 }
@@ -655,6 +665,7 @@ mod gpu {
                 epilogue_gemv: spec.epilogue_gemv,
                 scaled_gemv: spec.scaled_gemv,
                 attention_early: spec.attention_early,
+                attention_fused: spec.attention_fused,
                 attention_long_keys: spec
                     .attention_long_keys
                     .unwrap_or(kiln_codegen::decode::ATTENTION_DECODE_LONG_KEYS),
@@ -879,6 +890,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             epilogue_gemv: !args.no_epilogue_gemv,
             scaled_gemv: !args.no_scaled_gemv,
             attention_early: !args.no_attention_early,
+            attention_fused: !args.no_attention_fused,
             attention_long_keys: args.attention_long_keys,
         };
         let t = Instant::now();
@@ -955,6 +967,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         epilogue_gemv: !args.no_epilogue_gemv && !kiln_runtime::cuda::epilogue_gemv_off_by_env(),
         scaled_gemv: !args.no_scaled_gemv && !kiln_runtime::cuda::scaled_gemv_off_by_env(),
         attention_early: !args.no_attention_early && !kiln_runtime::cuda::attention_early_off_by_env(),
+        attention_fused: !args.no_attention_fused && !kiln_runtime::cuda::attention_fused_off_by_env(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1103,7 +1116,7 @@ impl BenchReport {
         let _ = writeln!(
             s,
             "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | epilogue GEMV: {} | scaled GEMV: {} | \
-             early attention: {} | matvec groups: {} | kernels per decode step: {}",
+             early attention: {} | fused attention: {} | matvec groups: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
@@ -1111,6 +1124,7 @@ impl BenchReport {
             if self.epilogue_gemv { "on" } else { "off" },
             if self.scaled_gemv { "on" } else { "off" },
             if self.attention_early { "on" } else { "off" },
+            if self.attention_fused { "on" } else { "off" },
             if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );
@@ -1454,6 +1468,7 @@ mod tests {
             no_epilogue_gemv: true,
             no_scaled_gemv: true,
             no_attention_early: true,
+            no_attention_fused: true,
             ..BenchArgs::preset("smollm2-135m")
         };
         let backend = FakeBackend { spec: Default::default() };
@@ -1499,6 +1514,7 @@ mod tests {
         assert_eq!(v["epilogue_gemv"], false);
         assert_eq!(v["scaled_gemv"], false);
         assert_eq!(v["attention_early"], false);
+        assert_eq!(v["attention_fused"], false);
         assert!(v["machine"]["kiln_commit"].as_str().is_some_and(|c| !c.is_empty()));
         if let Ok(dir) = std::env::var("KILN_BENCH_SAMPLE_JSON") {
             // For trying tools/bench_hf.py and tools/gpu/bench.sh without a GPU.

@@ -300,7 +300,9 @@ fn horizontal_groups_compute_what_separate_launches_do() {
     for dt in [DType::F32, DType::BF16] {
         let (g, w) = setup(dt);
         let run = |graphs: bool, horizontal: bool| {
-            engine_run_with(&g, &w, &p1, 6, EngineOptions { horizontal, ..test_options(graphs) })
+            // The producers launch (not computed by attention), so their grouping shows.
+            let opts = EngineOptions { horizontal, attention_fused: false, ..test_options(graphs) };
+            engine_run_with(&g, &w, &p1, 6, opts)
         };
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {
@@ -311,6 +313,38 @@ fn horizontal_groups_compute_what_separate_launches_do() {
             }
             // Two launches fewer per decoder layer (the test model has 2 layers).
             assert_eq!(n_h + 2 * 2, n_sep, "{dt}: launches per decode step");
+        }
+    }
+}
+
+/// Decode attention that computes its producers (a layer's RoPE of q and its k / v
+/// appends: `attention_decode_fused`) skips their launch, one per decoder layer (2 on the
+/// test model), and computes the same bits as the producers' own kernels: logits and
+/// tokens equal the unfused run's in f32 and bf16, graph and eager, for a short prompt
+/// (its prefill takes the split-K kernel, fused too) and a long one (the prefill kernel,
+/// with the producers launched, then fused decode steps), and match the CPU executor.
+#[test]
+fn fused_attention_skips_the_producers_and_computes_the_same_bits() {
+    if !gpu() {
+        return;
+    }
+    for dt in [DType::F32, DType::BF16] {
+        let (g, w) = setup(dt);
+        for prompt in [test_prompt(5), test_prompt(21)] {
+            let run = |graphs: bool, attention_fused: bool| {
+                engine_run_with(&g, &w, &prompt, 8, EngineOptions { attention_fused, ..test_options(graphs) })
+            };
+            let (l_sep, t_sep, n_sep) = run(true, false);
+            for graphs in [true, false] {
+                let (l_f, t_f, n_f) = run(graphs, true);
+                assert_eq!(n_f + 2, n_sep, "{dt}: launches per decode step (graphs: {graphs})");
+                assert_eq!(t_f, t_sep, "{dt}: tokens (graphs: {graphs}, prompt {})", prompt.len());
+                for (i, (a, b)) in l_f.iter().zip(&l_sep).enumerate() {
+                    assert_eq!(a, b, "{dt}: step {i}: fused attention computes the same bits (graphs: {graphs})");
+                }
+            }
+            let tol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
+            compare_with_cpu(&g, &w, &prompt, &l_sep, &t_sep, &format!("attn_fused_{}", dt.name()), tol);
         }
     }
 }

@@ -404,6 +404,155 @@ pub fn attention_decode_tiled(
     keys: &Dim,
     syms: &[Sym],
 ) -> Result<Kernel, CodegenError> {
+    attention_decode_render(d, group, tile, keys, syms, None)
+}
+
+/// The producers of a decode attention's operands that [`attention_decode_fused`]
+/// computes itself (see [`attention_producers`]): q's fused elementwise group (RoPE)
+/// and the fused groups appending the new K and V rows to the caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionProducers {
+    pub q: kiln_graph::NodeId,
+    pub k: kiln_graph::NodeId,
+    pub v: kiln_graph::NodeId,
+}
+
+/// Whether attention node `n` of `g` can compute its operands' producers itself
+/// ([`attention_decode_fused`]), and which they are: q must be the only output of a
+/// fused elementwise group that nothing else reads (no graph output either), k and v
+/// the outputs of fused cache appends ([`crate::fused_append`], elementwise new rows)
+/// that only this attention reads; q `[b, s, h, d]` and the new rows `[b, s, kh, d]`
+/// of the attention's dtype. The one rule for the CUDA engine, the plan's launch list
+/// and the viewer. Errors say which condition fails.
+pub fn attention_producers(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Result<AttentionProducers, CodegenError> {
+    use kiln_ops::{FusedKind, Op};
+    fn bad<T>(m: String) -> Result<T, CodegenError> {
+        Err(CodegenError(format!("attention_producers: {m}")))
+    }
+    if !matches!(g.node(n).op, Op::Attention(_)) {
+        return bad("not an attention node".into());
+    }
+    let ops = g.operands(n);
+    let [q, k, v] = ops[..] else { return bad("attention takes q, k, v".into()) };
+    let dtype = g.value_type(q).dtype;
+    let only_this = |x: kiln_graph::Value, what: &str| -> Result<(), CodegenError> {
+        if g.users(x.node).iter().any(|&(u, _)| u != n) {
+            return bad(format!("{what} (%{}) is read by another node", x.node.index()));
+        }
+        Ok(())
+    };
+    // q: a fused elementwise group of one output, read by this attention only.
+    let Op::Fused(qb) = &g.node(q.node).op else { return bad("q is not computed by a fused group".into()) };
+    if qb.outputs.len() != 1 || !matches!(qb.kind(), Ok(FusedKind::Elementwise { .. })) {
+        return bad("q's group is not elementwise with one output".into());
+    }
+    only_this(q, "q")?;
+    if g.outputs().values().any(|o| *o == q) {
+        return bad("q is a graph output".into());
+    }
+    // k, v: fused appends whose new rows are elementwise, read by this attention only.
+    for (x, what) in [(k, "k"), (v, "v")] {
+        let Op::Fused(b) = &g.node(x.node).op else { return bad(format!("{what} is not a fused cache append")) };
+        let Some(app) = crate::fused::fused_append(b) else {
+            return bad(format!("{what} is not a fused cache append"));
+        };
+        let new = new_rows(b, app.new);
+        if !matches!(new.kind(), Ok(FusedKind::Elementwise { .. })) {
+            return bad(format!("{what}'s new rows are not elementwise"));
+        }
+        let t = b.ty(app.new).expect("a checked body");
+        if t.shape.rank() != 4 || t.dtype != dtype {
+            return bad(format!("{what}'s new rows are {t}, not [batch, seq, kv_heads, dim] of {dtype}"));
+        }
+        only_this(x, what)?;
+    }
+    let qt = g.value_type(q);
+    if qt.shape.rank() != 4 {
+        return bad(format!("q is {qt}, not [batch, seq, heads, dim]"));
+    }
+    if g.value_type(k).dtype != dtype || g.value_type(v).dtype != dtype {
+        return bad("q, k and v differ in dtype".into());
+    }
+    Ok(AttentionProducers { q: q.node, k: k.node, v: v.node })
+}
+
+/// The body computing only an append's new rows.
+fn new_rows(b: &kiln_ops::FusedBody, new: kiln_ops::FusedRef) -> kiln_ops::FusedBody {
+    kiln_ops::FusedBody { inputs: b.inputs.clone(), nodes: b.nodes.clone(), outputs: vec![new] }
+}
+
+/// [`attention_decode_tiled`] that computes its operands' producers itself (see
+/// [`attention_producers`]): `q` (q's fused elementwise group), `k` and `v` (the fused
+/// cache appends). Every block computes its tile's q and the launch's own K/V rows
+/// (positions `t - seq ..`) of its chunk from the producers' inputs, exactly as their
+/// kernels would (roundings included), instead of reading them from memory; the
+/// blocks of query tile 0 also write those rows into the caches, so the producers'
+/// launches are not needed (the engine skips them).
+///
+/// Parameters: those of [`attention_decode`], with `in0 …` the inputs of `q`'s body,
+/// then `k`'s, then `v`'s (the appends' `past` inputs are the caches, read and written
+/// through `k_batch_stride` / `v_batch_stride` as in [`attention_decode`]) in place of
+/// q and the two caches. Launch as [`attention_decode_tiled`] of the same tile.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_decode_fused(
+    d: DType,
+    group: usize,
+    tile: usize,
+    keys: &Dim,
+    syms: &[Sym],
+    q: &kiln_ops::FusedBody,
+    k: &kiln_ops::FusedBody,
+    v: &kiln_ops::FusedBody,
+) -> Result<Kernel, CodegenError> {
+    let bad = |m: String| Err(CodegenError(format!("attention_decode_fused: {m}")));
+    let (Some(ka), Some(va)) = (crate::fused::fused_append(k), crate::fused::fused_append(v)) else {
+        return bad("k and v must be fused cache appends".into());
+    };
+    let [qr] = q.outputs[..] else { return bad("q's group must have one output".into()) };
+    let (nq, nk, nv) = (q.inputs.len(), k.inputs.len(), v.inputs.len());
+    if nq + nk + nv > u8::MAX as usize {
+        return bad(format!("{} producer inputs (at most 255)", nq + nk + nv));
+    }
+    let mut inputs = Vec::new();
+    for (b, base) in [(q, 0), (k, nq), (v, nq + nk)] {
+        for (i, t) in b.inputs.iter().enumerate() {
+            let st = table::storage_type(t.dtype)
+                .ok_or_else(|| CodegenError(format!("attention_decode_fused: input dtype {} unsupported", t.dtype)))?;
+            inputs.push((Role::In((base + i) as u8), ParamTy::const_ptr(st)));
+        }
+    }
+    let coord = ["fq0", "fq1", "fq2", "fq3"];
+    let code = [
+        crate::fused::value_block(q, qr, &coord, syms, 0, "fv")?,
+        crate::fused::value_block(k, ka.new, &coord, syms, nq as u8, "fv")?,
+        crate::fused::value_block(v, va.new, &coord, syms, (nq + nk) as u8, "fv")?,
+    ];
+    let fused = FusedParts {
+        inputs,
+        k_cache: Role::In((nq + ka.past_input) as u8).c_name(),
+        v_cache: Role::In((nq + nk + va.past_input) as u8).c_name(),
+        code,
+    };
+    attention_decode_render(d, group, tile, keys, syms, Some(fused))
+}
+
+/// What [`attention_decode_fused`] adds to the kernel: the producers' input parameters,
+/// the cache parameters' names and the value blocks of q, the new K and V rows.
+struct FusedParts {
+    inputs: Vec<(Role, ParamTy)>,
+    k_cache: String,
+    v_cache: String,
+    code: [String; 3],
+}
+
+fn attention_decode_render(
+    d: DType,
+    group: usize,
+    tile: usize,
+    keys: &Dim,
+    syms: &[Sym],
+    fused: Option<FusedParts>,
+) -> Result<Kernel, CodegenError> {
     let s = float_storage(d, "attention_decode")?;
     if group == 0 {
         return Err(CodegenError("attention_decode: a GQA group of 0 query heads per kv head".into()));
@@ -422,26 +571,36 @@ pub fn attention_decode_tiled(
     let small = tile <= 4;
     let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1) * if small { 2 } else { 1 };
     let warps = if small { 2 * ATTENTION_DECODE_WARPS } else { ATTENTION_DECODE_WARPS };
-    let sig = KernelSig::new(
-        format!("kiln_attn_decode_{}_q{tile}_{}", d.name(), stable_hash_hex(&keys_c)),
-        cache_attention_params(s, true),
-    );
-    let template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{FLASH_DECODE}");
-    let mut k = render(
-        sig,
-        &template,
-        &[
-            ("KILN_T", s.to_string()),
-            ("KILN_VEC", vec.to_string()),
-            ("AD_NVL", nvl.to_string()),
-            ("AD_WARPS", warps.to_string()),
-            ("AD_QT", tile.to_string()),
-            ("AD_MIN_CHUNK", ATTENTION_DECODE_MIN_CHUNK.to_string()),
-            ("AD_STAGE", ATTENTION_DECODE_STAGE_BYTES.to_string()),
-            ("KILN_KEYS", keys_c),
-        ],
-        Grid::BlockPerItem { threads: 32 * warps as u32 },
-    );
+    let mut params = cache_attention_params(s, true);
+    let mut template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{FLASH_DECODE}");
+    let mut defines = vec![
+        ("KILN_T", s.to_string()),
+        ("KILN_VEC", vec.to_string()),
+        ("AD_NVL", nvl.to_string()),
+        ("AD_WARPS", warps.to_string()),
+        ("AD_QT", tile.to_string()),
+        ("AD_MIN_CHUNK", ATTENTION_DECODE_MIN_CHUNK.to_string()),
+        ("AD_STAGE", ATTENTION_DECODE_STAGE_BYTES.to_string()),
+        ("KILN_KEYS", keys_c.clone()),
+    ];
+    let name = match fused {
+        None => format!("kiln_attn_decode_{}_q{tile}_{}", d.name(), stable_hash_hex(&keys_c)),
+        Some(f) => {
+            // The producers' inputs replace q and the caches.
+            let at = params.iter().position(|(r, _)| *r == Role::In(0)).expect("attention params take q");
+            params.splice(at..at + 3, f.inputs);
+            defines.extend([("AD_FUSED", "1".to_string()), ("AD_KC", f.k_cache), ("AD_VC", f.v_cache)]);
+            let indent = |c: &str, n: usize| c.replace('\n', &format!("\n{}", " ".repeat(n)));
+            template = template
+                .replace("KILN_FUSED_Q", &indent(&f.code[0], 12))
+                .replace("KILN_FUSED_K", &indent(&f.code[1], 16))
+                .replace("KILN_FUSED_V", &indent(&f.code[2], 16));
+            let code = f.code.join("\n");
+            format!("kiln_attn_decode_fused_{}_q{tile}_{}", d.name(), stable_hash_hex(&format!("{keys_c}\n{code}")))
+        }
+    };
+    let sig = KernelSig::new(name, params);
+    let mut k = render(sig, &template, &defines, Grid::BlockPerItem { threads: 32 * warps as u32 });
     k.dynamic_smem = 2 * ATTENTION_DECODE_STAGE_BYTES as u32;
     Ok(k)
 }

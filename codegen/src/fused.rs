@@ -164,6 +164,37 @@ pub fn fused_append_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, Cod
     Ok(render_hashed("kiln_fused_append", params, &template, &[], Grid::Elementwise { threads: ELEMENTWISE_THREADS }))
 }
 
+/// A C block computing value `r` of `body` at the coordinate whose components are the
+/// i64 C expressions `coord` (in `r`'s shape), assigned to the float (or compute-type)
+/// local `result`, which the caller declares. Body input `i` is read from the
+/// parameter `in{i + in_base}`; the block declares the symbolic dims it needs from
+/// `syms` itself, so several blocks can sit in one kernel (the value is computed
+/// exactly as the body's own kernels compute it, roundings included). For a kernel
+/// that computes a producer's values where it needs them
+/// ([`crate::decode::attention_decode_fused`]).
+pub(crate) fn value_block(
+    body: &FusedBody,
+    r: FusedRef,
+    coord: &[&str],
+    syms: &[Sym],
+    in_base: u8,
+    result: &str,
+) -> Result<String, CodegenError> {
+    body.check().map_err(|e| CodegenError(format!("fused producer: {e}")))?;
+    let rank = body.ty(r).ok_or_else(|| CodegenError("fused producer: no such body value".into()))?.shape.rank();
+    if coord.len() != rank {
+        return err(format!("fused producer: a coordinate of {} components for a value of rank {rank}", coord.len()));
+    }
+    let mut g = Gen::new(body, syms);
+    g.in_base = in_base;
+    g.indent = 1;
+    let coord: Vec<String> = coord.iter().map(|c| c.to_string()).collect();
+    let v = g.value(r, &coord)?;
+    g.line(format!("{result} = {v};"));
+    let decls = g.dim_decls()?;
+    Ok(format!("{{\n{decls}{}}}", g.lines))
+}
+
 /// Work items of a [`fused_append_kernel`] launch: the elements of the new rows.
 pub fn fused_append_items(body: &FusedBody, b: &Bindings) -> Result<usize, CodegenError> {
     let app = fused_append(body).ok_or_else(|| CodegenError("fused append: not an append body".into()))?;

@@ -238,3 +238,98 @@ fn gemv_one_row_kernels_size_their_accumulators() {
         assert!(e.contains("rows of x"), "{e}");
     }
 }
+
+/// One attention layer as the models trace it (qkv split, RoPE of q and k, the k / v
+/// cache appends, causal GQA attention: 6 query heads over 2 kv heads of 64), through
+/// the default pass pipeline.
+fn attention_layer(dtype: DType) -> kiln_graph::Graph {
+    use kiln_graph::{TensorExt, Tracer};
+    let (b, s, p) = (Dim::sym("batch"), Dim::sym("seq"), Dim::sym("past"));
+    let (h, kh, d) = (6usize, 2usize, 64usize);
+    let tr = Tracer::new();
+    let qkv = tr.input("qkv", dtype, [b.clone(), s.clone(), Dim::fixed((h + 2 * kh) * d)]).unwrap();
+    let cos = tr.input("cos", dtype, [s.clone(), Dim::fixed(d)]).unwrap();
+    let sin = tr.input("sin", dtype, [s.clone(), Dim::fixed(d)]).unwrap();
+    let cache = [b.clone(), p.clone(), Dim::fixed(kh), Dim::fixed(d)];
+    let pk = tr.input("past.k", dtype, cache.clone()).unwrap();
+    let pv = tr.input("past.v", dtype, cache).unwrap();
+    let heads = |t, n: usize| -> kiln_graph::Tensor<'_> {
+        kiln_graph::Tensor::reshape(t, [b.clone(), s.clone(), Dim::fixed(n), Dim::fixed(d)]).unwrap()
+    };
+    let q = heads(qkv.slice(-1, 0, h * d).unwrap(), h).rope(cos, sin).unwrap();
+    let k = heads(qkv.slice(-1, h * d, (h + kh) * d).unwrap(), kh).rope(cos, sin).unwrap();
+    let v = heads(qkv.slice(-1, (h + kh) * d, (h + 2 * kh) * d).unwrap(), kh);
+    let (k, v) = (pk.concat(&[k], 1).unwrap(), pv.concat(&[v], 1).unwrap());
+    let y = q.attention(k, v, kiln_ops::Mask::Causal, 0.125).unwrap();
+    tr.output("y", y).unwrap();
+    tr.output("present.k", k).unwrap();
+    tr.output("present.v", v).unwrap();
+    let g = tr.finish().unwrap();
+    kiln_passes::default_pipeline().run(g).unwrap().graph
+}
+
+/// Decode attention that computes its producers: the rule finds the RoPE group of q and
+/// the two fused appends, the kernel takes their inputs in place of q and the caches
+/// (the appends' `past` inputs are the caches), carries the producers' code (RoPE's
+/// rotate-half reads of qkv) and compiles; a tile of one head renders too, and a graph
+/// whose q is read elsewhere is refused by name.
+#[test]
+fn fused_decode_attention_takes_the_producers_inputs() {
+    use kiln_ops::Op;
+    let g = attention_layer(DType::BF16);
+    let syms = kiln_codegen::symbols::graph_symbols(&g);
+    let attn = g.topo_order().into_iter().find(|&n| matches!(g.node(n).op, Op::Attention(_))).unwrap();
+    let p = attention_producers(&g, attn).unwrap();
+    let body = |n| match &g.node(n).op {
+        Op::Fused(b) => (**b).clone(),
+        other => panic!("a producer is {}", other.name()),
+    };
+    let (q, k, v) = (body(p.q), body(p.k), body(p.v));
+    let keys = g.value_type(g.operands(attn)[1]).shape.dims()[1].clone();
+    let kern = attention_decode_fused(DType::BF16, 3, 3, &keys, &syms, &q, &k, &v).unwrap();
+    let plain = attention_decode(DType::BF16, 3, &keys, &syms).unwrap();
+    let (nq, nk, nv) = (q.inputs.len(), k.inputs.len(), v.inputs.len());
+    let r = roles(&kern);
+    let pr = roles(&plain);
+    // The producers' inputs replace q, k, v; the rest of the list is the plain kernel's.
+    assert_eq!(r.len(), pr.len() - 3 + nq + nk + nv);
+    assert_eq!(&r[..4], &pr[..4]);
+    assert_eq!(&r[4 + nq + nk + nv..], &pr[7..]);
+    assert!(r[4..4 + nq + nk + nv].iter().enumerate().all(|(i, x)| *x == Role::In(i as u8)));
+    let kpast = kiln_codegen::fused_append(&k).unwrap().past_input;
+    let vpast = kiln_codegen::fused_append(&v).unwrap().past_input;
+    assert!(kern.source.contains(&format!("#define AD_KC in{}", nq + kpast)), "{}", kern.source);
+    assert!(kern.source.contains(&format!("#define AD_VC in{}", nq + nk + vpast)));
+    assert!(kern.source.contains("#define AD_FUSED 1") && !kern.source.contains("KILN_FUSED_Q"));
+    assert!(!plain.source.contains("#define AD_FUSED"));
+    assert_ne!(kern.sig.name, plain.sig.name);
+    assert_eq!(kern.dynamic_smem, plain.dynamic_smem);
+    let single = attention_decode_fused(DType::BF16, 3, 1, &keys, &syms, &q, &k, &v).unwrap();
+    assert_ne!(single.sig.name, kern.sig.name);
+    // Deterministic: the same graph renders the same kernel.
+    let again = attention_decode_fused(DType::BF16, 3, 3, &keys, &syms, &q, &k, &v).unwrap();
+    assert_eq!(again.source, kern.source);
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let f32_graph = attention_layer(DType::F32);
+        let f32_attn =
+            f32_graph.topo_order().into_iter().find(|&n| matches!(f32_graph.node(n).op, Op::Attention(_))).unwrap();
+        let p32 = attention_producers(&f32_graph, f32_attn).unwrap();
+        let b32 = |n| match &f32_graph.node(n).op {
+            Op::Fused(b) => (**b).clone(),
+            _ => unreachable!(),
+        };
+        let s32 = kiln_codegen::symbols::graph_symbols(&f32_graph);
+        let k32 = attention_decode_fused(DType::F32, 3, 3, &keys, &s32, &b32(p32.q), &b32(p32.k), &b32(p32.v)).unwrap();
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&kern, &single, &plain, &k32]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+    // Not an attention node; attention whose q is also a graph output.
+    let e = attention_producers(&g, p.q).unwrap_err().0;
+    assert!(e.contains("not an attention node"), "{e}");
+    let mut g2 = g.clone();
+    g2.set_output("q", kiln_graph::Value::new(p.q, 0)).unwrap();
+    let e = attention_producers(&g2, attn).unwrap_err().0;
+    assert!(e.contains("q") && e.contains("graph output"), "{e}");
+}

@@ -513,6 +513,16 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         Err(e) => format!("unsupported: {}", e.0),
     };
     let mut out = Vec::new();
+    // Producers that a fused decode attention computes itself (the engine's rule,
+    // `attention_producers`): producer → its attention.
+    let mut absorbed: HashMap<NodeId, NodeId> = HashMap::new();
+    for n in graph.topo_order() {
+        if let Ok(p) = decode::attention_producers(graph, n) {
+            for m in [p.q, p.k, p.v] {
+                absorbed.insert(m, n);
+            }
+        }
+    }
     // Horizontal fusion candidates: (node, kind, its kernel, its launch's index).
     let mut hsteps: Vec<(NodeId, HStep)> = Vec::new();
     let mut hparts: Vec<Option<(kiln_codegen::Kernel, usize)>> = Vec::new();
@@ -573,11 +583,29 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     let heads = |t: &kiln_ops::TensorType| t.shape.dims()[2].as_fixed().unwrap_or(0);
                     let group = heads(qt).checked_div(heads(kt)).unwrap_or(0);
                     let keys = &kt.shape.dims()[1];
+                    let fused = decode::attention_producers(graph, n).ok().and_then(|p| {
+                        let body = |m: NodeId| match &graph.node(m).op {
+                            Op::Fused(b) => Some(b),
+                            _ => None,
+                        };
+                        let tile = decode::attention_decode_query_tile(group);
+                        let (q, k, v) = (body(p.q)?, body(p.k)?, body(p.v)?);
+                        let f = decode::attention_decode_fused(kt.dtype, group, tile, keys, &syms, q, k, v).ok()?;
+                        Some(format!(
+                            "{} (computes q and the new K/V rows itself: %{}, %{}, %{} launch nothing) whenever the \
+                             split-K kernel runs; else ",
+                            f.sig.name,
+                            p.q.index(),
+                            p.k.index(),
+                            p.v.index()
+                        ))
+                    });
+                    let fused = fused.unwrap_or_default();
                     match decode::attention_decode(kt.dtype, group, keys, &syms) {
                         Ok(k) if decode::attention_decode_query_tile(group) > 1 => {
                             match decode::attention_decode_tiled(kt.dtype, group, 1, keys, &syms) {
                                 Ok(k1) => format!(
-                                    "{}, or {} below {} blocks per split",
+                                    "{fused}{}, or {} below {} blocks per split",
                                     k.sig.name,
                                     k1.sig.name,
                                     decode::ATTENTION_DECODE_MIN_BLOCKS
@@ -585,7 +613,7 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                                 Err(e) => format!("unsupported: {}", e.0),
                             }
                         }
-                        Ok(k) => k.sig.name,
+                        Ok(k) => format!("{fused}{}", k.sig.name),
                         Err(e) => format!("unsupported: {}", e.0),
                     }
                 }
@@ -595,6 +623,10 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     Err(e) => format!("unsupported: {}", e.0),
                 },
             }
+        };
+        let kernel = match absorbed.get(&n) {
+            Some(a) => format!("{kernel} (launches nothing where attention %{} computes it: split-K)", a.index()),
+            None => kernel,
         };
         out.push(Launch {
             node: n.index(),

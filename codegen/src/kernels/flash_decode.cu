@@ -51,6 +51,14 @@
 // rows, and the symbol table, were written by earlier replays of the step (a CUDA graph
 // launch starts after the previous one completed), so they may be read before the wait,
 // while the previous kernel runs. After the wait: the launch's own rows, q, the rest.
+// AD_FUSED (attention_decode_fused in decode.rs): q and the launch's own K/V rows come
+// from their producers (fused elementwise groups: RoPE, the cache appends) instead of
+// memory. Every block computes its tile's q (the value block of q's group: `fv` at
+// (fq0, fq1, fq2, fq3) = (batch, row, head, element)) into shared memory, and the
+// launch's own rows [t - seq, t) of its chunk (the appends' value blocks, at (batch,
+// row - (t - seq), kv head, element)) straight into its stage; the blocks of query tile 0 also store those
+// rows into the caches (AD_KC, AD_VC: the appends' `past` inputs), which no block of
+// the launch reads them from. The producers' kernels are not launched.
 #define AD_MAXD 256
 #define AD_LOG2E 1.4426950408889634f
 #define AD_NEG (-1.0e30f)
@@ -94,6 +102,11 @@ __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const 
         }
     }
 }
+
+#ifndef AD_FUSED
+#define AD_KC in1
+#define AD_VC in2
+#endif
 
 KILN_SIGNATURE {
     extern __shared__ kiln_u4 s_dyn[];  // 2 · AD_STAGE bytes: the launch's dynamic shared memory
@@ -151,43 +164,98 @@ KILN_SIGNATURE {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int g = lane / lpk, li = lane - g * lpk;
     const float scale2 = scale * AD_LOG2E;
-    const bool qvec = head_dim % KILN_VEC == 0 && (((unsigned long long)in0) & 15ull) == 0;
+#ifdef AD_FUSED
+    __shared__ __align__(16) KILN_T s_q[AD_QT * AD_MAXD];
+    const KILN_T* qbase = s_q;
+#else
+    const KILN_T* qbase = in0 + row0 * head_dim;
+#endif
+    const bool qvec = head_dim % KILN_VEC == 0 && (((unsigned long long)qbase) & 15ull) == 0;
 
     const bool vec = head_dim % KILN_VEC == 0 && value_dim % KILN_VEC == 0 && k_batch_stride % KILN_VEC == 0 &&
                      v_batch_stride % KILN_VEC == 0 &&
-                     ((((unsigned long long)in1) | ((unsigned long long)in2)) & 15ull) == 0;
+                     ((((unsigned long long)AD_KC) | ((unsigned long long)AD_VC)) & 15ull) == 0;
     const int dp = (d + KILN_VEC - 1) / KILN_VEC * KILN_VEC, dvp = (dv + KILN_VEC - 1) / KILN_VEC * KILN_VEC;
     const int kt = AD_STAGE / ((dp + dvp) * (int)sizeof(KILN_T));
-    const KILN_T* kbase = in1 + bi * k_batch_stride + kvh * head_dim;
-    const KILN_T* vbase = in2 + bi * v_batch_stride + kvh * value_dim;
+    const KILN_T* kbase = AD_KC + bi * k_batch_stride + kvh * head_dim;
+    const KILN_T* vbase = AD_VC + bi * v_batch_stride + kvh * value_dim;
     const int ntk = (c1 - c0 + kt - 1) / kt;
+    const int tnew = t - sq;  // the launch's own rows: [tnew, t)
+#ifdef AD_FUSED
+    // Rows [j0, j1) (the launch's own) of the stage whose first row is sj0, computed by
+    // their producers; query tile 0 also writes them to the caches.
+    auto ad_new_rows = [&](KILN_T* sk, int sj0, int j0, int j1) {
+        KILN_T* sv = sk + kt * dp;
+        const bool writer = tile == 0;
+        for (int idx = threadIdx.x; idx < (j1 - j0) * dp; idx += blockDim.x) {
+            const int r = idx / dp, e = idx - r * dp, j = j0 + r;
+            float fv = 0.0f;
+            if (e < d) {
+                const i64 fq0 = bi, fq1 = j - tnew, fq2 = kvh, fq3 = e;
+                KILN_FUSED_K
+                if (writer) kiln_st((KILN_T*)AD_KC, bi * k_batch_stride + ((i64)j * kv_heads + kvh) * d + e, fv);
+            }
+            kiln_st(sk, (i64)(j - sj0) * dp + e, fv);
+        }
+        for (int idx = threadIdx.x; idx < (j1 - j0) * dv; idx += blockDim.x) {
+            const int r = idx / dv, e = idx - r * dv, j = j0 + r;
+            float fv;
+            {
+                const i64 fq0 = bi, fq1 = j - tnew, fq2 = kvh, fq3 = e;
+                KILN_FUSED_V
+            }
+            if (writer) kiln_st((KILN_T*)AD_VC, bi * v_batch_stride + ((i64)j * kv_heads + kvh) * dv + e, fv);
+            kiln_st(sv, (i64)(j - sj0) * dvp + e, fv);
+        }
+    };
+#endif
 
     if (ntk > 0) {
         const int s1 = c0 + kt < c1 ? c0 + kt : c1;
         // Before the wait (early): the stage's rows before the launch's own.
-        const int tnew = t - sq, o1 = early ? (tnew < c0 ? c0 : (tnew < s1 ? tnew : s1)) : c0;
+        const int o1 = early ? (tnew < c0 ? c0 : (tnew < s1 ? tnew : s1)) : c0;
         if (early) {
             ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, o1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
             kiln_grid_wait();
         }
+#ifdef AD_FUSED
+        const int o2 = tnew < o1 ? o1 : (tnew < s1 ? tnew : s1);  // the cached rows end here
+        ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, o2, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
+        kiln_cp_commit();
+        ad_new_rows((KILN_T*)s_kv[0], c0, o2, s1);
+#else
         ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, s1, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
         kiln_cp_commit();
+#endif
     } else if (early) {
         kiln_grid_wait();
     }
+#ifdef AD_FUSED
+    // The tile's q rows, computed by their producer.
+    for (int idx = threadIdx.x; idx < AD_QT * d; idx += blockDim.x) {
+        const int a = idx / d, e = idx - a * d;
+        float fv;
+        {
+            const i64 fq0 = bi, fq1 = qi, fq2 = (i64)kvh * group + hh0 + a, fq3 = e;
+            KILN_FUSED_Q
+        }
+        kiln_st(s_q, (i64)a * head_dim + e, fv);
+    }
+    __syncthreads();
+#endif
 
     // Queries of the tile: q (pre-scaled), softmax state.
     float qr[AD_QT][AD_NVL][KILN_VEC], acc[AD_QT][AD_NVL][KILN_VEC], mx[AD_QT], sm[AD_QT];
 #pragma unroll
     for (int a = 0; a < AD_QT; ++a) {
-        const KILN_T* qp = in0 + (row0 + a) * head_dim;
+        const KILN_T* qp = qbase + a * head_dim;
         mx[a] = AD_NEG;
         sm[a] = 0.0f;
 #pragma unroll
         for (int u = 0; u < AD_NVL; ++u) {
             const int vi = li + u * lpk;
             if (qvec && vi * KILN_VEC < d) {
-                kiln_unpack(((const kiln_u4*)qp)[vi], qr[a][u], in0);
+                kiln_unpack(((const kiln_u4*)qp)[vi], qr[a][u], qbase);
             } else {
 #pragma unroll
                 for (int j = 0; j < KILN_VEC; ++j) {
@@ -207,8 +275,15 @@ KILN_SIGNATURE {
         const int j0 = c0 + tt * kt;
         if (tt + 1 < ntk) {
             const int n0 = j0 + kt, n1 = n0 + kt < c1 ? n0 + kt : c1;
+#ifdef AD_FUSED
+            const int m = tnew < n0 ? n0 : (tnew < n1 ? tnew : n1);
+            ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, m, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+            kiln_cp_commit();
+            ad_new_rows((KILN_T*)s_kv[(tt + 1) & 1], n0, m, n1);
+#else
             ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
             kiln_cp_commit();
+#endif
             kiln_cp_wait_all_but_one();
         } else {
             kiln_cp_wait_all();

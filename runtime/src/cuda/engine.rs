@@ -83,6 +83,12 @@ pub struct EngineOptions {
     /// SmolLM2 1,724 → 1,845 / 6,401 → 6,644 tok/s, the Llama-3.2-1B shape 1,056 →
     /// 1,045 / 3,101 → 3,156.
     pub attention_early: bool,
+    /// Let decode attention compute its operands' producers itself where
+    /// `kiln_codegen::decode::attention_producers` allows it (a layer's RoPE of q and its
+    /// K / V cache appends: `attention_decode_fused`), so their launch is skipped
+    /// whenever the split-K kernel runs (decode, short prompts). Off (`false`, or
+    /// `KILN_ATTN_FUSED=0` in the environment): the producers' own launch: a same-run A/B.
+    pub attention_fused: bool,
     /// Keys (past + new positions) above which decode attention takes whole GQA groups
     /// per block rather than one query head per block
     /// ([`decode::ATTENTION_DECODE_LONG_KEYS`] by default). A decode step is captured as
@@ -104,6 +110,7 @@ impl Default for EngineOptions {
             epilogue_gemv: true,
             scaled_gemv: true,
             attention_early: true,
+            attention_fused: true,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
         }
     }
@@ -179,7 +186,19 @@ enum Run {
     /// (decode), the tensor-core prefill kernel (when the dtype and head dim allow it)
     /// for more. `single`: the split-K kernel with query tiles of one head, when the
     /// default tile is larger (picked per launch by `decode::attention_decode_pick_tile`).
-    Attention { kernel: usize, single: Option<usize>, prefill: Option<usize> },
+    /// `fused`: the kernels that also compute q and the new K/V rows (see
+    /// [`FusedAttention`]), used whenever the split-K kernel runs.
+    Attention { kernel: usize, single: Option<usize>, prefill: Option<usize>, fused: Option<Box<FusedAttention>> },
+}
+
+/// Decode attention that computes its operands' producers itself
+/// (`kiln_codegen::decode::attention_decode_fused`): `kernel` / `single` as for
+/// `Run::Attention`, `producers` the q group and the K / V appends, whose steps are
+/// skipped (see [`Step::absorbed`]) whenever this attention runs the split-K kernel.
+struct FusedAttention {
+    kernel: usize,
+    single: Option<usize>,
+    producers: decode::AttentionProducers,
 }
 
 /// The epilogue of a matrix-vector group (`kiln_ops::Epilogue`): for one row of x, when
@@ -224,6 +243,9 @@ struct Step {
     run: Run,
     /// Part `.1` of horizontal group `.0` (see [`HGroup`]), if the step is in one.
     group: Option<(usize, usize)>,
+    /// The attention step that computes this step's output itself when it runs the
+    /// split-K kernel (see [`FusedAttention`]): then this step launches nothing.
+    absorbed: Option<usize>,
 }
 
 /// Consecutive steps (fused elementwise kernels and fused cache appends, none reading
@@ -339,6 +361,13 @@ pub fn attention_early_off_by_env() -> bool {
     std::env::var("KILN_ATTN_EARLY").is_ok_and(|v| v == "0")
 }
 
+/// `KILN_ATTN_FUSED=0` in the environment: decode attention reads q and the caches
+/// from memory, written by their producers' own launch, whatever
+/// [`EngineOptions::attention_fused`] says.
+pub fn attention_fused_off_by_env() -> bool {
+    std::env::var("KILN_ATTN_FUSED").is_ok_and(|v| v == "0")
+}
+
 /// `KILN_HFUSE=0` in the environment: no horizontal fusion, whatever
 /// [`EngineOptions::horizontal`] says.
 pub fn horizontal_off_by_env() -> bool {
@@ -376,6 +405,30 @@ fn scaled_run(
         _ => None,
     };
     Some(Box::new(ScaledRun { plain: (add_kernel(plain), cfg), epi, epi_one_wave: false }))
+}
+
+/// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads, `keys`
+/// the key count), when `kiln_codegen::decode::attention_producers` allows it and its
+/// kernels render; `None` otherwise (the producers launch, attention reads memory).
+fn fused_attention(
+    graph: &Graph,
+    n: NodeId,
+    dtype: DType,
+    group: usize,
+    keys: &kiln_ops::Dim,
+    syms: &[kiln_ops::Sym],
+    add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
+) -> Option<Box<FusedAttention>> {
+    let producers = decode::attention_producers(graph, n).ok()?;
+    let body = |m: NodeId| match &graph.node(m).op {
+        Op::Fused(b) => Some(b),
+        _ => None,
+    };
+    let (q, k, v) = (body(producers.q)?, body(producers.k)?, body(producers.v)?);
+    let render = |tile: usize| decode::attention_decode_fused(dtype, group, tile, keys, syms, q, k, v);
+    let kernel = render(decode::attention_decode_query_tile(group)).ok()?;
+    let single = if decode::attention_decode_query_tile(group) > 1 { Some(render(1).ok()?) } else { None };
+    Some(Box::new(FusedAttention { kernel: add_kernel(kernel), single: single.map(&mut *add_kernel), producers }))
 }
 
 fn contract(msg: String) -> CudaError {
@@ -702,7 +755,17 @@ impl CudaEngine {
                             let prefill = prefill::attention_prefill_check(kt.dtype, h, kh, d, dv)
                                 .and_then(|_| prefill::attention_prefill(kt.dtype, d, &keys, &syms))
                                 .ok();
-                            Run::Attention { kernel: add_kernel(k), single, prefill: prefill.map(&mut add_kernel) }
+                            let fused = if opts.attention_fused && !attention_fused_off_by_env() {
+                                fused_attention(&graph, n, kt.dtype, group, &keys, &syms, &mut add_kernel)
+                            } else {
+                                None
+                            };
+                            Run::Attention {
+                                kernel: add_kernel(k),
+                                single,
+                                prefill: prefill.map(&mut add_kernel),
+                                fused,
+                            }
                         } else {
                             match kernels::lower_node(&graph, n).map_err(|e| unsupported(e.0))? {
                                 NodeLowering::Kernel(k) => Run::Kernel(add_kernel(k)),
@@ -719,7 +782,19 @@ impl CudaEngine {
             for i in 0..node.outputs.len() {
                 locs.entry(Value::new(n, i as u8)).or_insert(Loc::Arena);
             }
-            steps.push(Step { node: n, run, group: None });
+            steps.push(Step { node: n, run, group: None, absorbed: None });
+        }
+        // The producers that fused decode attention computes itself.
+        let at: HashMap<NodeId, usize> = steps.iter().enumerate().map(|(i, s)| (s.node, i)).collect();
+        for a in 0..steps.len() {
+            if let Run::Attention { fused: Some(f), .. } = &steps[a].run {
+                let p = f.producers;
+                for n in [p.q, p.k, p.v] {
+                    if let Some(&j) = at.get(&n) {
+                        steps[j].absorbed = Some(a);
+                    }
+                }
+            }
         }
         let greedy = add_kernel(decode::greedy().map_err(|e| contract(e.0))?);
 
@@ -1127,6 +1202,17 @@ impl CudaEngine {
             if matches!(step.run, Run::Nothing) {
                 continue;
             }
+            if step.absorbed.is_some_and(|a| self.attention_fused_now(a, b)) {
+                // Computed by the attention that reads it; a horizontal group launches
+                // its other parts at its last.
+                if let Some((g, p)) = step.group {
+                    if p + 1 == self.hgroups[g].parts {
+                        launches += self.flush_group(g, &pending).map_err(fill)?;
+                        pending.clear();
+                    }
+                }
+                continue;
+            }
             let operands = self.graph.operands(step.node);
             let shapes: Vec<Vec<usize>> = operands
                 .iter()
@@ -1173,7 +1259,7 @@ impl CudaEngine {
                 let reads = operands.iter().zip(&ins).map(|(v, i)| span(*v, i.0)).collect();
                 pending.push(PendingPart { kernel, args, items, reads, writes });
                 if p + 1 == self.hgroups[g].parts {
-                    launches += self.launch_group(g, &pending).map_err(fill)?;
+                    launches += self.flush_group(g, &pending).map_err(fill)?;
                     pending.clear();
                 }
                 mark(step, &self.label(step))?;
@@ -1184,9 +1270,23 @@ impl CudaEngine {
                 Run::Kernel(k) => {
                     launch_node(self.lane(), &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
-                Run::Attention { kernel, single, prefill } => {
+                Run::Attention { kernel, single, prefill, fused } => {
                     let prefill = prefill.filter(|_| ins[0].1[1] > PREFILL_ROWS);
-                    self.attention(&node.op, (*kernel, *single), prefill, &ins, &outs, early).map_err(fill)?;
+                    let fused = match fused.as_deref().filter(|_| prefill.is_none()) {
+                        Some(f) => {
+                            let p = f.producers;
+                            let mut ptrs = Vec::new();
+                            for n in [p.q, p.k, p.v] {
+                                for v in self.graph.operands(n) {
+                                    ptrs.push(self.ptr(v, plan, slot, decode)?);
+                                }
+                            }
+                            Some((f, ptrs))
+                        }
+                        None => None,
+                    };
+                    let kernels = (*kernel, *single);
+                    self.attention(&node.op, kernels, prefill, fused, &ins, &outs, early).map_err(fill)?;
                 }
                 Run::Arange(k) => {
                     let n = out_shapes[0][0];
@@ -1273,11 +1373,13 @@ impl CudaEngine {
     /// Attention over the resident cache (batch strides of the cache): the split-K
     /// kernel `split_k`, or the tensor-core kernel `prefill` when given. Both take the
     /// same sizes and attributes; the split-K kernel also its workspaces and counters.
+    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         op: &Op,
         (split_k, single): (usize, Option<usize>),
         prefill: Option<usize>,
+        fused: Option<(&FusedAttention, Vec<u64>)>,
         ins: &[(u64, &[usize])],
         outs: &[(u64, &[usize])],
         early: bool,
@@ -1294,10 +1396,20 @@ impl CudaEngine {
         };
         let cap = self.opts.max_context;
         let mut a = Args::default();
+        match &fused {
+            // The producers' inputs in place of q and the caches.
+            Some((_, ptrs)) => {
+                for (i, p) in ptrs.iter().enumerate() {
+                    a.set(Role::In(i as u8), ArgValue::Ptr(*p));
+                }
+            }
+            None => {
+                a.set(Role::In(0), ArgValue::Ptr(ins[0].0))
+                    .set(Role::In(1), ArgValue::Ptr(ins[1].0))
+                    .set(Role::In(2), ArgValue::Ptr(ins[2].0));
+            }
+        }
         a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
-            .set(Role::In(0), ArgValue::Ptr(ins[0].0))
-            .set(Role::In(1), ArgValue::Ptr(ins[1].0))
-            .set(Role::In(2), ArgValue::Ptr(ins[2].0))
             .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
             .i64(Role::Batch, bsz)
             .i64(Role::Seq, s)
@@ -1316,6 +1428,10 @@ impl CudaEngine {
         // Whole GQA groups per block, or one head per block when that leaves too few
         // blocks (and the kernel for it exists) and the context is not long.
         let keys = k[1];
+        let (split_k, single) = match &fused {
+            Some((f, _)) => (f.kernel, f.single),
+            None => (split_k, single),
+        };
         let (kernel, tile) = match single {
             Some(k1)
                 if decode::attention_decode_pick_tile(bsz, s, h, kh) == 1 && keys <= self.opts.attention_long_keys =>
@@ -1374,6 +1490,30 @@ impl CudaEngine {
             a.set(Role::In(i as u8), ArgValue::Ptr(*p));
         }
         Ok((a, n))
+    }
+
+    /// Whether attention step `a` runs its fused split-K kernel under bindings `b` (it
+    /// has one, and the launch's query rows do not take the prefill kernel): then the
+    /// steps it absorbs launch nothing.
+    fn attention_fused_now(&self, a: usize, b: &Bindings) -> bool {
+        let step = &self.steps[a];
+        let Run::Attention { prefill, fused: Some(_), .. } = &step.run else { return false };
+        let q = self.graph.operands(step.node)[0];
+        let rows = self.graph.value_type(q).shape.eval(b).map_or(0, |s| s.get(1).copied().unwrap_or(0));
+        prefill.is_none() || rows <= PREFILL_ROWS
+    }
+
+    /// Launches the pending parts of horizontal group `g` at its last part: as the
+    /// group's kernel when every part is pending, else one by one (parts computed by a
+    /// fused attention are not). Returns the number of launches.
+    fn flush_group(&self, g: usize, parts: &[PendingPart]) -> Result<usize, CudaError> {
+        if parts.len() == self.hgroups[g].parts {
+            return self.launch_group(g, parts);
+        }
+        for x in parts {
+            launch(self.lane(), &self.kernels[x.kernel], x.items, &x.args)?;
+        }
+        Ok(parts.len())
     }
 
     /// Launches horizontal group `g` whose parts are `parts`: as its fused kernel, or
