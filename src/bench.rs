@@ -99,7 +99,7 @@ pub struct BenchArgs {
         long,
         conflicts_with_all = [
             "dtype", "seed", "no_fusion", "no_cuda_graphs", "no_pdl", "no_hfuse", "no_epilogue_gemv",
-            "no_scaled_gemv", "no_attention_early", "no_attention_fused", "attention_long_keys"
+            "no_scaled_gemv", "no_attention_early", "no_attention_fused", "attention_long_keys", "timeline"
         ]
     )]
     pub plan: Option<PathBuf>,
@@ -163,6 +163,13 @@ pub struct BenchArgs {
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
     pub profile: bool,
+    /// Also trace the batch-1 decode step in place (every kernel compiled with timeline
+    /// tracing: the engine's `trace` option) and print each launch's share of the step's
+    /// critical path, with PDL and CUDA graphs as in production. A diagnostic: the
+    /// tracing itself costs a little, so the run's other numbers are not the untraced
+    /// build's.
+    #[arg(long)]
+    pub timeline: bool,
     /// Skip the fusion pass (canonicalization only): the "before" column of the
     /// pipeline's effect on kernels per step, memory and speed.
     #[arg(long)]
@@ -198,6 +205,7 @@ impl BenchArgs {
             no_attention_fused: false,
             no_fusion: false,
             profile: false,
+            timeline: false,
             seed: 0,
             gpu: 0,
         }
@@ -407,6 +415,10 @@ pub struct MemoryUse {
 pub struct BenchReport {
     /// `--profile`: (label, launches, µs) of one batch-1 decode step, the total last.
     pub profile: Option<Vec<(String, usize, f64)>>,
+    /// `--timeline`: every launch of the batch-1 decode step but the step end, in
+    /// launch order: (kernel and module, µs on the critical path, µs resident before
+    /// its wait returned).
+    pub timeline: Option<Vec<(String, f64, f64)>>,
     pub machine: Machine,
     pub model: ModelInfo,
     pub cuda_graphs: bool,
@@ -490,6 +502,10 @@ pub(crate) trait Engine {
     fn profile_decode_step(&mut self) -> Result<Vec<(String, usize, f64)>, BenchError> {
         Err(BenchError::Engine("this engine cannot profile a decode step".into()))
     }
+    /// The in-graph timeline of `steps` decode steps (see `CudaEngine::timeline`).
+    fn timeline(&mut self, _steps: usize) -> Result<Vec<(String, f64, f64)>, BenchError> {
+        Err(BenchError::Engine("this engine cannot trace a decode step".into()))
+    }
 }
 
 /// What the engine is built for.
@@ -504,6 +520,7 @@ pub(crate) struct EngineSpec {
     pub scaled_gemv: bool,
     pub attention_early: bool,
     pub attention_fused: bool,
+    pub trace: bool,
     /// `None`: the engine's default.
     pub attention_long_keys: Option<usize>,
 }
@@ -666,6 +683,7 @@ mod gpu {
                 scaled_gemv: spec.scaled_gemv,
                 attention_early: spec.attention_early,
                 attention_fused: spec.attention_fused,
+                trace: spec.trace,
                 attention_long_keys: spec
                     .attention_long_keys
                     .unwrap_or(kiln_codegen::decode::ATTENTION_DECODE_LONG_KEYS),
@@ -708,6 +726,9 @@ mod gpu {
         }
         fn profile_decode_step(&mut self) -> Result<Vec<(String, usize, f64)>, BenchError> {
             Ok(CudaEngine::profile_decode_step(self)?)
+        }
+        fn timeline(&mut self, steps: usize) -> Result<Vec<(String, f64, f64)>, BenchError> {
+            Ok(CudaEngine::timeline(self, steps)?)
         }
         fn memory(&self) -> MemoryUse {
             let m = CudaEngine::memory(self);
@@ -891,6 +912,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             scaled_gemv: !args.no_scaled_gemv,
             attention_early: !args.no_attention_early,
             attention_fused: !args.no_attention_fused,
+            trace: args.timeline,
             attention_long_keys: args.attention_long_keys,
         };
         let t = Instant::now();
@@ -924,6 +946,15 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
     let profile = if args.profile {
         engine.prefill(&[prompt(args.decode_prompt, vocab, 0)])?;
         Some(engine.profile_decode_step()?)
+    } else {
+        None
+    };
+    let timeline = if args.timeline {
+        engine.prefill(&[prompt(args.decode_prompt, vocab, 0)])?;
+        // Warm: the step's graph is captured and replayed once before the traced steps.
+        engine.decode_step()?;
+        engine.synchronize()?;
+        Some(engine.timeline(args.decode_steps.clamp(2, 200))?)
     } else {
         None
     };
@@ -978,8 +1009,37 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         roofline_batch1,
         setup_s: setup,
         profile,
+        timeline,
         plan: plan_use,
     })
+}
+
+/// The `--timeline` tables: the critical path per kernel and module (summed over the
+/// step's launches, slowest first), then the first launches one by one.
+fn timeline_table(launches: &[(String, f64, f64)]) -> String {
+    use std::fmt::Write as _;
+    let mut by: IndexMap<&str, (usize, f64, f64)> = IndexMap::new();
+    for (label, us, lead) in launches {
+        let e = by.entry(label).or_default();
+        e.0 += 1;
+        e.1 += us;
+        e.2 += lead;
+    }
+    let mut rows: Vec<_> = by.into_iter().collect();
+    rows.sort_by(|a, b| b.1 .1.total_cmp(&a.1 .1));
+    let mut s = String::new();
+    let _ = writeln!(s, "\nthe batch-1 decode step in place (CUDA graph, PDL): critical path per kernel and module");
+    let _ = writeln!(s, "{:>10} {:>9} {:>12}  kernel @module", "µs/step", "launches", "resident µs");
+    for (label, (n, us, lead)) in &rows {
+        let _ = writeln!(s, "{us:>10.1} {n:>9} {:>12.2}  {label}", lead / *n as f64);
+    }
+    let total: f64 = launches.iter().map(|l| l.1).sum();
+    let _ = writeln!(s, "{total:>10.1} {:>9}               total, first wait to last", launches.len());
+    let _ = writeln!(s, "\nthe first launches one by one:\n{:>10} {:>12}  kernel @module", "µs", "resident µs");
+    for (label, us, lead) in launches.iter().take(24) {
+        let _ = writeln!(s, "{us:>10.2} {lead:>12.2}  {label}");
+    }
+    s
 }
 
 /// `kiln bench`: runs, prints the table on stdout and writes the JSON when asked.
@@ -992,6 +1052,9 @@ pub fn run_cli(args: &BenchArgs) -> Result<(), BenchError> {
         for (label, n, us) in rows {
             println!("{us:>10.1} {n:>9}  {label}");
         }
+    }
+    if let Some(launches) = &report.timeline {
+        print!("{}", timeline_table(launches));
     }
     if let Some(path) = &args.json {
         report.write_json(path)?;

@@ -116,7 +116,29 @@ __device__ __forceinline__ i64 kiln_offset(i64 linear, int rank, const Idx8& sha
 // reads or writes anything another kernel touches. Without a programmatic launch both
 // are no-ops. A kernel that marks itself KILN_MANUAL_ENTRY calls the two itself (the
 // GEMV issues its first weight loads, which no kernel writes, between them).
+//
+// Timeline tracing (the engine's `trace` option defines KILN_TRACE_AT, the address of
+// a device buffer, before this prelude): thread 0 of block 0 records the global timer
+// (ns) when the kernel lets its dependents launch (`which` 0: it is running) and when
+// its wait returns (1: the previous kernel is done), each into its own ring of
+// KILN_TRACE_N slots after the two event counters. Kernels run in launch order, so
+// event i of each ring is launch i.
+#ifdef KILN_TRACE_AT
+#define KILN_TRACE_N (1 << 16)
+__device__ __forceinline__ void kiln_trace(int which) {
+    if (threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+        unsigned long long t;
+        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+        unsigned long long* p = (unsigned long long*)(KILN_TRACE_AT);
+        const unsigned long long i = atomicAdd(p + which, 1ull);
+        p[2 + which * KILN_TRACE_N + (i % KILN_TRACE_N)] = t;
+    }
+}
+#else
+__device__ __forceinline__ void kiln_trace(int) {}
+#endif
 __device__ __forceinline__ void kiln_grid_launch_dependents() {
+    kiln_trace(0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
@@ -125,6 +147,7 @@ __device__ __forceinline__ void kiln_grid_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+    kiln_trace(1);
 }
 __device__ __forceinline__ void kiln_grid_entry() {
     kiln_grid_launch_dependents();

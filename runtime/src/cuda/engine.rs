@@ -89,6 +89,11 @@ pub struct EngineOptions {
     /// whenever the split-K kernel runs (decode, short prompts). Off (`false`, or
     /// `KILN_ATTN_FUSED=0` in the environment): the producers' own launch: a same-run A/B.
     pub attention_fused: bool,
+    /// Compile every kernel with timeline tracing (`kiln.cuh`: block 0 records the global
+    /// timer when it starts and when its wait for the previous kernel returns) for
+    /// [`CudaEngine::timeline`]; off by default (a diagnostic: it adds an atomic and two
+    /// stores per launch and changes every kernel's source).
+    pub trace: bool,
     /// Keys (past + new positions) above which decode attention takes whole GQA groups
     /// per block rather than one query head per block
     /// ([`decode::ATTENTION_DECODE_LONG_KEYS`] by default). A decode step is captured as
@@ -111,6 +116,7 @@ impl Default for EngineOptions {
             scaled_gemv: true,
             attention_early: true,
             attention_fused: true,
+            trace: false,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
         }
     }
@@ -320,6 +326,11 @@ pub struct CudaEngine {
     attn_ws: CudaSlice<u8>,
     /// Its completion counters (zero between launches).
     attn_counters: CudaSlice<u32>,
+    /// The timeline buffer of [`EngineOptions::trace`] (two event counters, then a ring
+    /// of [`TRACE_SLOTS`] timestamps per event kind).
+    trace: Option<CudaSlice<u64>>,
+    /// While [`CudaEngine::timeline`] records its labels: every launch's kernel name.
+    launch_log: Option<std::cell::RefCell<Vec<String>>>,
     /// Greedy sampling's per-block best logits and indices (`[max_batch, splits]`, f32
     /// then i64) and its per-row completion counters (zero between launches).
     greedy_ws: CudaSlice<u8>,
@@ -338,6 +349,9 @@ pub struct CudaEngine {
 }
 
 const BLAS_WORKSPACE: usize = 32 << 20;
+
+/// Timestamps per event kind in the trace buffer (`KILN_TRACE_N` in `kiln.cuh`).
+const TRACE_SLOTS: usize = 1 << 16;
 
 /// Attention over more query rows than this runs the tensor-core prefill kernel (when
 /// there is one for the dtype and head dim); up to this many, the split-K kernel.
@@ -429,6 +443,12 @@ fn fused_attention(
     let kernel = render(decode::attention_decode_query_tile(group)).ok()?;
     let single = if decode::attention_decode_query_tile(group) > 1 { Some(render(1).ok()?) } else { None };
     Some(Box::new(FusedAttention { kernel: add_kernel(kernel), single: single.map(&mut *add_kernel), producers }))
+}
+
+/// A module path with its layer numbers replaced by `*` (`model.layers.3.mlp` →
+/// `model.layers.*.mlp`), so a timeline sums the layers.
+fn generic_scope(scope: &str) -> String {
+    scope.split('.').map(|c| if c.chars().all(|x| x.is_ascii_digit()) && !c.is_empty() { "*" } else { c }).collect::<Vec<_>>().join(".")
 }
 
 fn contract(msg: String) -> CudaError {
@@ -890,6 +910,16 @@ impl CudaEngine {
                 )));
             }
         }
+        let trace = if opts.trace {
+            let buf = stream.alloc_zeros::<u64>(2 + 2 * TRACE_SLOTS).map_err(driver_err("alloc trace"))?;
+            let at = dev(&buf, &stream);
+            for k in &mut kernel_list {
+                k.source = format!("#define KILN_TRACE_AT 0x{at:x}ULL\n{}", k.source);
+            }
+            Some(buf)
+        } else {
+            None
+        };
         let cache_dir = opts.cache_dir.clone().unwrap_or_else(kiln_codegen::nvrtc::default_cache_dir);
         let (kernels, stats, binaries) =
             compile_and_load(&ctx, info.compute_capability, Some(cache_dir), kernel_list, opts.prebuilt.as_deref())?;
@@ -1003,6 +1033,8 @@ impl CudaEngine {
             _blas_workspace: blas_ws,
             attn_ws,
             attn_counters,
+            trace,
+            launch_log: None,
             greedy_ws,
             greedy_counters,
             hgroups,
@@ -1118,7 +1150,11 @@ impl CudaEngine {
     fn lane(&self) -> Lane<'_> {
         static ENV_OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         let off = *ENV_OFF.get_or_init(|| std::env::var("KILN_PDL").is_ok_and(|v| v == "0"));
-        Lane { stream: &self.stream, pdl: self.opts.pdl && !off && self.info.compute_capability.0 >= 9 }
+        Lane {
+            stream: &self.stream,
+            pdl: self.opts.pdl && !off && self.info.compute_capability.0 >= 9,
+            log: self.launch_log.as_ref(),
+        }
     }
 
     fn ptr(&self, v: Value, plan: &MemoryPlan, slot: usize, decode: bool) -> Result<u64, CudaError> {
@@ -1170,7 +1206,7 @@ impl CudaEngine {
         decode: bool,
         early: bool,
     ) -> Result<usize, CudaError> {
-        self.run_steps_marked(b, plan, slot, decode, early, &mut |_, _| Ok(()))
+        self.run_steps_marked(b, plan, slot, decode, early, &mut |_, _, _| Ok(()))
     }
 
     /// [`Self::run_steps`], calling `mark(step, label)` after each step's launches.
@@ -1181,7 +1217,7 @@ impl CudaEngine {
         slot: usize,
         decode: bool,
         early: bool,
-        mark: &mut dyn FnMut(&Step, &str) -> Result<(), CudaError>,
+        mark: &mut dyn FnMut(&Step, &str, usize) -> Result<(), CudaError>,
     ) -> Result<usize, CudaError> {
         let st = &self.stream;
         let syms = dev(&self.syms_dev, st);
@@ -1262,7 +1298,7 @@ impl CudaEngine {
                     launches += self.flush_group(g, &pending).map_err(fill)?;
                     pending.clear();
                 }
-                mark(step, &self.label(step))?;
+                mark(step, &self.label(step), launches)?;
                 continue;
             }
             match &step.run {
@@ -1326,7 +1362,7 @@ impl CudaEngine {
                             .scaled_matvec(sr, epilogue.as_deref(), &ins, &outs, (m, n, k), b, syms)
                             .map_err(fill)?;
                         launches += 1;
-                        mark(step, &self.label(step))?;
+                        mark(step, &self.label(step), launches)?;
                         continue;
                     }
                     let one_kernel = fused.filter(|_| m > 0 && decode::gemv_prologue_fits(m, k) && matvec_fused_gemv());
@@ -1365,7 +1401,7 @@ impl CudaEngine {
                 }
             }
             launches += 1;
-            mark(step, &self.label(step))?;
+            mark(step, &self.label(step), launches)?;
         }
         Ok(launches)
     }
@@ -1846,7 +1882,7 @@ impl CudaEngine {
         };
         let recorded = (|| -> Result<(), CudaError> {
             record(&start)?;
-            let mut mark = |_: &Step, label: &str| -> Result<(), CudaError> {
+            let mut mark = |_: &Step, label: &str, _: usize| -> Result<(), CudaError> {
                 let e = ctx.new_event(timing).map_err(driver_err("event"))?;
                 record(&e)?;
                 marks.push((label.to_string(), e));
@@ -1882,6 +1918,92 @@ impl CudaEngine {
         rows.sort_by(|a, b| b.2.total_cmp(&a.2));
         rows.push(("total".into(), marks.len(), sum));
         Ok(rows)
+    }
+
+    /// The decode step's in-graph timeline over `steps` steps (needs
+    /// [`EngineOptions::trace`]): every launch's time from the return of its wait for the
+    /// previous kernel to the return of the next launch's wait, i.e. what it adds to the
+    /// step's critical path, with PDL overlap and CUDA-graph replay as in production
+    /// (unlike [`Self::profile_decode_step`], whose events serialize the launches).
+    /// Returns every launch of the step but the step end, in launch order: (its kernel
+    /// and module, µs on the critical path, µs from its start to its wait's return: how
+    /// early it was resident), means over the steps. Their sum is the step's time from
+    /// its first wait to its last (the step end's own time and the gap between graph
+    /// launches are not in it). Advances the running batch by `steps` tokens.
+    pub fn timeline(&mut self, steps: usize) -> Result<Vec<(String, f64, f64)>, CudaError> {
+        if self.trace.is_none() {
+            return Err(contract("a timeline needs an engine built with the trace option".into()));
+        }
+        if self.batch == 0 {
+            return Err(contract("timeline before prefill".into()));
+        }
+        if steps < 2 || self.past + steps > self.opts.max_context {
+            return Err(contract(format!("a timeline of {steps} steps (at least 2) does not fit the context")));
+        }
+        // Labels per launch, in launch order: the step recorded into a graph that is
+        // never launched.
+        self.ctx.bind_to_thread().map_err(driver_err("bind context"))?;
+        let b = self.bindings(self.batch, 1, self.past);
+        let plan = self.prepare(&b)?;
+        let mut labels: Vec<String> = Vec::new();
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+            .map_err(driver_err("begin capture"))?;
+        let early = self.opts.cuda_graphs && self.opts.attention_early && !attention_early_off_by_env();
+        self.launch_log = Some(Default::default());
+        let recorded = self.run_steps_marked(&b, &plan, 0, true, early, &mut |step, label, launches| {
+            // Each launch: its kernel (the generated hash dropped) and the step's module.
+            let names = self.launch_log.as_ref().expect("set").borrow();
+            let at = self.graph.node(step.node).scope.clone();
+            for name in &names[labels.len().min(names.len())..launches.min(names.len())] {
+                let short = match name.rsplit_once('_') {
+                    Some((head, tail)) if tail.len() == 16 && tail.bytes().all(|c| c.is_ascii_hexdigit()) => head,
+                    _ => name.as_str(),
+                };
+                labels.push(format!("{short} @{}", generic_scope(&at)));
+            }
+            labels.resize(launches, label.to_string());
+            Ok(())
+        });
+        let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
+        self.launch_log = None;
+        let n = recorded?;
+        drop(graph.map_err(driver_err("end capture"))?);
+        labels.resize(n, "?".into());
+        labels.push("greedy sampling (argmax)".into());
+        labels.push("step end".into());
+        let per_step = labels.len();
+        if per_step * steps > TRACE_SLOTS {
+            return Err(contract(format!("{steps} steps of {per_step} launches overflow the trace buffer")));
+        }
+        // Run the steps from a clean buffer, then read it.
+        let buf = self.trace.as_mut().expect("checked");
+        self.stream.memset_zeros(buf).map_err(driver_err("trace reset"))?;
+        for _ in 0..steps {
+            self.decode_step()?;
+        }
+        self.synchronize()?;
+        let buf = self.trace.as_ref().expect("checked");
+        let host = self.stream.clone_dtoh(buf).map_err(driver_err("trace read"))?;
+        let (starts, waits) = (host[0] as usize, host[1] as usize);
+        if starts != per_step * steps || waits != per_step * steps {
+            return Err(contract(format!(
+                "the trace holds {starts} starts and {waits} waits for {steps} steps of {per_step} launches"
+            )));
+        }
+        let start = |i: usize| host[2 + i] as f64;
+        let wait = |i: usize| host[2 + TRACE_SLOTS + i] as f64;
+        Ok((0..per_step - 1)
+            .map(|j| {
+                let (mut crit, mut lead) = (0.0, 0.0);
+                for r in 0..steps {
+                    let i = r * per_step + j;
+                    crit += wait(i + 1) - wait(i);
+                    lead += wait(i) - start(i);
+                }
+                (labels[j].clone(), crit / steps as f64 / 1e3, lead / steps as f64 / 1e3)
+            })
+            .collect())
     }
 
     /// The step-end kernel: records the sampled ids, advances `past` on the device.

@@ -400,7 +400,7 @@ impl CudaExecutor {
                             let outv: Vec<(u64, &[usize])> =
                                 outv.iter().map(|(x, s)| (x.ptr(&self.stream), *s)).collect();
                             launch_node(
-                                Lane { stream: &self.stream, pdl: false },
+                                Lane { stream: &self.stream, pdl: false, log: None },
                                 &self.kernels[k],
                                 &node.op,
                                 &ins,
@@ -537,6 +537,8 @@ pub fn allow_dynamic_smem(k: &Kernel, f: &CudaFunction) -> Result<(), CudaError>
 pub(super) struct Lane<'a> {
     pub stream: &'a CudaStream,
     pub pdl: bool,
+    /// Where to note each launch's kernel name (the engine's timeline labels), if anywhere.
+    pub log: Option<&'a std::cell::RefCell<Vec<String>>>,
 }
 
 /// Launches `kf` over `items` work items with the values in `args` on `lane`.
@@ -545,6 +547,9 @@ pub(super) fn launch(lane: Lane, kf: &(Kernel, CudaFunction), items: usize, args
         return Ok(());
     }
     let (kernel, f) = kf;
+    if let Some(log) = lane.log {
+        log.borrow_mut().push(kernel.sig.name.clone());
+    }
     let mut values = kernel.sig.pack(|r| args.get(r)).map_err(|e| CudaError::Driver(e.to_string()))?;
     let mut params: Vec<*mut std::ffi::c_void> = values.iter_mut().map(|v| v.as_kernel_param()).collect();
     let (grid, block) = kernel.grid.dims(items);
