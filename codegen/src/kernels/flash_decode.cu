@@ -103,6 +103,9 @@ __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const 
     }
 }
 
+#ifndef AD_TWO_PASS
+#define AD_TWO_PASS 1
+#endif
 #ifndef AD_FUSED
 #define AD_KC in1
 #define AD_VC in2
@@ -271,33 +274,30 @@ KILN_SIGNATURE {
         }
     }
 
-    for (int tt = 0; tt < ntk; ++tt) {
-        const int j0 = c0 + tt * kt;
-        if (tt + 1 < ntk) {
-            const int n0 = j0 + kt, n1 = n0 + kt < c1 ? n0 + kt : c1;
-#ifdef AD_FUSED
-            const int m = tnew < n0 ? n0 : (tnew < n1 ? tnew : n1);
-            ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, m, 0, kv_heads, d, dv, dp, dvp, kt, vec);
-            kiln_cp_commit();
-            ad_new_rows((KILN_T*)s_kv[(tt + 1) & 1], n0, m, n1);
-#else
-            ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
-            kiln_cp_commit();
-#endif
-            kiln_cp_wait_all_but_one();
-        } else {
-            kiln_cp_wait_all();
-        }
-        __syncthreads();  // tile tt is in shared memory for every thread
-
-        const KILN_T* sk = (const KILN_T*)s_kv[tt & 1];
+    // A chunk that fits one stage (short contexts: nk <= kt keys), value rows of a
+    // power-of-two count of 16-byte vectors: two passes over the staged rows instead of
+    // the streaming loop's online softmax, whose per-key chain (score, shuffles, max,
+    // rescale) and slot and warp merges dominate when there are few keys. 1. every key
+    // slot scores its key for the tile's queries into shared memory; 2. a warp per
+    // query takes the max, the weights 2^(s - max) and their sum; 3. threads (key group,
+    // 16-byte vector of v) sum p·v over their keys, reduced across key groups by
+    // shuffles and across warps through shared memory.
+    const int nvv = dvp / KILN_VEC;
+    const bool two_pass = AD_TWO_PASS && ntk == 1 && dvp == dv && (nvv & (nvv - 1)) == 0 && nvv <= 32;
+    if (two_pass) {  // uniform
+        kiln_cp_wait_all();
+        __syncthreads();  // the stage is in shared memory for every thread
+        const KILN_T* sk = (const KILN_T*)s_kv[0];
         const KILN_T* sv = sk + kt * dp;
-        const int nk = c1 - j0 < kt ? c1 - j0 : kt;
-        const int jr0 = j0 - c0;
+        const int nk = c1 - c0;
+        // Stage 1 is free: the scores [AD_QT][kt], then the warps' sums [AD_WARPS][AD_QT][dv]
+        // (6 + 32 KiB at most, under the stage's 48: decode.rs).
+        float* s_p = (float*)s_kv[1];
+        float* s_o = s_p + AD_QT * kt;
         for (int kb = warp * kpw; kb < nk; kb += slots) {  // uniform per warp
             const int kk = kb + g;
             const bool in_tile = kk < nk;
-            float kf[AD_NVL][KILN_VEC], vf[AD_NVL][KILN_VEC];
+            float kf[AD_NVL][KILN_VEC];
 #pragma unroll
             for (int u = 0; u < AD_NVL; ++u) {
                 const int vi = li + u * lpk;
@@ -307,110 +307,239 @@ KILN_SIGNATURE {
 #pragma unroll
                     for (int j = 0; j < KILN_VEC; ++j) kf[u][j] = 0.0f;
                 }
-                if (in_tile && vi * KILN_VEC < dvp) {
-                    kiln_unpack(((const kiln_u4*)(sv + kk * dvp))[vi], vf[u], sv);
-                } else {
-#pragma unroll
-                    for (int j = 0; j < KILN_VEC; ++j) vf[u][j] = 0.0f;
-                }
             }
-            const int jr = jr0 + kk;
-            const bool vis = in_tile && jr >= qlo && jr < qhi;  // the same for every query of the tile
-            // Scores of the slot's key for every query (independent chains: the shuffle
-            // reductions of the AD_QT queries overlap).
             float sc[AD_QT];
 #pragma unroll
             for (int a = 0; a < AD_QT; ++a) {
-                float s = 0.0f;
+                float s0 = 0.0f, s1 = 0.0f;  // two chains
 #pragma unroll
                 for (int u = 0; u < AD_NVL; ++u)
 #pragma unroll
-                    for (int j = 0; j < KILN_VEC; ++j) s = fmaf(qr[a][u][j], kf[u][j], s);
-                sc[a] = s;
+                    for (int j = 0; j < KILN_VEC; j += 2) {
+                        s0 = fmaf(qr[a][u][j], kf[u][j], s0);
+                        s1 = fmaf(qr[a][u][j + 1], kf[u][j + 1], s1);
+                    }
+                sc[a] = s0 + s1;
             }
             for (int off = lpk >> 1; off > 0; off >>= 1) {
 #pragma unroll
                 for (int a = 0; a < AD_QT; ++a) sc[a] += __shfl_xor_sync(0xffffffffu, sc[a], off);
             }
+            const bool vis = in_tile && kk >= qlo && kk < qhi;
+            if (li == 0 && in_tile) {
 #pragma unroll
-            for (int a = 0; a < AD_QT; ++a) {
-                const float s = vis ? sc[a] : -KILN_INF;
-                const float mn = fmaxf(mx[a], s);
-                const float corr = ad_exp2(mx[a] - mn);  // 0 for the first visible key
-                const float p = ad_exp2(s - mn);         // 0 for an invisible key
-                mx[a] = mn;
-                sm[a] = fmaf(sm[a], corr, p);
-#pragma unroll
-                for (int u = 0; u < AD_NVL; ++u)
-#pragma unroll
-                    for (int j = 0; j < KILN_VEC; ++j) acc[a][u][j] = fmaf(acc[a][u][j], corr, p * vf[u][j]);
+                for (int a = 0; a < AD_QT; ++a) s_p[a * kt + kk] = vis ? sc[a] : -KILN_INF;
             }
         }
-        __syncthreads();  // every warp is done with this stage before it is refilled
-    }
-
-    // Merge the key slots of each warp (lanes li of slots g and g ^ (off / lpk)).
-    for (int off = lpk; off < 32; off <<= 1) {
-#pragma unroll
-        for (int a = 0; a < AD_QT; ++a) {
-            const float mo = __shfl_xor_sync(0xffffffffu, mx[a], off);
-            const float so = __shfl_xor_sync(0xffffffffu, sm[a], off);
-            const float mn = fmaxf(mx[a], mo);
-            const float wa = ad_exp2(mx[a] - mn), wb = ad_exp2(mo - mn);
-            sm[a] = sm[a] * wa + so * wb;
-            mx[a] = mn;
-#pragma unroll
-            for (int u = 0; u < AD_NVL; ++u)
-#pragma unroll
-                for (int j = 0; j < KILN_VEC; ++j) {
-                    const float ao = __shfl_xor_sync(0xffffffffu, acc[a][u][j], off);
-                    acc[a][u][j] = acc[a][u][j] * wa + ao * wb;
-                }
-        }
-    }
-
-    // Merge the warps through shared memory (the stages are free now) and write: the
-    // final output when this is the only split, else this split's partial result.
-    // AD_WARPS·AD_QT·dv floats <= AD_WARPS·AD_QT·AD_MAXD·4 bytes <= 2 stages (decode.rs).
-    float* s_acc = (float*)s_kv;
-    if (lane < lpk) {
-#pragma unroll
-        for (int a = 0; a < AD_QT; ++a) {
-#pragma unroll
-            for (int u = 0; u < AD_NVL; ++u)
-#pragma unroll
-                for (int j = 0; j < KILN_VEC; ++j) {
-                    const int e = (li + u * lpk) * KILN_VEC + j;
-                    if (e < dv) s_acc[(warp * AD_QT + a) * dv + e] = acc[a][u][j];
-                }
+        __syncthreads();
+        for (int a = warp; a < AD_QT; a += AD_WARPS) {  // uniform per warp
+            float m = AD_NEG;  // finite: a query without a visible key weighs every key 0
+            for (int j = lane; j < nk; j += 32) m = fmaxf(m, s_p[a * kt + j]);
+            for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
+            float l = 0.0f;
+            for (int j = lane; j < nk; j += 32) {
+                const float p = ad_exp2(s_p[a * kt + j] - m);
+                s_p[a * kt + j] = p;
+                l += p;
+            }
+            for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
             if (lane == 0) {
-                s_m[warp][a] = mx[a];
-                s_l[warp][a] = sm[a];
+                s_m[0][a] = m;
+                s_l[0][a] = l;
             }
         }
-    }
-    __syncthreads();
-    for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
-        const int a = idx / dv, e = idx - a * dv;
-        float mn = AD_NEG;
+        __syncthreads();
+        {
+            const int vi = threadIdx.x % nvv, kg = threadIdx.x / nvv, ng = blockDim.x / nvv;
+            float o[AD_QT][KILN_VEC];
 #pragma unroll
-        for (int w = 0; w < AD_WARPS; ++w) mn = fmaxf(mn, s_m[w][a]);
-        float l = 0.0f, o = 0.0f;
+            for (int a = 0; a < AD_QT; ++a)
 #pragma unroll
-        for (int w = 0; w < AD_WARPS; ++w) {
-            const float wt = ad_exp2(s_m[w][a] - mn);
-            l += s_l[w][a] * wt;
-            o += s_acc[(w * AD_QT + a) * dv + e] * wt;
+                for (int e = 0; e < KILN_VEC; ++e) o[a][e] = 0.0f;
+            for (int j = kg; j < nk; j += ng) {
+                float vf[KILN_VEC];
+                kiln_unpack(((const kiln_u4*)(sv + j * dvp))[vi], vf, sv);
+#pragma unroll
+                for (int a = 0; a < AD_QT; ++a) {
+                    const float p = s_p[a * kt + j];
+#pragma unroll
+                    for (int e = 0; e < KILN_VEC; ++e) o[a][e] = fmaf(p, vf[e], o[a][e]);
+                }
+            }
+            for (int off = nvv; off < 32; off <<= 1) {
+#pragma unroll
+                for (int a = 0; a < AD_QT; ++a)
+#pragma unroll
+                    for (int e = 0; e < KILN_VEC; ++e) o[a][e] += __shfl_xor_sync(0xffffffffu, o[a][e], off);
+            }
+            if (lane < nvv) {
+#pragma unroll
+                for (int a = 0; a < AD_QT; ++a)
+#pragma unroll
+                    for (int e = 0; e < KILN_VEC; ++e) s_o[(warp * AD_QT + a) * dv + vi * KILN_VEC + e] = o[a][e];
+            }
         }
-        const i64 row = row0 + a;
-        if (ns == 1) {
-            kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
-        } else {
-            const i64 r = row * splits + split;
-            out1[r * value_dim + e] = o;
-            if (e == 0) {
-                out2[r * 2] = mn;
-                out2[r * 2 + 1] = l;
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
+            const int a = idx / dv, e = idx - a * dv;
+            float o = 0.0f;
+#pragma unroll
+            for (int w = 0; w < AD_WARPS; ++w) o += s_o[(w * AD_QT + a) * dv + e];
+            const float mn = s_m[0][a], l = s_l[0][a];
+            const i64 row = row0 + a;
+            if (ns == 1) {
+                kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
+            } else {
+                const i64 r = row * splits + split;
+                out1[r * value_dim + e] = o;
+                if (e == 0) {
+                    out2[r * 2] = mn;
+                    out2[r * 2 + 1] = l;
+                }
+            }
+        }
+    } else {
+        for (int tt = 0; tt < ntk; ++tt) {
+            const int j0 = c0 + tt * kt;
+            if (tt + 1 < ntk) {
+                const int n0 = j0 + kt, n1 = n0 + kt < c1 ? n0 + kt : c1;
+    #ifdef AD_FUSED
+                const int m = tnew < n0 ? n0 : (tnew < n1 ? tnew : n1);
+                ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, m, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+                kiln_cp_commit();
+                ad_new_rows((KILN_T*)s_kv[(tt + 1) & 1], n0, m, n1);
+    #else
+                ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+                kiln_cp_commit();
+    #endif
+                kiln_cp_wait_all_but_one();
+            } else {
+                kiln_cp_wait_all();
+            }
+            __syncthreads();  // tile tt is in shared memory for every thread
+
+            const KILN_T* sk = (const KILN_T*)s_kv[tt & 1];
+            const KILN_T* sv = sk + kt * dp;
+            const int nk = c1 - j0 < kt ? c1 - j0 : kt;
+            const int jr0 = j0 - c0;
+            for (int kb = warp * kpw; kb < nk; kb += slots) {  // uniform per warp
+                const int kk = kb + g;
+                const bool in_tile = kk < nk;
+                float kf[AD_NVL][KILN_VEC], vf[AD_NVL][KILN_VEC];
+    #pragma unroll
+                for (int u = 0; u < AD_NVL; ++u) {
+                    const int vi = li + u * lpk;
+                    if (in_tile && vi * KILN_VEC < dp) {
+                        kiln_unpack(((const kiln_u4*)(sk + kk * dp))[vi], kf[u], sk);
+                    } else {
+    #pragma unroll
+                        for (int j = 0; j < KILN_VEC; ++j) kf[u][j] = 0.0f;
+                    }
+                    if (in_tile && vi * KILN_VEC < dvp) {
+                        kiln_unpack(((const kiln_u4*)(sv + kk * dvp))[vi], vf[u], sv);
+                    } else {
+    #pragma unroll
+                        for (int j = 0; j < KILN_VEC; ++j) vf[u][j] = 0.0f;
+                    }
+                }
+                const int jr = jr0 + kk;
+                const bool vis = in_tile && jr >= qlo && jr < qhi;  // the same for every query of the tile
+                // Scores of the slot's key for every query (independent chains: the shuffle
+                // reductions of the AD_QT queries overlap).
+                float sc[AD_QT];
+    #pragma unroll
+                for (int a = 0; a < AD_QT; ++a) {
+                    float s = 0.0f;
+    #pragma unroll
+                    for (int u = 0; u < AD_NVL; ++u)
+    #pragma unroll
+                        for (int j = 0; j < KILN_VEC; ++j) s = fmaf(qr[a][u][j], kf[u][j], s);
+                    sc[a] = s;
+                }
+                for (int off = lpk >> 1; off > 0; off >>= 1) {
+    #pragma unroll
+                    for (int a = 0; a < AD_QT; ++a) sc[a] += __shfl_xor_sync(0xffffffffu, sc[a], off);
+                }
+    #pragma unroll
+                for (int a = 0; a < AD_QT; ++a) {
+                    const float s = vis ? sc[a] : -KILN_INF;
+                    const float mn = fmaxf(mx[a], s);
+                    const float corr = ad_exp2(mx[a] - mn);  // 0 for the first visible key
+                    const float p = ad_exp2(s - mn);         // 0 for an invisible key
+                    mx[a] = mn;
+                    sm[a] = fmaf(sm[a], corr, p);
+    #pragma unroll
+                    for (int u = 0; u < AD_NVL; ++u)
+    #pragma unroll
+                        for (int j = 0; j < KILN_VEC; ++j) acc[a][u][j] = fmaf(acc[a][u][j], corr, p * vf[u][j]);
+                }
+            }
+            __syncthreads();  // every warp is done with this stage before it is refilled
+        }
+
+        // Merge the key slots of each warp (lanes li of slots g and g ^ (off / lpk)).
+        for (int off = lpk; off < 32; off <<= 1) {
+    #pragma unroll
+            for (int a = 0; a < AD_QT; ++a) {
+                const float mo = __shfl_xor_sync(0xffffffffu, mx[a], off);
+                const float so = __shfl_xor_sync(0xffffffffu, sm[a], off);
+                const float mn = fmaxf(mx[a], mo);
+                const float wa = ad_exp2(mx[a] - mn), wb = ad_exp2(mo - mn);
+                sm[a] = sm[a] * wa + so * wb;
+                mx[a] = mn;
+    #pragma unroll
+                for (int u = 0; u < AD_NVL; ++u)
+    #pragma unroll
+                    for (int j = 0; j < KILN_VEC; ++j) {
+                        const float ao = __shfl_xor_sync(0xffffffffu, acc[a][u][j], off);
+                        acc[a][u][j] = acc[a][u][j] * wa + ao * wb;
+                    }
+            }
+        }
+
+        // Merge the warps through shared memory (the stages are free now) and write: the
+        // final output when this is the only split, else this split's partial result.
+        // AD_WARPS·AD_QT·dv floats <= AD_WARPS·AD_QT·AD_MAXD·4 bytes <= 2 stages (decode.rs).
+        float* s_acc = (float*)s_kv;
+        if (lane < lpk) {
+    #pragma unroll
+            for (int a = 0; a < AD_QT; ++a) {
+    #pragma unroll
+                for (int u = 0; u < AD_NVL; ++u)
+    #pragma unroll
+                    for (int j = 0; j < KILN_VEC; ++j) {
+                        const int e = (li + u * lpk) * KILN_VEC + j;
+                        if (e < dv) s_acc[(warp * AD_QT + a) * dv + e] = acc[a][u][j];
+                    }
+                if (lane == 0) {
+                    s_m[warp][a] = mx[a];
+                    s_l[warp][a] = sm[a];
+                }
+            }
+        }
+        __syncthreads();
+        for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
+            const int a = idx / dv, e = idx - a * dv;
+            float mn = AD_NEG;
+    #pragma unroll
+            for (int w = 0; w < AD_WARPS; ++w) mn = fmaxf(mn, s_m[w][a]);
+            float l = 0.0f, o = 0.0f;
+    #pragma unroll
+            for (int w = 0; w < AD_WARPS; ++w) {
+                const float wt = ad_exp2(s_m[w][a] - mn);
+                l += s_l[w][a] * wt;
+                o += s_acc[(w * AD_QT + a) * dv + e] * wt;
+            }
+            const i64 row = row0 + a;
+            if (ns == 1) {
+                kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
+            } else {
+                const i64 r = row * splits + split;
+                out1[r * value_dim + e] = o;
+                if (e == 0) {
+                    out2[r * 2] = mn;
+                    out2[r * 2 + 1] = l;
+                }
             }
         }
     }
