@@ -1284,6 +1284,34 @@ mod tests {
     use super::*;
     use kiln_models::config::LlamaConfig;
 
+    /// The `--timeline` tables: launches summed per kernel and module, slowest first,
+    /// with the mean resident time per launch; the total over every launch; then the
+    /// first launches one by one, in order.
+    #[test]
+    fn the_timeline_table_sums_per_kernel_and_lists_the_first_launches() {
+        let l = |k: &str, us: f64, lead: f64| (k.to_string(), us, lead);
+        let launches = vec![
+            l("kiln_gather @model.embed_tokens", 1.5, 0.5),
+            l("kiln_attn @model.layers.*.self_attn", 6.0, 4.0),
+            l("kiln_gemv @model.layers.*.mlp", 2.0, 9.0),
+            l("kiln_attn @model.layers.*.self_attn", 5.0, 6.0),
+            l("kiln_gemv @model.layers.*.mlp", 3.0, 11.0),
+        ];
+        let t = timeline_table(&launches);
+        let rows: Vec<&str> = t.lines().collect();
+        let at = rows.iter().position(|r| r.contains("kernel @module")).unwrap();
+        // attention 11.0 µs over 2 launches (mean resident 5.0), gemv 5.0, gather 1.5.
+        let first: Vec<&str> = rows[at + 1].split_whitespace().collect();
+        assert_eq!(first, ["11.0", "2", "5.00", "kiln_attn", "@model.layers.*.self_attn"]);
+        assert!(rows[at + 2].trim_start().starts_with("5.0") && rows[at + 2].contains("kiln_gemv"), "{t}");
+        assert!(rows[at + 3].contains("kiln_gather"), "{t}");
+        assert!(rows[at + 4].trim_start().starts_with("17.5") && rows[at + 4].contains("total"), "{t}");
+        // The launches one by one, in launch order.
+        let one: Vec<&str> = rows.iter().filter(|r| r.contains("kiln_")).skip(3).copied().collect();
+        assert_eq!(one.len(), 5, "{t}");
+        assert!(one[0].contains("kiln_gather") && one[1].trim_start().starts_with("6.00"), "{t}");
+    }
+
     fn tiny(tied: bool) -> LlamaForCausalLM {
         // hidden 8, 2 layers, 4 heads over 2 kv heads (head_dim 2), intermediate 12, vocab 10.
         let json = format!(

@@ -123,6 +123,18 @@ fn the_launch_list_names_kernels_and_bindings() {
     assert_eq!(parts.len(), 2 * 3, "{parts:#?}");
     assert_eq!(parts.iter().filter(|k| k.contains("(part 0 of 3, one launch: ")).count(), 2, "{parts:#?}");
     assert!(parts.iter().all(|k| k.contains("kiln_fused")), "{parts:#?}");
+    // Decode attention computes those three itself (`attention_producers`, the engine's
+    // rule): its entry names the fused kernel and the producers' nodes, and each
+    // producer says which attention computes it.
+    let attn: Vec<_> = l.iter().filter(|x| x.op == "attention").collect();
+    assert_eq!(attn.len(), 2, "{attn:#?}");
+    for a in &attn {
+        assert!(a.kernel.starts_with("kiln_attn_decode_fused_bf16_"), "{}", a.kernel);
+        assert!(a.kernel.contains("computes q and the new K/V rows itself"), "{}", a.kernel);
+        let skipped: Vec<_> =
+            parts.iter().filter(|k| k.contains(&format!("where attention %{} computes it", a.node))).collect();
+        assert_eq!(skipped.len(), 3, "{parts:#?}");
+    }
     // Symbolic sizes stay symbolic (resolved at run time).
     assert!(l.iter().any(|x| x.outputs.iter().any(|b| b.contains("seq"))));
 }

@@ -14,6 +14,8 @@
 //!   Workspace: [`attention_decode_workspace`] and [`attention_decode_counters`];
 //!   launches: [`attention_decode_items`];
 //!   host checks: [`attention_decode_check`]; a split count: [`attention_decode_splits`].
+//!   [`attention_decode_fused`] also computes q and the new K/V rows from their producers
+//!   (RoPE, the cache appends: [`attention_producers`] says when it applies).
 //! * [`sample`]: greedy / temperature / top-k / top-p sampling of each row of logits
 //!   with a counter-based RNG driven by a device step counter. Launch: [`sample_items`].
 //!

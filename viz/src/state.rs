@@ -688,8 +688,9 @@ impl ViewerState {
                     let keys = &kt.shape.dims()[1];
                     match (body(p.q), body(p.k), body(p.v)) {
                         (Some(q), Some(k), Some(v)) => {
-                            match kiln_codegen::decode::attention_decode_fused(kt.dtype, group, tile, keys, &syms, q, k, v)
-                            {
+                            match kiln_codegen::decode::attention_decode_fused(
+                                kt.dtype, group, tile, keys, &syms, q, k, v,
+                            ) {
                                 Ok(f) => KernelInfo::Cuda {
                                     name: format!(
                                         "{} in decode (computes q and the new K/V rows itself: %{}, %{}, %{} launch \

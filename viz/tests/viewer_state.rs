@@ -355,3 +355,38 @@ fn nodes_that_share_a_launch_say_with_which() {
     assert!(name.contains("one launch with %") && name.contains("horizontal fusion"), "{name}");
     assert_eq!(name.matches('%').count(), run.len() - 1, "{name}");
 }
+
+/// An attention layer as the models trace it (RoPE of q and k, the k / v cache appends):
+/// the attention node shows the decode kernel that computes those producers itself
+/// (`attention_producers`, the engine's rule) and names them.
+#[test]
+fn an_attention_that_computes_its_producers_names_them() {
+    use kiln_graph::ops::{DType, Dim};
+    let (b, s, p) = (Dim::sym("batch"), Dim::sym("seq"), Dim::sym("past"));
+    let (h, kh, d) = (4usize, 2usize, 16usize);
+    let tr = kiln_graph::Tracer::new();
+    let qkv = tr.input("qkv", DType::BF16, [b.clone(), s.clone(), Dim::fixed((h + 2 * kh) * d)]).unwrap();
+    let cos = tr.input("cos", DType::BF16, [s.clone(), Dim::fixed(d)]).unwrap();
+    let sin = tr.input("sin", DType::BF16, [s.clone(), Dim::fixed(d)]).unwrap();
+    let cache = [b.clone(), p, Dim::fixed(kh), Dim::fixed(d)];
+    let pk = tr.input("past.k", DType::BF16, cache.clone()).unwrap();
+    let pv = tr.input("past.v", DType::BF16, cache).unwrap();
+    let shape = |n: usize| [b.clone(), s.clone(), Dim::fixed(n), Dim::fixed(d)];
+    let q = qkv.slice(-1, 0, h * d).unwrap().reshape(shape(h)).unwrap().rope(cos, sin).unwrap();
+    let k = qkv.slice(-1, h * d, (h + kh) * d).unwrap().reshape(shape(kh)).unwrap().rope(cos, sin).unwrap();
+    let v = qkv.slice(-1, (h + kh) * d, (h + 2 * kh) * d).unwrap().reshape(shape(kh)).unwrap();
+    let (k, v) = (pk.concat(&[k], 1).unwrap(), pv.concat(&[v], 1).unwrap());
+    tr.output("y", q.attention(k, v, kiln_graph::ops::Mask::Causal, 0.25).unwrap()).unwrap();
+    tr.output("present.k", k).unwrap();
+    tr.output("present.v", v).unwrap();
+    let g = kiln_passes::default_pipeline().run(tr.finish().unwrap()).unwrap().graph;
+    let st = ViewerState::with_collapse_depth(vec![("optimized".into(), g)], 0);
+    let attn = find(&st, |op| matches!(op, Op::Attention(_)));
+    let producers = kiln_codegen::decode::attention_producers(st.graph(), attn).unwrap();
+    let KernelInfo::Cuda { name, source } = &node_details(&st, attn).kernel else { panic!() };
+    assert!(name.starts_with("kiln_attn_decode_fused_bf16_q2_"), "{name}");
+    for n in [producers.q, producers.k, producers.v] {
+        assert!(name.contains(&format!("%{}", st.numbering().id(n))), "{name}");
+    }
+    assert!(source.contains("#define AD_FUSED 1"), "the fused kernel's source");
+}

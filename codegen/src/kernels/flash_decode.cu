@@ -28,6 +28,10 @@
 // unnormalized output), updated without branches: the running max starts at AD_NEG (a
 // finite stand-in for -inf, so no inf - inf) and an invisible key scores -inf, which
 // weighs 0. Slots are merged with shuffles, warps through shared memory.
+// A chunk that fits one stage (a short context) takes two passes over the staged rows
+// instead (see `two_pass` below; AD_TWO_PASS 0 turns them off): measured on an H200
+// (2026-12-04, same-run A/B, batch 1, context ~200) SmolLM2 1,896 → 1,955 tok/s and the
+// Llama-3.2-1B shape 1,040 → 1,153.
 //
 // ns = 1 (a short context: at most AD_MIN_CHUNK keys): the one block normalizes and
 // writes `out` itself, with no workspace, fence or counter.

@@ -88,6 +88,8 @@ pub struct EngineOptions {
     /// K / V cache appends: `attention_decode_fused`), so their launch is skipped
     /// whenever the split-K kernel runs (decode, short prompts). Off (`false`, or
     /// `KILN_ATTN_FUSED=0` in the environment): the producers' own launch: a same-run A/B.
+    /// Measured on an H200 (2026-12-04, batch 1, two rounds): SmolLM2 1,858 → 1,896 tok/s
+    /// (188 → 158 launches per step), the Llama-3.2-1B shape 1,040 → 1,039 (120 → 104).
     pub attention_fused: bool,
     /// Compile every kernel with timeline tracing (`kiln.cuh`: block 0 records the global
     /// timer when it starts and when its wait for the previous kernel returns) for
@@ -448,7 +450,11 @@ fn fused_attention(
 /// A module path with its layer numbers replaced by `*` (`model.layers.3.mlp` →
 /// `model.layers.*.mlp`), so a timeline sums the layers.
 fn generic_scope(scope: &str) -> String {
-    scope.split('.').map(|c| if c.chars().all(|x| x.is_ascii_digit()) && !c.is_empty() { "*" } else { c }).collect::<Vec<_>>().join(".")
+    scope
+        .split('.')
+        .map(|c| if c.chars().all(|x| x.is_ascii_digit()) && !c.is_empty() { "*" } else { c })
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 fn contract(msg: String) -> CudaError {
@@ -2125,5 +2131,17 @@ impl CudaEngine {
         let mut host = vec![0u8; n];
         self.stream.memcpy_dtoh(&buf.slice(0..n), &mut host).map_err(driver_err("download logits"))?;
         Ok(host.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().expect("4 bytes"))).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// Timeline labels sum the layers: layer numbers become `*`, names stay.
+    #[test]
+    fn generic_scopes_replace_layer_numbers() {
+        assert_eq!(super::generic_scope("model.layers.13.mlp.down_proj"), "model.layers.*.mlp.down_proj");
+        assert_eq!(super::generic_scope("model.layers"), "model.layers");
+        assert_eq!(super::generic_scope("h2.attn.0"), "h2.attn.*");
+        assert_eq!(super::generic_scope(""), "");
     }
 }

@@ -19,8 +19,8 @@ mod engine;
 mod executor;
 
 pub use engine::{
-    attention_early_off_by_env, attention_fused_off_by_env, epilogue_gemv_off_by_env, horizontal_off_by_env, matvec_fused_gemv,
-    scaled_gemv_off_by_env, CudaEngine, EngineOptions, MemoryReport, PREFILL_ROWS,
+    attention_early_off_by_env, attention_fused_off_by_env, epilogue_gemv_off_by_env, horizontal_off_by_env,
+    matvec_fused_gemv, scaled_gemv_off_by_env, CudaEngine, EngineOptions, MemoryReport, PREFILL_ROWS,
 };
 pub use executor::{allow_dynamic_smem, CudaExecutor, CudaOptions};
 pub use kiln_codegen::CompileStats;
