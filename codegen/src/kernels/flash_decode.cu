@@ -107,6 +107,23 @@ __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const 
     }
 }
 
+// Element e of query row `row`'s result: with one split the output, normalized (0 for a
+// row without a visible key, like the CPU reference); else this split's partials (o,
+// and (max, sum) with element 0).
+__device__ __forceinline__ void ad_write(KILN_T* out, float* out1, float* out2, i64 row, int e, float o, float mn,
+                                         float l, int ns, int split, i64 splits, i64 value_dim) {
+    if (ns == 1) {
+        kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
+    } else {
+        const i64 r = row * splits + split;
+        out1[r * value_dim + e] = o;
+        if (e == 0) {
+            out2[r * 2] = mn;
+            out2[r * 2 + 1] = l;
+        }
+    }
+}
+
 #ifndef AD_TWO_PASS
 #define AD_TWO_PASS 1
 #endif
@@ -389,18 +406,7 @@ KILN_SIGNATURE {
             float o = 0.0f;
 #pragma unroll
             for (int w = 0; w < AD_WARPS; ++w) o += s_o[(w * AD_QT + a) * dv + e];
-            const float mn = s_m[0][a], l = s_l[0][a];
-            const i64 row = row0 + a;
-            if (ns == 1) {
-                kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
-            } else {
-                const i64 r = row * splits + split;
-                out1[r * value_dim + e] = o;
-                if (e == 0) {
-                    out2[r * 2] = mn;
-                    out2[r * 2 + 1] = l;
-                }
-            }
+            ad_write(out, out1, out2, row0 + a, e, o, s_m[0][a], s_l[0][a], ns, split, splits, value_dim);
         }
     } else {
         for (int tt = 0; tt < ntk; ++tt) {
@@ -430,19 +436,19 @@ KILN_SIGNATURE {
                 const int kk = kb + g;
                 const bool in_tile = kk < nk;
                 float kf[AD_NVL][KILN_VEC], vf[AD_NVL][KILN_VEC];
-    #pragma unroll
+#pragma unroll
                 for (int u = 0; u < AD_NVL; ++u) {
                     const int vi = li + u * lpk;
                     if (in_tile && vi * KILN_VEC < dp) {
                         kiln_unpack(((const kiln_u4*)(sk + kk * dp))[vi], kf[u], sk);
                     } else {
-    #pragma unroll
+#pragma unroll
                         for (int j = 0; j < KILN_VEC; ++j) kf[u][j] = 0.0f;
                     }
                     if (in_tile && vi * KILN_VEC < dvp) {
                         kiln_unpack(((const kiln_u4*)(sv + kk * dvp))[vi], vf[u], sv);
                     } else {
-    #pragma unroll
+#pragma unroll
                         for (int j = 0; j < KILN_VEC; ++j) vf[u][j] = 0.0f;
                     }
                 }
@@ -451,20 +457,20 @@ KILN_SIGNATURE {
                 // Scores of the slot's key for every query (independent chains: the shuffle
                 // reductions of the AD_QT queries overlap).
                 float sc[AD_QT];
-    #pragma unroll
+#pragma unroll
                 for (int a = 0; a < AD_QT; ++a) {
                     float s = 0.0f;
-    #pragma unroll
+#pragma unroll
                     for (int u = 0; u < AD_NVL; ++u)
-    #pragma unroll
+#pragma unroll
                         for (int j = 0; j < KILN_VEC; ++j) s = fmaf(qr[a][u][j], kf[u][j], s);
                     sc[a] = s;
                 }
                 for (int off = lpk >> 1; off > 0; off >>= 1) {
-    #pragma unroll
+#pragma unroll
                     for (int a = 0; a < AD_QT; ++a) sc[a] += __shfl_xor_sync(0xffffffffu, sc[a], off);
                 }
-    #pragma unroll
+#pragma unroll
                 for (int a = 0; a < AD_QT; ++a) {
                     const float s = vis ? sc[a] : -KILN_INF;
                     const float mn = fmaxf(mx[a], s);
@@ -472,9 +478,9 @@ KILN_SIGNATURE {
                     const float p = ad_exp2(s - mn);         // 0 for an invisible key
                     mx[a] = mn;
                     sm[a] = fmaf(sm[a], corr, p);
-    #pragma unroll
+#pragma unroll
                     for (int u = 0; u < AD_NVL; ++u)
-    #pragma unroll
+#pragma unroll
                         for (int j = 0; j < KILN_VEC; ++j) acc[a][u][j] = fmaf(acc[a][u][j], corr, p * vf[u][j]);
                 }
             }
@@ -483,7 +489,7 @@ KILN_SIGNATURE {
 
         // Merge the key slots of each warp (lanes li of slots g and g ^ (off / lpk)).
         for (int off = lpk; off < 32; off <<= 1) {
-    #pragma unroll
+#pragma unroll
             for (int a = 0; a < AD_QT; ++a) {
                 const float mo = __shfl_xor_sync(0xffffffffu, mx[a], off);
                 const float so = __shfl_xor_sync(0xffffffffu, sm[a], off);
@@ -491,9 +497,9 @@ KILN_SIGNATURE {
                 const float wa = ad_exp2(mx[a] - mn), wb = ad_exp2(mo - mn);
                 sm[a] = sm[a] * wa + so * wb;
                 mx[a] = mn;
-    #pragma unroll
+#pragma unroll
                 for (int u = 0; u < AD_NVL; ++u)
-    #pragma unroll
+#pragma unroll
                     for (int j = 0; j < KILN_VEC; ++j) {
                         const float ao = __shfl_xor_sync(0xffffffffu, acc[a][u][j], off);
                         acc[a][u][j] = acc[a][u][j] * wa + ao * wb;
@@ -506,11 +512,11 @@ KILN_SIGNATURE {
         // AD_WARPS·AD_QT·dv floats <= AD_WARPS·AD_QT·AD_MAXD·4 bytes <= 2 stages (decode.rs).
         float* s_acc = (float*)s_kv;
         if (lane < lpk) {
-    #pragma unroll
+#pragma unroll
             for (int a = 0; a < AD_QT; ++a) {
-    #pragma unroll
+#pragma unroll
                 for (int u = 0; u < AD_NVL; ++u)
-    #pragma unroll
+#pragma unroll
                     for (int j = 0; j < KILN_VEC; ++j) {
                         const int e = (li + u * lpk) * KILN_VEC + j;
                         if (e < dv) s_acc[(warp * AD_QT + a) * dv + e] = acc[a][u][j];
@@ -525,26 +531,16 @@ KILN_SIGNATURE {
         for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
             const int a = idx / dv, e = idx - a * dv;
             float mn = AD_NEG;
-    #pragma unroll
+#pragma unroll
             for (int w = 0; w < AD_WARPS; ++w) mn = fmaxf(mn, s_m[w][a]);
             float l = 0.0f, o = 0.0f;
-    #pragma unroll
+#pragma unroll
             for (int w = 0; w < AD_WARPS; ++w) {
                 const float wt = ad_exp2(s_m[w][a] - mn);
                 l += s_l[w][a] * wt;
                 o += s_acc[(w * AD_QT + a) * dv + e] * wt;
             }
-            const i64 row = row0 + a;
-            if (ns == 1) {
-                kiln_st(out, row * value_dim + e, l > 0.0f ? o * (1.0f / l) : 0.0f);
-            } else {
-                const i64 r = row * splits + split;
-                out1[r * value_dim + e] = o;
-                if (e == 0) {
-                    out2[r * 2] = mn;
-                    out2[r * 2 + 1] = l;
-                }
-            }
+            ad_write(out, out1, out2, row0 + a, e, o, mn, l, ns, split, splits, value_dim);
         }
     }
     if (ns == 1) return;  // uniform
