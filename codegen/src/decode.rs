@@ -458,8 +458,7 @@ pub fn attention_producers(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resu
         let Some(app) = crate::fused::fused_append(b) else {
             return bad(format!("{what} is not a fused cache append"));
         };
-        let new = new_rows(b, app.new);
-        if !matches!(new.kind(), Ok(FusedKind::Elementwise { .. })) {
+        if !matches!(app.rows_body(b).kind(), Ok(FusedKind::Elementwise { .. })) {
             return bad(format!("{what}'s new rows are not elementwise"));
         }
         let t = b.ty(app.new).expect("a checked body");
@@ -472,15 +471,33 @@ pub fn attention_producers(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resu
     if qt.shape.rank() != 4 {
         return bad(format!("q is {qt}, not [batch, seq, heads, dim]"));
     }
-    if g.value_type(k).dtype != dtype || g.value_type(v).dtype != dtype {
-        return bad("q, k and v differ in dtype".into());
-    }
     Ok(AttentionProducers { q: q.node, k: k.node, v: v.node })
 }
 
-/// The body computing only an append's new rows.
-fn new_rows(b: &kiln_ops::FusedBody, new: kiln_ops::FusedRef) -> kiln_ops::FusedBody {
-    kiln_ops::FusedBody { inputs: b.inputs.clone(), nodes: b.nodes.clone(), outputs: vec![new] }
+/// [`attention_decode_fused`] for attention node `n` of `g` with query tiles of `tile`
+/// pairs (`None`: [`attention_decode_query_tile`] of its GQA group), its dtype, group,
+/// key count and producer bodies read from the graph, when [`attention_producers`]
+/// allows it; also the producers. The one renderer for the engine, the plan's launch
+/// list and the viewer.
+pub fn attention_decode_fused_in(
+    g: &kiln_graph::Graph,
+    n: kiln_graph::NodeId,
+    tile: Option<usize>,
+    syms: &[Sym],
+) -> Result<(Kernel, AttentionProducers), CodegenError> {
+    let p = attention_producers(g, n)?;
+    let body = |m: kiln_graph::NodeId| match &g.node(m).op {
+        kiln_ops::Op::Fused(b) => b.as_ref(),
+        _ => unreachable!("attention_producers checked the producers are fused"),
+    };
+    let ops = g.operands(n);
+    let (qt, kt) = (g.value_type(ops[0]), g.value_type(ops[1]));
+    let heads = |t: &kiln_ops::TensorType| t.shape.dims()[2].as_fixed().unwrap_or(0);
+    let group = heads(qt).checked_div(heads(kt)).unwrap_or(0);
+    let tile = tile.unwrap_or_else(|| attention_decode_query_tile(group));
+    let keys = &kt.shape.dims()[1];
+    let k = attention_decode_fused(kt.dtype, group, tile, keys, syms, body(p.q), body(p.k), body(p.v))?;
+    Ok((k, p))
 }
 
 /// [`attention_decode_tiled`] that computes its operands' producers itself (see

@@ -107,6 +107,13 @@ pub struct FusedAppend {
     pub new: FusedRef,
 }
 
+impl FusedAppend {
+    /// The body of `body` (the append's) that computes only the new rows.
+    pub fn rows_body(&self, body: &FusedBody) -> FusedBody {
+        FusedBody { inputs: body.inputs.clone(), nodes: body.nodes.clone(), outputs: vec![self.new] }
+    }
+}
+
 /// Whether `body` is an append (see [`FusedAppend`]).
 pub fn fused_append(body: &FusedBody) -> Option<FusedAppend> {
     let [FusedRef::Node { node, output: 0 }] = body.outputs[..] else { return None };
@@ -134,7 +141,7 @@ pub fn fused_append_kernel(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, Cod
     let Some(app) = fused_append(body) else {
         return err("fused append: the body's only output must be concat{axis=1}(input, new)");
     };
-    let new_body = FusedBody { inputs: body.inputs.clone(), nodes: body.nodes.clone(), outputs: vec![app.new] };
+    let new_body = app.rows_body(body);
     let domain = match new_body.kind().map_err(|e| CodegenError(format!("fused append: {e}")))? {
         FusedKind::Elementwise { domain } => domain,
         FusedKind::Rows { .. } | FusedKind::MatVec { .. } => {

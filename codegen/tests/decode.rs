@@ -305,6 +305,10 @@ fn fused_decode_attention_takes_the_producers_inputs() {
     assert_ne!(kern.sig.name, plain.sig.name);
     assert_eq!(kern.dynamic_smem, plain.dynamic_smem);
     let single = attention_decode_fused(DType::BF16, 3, 1, &keys, &syms, &q, &k, &v).unwrap();
+    // The graph-reading form (engine, plan, viewer) renders the same kernels.
+    let (from_graph, found) = attention_decode_fused_in(&g, attn, None, &syms).unwrap();
+    assert_eq!((from_graph.source.as_str(), found), (kern.source.as_str(), p));
+    assert_eq!(attention_decode_fused_in(&g, attn, Some(1), &syms).unwrap().0.source, single.source);
     assert_ne!(single.sig.name, kern.sig.name);
     // Deterministic: the same graph renders the same kernel.
     let again = attention_decode_fused(DType::BF16, 3, 3, &keys, &syms, &q, &k, &v).unwrap();

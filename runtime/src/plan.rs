@@ -583,24 +583,17 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     let heads = |t: &kiln_ops::TensorType| t.shape.dims()[2].as_fixed().unwrap_or(0);
                     let group = heads(qt).checked_div(heads(kt)).unwrap_or(0);
                     let keys = &kt.shape.dims()[1];
-                    let fused = decode::attention_producers(graph, n).ok().and_then(|p| {
-                        let body = |m: NodeId| match &graph.node(m).op {
-                            Op::Fused(b) => Some(b),
-                            _ => None,
-                        };
-                        let tile = decode::attention_decode_query_tile(group);
-                        let (q, k, v) = (body(p.q)?, body(p.k)?, body(p.v)?);
-                        let f = decode::attention_decode_fused(kt.dtype, group, tile, keys, &syms, q, k, v).ok()?;
-                        Some(format!(
+                    let fused = match decode::attention_decode_fused_in(graph, n, None, &syms) {
+                        Ok((f, p)) => format!(
                             "{} (computes q and the new K/V rows itself: %{}, %{}, %{} launch nothing) whenever the \
                              split-K kernel runs; else ",
                             f.sig.name,
                             p.q.index(),
                             p.k.index(),
                             p.v.index()
-                        ))
-                    });
-                    let fused = fused.unwrap_or_default();
+                        ),
+                        Err(_) => String::new(),
+                    };
                     match decode::attention_decode(kt.dtype, group, keys, &syms) {
                         Ok(k) if decode::attention_decode_query_tile(group) > 1 => {
                             match decode::attention_decode_tiled(kt.dtype, group, 1, keys, &syms) {

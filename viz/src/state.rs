@@ -674,38 +674,20 @@ impl ViewerState {
                 // Decode attention that computes its producers (the engine's rule): that
                 // kernel, naming the producers whose launch it saves.
                 (Op::Attention(_), _) if kiln_codegen::decode::attention_producers(g, n).is_ok() => {
-                    let p = kiln_codegen::decode::attention_producers(g, n).expect("checked");
                     let syms = kiln_codegen::symbols::graph_symbols(g);
-                    let body = |m: NodeId| match &g.node(m).op {
-                        Op::Fused(b) => Some(b.as_ref()),
-                        _ => None,
-                    };
-                    let ops = g.operands(n);
-                    let (qt, kt) = (g.value_type(ops[0]), g.value_type(ops[1]));
-                    let heads = |t: &kiln_ops::TensorType| t.shape.dims()[2].as_fixed().unwrap_or(0);
-                    let group = heads(qt).checked_div(heads(kt)).unwrap_or(0);
-                    let tile = kiln_codegen::decode::attention_decode_query_tile(group);
-                    let keys = &kt.shape.dims()[1];
-                    match (body(p.q), body(p.k), body(p.v)) {
-                        (Some(q), Some(k), Some(v)) => {
-                            match kiln_codegen::decode::attention_decode_fused(
-                                kt.dtype, group, tile, keys, &syms, q, k, v,
-                            ) {
-                                Ok(f) => KernelInfo::Cuda {
-                                    name: format!(
-                                        "{} in decode (computes q and the new K/V rows itself: %{}, %{}, %{} launch \
-                                         nothing there)",
-                                        f.sig.name,
-                                        self.num.id(p.q),
-                                        self.num.id(p.k),
-                                        self.num.id(p.v)
-                                    ),
-                                    source: f.source,
-                                },
-                                Err(e) => KernelInfo::Unsupported(e.0),
-                            }
-                        }
-                        _ => KernelInfo::Unsupported("attention producers are not fused groups".into()),
+                    match kiln_codegen::decode::attention_decode_fused_in(g, n, None, &syms) {
+                        Ok((f, p)) => KernelInfo::Cuda {
+                            name: format!(
+                                "{} in decode (computes q and the new K/V rows itself: %{}, %{}, %{} launch nothing \
+                                 there)",
+                                f.sig.name,
+                                self.num.id(p.q),
+                                self.num.id(p.k),
+                                self.num.id(p.v)
+                            ),
+                            source: f.source,
+                        },
+                        Err(e) => KernelInfo::Unsupported(e.0),
                     }
                 }
                 (_, Ok(NodeLowering::Kernel(k))) => KernelInfo::Cuda { name: k.sig.name, source: k.source },

@@ -29,7 +29,7 @@
 // finite stand-in for -inf, so no inf - inf) and an invisible key scores -inf, which
 // weighs 0. Slots are merged with shuffles, warps through shared memory.
 // A chunk that fits one stage (a short context) takes two passes over the staged rows
-// instead (see `two_pass` below; AD_TWO_PASS 0 turns them off): measured on an H200
+// instead (see `two_pass` below): measured on an H200
 // (2026-12-04, same-run A/B, batch 1, context ~200) SmolLM2 1,896 → 1,955 tok/s and the
 // Llama-3.2-1B shape 1,040 → 1,153.
 //
@@ -60,9 +60,9 @@
 // memory. Every block computes its tile's q (the value block of q's group: `fv` at
 // (fq0, fq1, fq2, fq3) = (batch, row, head, element)) into shared memory, and the
 // launch's own rows [t - seq, t) of its chunk (the appends' value blocks, at (batch,
-// row - (t - seq), kv head, element)) straight into its stage; the blocks of query tile 0 also store those
-// rows into the caches (AD_KC, AD_VC: the appends' `past` inputs), which no block of
-// the launch reads them from. The producers' kernels are not launched.
+// row - (t - seq), kv head, element)) straight into its stage; the blocks of query tile
+// 0 also store those rows into the caches (AD_KC, AD_VC: the appends' `past` inputs),
+// which no block of the launch reads them from. The producers' kernels are not launched.
 #define AD_MAXD 256
 #define AD_LOG2E 1.4426950408889634f
 #define AD_NEG (-1.0e30f)
@@ -124,9 +124,6 @@ __device__ __forceinline__ void ad_write(KILN_T* out, float* out1, float* out2, 
     }
 }
 
-#ifndef AD_TWO_PASS
-#define AD_TWO_PASS 1
-#endif
 #ifndef AD_FUSED
 #define AD_KC in1
 #define AD_VC in2
@@ -304,7 +301,7 @@ KILN_SIGNATURE {
     // 16-byte vector of v) sum p·v over their keys, reduced across key groups by
     // shuffles and across warps through shared memory.
     const int nvv = dvp / KILN_VEC;
-    const bool two_pass = AD_TWO_PASS && ntk == 1 && dvp == dv && (nvv & (nvv - 1)) == 0 && nvv <= 32;
+    const bool two_pass = ntk == 1 && dvp == dv && (nvv & (nvv - 1)) == 0 && nvv <= 32;
     if (two_pass) {  // uniform
         kiln_cp_wait_all();
         __syncthreads();  // the stage is in shared memory for every thread

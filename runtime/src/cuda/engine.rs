@@ -423,28 +423,39 @@ fn scaled_run(
     Some(Box::new(ScaledRun { plain: (add_kernel(plain), cfg), epi, epi_one_wave: false }))
 }
 
-/// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads, `keys`
-/// the key count), when `kiln_codegen::decode::attention_producers` allows it and its
-/// kernels render; `None` otherwise (the producers launch, attention reads memory).
+/// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads), when
+/// `kiln_codegen::decode::attention_producers` allows it and its kernels render; `None`
+/// otherwise (the producers launch, attention reads memory).
 fn fused_attention(
     graph: &Graph,
     n: NodeId,
-    dtype: DType,
     group: usize,
-    keys: &kiln_ops::Dim,
     syms: &[kiln_ops::Sym],
     add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
 ) -> Option<Box<FusedAttention>> {
-    let producers = decode::attention_producers(graph, n).ok()?;
-    let body = |m: NodeId| match &graph.node(m).op {
-        Op::Fused(b) => Some(b),
-        _ => None,
+    let (kernel, producers) = decode::attention_decode_fused_in(graph, n, None, syms).ok()?;
+    let single = if decode::attention_decode_query_tile(group) > 1 {
+        Some(decode::attention_decode_fused_in(graph, n, Some(1), syms).ok()?.0)
+    } else {
+        None
     };
-    let (q, k, v) = (body(producers.q)?, body(producers.k)?, body(producers.v)?);
-    let render = |tile: usize| decode::attention_decode_fused(dtype, group, tile, keys, syms, q, k, v);
-    let kernel = render(decode::attention_decode_query_tile(group)).ok()?;
-    let single = if decode::attention_decode_query_tile(group) > 1 { Some(render(1).ok()?) } else { None };
     Some(Box::new(FusedAttention { kernel: add_kernel(kernel), single: single.map(&mut *add_kernel), producers }))
+}
+
+/// Whether attention over `rows` query rows runs the split-K kernel (and so, with a
+/// [`FusedAttention`], computes its producers): always without a prefill kernel, else
+/// up to [`PREFILL_ROWS`] rows. The one rule for the attention step and the steps it
+/// absorbs.
+fn runs_split_k(prefill: Option<usize>, rows: usize) -> bool {
+    prefill.is_none() || rows <= PREFILL_ROWS
+}
+
+/// A generated kernel's name without its source hash (`kiln_fused_0123…` → `kiln_fused`).
+fn short_kernel_name(name: &str) -> &str {
+    match name.rsplit_once('_') {
+        Some((head, tail)) if tail.len() == 16 && tail.bytes().all(|c| c.is_ascii_hexdigit()) => head,
+        _ => name,
+    }
 }
 
 /// A module path with its layer numbers replaced by `*` (`model.layers.3.mlp` →
@@ -782,7 +793,7 @@ impl CudaEngine {
                                 .and_then(|_| prefill::attention_prefill(kt.dtype, d, &keys, &syms))
                                 .ok();
                             let fused = if opts.attention_fused && !attention_fused_off_by_env() {
-                                fused_attention(&graph, n, kt.dtype, group, &keys, &syms, &mut add_kernel)
+                                fused_attention(&graph, n, group, &syms, &mut add_kernel)
                             } else {
                                 None
                             };
@@ -1215,7 +1226,8 @@ impl CudaEngine {
         self.run_steps_marked(b, plan, slot, decode, early, &mut |_, _, _| Ok(()))
     }
 
-    /// [`Self::run_steps`], calling `mark(step, label)` after each step's launches.
+    /// [`Self::run_steps`], calling `mark(step, label, launches so far)` after each step's
+    /// launches (not for steps a fused attention absorbs).
     fn run_steps_marked(
         &self,
         b: &Bindings,
@@ -1313,8 +1325,9 @@ impl CudaEngine {
                     launch_node(self.lane(), &self.kernels[*k], &node.op, &ins, &outs, b, syms).map_err(fill)?;
                 }
                 Run::Attention { kernel, single, prefill, fused } => {
-                    let prefill = prefill.filter(|_| ins[0].1[1] > PREFILL_ROWS);
-                    let fused = match fused.as_deref().filter(|_| prefill.is_none()) {
+                    let split_k = runs_split_k(*prefill, ins[0].1[1]);
+                    let prefill = prefill.filter(|_| !split_k);
+                    let fused = match fused.as_deref().filter(|_| split_k) {
                         Some(f) => {
                             let p = f.producers;
                             let mut ptrs = Vec::new();
@@ -1542,7 +1555,7 @@ impl CudaEngine {
         let Run::Attention { prefill, fused: Some(_), .. } = &step.run else { return false };
         let q = self.graph.operands(step.node)[0];
         let rows = self.graph.value_type(q).shape.eval(b).map_or(0, |s| s.get(1).copied().unwrap_or(0));
-        prefill.is_none() || rows <= PREFILL_ROWS
+        runs_split_k(*prefill, rows)
     }
 
     /// Launches the pending parts of horizontal group `g` at its last part: as the
@@ -1827,13 +1840,7 @@ impl CudaEngine {
         let what = match &step.run {
             Run::Nothing => "nothing".to_string(),
             Run::Kernel(k) | Run::Arange(k) | Run::Append { kernel: k, .. } | Run::FusedAppend { kernel: k, .. } => {
-                let name = &self.kernels[*k].0.sig.name;
-                match name.rsplit_once('_') {
-                    Some((head, tail)) if tail.len() == 16 && tail.bytes().all(|c| c.is_ascii_hexdigit()) => {
-                        head.to_string()
-                    }
-                    _ => name.clone(),
-                }
+                short_kernel_name(&self.kernels[*k].0.sig.name).to_string()
             }
             Run::MatMul { .. } => "matmul".into(),
             Run::MatVec { .. } => "matvec (GEMV + prologue)".into(),
@@ -1962,11 +1969,7 @@ impl CudaEngine {
             let names = self.launch_log.as_ref().expect("set").borrow();
             let at = self.graph.node(step.node).scope.clone();
             for name in &names[labels.len().min(names.len())..launches.min(names.len())] {
-                let short = match name.rsplit_once('_') {
-                    Some((head, tail)) if tail.len() == 16 && tail.bytes().all(|c| c.is_ascii_hexdigit()) => head,
-                    _ => name.as_str(),
-                };
-                labels.push(format!("{short} @{}", generic_scope(&at)));
+                labels.push(format!("{} @{}", short_kernel_name(name), generic_scope(&at)));
             }
             labels.resize(launches, label.to_string());
             Ok(())
