@@ -159,6 +159,11 @@ pub struct BenchArgs {
     /// itself, for comparison. `KILN_ATTN_FUSED=0` in the environment does the same.
     #[arg(long)]
     pub no_attention_fused: bool,
+    /// Run every one-row weight product as the tiled GEMV, without the streaming GEMV
+    /// that short rows take by default, for comparison. `KILN_STREAM_GEMV=0` in the
+    /// environment does the same.
+    #[arg(long)]
+    pub no_stream_gemv: bool,
     /// Also time every launch of one batch-1 decode step (CUDA graph with an event after
     /// each launch) and print where the step's time goes, per kernel and module.
     #[arg(long)]
@@ -203,6 +208,7 @@ impl BenchArgs {
             no_scaled_gemv: false,
             no_attention_early: false,
             no_attention_fused: false,
+            no_stream_gemv: false,
             no_fusion: false,
             profile: false,
             timeline: false,
@@ -441,6 +447,10 @@ pub struct BenchReport {
     /// Whether decode attention computed q and the new K/V rows itself (off with
     /// `--no-attention-fused` or `KILN_ATTN_FUSED=0`).
     pub attention_fused: bool,
+    /// Whether one-row products over short weight rows ran as the streaming GEMV (off
+    /// with `--no-stream-gemv` or `KILN_STREAM_GEMV=0`).
+    #[serde(default)]
+    pub stream_gemv: bool,
     /// Whether matrix-vector groups ran as one GEMV computing its x
     /// (`KILN_MATVEC=fused`) rather than the prologue's kernel and a GEMV.
     pub matvec_one_kernel: bool,
@@ -521,6 +531,7 @@ pub(crate) struct EngineSpec {
     pub attention_early: bool,
     pub attention_fused: bool,
     pub trace: bool,
+    pub stream_gemv: bool,
     /// `None`: the engine's default.
     pub attention_long_keys: Option<usize>,
 }
@@ -684,6 +695,7 @@ mod gpu {
                 attention_early: spec.attention_early,
                 attention_fused: spec.attention_fused,
                 trace: spec.trace,
+                stream_gemv: spec.stream_gemv,
                 attention_long_keys: spec
                     .attention_long_keys
                     .unwrap_or(kiln_codegen::decode::ATTENTION_DECODE_LONG_KEYS),
@@ -913,6 +925,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
             attention_early: !args.no_attention_early,
             attention_fused: !args.no_attention_fused,
             trace: args.timeline,
+            stream_gemv: !args.no_stream_gemv,
             attention_long_keys: args.attention_long_keys,
         };
         let t = Instant::now();
@@ -999,6 +1012,7 @@ pub(crate) fn run_on(args: &BenchArgs, backend: &dyn Backend) -> Result<BenchRep
         scaled_gemv: !args.no_scaled_gemv && !kiln_runtime::cuda::scaled_gemv_off_by_env(),
         attention_early: !args.no_attention_early && !kiln_runtime::cuda::attention_early_off_by_env(),
         attention_fused: !args.no_attention_fused && !kiln_runtime::cuda::attention_fused_off_by_env(),
+        stream_gemv: !args.no_stream_gemv && !kiln_runtime::cuda::stream_gemv_off_by_env(),
         engine_max_batch,
         engine_max_context: max_context,
         copy_bandwidth_bytes_per_s: bw,
@@ -1179,7 +1193,7 @@ impl BenchReport {
         let _ = writeln!(
             s,
             "CUDA graphs: {} | PDL: {} | fusion: {} | horizontal: {} | epilogue GEMV: {} | scaled GEMV: {} | \
-             early attention: {} | fused attention: {} | matvec groups: {} | kernels per decode step: {}",
+             early attention: {} | fused attention: {} | stream GEMV: {} | matvec groups: {} | kernels per decode step: {}",
             if self.cuda_graphs { "on" } else { "off" },
             if self.pdl { "on" } else { "off" },
             if self.fusion { "on" } else { "off" },
@@ -1188,6 +1202,7 @@ impl BenchReport {
             if self.scaled_gemv { "on" } else { "off" },
             if self.attention_early { "on" } else { "off" },
             if self.attention_fused { "on" } else { "off" },
+            if self.stream_gemv { "on" } else { "off" },
             if self.matvec_one_kernel { "one kernel (KILN_MATVEC=fused)" } else { "prologue kernel + GEMV" },
             self.launches_per_decode_step
         );

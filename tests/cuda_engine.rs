@@ -349,6 +349,44 @@ fn fused_attention_skips_the_producers_and_computes_the_same_bits() {
     }
 }
 
+/// The streaming GEMV (on by default for short weight rows; this model's rows are all
+/// short) computes the one-row products to rounding of the tiled GEMV (another
+/// summation order), in f32 and bf16, graph and eager, and the engine still matches the
+/// CPU executor; it launches as many kernels, and the step's timeline names streaming
+/// kernels only when it is on.
+#[test]
+fn the_streaming_gemv_matches_the_tiled_gemv_and_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    let prompt = test_prompt(7);
+    for (dt, tol, close) in [(DType::F32, 1e-4, 1e-5), (DType::BF16, 3e-2, 2e-2)] {
+        let (g, w) = setup(dt);
+        let run = |graphs: bool, stream_gemv: bool| {
+            engine_run_with(&g, &w, &prompt, 8, EngineOptions { stream_gemv, ..test_options(graphs) })
+        };
+        let (l_off, _, n_off) = run(true, false);
+        for graphs in [true, false] {
+            let (l_on, t_on, n_on) = run(graphs, true);
+            assert_eq!(n_on, n_off, "{dt}: launches per decode step (graphs: {graphs})");
+            for (i, (a, b)) in l_on.iter().zip(&l_off).enumerate() {
+                let err = rel_l2(a, b);
+                assert!(err < close, "{dt}: step {i}: streaming vs tiled GEMV rel L2 {err:.3e} (graphs: {graphs})");
+            }
+            compare_with_cpu(&g, &w, &prompt, &l_on, &t_on, &format!("stream_{}", dt.name()), tol);
+        }
+        // The timeline labels launches by kernel name.
+        for on in [true, false] {
+            let opts = EngineOptions { stream_gemv: on, trace: true, ..test_options(true) };
+            let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();
+            e.prefill(std::slice::from_ref(&prompt)).unwrap();
+            let names: Vec<String> = e.timeline(2).unwrap().into_iter().map(|(l, _, _)| l).collect();
+            let streams = names.iter().filter(|l| l.starts_with("kiln_gemv_stream")).count();
+            assert_eq!(streams > 0, on, "{dt}: streaming kernels in the decode step (on: {on}): {names:?}");
+        }
+    }
+}
+
 #[test]
 fn graph_replay_equals_eager_and_batches_decode_like_single_sequences() {
     if !gpu() {

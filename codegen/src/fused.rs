@@ -584,6 +584,73 @@ pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resul
 /// tile ([`gemv_epilogue_items`]). `cfg` is for one row of x (`max_rows` 1): the caller
 /// launches it for `m` = 1 when [`crate::decode::gemv_prologue_fits`]`(1, k)`.
 pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bool) -> Result<Kernel, CodegenError> {
+    gemv_scaled_with(body, syms, cfg, epilogue, false)
+}
+
+/// The streaming form of [`gemv_scaled`] (`gemv_stream.cu` with `GS_SCALE`, see
+/// [`crate::decode::gemv_stream`]): persistent blocks of
+/// [`crate::decode::GEMV_STREAM_WARPS`] warps stream the weight through per-warp
+/// `cp.async` rings; each block stages A and computes S once (the same generated code),
+/// block 0 writes the prologue's written outputs, every row's sum is scaled by S. No
+/// epilogue. Parameters: [`gemv_scaled`]'s without an epilogue. Launch over
+/// [`crate::decode::gemv_stream_items`] blocks with the kernel's dynamic shared memory,
+/// for one row of x, when the weight rows fit ([`crate::decode::gemv_stream_fits`]).
+pub fn gemv_stream_scaled(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+    let cfg = GemvConfig { warps: decode::GEMV_STREAM_WARPS, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 1 };
+    gemv_scaled_with(body, syms, cfg, false, true)
+}
+
+/// [`gemv_stream_scaled`] where the engine runs it for one row of x: the weight's rows
+/// are short ([`crate::decode::gemv_stream_pays`]) and the kernel renders; `None`
+/// otherwise (the tiled [`gemv_scaled`] runs). The engine, the plan's launch list and the
+/// viewer all ask here.
+pub fn gemv_stream_scaled_if_pays(body: &FusedBody, syms: &[Sym]) -> Option<Kernel> {
+    let w = body.inputs.last()?;
+    let k = w.shape.dims().last()?.as_fixed()?;
+    decode::gemv_stream_pays(w.dtype, k).then(|| gemv_stream_scaled(body, syms).ok()).flatten()
+}
+
+/// What the engine runs for one row of x of a matrix-vector group whose norm the scaled
+/// GEMV computes, for the plan's launch list and the viewer: the kernel to show and a
+/// description naming the alternatives. Without an epilogue, the streaming form where
+/// [`gemv_stream_scaled_if_pays`], else the tiled [`gemv_scaled_one_row`]; with one, the
+/// tiled form (the epilogue inside when its blocks fit in one wave, else the streaming
+/// form, if it pays, or the tiled one, then the epilogue's kernel).
+pub fn scaled_gemv_one_row_choice(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, String), CodegenError> {
+    let (tiled, _) = gemv_scaled_one_row(body, syms)?;
+    let epilogue = matches!(body.kind(), Ok(FusedKind::MatVec { epilogue: Some(_), .. }));
+    let norm = "the norm as a scale after the products";
+    Ok(match (gemv_stream_scaled_if_pays(body, syms), epilogue) {
+        (Some(s), false) => {
+            let text = format!(
+                "{} for one row of x (streaming the short weight rows, else {}; {norm})",
+                s.sig.name, tiled.sig.name
+            );
+            (s, text)
+        }
+        (Some(s), true) => {
+            let text = format!(
+                "{} for one row of x ({norm}; with the epilogue when its blocks fit in one wave, else {} streaming \
+                 the short weight rows, then the epilogue's kernel)",
+                tiled.sig.name, s.sig.name
+            );
+            (tiled, text)
+        }
+        (None, e) => {
+            let epi = if e { "; with the epilogue when its blocks fit in one wave" } else { "" };
+            let text = format!("{} for one row of x ({norm}{epi})", tiled.sig.name);
+            (tiled, text)
+        }
+    })
+}
+
+fn gemv_scaled_with(
+    body: &FusedBody,
+    syms: &[Sym],
+    cfg: GemvConfig,
+    epilogue: bool,
+    stream: bool,
+) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let FusedKind::MatVec { prologue, x, weight, epilogue: form } = kind else {
@@ -793,6 +860,36 @@ pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bo
     params.push((Role::In((nin + 1) as u8), ParamTy::const_ptr(ws)));
     gemv_params_end(&mut params, "gemv_scaled")?;
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    if stream {
+        let Some(k) = body.inputs[nin].shape.dims().last().and_then(|d| d.as_fixed()) else {
+            return err("gemv_stream_scaled: the weight's row length must be fixed");
+        };
+        if !decode::gemv_stream_fits(wt.dtype, k) || ncols_fixed != k {
+            return err(format!("gemv_stream_scaled: weight rows of {k} elements ({ncols_fixed} columns of x)"));
+        }
+        let defines = [
+            ("KILN_X", xs.to_string()),
+            ("KILN_W", ws.to_string()),
+            ("KILN_Y", ys.to_string()),
+            ("KILN_VEC", decode::vec_elems(wt.dtype).to_string()),
+            ("GS_K", k.to_string()),
+            ("GS_WARPS", decode::GEMV_STREAM_WARPS.to_string()),
+            ("GS_S", decode::GEMV_STREAM_STAGES.to_string()),
+            ("GS_CH", decode::GEMV_STREAM_VECTORS.to_string()),
+            ("GS_SCALE", "1".to_string()),
+            ("GV_NRED", reds.len().max(1).to_string()),
+            ("GS_X", "((const KILN_X*)0)".to_string()),
+            ("GS_W", Role::In((nin + 1) as u8).c_name()),
+            ("GS_Y", Role::Out(e as u8).c_name()),
+        ];
+        let template = format!("{}{}{}", decode::VECTOR_HELPERS, decode::CACHE_ATTENTION, decode::GEMV_STREAM)
+            .replace("KILN_PROLOGUE", &staging);
+        let grid = Grid::BlockPerItem { threads: 32 * decode::GEMV_STREAM_WARPS as u32 };
+        let mut kernel = render_hashed("kiln_gemv_stream_scaled", params, &template, &defines, grid);
+        kernel.dynamic_smem =
+            (decode::GEMV_STREAM_WARPS * decode::GEMV_STREAM_STAGES * decode::GEMV_STREAM_VECTORS * 16 + 4 * k) as u32;
+        return Ok(kernel);
+    }
     defines.extend([
         ("KILN_RESIDUAL", "0".to_string()),
         ("GV_PROLOGUE", "1".to_string()),

@@ -337,3 +337,44 @@ fn fused_decode_attention_takes_the_producers_inputs() {
     let e = attention_producers(&g2, attn).unwrap_err().0;
     assert!(e.contains("q") && e.contains("graph output"), "{e}");
 }
+
+/// The streaming GEMV: the plain GEMV's parameters, its k baked in (x staged whole),
+/// a ring of weight items per warp in dynamic shared memory, blocks up to one per
+/// multiprocessor; rows it cannot take are refused by name; it compiles for sm_90.
+#[test]
+fn the_streaming_gemv_takes_the_gemv_parameters_and_compiles() {
+    let k = gemv_stream(DType::BF16, DType::BF16, DType::BF16, 8192).unwrap();
+    let plain = gemv(DType::BF16, DType::BF16, DType::BF16).unwrap();
+    assert_eq!(roles(&k), roles(&plain));
+    assert_eq!(k.sig.name, "kiln_gemv_stream_bf16_bf16_bf16_k8192");
+    assert_eq!(k.grid, Grid::BlockPerItem { threads: 32 * GEMV_STREAM_WARPS as u32 });
+    assert_eq!(k.dynamic_smem as usize, GEMV_STREAM_WARPS * GEMV_STREAM_STAGES * GEMV_STREAM_VECTORS * 16 + 4 * 8192);
+    assert!(k.dynamic_smem <= 227 << 10, "fits a multiprocessor");
+    assert!(k.waits_for_previous(), "a manual entry that waits");
+    assert!(k.source.contains("#define GS_K 8192"));
+    assert_eq!(gemv_stream_items(2048, 132), 132);
+    assert_eq!(gemv_stream_items(576, 132), 72);
+    assert_eq!(gemv_stream_items(1, 132), 1);
+    assert!(gemv_stream_fits(DType::BF16, 576) && !gemv_stream_fits(DType::BF16, 577));
+    // The engine streams rows of at most 2 KiB (SmolLM2's 576, not the 1B's 2,048).
+    assert!(gemv_stream_pays(DType::BF16, 576) && gemv_stream_pays(DType::BF16, 1024));
+    assert!(!gemv_stream_pays(DType::BF16, 1536) && !gemv_stream_pays(DType::BF16, 2048));
+    assert!(gemv_stream_pays(DType::F32, 512) && !gemv_stream_pays(DType::F32, 1024));
+    assert!(!gemv_stream_pays(DType::BF16, 577), "whole 16-byte vectors only");
+    assert!(!gemv_stream_fits(DType::BF16, GEMV_STREAM_MAX_K + 8) && gemv_stream_fits(DType::F32, 4));
+    let e = gemv_stream(DType::BF16, DType::BF16, DType::BF16, 100).unwrap_err().0;
+    assert!(e.contains("gemv_stream") && e.contains("100"), "{e}");
+    let e = gemv_stream(DType::BF16, DType::I8, DType::BF16, 64).unwrap_err().0;
+    assert!(e.contains("gemv_stream weight w") && e.contains("i8"), "{e}");
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        let more = [
+            gemv_stream(DType::BF16, DType::BF16, DType::BF16, 576).unwrap(),
+            gemv_stream(DType::F32, DType::F32, DType::F32, 1000).unwrap(),
+            gemv_stream(DType::F16, DType::F16, DType::F32, 2048).unwrap(),
+        ];
+        c.compile_all(&[&k, &more[0], &more[1], &more[2]]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+}

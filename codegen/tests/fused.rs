@@ -1009,9 +1009,33 @@ fn a_norm_prologue_factors_into_a_scaled_gemv() {
     assert!(matches!(ln.kind(), Ok(FusedKind::MatVec { .. })), "{:?}", ln.kind());
     let e = kiln_codegen::scaled_prologue(&ln).unwrap_err();
     assert!(e.0.contains("two levels") || e.0.contains("not a product"), "{e}");
+    // The streaming form: the same staging, in gemv_stream.cu,
+    // the scaled GEMV's parameters (no epilogue), a ring in dynamic shared memory.
+    let st = kiln_codegen::gemv_stream_scaled(&body, &syms).unwrap();
+    assert!(st.sig.name.starts_with("kiln_gemv_stream_scaled_"), "{}", st.sig.name);
+    assert_eq!(
+        st.sig.params.iter().map(|p| p.role).collect::<Vec<_>>(),
+        k.sig.params.iter().map(|p| p.role).collect::<Vec<_>>()
+    );
+    let sp = kernel_part(&st);
+    assert!(sp.contains("#define GS_SCALE 1") && sp.contains("#define GS_K 256") && sp.contains("gv_stage(xs, 0,"));
+    assert!(sp.contains("gv_s[0] =") && !sp.contains("KILN_PROLOGUE"));
+    assert!(st.dynamic_smem > 0 && st.waits_for_previous());
+    let st2 = kiln_codegen::gemv_stream_scaled(&body2, &syms2).unwrap();
+    // Rows of 256 f32 (1 KiB) are short: the engine streams them (gemv_stream_pays), and
+    // the plan and viewer show that kernel, naming the tiled one; with an epilogue the
+    // tiled form is shown (the epilogue GEMV when one wave), the streaming one named.
+    let pays = kiln_codegen::gemv_stream_scaled_if_pays(&body, &syms).expect("short rows stream");
+    assert_eq!(pays.sig.name, st.sig.name);
+    let (shown, text) = kiln_codegen::scaled_gemv_one_row_choice(&body, &syms).unwrap();
+    assert_eq!(shown.sig.name, st.sig.name);
+    assert!(text.contains(&format!("streaming the short weight rows, else {}", one.sig.name)), "{text}");
+    let (shown2, text2) = kiln_codegen::scaled_gemv_one_row_choice(&body2, &syms2).unwrap();
+    assert!(shown2.sig.name.starts_with("kiln_gemv_scaled_"), "{}", shown2.sig.name);
+    assert!(text2.contains(&format!("else {} streaming", st2.sig.name)) && text2.contains("epilogue's kernel"));
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
-        c.compile_all(&[&k, &ke, &plain]).unwrap_or_else(|e| panic!("{e}"));
+        c.compile_all(&[&k, &ke, &plain, &st, &st2]).unwrap_or_else(|e| panic!("{e}"));
     } else {
         println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }

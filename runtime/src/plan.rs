@@ -553,13 +553,11 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
         } else {
             match &node.op {
                 Op::Input { .. } | Op::Param { .. } | Op::Constant { .. } | Op::Reshape(_) => continue,
-                Op::Fused(body) if scaled_gemv(graph, n, body, &syms).is_some() => {
-                    let (k, one) = scaled_gemv(graph, n, body, &syms).expect("checked");
-                    format!(
-                        "{k} for one row of x (the norm as a scale after the products{}), else {}",
-                        if one { "; with the epilogue when its blocks fit in one wave" } else { "" },
-                        matvec_launch(body, &syms)
-                    )
+                Op::Fused(body) if kiln_codegen::scaled_prologue_in(graph, n).is_ok() => {
+                    match kiln_codegen::scaled_gemv_one_row_choice(body, &syms) {
+                        Ok((_, text)) => format!("{text}, else {}", matvec_launch(body, &syms)),
+                        Err(_) => matvec_launch(body, &syms),
+                    }
                 }
                 Op::Fused(body) if matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { .. })) => {
                     matvec_launch(body, &syms)
@@ -571,9 +569,16 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     let row = decode::weight_row_bytes(w);
                     let gemv =
                         |m: usize| decode::gemv_with(a.dtype, w.dtype, y, decode::GemvConfig::for_shape(m, row)).ok();
+                    // The streaming GEMV for one row over short rows, as the engine decides.
+                    let k = w.shape.dims().last().and_then(|d| d.as_fixed());
+                    let stream = k
+                        .filter(|&k| decode::gemv_stream_pays(w.dtype, k))
+                        .and_then(|k| decode::gemv_stream(a.dtype, w.dtype, y, k).ok());
                     match (!transpose_a && *transpose_b && w.rank() == 2).then(|| (gemv(1), gemv(2))) {
                         Some((Some(k1), Some(k2))) => {
-                            format!("cuBLAS GEMM, or {} for one row, {} for a few", k1.sig.name, k2.sig.name)
+                            let one =
+                                stream.map_or(k1.sig.name, |s| format!("{} (streaming the short rows)", s.sig.name));
+                            format!("cuBLAS GEMM, or {one} for one row, {} for a few", k2.sig.name)
                         }
                         _ => "cuBLAS GEMM".into(),
                     }
@@ -692,14 +697,4 @@ fn matvec_launch(body: &kiln_ops::FusedBody, syms: &[kiln_ops::Sym]) -> String {
             }
         }
     }
-}
-
-/// The scaled GEMV's kernel name for matrix-vector group node `n`, and whether the group
-/// has an epilogue (which the scaled GEMV also computes when one wave), when
-/// [`kiln_codegen::scaled_prologue_in`] allows it (as the engine decides).
-fn scaled_gemv(graph: &Graph, n: NodeId, body: &kiln_ops::FusedBody, syms: &[kiln_ops::Sym]) -> Option<(String, bool)> {
-    kiln_codegen::scaled_prologue_in(graph, n).ok()?;
-    let (k, _) = kiln_codegen::gemv_scaled_one_row(body, syms).ok()?;
-    let epi = matches!(body.kind(), Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }));
-    Some((k.sig.name, epi))
 }

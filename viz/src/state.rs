@@ -623,13 +623,9 @@ impl ViewerState {
                 // that kernel.
                 (Op::Fused(b), Err(_)) if kiln_codegen::scaled_prologue_in(g, n).is_ok() => {
                     let syms = kiln_codegen::symbols::graph_symbols(g);
-                    match kiln_codegen::gemv_scaled_one_row(b, &syms) {
-                        Ok((k, _)) => KernelInfo::Cuda {
-                            name: format!(
-                                "{} for one row of x (the norm as a scale after the products); else the prologue's \
-                                 kernel then a GEMV",
-                                k.sig.name
-                            ),
+                    match kiln_codegen::scaled_gemv_one_row_choice(b, &syms) {
+                        Ok((k, text)) => KernelInfo::Cuda {
+                            name: format!("{text}; else the prologue's kernel then a GEMV"),
                             source: k.source,
                         },
                         Err(e) => KernelInfo::Unsupported(e.0),

@@ -96,6 +96,13 @@ pub struct EngineOptions {
     /// [`CudaEngine::timeline`]; off by default (a diagnostic: it adds an atomic and two
     /// stores per launch and changes every kernel's source).
     pub trace: bool,
+    /// Run one-row weight products over short rows as the streaming GEMV
+    /// (`kiln_codegen::decode::gemv_stream`, `gemv_stream_scaled`: persistent blocks, a
+    /// `cp.async` ring of weight items per warp, x staged once per block) instead of the
+    /// tiled GEMV, where `decode::gemv_stream_pays` (see there for the measurements). On
+    /// by default; off (`false`, or `KILN_STREAM_GEMV=0` in the environment, or `kiln
+    /// bench --no-stream-gemv`) for a same-run A/B.
+    pub stream_gemv: bool,
     /// Keys (past + new positions) above which decode attention takes whole GQA groups
     /// per block rather than one query head per block
     /// ([`decode::ATTENTION_DECODE_LONG_KEYS`] by default). A decode step is captured as
@@ -119,6 +126,7 @@ impl Default for EngineOptions {
             attention_early: true,
             attention_fused: true,
             trace: false,
+            stream_gemv: true,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
         }
     }
@@ -170,7 +178,9 @@ enum Run {
     Arange(usize),
     /// cuBLAS, or the GEMV kernel (`gemv`, with its work split) when the product has few
     /// rows.
-    MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]> },
+    /// `stream`: the streaming GEMV (`decode::gemv_stream`) for one row of x, when
+    /// [`EngineOptions::stream_gemv`] is on and `decode::gemv_stream_pays` for the rows.
+    MatMul { gemv: Option<[(usize, decode::GemvConfig); 2]>, stream: Option<usize> },
     /// A matrix-vector group (`FusedKind::MatVec`): for one row of x, the scaled GEMV
     /// (`scaled`, see [`ScaledRun`]) when its prologue factors; else, with
     /// `KILN_MATVEC=fused` in the environment (see [`matvec_fused_gemv`]), a group
@@ -244,6 +254,10 @@ struct ScaledRun {
     epi: Option<(usize, decode::GemvConfig)>,
     /// Whether `epi`'s blocks fit in one wave (set once the kernels load).
     epi_one_wave: bool,
+    /// The streaming form (`kiln_codegen::gemv_stream_scaled`), used instead of `plain`
+    /// for one row when [`EngineOptions::stream_gemv`] is on and
+    /// `decode::gemv_stream_pays` for the weight's rows.
+    stream: Option<usize>,
 }
 
 struct Step {
@@ -371,6 +385,12 @@ pub fn scaled_gemv_off_by_env() -> bool {
     std::env::var("KILN_SCALED_GEMV").is_ok_and(|v| v == "0")
 }
 
+/// `KILN_STREAM_GEMV=0` in the environment: no streaming GEMV, whatever
+/// [`EngineOptions::stream_gemv`] says.
+pub fn stream_gemv_off_by_env() -> bool {
+    std::env::var("KILN_STREAM_GEMV").is_ok_and(|v| v == "0")
+}
+
 /// `KILN_ATTN_EARLY=0` in the environment: decode attention waits for the previous
 /// kernel first, whatever [`EngineOptions::attention_early`] says.
 pub fn attention_early_off_by_env() -> bool {
@@ -409,6 +429,7 @@ fn scaled_run(
     n: NodeId,
     body: &kiln_ops::FusedBody,
     syms: &[kiln_ops::Sym],
+    stream: bool,
     add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
 ) -> Option<Box<ScaledRun>> {
     kiln_codegen::scaled_prologue_in(graph, n).ok()?;
@@ -420,7 +441,8 @@ fn scaled_run(
         }
         _ => None,
     };
-    Some(Box::new(ScaledRun { plain: (add_kernel(plain), cfg), epi, epi_one_wave: false }))
+    let stream = if stream { kiln_codegen::gemv_stream_scaled_if_pays(body, syms).map(&mut *add_kernel) } else { None };
+    Some(Box::new(ScaledRun { plain: (add_kernel(plain), cfg), epi, epi_one_wave: false, stream }))
 }
 
 /// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads), when
@@ -494,6 +516,7 @@ impl CudaEngine {
             )));
         }
         let info = super::device_info(opts.device).map_err(CudaError::Unavailable)?;
+        let stream_gemv = opts.stream_gemv && !stream_gemv_off_by_env();
         let ctx = CudaContext::new(opts.device).map_err(driver_err("context"))?;
         // SAFETY: every buffer of this engine is used on its one stream only.
         unsafe { ctx.disable_event_tracking() };
@@ -708,7 +731,7 @@ impl CudaEngine {
                         };
                         let n_pro = pro.outputs.len();
                         let scaled = if opts.scaled_gemv && !scaled_gemv_off_by_env() {
-                            scaled_run(&graph, n, body, &syms, &mut add_kernel)
+                            scaled_run(&graph, n, body, &syms, stream_gemv, &mut add_kernel)
                         } else {
                             None
                         };
@@ -765,7 +788,22 @@ impl CudaEngine {
                                 gemv = Some([(add_kernel(k1), one), (add_kernel(k2), more)]);
                             }
                         }
-                        Run::MatMul { gemv }
+                        // The streaming GEMV for one row, over short weight rows.
+                        let k = w.shape.dims().last().and_then(|d| d.as_fixed());
+                        let stream = match k {
+                            Some(k)
+                                if gemv.is_some()
+                                    && stream_gemv
+                                    && decode::gemv_stream_pays(w.dtype, k)
+                                    && a.shape.dims().last().and_then(|d| d.as_fixed()) == Some(k) =>
+                            {
+                                decode::gemv_stream(a.dtype, w.dtype, node.outputs[0].dtype, k)
+                                    .ok()
+                                    .map(&mut add_kernel)
+                            }
+                            _ => None,
+                        };
+                        Run::MatMul { gemv, stream }
                     }
                     Op::Attention(_) => {
                         let ops = graph.operands(n);
@@ -1368,8 +1406,23 @@ impl CudaEngine {
                     let (a, n) = self.fused_append_args(node, *cache, &ins, &outs, b, syms).map_err(fill)?;
                     launch(self.lane(), &self.kernels[*kernel], n, &a)?;
                 }
-                Run::MatMul { gemv } => {
-                    self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?;
+                Run::MatMul { gemv, stream } => {
+                    let one = ins[0].1[..ins[0].1.len() - 1].iter().product::<usize>() == 1;
+                    match stream.filter(|_| one && ins[1].1.len() == 2) {
+                        Some(ks) => {
+                            let (n, k) = (ins[1].1[0], ins[1].1[1]);
+                            let mut a = Args::default();
+                            a.set(Role::Out(0), ArgValue::Ptr(outs[0].0))
+                                .set(Role::In(0), ArgValue::Ptr(ins[0].0))
+                                .set(Role::In(1), ArgValue::Ptr(ins[1].0))
+                                .i64(Role::MatM, 1)
+                                .i64(Role::MatN, n)
+                                .i64(Role::MatK, k);
+                            let sms = self.info.multiprocessors.max(1) as usize;
+                            launch(self.lane(), &self.kernels[ks], decode::gemv_stream_items(n, sms), &a)?;
+                        }
+                        None => self.matmul(&node.op, *gemv, &ins, &outs, node.outputs[0].dtype).map_err(fill)?,
+                    }
                 }
                 Run::MatVec { scaled, fused, prologue, pro_op, gemv, x, epilogue } => {
                     let (xs, ys) = (outs[*x].1, outs[outs.len() - 1].1);
@@ -1687,7 +1740,13 @@ impl CudaEngine {
             (Some(_), Some(ep)) => kiln_codegen::gemv_epilogue_items(&ep.form, cfg),
             _ => decode::gemv_items_with(n, cfg),
         };
-        launch(self.lane(), &self.kernels[kg], items, &a)?;
+        match sr.stream.filter(|_| with_epi.is_none() && m == 1) {
+            Some(ks) => {
+                let sms = self.info.multiprocessors.max(1) as usize;
+                launch(self.lane(), &self.kernels[ks], decode::gemv_stream_items(n, sms), &a)?;
+            }
+            None => launch(self.lane(), &self.kernels[kg], items, &a)?,
+        }
         match epilogue {
             Some(ep) if with_epi.is_none() => {
                 self.epilogue_kernel(ep, ins, outs, b, syms)?;

@@ -20,7 +20,8 @@ mod executor;
 
 pub use engine::{
     attention_early_off_by_env, attention_fused_off_by_env, epilogue_gemv_off_by_env, horizontal_off_by_env,
-    matvec_fused_gemv, scaled_gemv_off_by_env, CudaEngine, EngineOptions, MemoryReport, PREFILL_ROWS,
+    matvec_fused_gemv, scaled_gemv_off_by_env, stream_gemv_off_by_env, CudaEngine, EngineOptions, MemoryReport,
+    PREFILL_ROWS,
 };
 pub use executor::{allow_dynamic_smem, CudaExecutor, CudaOptions};
 pub use kiln_codegen::CompileStats;
