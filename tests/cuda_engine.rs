@@ -263,27 +263,34 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
 /// replaces each norm's kernel: 2 per decoder layer and the final one, 5 launches fewer
 /// on the 2-layer test model. It skips the rounding of the normed x to the storage
 /// type, so it matches the norm kernel + GEMV to rounding, not bit for bit: both match
-/// the CPU executor (logits and greedy tokens), in f32 and bf16, graph and eager.
+/// the CPU executor (logits and greedy tokens), in f32 and bf16, graph and eager, for
+/// the tiled scaled GEMV and for its streaming form (the default for this model's short
+/// rows since the streaming GEMV).
 #[test]
 fn the_scaled_gemv_replaces_the_norm_kernels_and_matches_the_cpu() {
     if !gpu() {
         return;
     }
     let prompt = test_prompt(7);
-    for (dt, tol, close) in [(DType::F32, 1e-4, 1e-5), (DType::BF16, 3e-2, 2e-2)] {
-        let (g, w) = setup(dt);
-        let run = |graphs: bool, scaled_gemv: bool| {
-            engine_run_with(&g, &w, &prompt, 12, EngineOptions { scaled_gemv, ..test_options(graphs) })
-        };
-        let (l_off, _, n_off) = run(true, false);
-        for graphs in [true, false] {
-            let (l_on, t_on, n_on) = run(graphs, true);
-            assert_eq!(n_on + 5, n_off, "{dt}: launches per decode step (graphs: {graphs})");
-            for (i, (a, b)) in l_on.iter().zip(&l_off).enumerate() {
-                let err = rel_l2(a, b);
-                assert!(err < close, "{dt}: step {i}: scaled vs norm kernel rel L2 {err:.3e} (graphs: {graphs})");
+    // The tiled form (stream off) and the streaming one (this model's rows are short).
+    for stream_gemv in [false, true] {
+        for (dt, tol, close) in [(DType::F32, 1e-4, 1e-5), (DType::BF16, 3e-2, 2e-2)] {
+            let (g, w) = setup(dt);
+            let run = |graphs: bool, scaled_gemv: bool| {
+                engine_run_with(&g, &w, &prompt, 12, EngineOptions { scaled_gemv, stream_gemv, ..test_options(graphs) })
+            };
+            let (l_off, _, n_off) = run(true, false);
+            for graphs in [true, false] {
+                let (l_on, t_on, n_on) = run(graphs, true);
+                let what = format!("{dt}, graphs: {graphs}, stream: {stream_gemv}");
+                assert_eq!(n_on + 5, n_off, "{what}: launches per decode step");
+                for (i, (a, b)) in l_on.iter().zip(&l_off).enumerate() {
+                    let err = rel_l2(a, b);
+                    assert!(err < close, "{what}: step {i}: scaled vs norm kernel rel L2 {err:.3e}");
+                }
+                let tag = format!("scaled_{}{}", dt.name(), if stream_gemv { "_stream" } else { "" });
+                compare_with_cpu(&g, &w, &prompt, &l_on, &t_on, &tag, tol);
             }
-            compare_with_cpu(&g, &w, &prompt, &l_on, &t_on, &format!("scaled_{}", dt.name()), tol);
         }
     }
 }
