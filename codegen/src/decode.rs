@@ -43,10 +43,15 @@ struct alignas(16) kiln_u4 { unsigned x, y, z, w; };
 struct alignas(16) kiln_f4 { float x, y, z, w; };
 // 16 bytes of read-once data (weights) through the read-only path, not kept in L1.
 // Volatile: issued where written (e.g. before a barrier, to overlap it).
+// (A plain load where the source is compiled for a host: the tests' emulation.)
 __device__ __forceinline__ kiln_u4 kiln_ld16(const void* p) {
     kiln_u4 v;
+#if defined(__CUDA_ARCH__)
     asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
         : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#else
+    v = *(const kiln_u4*)p;
+#endif
     return v;
 }
 // 16 bytes as f32: 8 bf16, 8 f16 or 4 f32, element 0 in the low bytes. The pointer

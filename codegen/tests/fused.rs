@@ -502,6 +502,15 @@ int main(int argc, char** argv) {
     for (int i = 0; i < KILN_N_INPUTS; ++i) ins.push_back(kiln_read(dir + "/in" + std::to_string(i) + ".bin"));
     std::vector<unsigned char> syms = kiln_read(dir + "/syms.bin");
     syms.resize(syms.size() + 8);
+    // A GEMV's m and k (n is argv[4]), when the test writes them.
+    i64 m = 0, k = 0;
+    if (std::ifstream(dir + "/mk.bin")) {
+        std::vector<unsigned char> mk = kiln_read(dir + "/mk.bin");
+        std::memcpy(&m, mk.data(), 8);
+        std::memcpy(&k, mk.data() + 8, 8);
+    }
+    (void)m;
+    (void)k;
     kiln_launch(grid, block, [&] { KILN_CALL; });
     for (size_t k = 0; k < outs.size(); ++k) {
         std::ofstream f(dir + "/out" + std::to_string(k) + ".bin", std::ios::binary);
@@ -541,11 +550,13 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
                 format!("({elem}*)outs[{k}].data()")
             }
             (Role::In(k), ParamTy::Ptr { elem, .. }) => {
-                n_in += 1;
+                n_in = n_in.max(*k as usize + 1);
                 format!("(const {elem}*)ins[{k}].data()")
             }
             (Role::Syms, _) => "(const i64*)syms.data()".to_string(),
-            (Role::N, _) => "n".to_string(),
+            (Role::N, _) | (Role::MatN, _) => "n".to_string(),
+            (Role::MatM, _) => "m".to_string(),
+            (Role::MatK, _) => "k".to_string(),
             other => panic!("unexpected parameter {other:?}"),
         });
     }
@@ -773,6 +784,73 @@ fn host_movement_and_integer_bodies_match_exactly() {
     emulate("int_ops", &int_ops(), &seqs, |_| (0.0, 0.0));
     let pasts = [bind(&[("past", 0), ("seq", 3)]), bind(&[("past", 5), ("seq", 1)]), bind(&[("past", 4), ("seq", 9)])];
     emulate("concat3", &concat3(), &pasts, |_| (0.0, 0.0));
+}
+
+/// The scaled GEMV (RMSNorm as a scale after the products) compiled for the host and run
+/// by the emulation: y of a 200-row weight (13 tiles, the last partial) against the
+/// group's CPU reference, which rounds the normed x to bf16 before the product (the
+/// kernel does not), so to bf16 rounding. Launched with one block per tile, as the engine
+/// does.
+#[test]
+fn host_scaled_gemv_matches_the_reference() {
+    use kiln_codegen::decode::gemv_items_with;
+    let Some(cxx) = host_cxx() else { return };
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(256)]).unwrap();
+    let h = x.rms_norm(tr.param("n", DType::BF16, [256]).unwrap(), 1e-6).unwrap();
+    let w = tr.param("w", DType::BF16, [200, 256]).unwrap();
+    // The normed x is an output of the group (the two-kernel form writes it; the scaled
+    // GEMV does not).
+    tr.output("normed", h).unwrap();
+    tr.output("y", h.linear(w, None).unwrap()).unwrap();
+    let (fg, body, sources) = fuse_all(&tr.finish().unwrap());
+    let table = graph_symbols(&fg);
+    let (k, cfg) = kiln_codegen::gemv_scaled_one_row(&body, &table).unwrap();
+    let host = compile_host(cxx, &k, "scaled_gemv");
+    let b = bind(&[("seq", 1)]);
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let inputs: Vec<HostTensor> = body
+        .inputs
+        .iter()
+        .zip(&sources)
+        .map(|(t, src)| match src {
+            Op::Input { .. } | Op::Param { .. } => random(&mut r, t.dtype, &t.shape.eval(&b).unwrap()),
+            op => op.eval(&[], &b).unwrap().remove(0),
+        })
+        .collect();
+    let refs: Vec<&HostTensor> = inputs.iter().collect();
+    let want = Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap();
+    let y_want = want.last().unwrap();
+    // Body input i is kernel parameter in{i + 1} (x itself is computed, not read).
+    std::fs::write(host.dir.join("in0.bin"), []).unwrap();
+    for (i, t) in inputs.iter().enumerate() {
+        std::fs::write(host.dir.join(format!("in{}.bin", i + 1)), bytes_of(t)).unwrap();
+    }
+    let syms: Vec<u8> = table.iter().flat_map(|s| (b[s] as i64).to_le_bytes()).collect();
+    std::fs::write(host.dir.join("syms.bin"), syms).unwrap();
+    let mk: Vec<u8> = [1i64, 256].iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(host.dir.join("mk.bin"), mk).unwrap();
+    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    let out = Command::new(&host.exe)
+        .arg(&host.dir)
+        .arg(gemv_items_with(200, cfg).to_string())
+        .arg(threads.to_string())
+        .arg("200")
+        .arg((2 * 200).to_string())
+        .arg((2 * 256).to_string())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let y = tensor_of(DType::BF16, &[1, 1, 200], &std::fs::read(host.dir.join("out0.bin")).unwrap());
+    let (yg, yw) = (y.to_f32_vec(), y_want.to_f32_vec());
+    let num: f64 = yg.iter().zip(&yw).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = yw.iter().map(|b| (*b as f64).powi(2)).sum();
+    let rel = (num / den).sqrt();
+    assert!(rel < 1e-2, "scaled GEMV vs reference: rel L2 {rel:.3e}");
+    let scale = yw.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    for (i, (a, b)) in yg.iter().zip(&yw).enumerate() {
+        assert!((a - b).abs() <= 3e-2 * scale, "y[{i}]: {a} vs {b} (max |y| {scale})");
+    }
 }
 
 /// RMSNorm feeding `x · wᵀ` as one matrix-vector group: the body ends in the matmul, the
