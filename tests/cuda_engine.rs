@@ -295,6 +295,41 @@ fn the_scaled_gemv_replaces_the_norm_kernels_and_matches_the_cpu() {
     }
 }
 
+/// The tiled scaled GEMV's blocks are one wave that loops over the row tiles: an LM head
+/// of 16,384 rows of 1,024 f32 (1,024 tiles of 16 rows, blocks of 512 threads: at most 4
+/// per multiprocessor, so several tiles per block on any GPU of up to 256) matches the
+/// CPU executor's logits and greedy tokens, graph and eager, and the norm kernel + GEMV
+/// to rounding.
+#[test]
+fn the_scaled_gemv_loops_over_tiles_and_matches_the_cpu() {
+    if !gpu() {
+        return;
+    }
+    let config = r#"{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 256,
+      "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 16384,
+      "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
+    let model = LlamaForCausalLM::new(LlamaConfig::from_json_str(config).unwrap()).unwrap();
+    let dt = DType::F32;
+    let w = weights(&model, dt);
+    let g = model.trace(&TraceOptions { dtype: dt, last_token_only: true }).unwrap();
+    let g = kiln::passes::default_pipeline().run(g).unwrap().graph;
+    let prompt = test_prompt(5);
+    let run = |graphs: bool, scaled_gemv: bool| {
+        let opts = EngineOptions { scaled_gemv, stream_gemv: false, ..test_options(graphs) };
+        engine_run_with(&g, &w, &prompt, 4, opts)
+    };
+    let (l_off, _, n_off) = run(true, false);
+    for graphs in [true, false] {
+        let (l_on, t_on, n_on) = run(graphs, true);
+        assert!(n_on < n_off, "graphs {graphs}: the norm kernels are gone ({n_on} vs {n_off})");
+        for (i, (a, b)) in l_on.iter().zip(&l_off).enumerate() {
+            let err = rel_l2(a, b);
+            assert!(err < 1e-5, "step {i}: scaled vs norm kernel rel L2 {err:.3e} (graphs: {graphs})");
+        }
+        compare_with_cpu(&g, &w, &prompt, &l_on, &t_on, "scaled_loop_f32", 1e-4);
+    }
+}
+
 /// Horizontal fusion (a layer's RoPE of q and its k / v appends in one launch) changes
 /// how many kernels a decode step launches, never what they compute: tokens and logits
 /// equal the separate launches' bit for bit, in f32 and bf16, graph and eager.

@@ -579,10 +579,13 @@ pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resul
 ///
 /// Parameters: `out`, … (the epilogue's outputs, with `epilogue`), y, then the prologue's
 /// outputs (each its own parameter, written or not), `in{1 + i}` for body input `i` but
-/// the weight, the weight, `syms`, `m` (rows of x), `n`, `k`. One block per
-/// `cfg.rows_per_block()` rows of w ([`crate::decode::gemv_items_with`]), or per epilogue
-/// tile ([`gemv_epilogue_items`]). `cfg` is for one row of x (`max_rows` 1): the caller
-/// launches it for `m` = 1 when [`crate::decode::gemv_prologue_fits`]`(1, k)`.
+/// the weight, the weight, `syms`, `m` (rows of x), `n`, `k`. With `epilogue`, one
+/// block per epilogue tile ([`gemv_epilogue_items`]); without, the blocks loop over the
+/// tiles of `cfg.rows_per_block()` rows of w, staging A and computing S once each, so
+/// launch at most [`crate::decode::gemv_items_with`] of them (the engine: one wave, from
+/// the kernel's occupancy); any grid size is correct. `cfg` is for one row of x
+/// (`max_rows` 1): the caller launches it for `m` = 1 when
+/// [`crate::decode::gemv_prologue_fits`]`(1, k)`.
 pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bool) -> Result<Kernel, CodegenError> {
     gemv_scaled_with(body, syms, cfg, epilogue, false)
 }
@@ -894,6 +897,7 @@ fn gemv_scaled_with(
         ("KILN_RESIDUAL", "0".to_string()),
         ("GV_PROLOGUE", "1".to_string()),
         ("GV_SCALE", "1".to_string()),
+        ("GV_SCALE_LOOP", u8::from(form.is_none()).to_string()),
         ("GV_NRED", reds.len().max(1).to_string()),
         ("GV_X", "((const KILN_X*)0)".to_string()),
         ("GV_W", Role::In((nin + 1) as u8).c_name()),

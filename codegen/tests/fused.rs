@@ -789,8 +789,8 @@ fn host_movement_and_integer_bodies_match_exactly() {
 /// The scaled GEMV (RMSNorm as a scale after the products) compiled for the host and run
 /// by the emulation: y of a 200-row weight (13 tiles, the last partial) against the
 /// group's CPU reference, which rounds the normed x to bf16 before the product (the
-/// kernel does not), so to bf16 rounding. Launched with one block per tile, as the engine
-/// does.
+/// kernel does not), so to bf16 rounding. Launched with one block per tile, and with 4
+/// blocks that loop over the tiles (the engine launches one wave).
 #[test]
 fn host_scaled_gemv_matches_the_reference() {
     use kiln_codegen::decode::gemv_items_with;
@@ -831,25 +831,28 @@ fn host_scaled_gemv_matches_the_reference() {
     let mk: Vec<u8> = [1i64, 256].iter().flat_map(|v| v.to_le_bytes()).collect();
     std::fs::write(host.dir.join("mk.bin"), mk).unwrap();
     let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
-    let out = Command::new(&host.exe)
-        .arg(&host.dir)
-        .arg(gemv_items_with(200, cfg).to_string())
-        .arg(threads.to_string())
-        .arg("200")
-        .arg((2 * 200).to_string())
-        .arg((2 * 256).to_string())
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let y = tensor_of(DType::BF16, &[1, 1, 200], &std::fs::read(host.dir.join("out0.bin")).unwrap());
-    let (yg, yw) = (y.to_f32_vec(), y_want.to_f32_vec());
-    let num: f64 = yg.iter().zip(&yw).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-    let den: f64 = yw.iter().map(|b| (*b as f64).powi(2)).sum();
-    let rel = (num / den).sqrt();
-    assert!(rel < 1e-2, "scaled GEMV vs reference: rel L2 {rel:.3e}");
-    let scale = yw.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-    for (i, (a, b)) in yg.iter().zip(&yw).enumerate() {
-        assert!((a - b).abs() <= 3e-2 * scale, "y[{i}]: {a} vs {b} (max |y| {scale})");
+    for grid in [gemv_items_with(200, cfg), 4] {
+        std::fs::remove_file(host.dir.join("out0.bin")).ok();
+        let out = Command::new(&host.exe)
+            .arg(&host.dir)
+            .arg(grid.to_string())
+            .arg(threads.to_string())
+            .arg("200")
+            .arg((2 * 200).to_string())
+            .arg((2 * 256).to_string())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let y = tensor_of(DType::BF16, &[1, 1, 200], &std::fs::read(host.dir.join("out0.bin")).unwrap());
+        let (yg, yw) = (y.to_f32_vec(), y_want.to_f32_vec());
+        let num: f64 = yg.iter().zip(&yw).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+        let den: f64 = yw.iter().map(|b| (*b as f64).powi(2)).sum();
+        let rel = (num / den).sqrt();
+        assert!(rel < 1e-2, "{grid} blocks: scaled GEMV vs reference: rel L2 {rel:.3e}");
+        let scale = yw.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        for (i, (a, b)) in yg.iter().zip(&yw).enumerate() {
+            assert!((a - b).abs() <= 3e-2 * scale, "{grid} blocks: y[{i}]: {a} vs {b} (max |y| {scale})");
+        }
     }
 }
 

@@ -42,7 +42,9 @@
 // x = A · S (an RMSNorm: A = γ·h, S = rsqrt(mean(h²) + ε)); every block stages A for its
 // one row of x, reduces in the same pass (partials in gv_red, GV_NRED reductions),
 // computes S into gv_s after a barrier, and multiplies its dot products by S before
-// they are stored (or kept for the epilogue). One tile per block, like a plain GEMV.
+// they are stored (or kept for the epilogue). One tile per block, like a plain GEMV;
+// with GV_SCALE_LOOP (the form without an epilogue) the blocks are one wave that loops
+// over the row tiles like the prologue form, staging A and computing S once per block.
 // GV_EPI (a matrix-vector group with an epilogue, kiln_codegen::gemv_epilogue): the
 // block's warps compute the rows of w its epilogue columns need (warp s·GV_EPI_T + t:
 // row GV_EPI_OFF(s) + tile·GV_EPI_T + t, see gv_epi_row), keep them (rounded to y's
@@ -58,6 +60,9 @@
 #endif
 #ifndef GV_SCALE
 #define GV_SCALE 0
+#endif
+#ifndef GV_SCALE_LOOP
+#define GV_SCALE_LOOP 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -171,7 +176,10 @@ KILN_SIGNATURE {
     // loop for the prologue form, whose blocks compute (and stage) x once for all their
     // tiles (the host launches fewer blocks than tiles).
     const i64 ntiles = (n + GV_RW * GV_R - 1) / (GV_RW * GV_R);
-    const i64 tile_end = (GV_PROLOGUE && !GV_SCALE) ? ntiles : (i64)blockIdx.x + 1;
+    const i64 tile_end = (GV_PROLOGUE && (!GV_SCALE || GV_SCALE_LOOP)) ? ntiles : (i64)blockIdx.x + 1;
+#if GV_SCALE
+    float gv_s[GV_MAX_M];  // each row's scale S, computed where x is staged (gemv_scaled)
+#endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
     const i64 row0 = GV_ROW0(tile, rw);
@@ -182,9 +190,6 @@ KILN_SIGNATURE {
         for (int rr = 0; rr < GV_R; ++rr) acc[r][rr] = 0.0f;
 
     kiln_u4 wv[GV_R][GV_U];
-#if GV_SCALE
-    float gv_s[GV_MAX_M];  // each row's scale S, computed where x is staged (gemv_scaled)
-#endif
     for (i64 k0 = 0; k0 < k; k0 += kc) {
         const int len = (int)(k - k0 < (i64)kc ? k - k0 : (i64)kc);
         // The chunk's first weight loads go out before x is staged, so they overlap.
