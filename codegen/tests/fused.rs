@@ -659,6 +659,43 @@ impl HostKernel {
     }
 }
 
+impl HostKernel {
+    /// Runs a GEMV-shaped kernel: `ins[i]` is written as `in{i}` (`None`: an empty file,
+    /// for a parameter the kernel does not read), the symbol values, `m` and `k`; `n` and
+    /// the outputs' byte sizes go on the command line. Returns the outputs' bytes.
+    fn run_gemv(
+        &self,
+        ins: &[Option<&HostTensor>],
+        syms: &[i64],
+        (m, n, k): (usize, usize, usize),
+        (grid, threads): (usize, u32),
+        outs: &[usize],
+    ) -> Vec<Vec<u8>> {
+        for (i, t) in ins.iter().enumerate() {
+            std::fs::write(self.dir.join(format!("in{i}.bin")), t.map(bytes_of).unwrap_or_default()).unwrap();
+        }
+        let syms: Vec<u8> = syms.iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(self.dir.join("syms.bin"), syms).unwrap();
+        let mk: Vec<u8> = [m as i64, k as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+        std::fs::write(self.dir.join("mk.bin"), mk).unwrap();
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(&self.dir).arg(grid.to_string()).arg(threads.to_string()).arg(n.to_string());
+        for o in outs {
+            cmd.arg(o.to_string());
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}: {}", self.kernel.sig.name, String::from_utf8_lossy(&out.stderr));
+        (0..outs.len()).map(|o| std::fs::read(self.dir.join(format!("out{o}.bin"))).unwrap()).collect()
+    }
+}
+
+/// Relative L2 distance of `got` from `want`.
+fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
+    let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+    let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
+
 /// xorshift64*: reproducible test data without extra dependencies.
 struct Rng(u64);
 
@@ -822,36 +859,69 @@ fn host_scaled_gemv_matches_the_reference() {
     let want = Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap();
     let y_want = want.last().unwrap();
     // Body input i is kernel parameter in{i + 1} (x itself is computed, not read).
-    std::fs::write(host.dir.join("in0.bin"), []).unwrap();
-    for (i, t) in inputs.iter().enumerate() {
-        std::fs::write(host.dir.join(format!("in{}.bin", i + 1)), bytes_of(t)).unwrap();
-    }
-    let syms: Vec<u8> = table.iter().flat_map(|s| (b[s] as i64).to_le_bytes()).collect();
-    std::fs::write(host.dir.join("syms.bin"), syms).unwrap();
-    let mk: Vec<u8> = [1i64, 256].iter().flat_map(|v| v.to_le_bytes()).collect();
-    std::fs::write(host.dir.join("mk.bin"), mk).unwrap();
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
     let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
     for grid in [gemv_items_with(200, cfg), 4] {
-        std::fs::remove_file(host.dir.join("out0.bin")).ok();
-        let out = Command::new(&host.exe)
-            .arg(&host.dir)
-            .arg(grid.to_string())
-            .arg(threads.to_string())
-            .arg("200")
-            .arg((2 * 200).to_string())
-            .arg((2 * 256).to_string())
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        let y = tensor_of(DType::BF16, &[1, 1, 200], &std::fs::read(host.dir.join("out0.bin")).unwrap());
-        let (yg, yw) = (y.to_f32_vec(), y_want.to_f32_vec());
-        let num: f64 = yg.iter().zip(&yw).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-        let den: f64 = yw.iter().map(|b| (*b as f64).powi(2)).sum();
-        let rel = (num / den).sqrt();
+        // Outputs: y, the normed x (not written).
+        let out = host.run_gemv(&ins, &syms, (1, 200, 256), (grid, threads), &[2 * 200, 2 * 256]);
+        let (yg, yw) = (tensor_of(DType::BF16, &[1, 1, 200], &out[0]).to_f32_vec(), y_want.to_f32_vec());
+        let rel = rel_l2(&yg, &yw);
         assert!(rel < 1e-2, "{grid} blocks: scaled GEMV vs reference: rel L2 {rel:.3e}");
         let scale = yw.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for (i, (a, b)) in yg.iter().zip(&yw).enumerate() {
             assert!((a - b).abs() <= 3e-2 * scale, "{grid} blocks: y[{i}]: {a} vs {b} (max |y| {scale})");
+        }
+    }
+}
+
+/// The plain GEMV (`decode::gemv_with`, the engine's split per weight shape, one and
+/// three rows of x) and its residual form, compiled for the host: y = x · wᵀ (plus r)
+/// against an f64 reference from the same bf16 values, rounded once to bf16 (the
+/// residual form rounds the product, then the sum), so to one bf16 rounding of the
+/// summation-order difference.
+#[test]
+fn host_gemv_matches_the_reference() {
+    use kiln_codegen::decode::{gemv_items_with, gemv_residual, gemv_with, weight_row_bytes, GemvConfig};
+    let Some(cxx) = host_cxx() else { return };
+    let mut r = Rng(0x5851_f42d_4c95_7f2d);
+    let bf = |v: f64| HostTensor::from_f32_as(DType::BF16, &[1], vec![v as f32]).to_f32_vec()[0] as f64;
+    for (m, n, k) in [(1, 200, 576), (1, 40, 2048), (3, 70, 576)] {
+        let x = random(&mut r, DType::BF16, &[m, k]);
+        let w = random(&mut r, DType::BF16, &[n, k]);
+        let res = random(&mut r, DType::BF16, &[m, n]);
+        let (xf, wf, rf) = (x.to_f32_vec(), w.to_f32_vec(), res.to_f32_vec());
+        let cfg = GemvConfig::for_shape(
+            m,
+            weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[n, k]))),
+        );
+        let prod: Vec<f64> = (0..m * n)
+            .map(|i| {
+                let (row, j) = (i / n, i % n);
+                bf((0..k).map(|l| xf[row * k + l] as f64 * wf[j * k + l] as f64).sum())
+            })
+            .collect();
+        for residual in [false, true] {
+            let kern = if residual {
+                gemv_residual(DType::BF16, DType::BF16, DType::BF16).unwrap()
+            } else {
+                gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap()
+            };
+            let kcfg = if residual { GemvConfig::default() } else { cfg };
+            let host = compile_host(cxx, &kern, &format!("gemv_{m}_{n}_{k}_{residual}"));
+            let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
+            let ins = [Some(&x), Some(&w), residual.then_some(&res)];
+            let out = host.run_gemv(&ins, &[], (m, n, k), (gemv_items_with(n, kcfg), threads), &[2 * m * n]);
+            let got = tensor_of(DType::BF16, &[m, n], &out[0]).to_f32_vec();
+            for (i, g) in got.iter().enumerate() {
+                let want = if residual { bf(prod[i] + rf[i] as f64) } else { prod[i] };
+                let tol = want.abs() / 64.0 + 1e-3;
+                assert!(
+                    (*g as f64 - want).abs() <= tol,
+                    "{} (m {m}, n {n}, k {k}): y[{i}] = {g}, want {want}",
+                    kern.sig.name
+                );
+            }
         }
     }
 }
