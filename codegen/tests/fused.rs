@@ -689,6 +689,16 @@ impl HostKernel {
     }
 }
 
+/// `kernel` with its dynamic shared memory (`extern __shared__ kiln_u4 gs_dyn[]`) made a
+/// static array of its size, for the host emulation (whose `__shared__` is `static`).
+fn with_static_smem(kernel: &Kernel) -> Kernel {
+    let mut k = kernel.clone();
+    let decl = "extern __shared__ kiln_u4 gs_dyn[];";
+    assert!(k.source.contains(decl), "{}: no dynamic shared memory declaration", k.sig.name);
+    k.source = k.source.replace(decl, &format!("__shared__ kiln_u4 gs_dyn[{}];", kernel.dynamic_smem.div_ceil(16)));
+    k
+}
+
 /// Relative L2 distance of `got` from `want`.
 fn rel_l2(got: &[f32], want: &[f32]) -> f64 {
     let num: f64 = got.iter().zip(want).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
@@ -827,7 +837,8 @@ fn host_movement_and_integer_bodies_match_exactly() {
 /// by the emulation: y of a 200-row weight (13 tiles, the last partial) against the
 /// group's CPU reference, which rounds the normed x to bf16 before the product (the
 /// kernel does not), so to bf16 rounding. Launched with one block per tile, and with 4
-/// blocks that loop over the tiles (the engine launches one wave).
+/// blocks that loop over the tiles (the engine launches one wave); and its streaming form
+/// (`gemv_stream_scaled`: persistent blocks, here over 3 "multiprocessors").
 #[test]
 fn host_scaled_gemv_matches_the_reference() {
     use kiln_codegen::decode::gemv_items_with;
@@ -861,22 +872,35 @@ fn host_scaled_gemv_matches_the_reference() {
     // Body input i is kernel parameter in{i + 1} (x itself is computed, not read).
     let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
     let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
-    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
-    for grid in [gemv_items_with(200, cfg), 4] {
+    // The streaming form (persistent blocks over 3 "multiprocessors"), the same outputs.
+    let ks = with_static_smem(&kiln_codegen::gemv_stream_scaled(&body, &table).unwrap());
+    let hs = compile_host(cxx, &ks, "scaled_gemv_stream");
+    let runs = [
+        (&host, &k, gemv_items_with(200, cfg)),
+        (&host, &k, 4),
+        (&hs, &ks, kiln_codegen::decode::gemv_stream_items(200, 3)),
+    ];
+    for (host, k, grid) in runs {
+        let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
         // Outputs: y, the normed x (not written).
         let out = host.run_gemv(&ins, &syms, (1, 200, 256), (grid, threads), &[2 * 200, 2 * 256]);
         let (yg, yw) = (tensor_of(DType::BF16, &[1, 1, 200], &out[0]).to_f32_vec(), y_want.to_f32_vec());
         let rel = rel_l2(&yg, &yw);
-        assert!(rel < 1e-2, "{grid} blocks: scaled GEMV vs reference: rel L2 {rel:.3e}");
+        assert!(rel < 1e-2, "{}, {grid} blocks: scaled GEMV vs reference: rel L2 {rel:.3e}", k.sig.name);
         let scale = yw.iter().fold(0.0f32, |m, v| m.max(v.abs()));
         for (i, (a, b)) in yg.iter().zip(&yw).enumerate() {
-            assert!((a - b).abs() <= 3e-2 * scale, "{grid} blocks: y[{i}]: {a} vs {b} (max |y| {scale})");
+            assert!(
+                (a - b).abs() <= 3e-2 * scale,
+                "{}, {grid} blocks: y[{i}]: {a} vs {b} (max |y| {scale})",
+                k.sig.name
+            );
         }
     }
 }
 
 /// The plain GEMV (`decode::gemv_with`, the engine's split per weight shape, one and
-/// three rows of x) and its residual form, compiled for the host: y = x · wᵀ (plus r)
+/// three rows of x), its residual form and the streaming GEMV (one row), compiled for the
+/// host: y = x · wᵀ (plus r)
 /// against an f64 reference from the same bf16 values, rounded once to bf16 (the
 /// residual form rounds the product, then the sum), so to one bf16 rounding of the
 /// summation-order difference.
@@ -901,6 +925,25 @@ fn host_gemv_matches_the_reference() {
                 bf((0..k).map(|l| xf[row * k + l] as f64 * wf[j * k + l] as f64).sum())
             })
             .collect();
+        // The streaming GEMV (one row of x; persistent blocks over 3 "multiprocessors").
+        if m == 1 {
+            let kern =
+                with_static_smem(&kiln_codegen::decode::gemv_stream(DType::BF16, DType::BF16, DType::BF16, k).unwrap());
+            let host = compile_host(cxx, &kern, &format!("gemv_stream_{n}_{k}"));
+            let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
+            let grid = kiln_codegen::decode::gemv_stream_items(n, 3);
+            let out = host.run_gemv(&[Some(&x), Some(&w)], &[], (m, n, k), (grid, threads), &[2 * m * n]);
+            let got = tensor_of(DType::BF16, &[m, n], &out[0]).to_f32_vec();
+            for (i, g) in got.iter().enumerate() {
+                let tol = prod[i].abs() / 64.0 + 1e-3;
+                assert!(
+                    (*g as f64 - prod[i]).abs() <= tol,
+                    "{} (n {n}, k {k}): y[{i}] = {g}, want {}",
+                    kern.sig.name,
+                    prod[i]
+                );
+            }
+        }
         for residual in [false, true] {
             let kern = if residual {
                 gemv_residual(DType::BF16, DType::BF16, DType::BF16).unwrap()

@@ -39,7 +39,11 @@ __device__ __forceinline__ void gv_stage(float* xs, int, i64 j, float v, bool, i
 
 // Waits until at most GS_S - 1 of this thread's copy groups are in flight: the oldest,
 // the item about to be read, has landed.
-__device__ __forceinline__ void gs_wait_ahead() { asm volatile("cp.async.wait_group %0;" ::"n"(GS_S - 1) : "memory"); }
+__device__ __forceinline__ void gs_wait_ahead() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("cp.async.wait_group %0;" ::"n"(GS_S - 1) : "memory");
+#endif
+}
 
 // KILN_MANUAL_ENTRY: the first items are issued between launch_dependents and the wait.
 KILN_SIGNATURE {
