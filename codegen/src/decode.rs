@@ -337,8 +337,9 @@ pub fn gemv_stream_fits(w: DType, k: usize) -> bool {
 /// SmolLM2-135M (rows of 576 elements: qkv, o_proj, gate_up, LM head) 1,946 → 2,058
 /// tok/s with the short rows streamed; streaming every product was slower on the
 /// Llama-3.2-1B shape (rows of 2,048 and 8,192: 1,154 → 1,054 tok/s; long rows only:
-/// 1,084–1,134 by ring size), where the tiled GEMV's first loads already cover a 4 KiB row and the
-/// persistent blocks' shared memory keeps the next kernel's blocks from starting early.
+/// 1,084–1,134 by ring size), where the tiled GEMV's first loads already cover a 4 KiB
+/// row and the persistent blocks' shared memory keeps the next kernel's blocks from
+/// starting early.
 pub fn gemv_stream_pays(w: DType, k: usize) -> bool {
     gemv_stream_fits(w, k) && w.bytes_for(k) <= GEMV_SHORT_ROW_BYTES
 }
@@ -371,8 +372,25 @@ pub fn gemv_stream(x: DType, w: DType, out: DType, k: usize) -> Result<Kernel, C
         (Role::MatK, ParamTy::I64),
     ];
     let name = format!("kiln_gemv_stream_{}_{}_{}_k{k}", x.name(), w.name(), out.name());
-    let template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{GEMV_STREAM}").replace("KILN_PROLOGUE", "");
-    let defines = [
+    let (template, mut defines, grid, smem) = gemv_stream_parts((xs, ws, ys), w, k, "");
+    defines.extend([("GS_X", "in0".to_string()), ("GS_W", "in1".to_string()), ("GS_Y", "out".to_string())]);
+    let mut kernel = render(KernelSig::new(name, params), &template, &defines, grid);
+    kernel.dynamic_smem = smem;
+    Ok(kernel)
+}
+
+/// What both streaming GEMV forms ([`gemv_stream`], `crate::gemv_stream_scaled`) share:
+/// the template (`gemv_stream.cu` with `staging` in place of `KILN_PROLOGUE`), the
+/// storage and split defines for x, w, y `st` and rows of `k` elements of `w`, the grid
+/// and the dynamic shared memory (the rings, then x as f32).
+pub(crate) fn gemv_stream_parts(
+    (xs, ws, ys): (&str, &str, &str),
+    w: DType,
+    k: usize,
+    staging: &str,
+) -> (String, Vec<(&'static str, String)>, Grid, u32) {
+    let template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{GEMV_STREAM}").replace("KILN_PROLOGUE", staging);
+    let defines = vec![
         ("KILN_X", xs.to_string()),
         ("KILN_W", ws.to_string()),
         ("KILN_Y", ys.to_string()),
@@ -381,18 +399,10 @@ pub fn gemv_stream(x: DType, w: DType, out: DType, k: usize) -> Result<Kernel, C
         ("GS_WARPS", GEMV_STREAM_WARPS.to_string()),
         ("GS_S", GEMV_STREAM_STAGES.to_string()),
         ("GS_CH", GEMV_STREAM_VECTORS.to_string()),
-        ("GS_X", "in0".to_string()),
-        ("GS_W", "in1".to_string()),
-        ("GS_Y", "out".to_string()),
     ];
-    let mut kernel = render(
-        KernelSig::new(name, params),
-        &template,
-        &defines,
-        Grid::BlockPerItem { threads: 32 * GEMV_STREAM_WARPS as u32 },
-    );
-    kernel.dynamic_smem = (GEMV_STREAM_WARPS * GEMV_STREAM_STAGES * GEMV_STREAM_VECTORS * 16 + 4 * k) as u32;
-    Ok(kernel)
+    let grid = Grid::BlockPerItem { threads: 32 * GEMV_STREAM_WARPS as u32 };
+    let smem = (GEMV_STREAM_WARPS * GEMV_STREAM_STAGES * GEMV_STREAM_VECTORS * 16 + 4 * k) as u32;
+    (template, defines, grid, smem)
 }
 
 /// Blocks of a [`gemv_stream`] launch over `n` weight rows on `sms` multiprocessors:

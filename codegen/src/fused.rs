@@ -870,27 +870,16 @@ fn gemv_scaled_with(
         if !decode::gemv_stream_fits(wt.dtype, k) || ncols_fixed != k {
             return err(format!("gemv_stream_scaled: weight rows of {k} elements ({ncols_fixed} columns of x)"));
         }
-        let defines = [
-            ("KILN_X", xs.to_string()),
-            ("KILN_W", ws.to_string()),
-            ("KILN_Y", ys.to_string()),
-            ("KILN_VEC", decode::vec_elems(wt.dtype).to_string()),
-            ("GS_K", k.to_string()),
-            ("GS_WARPS", decode::GEMV_STREAM_WARPS.to_string()),
-            ("GS_S", decode::GEMV_STREAM_STAGES.to_string()),
-            ("GS_CH", decode::GEMV_STREAM_VECTORS.to_string()),
+        let (template, mut defines, grid, smem) = decode::gemv_stream_parts((xs, ws, ys), wt.dtype, k, &staging);
+        defines.extend([
             ("GS_SCALE", "1".to_string()),
             ("GV_NRED", reds.len().max(1).to_string()),
             ("GS_X", "((const KILN_X*)0)".to_string()),
             ("GS_W", Role::In((nin + 1) as u8).c_name()),
             ("GS_Y", Role::Out(e as u8).c_name()),
-        ];
-        let template = format!("{}{}{}", decode::VECTOR_HELPERS, decode::CACHE_ATTENTION, decode::GEMV_STREAM)
-            .replace("KILN_PROLOGUE", &staging);
-        let grid = Grid::BlockPerItem { threads: 32 * decode::GEMV_STREAM_WARPS as u32 };
+        ]);
         let mut kernel = render_hashed("kiln_gemv_stream_scaled", params, &template, &defines, grid);
-        kernel.dynamic_smem =
-            (decode::GEMV_STREAM_WARPS * decode::GEMV_STREAM_STAGES * decode::GEMV_STREAM_VECTORS * 16 + 4 * k) as u32;
+        kernel.dynamic_smem = smem;
         return Ok(kernel);
     }
     defines.extend([

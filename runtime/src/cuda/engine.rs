@@ -1014,34 +1014,32 @@ impl CudaEngine {
                 }
             }
         }
-        // Epilogue GEMVs: whether their blocks fit in one wave (see `EpiRun`), from the
-        // loaded kernel's occupancy.
-        let epilogue_gemv = opts.epilogue_gemv && !epilogue_gemv_off_by_env();
-        let one_wave = |kg: usize, cfg: decode::GemvConfig, form: &kiln_ops::Epilogue| -> Result<bool, CudaError> {
+        // Blocks of one wave of a loaded GEMV kernel of split `cfg`, from its occupancy:
+        // whether the epilogue GEMVs fit in one (see `EpiRun`), and the looping scaled
+        // GEMV's launch (see `ScaledRun::plain_wave`).
+        let wave = |kg: usize, cfg: decode::GemvConfig| -> Result<usize, CudaError> {
             let per_sm = kernels[kg]
                 .1
                 .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, 0, None)
                 .map_err(driver_err("occupancy"))?;
-            Ok(kiln_codegen::gemv_epilogue_items(form, cfg) <= per_sm as usize * sms)
+            Ok(per_sm as usize * sms)
         };
-        for s in steps.iter_mut().filter(|_| epilogue_gemv) {
-            if let Run::MatVec { epilogue: Some(e), scaled, .. } = &mut s.run {
+        let one_wave = |kg: usize, cfg: decode::GemvConfig, form: &kiln_ops::Epilogue| -> Result<bool, CudaError> {
+            Ok(kiln_codegen::gemv_epilogue_items(form, cfg) <= wave(kg, cfg)?)
+        };
+        let epilogue_gemv = opts.epilogue_gemv && !epilogue_gemv_off_by_env();
+        for s in steps.iter_mut() {
+            if let Run::MatVec { epilogue, scaled, .. } = &mut s.run {
+                if let Some(sr) = scaled.as_mut() {
+                    sr.plain_wave = wave(sr.plain.0, sr.plain.1)?.max(1);
+                }
+                let Some(e) = epilogue.as_mut().filter(|_| epilogue_gemv) else { continue };
                 if let Some((kg, cfg)) = e.gemv {
                     e.one_wave = one_wave(kg, cfg, &e.form)?;
                 }
                 if let Some((sr, (kg, cfg))) = scaled.as_mut().and_then(|sr| sr.epi.map(|k| (sr, k))) {
                     sr.epi_one_wave = one_wave(kg, cfg, &e.form)?;
                 }
-            }
-        }
-        for s in steps.iter_mut() {
-            if let Run::MatVec { scaled: Some(sr), .. } = &mut s.run {
-                let (kg, cfg) = sr.plain;
-                let per_sm = kernels[kg]
-                    .1
-                    .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, 0, None)
-                    .map_err(driver_err("occupancy"))?;
-                sr.plain_wave = (per_sm as usize * sms).max(1);
             }
         }
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
