@@ -130,9 +130,27 @@ fn bytes(g: &Graph, v: Value, b: &Bindings, align: usize) -> Result<usize, PlanE
 /// Plans the arena for the given symbol values (use the largest sizes the plan must
 /// serve, e.g. `seq = max_tokens`).
 pub fn plan(g: &Graph, b: &Bindings, opts: PlanOptions) -> Result<MemoryPlan, PlanError> {
+    plan_with_reads(g, b, opts, &[])
+}
+
+/// [`plan`] for an executor that also reads value `v` at node `n` for each `(v, n)` of
+/// `reads` (beyond the graph's operands: a kernel of `n` that computes one of its
+/// operands from `v` itself), so `v` (its buffer, for a view) stays live through `n`.
+pub fn plan_with_reads(
+    g: &Graph,
+    b: &Bindings,
+    opts: PlanOptions,
+    reads: &[(Value, NodeId)],
+) -> Result<MemoryPlan, PlanError> {
     let align = opts.alignment.max(1);
     let order = g.topo_order();
-    let ranges = live_ranges(g, &order);
+    let mut ranges = live_ranges(g, &order);
+    for &(v, n) in reads {
+        let at = order.iter().position(|&m| m == n);
+        if let (Some(at), Some(r)) = (at, ranges.get_mut(&view_root(g, v))) {
+            r.1 = r.1.max(at);
+        }
+    }
     let values = planned_values(g);
     let mut size = HashMap::new();
     for &v in &values {

@@ -1,6 +1,6 @@
 use kiln_graph::{Graph, TensorExt, Tracer};
 use kiln_ops::{Bindings, DType, Dim, Sym};
-use kiln_passes::memory::{check, plan, PlanOptions};
+use kiln_passes::memory::{check, plan, plan_with_reads, view_root, PlanOptions};
 use proptest::prelude::*;
 
 fn chain() -> Graph {
@@ -36,6 +36,35 @@ fn buffers_are_reused_after_they_die() {
     let p = plan(&g, &Bindings::new(), PlanOptions { alignment: 256, in_place: false }).unwrap();
     assert_eq!((p.naive_bytes, p.arena_bytes), (768, 512));
     check(&g, &p).unwrap();
+}
+
+/// A read beyond the graph's operands (a kernel of the last node that also reads `a`,
+/// as fused decode attention reads its producers' inputs) keeps `a` live through that
+/// node: without it `a`'s bytes go to a later value, with it they are nobody else's.
+#[test]
+fn extra_reads_keep_a_value_live() {
+    // a = exp(x); b = sin(a); c = cos(b); d = tanh(c) (out); no in-place.
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::F32, [64usize]).unwrap();
+    let a = x.exp().unwrap();
+    let an = a.value();
+    let d = a.sin().unwrap().cos().unwrap().tanh().unwrap();
+    tr.output("y", d).unwrap();
+    let g = tr.finish().unwrap();
+    let order = g.topo_order();
+    let cn = *order.iter().rev().nth(1).unwrap();
+    let overlaps = |p: &kiln_passes::memory::MemoryPlan| {
+        let pa = &p.allocations[&view_root(&g, an)];
+        let pc = &p.allocations[&kiln_graph::Value::new(cn, 0)];
+        pa.offset < pc.offset + pc.size && pc.offset < pa.offset + pa.size
+    };
+    let opts = PlanOptions { alignment: 256, in_place: false };
+    let p = plan(&g, &Bindings::new(), opts).unwrap();
+    assert!(overlaps(&p), "c reuses a's bytes when nothing reads a after b");
+    let q = plan_with_reads(&g, &Bindings::new(), opts, &[(an, cn)]).unwrap();
+    assert!(!overlaps(&q), "a is live through c's node");
+    assert_eq!(q.arena_bytes, 768);
+    check(&g, &q).unwrap();
 }
 
 #[test]
