@@ -1188,7 +1188,7 @@ impl CudaEngine {
         }
         let mut sizing = b.clone();
         sizing.insert(self.past_sym, self.opts.max_context);
-        let plan = memory::plan(&self.graph, &sizing, PlanOptions::default())
+        let plan = memory::plan_with_reads(&self.graph, &sizing, PlanOptions::default(), &self.extra_reads())
             .map_err(|e| contract(format!("memory plan: {e}")))?;
         if plan.arena_bytes > self.arena_bytes {
             self.graphs.clear();
@@ -1248,6 +1248,23 @@ impl CudaEngine {
                 dev(self.arena.as_ref().expect("prepared"), s) + a.offset as u64
             }
         })
+    }
+
+    /// What kernels read beyond their node's operands, for the memory plan: a fused
+    /// decode attention reads its producers' inputs (see [`FusedAttention`]), which must
+    /// stay live through it. Without this the plan may give the attention's output the
+    /// bytes of the q/k/v projection it is still reading (a race that changed f32 logits
+    /// from run to run with prompts of 89 and 120 tokens; `fused_attention_over_two_stages_computes_the_same_bits`).
+    fn extra_reads(&self) -> Vec<(Value, NodeId)> {
+        let mut reads = Vec::new();
+        for s in &self.steps {
+            if let Run::Attention { fused: Some(f), .. } = &s.run {
+                for p in [f.producers.q, f.producers.k, f.producers.v] {
+                    reads.extend(self.graph.operands(p).into_iter().map(|v| (v, s.node)));
+                }
+            }
+        }
+        reads
     }
 
     fn upload_syms(&self, b: &Bindings) -> Result<(), CudaError> {
