@@ -247,6 +247,51 @@ fn fusion_lowers_the_decode_arena_of_real_shapes() {
     }
 }
 
+/// Fused decode attention reads its producers' inputs (the qkv projection) besides its
+/// operands; planned with those reads (`AttentionProducers::reads`, as the CUDA engine
+/// plans), no attention output shares bytes with anything its kernel reads, for the
+/// decode step and prefills of 89 and 120 rows on the real shapes. Planned without them,
+/// some do: the race the GPU test `fused_attention_over_two_stages_computes_the_same_bits`
+/// caught (f32 logits changing from run to run).
+#[test]
+fn fused_attention_reads_stay_live_in_the_memory_plan() {
+    use kiln::codegen::decode::attention_producers;
+    use kiln::ops::{Bindings, Sym};
+    use kiln::passes::memory::{check, plan_with_reads, view_root, PlanOptions};
+    for preset in ["llama-3.2-1b", "smollm2-135m"] {
+        let model = LlamaForCausalLM::new(kiln::models::presets::preset(preset).unwrap()).unwrap();
+        let traced = model.trace(&TraceOptions { dtype: DType::BF16, last_token_only: true }).unwrap();
+        let g = default_pipeline().run(traced).unwrap().graph;
+        let mut reads = Vec::new();
+        for n in g.topo_order() {
+            if let Ok(p) = attention_producers(&g, n) {
+                reads.extend(p.reads(&g, n));
+            }
+        }
+        assert!(!reads.is_empty(), "{preset}: every layer's attention computes its producers");
+        let overlaps = |extra: &[(Value, NodeId)], seq: usize| {
+            let mut b = Bindings::new();
+            for (s, v) in [("batch", 1), ("seq", seq), ("past", 256 - seq)] {
+                b.insert(Sym::new(s), v);
+            }
+            let p = plan_with_reads(&g, &b, PlanOptions::default(), extra).unwrap();
+            check(&g, &p).unwrap();
+            let place = |v: Value| p.allocations.get(&view_root(&g, v)).map(|a| (a.offset, a.offset + a.size));
+            reads
+                .iter()
+                .filter(|(v, n)| match (place(*v), place(Value::new(*n, 0))) {
+                    (Some((a0, a1)), Some((o0, o1))) => a0 < o1 && o0 < a1,
+                    _ => false,
+                })
+                .count()
+        };
+        for seq in [1, 89, 120] {
+            assert_eq!(overlaps(&reads, seq), 0, "{preset}, seq {seq}: planned with the reads");
+        }
+        assert!(overlaps(&[], 1) > 0, "{preset}: without the reads the plan shares those bytes (the race)");
+    }
+}
+
 /// Programmatic dependent launch lets a kernel start before the previous one ends, so
 /// every kernel the engine may launch for the decode graph (fused groups, appends, both
 /// forms of the matrix-vector groups, GEMVs, attention) must wait for it before touching

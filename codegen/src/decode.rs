@@ -529,6 +529,16 @@ pub struct AttentionProducers {
     pub v: kiln_graph::NodeId,
 }
 
+impl AttentionProducers {
+    /// What the fused kernel of attention node `n` reads beyond its operands: the
+    /// producers' inputs, each paired with `n` — the memory plan must keep them live
+    /// through `n` (`kiln_passes::memory::plan_with_reads`), or it may give the
+    /// attention's output their bytes while the kernel still reads them.
+    pub fn reads(&self, g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Vec<(kiln_graph::Value, kiln_graph::NodeId)> {
+        [self.q, self.k, self.v].into_iter().flat_map(|p| g.operands(p)).map(|v| (v, n)).collect()
+    }
+}
+
 /// Whether attention node `n` of `g` can compute its operands' producers itself
 /// ([`attention_decode_fused`]), and which they are: q must be the only output of a
 /// fused elementwise group that nothing else reads (no graph output either), k and v

@@ -1259,9 +1259,7 @@ impl CudaEngine {
         let mut reads = Vec::new();
         for s in &self.steps {
             if let Run::Attention { fused: Some(f), .. } = &s.run {
-                for p in [f.producers.q, f.producers.k, f.producers.v] {
-                    reads.extend(self.graph.operands(p).into_iter().map(|v| (v, s.node)));
-                }
+                reads.extend(f.producers.reads(&self.graph, s.node));
             }
         }
         reads
