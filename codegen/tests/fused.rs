@@ -444,6 +444,8 @@ const SHIM: &str = r#"
 #include <fstream>
 #include <iterator>
 #include <math.h>
+#include <algorithm>
+#include <memory>
 #include <string>
 #include <thread>
 #include <vector>
@@ -457,18 +459,25 @@ struct kiln_dim3 { unsigned x, y, z; };
 static thread_local kiln_dim3 threadIdx, blockIdx;
 static kiln_dim3 blockDim, gridDim;
 static std::barrier<>* kiln_bar = nullptr;
+static std::barrier<>* kiln_wbar[32];  // one per warp: shuffles wait for their warp only
 static unsigned long long kiln_slots[1024];
 static inline void __syncthreads() { kiln_bar->arrive_and_wait(); }
 static inline float __int_as_float(int x) { float f; std::memcpy(&f, &x, 4); return f; }
 static inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4); return f; }
 static inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
+// The attention kernels' split merge (blocks run one after another here).
+static inline float kiln_f32_of(long long b) { float f; unsigned u = (unsigned)b; std::memcpy(&f, &u, 4); return f; }
+static inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
+static inline void __threadfence() {}
+template <class T> static inline T __ldcg(const T* p) { return *p; }
 template <class T> static T __shfl_xor_sync(unsigned, T v, int s) {
     unsigned long long x = 0;
     std::memcpy(&x, &v, sizeof(T));
+    std::barrier<>* wb = kiln_wbar[threadIdx.x >> 5];
     kiln_slots[threadIdx.x] = x;
-    kiln_bar->arrive_and_wait();
+    wb->arrive_and_wait();
     unsigned long long y = kiln_slots[threadIdx.x ^ (unsigned)s];
-    kiln_bar->arrive_and_wait();
+    wb->arrive_and_wait();
     T r;
     std::memcpy(&r, &y, sizeof(T));
     return r;
@@ -487,6 +496,11 @@ template <class F> static void kiln_launch(unsigned grid, unsigned block, F f) {
     for (unsigned b = 0; b < grid; ++b) {
         std::barrier<> bar(block);
         kiln_bar = &bar;
+        std::vector<std::unique_ptr<std::barrier<>>> wbars;
+        for (unsigned w = 0; w * 32 < block; ++w) {
+            wbars.push_back(std::make_unique<std::barrier<>>(std::min(32u, block - 32 * w)));
+            kiln_wbar[w] = wbars.back().get();
+        }
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < block; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
         for (auto& th : ts) th.join();
@@ -511,6 +525,17 @@ int main(int argc, char** argv) {
     }
     (void)m;
     (void)k;
+    // Scalar parameters other than m, n, k (attention sizes), in signature order, and
+    // zeroed completion counters, when the test writes them.
+    std::vector<i64> scal;
+    if (std::ifstream(dir + "/scalars.bin")) {
+        std::vector<unsigned char> v = kiln_read(dir + "/scalars.bin");
+        scal.resize(v.size() / 8);
+        std::memcpy(scal.data(), v.data(), scal.size() * 8);
+    }
+    std::vector<unsigned char> counters(1 << 16, 0);
+    (void)scal;
+    (void)counters;
     kiln_launch(grid, block, [&] { KILN_CALL; });
     for (size_t k = 0; k < outs.size(); ++k) {
         std::ofstream f(dir + "/out" + std::to_string(k) + ".bin", std::ios::binary);
@@ -542,7 +567,7 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-fused-host").join(tag);
     std::fs::create_dir_all(&dir).unwrap();
     let mut args = Vec::new();
-    let (mut n_in, mut n_out) = (0, 0);
+    let (mut n_in, mut n_out, mut n_scal) = (0, 0, 0);
     for p in &kernel.sig.params {
         args.push(match (&p.role, &p.ty) {
             (Role::Out(k), ParamTy::Ptr { elem, .. }) => {
@@ -557,6 +582,19 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
             (Role::N, _) | (Role::MatN, _) => "n".to_string(),
             (Role::MatM, _) => "m".to_string(),
             (Role::MatK, _) => "k".to_string(),
+            (Role::Counters, _) => "(unsigned int*)counters.data()".to_string(),
+            (_, ParamTy::I64) => {
+                n_scal += 1;
+                format!("scal[{}]", n_scal - 1)
+            }
+            (_, ParamTy::I32) => {
+                n_scal += 1;
+                format!("(int)scal[{}]", n_scal - 1)
+            }
+            (_, ParamTy::F32) => {
+                n_scal += 1;
+                format!("kiln_f32_of(scal[{}])", n_scal - 1)
+            }
             other => panic!("unexpected parameter {other:?}"),
         });
     }
@@ -689,13 +727,47 @@ impl HostKernel {
     }
 }
 
+impl HostKernel {
+    /// Runs an attention-shaped kernel: `ins[i]` as `in{i}`, the symbol values, the
+    /// other scalar parameters in signature order (`scalars`: i64, an f32 as its bits),
+    /// zeroed completion counters; the outputs' byte sizes on the command line.
+    fn run_scalars(
+        &self,
+        ins: &[&HostTensor],
+        syms: &[i64],
+        scalars: &[i64],
+        (grid, threads): (usize, u32),
+        outs: &[usize],
+    ) -> Vec<Vec<u8>> {
+        for (i, t) in ins.iter().enumerate() {
+            std::fs::write(self.dir.join(format!("in{i}.bin")), bytes_of(t)).unwrap();
+        }
+        let le = |v: &[i64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        std::fs::write(self.dir.join("syms.bin"), le(syms)).unwrap();
+        std::fs::write(self.dir.join("scalars.bin"), le(scalars)).unwrap();
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg(&self.dir).arg(grid.to_string()).arg(threads.to_string()).arg("0");
+        for o in outs {
+            cmd.arg(o.to_string());
+        }
+        let out = cmd.output().unwrap();
+        assert!(out.status.success(), "{}: {}", self.kernel.sig.name, String::from_utf8_lossy(&out.stderr));
+        (0..outs.len()).map(|o| std::fs::read(self.dir.join(format!("out{o}.bin"))).unwrap()).collect()
+    }
+}
+
 /// `kernel` with its dynamic shared memory (`extern __shared__ kiln_u4 gs_dyn[]`) made a
 /// static array of its size, for the host emulation (whose `__shared__` is `static`).
 fn with_static_smem(kernel: &Kernel) -> Kernel {
+    with_static_smem_as(kernel, "gs_dyn")
+}
+
+/// [`with_static_smem`] for the dynamic shared array `name`.
+fn with_static_smem_as(kernel: &Kernel, name: &str) -> Kernel {
     let mut k = kernel.clone();
-    let decl = "extern __shared__ kiln_u4 gs_dyn[];";
-    assert!(k.source.contains(decl), "{}: no dynamic shared memory declaration", k.sig.name);
-    k.source = k.source.replace(decl, &format!("__shared__ kiln_u4 gs_dyn[{}];", kernel.dynamic_smem.div_ceil(16)));
+    let decl = format!("extern __shared__ kiln_u4 {name}[];");
+    assert!(k.source.contains(&decl), "{}: no dynamic shared memory declaration", k.sig.name);
+    k.source = k.source.replace(&decl, &format!("__shared__ kiln_u4 {name}[{}];", kernel.dynamic_smem.div_ceil(16)));
     k
 }
 
@@ -965,6 +1037,91 @@ fn host_gemv_matches_the_reference() {
                     kern.sig.name
                 );
             }
+        }
+    }
+}
+
+/// Split-K decode attention (`flash_decode.cu`, bf16, head dim 64, 8 query heads over 2
+/// kv heads, causal) compiled for the host, against an f64 softmax over the same bf16
+/// values, for query tiles of one head and of the whole GQA group, one and two query
+/// rows, and contexts that take each path of the kernel: one stage with the two-pass
+/// softmax (7 and 150 keys), the streaming loop over two stages (250), and several
+/// splits merged by the last block through the workspaces and counters (300 keys over
+/// 3 splits: chunks of 256 and 44). CI has no GPU: this checks the kernel's logic there.
+#[test]
+fn host_decode_attention_matches_the_reference() {
+    use kiln_codegen::decode;
+    let Some(cxx) = host_cxx() else { return };
+    let table = [Sym::new("past"), Sym::new("seq")];
+    let keys = &Dim::sym("past") + &Dim::sym("seq");
+    let (b, h, kh, d) = (1usize, 8usize, 2usize, 64usize);
+    let group = h / kh;
+    let scale = 0.125f32;
+    let bf = |v: Vec<f32>, shape: &[usize]| HostTensor::from_f32_as(DType::BF16, shape, v);
+    let mut r = Rng(0x6a09_e667_f3bc_c908);
+    for tile in [1, 4] {
+        let k = with_static_smem_as(
+            &decode::attention_decode_tiled(DType::BF16, group, tile, &keys, &table).unwrap(),
+            "s_dyn",
+        );
+        let host = compile_host(cxx, &k, &format!("attention_q{tile}"));
+        let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+        for (t, s, splits) in [(7, 1, 1), (150, 2, 1), (250, 1, 1), (300, 1, 3), (300, 2, 3)] {
+            let cap = t + 2;
+            let q = bf((0..b * s * h * d).map(|_| r.uniform(-2.0, 2.0)).collect(), &[b, s, h, d]);
+            let kc = bf((0..b * cap * kh * d).map(|_| r.uniform(-1.0, 1.0)).collect(), &[b, cap, kh, d]);
+            let vc = bf((0..b * cap * kh * d).map(|_| r.uniform(-1.0, 1.0)).collect(), &[b, cap, kh, d]);
+            let scalars: Vec<i64> = k
+                .sig
+                .params
+                .iter()
+                .filter_map(|p| {
+                    Some(match p.role {
+                        Role::Batch => b as i64,
+                        Role::Seq => s as i64,
+                        Role::Heads => h as i64,
+                        Role::KvHeads => kh as i64,
+                        Role::HeadDim | Role::ValueDim => d as i64,
+                        Role::KBatchStride | Role::VBatchStride => (cap * kh * d) as i64,
+                        Role::Splits => splits as i64,
+                        Role::Early => 0,
+                        Role::Scale => scale.to_bits() as i64,
+                        Role::MaskKind => 1,
+                        Role::Window => 0,
+                        _ => return None,
+                    })
+                })
+                .collect();
+            let rows = b * s * h;
+            let grid = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
+            let syms = [(t - s) as i64, s as i64];
+            let outs = [2 * rows * d, 4 * rows * splits * d, 4 * rows * splits * 2];
+            let got = host.run_scalars(&[&q, &kc, &vc], &syms, &scalars, (grid, threads), &outs);
+            let got = tensor_of(DType::BF16, &[rows * d], &got[0]).to_f32_vec();
+            let (qf, kf, vf) = (q.to_f32_vec(), kc.to_f32_vec(), vc.to_f32_vec());
+            let mut want = vec![0f32; rows * d];
+            for i in 0..s {
+                let pos = t - s + i;
+                for hh in 0..h {
+                    let g = hh / group;
+                    let qrow = &qf[(i * h + hh) * d..][..d];
+                    let sc: Vec<f64> = (0..=pos)
+                        .map(|j| {
+                            let krow = &kf[(j * kh + g) * d..][..d];
+                            scale as f64 * qrow.iter().zip(krow).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>()
+                        })
+                        .collect();
+                    let m = sc.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                    let z: f64 = sc.iter().map(|x| (x - m).exp()).sum();
+                    for e in 0..d {
+                        let o: f64 = (0..=pos).map(|j| (sc[j] - m).exp() / z * vf[(j * kh + g) * d + e] as f64).sum();
+                        want[(i * h + hh) * d + e] = o as f32;
+                    }
+                }
+            }
+            let rel = rel_l2(&got, &want);
+            println!("host-check\tdecode_attention\ttile={tile}\tt={t}\ts={s}\tsplits={splits}\trel_l2={rel:.3e}");
+            assert!(rel < 1e-2, "tile {tile}, t {t}, s {s}, splits {splits}: rel L2 {rel:.3e}");
         }
     }
 }
