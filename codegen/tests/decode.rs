@@ -6,6 +6,9 @@ use kiln_codegen::decode::*;
 use kiln_codegen::{Grid, Kernel, Role};
 use kiln_ops::{DType, Dim, Sym};
 
+mod common;
+use common::attention_layer;
+
 fn roles(k: &Kernel) -> Vec<Role> {
     k.sig.params.iter().map(|p| p.role).collect()
 }
@@ -237,35 +240,6 @@ fn gemv_one_row_kernels_size_their_accumulators() {
         let e = gemv_with(DType::BF16, DType::BF16, DType::BF16, GemvConfig { max_rows: bad, ..one }).unwrap_err().0;
         assert!(e.contains("rows of x"), "{e}");
     }
-}
-
-/// One attention layer as the models trace it (qkv split, RoPE of q and k, the k / v
-/// cache appends, causal GQA attention: 6 query heads over 2 kv heads of 64), through
-/// the default pass pipeline.
-fn attention_layer(dtype: DType) -> kiln_graph::Graph {
-    use kiln_graph::{TensorExt, Tracer};
-    let (b, s, p) = (Dim::sym("batch"), Dim::sym("seq"), Dim::sym("past"));
-    let (h, kh, d) = (6usize, 2usize, 64usize);
-    let tr = Tracer::new();
-    let qkv = tr.input("qkv", dtype, [b.clone(), s.clone(), Dim::fixed((h + 2 * kh) * d)]).unwrap();
-    let cos = tr.input("cos", dtype, [s.clone(), Dim::fixed(d)]).unwrap();
-    let sin = tr.input("sin", dtype, [s.clone(), Dim::fixed(d)]).unwrap();
-    let cache = [b.clone(), p.clone(), Dim::fixed(kh), Dim::fixed(d)];
-    let pk = tr.input("past.k", dtype, cache.clone()).unwrap();
-    let pv = tr.input("past.v", dtype, cache).unwrap();
-    let heads = |t, n: usize| -> kiln_graph::Tensor<'_> {
-        kiln_graph::Tensor::reshape(t, [b.clone(), s.clone(), Dim::fixed(n), Dim::fixed(d)]).unwrap()
-    };
-    let q = heads(qkv.slice(-1, 0, h * d).unwrap(), h).rope(cos, sin).unwrap();
-    let k = heads(qkv.slice(-1, h * d, (h + kh) * d).unwrap(), kh).rope(cos, sin).unwrap();
-    let v = heads(qkv.slice(-1, (h + kh) * d, (h + 2 * kh) * d).unwrap(), kh);
-    let (k, v) = (pk.concat(&[k], 1).unwrap(), pv.concat(&[v], 1).unwrap());
-    let y = q.attention(k, v, kiln_ops::Mask::Causal, 0.125).unwrap();
-    tr.output("y", y).unwrap();
-    tr.output("present.k", k).unwrap();
-    tr.output("present.v", v).unwrap();
-    let g = tr.finish().unwrap();
-    kiln_passes::default_pipeline().run(g).unwrap().graph
 }
 
 /// Decode attention that computes its producers: the rule finds the RoPE group of q and

@@ -17,6 +17,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
 // ---- building fused groups ------------------------------------------------------------
 
 /// A traced graph with every non-source node wrapped into ONE fused node: the sources
@@ -454,6 +456,7 @@ const SHIM: &str = r#"
 #define __device__
 #define __forceinline__ inline
 #define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
 #define asm(...) ((void)0)
 struct kiln_dim3 { unsigned x, y, z; };
 static thread_local kiln_dim3 threadIdx, blockIdx;
@@ -537,6 +540,13 @@ int main(int argc, char** argv) {
     (void)scal;
     (void)counters;
     kiln_launch(grid, block, [&] { KILN_CALL; });
+    // The inputs as the kernel left them (a fused attention writes rows into its caches).
+    if (std::ifstream(dir + "/dump_ins")) {
+        for (size_t i = 0; i < ins.size(); ++i) {
+            std::ofstream f(dir + "/in" + std::to_string(i) + ".after.bin", std::ios::binary);
+            f.write((const char*)ins[i].data(), (std::streamsize)ins[i].size());
+        }
+    }
     for (size_t k = 0; k < outs.size(); ++k) {
         std::ofstream f(dir + "/out" + std::to_string(k) + ".bin", std::ios::binary);
         f.write((const char*)outs[k].data(), (std::streamsize)(outs[k].size() - 1));
@@ -1122,6 +1132,121 @@ fn host_decode_attention_matches_the_reference() {
             let rel = rel_l2(&got, &want);
             println!("host-check\tdecode_attention\ttile={tile}\tt={t}\ts={s}\tsplits={splits}\trel_l2={rel:.3e}");
             assert!(rel < 1e-2, "tile {tile}, t {t}, s {s}, splits {splits}: rel L2 {rel:.3e}");
+        }
+    }
+}
+
+/// Decode attention that computes its producers (`attention_decode_fused`: RoPE of q,
+/// the new K/V rows of the cache appends) compiled for the host, against the plain
+/// kernel run on the producers' values as the CPU reference computes them: the same
+/// output bits (the value blocks round as the reference does), and the launch's own K/V rows written into the caches by query tile 0 equal to the
+/// appends' rows (the cached rows untouched), for tiles of the whole GQA group and of
+/// one head, one and two new rows, and each path: one stage (two-pass), the new row in
+/// the second stage of the streaming loop (250 keys), and a split merge (300 keys).
+#[test]
+fn host_fused_decode_attention_matches_the_plain_kernel() {
+    use kiln_codegen::decode::{
+        attention_decode_fused, attention_decode_items_tiled, attention_decode_tiled, attention_producers,
+    };
+    let Some(cxx) = host_cxx() else { return };
+    let g = common::attention_layer(DType::BF16);
+    let table = graph_symbols(&g);
+    let attn = g.topo_order().into_iter().find(|&n| matches!(g.node(n).op, Op::Attention(_))).unwrap();
+    let p = attention_producers(&g, attn).unwrap();
+    let body = |n| match &g.node(n).op {
+        Op::Fused(b) => (**b).clone(),
+        other => panic!("a producer is {}", other.name()),
+    };
+    let (qb, kb, vb) = (body(p.q), body(p.k), body(p.v));
+    let keys = g.value_type(g.operands(attn)[1]).shape.dims()[1].clone();
+    let (h, kh, d, group) = (6usize, 2usize, 64usize, 3usize);
+    let kpast = kiln_codegen::fused_append(&kb).unwrap().past_input;
+    let vpast = kiln_codegen::fused_append(&vb).unwrap().past_input;
+    let mut r = Rng(0xbb67_ae85_84ca_a73b);
+    for tile in [3, 1] {
+        let fk = with_static_smem_as(
+            &attention_decode_fused(DType::BF16, group, tile, &keys, &table, &qb, &kb, &vb).unwrap(),
+            "s_dyn",
+        );
+        let pk =
+            with_static_smem_as(&attention_decode_tiled(DType::BF16, group, tile, &keys, &table).unwrap(), "s_dyn");
+        let (hf, hp) = (
+            compile_host(cxx, &fk, &format!("attn_fused_q{tile}")),
+            compile_host(cxx, &pk, &format!("attn_plain_q{tile}")),
+        );
+        std::fs::write(hf.dir.join("dump_ins"), b"1").unwrap();
+        let Grid::BlockPerItem { threads } = fk.grid else { panic!("{:?}", fk.grid) };
+        for (t, s, splits) in [(7, 1, 1), (150, 2, 1), (250, 1, 1), (300, 1, 3), (250, 2, 1)] {
+            let past = t - s;
+            let b = bind(&[("batch", 1), ("seq", s), ("past", past)]);
+            let syms: Vec<i64> = table.iter().map(|x| b[x] as i64).collect();
+            // The producers' inputs: random, the caches' first `past` rows random.
+            let draw = |r: &mut Rng, body: &FusedBody| -> Vec<HostTensor> {
+                body.inputs.iter().map(|t| random(r, t.dtype, &t.shape.eval(&b).unwrap())).collect()
+            };
+            let (qi, ki, vi) = (draw(&mut r, &qb), draw(&mut r, &kb), draw(&mut r, &vb));
+            let eval = |body: &FusedBody, ins: &[HostTensor]| {
+                let refs: Vec<&HostTensor> = ins.iter().collect();
+                Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap().remove(0)
+            };
+            let (qv, kp, vp) = (eval(&qb, &qi), eval(&kb, &ki), eval(&vb, &vi));
+            let scalars = |fk: &Kernel| -> Vec<i64> {
+                fk.sig
+                    .params
+                    .iter()
+                    .filter_map(|p| {
+                        Some(match p.role {
+                            Role::Batch => 1,
+                            Role::Seq => s as i64,
+                            Role::Heads => h as i64,
+                            Role::KvHeads => kh as i64,
+                            Role::HeadDim | Role::ValueDim => d as i64,
+                            Role::KBatchStride | Role::VBatchStride => (t * kh * d) as i64,
+                            Role::Splits => splits as i64,
+                            Role::Early => 0,
+                            Role::Scale => 0.125f32.to_bits() as i64,
+                            Role::MaskKind => 1,
+                            Role::Window => 0,
+                            _ => return None,
+                        })
+                    })
+                    .collect()
+            };
+            let rows = s * h;
+            let grid = attention_decode_items_tiled(1, s, h, kh, splits, tile);
+            let outs = [2 * rows * d, 4 * rows * splits * d, 4 * rows * splits * 2];
+            // Plain: q and the full caches (the appends' outputs, t rows) from the CPU.
+            let want = hp.run_scalars(&[&qv, &kp, &vp], &syms, &scalars(&pk), (grid, threads), &outs);
+            // Fused: the caches hold the past rows, then NaN where the new rows go.
+            let mut ins: Vec<HostTensor> = qi.iter().chain(&ki).chain(&vi).cloned().collect();
+            for (at, present) in [(qi.len() + kpast, &kp), (qi.len() + ki.len() + vpast, &vp)] {
+                let mut rows_f = present.to_f32_vec();
+                rows_f[past * kh * d..].fill(f32::NAN);
+                ins[at] = HostTensor::from_f32_as(DType::BF16, &[1, t, kh, d], rows_f);
+            }
+            let refs: Vec<&HostTensor> = ins.iter().collect();
+            let got = hf.run_scalars(&refs, &syms, &scalars(&fk), (grid, threads), &outs);
+            let (yg, yw) = (
+                tensor_of(DType::BF16, &[rows * d], &got[0]).to_f32_vec(),
+                tensor_of(DType::BF16, &[rows * d], &want[0]).to_f32_vec(),
+            );
+            let rel = rel_l2(&yg, &yw);
+            println!("host-check\tfused_decode_attention\ttile={tile}\tt={t}\ts={s}\tsplits={splits}\trel_l2={rel:.3e}\tbitwise={}", yg == yw);
+            assert!(yg == yw, "tile {tile}, t {t}, s {s}, splits {splits}: fused vs plain rel L2 {rel:.3e}");
+            for (at, present, what) in [(qi.len() + kpast, &kp, "k"), (qi.len() + ki.len() + vpast, &vp, "v")] {
+                let after = tensor_of(
+                    DType::BF16,
+                    &[1, t, kh, d],
+                    &std::fs::read(hf.dir.join(format!("in{at}.after.bin"))).unwrap(),
+                );
+                compare(
+                    &format!("tile {tile}, t {t}, s {s}: the {what} cache after the launch"),
+                    &after,
+                    present,
+                    BF16_ULP.0,
+                    BF16_ULP.1,
+                );
+            }
         }
     }
 }
