@@ -55,6 +55,24 @@ fn weights(model: &LlamaForCausalLM, dtype: DType) -> IndexMap<String, HostTenso
         .collect()
 }
 
+/// A random-weight Llama of these sizes (512 positions, untied embeddings).
+fn llama(
+    hidden: usize,
+    intermediate: usize,
+    layers: usize,
+    heads: usize,
+    kv_heads: usize,
+    vocab: usize,
+) -> LlamaForCausalLM {
+    let config = format!(
+        r#"{{"model_type": "llama", "hidden_size": {hidden}, "intermediate_size": {intermediate},
+          "num_hidden_layers": {layers}, "num_attention_heads": {heads}, "num_key_value_heads": {kv_heads},
+          "vocab_size": {vocab}, "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "tie_word_embeddings": false}}"#
+    );
+    LlamaForCausalLM::new(LlamaConfig::from_json_str(&config).unwrap()).unwrap()
+}
+
 fn setup(dtype: DType) -> (kiln::graph::Graph, IndexMap<String, HostTensor>) {
     let model = LlamaForCausalLM::new(LlamaConfig::from_json_str(CONFIG).unwrap()).unwrap();
     let w = weights(&model, dtype);
@@ -305,10 +323,7 @@ fn the_scaled_gemv_loops_over_tiles_and_matches_the_cpu() {
     if !gpu() {
         return;
     }
-    let config = r#"{"model_type": "llama", "hidden_size": 1024, "intermediate_size": 256,
-      "num_hidden_layers": 1, "num_attention_heads": 8, "num_key_value_heads": 2, "vocab_size": 16384,
-      "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
-    let model = LlamaForCausalLM::new(LlamaConfig::from_json_str(config).unwrap()).unwrap();
+    let model = llama(1024, 256, 1, 8, 2, 16384);
     let dt = DType::F32;
     let w = weights(&model, dt);
     let g = model.trace(&TraceOptions { dtype: dt, last_token_only: true }).unwrap();
@@ -403,10 +418,7 @@ fn fused_attention_over_two_stages_computes_the_same_bits() {
     if !gpu() {
         return;
     }
-    let config = r#"{"model_type": "llama", "hidden_size": 256, "intermediate_size": 256,
-      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 256,
-      "max_position_embeddings": 512, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": false}"#;
-    let model = LlamaForCausalLM::new(LlamaConfig::from_json_str(config).unwrap()).unwrap();
+    let model = llama(256, 256, 2, 4, 2, 256);
     for (dt, prompt_len) in [(DType::BF16, 185), (DType::F32, 89)] {
         let w = weights(&model, dt);
         let g = model.trace(&TraceOptions { dtype: dt, last_token_only: true }).unwrap();

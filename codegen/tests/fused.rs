@@ -1051,6 +1051,38 @@ fn host_gemv_matches_the_reference() {
     }
 }
 
+/// The scalar parameters of decode attention kernel `k` in signature order (for
+/// [`HostKernel::run_scalars`]): batch 1, `s` query rows, `h` heads over `kh` of dim `d`,
+/// caches `stride` elements per batch entry, `splits`, waiting first, causal.
+fn attention_scalars(
+    k: &Kernel,
+    (s, h, kh, d): (usize, usize, usize, usize),
+    stride: usize,
+    splits: usize,
+    scale: f32,
+) -> Vec<i64> {
+    k.sig
+        .params
+        .iter()
+        .filter_map(|p| {
+            Some(match p.role {
+                Role::Batch => 1,
+                Role::Seq => s as i64,
+                Role::Heads => h as i64,
+                Role::KvHeads => kh as i64,
+                Role::HeadDim | Role::ValueDim => d as i64,
+                Role::KBatchStride | Role::VBatchStride => stride as i64,
+                Role::Splits => splits as i64,
+                Role::Early => 0,
+                Role::Scale => scale.to_bits() as i64,
+                Role::MaskKind => 1,
+                Role::Window => 0,
+                _ => return None,
+            })
+        })
+        .collect()
+}
+
 /// Split-K decode attention (`flash_decode.cu`, bf16, head dim 64, 8 query heads over 2
 /// kv heads, causal) compiled for the host, against an f64 softmax over the same bf16
 /// values, for query tiles of one head and of the whole GQA group, one and two query
@@ -1081,27 +1113,7 @@ fn host_decode_attention_matches_the_reference() {
             let q = bf((0..b * s * h * d).map(|_| r.uniform(-2.0, 2.0)).collect(), &[b, s, h, d]);
             let kc = bf((0..b * cap * kh * d).map(|_| r.uniform(-1.0, 1.0)).collect(), &[b, cap, kh, d]);
             let vc = bf((0..b * cap * kh * d).map(|_| r.uniform(-1.0, 1.0)).collect(), &[b, cap, kh, d]);
-            let scalars: Vec<i64> = k
-                .sig
-                .params
-                .iter()
-                .filter_map(|p| {
-                    Some(match p.role {
-                        Role::Batch => b as i64,
-                        Role::Seq => s as i64,
-                        Role::Heads => h as i64,
-                        Role::KvHeads => kh as i64,
-                        Role::HeadDim | Role::ValueDim => d as i64,
-                        Role::KBatchStride | Role::VBatchStride => (cap * kh * d) as i64,
-                        Role::Splits => splits as i64,
-                        Role::Early => 0,
-                        Role::Scale => scale.to_bits() as i64,
-                        Role::MaskKind => 1,
-                        Role::Window => 0,
-                        _ => return None,
-                    })
-                })
-                .collect();
+            let scalars = attention_scalars(&k, (s, h, kh, d), cap * kh * d, splits, scale);
             let rows = b * s * h;
             let grid = decode::attention_decode_items_tiled(b, s, h, kh, splits, tile);
             let syms = [(t - s) as i64, s as i64];
@@ -1190,28 +1202,7 @@ fn host_fused_decode_attention_matches_the_plain_kernel() {
                 Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap().remove(0)
             };
             let (qv, kp, vp) = (eval(&qb, &qi), eval(&kb, &ki), eval(&vb, &vi));
-            let scalars = |fk: &Kernel| -> Vec<i64> {
-                fk.sig
-                    .params
-                    .iter()
-                    .filter_map(|p| {
-                        Some(match p.role {
-                            Role::Batch => 1,
-                            Role::Seq => s as i64,
-                            Role::Heads => h as i64,
-                            Role::KvHeads => kh as i64,
-                            Role::HeadDim | Role::ValueDim => d as i64,
-                            Role::KBatchStride | Role::VBatchStride => (t * kh * d) as i64,
-                            Role::Splits => splits as i64,
-                            Role::Early => 0,
-                            Role::Scale => 0.125f32.to_bits() as i64,
-                            Role::MaskKind => 1,
-                            Role::Window => 0,
-                            _ => return None,
-                        })
-                    })
-                    .collect()
-            };
+            let scalars = |k: &Kernel| attention_scalars(k, (s, h, kh, d), t * kh * d, splits, 0.125);
             let rows = s * h;
             let grid = attention_decode_items_tiled(1, s, h, kh, splits, tile);
             let outs = [2 * rows * d, 4 * rows * splits * d, 4 * rows * splits * 2];
