@@ -252,14 +252,10 @@ pub(crate) fn gemv_check(cfg: GemvConfig) -> Result<(), CodegenError> {
     Ok(())
 }
 
-fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) -> Result<Kernel, CodegenError> {
-    gemv_check(cfg)?;
-    let what = if residual { "gemv_residual" } else { "gemv" };
-    let (xs, ws, ys) = (
-        float_storage(x, &format!("{what} input x"))?,
-        float_storage(w, &format!("{what} weight w"))?,
-        float_storage(out, &format!("{what} output y"))?,
-    );
+/// The parameters of a plain GEMV (storage types `xs`, `ws`, `ys`): `out` (y), `in0` (x),
+/// `in1` (w), with `residual` `in2` (r, y's type), then `m`, `n`, `k`. The tiled and the
+/// streaming GEMV take the same list.
+fn gemv_params((xs, ws, ys): (&str, &str, &str), residual: bool) -> Vec<(Role, ParamTy)> {
     let mut params = vec![
         (Role::Out(0), ParamTy::ptr(ys)),
         (Role::In(0), ParamTy::const_ptr(xs)),
@@ -269,6 +265,18 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) 
         params.push((Role::In(2), ParamTy::const_ptr(ys)));
     }
     params.extend([(Role::MatM, ParamTy::I64), (Role::MatN, ParamTy::I64), (Role::MatK, ParamTy::I64)]);
+    params
+}
+
+fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) -> Result<Kernel, CodegenError> {
+    gemv_check(cfg)?;
+    let what = if residual { "gemv_residual" } else { "gemv" };
+    let (xs, ws, ys) = (
+        float_storage(x, &format!("{what} input x"))?,
+        float_storage(w, &format!("{what} weight w"))?,
+        float_storage(out, &format!("{what} output y"))?,
+    );
+    let params = gemv_params((xs, ws, ys), residual);
     let mut name =
         format!("kiln_{}_{}_{}_{}", if residual { "gemv_res" } else { "gemv" }, x.name(), w.name(), out.name());
     if cfg != GemvConfig::default() {
@@ -363,20 +371,22 @@ pub fn gemv_stream(x: DType, w: DType, out: DType, k: usize) -> Result<Kernel, C
             "gemv_stream: weight rows of {k} elements of {w} (whole 16-byte vectors, at most {GEMV_STREAM_MAX_K})"
         )));
     }
-    let params = vec![
-        (Role::Out(0), ParamTy::ptr(ys)),
-        (Role::In(0), ParamTy::const_ptr(xs)),
-        (Role::In(1), ParamTy::const_ptr(ws)),
-        (Role::MatM, ParamTy::I64),
-        (Role::MatN, ParamTy::I64),
-        (Role::MatK, ParamTy::I64),
-    ];
+    let params = gemv_params((xs, ws, ys), false);
     let name = format!("kiln_gemv_stream_{}_{}_{}_k{k}", x.name(), w.name(), out.name());
     let (template, mut defines, grid, smem) = gemv_stream_parts((xs, ws, ys), w, k, "");
     defines.extend([("GS_X", "in0".to_string()), ("GS_W", "in1".to_string()), ("GS_Y", "out".to_string())]);
     let mut kernel = render(KernelSig::new(name, params), &template, &defines, grid);
     kernel.dynamic_smem = smem;
     Ok(kernel)
+}
+
+/// [`gemv_stream`] where the engine runs it for one row of x of `x · wᵀ` (`w` a rank-2
+/// weight of fixed row length): the rows are short ([`gemv_stream_pays`]) and the kernel
+/// renders; `None` otherwise (the tiled GEMV runs). The engine and the plan's launch list
+/// both ask here.
+pub fn gemv_stream_if_pays(x: DType, w: &kiln_ops::TensorType, y: DType) -> Option<Kernel> {
+    let k = (w.rank() == 2).then(|| w.shape.dims()[1].as_fixed()).flatten()?;
+    gemv_stream_pays(w.dtype, k).then(|| gemv_stream(x, w.dtype, y, k).ok()).flatten()
 }
 
 /// What both streaming GEMV forms ([`gemv_stream`], `crate::gemv_stream_scaled`) share:

@@ -570,10 +570,7 @@ pub fn launch_list(graph: &Graph) -> Vec<Launch> {
                     let gemv =
                         |m: usize| decode::gemv_with(a.dtype, w.dtype, y, decode::GemvConfig::for_shape(m, row)).ok();
                     // The streaming GEMV for one row over short rows, as the engine decides.
-                    let k = w.shape.dims().last().and_then(|d| d.as_fixed());
-                    let stream = k
-                        .filter(|&k| decode::gemv_stream_pays(w.dtype, k))
-                        .and_then(|k| decode::gemv_stream(a.dtype, w.dtype, y, k).ok());
+                    let stream = decode::gemv_stream_if_pays(a.dtype, w, y);
                     match (!transpose_a && *transpose_b && w.rank() == 2).then(|| (gemv(1), gemv(2))) {
                         Some((Some(k1), Some(k2))) => {
                             let one =

@@ -796,20 +796,10 @@ impl CudaEngine {
                             }
                         }
                         // The streaming GEMV for one row, over short weight rows.
-                        let k = w.shape.dims().last().and_then(|d| d.as_fixed());
-                        let stream = match k {
-                            Some(k)
-                                if gemv.is_some()
-                                    && stream_gemv
-                                    && decode::gemv_stream_pays(w.dtype, k)
-                                    && a.shape.dims().last().and_then(|d| d.as_fixed()) == Some(k) =>
-                            {
-                                decode::gemv_stream(a.dtype, w.dtype, node.outputs[0].dtype, k)
-                                    .ok()
-                                    .map(&mut add_kernel)
-                            }
-                            _ => None,
-                        };
+                        let stream = gemv
+                            .filter(|_| stream_gemv)
+                            .and_then(|_| decode::gemv_stream_if_pays(a.dtype, w, node.outputs[0].dtype))
+                            .map(&mut add_kernel);
                         Run::MatMul { gemv, stream }
                     }
                     Op::Attention(_) => {
