@@ -283,7 +283,10 @@ fn gemv_kernel(x: DType, w: DType, out: DType, residual: bool, cfg: GemvConfig) 
         name.push_str(&format!("_{}", cfg.tag()));
     }
     let sig = KernelSig::new(name, params);
-    let template = format!("{VECTOR_HELPERS}{GEMV}").replace("KILN_PROLOGUE", "").replace("KILN_EPILOGUE", "");
+    let template = format!("{VECTOR_HELPERS}{GEMV}")
+        .replace("KILN_PROLOGUE", "")
+        .replace("KILN_WARP_EPILOGUE", "")
+        .replace("KILN_EPILOGUE", "");
     let mut defines = gemv_defines(xs, ws, ys, vec_elems(w), cfg);
     defines.extend([
         ("KILN_RESIDUAL", u8::from(residual).to_string()),

@@ -980,6 +980,61 @@ fn host_scaled_gemv_matches_the_reference() {
     }
 }
 
+/// The scaled GEMV with its SwiGLU epilogue computed per warp
+/// (`gemv_scaled_epi_warp`: a warp owns a column and computes its gate and up rows),
+/// compiled for the host: the epilogue's output z = silu(gate) · up and y against the
+/// group's CPU reference, with one block per tile and with 3 blocks looping over the 25
+/// column tiles (196 columns; the one-row GEMV's 8 warps for rows of 512 bytes, so 8
+/// columns per tile, the last tile partial).
+#[test]
+fn host_scaled_gemv_with_a_warp_epilogue_matches_the_reference() {
+    let Some(cxx) = host_cxx() else { return };
+    let (inter, hidden) = (196, 256);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let table = graph_symbols(&fg);
+    let Ok(FusedKind::MatVec { epilogue: Some(form), .. }) = body.kind() else { panic!("{:?}", body.kind()) };
+    let (k, cfg) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
+    assert_eq!((cfg.warps, cfg.rows_per_warp, cfg.unroll, cfg.max_rows), (8, 2, 4, 1));
+    assert_eq!(kiln_codegen::gemv_epilogue_warp_items(&form, cfg), 25);
+    let part = kernel_part(&k);
+    assert!(part.contains("#define GV_EPI_WARP 1") && part.contains("#define GV_SCALE_LOOP 1"), "{part}");
+    assert!(part.contains("const kiln_epi_yw in0 = {gv_wy, n, row0};") && !part.contains("#define GV_EPI 1"));
+    let host = compile_host(cxx, &k, "scaled_gemv_epi_warp");
+    let b = bind(&[("seq", 1)]);
+    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
+    let inputs: Vec<HostTensor> = body
+        .inputs
+        .iter()
+        .zip(&sources)
+        .map(|(t, src)| match src {
+            Op::Input { .. } | Op::Param { .. } => random(&mut r, t.dtype, &t.shape.eval(&b).unwrap()),
+            op => op.eval(&[], &b).unwrap().remove(0),
+        })
+        .collect();
+    let refs: Vec<&HostTensor> = inputs.iter().collect();
+    // Outputs as traced: normed, z, y.
+    let want = Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap();
+    let (z_want, y_want) = (want[1].to_f32_vec(), want[2].to_f32_vec());
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    for grid in [25, 3] {
+        // Parameters out0 (z), out1 (y), out2 (normed, not written).
+        let out =
+            host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (grid, threads), &[2 * inter, 4 * inter, 2 * hidden]);
+        let z = tensor_of(DType::BF16, &[1, 1, inter], &out[0]).to_f32_vec();
+        let y = tensor_of(DType::BF16, &[1, 1, 2 * inter], &out[1]).to_f32_vec();
+        for (what, got, want) in [("y", &y, &y_want), ("z", &z, &z_want)] {
+            let rel = rel_l2(got, want);
+            assert!(rel < 1e-2, "{grid} blocks: {what} vs reference: rel L2 {rel:.3e}");
+            let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+            for (i, (a, b)) in got.iter().zip(want.iter()).enumerate() {
+                assert!((a - b).abs() <= 3e-2 * scale, "{grid} blocks: {what}[{i}]: {a} vs {b} (max {scale})");
+            }
+        }
+    }
+}
+
 /// The plain GEMV (`decode::gemv_with`, the engine's split per weight shape, one and
 /// three rows of x), its residual form and the streaming GEMV (one row), compiled for the
 /// host: y = x · wᵀ (plus r)
@@ -1304,16 +1359,23 @@ fn a_matvec_group_is_a_gemv_that_computes_its_x() {
 /// norm → gate_up → silu(gate)·up as one matrix-vector group with an epilogue, the
 /// weight moved to the last input (SiLU's constant came after it).
 fn norm_swiglu_body() -> (Graph, FusedBody) {
+    let (g, body, _) = norm_swiglu_body_sized(64, 128);
+    (g, body)
+}
+
+/// [`norm_swiglu_body`] with `hidden` columns of x and `inter` SwiGLU columns, and the
+/// body inputs' sources (in the body's input order).
+fn norm_swiglu_body_sized(hidden: usize, inter: usize) -> (Graph, FusedBody, Vec<Op>) {
     let tr = Tracer::new();
-    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(64)]).unwrap();
-    let h = x.rms_norm(tr.param("n", DType::BF16, [64]).unwrap(), 1e-6).unwrap();
-    let y = h.linear(tr.param("w", DType::BF16, [256, 64]).unwrap(), None).unwrap();
-    let z = y.slice(2, 0, 128).unwrap().silu().unwrap().mul(y.slice(2, 128, 256).unwrap()).unwrap();
+    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(hidden)]).unwrap();
+    let h = x.rms_norm(tr.param("n", DType::BF16, [hidden]).unwrap(), 1e-6).unwrap();
+    let y = h.linear(tr.param("w", DType::BF16, [2 * inter, hidden]).unwrap(), None).unwrap();
+    let z = y.slice(2, 0, inter).unwrap().silu().unwrap().mul(y.slice(2, inter, 2 * inter).unwrap()).unwrap();
     tr.output("normed", h).unwrap();
     tr.output("z", z).unwrap();
     tr.output("y", y).unwrap();
     let g = tr.finish().unwrap();
-    let (fg, _, _) = fuse_all(&g);
+    let (fg, _, mut sources) = fuse_all(&g);
     let mut body = match &fg.node(fg.topo_order().into_iter().find(|&n| fg.node(n).op.name() == "fused").unwrap()).op {
         Op::Fused(b) => (**b).clone(),
         _ => unreachable!(),
@@ -1323,6 +1385,7 @@ fn norm_swiglu_body() -> (Graph, FusedBody) {
     let FusedRef::Input(wi) = body.nodes[mm].operands[1] else { unreachable!() };
     let last = (body.inputs.len() - 1) as u16;
     body.inputs.swap(wi as usize, last as usize);
+    sources.swap(wi as usize, last as usize);
     for n in &mut body.nodes {
         for r in n.operands.iter_mut() {
             *r = match *r {
@@ -1332,7 +1395,7 @@ fn norm_swiglu_body() -> (Graph, FusedBody) {
             };
         }
     }
-    (fg, body)
+    (fg, body, sources)
 }
 
 #[test]
@@ -1491,7 +1554,8 @@ fn a_norm_prologue_factors_into_a_scaled_gemv() {
     let st2 = kiln_codegen::gemv_stream_scaled(&body2, &syms2).unwrap();
     // Rows of 256 f32 (1 KiB) are short: the engine streams them (gemv_stream_pays), and
     // the plan and viewer show that kernel, naming the tiled one; with an epilogue the
-    // tiled form is shown (the epilogue GEMV when one wave), the streaming one named.
+    // tiled form is shown (the epilogue GEMV when one wave), the per-warp epilogue form
+    // named (the streaming form has no epilogue: the engine takes the per-warp one).
     let pays = kiln_codegen::gemv_stream_scaled_if_pays(&body, &syms).expect("short rows stream");
     assert_eq!(pays.sig.name, st.sig.name);
     let (shown, text) = kiln_codegen::scaled_gemv_one_row_choice(&body, &syms).unwrap();
@@ -1499,10 +1563,13 @@ fn a_norm_prologue_factors_into_a_scaled_gemv() {
     assert!(text.contains(&format!("streaming the short weight rows, else {}", one.sig.name)), "{text}");
     let (shown2, text2) = kiln_codegen::scaled_gemv_one_row_choice(&body2, &syms2).unwrap();
     assert!(shown2.sig.name.starts_with("kiln_gemv_scaled_"), "{}", shown2.sig.name);
-    assert!(text2.contains(&format!("else {} streaming", st2.sig.name)) && text2.contains("epilogue's kernel"));
+    let (kw, _) = kiln_codegen::gemv_scaled_epi_warp(&body2, &syms2).unwrap();
+    assert!(text2.contains(&format!("else {} computing it per warp", kw.sig.name)), "{text2}");
+    assert!(kw.sig.name.starts_with("kiln_gemv_scaled_epiw_"), "{}", kw.sig.name);
+    assert_eq!(kw.sig.params, ke.sig.params, "the block epilogue form's parameters");
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
-        c.compile_all(&[&k, &ke, &plain, &st, &st2]).unwrap_or_else(|e| panic!("{e}"));
+        c.compile_all(&[&k, &ke, &plain, &st, &st2, &kw]).unwrap_or_else(|e| panic!("{e}"));
     } else {
         println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }

@@ -51,6 +51,13 @@
 // type) in gv_ey, and then compute the epilogue of the block's GV_EPI_T columns for every
 // row of x (code generated from the group's epilogue, which reads y through
 // kiln_epi_y). y is stored for the rows computed: the columns the epilogue reads.
+// GV_EPI_WARP (with GV_SCALE_LOOP, one row of x; kiln_codegen::gemv_scaled_epi_warp):
+// the epilogue without a barrier. A warp owns one epilogue column per tile (GV_RW
+// columns per tile, GV_R = GV_EPI_S): its rows rr are GV_EPI_OFF(rr) + col (gate and
+// up of SwiGLU), so after its shuffle reductions it holds every y value its column's
+// epilogue reads, and lane 0 computes it (code generated from the group's epilogue,
+// reading y through kiln_epi_yw). The warps of a block never wait for each other, so
+// the looping blocks keep streaming through the tiles as the plain loop does.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
@@ -63,6 +70,9 @@
 #endif
 #ifndef GV_SCALE_LOOP
 #define GV_SCALE_LOOP 0
+#endif
+#ifndef GV_EPI_WARP
+#define GV_EPI_WARP 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -90,9 +100,37 @@ __device__ __forceinline__ float kiln_ld(const kiln_epi_y& e, i64 off) {
     }
     return e.ey[r * GV_WARPS + w];
 }
+#elif GV_EPI_WARP
+// row0 is the warp's epilogue column; its rows are the column's in every slice.
+#define GV_ROW0(tile, rw) ((tile) * GV_RW + (rw))
+// y as the warp-epilogue reads it: element `off` of y [1, n] from the warp's values v[s]
+// (row GV_EPI_OFF(s) + col); every offset the epilogue of column col reads is one of them.
+struct kiln_epi_yw {
+    const float* v;
+    i64 n;
+    i64 col;
+};
+__device__ __forceinline__ float kiln_ld(const kiln_epi_yw& e, i64 off) {
+    const i64 c = off % e.n;  // one row of x
+    float y = 0.0f;
+#pragma unroll
+    for (int s = 0; s < GV_EPI_S; ++s)
+        if (c == GV_EPI_OFF(s) + e.col) y = e.v[s];
+    return y;
+}
 #else
 #define GV_ROW0(tile, rw) (((tile) * GV_RW + (rw)) * GV_R)
 #endif
+
+// Row rr of a warp whose first row (GV_EPI_WARP: column) is row0; n (no row) past the end.
+__device__ __forceinline__ i64 gv_wrow(i64 row0, int rr, i64 n) {
+#if GV_EPI_WARP
+    return row0 < GV_EPI_W ? GV_EPI_OFF(rr) + row0 : n;
+#else
+    (void)n;
+    return row0 + rr;
+#endif
+}
 
 // Puts element j of activation row r (f32) where the staging keeps it (see above).
 // Branch-free (one store at a selected index), so a generated prologue's unrolled
@@ -119,7 +157,7 @@ __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W*
 #pragma unroll
         for (int u = 0; u < GV_U; ++u) {
             const int c = c0 + u * 32 * GV_KS + lane;
-            const i64 row = row0 + rr;
+            const i64 row = gv_wrow(row0, rr, n);
             if (row < n && c < nv) {
                 wv[rr][u] = kiln_ld16(w + row * k + k0 + (i64)c * KILN_VEC);
             } else {
@@ -175,7 +213,11 @@ KILN_SIGNATURE {
     // Tiles of GV_WARPS·GV_R rows of w: one per block for a plain GEMV; a grid-stride
     // loop for the prologue form, whose blocks compute (and stage) x once for all their
     // tiles (the host launches fewer blocks than tiles).
+#if GV_EPI_WARP
+    const i64 ntiles = (GV_EPI_W + GV_RW - 1) / GV_RW;
+#else
     const i64 ntiles = (n + GV_RW * GV_R - 1) / (GV_RW * GV_R);
+#endif
     const i64 tile_end = (GV_PROLOGUE && (!GV_SCALE || GV_SCALE_LOOP)) ? ntiles : (i64)blockIdx.x + 1;
 #if GV_SCALE
     float gv_s[GV_MAX_M];  // each row's scale S, computed where x is staged (gemv_scaled)
@@ -304,7 +346,7 @@ KILN_PROLOGUE
                 float wf[GV_R];
 #pragma unroll
                 for (int rr = 0; rr < GV_R; ++rr) {
-                    const i64 row = row0 + rr;
+                    const i64 row = gv_wrow(row0, rr, n);
                     wf[rr] = row < n ? kiln_ld(GV_W, row * k + k0 + e) : 0.0f;
                 }
 #pragma unroll
@@ -319,6 +361,9 @@ KILN_PROLOGUE
         }
     }
 
+#if GV_EPI_WARP
+    float gv_wy[GV_R];  // the warp's y values (rounded to y's type), for its epilogue
+#endif
 #pragma unroll
     for (int r = 0; r < GV_MAX_M; ++r) {
         if (r < mm) {
@@ -330,7 +375,10 @@ KILN_PROLOGUE
 #if GV_SCALE
                 v *= gv_s[r];
 #endif
-                const i64 row = row0 + rr;
+                const i64 row = gv_wrow(row0, rr, n);
+#if GV_EPI_WARP
+                gv_wy[rr] = gv_round(v);
+#endif
 #if GV_KS > 1
                 if (lane == 0) gv_part[warp][r * GV_R + rr] = v;
 #else
@@ -342,6 +390,11 @@ KILN_PROLOGUE
             }
         }
     }
+#if GV_EPI_WARP
+    if (lane == 0 && row0 < GV_EPI_W) {  // one row of x: the host checks m == 1
+KILN_WARP_EPILOGUE
+    }
+#endif
 #if GV_KS > 1
     // The first warp of each row group adds its group's partial sums, in ks order.
     __syncthreads();

@@ -265,6 +265,51 @@ struct ScaledRun {
     /// for one row when [`EngineOptions::stream_gemv`] is on and
     /// `decode::gemv_stream_pays` for the weight's rows.
     stream: Option<usize>,
+    /// The form that computes the epilogue per warp (`kiln_codegen::gemv_scaled_epi_warp`,
+    /// a warp owns a column and computes its rows in every slice: SwiGLU's gate and up),
+    /// its blocks one looping wave like `plain`'s: used instead of `plain` and the
+    /// epilogue's kernel where `epi` does not fit in one wave (the Llama-3.2-1B shape's
+    /// gate_up), unless [`EngineOptions::epilogue_gemv`] is off or `KILN_EPI_WARP=0`. The
+    /// same bits as `plain` + the epilogue's kernel, one launch fewer per layer. Measured
+    /// on an H200 (2026-12-04 20:55, same-run A/B, two rounds, `KILN_EPI_WARP=0` against
+    /// the default): the Llama-3.2-1B shape 1,174.4–1,175.4 → 1,195.2–1,196.0 tok/s at
+    /// batch 1 (gate_up + SwiGLU 19.5 + 2.1 → 18.4–19.0 µs per layer in the timeline).
+    /// `.2`: blocks of one wave (set once the kernels load).
+    epi_warp: Option<(usize, decode::GemvConfig, usize)>,
+}
+
+/// `KILN_GEMV_CFG="NxK=w16r1u8,..."` in the environment: the one-row GEMV split (warps,
+/// rows per warp, 16-byte loads in flight per lane and row) for weights `[N, K]`, in
+/// place of `GemvConfig::for_shape`'s, for the plain and the scaled GEMV (not the
+/// epilogue forms): a measurement knob for same-run A/Bs of splits.
+fn gemv_cfg_override(w: &kiln_ops::TensorType) -> Option<decode::GemvConfig> {
+    static CFG: std::sync::OnceLock<Vec<(String, decode::GemvConfig)>> = std::sync::OnceLock::new();
+    let table = CFG.get_or_init(|| {
+        let Ok(v) = std::env::var("KILN_GEMV_CFG") else { return Vec::new() };
+        let num = |t: &str, a: char, b: char| -> Option<usize> { t.split_once(a)?.1.split(b).next()?.parse().ok() };
+        v.split(',')
+            .filter_map(|e| {
+                let (shape, t) = e.split_once('=')?;
+                let cfg = decode::GemvConfig {
+                    warps: num(t, 'w', 'r')?,
+                    rows_per_warp: num(t, 'r', 'u')?,
+                    unroll: num(t, 'u', '\0')?,
+                    ksplit: 1,
+                    max_rows: 1,
+                };
+                Some((shape.trim().to_string(), cfg))
+            })
+            .collect()
+    });
+    let d = w.shape.dims();
+    let key = format!("{}x{}", d.first()?.as_fixed()?, d.get(1)?.as_fixed()?);
+    table.iter().find(|(k, _)| *k == key).map(|(_, c)| *c)
+}
+
+/// `KILN_EPI_WARP=0` in the environment: no per-warp epilogue GEMV (see
+/// [`ScaledRun::epi_warp`]), for same-run A/Bs.
+fn epi_warp_off_by_env() -> bool {
+    std::env::var("KILN_EPI_WARP").is_ok_and(|v| v == "0")
 }
 
 struct Step {
@@ -440,7 +485,10 @@ fn scaled_run(
     add_kernel: &mut impl FnMut(kiln_codegen::Kernel) -> usize,
 ) -> Option<Box<ScaledRun>> {
     kiln_codegen::scaled_prologue_in(graph, n).ok()?;
-    let (plain, cfg) = kiln_codegen::gemv_scaled_one_row(body, syms).ok()?;
+    let (plain, cfg) = match body.inputs.last().and_then(gemv_cfg_override) {
+        Some(c) => (kiln_codegen::gemv_scaled(body, syms, c, false).ok()?, c),
+        None => kiln_codegen::gemv_scaled_one_row(body, syms).ok()?,
+    };
     let ecfg = decode::GemvConfig::for_rows(1);
     let epi = match body.kind() {
         Ok(kiln_ops::FusedKind::MatVec { epilogue: Some(_), .. }) => {
@@ -449,7 +497,12 @@ fn scaled_run(
         _ => None,
     };
     let stream = if stream { kiln_codegen::gemv_stream_scaled_if_pays(body, syms).map(&mut *add_kernel) } else { None };
-    Some(Box::new(ScaledRun { plain: (add_kernel(plain), cfg), epi, epi_one_wave: false, plain_wave: 0, stream }))
+    let epi_warp = match epi {
+        Some(_) => kiln_codegen::gemv_scaled_epi_warp(body, syms).ok().map(|(k, c)| (add_kernel(k), c, 0)),
+        None => None,
+    };
+    let plain = (add_kernel(plain), cfg);
+    Some(Box::new(ScaledRun { plain, epi, epi_one_wave: false, plain_wave: 0, stream, epi_warp }))
 }
 
 /// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads), when
@@ -784,7 +837,7 @@ impl CudaEngine {
                         if !transpose_a && *transpose_b && w.rank() == 2 {
                             let row_bytes = decode::weight_row_bytes(w);
                             let (one, more) = (
-                                decode::GemvConfig::for_shape(1, row_bytes),
+                                gemv_cfg_override(w).unwrap_or_else(|| decode::GemvConfig::for_shape(1, row_bytes)),
                                 decode::GemvConfig::for_shape(2, row_bytes),
                             );
                             let y = node.outputs[0].dtype;
@@ -1022,6 +1075,12 @@ impl CudaEngine {
             if let Run::MatVec { epilogue, scaled, .. } = &mut s.run {
                 if let Some(sr) = scaled.as_mut() {
                     sr.plain_wave = wave(sr.plain.0, sr.plain.1)?.max(1);
+                    if !epilogue_gemv || epi_warp_off_by_env() {
+                        sr.epi_warp = None;
+                    }
+                    if let Some((kg, cfg, w)) = sr.epi_warp.as_mut() {
+                        *w = wave(*kg, *cfg)?.max(1);
+                    }
                 }
                 let Some(e) = epilogue.as_mut().filter(|_| epilogue_gemv) else { continue };
                 if let Some((kg, cfg)) = e.gemv {
@@ -1725,8 +1784,8 @@ impl CudaEngine {
     }
 
     /// A matrix-vector group's scaled GEMV (see [`ScaledRun`]), with the epilogue when
-    /// its blocks fit in one wave, else followed by the epilogue's kernel. Returns the
-    /// launches beyond the first.
+    /// its blocks fit in one wave, else with it per warp (`epi_warp`) for one row, else
+    /// followed by the epilogue's kernel. Returns the launches beyond the first.
     #[allow(clippy::too_many_arguments)]
     fn scaled_matvec(
         &self,
@@ -1740,9 +1799,16 @@ impl CudaEngine {
     ) -> Result<usize, CudaError> {
         let n_pro = epilogue.map_or(outs.len() - 1, |e| e.n_pro);
         let with_epi = epilogue.and(sr.epi).filter(|_| sr.epi_one_wave);
-        let ((kg, cfg), e) = match with_epi {
-            Some(kc) => (kc, outs.len() - 1 - n_pro),
-            None => (sr.plain, 0),
+        // The per-warp epilogue where the block form does not fit in one wave.
+        let warp = match (with_epi, epilogue, sr.epi_warp) {
+            (None, Some(ep), Some((kg, cfg, w))) if m == 1 => {
+                Some(((kg, cfg), kiln_codegen::gemv_epilogue_warp_items(&ep.form, cfg).min(w)))
+            }
+            _ => None,
+        };
+        let ((kg, cfg), e) = match (with_epi, warp) {
+            (Some(kc), _) | (None, Some((kc, _))) => (kc, outs.len() - 1 - n_pro),
+            (None, None) => (sr.plain, 0),
         };
         let mut a = Args::default();
         for i in 0..e {
@@ -1756,12 +1822,13 @@ impl CudaEngine {
             a.set(Role::In((i + 1) as u8), ArgValue::Ptr(p.0));
         }
         a.set(Role::Syms, ArgValue::Ptr(syms)).i64(Role::MatM, m).i64(Role::MatN, n).i64(Role::MatK, k);
-        let items = match (with_epi, epilogue) {
-            (Some(_), Some(ep)) => kiln_codegen::gemv_epilogue_items(&ep.form, cfg),
+        let items = match (with_epi, epilogue, warp) {
+            (Some(_), Some(ep), _) => kiln_codegen::gemv_epilogue_items(&ep.form, cfg),
+            (_, _, Some((_, items))) => items,
             // The plain form loops over row tiles: one wave of blocks (see `ScaledRun`).
             _ => decode::gemv_items_with(n, cfg).min(sr.plain_wave),
         };
-        match sr.stream.filter(|_| with_epi.is_none() && m == 1) {
+        match sr.stream.filter(|_| with_epi.is_none() && warp.is_none() && m == 1) {
             Some(ks) => {
                 let sms = self.info.multiprocessors.max(1) as usize;
                 launch(self.lane(), &self.kernels[ks], decode::gemv_stream_items(n, sms), &a)?;
@@ -1769,7 +1836,7 @@ impl CudaEngine {
             None => launch(self.lane(), &self.kernels[kg], items, &a)?,
         }
         match epilogue {
-            Some(ep) if with_epi.is_none() => {
+            Some(ep) if with_epi.is_none() && warp.is_none() => {
                 self.epilogue_kernel(ep, ins, outs, b, syms)?;
                 Ok(1)
             }
