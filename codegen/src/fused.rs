@@ -317,7 +317,7 @@ pub fn gemv_epilogue(body: &FusedBody, syms: &[Sym], cfg: GemvConfig) -> Result<
         ));
     }
     let epi = body.epilogue().expect("a body with an epilogue form has one");
-    let (text, epi_defines) = epilogue_code(&epi, syms, &form)?;
+    let (text, epi_defines) = epilogue_code(&epi, syms, &form, false)?;
     let what = "fused matrix-vector group";
     let wt = &body.inputs[weight as usize];
     let (xt, yt) = (body.ty(x).expect("checked"), &body.nodes[body.matmul_node().expect("checked")].outputs[0]);
@@ -390,53 +390,17 @@ fn gemv_params_end(params: &mut Vec<(Role, ParamTy)>, what: &str) -> Result<(), 
     Ok(())
 }
 
-/// The epilogue code of the GEMV template (`KILN_EPILOGUE`: the block's columns of the
-/// epilogue for every row of x, reading y through `kiln_epi_y`) and its defines, for the
-/// epilogue body `epi` of form `form`.
-fn epilogue_code(epi: &FusedBody, syms: &[Sym], form: &kiln_ops::Epilogue) -> Result<(String, Defines), CodegenError> {
-    let mut g = Gen::new(epi, syms);
-    let (head, code) = g.elementwise(&form.domain)?;
-    let mut text = String::new();
-    for l in head.lines() {
-        writeln!(text, "    {l}").expect("to a string");
-    }
-    text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
-    text.push_str("        (void)n_items;\n");
-    text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
-    text.push_str("            const int r = q / GV_EPI_T;\n");
-    text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
-    text.push_str("            if (col >= GV_EPI_W) continue;\n");
-    text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
-    for l in code.lines() {
-        writeln!(text, "    {l}").expect("to a string");
-    }
-    text.push_str("        }");
-    let defines = vec![
-        ("GV_EPI", "1".to_string()),
-        ("GV_EPI_S", form.offsets.len().to_string()),
-        ("GV_EPI_OFF(s)", epilogue_offsets(form)),
-        ("GV_EPI_W", format!("{}LL", form.width)),
-    ];
-    Ok((text, defines))
-}
-
-/// `GV_EPI_OFF(s)`: offset s of the epilogue's slices, a constant expression (no array
-/// in local memory).
-fn epilogue_offsets(form: &kiln_ops::Epilogue) -> String {
-    form.offsets
-        .iter()
-        .enumerate()
-        .rev()
-        .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"))
-}
-
-/// The per-warp epilogue of the GEMV template (`KILN_WARP_EPILOGUE`, see `GV_EPI_WARP`
-/// in `gemv.cu`: lane 0 of the warp that owns column `row0` computes the epilogue of that
-/// column for the one row of x, reading y through `kiln_epi_yw`) and its defines.
-fn epilogue_code_warp(
+/// The epilogue code of the GEMV template and its defines, for the epilogue body `epi`
+/// of form `form`. Per block (`warp` false, `KILN_EPILOGUE`): the block's columns of the
+/// epilogue for every row of x, reading y through `kiln_epi_y`. Per warp (`warp`,
+/// `KILN_WARP_EPILOGUE`, see `GV_EPI_WARP` in `gemv.cu`): lane 0 of the warp that owns
+/// column `row0` computes the epilogue of that column for the one row of x, reading y
+/// through `kiln_epi_yw`.
+fn epilogue_code(
     epi: &FusedBody,
     syms: &[Sym],
     form: &kiln_ops::Epilogue,
+    warp: bool,
 ) -> Result<(String, Defines), CodegenError> {
     let mut g = Gen::new(epi, syms);
     let (head, code) = g.elementwise(&form.domain)?;
@@ -444,16 +408,37 @@ fn epilogue_code_warp(
     for l in head.lines() {
         writeln!(text, "    {l}").expect("to a string");
     }
-    text.push_str("        const kiln_epi_yw in0 = {gv_wy, n, row0};\n");
-    text.push_str("        (void)n_items;\n");
-    text.push_str("        const i64 i = row0;\n");
-    for l in code.lines() {
-        writeln!(text, "{l}").expect("to a string");
+    if warp {
+        text.push_str("        const kiln_epi_yw in0 = {gv_wy, n, row0};\n");
+        text.push_str("        (void)n_items;\n");
+        text.push_str("        const i64 i = row0;\n");
+        for l in code.lines() {
+            writeln!(text, "{l}").expect("to a string");
+        }
+    } else {
+        text.push_str("        const kiln_epi_y in0 = {gv_ey, n, tile};\n");
+        text.push_str("        (void)n_items;\n");
+        text.push_str("        for (int q = threadIdx.x; q < mm * GV_EPI_T; q += blockDim.x) {\n");
+        text.push_str("            const int r = q / GV_EPI_T;\n");
+        text.push_str("            const i64 col = tile * GV_EPI_T + (q - r * GV_EPI_T);\n");
+        text.push_str("            if (col >= GV_EPI_W) continue;\n");
+        text.push_str("            const i64 i = (i64)r * GV_EPI_W + col;\n");
+        for l in code.lines() {
+            writeln!(text, "    {l}").expect("to a string");
+        }
+        text.push_str("        }");
     }
+    // GV_EPI_OFF(s): offset s, a constant expression (no array in local memory).
+    let off = form
+        .offsets
+        .iter()
+        .enumerate()
+        .rev()
+        .fold(String::from("0LL"), |acc, (i, o)| format!("((s) == {i} ? {o}LL : {acc})"));
     let defines = vec![
-        ("GV_EPI_WARP", "1".to_string()),
+        (if warp { "GV_EPI_WARP" } else { "GV_EPI" }, "1".to_string()),
         ("GV_EPI_S", form.offsets.len().to_string()),
-        ("GV_EPI_OFF(s)", epilogue_offsets(form)),
+        ("GV_EPI_OFF(s)", off),
         ("GV_EPI_W", format!("{}LL", form.width)),
     ];
     Ok((text, defines))
@@ -930,8 +915,7 @@ fn gemv_scaled_with(
 
     // The epilogue, as gemv_epilogue generates it.
     let (epi_text, epi_defines) = match (&form, mode) {
-        (Some(f), EpiMode::Warp) => epilogue_code_warp(&body.epilogue().expect("checked"), syms, f)?,
-        (Some(f), _) => epilogue_code(&body.epilogue().expect("checked"), syms, f)?,
+        (Some(f), mode) => epilogue_code(&body.epilogue().expect("checked"), syms, f, mode == EpiMode::Warp)?,
         (None, _) => (String::new(), Vec::new()),
     };
     let (block_epi, warp_epi) = match mode {

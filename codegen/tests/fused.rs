@@ -803,6 +803,21 @@ impl Rng {
     }
 }
 
+/// Values for a fused body's inputs: random (seeded) for the graph's inputs and
+/// parameters, the source op's value for constants (`sources`: the body inputs' ops, in
+/// the body's input order).
+fn body_inputs(body: &FusedBody, sources: &[Op], b: &Bindings, seed: u64) -> Vec<HostTensor> {
+    let mut r = Rng(seed);
+    body.inputs
+        .iter()
+        .zip(sources)
+        .map(|(t, src)| match src {
+            Op::Input { .. } | Op::Param { .. } => random(&mut r, t.dtype, &t.shape.eval(b).unwrap()),
+            op => op.eval(&[], b).unwrap().remove(0),
+        })
+        .collect()
+}
+
 fn random(r: &mut Rng, dtype: DType, shape: &[usize]) -> HostTensor {
     let n: usize = shape.iter().product();
     match dtype {
@@ -938,16 +953,7 @@ fn host_scaled_gemv_matches_the_reference() {
     let (k, cfg) = kiln_codegen::gemv_scaled_one_row(&body, &table).unwrap();
     let host = compile_host(cxx, &k, "scaled_gemv");
     let b = bind(&[("seq", 1)]);
-    let mut r = Rng(0x2545_f491_4f6c_dd1d);
-    let inputs: Vec<HostTensor> = body
-        .inputs
-        .iter()
-        .zip(&sources)
-        .map(|(t, src)| match src {
-            Op::Input { .. } | Op::Param { .. } => random(&mut r, t.dtype, &t.shape.eval(&b).unwrap()),
-            op => op.eval(&[], &b).unwrap().remove(0),
-        })
-        .collect();
+    let inputs = body_inputs(&body, &sources, &b, 0x2545_f491_4f6c_dd1d);
     let refs: Vec<&HostTensor> = inputs.iter().collect();
     let want = Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap();
     let y_want = want.last().unwrap();
@@ -1001,16 +1007,7 @@ fn host_scaled_gemv_with_a_warp_epilogue_matches_the_reference() {
     assert!(part.contains("const kiln_epi_yw in0 = {gv_wy, n, row0};") && !part.contains("#define GV_EPI 1"));
     let host = compile_host(cxx, &k, "scaled_gemv_epi_warp");
     let b = bind(&[("seq", 1)]);
-    let mut r = Rng(0x9e37_79b9_7f4a_7c15);
-    let inputs: Vec<HostTensor> = body
-        .inputs
-        .iter()
-        .zip(&sources)
-        .map(|(t, src)| match src {
-            Op::Input { .. } | Op::Param { .. } => random(&mut r, t.dtype, &t.shape.eval(&b).unwrap()),
-            op => op.eval(&[], &b).unwrap().remove(0),
-        })
-        .collect();
+    let inputs = body_inputs(&body, &sources, &b, 0x9e37_79b9_7f4a_7c15);
     let refs: Vec<&HostTensor> = inputs.iter().collect();
     // Outputs as traced: normed, z, y.
     let want = Op::Fused(Box::new(body.clone())).eval(&refs, &b).unwrap();
