@@ -74,8 +74,12 @@ fn llama(
 }
 
 fn setup(dtype: DType) -> (kiln::graph::Graph, IndexMap<String, HostTensor>) {
-    let model = LlamaForCausalLM::new(LlamaConfig::from_json_str(CONFIG).unwrap()).unwrap();
-    let w = weights(&model, dtype);
+    compiled(&LlamaForCausalLM::new(LlamaConfig::from_json_str(CONFIG).unwrap()).unwrap(), dtype)
+}
+
+/// `model`'s last-token graph through the default pipeline, and its weights, in `dtype`.
+fn compiled(model: &LlamaForCausalLM, dtype: DType) -> (kiln::graph::Graph, IndexMap<String, HostTensor>) {
+    let w = weights(model, dtype);
     let g = model.trace(&TraceOptions { dtype, last_token_only: true }).unwrap();
     let g = kiln::passes::default_pipeline().run(g).unwrap().graph;
     (g, w)
@@ -292,9 +296,7 @@ fn the_warp_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
     let model = llama(512, 8192, 2, 8, 2, 256);
     let prompt = test_prompt(9);
     for dt in [DType::F32, DType::BF16] {
-        let w = weights(&model, dt);
-        let g = model.trace(&TraceOptions { dtype: dt, last_token_only: true }).unwrap();
-        let g = kiln::passes::default_pipeline().run(g).unwrap().graph;
+        let (g, w) = compiled(&model, dt);
         let run = |graphs: bool, epilogue_gemv: bool| {
             let opts = EngineOptions { epilogue_gemv, stream_gemv: false, ..test_options(graphs) };
             engine_run_with(&g, &w, &prompt, 6, opts)
@@ -363,9 +365,7 @@ fn the_scaled_gemv_loops_over_tiles_and_matches_the_cpu() {
     }
     let model = llama(1024, 256, 1, 8, 2, 16384);
     let dt = DType::F32;
-    let w = weights(&model, dt);
-    let g = model.trace(&TraceOptions { dtype: dt, last_token_only: true }).unwrap();
-    let g = kiln::passes::default_pipeline().run(g).unwrap().graph;
+    let (g, w) = compiled(&model, dt);
     let prompt = test_prompt(5);
     let run = |graphs: bool, scaled_gemv: bool| {
         let opts = EngineOptions { scaled_gemv, stream_gemv: false, ..test_options(graphs) };
@@ -458,9 +458,7 @@ fn fused_attention_over_two_stages_computes_the_same_bits() {
     }
     let model = llama(256, 256, 2, 4, 2, 256);
     for (dt, prompt_len) in [(DType::BF16, 185), (DType::F32, 89)] {
-        let w = weights(&model, dt);
-        let g = model.trace(&TraceOptions { dtype: dt, last_token_only: true }).unwrap();
-        let g = kiln::passes::default_pipeline().run(g).unwrap().graph;
+        let (g, w) = compiled(&model, dt);
         let prompt = test_prompt(prompt_len);
         let run = |graphs: bool, attention_fused: bool| {
             let opts = EngineOptions { attention_fused, max_context: 256, ..test_options(graphs) };
