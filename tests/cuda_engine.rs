@@ -119,6 +119,16 @@ fn test_options(graphs: bool) -> EngineOptions {
     EngineOptions { max_batch: 2, max_context: 64, cuda_graphs: graphs, ..Default::default() }
 }
 
+/// Two runs computed the same bits: equal tokens, and equal logits after the prefill and
+/// after every decode step (`what` names the pair in a failure).
+fn assert_same_bits(what: &str, (la, ta): (&[Vec<f32>], &[u32]), (lb, tb): (&[Vec<f32>], &[u32])) {
+    assert_eq!(ta, tb, "{what}: tokens");
+    assert_eq!(la.len(), lb.len(), "{what}: steps");
+    for (i, (a, b)) in la.iter().zip(lb).enumerate() {
+        assert_eq!(a, b, "{what}: step {i}: the logits differ");
+    }
+}
+
 /// [`engine_run`] with any options; also the launches per decode step.
 fn engine_run_with(
     graph: &kiln::graph::Graph,
@@ -245,10 +255,8 @@ fn pdl_launches_compute_what_serial_launches_do() {
     let (l_serial, t_serial) = engine_run(&g, &w, &p1, 8, true, false);
     for graphs in [true, false] {
         let (l_pdl, t_pdl) = engine_run(&g, &w, &p1, 8, graphs, true);
-        assert_eq!(t_pdl, t_serial);
-        for (a, b) in l_pdl.iter().zip(&l_serial) {
-            assert_eq!(a, b, "launches with and without PDL compute the same bits (graphs: {graphs})");
-        }
+        let what = format!("launches with and without PDL (graphs: {graphs})");
+        assert_same_bits(&what, (&l_pdl, &t_pdl), (&l_serial, &t_serial));
     }
 }
 
@@ -270,10 +278,8 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {
             let (l_e, t_e, n_e) = run(graphs, true);
-            assert_eq!(t_e, t_sep, "{dt}");
-            for (a, b) in l_e.iter().zip(&l_sep) {
-                assert_eq!(a, b, "{dt}: the epilogue GEMV computes the same bits (graphs: {graphs})");
-            }
+            let what = format!("{dt}: the epilogue GEMV (graphs: {graphs})");
+            assert_same_bits(&what, (&l_e, &t_e), (&l_sep, &t_sep));
             // One launch fewer per decoder layer (the test model has 2 layers).
             assert_eq!(n_e + 2, n_sep, "{dt}: launches per decode step");
         }
@@ -304,10 +310,8 @@ fn the_warp_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {
             let (l_w, t_w, n_w) = run(graphs, true);
-            assert_eq!(t_w, t_sep, "{dt}, graphs: {graphs}: tokens");
-            for (i, (a, b)) in l_w.iter().zip(&l_sep).enumerate() {
-                assert_eq!(a, b, "{dt}, graphs: {graphs}: step {i}: the warp epilogue computes the same bits");
-            }
+            let what = format!("{dt}: the warp epilogue (graphs: {graphs})");
+            assert_same_bits(&what, (&l_w, &t_w), (&l_sep, &t_sep));
             assert_eq!(n_w + 2, n_sep, "{dt}, graphs: {graphs}: one launch fewer per layer");
             if dt == DType::F32 {
                 compare_with_cpu(&g, &w, &prompt, &l_w, &t_w, "epi_warp_f32", 1e-4);
@@ -402,10 +406,8 @@ fn horizontal_groups_compute_what_separate_launches_do() {
         let (l_sep, t_sep, n_sep) = run(true, false);
         for graphs in [true, false] {
             let (l_h, t_h, n_h) = run(graphs, true);
-            assert_eq!(t_h, t_sep, "{dt}");
-            for (a, b) in l_h.iter().zip(&l_sep) {
-                assert_eq!(a, b, "{dt}: horizontal groups compute the same bits (graphs: {graphs})");
-            }
+            let what = format!("{dt}: horizontal groups (graphs: {graphs})");
+            assert_same_bits(&what, (&l_h, &t_h), (&l_sep, &t_sep));
             // Two launches fewer per decoder layer (the test model has 2 layers).
             assert_eq!(n_h + 2 * 2, n_sep, "{dt}: launches per decode step");
         }
@@ -433,10 +435,8 @@ fn fused_attention_skips_the_producers_and_computes_the_same_bits() {
             for graphs in [true, false] {
                 let (l_f, t_f, n_f) = run(graphs, true);
                 assert_eq!(n_f + 2, n_sep, "{dt}: launches per decode step (graphs: {graphs})");
-                assert_eq!(t_f, t_sep, "{dt}: tokens (graphs: {graphs}, prompt {})", prompt.len());
-                for (i, (a, b)) in l_f.iter().zip(&l_sep).enumerate() {
-                    assert_eq!(a, b, "{dt}: step {i}: fused attention computes the same bits (graphs: {graphs})");
-                }
+                let what = format!("{dt}: fused attention (graphs: {graphs}, prompt {})", prompt.len());
+                assert_same_bits(&what, (&l_f, &t_f), (&l_sep, &t_sep));
             }
             let tol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
             compare_with_cpu(&g, &w, &prompt, &l_sep, &t_sep, &format!("attn_fused_{}", dt.name()), tol);
@@ -467,10 +467,8 @@ fn fused_attention_over_two_stages_computes_the_same_bits() {
         let (l_sep, t_sep, _) = run(true, false);
         for graphs in [true, false] {
             let (l_f, t_f, _) = run(graphs, true);
-            assert_eq!(t_f, t_sep, "{dt}: tokens (graphs: {graphs})");
-            for (i, (a, b)) in l_f.iter().zip(&l_sep).enumerate() {
-                assert_eq!(a, b, "{dt}: step {i}: fused attention computes the same bits (graphs: {graphs})");
-            }
+            let what = format!("{dt}: fused attention (graphs: {graphs})");
+            assert_same_bits(&what, (&l_f, &t_f), (&l_sep, &t_sep));
         }
         if dt == DType::F32 {
             compare_with_cpu(&g, &w, &prompt, &l_sep, &t_sep, "attn_two_stages_f32", 1e-4);
@@ -525,10 +523,7 @@ fn graph_replay_equals_eager_and_batches_decode_like_single_sequences() {
     let (p1, p2) = (vec![5u32, 6, 7, 8], vec![200u32, 100, 50, 25]);
     let (l_graph, t_graph) = engine_run(&g, &w, &p1, 8, true, false);
     let (l_eager, t_eager) = engine_run(&g, &w, &p1, 8, false, false);
-    assert_eq!(t_graph, t_eager);
-    for (a, b) in l_graph.iter().zip(&l_eager) {
-        assert_eq!(a, b, "replayed and eager launches compute the same bits");
-    }
+    assert_same_bits("replayed and eager launches", (&l_graph, &t_graph), (&l_eager, &t_eager));
     let (_, t2) = engine_run(&g, &w, &p2, 8, true, false);
     let opts = EngineOptions { max_batch: 2, max_context: 64, ..Default::default() };
     let mut e = CudaEngine::new(g.clone(), w.clone(), opts).unwrap();

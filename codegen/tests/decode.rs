@@ -249,17 +249,9 @@ fn gemv_one_row_kernels_size_their_accumulators() {
 /// whose q is read elsewhere is refused by name.
 #[test]
 fn fused_decode_attention_takes_the_producers_inputs() {
-    use kiln_ops::Op;
     let g = attention_layer(DType::BF16);
     let syms = kiln_codegen::symbols::graph_symbols(&g);
-    let attn = g.topo_order().into_iter().find(|&n| matches!(g.node(n).op, Op::Attention(_))).unwrap();
-    let p = attention_producers(&g, attn).unwrap();
-    let body = |n| match &g.node(n).op {
-        Op::Fused(b) => (**b).clone(),
-        other => panic!("a producer is {}", other.name()),
-    };
-    let (q, k, v) = (body(p.q), body(p.k), body(p.v));
-    let keys = g.value_type(g.operands(attn)[1]).shape.dims()[1].clone();
+    let common::AttentionParts { node: attn, producers: p, q, k, v, keys } = common::attention_parts(&g);
     let kern = attention_decode_fused(DType::BF16, 3, 3, &keys, &syms, &q, &k, &v).unwrap();
     let plain = attention_decode(DType::BF16, 3, &keys, &syms).unwrap();
     let (nq, nk, nv) = (q.inputs.len(), k.inputs.len(), v.inputs.len());
@@ -289,15 +281,9 @@ fn fused_decode_attention_takes_the_producers_inputs() {
     assert_eq!(again.source, kern.source);
     if kiln_codegen::nvrtc::nvrtc_present() {
         let f32_graph = attention_layer(DType::F32);
-        let f32_attn =
-            f32_graph.topo_order().into_iter().find(|&n| matches!(f32_graph.node(n).op, Op::Attention(_))).unwrap();
-        let p32 = attention_producers(&f32_graph, f32_attn).unwrap();
-        let b32 = |n| match &f32_graph.node(n).op {
-            Op::Fused(b) => (**b).clone(),
-            _ => unreachable!(),
-        };
+        let p32 = common::attention_parts(&f32_graph);
         let s32 = kiln_codegen::symbols::graph_symbols(&f32_graph);
-        let k32 = attention_decode_fused(DType::F32, 3, 3, &keys, &s32, &b32(p32.q), &b32(p32.k), &b32(p32.v)).unwrap();
+        let k32 = attention_decode_fused(DType::F32, 3, 3, &keys, &s32, &p32.q, &p32.k, &p32.v).unwrap();
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
         c.compile_all(&[&kern, &single, &plain, &k32]).unwrap_or_else(|e| panic!("{e}"));
     } else {

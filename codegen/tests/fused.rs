@@ -1209,20 +1209,11 @@ fn host_decode_attention_matches_the_reference() {
 /// the second stage of the streaming loop (250 keys), and a split merge (300 keys).
 #[test]
 fn host_fused_decode_attention_matches_the_plain_kernel() {
-    use kiln_codegen::decode::{
-        attention_decode_fused, attention_decode_items_tiled, attention_decode_tiled, attention_producers,
-    };
+    use kiln_codegen::decode::{attention_decode_fused, attention_decode_items_tiled, attention_decode_tiled};
     let Some(cxx) = host_cxx() else { return };
     let g = common::attention_layer(DType::BF16);
     let table = graph_symbols(&g);
-    let attn = g.topo_order().into_iter().find(|&n| matches!(g.node(n).op, Op::Attention(_))).unwrap();
-    let p = attention_producers(&g, attn).unwrap();
-    let body = |n| match &g.node(n).op {
-        Op::Fused(b) => (**b).clone(),
-        other => panic!("a producer is {}", other.name()),
-    };
-    let (qb, kb, vb) = (body(p.q), body(p.k), body(p.v));
-    let keys = g.value_type(g.operands(attn)[1]).shape.dims()[1].clone();
+    let common::AttentionParts { q: qb, k: kb, v: vb, keys, .. } = common::attention_parts(&g);
     let (h, kh, d, group) = (6usize, 2usize, 64usize, 3usize);
     let kpast = kiln_codegen::fused_append(&kb).unwrap().past_input;
     let vpast = kiln_codegen::fused_append(&vb).unwrap().past_input;

@@ -30,3 +30,29 @@ pub fn attention_layer(dtype: DType) -> kiln_graph::Graph {
     let g = tr.finish().unwrap();
     kiln_passes::default_pipeline().run(g).unwrap().graph
 }
+
+/// The attention node of a graph such as [`attention_layer`]'s, with what the fused
+/// decode attention takes from it: its producers, their fused bodies and the caches' key
+/// dim. (Every test crate compiles this module; not every one reads every field.)
+#[allow(dead_code)]
+pub struct AttentionParts {
+    pub node: kiln_graph::NodeId,
+    pub producers: kiln_codegen::decode::AttentionProducers,
+    pub q: kiln_ops::FusedBody,
+    pub k: kiln_ops::FusedBody,
+    pub v: kiln_ops::FusedBody,
+    pub keys: Dim,
+}
+
+/// [`AttentionParts`] of `g`'s (first) attention node.
+pub fn attention_parts(g: &kiln_graph::Graph) -> AttentionParts {
+    use kiln_ops::Op;
+    let node = g.topo_order().into_iter().find(|&n| matches!(g.node(n).op, Op::Attention(_))).unwrap();
+    let producers = kiln_codegen::decode::attention_producers(g, node).unwrap();
+    let body = |n| match &g.node(n).op {
+        Op::Fused(b) => (**b).clone(),
+        other => panic!("a producer is {}", other.name()),
+    };
+    let keys = g.value_type(g.operands(node)[1]).shape.dims()[1].clone();
+    AttentionParts { node, q: body(producers.q), k: body(producers.k), v: body(producers.v), producers, keys }
+}

@@ -284,26 +284,29 @@ struct ScaledRun {
 /// epilogue forms): a measurement knob for same-run A/Bs of splits.
 fn gemv_cfg_override(w: &kiln_ops::TensorType) -> Option<decode::GemvConfig> {
     static CFG: std::sync::OnceLock<Vec<(String, decode::GemvConfig)>> = std::sync::OnceLock::new();
-    let table = CFG.get_or_init(|| {
-        let Ok(v) = std::env::var("KILN_GEMV_CFG") else { return Vec::new() };
-        let num = |t: &str, a: char, b: char| -> Option<usize> { t.split_once(a)?.1.split(b).next()?.parse().ok() };
-        v.split(',')
-            .filter_map(|e| {
-                let (shape, t) = e.split_once('=')?;
-                let cfg = decode::GemvConfig {
-                    warps: num(t, 'w', 'r')?,
-                    rows_per_warp: num(t, 'r', 'u')?,
-                    unroll: num(t, 'u', '\0')?,
-                    ksplit: 1,
-                    max_rows: 1,
-                };
-                Some((shape.trim().to_string(), cfg))
-            })
-            .collect()
-    });
+    let table = CFG.get_or_init(|| std::env::var("KILN_GEMV_CFG").map(|v| parse_gemv_cfgs(&v)).unwrap_or_default());
     let d = w.shape.dims();
     let key = format!("{}x{}", d.first()?.as_fixed()?, d.get(1)?.as_fixed()?);
     table.iter().find(|(k, _)| *k == key).map(|(_, c)| *c)
+}
+
+/// The entries of a `KILN_GEMV_CFG` value, `NxK=wWrRuU` separated by commas (malformed
+/// entries are skipped): the weight shape and the one-row split.
+fn parse_gemv_cfgs(v: &str) -> Vec<(String, decode::GemvConfig)> {
+    let num = |t: &str, a: char, b: char| -> Option<usize> { t.split_once(a)?.1.split(b).next()?.parse().ok() };
+    v.split(',')
+        .filter_map(|e| {
+            let (shape, t) = e.split_once('=')?;
+            let cfg = decode::GemvConfig {
+                warps: num(t, 'w', 'r')?,
+                rows_per_warp: num(t, 'r', 'u')?,
+                unroll: num(t, 'u', '\0')?,
+                ksplit: 1,
+                max_rows: 1,
+            };
+            Some((shape.trim().to_string(), cfg))
+        })
+        .collect()
 }
 
 /// `KILN_EPI_WARP=0` in the environment: no per-warp epilogue GEMV (see
@@ -2286,6 +2289,20 @@ impl CudaEngine {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn gemv_split_overrides_parse_and_skip_malformed_entries() {
+        let c = |warps, rows_per_warp, unroll| super::decode::GemvConfig {
+            warps,
+            rows_per_warp,
+            unroll,
+            ksplit: 1,
+            max_rows: 1,
+        };
+        let got = super::parse_gemv_cfgs("2048x8192=w16r1u16, 3072x2048=w12r2u4,bad,1x2=w8,4x4=r1u2");
+        assert_eq!(got, vec![("2048x8192".to_string(), c(16, 1, 16)), ("3072x2048".to_string(), c(12, 2, 4))]);
+        assert!(super::parse_gemv_cfgs("").is_empty());
+    }
+
     /// Timeline labels sum the layers: layer numbers become `*`, names stay.
     #[test]
     fn generic_scopes_replace_layer_numbers() {
