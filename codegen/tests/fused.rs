@@ -540,6 +540,9 @@ int main(int argc, char** argv) {
     (void)scal;
     (void)counters;
     kiln_launch(grid, block, [&] { KILN_CALL; });
+#ifdef KILN_HOST_PREFETCH
+    kiln_prefetch_dump(dir, ins);
+#endif
     // The inputs as the kernel left them (a fused attention writes rows into its caches).
     if (std::ifstream(dir + "/dump_ins")) {
         for (size_t i = 0; i < ins.size(); ++i) {
@@ -626,6 +629,47 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
         String::from_utf8_lossy(&out.stderr)
     );
     HostKernel { exe, dir, kernel: kernel.clone() }
+}
+
+/// A prelude for [`compile_host_prefixed`]: the kernel's L2 prefetches
+/// (`kiln_prefetch_l2`) are recorded and written to `prefetch.txt` as `input offset`
+/// lines (`-1 0` for an address in no input).
+const PREFETCH_LOG: &str = r#"
+#include <mutex>
+static std::mutex kiln_pf_mu;
+static std::vector<const void*> kiln_pf;
+#define KILN_HOST_PREFETCH(p) do { std::lock_guard<std::mutex> g(kiln_pf_mu); kiln_pf.push_back(p); } while (0)
+static void kiln_prefetch_dump(const std::string& dir, const std::vector<std::vector<unsigned char>>& ins) {
+    std::ofstream f(dir + "/prefetch.txt");
+    for (const void* p : kiln_pf) {
+        const unsigned char* a = (const unsigned char*)p;
+        long long in = -1, off = 0;
+        for (size_t i = 0; i < ins.size(); ++i)
+            if (a >= ins[i].data() && a < ins[i].data() + ins[i].size()) in = (long long)i, off = a - ins[i].data();
+        f << in << " " << off << "\n";
+    }
+}
+"#;
+
+/// [`compile_host`] with `prefix` between the shim and the kernel.
+fn compile_host_prefixed(cxx: &str, kernel: &Kernel, tag: &str, prefix: &str) -> HostKernel {
+    let mut k = kernel.clone();
+    k.source = format!("{prefix}\n{}", k.source);
+    compile_host(cxx, &k, tag)
+}
+
+/// The prefetches a host run recorded ([`PREFETCH_LOG`]): (input, byte offset), sorted.
+fn prefetched(host: &HostKernel) -> Vec<(i64, usize)> {
+    let text = std::fs::read_to_string(host.dir.join("prefetch.txt")).unwrap();
+    let mut v: Vec<(i64, usize)> = text
+        .lines()
+        .map(|l| {
+            let (a, b) = l.split_once(' ').unwrap();
+            (a.parse().unwrap(), b.parse().unwrap())
+        })
+        .collect();
+    v.sort_unstable();
+    v
 }
 
 fn bytes_of(t: &HostTensor) -> Vec<u8> {
@@ -1101,6 +1145,89 @@ fn host_gemv_matches_the_reference() {
             }
         }
     }
+}
+
+/// `GV_PF` (`KILN_GEMV_PF`): before its wait, every GEMV block prefetches into L2
+/// exactly the weight rows of its first `GV_PF` tiles that its first step does not load
+/// (the rest of its first tile's rows, then whole rows of its next tiles), nothing outside
+/// the weight, and computes the same bits as without. Host emulation with the prefetches
+/// recorded: a plain GEMV (one tile per block, a row 4× its first step) and the looping
+/// per-warp epilogue GEMV (3 blocks over 25 tiles, rows shorter than a step: only the
+/// second tiles, in both slices).
+#[test]
+fn host_gemv_prefetches_the_rows_its_first_step_does_not_load() {
+    use kiln_codegen::decode::{gemv_items_with, gemv_with, GemvConfig};
+    let Some(cxx) = host_cxx() else { return };
+    let pf = |k: &Kernel| {
+        let mut k = k.clone();
+        assert!(k.source.contains("#define GV_PF 0"), "{}", k.sig.name);
+        k.source = k.source.replace("#define GV_PF 0", "#define GV_PF 2");
+        k
+    };
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    // Plain: 40 rows of 2,048 (4 KiB), 8 per block, 1 KiB per row in the first step.
+    let (n, k) = (40, 2048);
+    let x = random(&mut r, DType::BF16, &[1, k]);
+    let w = random(&mut r, DType::BF16, &[n, k]);
+    let cfg = GemvConfig { warps: 4, rows_per_warp: 2, unroll: 2, ksplit: 1, max_rows: 1 };
+    let kern = gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap();
+    let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
+    let grid = gemv_items_with(n, cfg);
+    assert_eq!(grid, 5);
+    let mut ys = Vec::new();
+    for (tag, kk) in [("plain", kern.clone()), ("prefetch", pf(&kern))] {
+        let host = compile_host_prefixed(cxx, &kk, &format!("gemv_pf_{tag}"), PREFETCH_LOG);
+        ys.push(host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (grid, threads), &[2 * n]));
+        let got = prefetched(&host);
+        let want: Vec<(i64, usize)> = if tag == "plain" {
+            Vec::new()
+        } else {
+            let mut v: Vec<(i64, usize)> =
+                (0..n).flat_map(|row| (1024..4096).step_by(128).map(move |b| (1, row * 4096 + b))).collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(got, want, "{tag}");
+    }
+    assert_eq!(ys[0], ys[1], "the prefetches changed y");
+
+    // The per-warp epilogue form: 196 columns of gate and up (rows c and 196 + c of w
+    // [392, 256], 512 bytes each), 8 columns per tile, 3 looping blocks.
+    let (inter, hidden) = (196, 256);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let table = graph_symbols(&fg);
+    let (kern, cfg) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
+    assert_eq!((cfg.warps, cfg.rows_per_warp, cfg.unroll), (8, 2, 4));
+    let b = bind(&[("seq", 1)]);
+    let inputs = body_inputs(&body, &sources, &b, 0x9e37_79b9_7f4a_7c15);
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let w_in = inputs.len() as i64; // w is the group's last input
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
+    let mut outs = Vec::new();
+    for (tag, kk) in [("plain", kern.clone()), ("prefetch", pf(&kern))] {
+        let host = compile_host_prefixed(cxx, &kk, &format!("epiw_pf_{tag}"), PREFETCH_LOG);
+        outs.push(host.run_gemv(
+            &ins,
+            &syms,
+            (1, 2 * inter, hidden),
+            (3, threads),
+            &[2 * inter, 4 * inter, 2 * hidden],
+        ));
+        let got = prefetched(&host);
+        let want: Vec<(i64, usize)> = if tag == "plain" {
+            Vec::new()
+        } else {
+            let mut v: Vec<(i64, usize)> = (3 * 8..6 * 8)
+                .flat_map(|c| [c, inter + c])
+                .flat_map(|row| (0..512).step_by(128).map(move |o| (w_in, row * 512 + o)))
+                .collect();
+            v.sort_unstable();
+            v
+        };
+        assert_eq!(got, want, "epilogue form, {tag}");
+    }
+    assert_eq!(outs[0][..2], outs[1][..2], "the prefetches changed z or y");
 }
 
 /// The scalar parameters of decode attention kernel `k` in signature order (for

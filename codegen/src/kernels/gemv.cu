@@ -74,6 +74,9 @@
 #ifndef GV_EPI_WARP
 #define GV_EPI_WARP 0
 #endif
+#ifndef GV_PF
+#define GV_PF 0
+#endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
 // The row of w that warp rw of the block for columns tile·GV_EPI_T.. computes (n: none).
@@ -167,6 +170,37 @@ __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W*
     }
 }
 
+// GV_PF > 0 (a measurement knob, KILN_GEMV_PF): before its wait for the previous kernel,
+// a block prefetches into L2 the weight rows of its first GV_PF tiles (blockIdx.x +
+// j·gridDim.x) that its first step does not load into registers: the rest of the first
+// tile's rows, then whole rows. Issued before the first weight loads (fewer registers
+// live: a prefetch holds none). Warps with ks = 0 prefetch their own rows, lane L the
+// lines L, L + 32, ... of each. Only on the vector path (16-byte aligned rows).
+__device__ __forceinline__ void gv_prefetch(const KILN_W* __restrict__ w, i64 n, i64 k, i64 ntiles, int rw, int ks,
+                                            int lane) {
+#if GV_PF > 0
+    if (ks != 0) return;
+    const i64 rb = k * (i64)sizeof(KILN_W);                  // bytes per row
+    const i64 first = (i64)32 * GV_KS * GV_U * 16;           // bytes of a row the first step loads
+#pragma unroll 1
+    for (int j = 0; j < GV_PF; ++j) {
+        const i64 tile = (i64)blockIdx.x + (i64)j * gridDim.x;
+        if (tile >= ntiles) break;
+        const i64 row0 = GV_ROW0(tile, rw);
+#pragma unroll
+        for (int rr = 0; rr < GV_R; ++rr) {
+            const i64 row = gv_wrow(row0, rr, n);
+            if (row >= n) continue;
+            const char* base = (const char*)(w + row * k);
+#pragma unroll 1
+            for (i64 b = (j == 0 ? first : 0) + (i64)lane * 128; b < rb; b += 32 * 128) kiln_prefetch_l2(base + b);
+        }
+    }
+#else
+    (void)w, (void)n, (void)k, (void)ntiles, (void)rw, (void)ks, (void)lane;
+#endif
+}
+
 // Stores y[r, row] = v (plus the residual).
 __device__ __forceinline__ void gv_store(KILN_Y* y, const KILN_Y* res, i64 n, int r, i64 row, float v) {
 #if KILN_RESIDUAL
@@ -223,6 +257,7 @@ KILN_SIGNATURE {
     float gv_s[GV_MAX_M];  // each row's scale S, computed where x is staged (gemv_scaled)
 #endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
+    if (GV_PF > 0 && vec) gv_prefetch(GV_W, n, k, ntiles, rw, ks, lane);  // before the wait (in the loop)
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
     const i64 row0 = GV_ROW0(tile, rw);
     float acc[GV_MAX_M][GV_R];

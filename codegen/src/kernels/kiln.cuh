@@ -123,20 +123,56 @@ __device__ __forceinline__ i64 kiln_offset(i64 linear, int rank, const Idx8& sha
 // its wait returns (1: the previous kernel is done), each into its own ring of
 // KILN_TRACE_N slots after the two event counters. Kernels run in launch order, so
 // event i of each ring is launch i.
+// With KILN_TRACE_BLOCKS too (a residency diagnostic), thread 0 of every block records
+// when the block started (its launch_dependents) and when its wait returned, with its
+// multiprocessor and the grid: entry i of a ring of KILN_TRACE_B triples (start, wait,
+// smid << 48 | blocks << 24 | block) after the rings above and a counter, so the host
+// sees how many blocks of a launch were resident before the previous kernel completed
+// and when its last block started.
 #ifdef KILN_TRACE_AT
 #define KILN_TRACE_N (1 << 16)
+#ifdef KILN_TRACE_BLOCKS
+#define KILN_TRACE_B (1 << 20)
+__shared__ unsigned long long kiln_trace_t0;  // the block's start (thread 0)
+#endif
 __device__ __forceinline__ void kiln_trace(int which) {
-    if (threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
-        unsigned long long t;
-        asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-        unsigned long long* p = (unsigned long long*)(KILN_TRACE_AT);
+    if (threadIdx.x != 0 || threadIdx.y != 0 || threadIdx.z != 0) return;
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    unsigned long long* p = (unsigned long long*)(KILN_TRACE_AT);
+    if (blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
         const unsigned long long i = atomicAdd(p + which, 1ull);
         p[2 + which * KILN_TRACE_N + (i % KILN_TRACE_N)] = t;
     }
+#ifdef KILN_TRACE_BLOCKS
+    if (which == 0) kiln_trace_t0 = t;
+    if (which == 1) {
+        unsigned int sm;
+        asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
+        const unsigned long long blocks = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
+        const unsigned long long b = blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
+        unsigned long long* q = p + 2 + 2 * KILN_TRACE_N;
+        const unsigned long long i = atomicAdd(q, 1ull) % KILN_TRACE_B;
+        q[1 + 3 * i] = kiln_trace_t0;
+        q[2 + 3 * i] = t;
+        q[3 + 3 * i] = ((unsigned long long)sm << 48) | ((blocks & 0xffffffull) << 24) | (b & 0xffffffull);
+    }
+#endif
 }
 #else
 __device__ __forceinline__ void kiln_trace(int) {}
 #endif
+// A prefetch of the 128-byte line holding p into L2: a hint with no effect on any
+// result. The host emulation may define KILN_HOST_PREFETCH(p) to see the addresses.
+__device__ __forceinline__ void kiln_prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#elif defined(KILN_HOST_PREFETCH)
+    KILN_HOST_PREFETCH(p);
+#else
+    (void)p;
+#endif
+}
 __device__ __forceinline__ void kiln_grid_launch_dependents() {
     kiln_trace(0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -423,6 +423,126 @@ const BLAS_WORKSPACE: usize = 32 << 20;
 
 /// Timestamps per event kind in the trace buffer (`KILN_TRACE_N` in `kiln.cuh`).
 const TRACE_SLOTS: usize = 1 << 16;
+/// Block entries in the trace buffer with `KILN_TRACE_BLOCKS` (`KILN_TRACE_B`).
+const TRACE_BLOCK_SLOTS: usize = 1 << 20;
+
+/// `KILN_TRACE_BLOCKS=1` in the environment (with [`EngineOptions::trace`]): every block
+/// of every kernel records its start, its wait's return and its multiprocessor
+/// (`kiln.cuh`), and [`CudaEngine::timeline`] logs each launch's residency (see
+/// [`block_residency`]). A diagnostic: an atomic per block.
+fn trace_blocks_by_env() -> bool {
+    std::env::var("KILN_TRACE_BLOCKS").is_ok_and(|v| v == "1")
+}
+
+/// The residency rows as a table: per kernel and module (means over its launches in the
+/// step, in first-launch order), then the step's first launches one by one.
+pub fn residency_table(labels: &[String], rows: &[BlockResidency]) -> String {
+    use std::fmt::Write as _;
+    let mut by: IndexMap<&str, (usize, BlockResidency)> = IndexMap::new();
+    for (l, r) in labels.iter().zip(rows) {
+        let e = by.entry(l.as_str()).or_default();
+        e.0 += 1;
+        e.1.grid += r.grid;
+        e.1.recorded += r.recorded;
+        e.1.early += r.early;
+        e.1.last_start_us += r.last_start_us;
+        e.1.sms += r.sms;
+    }
+    let head = format!("{:>8} {:>9} {:>8} {:>11} {:>6}", "grid", "recorded", "early", "last µs", "SMs");
+    let line = |r: &BlockResidency, n: f64| {
+        format!(
+            "{:>8.0} {:>9.1} {:>8.1} {:>11.2} {:>6.1}",
+            r.grid / n,
+            r.recorded / n,
+            r.early / n,
+            r.last_start_us / n,
+            r.sms / n
+        )
+    };
+    let mut s = format!("{head} {:>9}  kernel @module\n", "launches");
+    for (l, (n, r)) in &by {
+        let _ = writeln!(s, "{} {n:>9}  {l}", line(r, *n as f64));
+    }
+    let _ = writeln!(s, "the first launches one by one:\n{head}  kernel @module");
+    for (l, r) in labels.iter().zip(rows).take(24) {
+        let _ = writeln!(s, "{}  {l}", line(r, 1.0));
+    }
+    s
+}
+
+/// How one launch's blocks became resident, means over the traced steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct BlockResidency {
+    /// Blocks of the grid.
+    pub grid: f64,
+    /// Blocks that recorded their wait (blocks that return before waiting do not).
+    pub recorded: f64,
+    /// Blocks that started before the previous kernel completed (before block 0's wait
+    /// returned): resident early, under programmatic dependent launch.
+    pub early: f64,
+    /// µs from the previous kernel's completion to the start of the launch's last block
+    /// (negative: every block was resident before it).
+    pub last_start_us: f64,
+    /// Multiprocessors the launch's blocks ran on.
+    pub sms: f64,
+}
+
+/// The launches' residency from the block entries of a trace (`(start, wait, smid << 48
+/// | blocks << 24 | block)`, ns of the global timer) of `steps` steps of `per_step`
+/// launches: block 0's entries, in wait order, are the launches, and their waits the
+/// completions of the kernels before them; every other entry belongs to the last launch
+/// whose completion mark is at or before its wait and whose grid matches (a block's wait
+/// cannot return before the previous kernel completes). Returns the `per_step` launches
+/// of a step, means over the steps, or None when the entries do not hold `steps ·
+/// per_step` launches (a wrapped or foreign ring).
+pub fn block_residency(entries: &[(u64, u64, u64)], steps: usize, per_step: usize) -> Option<Vec<BlockResidency>> {
+    let grid = |m: u64| (m >> 24) & 0xff_ffff;
+    let mut launches: Vec<(u64, u64)> =
+        entries.iter().filter(|e| e.2 & 0xff_ffff == 0).map(|e| (e.1, grid(e.2))).collect();
+    launches.sort_unstable();
+    if launches.len() != steps * per_step || per_step == 0 {
+        return None;
+    }
+    // Per launch: recorded, early, latest start, SMs seen.
+    let mut acc: Vec<(usize, usize, u64, std::collections::BTreeSet<u64>)> =
+        (0..launches.len()).map(|_| (0, 0, 0, Default::default())).collect();
+    for &(t0, t1, meta) in entries {
+        if t0 == 0 || t1 < t0 {
+            continue;
+        }
+        let after = launches.partition_point(|l| l.0 <= t1);
+        // The launch by time, else the next one when its block 0 waited just after this
+        // block (block 0 started later than the block).
+        let next = (after < launches.len() && launches[after].0 - t1 < 2_000).then_some(after);
+        let cands = after.checked_sub(1).into_iter().chain(next);
+        let Some(i) = cands.into_iter().find(|&i| launches[i].1 == grid(meta)) else { continue };
+        let a = &mut acc[i];
+        a.0 += 1;
+        a.1 += usize::from(t0 < launches[i].0);
+        a.2 = a.2.max(t0);
+        a.3.insert(meta >> 48);
+    }
+    let mut out = vec![BlockResidency::default(); per_step];
+    for (i, (a, l)) in acc.iter().zip(&launches).enumerate() {
+        let o = &mut out[i % per_step];
+        o.grid += l.1 as f64;
+        o.recorded += a.0 as f64;
+        o.early += a.1 as f64;
+        o.last_start_us += (a.2 as f64 - l.0 as f64) / 1e3;
+        o.sms += a.3.len() as f64;
+    }
+    for o in &mut out {
+        let s = steps as f64;
+        *o = BlockResidency {
+            grid: o.grid / s,
+            recorded: o.recorded / s,
+            early: o.early / s,
+            last_start_us: o.last_start_us / s,
+            sms: o.sms / s,
+        };
+    }
+    Some(out)
+}
 
 /// Attention over more query rows than this runs the tensor-core prefill kernel (when
 /// there is one for the dtype and head dim); up to this many, the split-K kernel.
@@ -1019,10 +1139,13 @@ impl CudaEngine {
             }
         }
         let trace = if opts.trace {
-            let buf = stream.alloc_zeros::<u64>(2 + 2 * TRACE_SLOTS).map_err(driver_err("alloc trace"))?;
+            let blocks = trace_blocks_by_env();
+            let len = 2 + 2 * TRACE_SLOTS + if blocks { 1 + 3 * TRACE_BLOCK_SLOTS } else { 0 };
+            let buf = stream.alloc_zeros::<u64>(len).map_err(driver_err("alloc trace"))?;
             let at = dev(&buf, &stream);
+            let blocks = if blocks { "#define KILN_TRACE_BLOCKS 1\n" } else { "" };
             for k in &mut kernel_list {
-                k.source = format!("#define KILN_TRACE_AT 0x{at:x}ULL\n{}", k.source);
+                k.source = format!("#define KILN_TRACE_AT 0x{at:x}ULL\n{blocks}{}", k.source);
             }
             Some(buf)
         } else {
@@ -2152,6 +2275,17 @@ impl CudaEngine {
         }
         let start = |i: usize| host[2 + i] as f64;
         let wait = |i: usize| host[2 + TRACE_SLOTS + i] as f64;
+        if trace_blocks_by_env() && host.len() > 2 + 2 * TRACE_SLOTS {
+            let q = &host[2 + 2 * TRACE_SLOTS..];
+            let n = (q[0] as usize).min(TRACE_BLOCK_SLOTS);
+            let entries: Vec<(u64, u64, u64)> = (0..n).map(|i| (q[1 + 3 * i], q[2 + 3 * i], q[3 + 3 * i])).collect();
+            match block_residency(&entries, steps, per_step) {
+                Some(rows) => tracing::info!("block residency per launch:\n{}", residency_table(&labels, &rows)),
+                None => {
+                    tracing::warn!(entries = q[0], "the block trace does not hold {steps} steps of {per_step} launches")
+                }
+            }
+        }
         Ok((0..per_step - 1)
             .map(|j| {
                 let (mut crit, mut lead) = (0.0, 0.0);
@@ -2301,6 +2435,38 @@ mod tests {
         let got = super::parse_gemv_cfgs("2048x8192=w16r1u16, 3072x2048=w12r2u4,bad,1x2=w8,4x4=r1u2");
         assert_eq!(got, vec![("2048x8192".to_string(), c(16, 1, 16)), ("3072x2048".to_string(), c(12, 2, 4))]);
         assert!(super::parse_gemv_cfgs("").is_empty());
+    }
+
+    /// Block entries are assigned to launches by their wait and grid, and each launch's
+    /// early blocks and last start are counted against its block 0's wait (hand-made
+    /// trace: two steps of two launches, 3 and 2 blocks).
+    #[test]
+    fn block_residency_assigns_blocks_to_launches() {
+        let m = |grid: u64, b: u64, sm: u64| sm << 48 | grid << 24 | b;
+        let mut e = Vec::new();
+        for off in [0u64, 10_000] {
+            // Launch A (3 blocks): the kernel before it completes at 1,000.
+            e.push((off + 500, off + 1_000, m(3, 0, 0)));
+            e.push((off + 600, off + 1_000, m(3, 1, 1)));
+            e.push((off + if off == 0 { 1_500 } else { 1_200 }, off + 1_500, m(3, 2, 0)));
+            // Launch B (2 blocks): A completes at 3,000; block 1 waited 10 ns before
+            // block 0 did (block 0 started later), so it belongs to B by its grid.
+            e.push((off + 1_300, off + 3_000, m(2, 0, 2)));
+            e.push((off + 1_250, off + 2_990, m(2, 1, 3)));
+        }
+        // A block that started after its wait is ignored, as is a never-started one.
+        e.push((5_000, 4_000, m(2, 1, 3)));
+        e.push((0, 4_000, m(2, 1, 3)));
+        let r = super::block_residency(&e, 2, 2).expect("4 launches");
+        assert_eq!(r.len(), 2);
+        assert_eq!((r[0].grid, r[0].recorded, r[0].early, r[0].sms), (3.0, 3.0, 2.0, 2.0));
+        assert!((r[0].last_start_us - 0.35).abs() < 1e-9, "{:?}", r[0]);
+        assert_eq!((r[1].grid, r[1].recorded, r[1].early, r[1].sms), (2.0, 2.0, 2.0, 2.0));
+        assert!((r[1].last_start_us - (-1.7)).abs() < 1e-9, "{:?}", r[1]);
+        // A ring that does not hold the launches asked for.
+        assert!(super::block_residency(&e, 3, 2).is_none());
+        let t = super::residency_table(&["a @x".into(), "b @y".into()], &r);
+        assert!(t.contains("       3       3.0      2.0        0.35    2.0         1  a @x"), "{t}");
     }
 
     /// Timeline labels sum the layers: layer numbers become `*`, names stay.
