@@ -632,7 +632,9 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
     }
     let w = body.inputs.last().ok_or_else(|| CodegenError("gemv_scaled_epi_warp: a body without inputs".into()))?;
     let warps = GemvConfig::for_shape(1, decode::weight_row_bytes(w)).warps;
-    let cfg = GemvConfig { warps, rows_per_warp: s, unroll: (8 / s).max(1), ksplit: 1, max_rows: 1 };
+    // WIP knob (wip/residency): KILN_EPI_WARP_LOADS, 16-byte loads in flight per lane.
+    let loads = env_usize("KILN_EPI_WARP_LOADS").unwrap_or(8);
+    let cfg = GemvConfig { warps, rows_per_warp: s, unroll: (loads / s).max(1), ksplit: 1, max_rows: 1 };
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false)?, cfg))
 }
 
@@ -997,7 +999,12 @@ fn gemv_scaled_with(
     // flight next to the weight loads, would otherwise take 79 (sm_90, 2,048 columns)
     // and halve the resident blocks; capped, ptxas spills a few index registers.
     let threads = 32 * cfg.warps;
-    let min_blocks = (65536 / (threads * 64)).max(1);
+    // WIP knob (wip/residency): KILN_EPI_WARP_BOUNDS, the per-warp epilogue form's
+    // blocks per multiprocessor in its launch bounds (3: at most 42 registers).
+    let min_blocks = match (mode, env_usize("KILN_EPI_WARP_BOUNDS")) {
+        (EpiMode::Warp, Some(b)) => b.max(1),
+        _ => (65536 / (threads * 64)).max(1),
+    };
     let plain = format!("__global__ void {}(", kernel.sig.name);
     let bounded = format!("__global__ void __launch_bounds__({threads}, {min_blocks}) {}(", kernel.sig.name);
     kernel.source = kernel.source.replacen(&plain, &bounded, 1);
@@ -1773,4 +1780,9 @@ mod tests {
         assert_eq!(fnv1a64("a"), 0xaf63dc4c8601ec8c);
         assert_eq!(fnv1a64("foobar"), 0x85944171f73967e8);
     }
+}
+
+/// WIP (wip/residency): a measurement knob's value from the environment.
+pub fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }

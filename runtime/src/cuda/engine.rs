@@ -309,6 +309,18 @@ fn parse_gemv_cfgs(v: &str) -> Vec<(String, decode::GemvConfig)> {
         .collect()
 }
 
+/// WIP (wip/residency): `KILN_GEMV_MAXREG="NxK=R,..."`, a register cap for the one-row
+/// GEMV of weights `[N, K]`.
+fn gemv_maxreg_override(w: &kiln_ops::TensorType) -> Option<usize> {
+    let v = std::env::var("KILN_GEMV_MAXREG").ok()?;
+    let d = w.shape.dims();
+    let key = format!("{}x{}", d.first()?.as_fixed()?, d.get(1)?.as_fixed()?);
+    v.split(',').find_map(|e| {
+        let (shape, r) = e.split_once('=')?;
+        (shape.trim() == key).then(|| r.trim().parse().ok()).flatten()
+    })
+}
+
 /// `KILN_EPI_WARP=0` in the environment: no per-warp epilogue GEMV (see
 /// [`ScaledRun::epi_warp`]), for same-run A/Bs.
 fn epi_warp_off_by_env() -> bool {
@@ -964,10 +976,19 @@ impl CudaEngine {
                                 decode::GemvConfig::for_shape(2, row_bytes),
                             );
                             let y = node.outputs[0].dtype;
-                            if let (Ok(k1), Ok(k2)) = (
+                            if let (Ok(mut k1), Ok(k2)) = (
                                 decode::gemv_with(a.dtype, w.dtype, y, one),
                                 decode::gemv_with(a.dtype, w.dtype, y, more),
                             ) {
+                                // WIP knob (wip/residency): KILN_GEMV_MAXREG="NxK=R" caps
+                                // that one-row GEMV's registers (its blocks fit beside
+                                // the kernel before it).
+                                if let Some(r) = gemv_maxreg_override(w) {
+                                    let name = format!("{}_r{r}", k1.sig.name);
+                                    let capped = format!("__maxnreg__({r}) {name}(");
+                                    k1.source = k1.source.replacen(&format!("{}(", k1.sig.name), &capped, 1);
+                                    k1.sig.name = name;
+                                }
                                 gemv = Some([(add_kernel(k1), one), (add_kernel(k2), more)]);
                             }
                         }
@@ -1206,6 +1227,11 @@ impl CudaEngine {
                     }
                     if let Some((kg, cfg, w)) = sr.epi_warp.as_mut() {
                         *w = wave(*kg, *cfg)?.max(1);
+                        // WIP knob (wip/residency): KILN_EPI_WARP_PER_SM caps its blocks
+                        // per multiprocessor, leaving room for the next kernel's.
+                        if let Some(per_sm) = kiln_codegen::fused::env_usize("KILN_EPI_WARP_PER_SM") {
+                            *w = (*w).min(per_sm.max(1) * sms);
+                        }
                     }
                 }
                 let Some(e) = epilogue.as_mut().filter(|_| epilogue_gemv) else { continue };
