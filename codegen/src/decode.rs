@@ -29,7 +29,20 @@ use crate::table;
 use kiln_ops::{DType, Dim, Sym};
 
 pub(crate) const GEMV: &str = include_str!("kernels/gemv.cu");
-const FLASH_DECODE: &str = include_str!("kernels/flash_decode.cu");
+const FLASH_DECODE_PLAIN: &str = include_str!("kernels/flash_decode.cu");
+/// WIP (wip/attn-hoist, not run end to end): the fused decode attention with its
+/// producers' loads in one round and a one-round split merge, plus `KILN_PHASE` marks;
+/// taken with `KILN_ATTN_HOIST=1` in the environment for a same-run A/B.
+const FLASH_DECODE_HOIST: &str = include_str!("kernels/flash_decode_hoist.cu");
+
+/// The decode attention template (see [`FLASH_DECODE_HOIST`]).
+fn flash_decode_template() -> &'static str {
+    if std::env::var("KILN_ATTN_HOIST").is_ok_and(|v| v == "1") {
+        FLASH_DECODE_HOIST
+    } else {
+        FLASH_DECODE_PLAIN
+    }
+}
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
 /// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
 pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
@@ -734,7 +747,7 @@ fn attention_decode_render(
     let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1) * if small { 2 } else { 1 };
     let warps = if small { 2 * ATTENTION_DECODE_WARPS } else { ATTENTION_DECODE_WARPS };
     let mut params = cache_attention_params(s, true);
-    let mut template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{FLASH_DECODE}");
+    let mut template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{}", flash_decode_template());
     let mut defines = vec![
         ("KILN_T", s.to_string()),
         ("KILN_VEC", vec.to_string()),

@@ -126,7 +126,7 @@ __device__ __forceinline__ i64 kiln_offset(i64 linear, int rank, const Idx8& sha
 // With KILN_TRACE_BLOCKS too (a residency diagnostic), thread 0 of every block records
 // when the block started (its launch_dependents) and when its wait returned, with its
 // multiprocessor and the grid: entry i of a ring of KILN_TRACE_B triples (start, wait,
-// smid << 48 | blocks << 24 | block) after the rings above and a counter, so the host
+// smid << 48 | blocks << 24 | block) after the rings above, the phases and a counter, so the host
 // sees how many blocks of a launch were resident before the previous kernel completed
 // and when its last block started.
 #ifdef KILN_TRACE_AT
@@ -151,7 +151,7 @@ __device__ __forceinline__ void kiln_trace(int which) {
         asm volatile("mov.u32 %0, %%smid;" : "=r"(sm));
         const unsigned long long blocks = (unsigned long long)gridDim.x * gridDim.y * gridDim.z;
         const unsigned long long b = blockIdx.x + (unsigned long long)gridDim.x * (blockIdx.y + (unsigned long long)gridDim.y * blockIdx.z);
-        unsigned long long* q = p + 2 + 2 * KILN_TRACE_N;
+        unsigned long long* q = p + 2 + 2 * KILN_TRACE_N + 16;  // after the phases
         const unsigned long long i = atomicAdd(q, 1ull) % KILN_TRACE_B;
         q[1 + 3 * i] = kiln_trace_t0;
         q[2 + 3 * i] = t;
@@ -159,8 +159,30 @@ __device__ __forceinline__ void kiln_trace(int which) {
     }
 #endif
 }
+// Phases inside a kernel (a measurement aid): KILN_PHASE_DECL at the top,
+// KILN_PHASE_START after the kernel's wait returns, then KILN_PHASE(k) (k < 8) at the
+// points to time; thread 0 of block 0 adds the ns since the start to phase k's sum and
+// counts it (16 slots after the rings: `kiln bench --timeline` logs the means).
+#define KILN_PHASE_DECL unsigned long long kiln_phase_t0 = 0
+#define KILN_PHASE_START (kiln_phase_t0 = kiln_now())
+#define KILN_PHASE(k) kiln_phase((k), kiln_phase_t0)
+__device__ __forceinline__ unsigned long long kiln_now() {
+    unsigned long long t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+__device__ __forceinline__ void kiln_phase(int k, unsigned long long t0) {
+    if (threadIdx.x == 0 && threadIdx.y == 0 && blockIdx.x == 0 && blockIdx.y == 0 && blockIdx.z == 0) {
+        unsigned long long* p = (unsigned long long*)(KILN_TRACE_AT) + 2 + 2 * KILN_TRACE_N;
+        atomicAdd(p + k, kiln_now() - t0);
+        atomicAdd(p + 8 + k, 1ull);
+    }
+}
 #else
 __device__ __forceinline__ void kiln_trace(int) {}
+#define KILN_PHASE_DECL
+#define KILN_PHASE_START
+#define KILN_PHASE(k)
 #endif
 // A prefetch of the 128-byte line holding p into L2: a hint with no effect on any
 // result. The host emulation may define KILN_HOST_PREFETCH(p) to see the addresses.

@@ -1161,7 +1161,9 @@ impl CudaEngine {
         }
         let trace = if opts.trace {
             let blocks = trace_blocks_by_env();
-            let len = 2 + 2 * TRACE_SLOTS + if blocks { 1 + 3 * TRACE_BLOCK_SLOTS } else { 0 };
+            // Two event counters, the two rings, the phases' sums and counts, then with
+            // KILN_TRACE_BLOCKS the block counter and ring (kiln.cuh).
+            let len = 2 + 2 * TRACE_SLOTS + 16 + if blocks { 1 + 3 * TRACE_BLOCK_SLOTS } else { 0 };
             let buf = stream.alloc_zeros::<u64>(len).map_err(driver_err("alloc trace"))?;
             let at = dev(&buf, &stream);
             let blocks = if blocks { "#define KILN_TRACE_BLOCKS 1\n" } else { "" };
@@ -2301,8 +2303,16 @@ impl CudaEngine {
         }
         let start = |i: usize| host[2 + i] as f64;
         let wait = |i: usize| host[2 + TRACE_SLOTS + i] as f64;
-        if trace_blocks_by_env() && host.len() > 2 + 2 * TRACE_SLOTS {
-            let q = &host[2 + 2 * TRACE_SLOTS..];
+        // Phases a kernel marks inside itself (KILN_PHASE in kiln.cuh): a log line each.
+        let phases = &host[2 + 2 * TRACE_SLOTS..2 + 2 * TRACE_SLOTS + 16];
+        for k in 0..8 {
+            if phases[8 + k] > 0 {
+                let mean = phases[k] as f64 / phases[8 + k] as f64 / 1e3;
+                tracing::info!(phase = k, samples = phases[8 + k], "kernel phase {k}: {mean:.2} µs after its wait");
+            }
+        }
+        if trace_blocks_by_env() && host.len() > 2 + 2 * TRACE_SLOTS + 16 {
+            let q = &host[2 + 2 * TRACE_SLOTS + 16..];
             let n = (q[0] as usize).min(TRACE_BLOCK_SLOTS);
             let entries: Vec<(u64, u64, u64)> = (0..n).map(|i| (q[1 + 3 * i], q[2 + 3 * i], q[3 + 3 * i])).collect();
             match block_residency(&entries, steps, per_step) {
