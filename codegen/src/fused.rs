@@ -1759,6 +1759,11 @@ impl<'a> Gen<'a> {
     }
 }
 
+/// WIP (wip/residency): a measurement knob's value from the environment.
+pub fn env_usize(name: &str) -> Option<usize> {
+    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1780,9 +1785,4 @@ mod tests {
         assert_eq!(fnv1a64("a"), 0xaf63dc4c8601ec8c);
         assert_eq!(fnv1a64("foobar"), 0x85944171f73967e8);
     }
-}
-
-/// WIP (wip/residency): a measurement knob's value from the environment.
-pub fn env_usize(name: &str) -> Option<usize> {
-    std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
 }
