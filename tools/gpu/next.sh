@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# WIP (branch wip/l2pf), runs on the GPU machine after `bash tools/gpu/build.sh` here on
+# this branch (one binary holds every knob). The Llama-3.2-1B measurements planned for
+# the next session with a GPU, in two calls of under 10 minutes each:
+#
+#   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
+#   bash tools/gpu/next.sh 2   # same-run A/B of the knobs (ROUNDS, default 2)
+#
+# Part 1:
+#   - `kiln bench --timeline` with KILN_TRACE_BLOCKS=1: per launch, how many blocks were
+#     resident before the previous kernel completed and when its last block started
+#     (does gate_up get blocks beside o_proj during attention? when does down start?),
+#     then the same with KILN_ATTN_HOIST=1 (its KILN_PHASE marks: where attention's
+#     7.5 µs per layer go);
+#   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_ATTN_HOIST=1 (the
+#     forms compared bit for bit within a run, and against the CPU executor).
+# Part 2 (decode tok/s, batch 1, prompt 128):
+#   default; KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
+#   KILN_ATTN_HOIST=1; the register budget of wip/residency (gate_up 4 loads per lane at
+#   <= 42 registers, down at 48) alone and with KILN_GEMV_PF=1; PF=1 with the hoist.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-/tmp/kiln-gpu}
+mkdir -p "$OUT"
+source tools/gpu/cuda-libs.sh
+export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-bench}"
+part=${1:-1}
+P=llama-3.2-1b
+ARGS=(--preset "$P" --batch 1 --prefill 128 --decode-steps 64)
+if [ "$part" = 1 ]; then
+    echo "== $(date -u +%FT%TZ) commit $(cat .gpu/commit 2>/dev/null || echo '?') part 1"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
+    for tag in default hoist; do
+        envs=(KILN_TRACE_BLOCKS=1)
+        [ "$tag" = hoist ] && envs+=(KILN_ATTN_HOIST=1)
+        env "${envs[@]}" timeout 240 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
+            || echo "timeline $tag failed (rc $?)"
+    done
+    export KILN_BIN="$PWD/.gpu/kiln"
+    for t in cuda_engine cuda_decode cuda_fused; do
+        KILN_GEMV_PF=2 KILN_ATTN_HOIST=1 timeout 150 ".gpu/$t-test" --test-threads=1 >"$OUT/knobs-$t.log" 2>&1
+        echo "$t with KILN_GEMV_PF=2 KILN_ATTN_HOIST=1: rc $? $(grep -E '^test result' "$OUT/knobs-$t.log" | tail -1)"
+        grep -E "panicked|FAILED" "$OUT/knobs-$t.log" | head -5
+    done
+    for tag in default hoist; do
+        echo; echo "== timeline ($tag): critical path per kernel"
+        sed -n '/critical path per kernel/,/total, first wait/p' "$OUT/tl-$tag.log" | head -30
+        echo "== block residency ($tag)"
+        sed -n '/block residency per launch/,/the first launches one by one/p' "$OUT/tl-$tag.log" | head -30
+        grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/' | head -8
+        grep -E "decode .*tok/s|^ *1 " "$OUT/tl-$tag.log" | head -3
+    done
+else
+    U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
+        "pf1=KILN_GEMV_PF=1" \
+        "pf2=KILN_GEMV_PF=2" \
+        "hoist=KILN_ATTN_HOIST=1" \
+        "res=$U2" \
+        "res+pf1=$U2,KILN_GEMV_PF=1" \
+        "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1"
+fi
