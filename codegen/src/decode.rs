@@ -35,6 +35,19 @@ const FLASH_DECODE_PLAIN: &str = include_str!("kernels/flash_decode.cu");
 /// taken with `KILN_ATTN_HOIST=1` in the environment for a same-run A/B.
 const FLASH_DECODE_HOIST: &str = include_str!("kernels/flash_decode_hoist.cu");
 
+/// WIP knob: `KILN_ATTN_MIN_CHUNK=K` (a multiple of 16, at least 16) in the environment
+/// replaces [`ATTENTION_DECODE_MIN_CHUNK`] in the decode attention kernels (the chunk is
+/// computed in the kernel only, so the host needs no change): more splits for a short
+/// context (200 keys: 4 splits of 64 instead of 1), each block streaming fewer keys,
+/// against the split merge's extra round trip.
+fn attention_min_chunk() -> usize {
+    std::env::var("KILN_ATTN_MIN_CHUNK")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&c| c >= 16 && c % 16 == 0)
+        .unwrap_or(ATTENTION_DECODE_MIN_CHUNK)
+}
+
 /// The decode attention template (see [`FLASH_DECODE_HOIST`]).
 fn flash_decode_template() -> &'static str {
     if std::env::var("KILN_ATTN_HOIST").is_ok_and(|v| v == "1") {
@@ -754,7 +767,7 @@ fn attention_decode_render(
         ("AD_NVL", nvl.to_string()),
         ("AD_WARPS", warps.to_string()),
         ("AD_QT", tile.to_string()),
-        ("AD_MIN_CHUNK", ATTENTION_DECODE_MIN_CHUNK.to_string()),
+        ("AD_MIN_CHUNK", attention_min_chunk().to_string()),
         ("AD_STAGE", ATTENTION_DECODE_STAGE_BYTES.to_string()),
         ("KILN_KEYS", keys_c.clone()),
     ];

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # WIP (branch wip/l2pf), runs on the GPU machine after `bash tools/gpu/build.sh` here on
 # this branch (one binary holds every knob). The Llama-3.2-1B measurements planned for
-# the next session with a GPU, in two calls of under 10 minutes each:
+# the next session with a GPU, in four calls of under 10 minutes each:
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
-#   bash tools/gpu/next.sh 2   # same-run A/B of the knobs (ROUNDS, default 2)
+#   bash tools/gpu/next.sh 2   # same-run A/B of single knobs (ROUNDS, default 2)
+#   bash tools/gpu/next.sh 3   # same-run A/B of register budgets, with and without PF
+#   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 4   # combinations (and one more)
 #
 # Part 1:
 #   - `kiln bench --timeline` with KILN_TRACE_BLOCKS=1: per launch, how many blocks were
@@ -12,12 +14,16 @@
 #     (does gate_up get blocks beside o_proj during attention? when does down start?),
 #     then the same with KILN_ATTN_HOIST=1 (its KILN_PHASE marks: where attention's
 #     7.5 µs per layer go);
-#   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_ATTN_HOIST=1 (the
-#     forms compared bit for bit within a run, and against the CPU executor).
-# Part 2 (decode tok/s, batch 1, prompt 128):
-#   default; KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
-#   KILN_ATTN_HOIST=1; the register budget of wip/residency (gate_up 4 loads per lane at
-#   <= 42 registers, down at 48) alone and with KILN_GEMV_PF=1; PF=1 with the hoist.
+#   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_ATTN_HOIST=1, and the
+#     engine tests with KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1 (the forms compared
+#     bit for bit within a run, and against the CPU executor).
+# Parts 2 and 3 (decode tok/s, batch 1, prompt 128, each against the default in the
+# same run): KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
+# KILN_ATTN_HOIST=1; KILN_ATTN_MIN_CHUNK=64 (4 attention splits at 200 keys, not 1);
+# the register budget of wip/residency (gate_up 4 loads per lane at <= 42 registers,
+# down at 48) alone and with PF=1; gate_up in one block per SM (KILN_EPI_WARP_PER_SM=1:
+# 64 KiB of loads in flight per SM, half the register file left for a down block that
+# prefetches during it) alone and with PF=1; PF=1 with the hoist; PF=2 with 64-key chunks.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -37,10 +43,14 @@ if [ "$part" = 1 ]; then
             || echo "timeline $tag failed (rc $?)"
     done
     export KILN_BIN="$PWD/.gpu/kiln"
-    for t in cuda_engine cuda_decode cuda_fused; do
-        KILN_GEMV_PF=2 KILN_ATTN_HOIST=1 timeout 150 ".gpu/$t-test" --test-threads=1 >"$OUT/knobs-$t.log" 2>&1
-        echo "$t with KILN_GEMV_PF=2 KILN_ATTN_HOIST=1: rc $? $(grep -E '^test result' "$OUT/knobs-$t.log" | tail -1)"
-        grep -E "panicked|FAILED" "$OUT/knobs-$t.log" | head -5
+    for spec in "cuda_engine KILN_GEMV_PF=2 KILN_ATTN_HOIST=1" "cuda_decode KILN_GEMV_PF=2 KILN_ATTN_HOIST=1" \
+        "cuda_fused KILN_GEMV_PF=2 KILN_ATTN_HOIST=1" "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1"; do
+        read -r t envs <<<"$spec"
+        log="$OUT/knobs-$t-${envs//[ =]/_}.log"
+        # shellcheck disable=SC2086
+        env $envs timeout 150 ".gpu/$t-test" --test-threads=1 >"$log" 2>&1
+        echo "$t with $envs: rc $? $(grep -E '^test result' "$log" | tail -1)"
+        grep -E "panicked|FAILED" "$log" | head -5
     done
     for tag in default hoist; do
         echo; echo "== timeline ($tag): critical path per kernel"
@@ -50,13 +60,22 @@ if [ "$part" = 1 ]; then
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/' | head -8
         grep -E "decode .*tok/s|^ *1 " "$OUT/tl-$tag.log" | head -3
     done
-else
-    U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
+elif [ "$part" = 2 ]; then
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
         "pf1=KILN_GEMV_PF=1" \
         "pf2=KILN_GEMV_PF=2" \
         "hoist=KILN_ATTN_HOIST=1" \
+        "chunk64=KILN_ATTN_MIN_CHUNK=64"
+elif [ "$part" = 3 ]; then
+    U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
         "res=$U2" \
         "res+pf1=$U2,KILN_GEMV_PF=1" \
-        "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1"
+        "pps1=KILN_EPI_WARP_PER_SM=1" \
+        "pps1+pf1=KILN_EPI_WARP_PER_SM=1,KILN_GEMV_PF=1"
+else
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
+        "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1" \
+        "pf2+chunk64=KILN_GEMV_PF=2,KILN_ATTN_MIN_CHUNK=64" \
+        ${EXTRA:+"$EXTRA"}
 fi
