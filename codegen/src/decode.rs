@@ -341,7 +341,18 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_MAX_M", cfg.max_rows.to_string()),
         ("GV_XVEC", u8::from(cfg.max_rows > 1).to_string()),
         ("GV_PF", gemv_prefetch_tiles().to_string()),
+        ("GV_RA", u8::from(gemv_readahead_bytes() > 0).to_string()),
     ]
+}
+
+/// `KILN_GEMV_RA=KiB` in the environment (a measurement knob, 0 by default): the bytes
+/// of the next weight product's first rows that a GEMV's warps prefetch into L2 as they
+/// finish (`GV_RA` in `gemv.cu`; the engine writes the table of next weights).
+pub fn gemv_readahead_bytes() -> usize {
+    static RA: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *RA.get_or_init(|| {
+        std::env::var("KILN_GEMV_RA").ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0) << 10
+    })
 }
 
 /// `KILN_GEMV_PF=T` in the environment (a measurement knob, 0 by default): every GEMV

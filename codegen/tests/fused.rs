@@ -539,6 +539,9 @@ int main(int argc, char** argv) {
     std::vector<unsigned char> counters(1 << 16, 0);
     (void)scal;
     (void)counters;
+#ifdef KILN_HOST_INIT
+    KILN_HOST_INIT(ins);
+#endif
     kiln_launch(grid, block, [&] { KILN_CALL; });
 #ifdef KILN_HOST_PREFETCH
     kiln_prefetch_dump(dir, ins);
@@ -1228,6 +1231,76 @@ fn host_gemv_prefetches_the_rows_its_first_step_does_not_load() {
         assert_eq!(got, want, "epilogue form, {tag}");
     }
     assert_eq!(outs[0][..2], outs[1][..2], "the prefetches changed z or y");
+}
+
+/// `GV_RA` (`KILN_GEMV_RA`): when its warps finish, a GEMV prefetches into L2 the two
+/// ranges its table entry (found by the kernel's weight pointer) names, every 128-byte
+/// line of them exactly once over the launch, and nothing for a weight not in the table.
+/// Host emulation with the prefetches recorded and the module globals set before the
+/// launch (the ranges here lie in x and w, which the emulation can locate): a plain GEMV
+/// (5 blocks, one tile each) and the looping per-warp epilogue form (3 blocks).
+#[test]
+fn host_gemv_reads_ahead_the_table_ranges_once() {
+    use kiln_codegen::decode::{gemv_items_with, gemv_with, GemvConfig};
+    let Some(cxx) = host_cxx() else { return };
+    let ra = |k: &Kernel| {
+        let mut k = k.clone();
+        assert!(k.source.contains("#define GV_RA 0"), "{}", k.sig.name);
+        k.source = k.source.replace("#define GV_RA 0", "#define GV_RA 1");
+        k
+    };
+    // Entry 0 names another weight; entry 1 the kernel's (input `w_in`): 150,000 bytes of
+    // w from byte 1,000 (more lines than a round of the launch's lanes), and 1,024 bytes
+    // of w from byte 100,000.
+    let init = |w_in: usize| {
+        format!(
+            "static unsigned long long kiln_test_tab[10];
+#define KILN_HOST_INIT(ins) do {{ \
+    kiln_test_tab[0] = 0x1234; kiln_test_tab[1] = (unsigned long long)ins[0].data(); kiln_test_tab[2] = 1 << 20; \
+    kiln_test_tab[5] = (unsigned long long)ins[{w_in}].data(); \
+    kiln_test_tab[6] = (unsigned long long)(ins[{w_in}].data() + 1000); kiln_test_tab[7] = 150000; \
+    kiln_test_tab[8] = (unsigned long long)(ins[{w_in}].data() + 100000); kiln_test_tab[9] = 1024; \
+    kiln_ra_tab = kiln_test_tab; kiln_ra_n = 2; }} while (0)"
+        )
+    };
+    let want = |w_in: i64| {
+        let mut v: Vec<(i64, usize)> = (0..150_000usize.div_ceil(128)).map(|i| (w_in, 1000 + 128 * i)).collect();
+        v.extend((0..8).map(|i| (w_in, 100_000 + 128 * i)));
+        v.sort_unstable();
+        v
+    };
+    let mut r = Rng(0x6a09_e667_f3bc_c908);
+    let (n, k) = (40, 2048);
+    let x = random(&mut r, DType::BF16, &[1, k]);
+    let w = random(&mut r, DType::BF16, &[n, k]);
+    let cfg = GemvConfig { warps: 4, rows_per_warp: 2, unroll: 2, ksplit: 1, max_rows: 1 };
+    let kern = ra(&gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap());
+    let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
+    let prefix = format!("{PREFETCH_LOG}\n{}", init(1));
+    let host = compile_host_prefixed(cxx, &kern, "gemv_ra", &prefix);
+    host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
+    assert_eq!(prefetched(&host), want(1), "plain GEMV");
+    // Not in the table: entry 1 names another weight.
+    let miss = prefix.replace("kiln_test_tab[5] = (unsigned long long)ins[1].data()", "kiln_test_tab[5] = 1");
+    let host = compile_host_prefixed(cxx, &kern, "gemv_ra_miss", &miss);
+    host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
+    assert_eq!(prefetched(&host), Vec::new(), "a weight not in the table");
+
+    // The per-warp epilogue form: w is the group's last input.
+    let (inter, hidden) = (196, 256);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let table = graph_symbols(&fg);
+    let (kern, _) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
+    let kern = ra(&kern);
+    let b = bind(&[("seq", 1)]);
+    let inputs = body_inputs(&body, &sources, &b, 0x9e37_79b9_7f4a_7c15);
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let w_in = inputs.len();
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
+    let host = compile_host_prefixed(cxx, &kern, "epiw_ra", &format!("{PREFETCH_LOG}\n{}", init(w_in)));
+    host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (3, threads), &[2 * inter, 4 * inter, 2 * hidden]);
+    assert_eq!(prefetched(&host), want(w_in as i64), "per-warp epilogue form");
 }
 
 /// The scalar parameters of decode attention kernel `k` in signature order (for

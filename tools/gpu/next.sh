@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # WIP (branch wip/l2pf), runs on the GPU machine after `bash tools/gpu/build.sh` here on
 # this branch (one binary holds every knob). The Llama-3.2-1B measurements planned for
-# the next session with a GPU, in four calls of under 10 minutes each:
+# the next session with a GPU, in calls of under 10 minutes each (every A/B part runs
+# the default beside its configurations, ROUNDS rounds, default 2):
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
-#   bash tools/gpu/next.sh 2   # same-run A/B of single knobs (ROUNDS, default 2)
-#   bash tools/gpu/next.sh 3   # same-run A/B of register budgets, with and without PF
-#   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 4   # combinations (and one more)
+#   bash tools/gpu/next.sh 2   # L2 prefetch before the wait (PF), read-ahead (RA)
+#   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64-key chunks, with PF
+#   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
+#   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # PF=1 with 16 MiB RA, one more
 #
 # Part 1:
 #   - `kiln bench --timeline` with KILN_TRACE_BLOCKS=1: per launch, how many blocks were
@@ -14,16 +16,20 @@
 #     (does gate_up get blocks beside o_proj during attention? when does down start?),
 #     then the same with KILN_ATTN_HOIST=1 (its KILN_PHASE marks: where attention's
 #     7.5 µs per layer go);
-#   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_ATTN_HOIST=1, and the
+#   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_GEMV_RA=8192
+#     KILN_ATTN_HOIST=1, and the
 #     engine tests with KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1 (the forms compared
 #     bit for bit within a run, and against the CPU executor).
-# Parts 2 and 3 (decode tok/s, batch 1, prompt 128, each against the default in the
+# Parts 2-5 (decode tok/s, batch 1, prompt 128, each against the default in the
 # same run): KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
+# KILN_GEMV_RA=8192 (read-ahead: 8 MiB of the next weight product's first rows, prefetched
+# by each GEMV's warps as they finish);
 # KILN_ATTN_HOIST=1; KILN_ATTN_MIN_CHUNK=64 (4 attention splits at 200 keys, not 1);
 # the register budget of wip/residency (gate_up 4 loads per lane at <= 42 registers,
 # down at 48) alone and with PF=1; gate_up in one block per SM (KILN_EPI_WARP_PER_SM=1:
 # 64 KiB of loads in flight per SM, half the register file left for a down block that
-# prefetches during it) alone and with PF=1; PF=1 with the hoist; PF=2 with 64-key chunks.
+# prefetches during it) alone and with PF=1; PF=1 with 8 and 16 MiB of read-ahead; PF=1
+# with the hoist; PF=2 with 64-key chunks.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -33,6 +39,10 @@ export KILN_CACHE="${KILN_CACHE:-/tmp/kiln-cache-bench}"
 part=${1:-1}
 P=llama-3.2-1b
 ARGS=(--preset "$P" --batch 1 --prefill 128 --decode-steps 64)
+# Same-run A/B of the default against the configurations given (ab_cfg.sh).
+ab() {
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" "$@"
+}
 if [ "$part" = 1 ]; then
     echo "== $(date -u +%FT%TZ) commit $(cat .gpu/commit 2>/dev/null || echo '?') part 1"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
@@ -43,8 +53,9 @@ if [ "$part" = 1 ]; then
             || echo "timeline $tag failed (rc $?)"
     done
     export KILN_BIN="$PWD/.gpu/kiln"
-    for spec in "cuda_engine KILN_GEMV_PF=2 KILN_ATTN_HOIST=1" "cuda_decode KILN_GEMV_PF=2 KILN_ATTN_HOIST=1" \
-        "cuda_fused KILN_GEMV_PF=2 KILN_ATTN_HOIST=1" "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1"; do
+    K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1"
+    for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
+        "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -61,21 +72,14 @@ if [ "$part" = 1 ]; then
         grep -E "decode .*tok/s|^ *1 " "$OUT/tl-$tag.log" | head -3
     done
 elif [ "$part" = 2 ]; then
-    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
-        "pf1=KILN_GEMV_PF=1" \
-        "pf2=KILN_GEMV_PF=2" \
-        "hoist=KILN_ATTN_HOIST=1" \
-        "chunk64=KILN_ATTN_MIN_CHUNK=64"
+    ab "pf1=KILN_GEMV_PF=1" "pf2=KILN_GEMV_PF=2" "ra8=KILN_GEMV_RA=8192" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192"
 elif [ "$part" = 3 ]; then
+    ab "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" \
+        "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1" "pf2+chunk64=KILN_GEMV_PF=2,KILN_ATTN_MIN_CHUNK=64"
+elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
-    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
-        "res=$U2" \
-        "res+pf1=$U2,KILN_GEMV_PF=1" \
-        "pps1=KILN_EPI_WARP_PER_SM=1" \
+    ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
         "pps1+pf1=KILN_EPI_WARP_PER_SM=1,KILN_GEMV_PF=1"
 else
-    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh "$P" "" \
-        "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1" \
-        "pf2+chunk64=KILN_GEMV_PF=2,KILN_ATTN_MIN_CHUNK=64" \
-        ${EXTRA:+"$EXTRA"}
+    ab "pf1+ra16=KILN_GEMV_PF=1,KILN_GEMV_RA=16384" ${EXTRA:+"$EXTRA"}
 fi

@@ -77,6 +77,9 @@
 #ifndef GV_PF
 #define GV_PF 0
 #endif
+#ifndef GV_RA
+#define GV_RA 0
+#endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
 // The row of w that warp rw of the block for columns tile·GV_EPI_T.. computes (n: none).
@@ -200,6 +203,41 @@ __device__ __forceinline__ void gv_prefetch(const KILN_W* __restrict__ w, i64 n,
     (void)w, (void)n, (void)k, (void)ntiles, (void)rw, (void)ks, (void)lane;
 #endif
 }
+
+// GV_RA > 0 (a measurement knob, KILN_GEMV_RA): read-ahead. When a warp has finished its
+// last tile, it prefetches into L2 its share of what the next weight product of the
+// decode step reads first, so the memory system stays busy while this kernel drains and
+// the next one is not yet resident. The engine writes the table into these module
+// globals after loading: kiln_ra_n entries of 5 words (this kernel's weight, then two
+// (address, bytes) ranges of the next weight: its first rows, one range per slice of an
+// epilogue). Line i of a range goes to block i % gridDim.x, then warp, then lane, so
+// every line is prefetched once by the launch. A weight not in the table: nothing.
+#if GV_RA > 0
+__device__ const unsigned long long* kiln_ra_tab;
+__device__ int kiln_ra_n;
+__device__ __forceinline__ void gv_readahead(const void* w) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (int)(blockDim.x >> 5);
+    const unsigned long long* t = kiln_ra_tab;
+    int hit = -1;
+    for (int i = lane; i < kiln_ra_n; i += 32)
+        if (t[5 * i] == (unsigned long long)w) hit = i;
+#pragma unroll
+    for (int s = 16; s > 0; s >>= 1) {
+        const int o = __shfl_xor_sync(0xffffffffu, hit, s);
+        hit = o > hit ? o : hit;
+    }
+    if (hit < 0) return;
+    const i64 per = (i64)gridDim.x * nw * 32;  // lines per round of the launch
+#pragma unroll 1
+    for (int r = 0; r < 2; ++r) {
+        const char* base = (const char*)t[5 * hit + 1 + 2 * r];
+        const i64 lines = ((i64)t[5 * hit + 2 + 2 * r] + 127) / 128;
+#pragma unroll 1
+        for (i64 i = (i64)blockIdx.x + (i64)gridDim.x * (warp + (i64)nw * lane); i < lines; i += per)
+            kiln_prefetch_l2(base + i * 128);
+    }
+}
+#endif
 
 // Stores y[r, row] = v (plus the residual).
 __device__ __forceinline__ void gv_store(KILN_Y* y, const KILN_Y* res, i64 n, int r, i64 row, float v) {
@@ -452,4 +490,7 @@ KILN_EPILOGUE
     }
 #endif
     }  // tiles
+#if GV_RA > 0
+    if (m >= 1 && m <= GV_MAX_M && k > 0) gv_readahead(GV_W);  // uniform
+#endif
 }

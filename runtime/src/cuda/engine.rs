@@ -412,6 +412,8 @@ pub struct CudaEngine {
     /// The timeline buffer of [`EngineOptions::trace`] (two event counters, then a ring
     /// of [`TRACE_SLOTS`] timestamps per event kind).
     trace: Option<CudaSlice<u64>>,
+    /// The read-ahead table of the WIP knob `KILN_GEMV_RA` (see [`readahead_entries`]).
+    _ra_table: Option<CudaSlice<u64>>,
     /// While [`CudaEngine::timeline`] records its labels: every launch's kernel name.
     launch_log: Option<std::cell::RefCell<Vec<String>>>,
     /// Greedy sampling's per-block best logits and indices (`[max_batch, splits]`, f32
@@ -480,6 +482,63 @@ pub fn residency_table(labels: &[String], rows: &[BlockResidency]) -> String {
         let _ = writeln!(s, "{}  {l}", line(r, 1.0));
     }
     s
+}
+
+/// A GEMV's weight for the read-ahead table (WIP knob `KILN_GEMV_RA`): its device
+/// address, bytes per row, and the (first row, rows) slices its first tiles read (an
+/// epilogue's slices, such as SwiGLU's gate and up halves; else the whole weight).
+struct RaWeight {
+    ptr: u64,
+    row_bytes: usize,
+    slices: Vec<(usize, usize)>,
+}
+
+/// The read-ahead table (`gv_readahead` in `gemv.cu`): per GEMV of the step, in order, its
+/// weight and two (address, bytes) ranges of the next one's (the last's next is the
+/// first: the next step's): the heads of its first two slices, `budget` bytes split
+/// between them (a slice shorter than its share gives the rest up; no second slice: 0).
+fn readahead_entries(gemvs: &[RaWeight], budget: usize) -> Vec<[u64; 5]> {
+    (0..gemvs.len())
+        .map(|i| {
+            let next = &gemvs[(i + 1) % gemvs.len()];
+            let mut e = [gemvs[i].ptr, 0, 0, 0, 0];
+            let sl = &next.slices[..next.slices.len().min(2)];
+            for (s, &(row, rows)) in sl.iter().enumerate() {
+                let bytes = (budget / sl.len()).min(rows * next.row_bytes);
+                e[1 + 2 * s] = next.ptr + (row * next.row_bytes) as u64;
+                e[2 + 2 * s] = bytes as u64;
+            }
+            e
+        })
+        .collect()
+}
+
+/// Points the module globals of a read-ahead GEMV (`kiln_ra_tab`, `kiln_ra_n` in
+/// `gemv.cu`) at the table.
+fn set_readahead_globals(f: &CudaFunction, table: u64, n: i32) -> Result<(), CudaError> {
+    let fail = |what: &str, e: sys::CUresult| CudaError::Driver(format!("read-ahead globals: {what}: {e:?}"));
+    let mut m: sys::CUmodule = std::ptr::null_mut();
+    // SAFETY: f is a loaded function; m receives its module.
+    let r = unsafe { sys::cuFuncGetModule(&mut m, f.cu_function()) };
+    if r != sys::CUresult::CUDA_SUCCESS {
+        return Err(fail("module", r));
+    }
+    let tb = table.to_le_bytes();
+    let nb = n.to_le_bytes();
+    for (name, bytes) in [(c"kiln_ra_tab", &tb[..]), (c"kiln_ra_n", &nb[..])] {
+        let (mut p, mut size) = (0u64, 0usize);
+        // SAFETY: m is a loaded module; the name is NUL-terminated.
+        let r = unsafe { sys::cuModuleGetGlobal_v2(&mut p, &mut size, m, name.as_ptr()) };
+        if r != sys::CUresult::CUDA_SUCCESS || size != bytes.len() {
+            return Err(fail(&format!("{name:?} ({size} bytes)"), r));
+        }
+        // SAFETY: p is the global's device address, `size` bytes.
+        let r = unsafe { sys::cuMemcpyHtoD_v2(p, bytes.as_ptr().cast(), bytes.len()) };
+        if r != sys::CUresult::CUDA_SUCCESS {
+            return Err(fail("write", r));
+        }
+    }
+    Ok(())
 }
 
 /// How one launch's blocks became resident, means over the traced steps.
@@ -1245,6 +1304,47 @@ impl CudaEngine {
                 }
             }
         }
+        // WIP knob KILN_GEMV_RA: the read-ahead table of every GEMV's next weight product
+        // (`gv_readahead` in gemv.cu), written into the modules that take it.
+        let ra_table = match decode::gemv_readahead_bytes() {
+            0 => None,
+            budget => {
+                let mut gemvs = Vec::new();
+                for s in &steps {
+                    let ops = graph.operands(s.node);
+                    let (w, slices) = match &s.run {
+                        Run::MatMul { .. } => (ops[1], None),
+                        Run::MatVec { epilogue, .. } => (ops[ops.len() - 1], epilogue.as_ref().map(|e| &e.form)),
+                        _ => continue,
+                    };
+                    let Some(Loc::Weight(i)) = locs.get(&w).copied() else { continue };
+                    let t = graph.value_type(w);
+                    let d: Vec<usize> = t.shape.dims().iter().filter_map(|d| d.as_fixed()).collect();
+                    let [n, k] = d[..] else { continue };
+                    let slices = match slices {
+                        Some(f) => f.offsets.iter().map(|&o| (o, f.width)).collect(),
+                        None => vec![(0, n)],
+                    };
+                    gemvs.push(RaWeight {
+                        ptr: dev(&weight_bufs[i], &stream),
+                        row_bytes: t.dtype.bytes_for(k),
+                        slices,
+                    });
+                }
+                let entries = readahead_entries(&gemvs, budget);
+                let flat: Vec<u64> = entries.iter().flatten().copied().collect();
+                let buf = stream.clone_htod(&flat).map_err(driver_err("read-ahead table"))?;
+                stream.synchronize().map_err(driver_err("read-ahead table"))?;
+                let at = dev(&buf, &stream);
+                for (k, f) in &kernels {
+                    if k.source.contains("kiln_ra_tab") {
+                        set_readahead_globals(f, at, entries.len() as i32)?;
+                    }
+                }
+                tracing::info!(entries = entries.len(), budget, "GEMV read-ahead table (KILN_GEMV_RA)");
+                Some(buf)
+            }
+        };
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
@@ -1307,6 +1407,7 @@ impl CudaEngine {
             attn_ws,
             attn_counters,
             trace,
+            _ra_table: ra_table,
             launch_log: None,
             greedy_ws,
             greedy_counters,
@@ -2503,6 +2604,21 @@ mod tests {
         assert!(super::block_residency(&e, 3, 2).is_none());
         let t = super::residency_table(&["a @x".into(), "b @y".into()], &r);
         assert!(t.contains("       3       3.0      2.0        0.35    2.0         1  a @x"), "{t}");
+    }
+
+    /// The read-ahead table: each GEMV's entry names the next one's first rows (both
+    /// slices of an epilogue, the budget split), the last wraps to the first, and a slice
+    /// shorter than its share is read whole.
+    #[test]
+    fn readahead_entries_name_the_next_weights_heads() {
+        use super::RaWeight;
+        let qkv = RaWeight { ptr: 0x1000_0000, row_bytes: 4096, slices: vec![(0, 3072)] };
+        let gate_up = RaWeight { ptr: 0x2000_0000, row_bytes: 4096, slices: vec![(0, 8192), (8192, 8192)] };
+        let tiny = RaWeight { ptr: 0x3000_0000, row_bytes: 128, slices: vec![(0, 10)] };
+        let e = super::readahead_entries(&[qkv, gate_up, tiny], 1 << 20);
+        assert_eq!(e[0], [0x1000_0000, 0x2000_0000, 512 << 10, 0x2000_0000 + 8192 * 4096, 512 << 10]);
+        assert_eq!(e[1], [0x2000_0000, 0x3000_0000, 1280, 0, 0]);
+        assert_eq!(e[2], [0x3000_0000, 0x1000_0000, 1 << 20, 0, 0]);
     }
 
     /// Timeline labels sum the layers: layer numbers become `*`, names stay.
