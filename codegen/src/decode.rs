@@ -48,6 +48,19 @@ fn attention_min_chunk() -> usize {
         .unwrap_or(ATTENTION_DECODE_MIN_CHUNK)
 }
 
+/// WIP knob: `KILN_ATTN_STAGE_KIB=K` (32 to 96, a multiple of 16) in the environment
+/// replaces [`ATTENTION_DECODE_STAGE_BYTES`]: with 64, one stage holds 256 keys of head
+/// dim 64 in bf16 (not 192), so a decode step over up to 256 keys takes the two-pass
+/// path (the 1B bench's context runs from 129 to 256 keys), at 128 KiB of shared
+/// memory per block instead of 96.
+fn attention_stage_bytes() -> usize {
+    std::env::var("KILN_ATTN_STAGE_KIB")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|&k| (32..=96).contains(&k) && k % 16 == 0)
+        .map_or(ATTENTION_DECODE_STAGE_BYTES, |k| k << 10)
+}
+
 /// The decode attention template (see [`FLASH_DECODE_HOIST`]).
 fn flash_decode_template() -> &'static str {
     if std::env::var("KILN_ATTN_HOIST").is_ok_and(|v| v == "1") {
@@ -779,7 +792,7 @@ fn attention_decode_render(
         ("AD_WARPS", warps.to_string()),
         ("AD_QT", tile.to_string()),
         ("AD_MIN_CHUNK", attention_min_chunk().to_string()),
-        ("AD_STAGE", ATTENTION_DECODE_STAGE_BYTES.to_string()),
+        ("AD_STAGE", attention_stage_bytes().to_string()),
         ("KILN_KEYS", keys_c.clone()),
     ];
     let name = match fused {
@@ -800,7 +813,7 @@ fn attention_decode_render(
     };
     let sig = KernelSig::new(name, params);
     let mut k = render(sig, &template, &defines, Grid::BlockPerItem { threads: 32 * warps as u32 });
-    k.dynamic_smem = 2 * ATTENTION_DECODE_STAGE_BYTES as u32;
+    k.dynamic_smem = 2 * attention_stage_bytes() as u32;
     Ok(k)
 }
 

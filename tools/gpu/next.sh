@@ -6,9 +6,9 @@
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
 #   bash tools/gpu/next.sh 2   # L2 prefetch before the wait (PF), read-ahead (RA)
-#   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64-key chunks, with PF
+#   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64-key chunks, 64 KiB stages
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
-#   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # PF=1 with 16 MiB RA, one more
+#   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
 #
 # Part 1:
 #   - `kiln bench --timeline` with KILN_TRACE_BLOCKS=1: per launch, how many blocks were
@@ -25,6 +25,8 @@
 # KILN_GEMV_RA=8192 (read-ahead: 8 MiB of the next weight product's first rows, prefetched
 # by each GEMV's warps as they finish);
 # KILN_ATTN_HOIST=1; KILN_ATTN_MIN_CHUNK=64 (4 attention splits at 200 keys, not 1);
+# KILN_ATTN_STAGE_KIB=64 (one stage holds 256 keys: the two-pass attention covers the
+# whole bench context of 129-256 keys, today only up to 192);
 # the register budget of wip/residency (gate_up 4 loads per lane at <= 42 registers,
 # down at 48) alone and with PF=1; gate_up in one block per SM (KILN_EPI_WARP_PER_SM=1:
 # 64 KiB of loads in flight per SM, half the register file left for a down block that
@@ -56,7 +58,7 @@ if [ "$part" = 1 ]; then
     export KILN_BIN="$PWD/.gpu/kiln"
     K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
-        "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1"; do
+        "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1" "cuda_decode KILN_ATTN_STAGE_KIB=64"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -75,12 +77,13 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     ab "pf1=KILN_GEMV_PF=1" "pf2=KILN_GEMV_PF=2" "ra8=KILN_GEMV_RA=8192" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192"
 elif [ "$part" = 3 ]; then
-    ab "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" \
-        "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1" "pf2+chunk64=KILN_GEMV_PF=2,KILN_ATTN_MIN_CHUNK=64"
+    ab "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" "stage64=KILN_ATTN_STAGE_KIB=64" \
+        "pf1+stage64=KILN_GEMV_PF=1,KILN_ATTN_STAGE_KIB=64"
 elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
     ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
         "pps1+pf1=KILN_EPI_WARP_PER_SM=1,KILN_GEMV_PF=1"
 else
-    ab "pf1+ra16=KILN_GEMV_PF=1,KILN_GEMV_RA=16384" ${EXTRA:+"$EXTRA"}
+    ab "pf1+ra16=KILN_GEMV_PF=1,KILN_GEMV_RA=16384" "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1" \
+        "pf2+chunk64=KILN_GEMV_PF=2,KILN_ATTN_MIN_CHUNK=64" ${EXTRA:+"$EXTRA"}
 fi
