@@ -6,7 +6,7 @@
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
 #   bash tools/gpu/next.sh 2   # L2 prefetch before the wait (PF), read-ahead (RA)
-#   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64-key chunks, 64 KiB stages
+#   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64 KiB stages, fewer splits
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
 #   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
 #
@@ -17,21 +17,23 @@
 #     then the same with KILN_ATTN_HOIST=1 (its KILN_PHASE marks: where attention's
 #     7.5 µs per layer go);
 #   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_GEMV_RA=8192
-#     KILN_ATTN_HOIST=1, and the
-#     engine tests with KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1 (the forms compared
-#     bit for bit within a run, and against the CPU executor).
+#     KILN_ATTN_HOIST=1, the engine tests with KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4
+#     KILN_EPI_WARP_PER_SM=1, the decode tests with KILN_ATTN_STAGE_KIB=64 (the forms
+#     compared bit for bit within a run, and against the CPU executor).
 # Parts 2-5 (decode tok/s, batch 1, prompt 128, each against the default in the
 # same run): KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
 # KILN_GEMV_RA=8192 (read-ahead: 8 MiB of the next weight product's first rows, prefetched
 # by each GEMV's warps as they finish);
 # KILN_ATTN_HOIST=1; KILN_ATTN_MIN_CHUNK=64 (4 attention splits at 200 keys, not 1);
 # KILN_ATTN_STAGE_KIB=64 (one stage holds 256 keys: the two-pass attention covers the
-# whole bench context of 129-256 keys, today only up to 192);
+# whole bench context of 129-256 keys, today only up to 192); KILN_ATTN_SPLITS=1 (no
+# launched splits past the context: 32 blocks, not 288 of which 256 return at once) and
+# 64-key chunks over exactly 4 splits;
 # the register budget of wip/residency (gate_up 4 loads per lane at <= 42 registers,
 # down at 48) alone and with PF=1; gate_up in one block per SM (KILN_EPI_WARP_PER_SM=1:
 # 64 KiB of loads in flight per SM, half the register file left for a down block that
-# prefetches during it) alone and with PF=1; PF=1 with 8 and 16 MiB of read-ahead; PF=1
-# with the hoist; PF=2 with 64-key chunks.
+# prefetches during it) alone and with PF=1; PF=1 with 16 MiB of read-ahead, with 64 KiB
+# stages; 64-key chunks.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -58,7 +60,8 @@ if [ "$part" = 1 ]; then
     export KILN_BIN="$PWD/.gpu/kiln"
     K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
-        "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_EPI_WARP_PER_SM=1" "cuda_decode KILN_ATTN_STAGE_KIB=64"; do
+        "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4 KILN_EPI_WARP_PER_SM=1" \
+        "cuda_decode KILN_ATTN_STAGE_KIB=64"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -77,13 +80,13 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     ab "pf1=KILN_GEMV_PF=1" "pf2=KILN_GEMV_PF=2" "ra8=KILN_GEMV_RA=8192" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192"
 elif [ "$part" = 3 ]; then
-    ab "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" "stage64=KILN_ATTN_STAGE_KIB=64" \
-        "pf1+stage64=KILN_GEMV_PF=1,KILN_ATTN_STAGE_KIB=64"
+    ab "hoist=KILN_ATTN_HOIST=1" "stage64=KILN_ATTN_STAGE_KIB=64" "splits1=KILN_ATTN_SPLITS=1" \
+        "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4"
 elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
     ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
         "pps1+pf1=KILN_EPI_WARP_PER_SM=1,KILN_GEMV_PF=1"
 else
-    ab "pf1+ra16=KILN_GEMV_PF=1,KILN_GEMV_RA=16384" "pf1+hoist=KILN_GEMV_PF=1,KILN_ATTN_HOIST=1" \
-        "pf2+chunk64=KILN_GEMV_PF=2,KILN_ATTN_MIN_CHUNK=64" ${EXTRA:+"$EXTRA"}
+    ab "pf1+ra16=KILN_GEMV_PF=1,KILN_GEMV_RA=16384" "pf1+stage64=KILN_GEMV_PF=1,KILN_ATTN_STAGE_KIB=64" \
+        "chunk64=KILN_ATTN_MIN_CHUNK=64" ${EXTRA:+"$EXTRA"}
 fi

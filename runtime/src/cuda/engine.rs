@@ -1883,7 +1883,12 @@ impl CudaEngine {
             _ => (split_k, decode::attention_decode_query_tile(h.checked_div(kh).unwrap_or(0))),
         };
         let sms = self.info.multiprocessors.max(1) as usize;
-        let splits = decode::attention_decode_splits_tiled(bsz, s, h, kh, self.opts.max_context, sms, tile);
+        let mut splits = decode::attention_decode_splits_tiled(bsz, s, h, kh, self.opts.max_context, sms, tile);
+        // WIP knob: KILN_ATTN_SPLITS=N caps the splits a launch takes (the blocks of splits
+        // past the context's return at once; at 200 keys 256 of the 1B's 288 blocks).
+        if let Some(cap) = kiln_codegen::fused::env_usize("KILN_ATTN_SPLITS") {
+            splits = splits.min(cap.max(1));
+        }
         decode::attention_decode_check(h, kh, d, dv, splits).map_err(|e| bad(e.0))?;
         let (wo, wml) = decode::attention_decode_workspace(bsz, s, h, dv, splits);
         if 4 * (wo + wml) > self.attn_ws.len() {
