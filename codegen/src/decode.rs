@@ -1061,6 +1061,29 @@ pub fn greedy() -> Result<Kernel, CodegenError> {
     Ok(render(sig, &format!("{VECTOR_HELPERS}{GREEDY}"), &[], Grid::BlockPerItem { threads: GREEDY_THREADS }))
 }
 
+/// WIP (`KILN_GREEDY_KEY`): [`greedy`] without the merge: each block takes atomicMax of
+/// its best pair's 64-bit key (ordered like `kiln_before`) into `out` (u64 `[n]`, zero
+/// before the launch); `resident::step_end_key` turns the keys into ids. Parameters:
+/// out (keys), in0 (logits), n, len, splits; launch as [`greedy`].
+pub fn greedy_key() -> Result<Kernel, CodegenError> {
+    let sig = KernelSig::new(
+        "kiln_greedy_key_f32",
+        vec![
+            (Role::Out(0), ParamTy::ptr("unsigned long long")),
+            (Role::In(0), ParamTy::const_ptr("float")),
+            (Role::N, ParamTy::I64),
+            (Role::Len, ParamTy::I64),
+            (Role::Splits, ParamTy::I64),
+        ],
+    );
+    Ok(render(
+        sig,
+        &format!("{VECTOR_HELPERS}{GREEDY}"),
+        &[("GR_KEY", "1".into())],
+        Grid::BlockPerItem { threads: GREEDY_THREADS },
+    ))
+}
+
 /// Blocks per row of a [`greedy`] launch over `len` logits: one per [`GREEDY_CHUNK`]
 /// logits, at most 128.
 pub fn greedy_splits(len: usize) -> usize {

@@ -70,7 +70,38 @@ pub fn step_end(past: Sym, seq: Sym, syms: &[Sym]) -> Result<Kernel, CodegenErro
     Ok(render(
         sig,
         STEP_END,
-        &[("KILN_PAST", p.to_string()), ("KILN_SEQ", q.to_string())],
+        &[("KILN_PAST", p.to_string()), ("KILN_SEQ", q.to_string()), ("KILN_STEP_KEY", "0".into())],
+        Grid::BlockPerItem { threads: 1024 },
+    ))
+}
+
+/// WIP (`KILN_GREEDY_KEY`): [`step_end`] taking the sampled ids as the keys of
+/// `decode::greedy_key` (`out3`, u64 `[n]`): it writes the ids (`out2`, i64 `[n]`, the
+/// next step's input ids), records them, and zeroes the keys. Parameters: out (history),
+/// out1 (counter), out2 (ids), out3 (keys), syms, n, len.
+pub fn step_end_key(past: Sym, seq: Sym, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+    let idx = |s: Sym| {
+        syms.iter()
+            .position(|t| *t == s)
+            .ok_or_else(|| CodegenError(format!("symbol `{s}` is not in the kernel's symbol table")))
+    };
+    let (p, q) = (idx(past)?, idx(seq)?);
+    let sig = KernelSig::new(
+        format!("kiln_step_end_key_{p}_{q}"),
+        vec![
+            (Role::Out(0), ParamTy::ptr("i64")),
+            (Role::Out(1), ParamTy::ptr("i64")),
+            (Role::Out(2), ParamTy::ptr("i64")),
+            (Role::Out(3), ParamTy::ptr("unsigned long long")),
+            (Role::Syms, ParamTy::ptr("i64")),
+            (Role::N, ParamTy::I64),
+            (Role::Len, ParamTy::I64),
+        ],
+    );
+    Ok(render(
+        sig,
+        STEP_END,
+        &[("KILN_PAST", p.to_string()), ("KILN_SEQ", q.to_string()), ("KILN_STEP_KEY", "1".into())],
         Grid::BlockPerItem { threads: 1024 },
     ))
 }

@@ -471,6 +471,11 @@ static inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x
 // The attention kernels' split merge (blocks run one after another here).
 static inline float kiln_f32_of(long long b) { float f; unsigned u = (unsigned)b; std::memcpy(&f, &u, 4); return f; }
 static inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
+static inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
+    unsigned long long o = *p;
+    if (v > o) *p = v;
+    return o;
+}
 static inline void __threadfence() {}
 template <class T> static inline T __ldcg(const T* p) { return *p; }
 template <class T> static T __shfl_xor_sync(unsigned, T v, int s) {
@@ -516,6 +521,14 @@ int main(int argc, char** argv) {
     i64 n = std::atoll(argv[4]);
     std::vector<std::vector<unsigned char>> outs, ins;
     for (int a = 5; a < argc; ++a) outs.emplace_back((size_t)std::atoll(argv[a]) + 1, (unsigned char)0xff);
+    // An output's first contents, when the test writes them (out{k}.init).
+    for (size_t o = 0; o < outs.size(); ++o) {
+        const std::string init = dir + "/out" + std::to_string(o) + ".init";
+        if (std::ifstream(init)) {
+            std::vector<unsigned char> v = kiln_read(init);
+            std::memcpy(outs[o].data(), v.data(), std::min(v.size(), outs[o].size() - 1));
+        }
+    }
     for (int i = 0; i < KILN_N_INPUTS; ++i) ins.push_back(kiln_read(dir + "/in" + std::to_string(i) + ".bin"));
     std::vector<unsigned char> syms = kiln_read(dir + "/syms.bin");
     syms.resize(syms.size() + 8);
@@ -594,7 +607,7 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
                 n_in = n_in.max(*k as usize + 1);
                 format!("(const {elem}*)ins[{k}].data()")
             }
-            (Role::Syms, _) => "(const i64*)syms.data()".to_string(),
+            (Role::Syms, _) => "(i64*)syms.data()".to_string(),
             (Role::N, _) | (Role::MatN, _) => "n".to_string(),
             (Role::MatM, _) => "m".to_string(),
             (Role::MatK, _) => "k".to_string(),
@@ -1301,6 +1314,87 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     let host = compile_host_prefixed(cxx, &kern, "epiw_ra", &format!("{PREFETCH_LOG}\n{}", init(w_in)));
     host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (3, threads), &[2 * inter, 4 * inter, 2 * hidden]);
     assert_eq!(prefetched(&host), want(w_in as i64), "per-warp epilogue form");
+}
+
+/// WIP (`KILN_GREEDY_KEY`): `decode::greedy_key` then `resident::step_end_key` sample
+/// like the CPU argmax (NaN first, then the largest, ties and -0 = +0 to the lower index,
+/// a row of -inf gives 0), and the step end records the ids, bumps the counter and zeroes
+/// the keys. Host emulation: 5 rows of 10,000 logits, 3 blocks per row.
+#[test]
+fn host_greedy_key_and_its_step_end_sample_like_argmax() {
+    use kiln_codegen::decode::{greedy_items, greedy_key, greedy_splits};
+    let Some(cxx) = host_cxx() else { return };
+    let (rows, len) = (5usize, 10_000usize);
+    let mut r = Rng(0x510e_527f_ade6_82d1);
+    let mut v: Vec<f32> = random(&mut r, DType::F32, &[rows, len]).to_f32_vec();
+    v[len + 2000] = 100.0; // row 1: the maximum twice
+    v[len + 9000] = 100.0;
+    v[2 * len + 7000] = f32::NAN; // row 2: NaN twice, above a large value
+    v[2 * len + 5000] = f32::NAN;
+    v[2 * len + 100] = 1e30;
+    for x in &mut v[3 * len..4 * len] {
+        *x = -1.0; // row 3: -0 (first) and +0 tie
+    }
+    v[3 * len + 300] = -0.0;
+    v[3 * len + 8000] = 0.0;
+    v[4 * len..].fill(f32::NEG_INFINITY); // row 4
+    let logits = HostTensor::from_f32(&[rows, len], v);
+    let argmax = Op::ArgMax { axis: 1 };
+    let got = argmax.eval(&[&logits], &Bindings::default()).unwrap();
+    let want: Vec<i64> = match got[0].data() {
+        HostData::I64(ids) => ids.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert_eq!(&want[1..], &[2000, 5000, 300, 0], "the reference's semantics");
+    let gk = greedy_key().unwrap();
+    let host = compile_host(cxx, &gk, "greedy_key");
+    std::fs::write(host.dir.join("in0.bin"), bytes_of(&logits)).unwrap();
+    std::fs::write(host.dir.join("syms.bin"), b"").unwrap();
+    let splits = greedy_splits(len);
+    assert_eq!(splits, 3);
+    let le = |x: &[i64]| x.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>();
+    std::fs::write(host.dir.join("scalars.bin"), le(&[len as i64, splits as i64])).unwrap();
+    std::fs::write(host.dir.join("out0.init"), vec![0u8; 8 * rows]).unwrap();
+    let Grid::BlockPerItem { threads } = gk.grid else { panic!("{:?}", gk.grid) };
+    let out = Command::new(&host.exe)
+        .arg(&host.dir)
+        .args([greedy_items(rows, splits).to_string(), threads.to_string(), rows.to_string(), (8 * rows).to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keys = std::fs::read(host.dir.join("out0.bin")).unwrap();
+
+    // The step end: history [rows, 8] at count 3, the counter, the ids, the keys.
+    let table = [Sym::new("past"), Sym::new("seq")];
+    let se = kiln_codegen::resident::step_end_key(Sym::new("past"), Sym::new("seq"), &table).unwrap();
+    let host = compile_host(cxx, &se, "step_end_key");
+    std::fs::write(host.dir.join("syms.bin"), le(&[200, 1])).unwrap();
+    std::fs::write(host.dir.join("scalars.bin"), le(&[8])).unwrap();
+    std::fs::write(host.dir.join("out0.init"), vec![0u8; 8 * rows * 8]).unwrap();
+    std::fs::write(host.dir.join("out1.init"), le(&[3])).unwrap();
+    std::fs::write(host.dir.join("out3.init"), &keys).unwrap();
+    let out = Command::new(&host.exe)
+        .arg(&host.dir)
+        .args(["1", "32", &rows.to_string()])
+        .args([8 * rows * 8, 8, 8 * rows, 8 * rows].map(|b| b.to_string()))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let i64s = |k: usize| -> Vec<i64> {
+        std::fs::read(host.dir.join(format!("out{k}.bin")))
+            .unwrap()
+            .chunks(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect()
+    };
+    assert_eq!(i64s(2), want, "ids");
+    let hist = i64s(0);
+    for (b, w) in want.iter().enumerate() {
+        assert_eq!(hist[b * 8 + 3], *w, "history of row {b}");
+        assert_eq!(hist[b * 8..b * 8 + 3], [0, 0, 0], "history of row {b} before the count");
+    }
+    assert_eq!(i64s(1), vec![4], "counter");
+    assert_eq!(i64s(3), vec![0; rows], "keys zeroed");
 }
 
 /// The scalar parameters of decode attention kernel `k` in signature order (for
