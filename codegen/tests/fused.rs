@@ -1347,6 +1347,7 @@ fn host_greedy_key_and_its_step_end_sample_like_argmax() {
     };
     assert_eq!(&want[1..], &[2000, 5000, 300, 0], "the reference's semantics");
     let gk = greedy_key().unwrap();
+    assert!(gk.waits_for_previous(), "greedy_key must start with kiln_grid_entry (PDL)");
     let host = compile_host(cxx, &gk, "greedy_key");
     std::fs::write(host.dir.join("in0.bin"), bytes_of(&logits)).unwrap();
     std::fs::write(host.dir.join("syms.bin"), b"").unwrap();
@@ -1367,6 +1368,7 @@ fn host_greedy_key_and_its_step_end_sample_like_argmax() {
     // The step end: history [rows, 8] at count 3, the counter, the ids, the keys.
     let table = [Sym::new("past"), Sym::new("seq")];
     let se = kiln_codegen::resident::step_end_key(Sym::new("past"), Sym::new("seq"), &table).unwrap();
+    assert!(se.waits_for_previous(), "step_end_key must start with kiln_grid_entry (PDL)");
     let host = compile_host(cxx, &se, "step_end_key");
     std::fs::write(host.dir.join("syms.bin"), le(&[200, 1])).unwrap();
     std::fs::write(host.dir.join("scalars.bin"), le(&[8])).unwrap();

@@ -399,6 +399,11 @@ pub struct CudaEngine {
     counter: CudaSlice<i64>,
     greedy: usize,
     step_end: usize,
+    /// WIP knob `KILN_GREEDY_KEY=1`: the decode step's sampling without a merge
+    /// (`decode::greedy_key`, keys in `greedy_keys`) and its step end
+    /// (`resident::step_end_key`); prefill and profiling keep `greedy`.
+    greedy_key: Option<(usize, usize)>,
+    greedy_keys: CudaSlice<u64>,
     logits: Value,
     vocab: usize,
     arena: Option<CudaSlice<u8>>,
@@ -1128,6 +1133,15 @@ impl CudaEngine {
 
         let step_end =
             add_kernel(kiln_codegen::resident::step_end(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?);
+        // WIP knob KILN_GREEDY_KEY=1: the decode step samples with greedy_key and ends
+        // with step_end_key (see `CudaEngine::greedy_key`).
+        let greedy_key = if std::env::var("KILN_GREEDY_KEY").is_ok_and(|v| v == "1") {
+            let gk = add_kernel(decode::greedy_key().map_err(|e| contract(e.0))?);
+            let sek = kiln_codegen::resident::step_end_key(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?;
+            Some((gk, add_kernel(sek)))
+        } else {
+            None
+        };
 
         // Horizontal fusion: runs of consecutive independent fused elementwise kernels
         // and fused appends (views between them are skipped) become one launch.
@@ -1350,6 +1364,7 @@ impl CudaEngine {
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
         let greedy_ws = stream.alloc_zeros::<u8>(12 * greedy_pairs + 8).map_err(driver_err("alloc"))?;
         let greedy_counters = stream.alloc_zeros::<u32>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
+        let greedy_keys = stream.alloc_zeros::<u64>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
         let zeros = |n: usize| stream.alloc_zeros::<i64>(n.max(1)).map_err(driver_err("alloc"));
         let syms_dev = zeros(syms.len())?;
         let ids_prefill = zeros(opts.max_context)?;
@@ -1398,6 +1413,8 @@ impl CudaEngine {
             counter,
             greedy,
             step_end,
+            greedy_key,
+            greedy_keys,
             logits,
             vocab,
             arena: None,
@@ -2457,8 +2474,32 @@ impl CudaEngine {
     fn record_step(&self, b: &Bindings, plan: &MemoryPlan, captured: bool) -> Result<usize, CudaError> {
         let early = captured && self.opts.attention_early && !attention_early_off_by_env();
         let mut n = self.run_steps(b, plan, 0, true, early)?;
-        self.sample(plan, self.batch, dev(&self.ids_decode, &self.stream))?;
-        self.launch_step_end()?;
+        match self.greedy_key {
+            Some((gk, sek)) => {
+                let (rows, splits) = (self.batch, decode::greedy_splits(self.vocab));
+                let keys = dev(&self.greedy_keys, &self.stream);
+                let mut a = Args::default();
+                a.set(Role::Out(0), ArgValue::Ptr(keys))
+                    .set(Role::In(0), ArgValue::Ptr(self.ptr(self.logits, plan, 0, false)?))
+                    .i64(Role::N, rows)
+                    .i64(Role::Len, self.vocab)
+                    .i64(Role::Splits, splits);
+                launch(self.lane(), &self.kernels[gk], decode::greedy_items(rows, splits), &a)?;
+                let mut a = Args::default();
+                a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
+                    .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
+                    .set(Role::Out(2), ArgValue::Ptr(dev(&self.ids_decode, &self.stream)))
+                    .set(Role::Out(3), ArgValue::Ptr(keys))
+                    .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+                    .i64(Role::N, self.batch)
+                    .i64(Role::Len, self.opts.max_context);
+                launch(self.lane(), &self.kernels[sek], 1, &a)?;
+            }
+            None => {
+                self.sample(plan, self.batch, dev(&self.ids_decode, &self.stream))?;
+                self.launch_step_end()?;
+            }
+        }
         n += 2;
         Ok(n)
     }
