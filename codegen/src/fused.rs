@@ -453,6 +453,18 @@ pub fn gemv_scaled_one_row(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, Ge
     Ok((gemv_scaled(body, syms, cfg, false)?, cfg))
 }
 
+/// WIP (`KILN_GREEDY_FOLD`): [`gemv_scaled_one_row`] that also samples greedily: every
+/// warp keeps the best (y as stored, row) of its rows (`kiln_before`: NaN first, then the
+/// largest, ties to the lower row), and every block takes atomicMax of its best pair's
+/// `kiln_argmax_key` into the output after the prologue's (u64 `[1]`, zero before the
+/// launch), which `resident::step_end_key` decodes. For the LM head of a decode step at
+/// batch 1, whose logits are y cast to f32: the greedy kernel is no longer launched.
+pub fn gemv_scaled_argmax(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, GemvConfig), CodegenError> {
+    let w = body.inputs.last().ok_or_else(|| CodegenError("gemv_scaled: a body without inputs".into()))?;
+    let cfg = GemvConfig::for_shape(1, decode::weight_row_bytes(w));
+    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::None, false, true)?, cfg))
+}
+
 /// Blocks of a [`gemv_epilogue`] launch: one per `cfg.warps / slices` epilogue columns.
 pub fn gemv_epilogue_items(form: &kiln_ops::Epilogue, cfg: GemvConfig) -> usize {
     let cols = (cfg.warps / form.offsets.len().max(1)).max(1);
@@ -607,7 +619,7 @@ pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resul
 /// [`crate::decode::gemv_prologue_fits`]`(1, k)`.
 pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bool) -> Result<Kernel, CodegenError> {
     let epi = if epilogue { EpiMode::Block } else { EpiMode::None };
-    gemv_scaled_with(body, syms, cfg, epi, false)
+    gemv_scaled_with(body, syms, cfg, epi, false, false)
 }
 
 /// [`gemv_scaled`] with the epilogue computed per warp (`GV_EPI_WARP` in `gemv.cu`):
@@ -635,7 +647,7 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
     // WIP knob (wip/residency): KILN_EPI_WARP_LOADS, 16-byte loads in flight per lane.
     let loads = env_usize("KILN_EPI_WARP_LOADS").unwrap_or(8);
     let cfg = GemvConfig { warps, rows_per_warp: s, unroll: (loads / s).max(1), ksplit: 1, max_rows: 1 };
-    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false)?, cfg))
+    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false)?, cfg))
 }
 
 /// Epilogue slices (weight rows per warp) [`gemv_scaled_epi_warp`] takes at most.
@@ -668,7 +680,7 @@ enum EpiMode {
 /// for one row of x, when the weight rows fit ([`crate::decode::gemv_stream_fits`]).
 pub fn gemv_stream_scaled(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenError> {
     let cfg = GemvConfig { warps: decode::GEMV_STREAM_WARPS, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 1 };
-    gemv_scaled_with(body, syms, cfg, EpiMode::None, true)
+    gemv_scaled_with(body, syms, cfg, EpiMode::None, true, false)
 }
 
 /// [`gemv_stream_scaled`] where the engine runs it for one row of x: the weight's rows
@@ -732,6 +744,7 @@ fn gemv_scaled_with(
     cfg: GemvConfig,
     mode: EpiMode,
     stream: bool,
+    argmax: bool,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
@@ -951,6 +964,14 @@ fn gemv_scaled_with(
     }
     params.push((Role::In((nin + 1) as u8), ParamTy::const_ptr(ws)));
     gemv_params_end(&mut params, "gemv_scaled")?;
+    // The argmax key: the output after the prologue's.
+    let key = Role::Out((e + 1 + pro.outputs.len()) as u8);
+    if argmax {
+        if mode != EpiMode::None || stream {
+            return err("gemv_scaled_argmax: the plain looping form only");
+        }
+        params.push((key, ParamTy::ptr("unsigned long long")));
+    }
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
     if stream {
         let Some(k) = body.inputs[nin].shape.dims().last().and_then(|d| d.as_fixed()) else {
@@ -983,12 +1004,16 @@ fn gemv_scaled_with(
         ("GV_RES", "(const KILN_Y*)0".to_string()),
     ]);
     defines.extend(epi_defines);
+    if argmax {
+        defines.extend([("GV_ARGMAX", "1".to_string()), ("GV_KEY", key.c_name())]);
+    }
     let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
         .replace("KILN_PROLOGUE", &staging)
         .replace("KILN_WARP_EPILOGUE", warp_epi)
         .replace("KILN_EPILOGUE", block_epi);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     let prefix = match mode {
+        EpiMode::None if argmax => "kiln_gemv_scaled_amax",
         EpiMode::None => "kiln_gemv_scaled",
         EpiMode::Block => "kiln_gemv_scaled_epi",
         EpiMode::Warp => "kiln_gemv_scaled_epiw",

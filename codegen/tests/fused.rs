@@ -1046,6 +1046,65 @@ fn host_scaled_gemv_matches_the_reference() {
     }
 }
 
+/// WIP (`KILN_GREEDY_FOLD`): the scaled GEMV that also samples (`gemv_scaled_argmax`)
+/// writes the same y bits as the plain one and leaves in its key the argmax of that y
+/// (`kiln_before`), the lower row on a tie: rows 37 and 150 of w are both twice the row
+/// with the largest y, so they tie above every other. Host emulation, one block per tile
+/// and 4 looping blocks; the key decoded as `resident::step_end_key` does.
+#[test]
+fn host_scaled_gemv_argmax_keys_the_first_largest_y() {
+    use kiln_codegen::decode::gemv_items_with;
+    let Some(cxx) = host_cxx() else { return };
+    let tr = Tracer::new();
+    let x = tr.input("x", DType::BF16, [Dim::fixed(1), seq(), Dim::fixed(256)]).unwrap();
+    let h = x.rms_norm(tr.param("n", DType::BF16, [256]).unwrap(), 1e-6).unwrap();
+    let w = tr.param("w", DType::BF16, [200, 256]).unwrap();
+    tr.output("normed", h).unwrap();
+    tr.output("y", h.linear(w, None).unwrap()).unwrap();
+    let (fg, body, sources) = fuse_all(&tr.finish().unwrap());
+    let table = graph_symbols(&fg);
+    let (plain, cfg) = kiln_codegen::gemv_scaled_one_row(&body, &table).unwrap();
+    let (amax, acfg) = kiln_codegen::gemv_scaled_argmax(&body, &table).unwrap();
+    assert_eq!(cfg, acfg);
+    assert!(amax.sig.name.starts_with("kiln_gemv_scaled_amax_") && amax.source.contains("#define GV_ARGMAX 1"));
+    let b = bind(&[("seq", 1)]);
+    let mut inputs = body_inputs(&body, &sources, &b, 0x2545_f491_4f6c_dd1d);
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let Grid::BlockPerItem { threads } = plain.grid else { panic!("{:?}", plain.grid) };
+    let hp = compile_host(cxx, &plain, "scaled_gemv_for_amax");
+    let ha = compile_host(cxx, &amax, "scaled_gemv_amax");
+    let y_of = |host: &HostKernel, inputs: &[HostTensor], grid: usize| {
+        let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+        std::fs::write(host.dir.join("out2.init"), [0u8; 8]).unwrap();
+        host.run_gemv(&ins, &syms, (1, 200, 256), (grid, threads), &[2 * 200, 2 * 256, 8])
+    };
+    // The row with the largest y, doubled into rows 37 and 150.
+    let y0 = tensor_of(DType::BF16, &[200], &y_of(&hp, &inputs, 4)[0]).to_f32_vec();
+    let top = (0..200).fold(0, |m, i| if y0[i] > y0[m] { i } else { m });
+    assert!(y0[top] > 0.0);
+    let wi = inputs.len() - 1;
+    let mut wv = inputs[wi].to_f32_vec();
+    let row: Vec<f32> = wv[top * 256..(top + 1) * 256].iter().map(|v| 2.0 * v).collect();
+    for r in [37, 150] {
+        wv[r * 256..(r + 1) * 256].copy_from_slice(&row);
+    }
+    inputs[wi] = HostTensor::from_f32_as(DType::BF16, &[200, 256], wv);
+    for grid in [gemv_items_with(200, cfg), 4] {
+        let want = y_of(&hp, &inputs, grid);
+        let got = y_of(&ha, &inputs, grid);
+        assert_eq!(got[0], want[0], "{grid} blocks: y");
+        let y = tensor_of(DType::BF16, &[200], &got[0]).to_f32_vec();
+        assert_eq!(y[37], y[150]);
+        assert!(
+            y.iter().enumerate().all(|(i, &v)| i == 37 || i == 150 || v < y[37]),
+            "{grid} blocks: rows 37/150 lead"
+        );
+        let key = u64::from_le_bytes(got[2][..8].try_into().unwrap());
+        assert_eq!(0xffff_ffff - (key & 0xffff_ffff), 37, "{grid} blocks: key {key:#x}");
+        assert_eq!((key >> 32) as u32, (y[37].to_bits() | 0x8000_0000), "{grid} blocks: the key's value");
+    }
+}
+
 /// The scaled GEMV with its SwiGLU epilogue computed per warp
 /// (`gemv_scaled_epi_warp`: a warp owns a column and computes its gate and up rows),
 /// compiled for the host: the epilogue's output z = silu(gate) · up and y against the

@@ -5,7 +5,7 @@
 # the default beside its configurations, ROUNDS rounds, default 2):
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
-#   bash tools/gpu/next.sh 2   # L2 prefetch before the wait (PF), read-ahead (RA), greedy key
+#   bash tools/gpu/next.sh 2   # L2 prefetch (PF), read-ahead (RA), greedy key / fold
 #   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64 KiB stages, fewer splits
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
 #   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
@@ -18,13 +18,16 @@
 #     7.5 µs per layer go);
 #   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_GEMV_RA=8192
 #     KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1, the engine tests with KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4
-#     KILN_EPI_WARP_PER_SM=1, the decode tests with KILN_ATTN_STAGE_KIB=64 (the forms
-#     compared bit for bit within a run, and against the CPU executor).
+#     KILN_EPI_WARP_PER_SM=1, the decode tests with KILN_ATTN_STAGE_KIB=64, the engine
+#     tests with KILN_GREEDY_FOLD=1 (the forms compared bit for bit within a run, and
+#     against the CPU executor).
 # Parts 2-5 (decode tok/s, batch 1, prompt 128, each against the default in the
 # same run): KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
 # KILN_GEMV_RA=8192 (read-ahead: 8 MiB of the next weight product's first rows, prefetched
 # by each GEMV's warps as they finish); KILN_GREEDY_KEY=1 (greedy sampling without the
 # merge round trip: per-block atomicMax of a 64-bit key, decoded by the step end);
+# KILN_GREEDY_FOLD=1 (at batch 1 the LM head's GEMV computes those keys itself: no greedy
+# kernel);
 # KILN_ATTN_HOIST=1; KILN_ATTN_MIN_CHUNK=64 (4 attention splits at 200 keys, not 1);
 # KILN_ATTN_STAGE_KIB=64 (one stage holds 256 keys: the two-pass attention covers the
 # whole bench context of 129-256 keys, today only up to 192); KILN_ATTN_SPLITS=1 (no
@@ -62,7 +65,7 @@ if [ "$part" = 1 ]; then
     K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
         "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4 KILN_EPI_WARP_PER_SM=1" \
-        "cuda_decode KILN_ATTN_STAGE_KIB=64"; do
+        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -80,7 +83,7 @@ if [ "$part" = 1 ]; then
     done
 elif [ "$part" = 2 ]; then
     ab "pf1=KILN_GEMV_PF=1" "pf2=KILN_GEMV_PF=2" "ra8=KILN_GEMV_RA=8192" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" \
-        "gkey=KILN_GREEDY_KEY=1"
+        "gkey=KILN_GREEDY_KEY=1" "fold=KILN_GREEDY_FOLD=1"
 elif [ "$part" = 3 ]; then
     ab "hoist=KILN_ATTN_HOIST=1" "stage64=KILN_ATTN_STAGE_KIB=64" "splits1=KILN_ATTN_SPLITS=1" \
         "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4"

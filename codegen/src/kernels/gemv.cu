@@ -80,6 +80,9 @@
 #ifndef GV_RA
 #define GV_RA 0
 #endif
+#ifndef GV_ARGMAX
+#define GV_ARGMAX 0
+#endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
 // The row of w that warp rw of the block for columns tile·GV_EPI_T.. computes (n: none).
@@ -294,6 +297,12 @@ KILN_SIGNATURE {
 #if GV_SCALE
     float gv_s[GV_MAX_M];  // each row's scale S, computed where x is staged (gemv_scaled)
 #endif
+#if GV_ARGMAX
+    // The warp's best (y as stored, row) over its rows, for greedy sampling folded into
+    // the product (kiln_codegen::gemv_scaled_argmax: one row of x, no split-K).
+    float gv_bv = 0.0f;
+    i64 gv_bi = -1;
+#endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     if (GV_PF > 0 && vec) gv_prefetch(GV_W, n, k, ntiles, rw, ks, lane);  // before the wait (in the loop)
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
@@ -452,6 +461,15 @@ KILN_PROLOGUE
 #if GV_EPI_WARP
                 gv_wy[rr] = gv_round(v);
 #endif
+#if GV_ARGMAX
+                if (row < n) {
+                    const float yv = gv_round(v);
+                    if (gv_bi < 0 || kiln_before(yv, row, gv_bv, gv_bi)) {
+                        gv_bv = yv;
+                        gv_bi = row;
+                    }
+                }
+#endif
 #if GV_KS > 1
                 if (lane == 0) gv_part[warp][r * GV_R + rr] = v;
 #else
@@ -490,6 +508,29 @@ KILN_EPILOGUE
     }
 #endif
     }  // tiles
+#if GV_ARGMAX
+    {
+        // The block's best pair, then atomicMax of its key (GV_KEY: u64 [1], zero before
+        // the launch; the step end decodes and zeroes it).
+        __shared__ float gv_am_v[GV_WARPS];
+        __shared__ i64 gv_am_i[GV_WARPS];
+        if (lane == 0) {
+            gv_am_v[warp] = gv_bv;
+            gv_am_i[warp] = gv_bi;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float bv = 0.0f;
+            i64 bi = -1;
+            for (int w = 0; w < GV_WARPS; ++w)
+                if (gv_am_i[w] >= 0 && (bi < 0 || kiln_before(gv_am_v[w], gv_am_i[w], bv, bi))) {
+                    bv = gv_am_v[w];
+                    bi = gv_am_i[w];
+                }
+            if (bi >= 0) atomicMax(GV_KEY, kiln_argmax_key(bv, bi));
+        }
+    }
+#endif
 #if GV_RA > 0
     if (m >= 1 && m <= GV_MAX_M && k > 0) gv_readahead(GV_W);  // uniform
 #endif

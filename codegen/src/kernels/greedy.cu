@@ -9,7 +9,7 @@
 // next launch, or a replayed CUDA graph, starts clean: counters are zero before the
 // first launch). One block per row would read a 128K vocabulary through one SM.
 // GR_KEY (decode::greedy_key, a WIP knob): no workspace, counter or merging block. Each
-// block packs its best pair into a 64-bit key that orders like kiln_before (gr_key) and
+// block packs its best pair into a 64-bit key that orders like kiln_before (kiln.cuh) and
 // takes atomicMax into out[row] (u64 keys, zero before the launch); the step-end kernel
 // (resident::step_end_key) turns the keys into ids and zeroes them for the next step.
 // One memory round trip fewer than the merge, and no fence.
@@ -17,14 +17,6 @@
 #ifndef GR_KEY
 #define GR_KEY 0
 #endif
-
-// The key of (v, i): the value's bits made to order as unsigned integers (NaN above
-// everything, -0 as +0), then the complement of the index (ties to the lower index).
-__device__ __forceinline__ unsigned long long gr_key(float v, i64 i) {
-    unsigned int b = v != v ? 0xffffffffu : (v == 0.0f ? 0u : __float_as_uint(v));
-    if (v == v) b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-    return ((unsigned long long)b << 32) | (unsigned long long)(0xffffffffu - (unsigned int)i);
-}
 
 // (v, i) := the better of (v, i) and (ov, oi); an index < 0 is "nothing yet".
 __device__ __forceinline__ void gr_take(float& v, i64& i, float ov, i64 oi) {
@@ -96,7 +88,7 @@ KILN_SIGNATURE {
     }
     gr_block(best, bi, sv, si);
 #if GR_KEY
-    if (threadIdx.x == 0 && bi >= 0) atomicMax((unsigned long long*)out + row, gr_key(best, bi));
+    if (threadIdx.x == 0 && bi >= 0) atomicMax((unsigned long long*)out + row, kiln_argmax_key(best, bi));
     return;
 #else
     if (ns == 1) {

@@ -89,6 +89,14 @@ __device__ __forceinline__ bool kiln_before(float a, i64 ia, float b, i64 ib) {
     if (!na && a != b) return a > b;
     return ia < ib;
 }
+// A 64-bit key of (v, i) whose unsigned order is kiln_before's (so atomicMax of keys
+// picks the argmax): v's bits made to order as integers (NaN above everything, -0 as
+// +0), then the complement of the index (ties to the lower index; i < 2^32).
+__device__ __forceinline__ unsigned long long kiln_argmax_key(float v, i64 i) {
+    unsigned int b = v != v ? 0xffffffffu : (v == 0.0f ? 0u : __float_as_uint(v));
+    if (v == v) b = (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+    return ((unsigned long long)b << 32) | (unsigned long long)(0xffffffffu - (unsigned int)i);
+}
 template <class T>
 __device__ __forceinline__ bool kiln_before(T a, i64 ia, T b, i64 ib) {
     if (a != b) return a > b;

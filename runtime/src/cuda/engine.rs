@@ -276,6 +276,11 @@ struct ScaledRun {
     /// batch 1 (gate_up + SwiGLU 19.5 + 2.1 → 18.4–19.0 µs per layer in the timeline).
     /// `.2`: blocks of one wave (set once the kernels load).
     epi_warp: Option<(usize, decode::GemvConfig, usize)>,
+    /// WIP knob `KILN_GREEDY_FOLD=1`, the LM head's only: `plain` that also samples
+    /// greedily (`kiln_codegen::gemv_scaled_argmax`, its key into
+    /// `CudaEngine::greedy_keys`), launched by a folding decode step (see
+    /// [`CudaEngine::folds`]).
+    argmax: Option<usize>,
 }
 
 /// `KILN_GEMV_CFG="NxK=w16r1u8,..."` in the environment: the one-row GEMV split (warps,
@@ -404,6 +409,10 @@ pub struct CudaEngine {
     /// (`resident::step_end_key`); prefill and profiling keep `greedy`.
     greedy_key: Option<(usize, usize)>,
     greedy_keys: CudaSlice<u64>,
+    /// The LM head's step when it has the sampling GEMV (`ScaledRun::argmax`).
+    lm_head_argmax: Option<usize>,
+    /// While a folding decode step records (see [`CudaEngine::folds`]).
+    fold_now: std::cell::Cell<bool>,
     logits: Value,
     vocab: usize,
     arena: Option<CudaSlice<u8>>,
@@ -487,6 +496,27 @@ pub fn residency_table(labels: &[String], rows: &[BlockResidency]) -> String {
         let _ = writeln!(s, "{}  {l}", line(r, 1.0));
     }
     s
+}
+
+/// The step of the matrix-vector group whose y is the logits, or whose y only a cast to
+/// f32 (exact from f32, bf16, f16) turns into the logits: the LM head, for
+/// `KILN_GREEDY_FOLD`.
+fn lm_head_step(graph: &Graph, steps: &[Step], logits: Value) -> Option<usize> {
+    let p = logits.node;
+    let y = match &graph.node(p).op {
+        Op::Fused(body)
+            if body.nodes.len() == 1
+                && matches!(body.nodes[0].op, Op::Cast(DType::F32))
+                && graph.operands(p).len() == 1
+                && matches!(graph.value_type(graph.operands(p)[0]).dtype, DType::F32 | DType::BF16 | DType::F16) =>
+        {
+            graph.operands(p)[0]
+        }
+        _ => logits,
+    };
+    let i = steps.iter().position(|s| s.node == y.node)?;
+    let last = graph.node(y.node).outputs.len() - 1;
+    (matches!(steps[i].run, Run::MatVec { .. }) && y.output as usize == last).then_some(i)
 }
 
 /// A GEMV's weight for the read-ahead table (WIP knob `KILN_GEMV_RA`): its device
@@ -701,7 +731,7 @@ fn scaled_run(
         None => None,
     };
     let plain = (add_kernel(plain), cfg);
-    Some(Box::new(ScaledRun { plain, epi, epi_one_wave: false, plain_wave: 0, stream, epi_warp }))
+    Some(Box::new(ScaledRun { plain, epi, epi_one_wave: false, plain_wave: 0, stream, epi_warp, argmax: None }))
 }
 
 /// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads), when
@@ -1134,8 +1164,22 @@ impl CudaEngine {
         let step_end =
             add_kernel(kiln_codegen::resident::step_end(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?);
         // WIP knob KILN_GREEDY_KEY=1: the decode step samples with greedy_key and ends
-        // with step_end_key (see `CudaEngine::greedy_key`).
-        let greedy_key = if std::env::var("KILN_GREEDY_KEY").is_ok_and(|v| v == "1") {
+        // with step_end_key (see `CudaEngine::greedy_key`). KILN_GREEDY_FOLD=1 (which
+        // implies it): at batch 1 the LM head's scaled GEMV samples itself.
+        let greedy_fold = std::env::var("KILN_GREEDY_FOLD").is_ok_and(|v| v == "1");
+        if greedy_fold {
+            if let Some(i) = lm_head_step(&graph, &steps, logits) {
+                let node = steps[i].node;
+                if let (Run::MatVec { scaled: Some(sr), epilogue: None, .. }, Op::Fused(body)) =
+                    (&mut steps[i].run, &graph.node(node).op)
+                {
+                    if let Ok((k, _)) = kiln_codegen::gemv_scaled_argmax(body, &syms) {
+                        sr.argmax = Some(add_kernel(k));
+                    }
+                }
+            }
+        }
+        let greedy_key = if greedy_fold || std::env::var("KILN_GREEDY_KEY").is_ok_and(|v| v == "1") {
             let gk = add_kernel(decode::greedy_key().map_err(|e| contract(e.0))?);
             let sek = kiln_codegen::resident::step_end_key(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?;
             Some((gk, add_kernel(sek)))
@@ -1359,6 +1403,8 @@ impl CudaEngine {
                 Some(buf)
             }
         };
+        let lm_head_argmax =
+            steps.iter().position(|s| matches!(&s.run, Run::MatVec { scaled: Some(sr), .. } if sr.argmax.is_some()));
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
@@ -1415,6 +1461,8 @@ impl CudaEngine {
             step_end,
             greedy_key,
             greedy_keys,
+            lm_head_argmax,
+            fold_now: std::cell::Cell::new(false),
             logits,
             vocab,
             arena: None,
@@ -2105,6 +2153,14 @@ impl CudaEngine {
             // The plain form loops over row tiles: one wave of blocks (see `ScaledRun`).
             _ => decode::gemv_items_with(n, cfg).min(sr.plain_wave),
         };
+        // A folding decode step's LM head: the plain form that also samples (same split,
+        // registers and wave), its key after the prologue's outputs.
+        let fold = sr.argmax.filter(|_| self.fold_now.get() && epilogue.is_none() && m == 1);
+        if let Some(ka) = fold {
+            a.set(Role::Out((1 + n_pro) as u8), ArgValue::Ptr(dev(&self.greedy_keys, &self.stream)));
+            launch(self.lane(), &self.kernels[ka], items, &a)?;
+            return Ok(0);
+        }
         match sr.stream.filter(|_| with_epi.is_none() && warp.is_none() && m == 1) {
             Some(ks) => {
                 let sms = self.info.multiprocessors.max(1) as usize;
@@ -2388,6 +2444,8 @@ impl CudaEngine {
             .map_err(driver_err("begin capture"))?;
         let early = self.opts.cuda_graphs && self.opts.attention_early && !attention_early_off_by_env();
         self.launch_log = Some(Default::default());
+        let folds = self.folds();
+        self.fold_now.set(folds);
         let recorded = self.run_steps_marked(&b, &plan, 0, true, early, &mut |step, label, launches| {
             // Each launch: its kernel (the generated hash dropped) and the step's module.
             let names = self.launch_log.as_ref().expect("set").borrow();
@@ -2400,10 +2458,13 @@ impl CudaEngine {
         });
         let graph = self.stream.end_capture(sys::CUgraphInstantiate_flags(0));
         self.launch_log = None;
+        self.fold_now.set(false);
         let n = recorded?;
         drop(graph.map_err(driver_err("end capture"))?);
         labels.resize(n, "?".into());
-        labels.push("greedy sampling (argmax)".into());
+        if !folds {
+            labels.push("greedy sampling (argmax)".into());
+        }
         labels.push("step end".into());
         let per_step = labels.len();
         if per_step * steps > TRACE_SLOTS {
@@ -2470,12 +2531,41 @@ impl CudaEngine {
         launch(self.lane(), &self.kernels[self.step_end], 1, &a)
     }
 
+    /// The step end of `KILN_GREEDY_KEY` / `KILN_GREEDY_FOLD`: the keys in greedy_keys
+    /// become the ids (`resident::step_end_key`), recorded, and are zeroed.
+    fn launch_step_end_key(&self) -> Result<(), CudaError> {
+        let Some((_, sek)) = self.greedy_key else { return Err(contract("no step_end_key kernel".into())) };
+        let mut a = Args::default();
+        a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
+            .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
+            .set(Role::Out(2), ArgValue::Ptr(dev(&self.ids_decode, &self.stream)))
+            .set(Role::Out(3), ArgValue::Ptr(dev(&self.greedy_keys, &self.stream)))
+            .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
+            .i64(Role::N, self.batch)
+            .i64(Role::Len, self.opts.max_context);
+        launch(self.lane(), &self.kernels[sek], 1, &a)
+    }
+
+    /// Whether a decode step of the running batch folds greedy sampling into the LM head
+    /// (`KILN_GREEDY_FOLD=1`, batch 1, an LM head with the sampling GEMV).
+    fn folds(&self) -> bool {
+        self.lm_head_argmax.is_some() && self.greedy_key.is_some() && self.batch == 1
+    }
+
     /// One decode step's launches: the graph, greedy sampling into the ids, step end.
     fn record_step(&self, b: &Bindings, plan: &MemoryPlan, captured: bool) -> Result<usize, CudaError> {
         let early = captured && self.opts.attention_early && !attention_early_off_by_env();
+        if self.folds() {
+            // The LM head samples (its key in greedy_keys); the step end decodes it.
+            self.fold_now.set(true);
+            let n = self.run_steps(b, plan, 0, true, early);
+            self.fold_now.set(false);
+            self.launch_step_end_key()?;
+            return Ok(n? + 1);
+        }
         let mut n = self.run_steps(b, plan, 0, true, early)?;
         match self.greedy_key {
-            Some((gk, sek)) => {
+            Some((gk, _)) => {
                 let (rows, splits) = (self.batch, decode::greedy_splits(self.vocab));
                 let keys = dev(&self.greedy_keys, &self.stream);
                 let mut a = Args::default();
@@ -2485,15 +2575,7 @@ impl CudaEngine {
                     .i64(Role::Len, self.vocab)
                     .i64(Role::Splits, splits);
                 launch(self.lane(), &self.kernels[gk], decode::greedy_items(rows, splits), &a)?;
-                let mut a = Args::default();
-                a.set(Role::Out(0), ArgValue::Ptr(dev(&self.history, &self.stream)))
-                    .set(Role::Out(1), ArgValue::Ptr(dev(&self.counter, &self.stream)))
-                    .set(Role::Out(2), ArgValue::Ptr(dev(&self.ids_decode, &self.stream)))
-                    .set(Role::Out(3), ArgValue::Ptr(keys))
-                    .set(Role::Syms, ArgValue::Ptr(dev(&self.syms_dev, &self.stream)))
-                    .i64(Role::N, self.batch)
-                    .i64(Role::Len, self.opts.max_context);
-                launch(self.lane(), &self.kernels[sek], 1, &a)?;
+                self.launch_step_end_key()?;
             }
             None => {
                 self.sample(plan, self.batch, dev(&self.ids_decode, &self.stream))?;
