@@ -2450,8 +2450,25 @@ impl CudaEngine {
             // Each launch: its kernel (the generated hash dropped) and the step's module.
             let names = self.launch_log.as_ref().expect("set").borrow();
             let at = self.graph.node(step.node).scope.clone();
+            // A weight product's GEMV also names the bytes of its weight (WIP: to read
+            // each one's bandwidth off the critical-path table).
+            let ops = self.graph.operands(step.node);
+            let weight = match &step.run {
+                Run::MatMul { .. } => ops.get(1).copied(),
+                Run::MatVec { .. } => ops.last().copied(),
+                _ => None,
+            }
+            .filter(|w| matches!(self.locs.get(w), Some(Loc::Weight(_))))
+            .map(|w| {
+                let t = self.graph.value_type(w);
+                t.dtype.bytes_for(t.shape.dims().iter().filter_map(|d| d.as_fixed()).product::<usize>())
+            });
             for name in &names[labels.len().min(names.len())..launches.min(names.len())] {
-                labels.push(format!("{} @{}", short_kernel_name(name), generic_scope(&at)));
+                let mb = match weight {
+                    Some(b) if name.contains("gemv") => format!(" [{:.1} MB]", b as f64 / 1e6),
+                    _ => String::new(),
+                };
+                labels.push(format!("{} @{}{mb}", short_kernel_name(name), generic_scope(&at)));
             }
             labels.resize(launches, label.to_string());
             Ok(())
