@@ -5,8 +5,8 @@
 # the default beside its configurations, ROUNDS rounds, default 2):
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
-#   bash tools/gpu/next.sh 2   # L2 prefetch (PF), read-ahead (RA), greedy key / fold
-#   bash tools/gpu/next.sh 3   # attention: hoisted producers, 64 KiB stages, fewer splits
+#   bash tools/gpu/next.sh 2   # the most promising single knobs
+#   bash tools/gpu/next.sh 3   # the other single knobs
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
 #   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
 #
@@ -15,29 +15,24 @@
 #     resident before the previous kernel completed and when its last block started
 #     (does gate_up get blocks beside o_proj during attention? when does down start?),
 #     then the same with KILN_ATTN_HOIST=1 (its KILN_PHASE marks: where attention's
-#     7.5 µs per layer go);
-#   - the engine, decode and fused GPU tests with KILN_GEMV_PF=2 KILN_GEMV_RA=8192
-#     KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1, the engine tests with KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4
-#     KILN_EPI_WARP_PER_SM=1, the decode tests with KILN_ATTN_STAGE_KIB=64, the engine
-#     tests with KILN_GREEDY_FOLD=1 (the forms compared bit for bit within a run, and
-#     against the CPU executor).
-# Parts 2-5 (decode tok/s, batch 1, prompt 128, each against the default in the
-# same run): KILN_GEMV_PF=1 / 2 (L2 prefetch of the first tiles' rows before the wait);
-# KILN_GEMV_RA=8192 (read-ahead: 8 MiB of the next weight product's first rows, prefetched
-# by each GEMV's warps as they finish); KILN_GREEDY_KEY=1 (greedy sampling without the
-# merge round trip: per-block atomicMax of a 64-bit key, decoded by the step end);
-# KILN_GREEDY_FOLD=1 (at batch 1 the LM head's GEMV computes those keys itself: no greedy
-# kernel);
-# KILN_ATTN_HOIST=1; KILN_ATTN_MIN_CHUNK=64 (4 attention splits at 200 keys, not 1);
-# KILN_ATTN_STAGE_KIB=64 (one stage holds 256 keys: the two-pass attention covers the
-# whole bench context of 129-256 keys, today only up to 192); KILN_ATTN_SPLITS=1 (no
-# launched splits past the context: 32 blocks, not 288 of which 256 return at once) and
-# 64-key chunks over exactly 4 splits;
-# the register budget of wip/residency (gate_up 4 loads per lane at <= 42 registers,
-# down at 48) alone and with PF=1; gate_up in one block per SM (KILN_EPI_WARP_PER_SM=1:
-# 64 KiB of loads in flight per SM, half the register file left for a down block that
-# prefetches during it) alone and with PF=1; PF=1 with 16 MiB of read-ahead, with 64 KiB
-# stages; 64-key chunks.
+#     7.5 µs per layer go); GEMV labels carry their weight's MB;
+#   - GPU tests with the knobs on (the forms are compared bit for bit within a run, and
+#     against the CPU executor): engine, decode and fused tests with PF=2, RA=8192,
+#     HOIST, GREEDY_KEY; engine tests with MIN_CHUNK=64, SPLITS=4, EPI_WARP_PER_SM=1;
+#     decode tests with STAGE_KIB=64; engine tests with GREEDY_FOLD.
+# The knobs (all KILN_*, all off by default: the default build is main's kernels):
+#   GEMV_PF=T        GEMV blocks prefetch into L2, before their wait, the rows of their
+#                    first T tiles that the first step does not load
+#   GEMV_RA=KiB      read-ahead: warps that finish prefetch their share of the next
+#                    weight product's first rows
+#   GREEDY_KEY=1     greedy sampling without the merge (per-block atomicMax of a 64-bit
+#                    key, decoded by the step end); GREEDY_FOLD=1: at batch 1 the LM
+#                    head's GEMV makes those keys (no greedy kernel)
+#   ATTN_STAGE_KIB=64  one attention stage holds 256 keys (not 192): the two-pass path
+#                    covers the bench's whole 129-256-key context, not half of it
+#   ATTN_MIN_CHUNK=K, ATTN_SPLITS=N  attention split sizes / a cap on launched splits
+#   ATTN_HOIST=1     wip/attn-hoist's attention (one-round producer loads and merge)
+#   EPI_WARP_LOADS/_BOUNDS/_PER_SM, GEMV_MAXREG  register budgets (wip/residency)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -82,16 +77,18 @@ if [ "$part" = 1 ]; then
         grep -E "decode .*tok/s|^ *1 " "$OUT/tl-$tag.log" | head -3
     done
 elif [ "$part" = 2 ]; then
-    ab "pf1=KILN_GEMV_PF=1" "pf2=KILN_GEMV_PF=2" "ra8=KILN_GEMV_RA=8192" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" \
-        "gkey=KILN_GREEDY_KEY=1" "fold=KILN_GREEDY_FOLD=1"
+    # The most promising single knobs.
+    ab "stage64=KILN_ATTN_STAGE_KIB=64" "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "fold=KILN_GREEDY_FOLD=1" \
+        "chunk128=KILN_ATTN_MIN_CHUNK=128"
 elif [ "$part" = 3 ]; then
-    ab "hoist=KILN_ATTN_HOIST=1" "stage64=KILN_ATTN_STAGE_KIB=64" "splits1=KILN_ATTN_SPLITS=1" \
-        "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4"
+    ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "gkey=KILN_GREEDY_KEY=1" \
+        "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64"
 elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
     ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
         "pps1+pf1=KILN_EPI_WARP_PER_SM=1,KILN_GEMV_PF=1"
 else
-    ab "pf1+ra16=KILN_GEMV_PF=1,KILN_GEMV_RA=16384" "pf1+stage64=KILN_GEMV_PF=1,KILN_ATTN_STAGE_KIB=64" \
-        "chunk64=KILN_ATTN_MIN_CHUNK=64" ${EXTRA:+"$EXTRA"}
+    ALL="KILN_ATTN_STAGE_KIB=64,KILN_GEMV_PF=1,KILN_GREEDY_FOLD=1"
+    ab "stage64+pf1+fold=$ALL" "stage64+pf1+ra8+fold=$ALL,KILN_GEMV_RA=8192" "splits1=KILN_ATTN_SPLITS=1" \
+        "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4" ${EXTRA:+"$EXTRA"}
 fi
