@@ -9,6 +9,7 @@
 #   bash tools/gpu/next.sh 3   # the other single knobs
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
 #   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
+#   CFG="label=VAR=V,..." bash tools/gpu/next.sh 6     # SmolLM2 with the chosen knobs
 #
 # Part 1:
 #   - `kiln bench --timeline` with KILN_TRACE_BLOCKS=1: per launch, how many blocks were
@@ -87,6 +88,11 @@ elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
     ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
         "pps1+pf1=KILN_EPI_WARP_PER_SM=1,KILN_GEMV_PF=1"
+elif [ "$part" = 6 ]; then
+    # SmolLM2 (its 2,000 tok/s target must hold with whatever becomes the default):
+    # CFG="label=VAR=V,..." (default: the combination of part 5).
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=${ROUNDS:-2} bash tools/gpu/ab_cfg.sh smollm2-135m "" \
+        "${CFG:-stage64+pf1+fold=KILN_ATTN_STAGE_KIB=64,KILN_GEMV_PF=1,KILN_GREEDY_FOLD=1}"
 else
     ALL="KILN_ATTN_STAGE_KIB=64,KILN_GEMV_PF=1,KILN_GREEDY_FOLD=1"
     ab "stage64+pf1+fold=$ALL" "stage64+pf1+ra8+fold=$ALL,KILN_GEMV_RA=8192" "splits1=KILN_ATTN_SPLITS=1" \
