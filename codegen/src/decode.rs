@@ -48,7 +48,8 @@ fn attention_min_chunk() -> usize {
         .unwrap_or(ATTENTION_DECODE_MIN_CHUNK)
 }
 
-/// WIP knob: `KILN_ATTN_STAGE_KIB=K` (32 to 96, a multiple of 16) in the environment
+/// WIP knob: `KILN_ATTN_STAGE_KIB=K` (48 to 96, a multiple of 16; below 48 the two-pass
+/// scratch of a whole GQA group may not fit a stage) in the environment
 /// replaces [`ATTENTION_DECODE_STAGE_BYTES`]: with 64, one stage holds 256 keys of head
 /// dim 64 in bf16 (not 192), so a decode step over up to 256 keys takes the two-pass
 /// path (the 1B bench's context runs from 129 to 256 keys), at 128 KiB of shared
@@ -57,7 +58,7 @@ fn attention_stage_bytes() -> usize {
     std::env::var("KILN_ATTN_STAGE_KIB")
         .ok()
         .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|&k| (32..=96).contains(&k) && k % 16 == 0)
+        .filter(|&k| (48..=96).contains(&k) && k % 16 == 0)
         .map_or(ATTENTION_DECODE_STAGE_BYTES, |k| k << 10)
 }
 
