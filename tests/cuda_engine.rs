@@ -129,6 +129,27 @@ fn assert_same_bits(what: &str, (la, ta): (&[Vec<f32>], &[u32]), (lb, tb): (&[Ve
     }
 }
 
+/// An [`engine_run_with`] result: logits after the prefill and each step, the tokens, the
+/// launches per decode step.
+type Run = (Vec<Vec<f32>>, Vec<u32>, usize);
+
+/// A switch that changes how many kernels a decode step launches, never what they
+/// compute: `run(graphs, on)` with it off (graphs) and on (graphs, then eager) gives the
+/// same tokens and logits bit for bit, and `saved` launches fewer per step when on
+/// (`what` names the switch in a failure). Returns the run with it off and those with it
+/// on, graphs first.
+fn switch_saves_launches(what: &str, saved: usize, run: impl Fn(bool, bool) -> Run) -> (Run, [Run; 2]) {
+    let off = run(true, false);
+    let on = [true, false].map(|graphs| {
+        let r = run(graphs, true);
+        let what = format!("{what} (graphs: {graphs})");
+        assert_same_bits(&what, (&r.0, &r.1), (&off.0, &off.1));
+        assert_eq!(r.2 + saved, off.2, "{what}: launches per decode step");
+        r
+    });
+    (off, on)
+}
+
 /// [`engine_run`] with any options; also the launches per decode step.
 fn engine_run_with(
     graph: &kiln::graph::Graph,
@@ -275,14 +296,8 @@ fn the_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
         let run = |graphs: bool, epilogue_gemv: bool| {
             engine_run_with(&g, &w, &p1, 6, EngineOptions { epilogue_gemv, ..test_options(graphs) })
         };
-        let (l_sep, t_sep, n_sep) = run(true, false);
-        for graphs in [true, false] {
-            let (l_e, t_e, n_e) = run(graphs, true);
-            let what = format!("{dt}: the epilogue GEMV (graphs: {graphs})");
-            assert_same_bits(&what, (&l_e, &t_e), (&l_sep, &t_sep));
-            // One launch fewer per decoder layer (the test model has 2 layers).
-            assert_eq!(n_e + 2, n_sep, "{dt}: launches per decode step");
-        }
+        // One launch fewer per decoder layer (the test model has 2 layers).
+        switch_saves_launches(&format!("{dt}: the epilogue GEMV"), 2, run);
     }
 }
 
@@ -307,14 +322,11 @@ fn the_warp_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
             let opts = EngineOptions { epilogue_gemv, stream_gemv: false, ..test_options(graphs) };
             engine_run_with(&g, &w, &prompt, 6, opts)
         };
-        let (l_sep, t_sep, n_sep) = run(true, false);
-        for graphs in [true, false] {
-            let (l_w, t_w, n_w) = run(graphs, true);
-            let what = format!("{dt}: the warp epilogue (graphs: {graphs})");
-            assert_same_bits(&what, (&l_w, &t_w), (&l_sep, &t_sep));
-            assert_eq!(n_w + 2, n_sep, "{dt}, graphs: {graphs}: one launch fewer per layer");
-            if dt == DType::F32 {
-                compare_with_cpu(&g, &w, &prompt, &l_w, &t_w, "epi_warp_f32", 1e-4);
+        // One launch fewer per decoder layer (2 layers).
+        let (_, on) = switch_saves_launches(&format!("{dt}: the warp epilogue"), 2, run);
+        if dt == DType::F32 {
+            for (l_w, t_w, _) in &on {
+                compare_with_cpu(&g, &w, &prompt, l_w, t_w, "epi_warp_f32", 1e-4);
             }
         }
     }
@@ -403,14 +415,8 @@ fn horizontal_groups_compute_what_separate_launches_do() {
             let opts = EngineOptions { horizontal, attention_fused: false, ..test_options(graphs) };
             engine_run_with(&g, &w, &p1, 6, opts)
         };
-        let (l_sep, t_sep, n_sep) = run(true, false);
-        for graphs in [true, false] {
-            let (l_h, t_h, n_h) = run(graphs, true);
-            let what = format!("{dt}: horizontal groups (graphs: {graphs})");
-            assert_same_bits(&what, (&l_h, &t_h), (&l_sep, &t_sep));
-            // Two launches fewer per decoder layer (the test model has 2 layers).
-            assert_eq!(n_h + 2 * 2, n_sep, "{dt}: launches per decode step");
-        }
+        // Two launches fewer per decoder layer (the test model has 2 layers).
+        switch_saves_launches(&format!("{dt}: horizontal groups"), 2 * 2, run);
     }
 }
 
@@ -431,13 +437,8 @@ fn fused_attention_skips_the_producers_and_computes_the_same_bits() {
             let run = |graphs: bool, attention_fused: bool| {
                 engine_run_with(&g, &w, &prompt, 8, EngineOptions { attention_fused, ..test_options(graphs) })
             };
-            let (l_sep, t_sep, n_sep) = run(true, false);
-            for graphs in [true, false] {
-                let (l_f, t_f, n_f) = run(graphs, true);
-                assert_eq!(n_f + 2, n_sep, "{dt}: launches per decode step (graphs: {graphs})");
-                let what = format!("{dt}: fused attention (graphs: {graphs}, prompt {})", prompt.len());
-                assert_same_bits(&what, (&l_f, &t_f), (&l_sep, &t_sep));
-            }
+            let what = format!("{dt}: fused attention (prompt {})", prompt.len());
+            let ((l_sep, t_sep, _), _) = switch_saves_launches(&what, 2, run);
             let tol = if dt == DType::F32 { 1e-4 } else { 3e-2 };
             compare_with_cpu(&g, &w, &prompt, &l_sep, &t_sep, &format!("attn_fused_{}", dt.name()), tol);
         }
