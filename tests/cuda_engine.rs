@@ -332,6 +332,35 @@ fn the_warp_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
     }
 }
 
+/// WIP (`EngineOptions::mlp_chain`, `KILN_MLP_CHAIN=1`): the per-warp epilogue GEMV
+/// with the down projection chained into its launch (`gemv_scaled_epi_warp_chain`: its
+/// blocks count themselves as they finish gate_up + SwiGLU, spin until all have, then
+/// compute the down projection's rows as the plain one-row GEMV does) computes the same
+/// bits as the two launches, one launch fewer per layer, in f32 and bf16, graph and
+/// eager, over 6 decode steps (so each layer's counters are reused by later steps and
+/// replays: the kernel leaves them zero); in f32 it matches the CPU executor.
+#[test]
+fn the_chained_down_projection_computes_what_its_own_launch_does() {
+    if !gpu() {
+        return;
+    }
+    let model = llama(512, 8192, 2, 8, 2, 256);
+    let prompt = test_prompt(9);
+    for dt in [DType::F32, DType::BF16] {
+        let (g, w) = compiled(&model, dt);
+        let run = |graphs: bool, mlp_chain: bool| {
+            let opts = EngineOptions { mlp_chain, stream_gemv: false, ..test_options(graphs) };
+            engine_run_with(&g, &w, &prompt, 6, opts)
+        };
+        let (_, on) = switch_saves_launches(&format!("{dt}: the chained down projection"), 2, run);
+        if dt == DType::F32 {
+            for (l_c, t_c, _) in &on {
+                compare_with_cpu(&g, &w, &prompt, l_c, t_c, "mlp_chain_f32", 1e-4);
+            }
+        }
+    }
+}
+
 /// The scaled GEMV (the RMSNorm before qkv, gate_up and the LM head computed by the
 /// GEMV's blocks as a scale after their products, the residual add staged with it)
 /// replaces each norm's kernel: 2 per decoder layer and the final one, 5 launches fewer

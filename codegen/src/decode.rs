@@ -94,6 +94,37 @@ __device__ __forceinline__ kiln_u4 kiln_ld16(const void* p) {
 #endif
     return v;
 }
+// 16 bytes written earlier in the same launch by another block (the chained GEMV's x):
+// cached in L2 only, never through the non-coherent read-only path.
+__device__ __forceinline__ kiln_u4 kiln_ld16_cg(const void* p) {
+    kiln_u4 v;
+#if defined(__CUDA_ARCH__)
+    asm volatile("ld.global.cg.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+#else
+    v = *(const kiln_u4*)p;
+#endif
+    return v;
+}
+// A counter other blocks of the launch add to, read with acquire semantics (what the
+// adders stored before their fence and add is visible after it), and a short sleep
+// between two reads of a spin (a yield in the host emulation).
+__device__ __forceinline__ unsigned kiln_ld_acquire(const unsigned* p) {
+#if defined(__CUDA_ARCH__)
+    unsigned v;
+    asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+    return v;
+#else
+    return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+#endif
+}
+__device__ __forceinline__ void kiln_spin_pause() {
+#if defined(__CUDA_ARCH__)
+    asm volatile("nanosleep.u32 64;");
+#else
+    std::this_thread::yield();
+#endif
+}
 // 16 bytes as f32: 8 bf16, 8 f16 or 4 f32, element 0 in the low bytes. The pointer
 // argument only picks the storage format.
 __device__ __forceinline__ void kiln_unpack(const kiln_u4& r, float* f, const kiln_bf16*) {

@@ -650,6 +650,30 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false)?, cfg))
 }
 
+/// WIP (`KILN_MLP_CHAIN=1`, a measurement knob): [`gemv_scaled_epi_warp`] that also
+/// computes the one-row product consuming the epilogue's output in the same launch
+/// (`GV_CHAIN` in `gemv.cu`): SwiGLU's z, then the down projection `y2 = z · w2ᵀ`, with
+/// no kernel boundary between them. The blocks count themselves into a counter as they
+/// finish their tiles and spin until all have, so every block must be resident at once:
+/// launch at most one wave (the kernel's occupancy) and at most
+/// [`gemv_epilogue_warp_items`] blocks. y2 has the bits of the plain one-row GEMV over
+/// z (the same per-lane order, f32 accumulation, one rounding). The epilogue must have
+/// one output, of the weight's dtype, as `w2 [n2, width]` (`width` the epilogue's, at
+/// most [`decode::GEMV_STAGED_FLOATS`]). Parameters: [`gemv_scaled_epi_warp`]'s, then
+/// `p1_0` (w2), `p1_1` (y2 `[n2]`, dtype `y2`), `p1_2` (n2, i64), `counters` (two
+/// `unsigned int` 128 bytes apart, zero before the first launch; the kernel leaves them
+/// zero). With `KILN_MLP_CHAIN=2` in the environment, each warp also prefetches the rest
+/// of its first row of w2 into L2 before it spins (`GV_CH_PF`).
+pub fn gemv_scaled_epi_warp_chain(
+    body: &FusedBody,
+    syms: &[Sym],
+    w2: DType,
+    y2: DType,
+) -> Result<(Kernel, GemvConfig), CodegenError> {
+    let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
+    Ok((gemv_scaled_chained(body, syms, cfg, EpiMode::Warp, false, false, Some((w2, y2)))?, cfg))
+}
+
 /// Epilogue slices (weight rows per warp) [`gemv_scaled_epi_warp`] takes at most.
 pub const GEMV_EPI_WARP_SLICES: usize = 4;
 
@@ -745,6 +769,20 @@ fn gemv_scaled_with(
     mode: EpiMode,
     stream: bool,
     argmax: bool,
+) -> Result<Kernel, CodegenError> {
+    gemv_scaled_chained(body, syms, cfg, mode, stream, argmax, None)
+}
+
+/// [`gemv_scaled_with`], with `chain` (the per-warp epilogue form only): the chained
+/// product's weight and y2 dtypes (`GV_CHAIN` in `gemv.cu`).
+fn gemv_scaled_chained(
+    body: &FusedBody,
+    syms: &[Sym],
+    cfg: GemvConfig,
+    mode: EpiMode,
+    stream: bool,
+    argmax: bool,
+    chain: Option<(DType, DType)>,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
@@ -972,7 +1010,48 @@ fn gemv_scaled_with(
         }
         params.push((key, ParamTy::ptr("unsigned long long")));
     }
+    if let Some((w2, y2)) = chain {
+        let epi = body.epilogue().expect("checked");
+        let (Some(f), EpiMode::Warp, false, false) = (&form, mode, stream, argmax) else {
+            return err("gemv_scaled_epi_warp_chain: the per-warp epilogue form only");
+        };
+        let z = epi.outputs.iter().map(|&r| epi.ty(r).expect("checked").dtype).collect::<Vec<_>>();
+        if z != [wt.dtype] || w2 != wt.dtype {
+            return err(format!(
+                "gemv_scaled_epi_warp_chain: the epilogue's outputs {z:?} must be one of the weight's dtype ({}), as \
+                 the chained weight's ({w2})",
+                wt.dtype
+            ));
+        }
+        let vec = decode::vec_elems(wt.dtype);
+        if f.width % vec != 0 || f.width > decode::GEMV_STAGED_FLOATS {
+            return err(format!(
+                "gemv_scaled_epi_warp_chain: the chained rows of {} elements must be whole 16-byte vectors and fit \
+                 the staging ({} floats)",
+                f.width,
+                decode::GEMV_STAGED_FLOATS
+            ));
+        }
+        params.extend([
+            (Role::Part(1, 0), ParamTy::const_ptr(ws)),
+            (Role::Part(1, 1), ParamTy::ptr(decode::float_storage(y2, "the chained product's y")?)),
+            (Role::Part(1, 2), ParamTy::I64),
+            (Role::Counters, ParamTy::ptr("unsigned int")),
+        ]);
+    }
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    if chain.is_some() {
+        defines.extend([
+            ("GV_CHAIN", "1".to_string()),
+            ("GV_CH_U", "8".to_string()),
+            ("GV_CH_PF", u8::from(std::env::var("KILN_MLP_CHAIN").is_ok_and(|v| v == "2")).to_string()),
+            ("GV_CH_W", Role::Part(1, 0).c_name()),
+            ("GV_CH_Y", Role::Part(1, 1).c_name()),
+            ("GV_CH_N", Role::Part(1, 2).c_name()),
+            ("GV_CH_X", Role::Out(0).c_name()),
+            ("GV_CH_CTR", Role::Counters.c_name()),
+        ]);
+    }
     if stream {
         let Some(k) = body.inputs[nin].shape.dims().last().and_then(|d| d.as_fixed()) else {
             return err("gemv_stream_scaled: the weight's row length must be fixed");
@@ -1013,6 +1092,7 @@ fn gemv_scaled_with(
         .replace("KILN_EPILOGUE", block_epi);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     let prefix = match mode {
+        EpiMode::Warp if chain.is_some() => "kiln_gemv_scaled_chain",
         EpiMode::None if argmax => "kiln_gemv_scaled_amax",
         EpiMode::None => "kiln_gemv_scaled",
         EpiMode::Block => "kiln_gemv_scaled_epi",

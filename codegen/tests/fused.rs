@@ -470,7 +470,7 @@ static inline float __uint_as_float(unsigned x) { float f; std::memcpy(&f, &x, 4
 static inline unsigned __float_as_uint(float x) { unsigned u; std::memcpy(&u, &x, 4); return u; }
 // The attention kernels' split merge (blocks run one after another here).
 static inline float kiln_f32_of(long long b) { float f; unsigned u = (unsigned)b; std::memcpy(&f, &u, 4); return f; }
-static inline unsigned atomicAdd(unsigned* p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
+static inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
 static inline unsigned long long atomicMax(unsigned long long* p, unsigned long long v) {
     unsigned long long o = *p;
     if (v > o) *p = v;
@@ -501,7 +501,7 @@ static std::vector<unsigned char> kiln_read(const std::string& path) {
 template <class F> static void kiln_launch(unsigned grid, unsigned block, F f) {
     blockDim = {block, 1, 1};
     gridDim = {grid, 1, 1};
-    for (unsigned b = 0; b < grid; ++b) {
+    auto run_block = [&](unsigned b) {
         std::barrier<> bar(block);
         kiln_bar = &bar;
         std::vector<std::unique_ptr<std::barrier<>>> wbars;
@@ -512,7 +512,32 @@ template <class F> static void kiln_launch(unsigned grid, unsigned block, F f) {
         std::vector<std::thread> ts;
         for (unsigned t = 0; t < block; ++t) ts.emplace_back([=] { threadIdx = {t, 0, 0}; blockIdx = {b, 0, 0}; f(); });
         for (auto& th : ts) th.join();
+    };
+#ifdef KILN_HOST_CONCURRENT
+    // Every block at once, each a process of its own (its own statics: shared memory),
+    // all allocations in one shared mapping (see CONCURRENT in the tests).
+    std::vector<pid_t> kids;
+    for (unsigned b = 0; b < grid; ++b) {
+        const pid_t pid = fork();
+        if (pid < 0) { std::perror("fork"); std::exit(3); }
+        if (pid == 0) {
+            alarm(120);  // a block that never finishes (a spin nobody ends) fails the run
+            run_block(b);
+            std::fflush(nullptr);
+            _exit(0);
+        }
+        kids.push_back(pid);
     }
+    bool ok = true;
+    for (pid_t p : kids) {
+        int st = 0;
+        waitpid(p, &st, 0);
+        ok = ok && WIFEXITED(st) && WEXITSTATUS(st) == 0;
+    }
+    if (!ok) { std::fprintf(stderr, "a block of the concurrent launch failed or did not finish\n"); std::exit(3); }
+#else
+    for (unsigned b = 0; b < grid; ++b) run_block(b);
+#endif
 }
 // argv: dir grid block n out_bytes...
 int main(int argc, char** argv) {
@@ -559,6 +584,11 @@ int main(int argc, char** argv) {
 #ifdef KILN_HOST_PREFETCH
     kiln_prefetch_dump(dir, ins);
 #endif
+    // The completion counters as the kernel left them, when the test asks.
+    if (std::ifstream(dir + "/dump_counters")) {
+        std::ofstream f(dir + "/counters.bin", std::ios::binary);
+        f.write((const char*)counters.data(), 256);
+    }
     // The inputs as the kernel left them (a fused attention writes rows into its caches).
     if (std::ifstream(dir + "/dump_ins")) {
         for (size_t i = 0; i < ins.size(); ++i) {
@@ -596,7 +626,7 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-fused-host").join(tag);
     std::fs::create_dir_all(&dir).unwrap();
     let mut args = Vec::new();
-    let (mut n_in, mut n_out, mut n_scal) = (0, 0, 0);
+    let (mut n_in, mut n_out, mut n_scal, mut chained) = (0, 0, 0, 0);
     for p in &kernel.sig.params {
         args.push(match (&p.role, &p.ty) {
             (Role::Out(k), ParamTy::Ptr { elem, .. }) => {
@@ -612,6 +642,13 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
             (Role::MatM, _) => "m".to_string(),
             (Role::MatK, _) => "k".to_string(),
             (Role::Counters, _) => "(unsigned int*)counters.data()".to_string(),
+            // A chained product (`gemv_scaled_epi_warp_chain`): its weight is the last
+            // input file, its y the last output.
+            (Role::Part(1, 0), ParamTy::Ptr { elem, .. }) => {
+                chained = 1;
+                format!("(const {elem}*)ins.back().data()")
+            }
+            (Role::Part(1, 1), ParamTy::Ptr { elem, .. }) => format!("({elem}*)outs.back().data()"),
             (_, ParamTy::I64) => {
                 n_scal += 1;
                 format!("scal[{}]", n_scal - 1)
@@ -629,7 +666,7 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
     }
     let _ = n_out;
     let call = format!("{}({})", kernel.sig.name, args.join(", "));
-    let main = MAIN.replace("KILN_N_INPUTS", &n_in.to_string()).replace("KILN_CALL", &call);
+    let main = MAIN.replace("KILN_N_INPUTS", &(n_in + chained).to_string()).replace("KILN_CALL", &call);
     let src = dir.join("kernel.cpp");
     std::fs::write(&src, format!("{SHIM}\n{}\n{main}", kernel.source)).unwrap();
     let exe = dir.join("kernel");
@@ -1148,6 +1185,143 @@ fn host_scaled_gemv_with_a_warp_epilogue_matches_the_reference() {
                 assert!((a - b).abs() <= 3e-2 * scale, "{grid} blocks: {what}[{i}]: {a} vs {b} (max {scale})");
             }
         }
+    }
+}
+
+/// A prefix for [`compile_host_prefixed`]: the launch runs every block at once, each a
+/// process (so each has its own `__shared__` statics), with every allocation (inputs,
+/// outputs, counters) in one shared mapping, so blocks that wait for each other
+/// (`GV_CHAIN`) can run; a block that does not finish within 120 s fails the run.
+const CONCURRENT: &str = r#"
+#define KILN_HOST_CONCURRENT 1
+#include <new>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+static unsigned char* kiln_arena_base() {
+    static unsigned char* a = [] {
+        void* p = mmap(nullptr, (size_t)1 << 30, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (p == MAP_FAILED) std::abort();
+        *(size_t*)p = 256;
+        return (unsigned char*)p;
+    }();
+    return a;
+}
+static void* kiln_arena_alloc(size_t n, size_t align) {
+    unsigned char* a = kiln_arena_base();
+    if (align < 64) align = 64;
+    const size_t need = (n + align - 1) / align * align + align;
+    const size_t off = __atomic_fetch_add((size_t*)a, need, __ATOMIC_SEQ_CST);
+    if (off + need > ((size_t)1 << 30)) std::abort();
+    return a + (off + align - 1) / align * align;
+}
+void* operator new(size_t n) { return kiln_arena_alloc(n, 16); }
+void* operator new[](size_t n) { return kiln_arena_alloc(n, 16); }
+void* operator new(size_t n, std::align_val_t al) { return kiln_arena_alloc(n, (size_t)al); }
+void* operator new[](size_t n, std::align_val_t al) { return kiln_arena_alloc(n, (size_t)al); }
+void operator delete(void*) noexcept {}
+void operator delete[](void*) noexcept {}
+void operator delete(void*, size_t) noexcept {}
+void operator delete[](void*, size_t) noexcept {}
+void operator delete(void*, std::align_val_t) noexcept {}
+void operator delete[](void*, std::align_val_t) noexcept {}
+void operator delete(void*, size_t, std::align_val_t) noexcept {}
+void operator delete[](void*, size_t, std::align_val_t) noexcept {}
+"#;
+
+/// WIP (`KILN_MLP_CHAIN`): the per-warp epilogue GEMV with the down projection chained
+/// into its launch (`gemv_scaled_epi_warp_chain`, `GV_CHAIN` in `gemv.cu`), its blocks
+/// run concurrently on the host ([`CONCURRENT`]): z and y have the bits of the unchained
+/// kernel, y2 = z · w2ᵀ has the bits of the plain one-row GEMV over that z and matches an
+/// f64 reference to one bf16 rounding, for launches of 25 blocks (one tile each), 3
+/// (looping) and 30 (five without a tile, which only compute rows of y2); the counters
+/// are zero again after every launch.
+#[test]
+fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
+    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
+    let Some(cxx) = host_cxx() else { return };
+    let (inter, hidden, n2) = (200, 256, 72);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let table = graph_symbols(&fg);
+    let (k, cfg) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
+    let (kc, ccfg) = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16).unwrap();
+    assert_eq!(cfg, ccfg);
+    let part = kernel_part(&kc);
+    assert!(part.contains("#define GV_CHAIN 1") && part.contains("#define GV_CH_X out"), "{part}");
+    // A chained weight of another dtype, or an epilogue width that is no whole vector: errors.
+    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::F32, DType::BF16).unwrap_err();
+    assert!(e.0.contains("dtype"), "{e}");
+    let (fg7, body7, _) = norm_swiglu_body_sized(hidden, 196);
+    let e =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body7, &graph_symbols(&fg7), DType::BF16, DType::BF16).unwrap_err();
+    assert!(e.0.contains("16-byte vectors"), "{e}");
+
+    let host = compile_host(cxx, &k, "chain_unchained");
+    let hc = compile_host_prefixed(cxx, &kc, "chain_chained", CONCURRENT);
+    let b = bind(&[("seq", 1)]);
+    let inputs = body_inputs(&body, &sources, &b, 0x51_7cc1_b727_220a);
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let w2 = random(&mut r, DType::BF16, &[n2, inter]);
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    // Parameters out0 (z), out1 (y), out2 (normed, not written); then y2.
+    let outs = [2 * inter, 4 * inter, 2 * hidden];
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let plain = host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (25, threads), &outs);
+    // y2 from the plain one-row GEMV over the unchained z.
+    let z = tensor_of(DType::BF16, &[1, inter], &plain[0]);
+    let gcfg = GemvConfig::for_shape(
+        1,
+        weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[n2, inter]))),
+    );
+    let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, gcfg).unwrap();
+    let hg = compile_host(cxx, &gk, "chain_plain_down");
+    let Grid::BlockPerItem { threads: gt } = gk.grid else { panic!("{:?}", gk.grid) };
+    let y2_plain = hg.run_gemv(&[Some(&z), Some(&w2)], &[], (1, n2, inter), (gemv_items_with(n2, gcfg), gt), &[2 * n2]);
+    let bf = |v: f64| HostTensor::from_f32_as(DType::BF16, &[1], vec![v as f32]).to_f32_vec()[0] as f64;
+    let (zf, wf) = (z.to_f32_vec(), w2.to_f32_vec());
+    let y2_ref: Vec<f64> =
+        (0..n2).map(|j| bf((0..inter).map(|l| zf[l] as f64 * wf[j * inter + l] as f64).sum())).collect();
+
+    let cins: Vec<Option<&HostTensor>> =
+        std::iter::once(None).chain(inputs.iter().map(Some)).chain(std::iter::once(Some(&w2))).collect();
+    std::fs::write(hc.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
+    std::fs::write(hc.dir.join("dump_counters"), b"").unwrap();
+    let mut couts = outs.to_vec();
+    couts.push(2 * n2);
+    // With the L2 prefetch of each warp's first row (`KILN_MLP_CHAIN=2`) too: no effect
+    // on any result.
+    let with_pf = |k: &Kernel| {
+        let mut k = k.clone();
+        assert!(k.source.contains("#define GV_CH_PF 0"), "{}", k.sig.name);
+        k.source = k.source.replace("#define GV_CH_PF 0", "#define GV_CH_PF 1");
+        k
+    };
+    let hpf = compile_host_prefixed(cxx, &with_pf(&kc), "chain_chained_pf", CONCURRENT);
+    std::fs::write(hpf.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
+    std::fs::write(hpf.dir.join("dump_counters"), b"").unwrap();
+    for (hk, grid) in [(&hc, 25), (&hc, 3), (&hc, 30), (&hpf, 3)] {
+        let got = hk.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (grid, threads), &couts);
+        assert_eq!(got[0], plain[0], "{grid} blocks: z differs from the unchained kernel's");
+        assert_eq!(got[1], plain[1], "{grid} blocks: y differs from the unchained kernel's");
+        assert_eq!(got[3], y2_plain[0], "{grid} blocks: y2 differs from the plain GEMV's over z");
+        let y2 = tensor_of(DType::BF16, &[n2], &got[3]).to_f32_vec();
+        for (j, (g, w)) in y2.iter().zip(&y2_ref).enumerate() {
+            assert!((*g as f64 - w).abs() <= w.abs() / 64.0 + 1e-3, "{grid} blocks: y2[{j}] = {g}, want {w}");
+        }
+        let ctr = std::fs::read(hk.dir.join("counters.bin")).unwrap();
+        assert!(ctr.iter().all(|&c| c == 0), "{grid} blocks: counters left {:?}", &ctr[..8]);
+    }
+    // The Llama-3.2-1B shape's kernel compiles for sm_90.
+    let (fg1, body1, _) = norm_swiglu_body_sized(2048, 8192);
+    let (k1, _) =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16).unwrap();
+    std::fs::write(hc.dir.join("chain_1b.cu"), &k1.source).unwrap();
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&kc, &k1, &with_pf(&k1)]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }
 }
 

@@ -20,7 +20,9 @@
 #   - GPU tests with the knobs on (the forms are compared bit for bit within a run, and
 #     against the CPU executor): engine, decode and fused tests with PF=2, RA=8192,
 #     HOIST, GREEDY_KEY; engine tests with MIN_CHUNK=64, SPLITS=4, EPI_WARP_PER_SM=1;
-#     decode tests with STAGE_KIB=64; engine tests with GREEDY_FOLD.
+#     decode tests with STAGE_KIB=64; engine tests with GREEDY_FOLD; engine tests with
+#     MLP_CHAIN (and its own test, which runs without the knob: the option switches it);
+#   - a third timeline with MLP_CHAIN=1.
 # The knobs (all KILN_*, all off by default: the default build is main's kernels):
 #   GEMV_PF=T        GEMV blocks prefetch into L2, before their wait, the rows of their
 #                    first T tiles that the first step does not load
@@ -34,6 +36,8 @@
 #   ATTN_MIN_CHUNK=K, ATTN_SPLITS=N  attention split sizes / a cap on launched splits
 #   ATTN_HOIST=1     wip/attn-hoist's attention (one-round producer loads and merge)
 #   EPI_WARP_LOADS/_BOUNDS/_PER_SM, GEMV_MAXREG  register budgets (wip/residency)
+#   MLP_CHAIN=1      gate_up + SwiGLU and the down projection in one launch (the blocks
+#                    spin on a counter between them; at most one wave)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -51,9 +55,10 @@ ab() {
 if [ "$part" = 1 ]; then
     echo "== $(date -u +%FT%TZ) commit $(cat .gpu/commit 2>/dev/null || echo '?') part 1"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-    for tag in default hoist; do
+    for tag in default hoist chain; do
         envs=(KILN_TRACE_BLOCKS=1)
         [ "$tag" = hoist ] && envs+=(KILN_ATTN_HOIST=1)
+        [ "$tag" = chain ] && envs+=(KILN_MLP_CHAIN=1)
         env "${envs[@]}" timeout 240 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
             || echo "timeline $tag failed (rc $?)"
     done
@@ -61,7 +66,7 @@ if [ "$part" = 1 ]; then
     K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
         "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4 KILN_EPI_WARP_PER_SM=1" \
-        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1"; do
+        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1" "cuda_engine KILN_MLP_CHAIN=1"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -69,7 +74,7 @@ if [ "$part" = 1 ]; then
         echo "$t with $envs: rc $? $(grep -E '^test result' "$log" | tail -1)"
         grep -E "panicked|FAILED" "$log" | head -5
     done
-    for tag in default hoist; do
+    for tag in default hoist chain; do
         echo; echo "== timeline ($tag): critical path per kernel"
         sed -n '/critical path per kernel/,/total, first wait/p' "$OUT/tl-$tag.log" | head -30
         echo "== block residency ($tag)"
@@ -80,7 +85,7 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     # The most promising single knobs.
     ab "stage64=KILN_ATTN_STAGE_KIB=64" "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "fold=KILN_GREEDY_FOLD=1" \
-        "chunk128=KILN_ATTN_MIN_CHUNK=128"
+        "chunk128=KILN_ATTN_MIN_CHUNK=128" "chain=KILN_MLP_CHAIN=1"
 elif [ "$part" = 3 ]; then
     ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "gkey=KILN_GREEDY_KEY=1" \
         "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64"
@@ -96,5 +101,6 @@ elif [ "$part" = 6 ]; then
 else
     ALL="KILN_ATTN_STAGE_KIB=64,KILN_GEMV_PF=1,KILN_GREEDY_FOLD=1"
     ab "stage64+pf1+fold=$ALL" "stage64+pf1+ra8+fold=$ALL,KILN_GEMV_RA=8192" "splits1=KILN_ATTN_SPLITS=1" \
+        "stage64+pf1+fold+chain=$ALL,KILN_MLP_CHAIN=1" \
         "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4" ${EXTRA:+"$EXTRA"}
 fi

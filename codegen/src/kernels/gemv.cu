@@ -58,6 +58,18 @@
 // epilogue reads, and lane 0 computes it (code generated from the group's epilogue,
 // reading y through kiln_epi_yw). The warps of a block never wait for each other, so
 // the looping blocks keep streaming through the tiles as the plain loop does.
+// GV_CHAIN (with GV_EPI_WARP; kiln_codegen::gemv_scaled_epi_warp_chain): the product
+// that consumes the epilogue's output runs in the same launch (a measurement knob,
+// KILN_MLP_CHAIN: SwiGLU's z, then the down projection y2 = z · w2ᵀ). When a block has
+// finished its tiles, its threads fence their stores of z and thread 0 adds the block to
+// GV_CH_CTR[0]; every warp then issues the first loads of its first row of w2 (weights:
+// no kernel writes them), thread 0 spins until every block of the launch has counted, and
+// the block stages z (coherent loads, as f32, where x was staged) and computes rows
+// blockIdx.x + gridDim.x·warp, ... of y2 as the plain one-row GEMV does (lane L takes
+// vectors L, L + 32, ...; GV_CH_U loads in flight per lane), so y2 has its bits. The
+// last block to finish zeroes the counters for the next launch. With GV_CH_PF, each warp
+// also prefetches the rest of its first row into L2 before the spin. Every block must be
+// resident at once: the engine launches at most one wave (the kernel's occupancy).
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
@@ -82,6 +94,9 @@
 #endif
 #ifndef GV_ARGMAX
 #define GV_ARGMAX 0
+#endif
+#ifndef GV_CHAIN
+#define GV_CHAIN 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -508,6 +523,89 @@ KILN_EPILOGUE
     }
 #endif
     }  // tiles
+#if GV_CHAIN
+    {
+        // ---- the chained product (see GV_CHAIN above) ----
+        if ((i64)blockIdx.x >= ntiles) kiln_grid_wait();  // no tile: this block has not waited
+        __threadfence();  // this block's stores of z, before it is counted
+        __syncthreads();
+        if (threadIdx.x == 0) atomicAdd(GV_CH_CTR, 1u);
+        const int nv2 = (int)(GV_EPI_W / KILN_VEC);  // 16-byte vectors of a row of w2 (and of z)
+        const i64 first = (i64)blockIdx.x + (i64)gridDim.x * warp;
+        kiln_u4 cw[GV_CH_U];
+#pragma unroll
+        for (int u = 0; u < GV_CH_U; ++u) {
+            const int c = u * 32 + lane;
+            if (first < GV_CH_N && c < nv2) cw[u] = kiln_ld16(GV_CH_W + first * GV_EPI_W + (i64)c * KILN_VEC);
+        }
+#if GV_CH_PF
+        // (KILN_MLP_CHAIN=2) The rest of the first row into L2 while the launch finishes z.
+        if (first < GV_CH_N) {
+            const char* r0 = (const char*)(GV_CH_W + first * GV_EPI_W);
+            const i64 rb = GV_EPI_W * (i64)sizeof(KILN_W);
+            for (i64 b = (i64)32 * GV_CH_U * 16 + (i64)lane * 128; b < rb; b += 32 * 128) kiln_prefetch_l2(r0 + b);
+        }
+#endif
+        if (threadIdx.x == 0) {
+            while (kiln_ld_acquire(GV_CH_CTR) < gridDim.x) kiln_spin_pause();
+        }
+        __syncthreads();
+        for (int c = threadIdx.x; c < nv2; c += blockDim.x) {
+            const kiln_u4 v = kiln_ld16_cg(GV_CH_X + (i64)c * KILN_VEC);
+            float f[KILN_VEC];
+            kiln_unpack(v, f, (const KILN_W*)0);
+#pragma unroll
+            for (int p = 0; p < GV_P; ++p) {
+                kiln_f4 q;
+                q.x = f[4 * p];
+                q.y = f[4 * p + 1];
+                q.z = f[4 * p + 2];
+                q.w = f[4 * p + 3];
+                xs4[p * nv2 + c] = q;
+            }
+        }
+        __syncthreads();
+        for (i64 row2 = first; row2 < GV_CH_N; row2 += (i64)gridDim.x * GV_WARPS) {
+            float acc = 0.0f;
+            for (int c0 = 0; c0 < nv2; c0 += 32 * GV_CH_U) {
+                if (c0 > 0 || row2 != first) {
+#pragma unroll
+                    for (int u = 0; u < GV_CH_U; ++u) {
+                        const int c = c0 + u * 32 + lane;
+                        if (c < nv2) cw[u] = kiln_ld16(GV_CH_W + row2 * GV_EPI_W + (i64)c * KILN_VEC);
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < GV_CH_U; ++u) {
+                    const int c = c0 + u * 32 + lane;
+                    if (c < nv2) {
+                        float wf[KILN_VEC], xf[KILN_VEC];
+                        kiln_unpack(cw[u], wf, GV_CH_W);
+#pragma unroll
+                        for (int p = 0; p < GV_P; ++p) {
+                            const kiln_f4 q = xs4[p * nv2 + c];
+                            xf[4 * p + 0] = q.x;
+                            xf[4 * p + 1] = q.y;
+                            xf[4 * p + 2] = q.z;
+                            xf[4 * p + 3] = q.w;
+                        }
+#pragma unroll
+                        for (int j = 0; j < KILN_VEC; ++j) acc = fmaf(xf[j], wf[j], acc);
+                    }
+                }
+            }
+#pragma unroll
+            for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+            if (lane == 0) kiln_st(GV_CH_Y, row2, acc);
+        }
+        // The last block out zeroes the counters (every block has passed its spin).
+        __syncthreads();
+        if (threadIdx.x == 0 && atomicAdd(GV_CH_CTR + 32, 1u) == gridDim.x - 1) {
+            GV_CH_CTR[0] = 0u;
+            GV_CH_CTR[32] = 0u;
+        }
+    }
+#endif
 #if GV_ARGMAX
     {
         // The block's best pair, then atomicMax of its key (GV_KEY: u64 [1], zero before

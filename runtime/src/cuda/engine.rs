@@ -108,6 +108,10 @@ pub struct EngineOptions {
     /// ([`decode::ATTENTION_DECODE_LONG_KEYS`] by default). A decode step is captured as
     /// one CUDA graph per batch size and side of this bound.
     pub attention_long_keys: usize,
+    /// WIP (a measurement switch, off by default; also `KILN_MLP_CHAIN=1` in the
+    /// environment): chain the one-row GEMV that consumes a per-warp epilogue GEMV's
+    /// output into its launch (the down projection into gate_up + SwiGLU; see `ChainRun`).
+    pub mlp_chain: bool,
 }
 
 impl Default for EngineOptions {
@@ -128,6 +132,7 @@ impl Default for EngineOptions {
             trace: false,
             stream_gemv: true,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
+            mlp_chain: false,
         }
     }
 }
@@ -281,6 +286,41 @@ struct ScaledRun {
     /// `CudaEngine::greedy_keys`), launched by a folding decode step (see
     /// [`CudaEngine::folds`]).
     argmax: Option<usize>,
+    /// WIP knob `KILN_MLP_CHAIN=1`: the per-warp epilogue form with the one-row product
+    /// that consumes its output chained into the same launch (see [`ChainRun`]).
+    chain: Option<ChainRun>,
+}
+
+/// WIP knob `KILN_MLP_CHAIN=1` (`kiln_codegen::gemv_scaled_epi_warp_chain`): a matrix-
+/// vector group's per-warp epilogue GEMV (SwiGLU) that also computes the next step, a
+/// one-row GEMV over the epilogue's output (the down projection), in the same launch:
+/// its blocks count themselves as they finish their tiles and spin until all have, so the
+/// launch takes at most one wave (`wave`, from the kernel's occupancy). Step `down` then
+/// launches nothing. `ctr`: the launch's two counters in `CudaEngine::chain_counters`
+/// (u32 offset; the kernel leaves them zero).
+#[derive(Clone, Copy)]
+struct ChainRun {
+    kernel: usize,
+    wave: usize,
+    down: usize,
+    ctr: usize,
+}
+
+/// A chained launch's arguments beyond the group's: the next step's weight, its y and
+/// its rows.
+#[derive(Clone, Copy)]
+struct ChainArgs {
+    run: ChainRun,
+    w2: u64,
+    y2: u64,
+    n2: usize,
+}
+
+/// `KILN_MLP_CHAIN=1` (or `2`: with an L2 prefetch of each warp's first row, see
+/// `kiln_codegen::gemv_scaled_epi_warp_chain`) in the environment (a measurement knob,
+/// off by default): see [`ChainRun`].
+fn mlp_chain_by_env() -> bool {
+    std::env::var("KILN_MLP_CHAIN").is_ok_and(|v| v == "1" || v == "2")
 }
 
 /// `KILN_GEMV_CFG="NxK=w16r1u8,..."` in the environment: the one-row GEMV split (warps,
@@ -423,6 +463,8 @@ pub struct CudaEngine {
     attn_ws: CudaSlice<u8>,
     /// Its completion counters (zero between launches).
     attn_counters: CudaSlice<u32>,
+    /// The chained GEMVs' counters, 64 per launch (see [`ChainRun`]; zero between launches).
+    chain_counters: CudaSlice<u32>,
     /// The timeline buffer of [`EngineOptions::trace`] (two event counters, then a ring
     /// of [`TRACE_SLOTS`] timestamps per event kind).
     trace: Option<CudaSlice<u64>>,
@@ -731,7 +773,16 @@ fn scaled_run(
         None => None,
     };
     let plain = (add_kernel(plain), cfg);
-    Some(Box::new(ScaledRun { plain, epi, epi_one_wave: false, plain_wave: 0, stream, epi_warp, argmax: None }))
+    Some(Box::new(ScaledRun {
+        plain,
+        epi,
+        epi_one_wave: false,
+        plain_wave: 0,
+        stream,
+        epi_warp,
+        argmax: None,
+        chain: None,
+    }))
 }
 
 /// The [`FusedAttention`] of attention node `n` (GQA groups of `group` query heads), when
@@ -1187,6 +1238,48 @@ impl CudaEngine {
             None
         };
 
+        // WIP knob KILN_MLP_CHAIN=1: a per-warp epilogue GEMV whose next launching step is
+        // a one-row GEMV over its epilogue's only output runs both (see `ChainRun`).
+        let mut n_chains = 0usize;
+        if opts.mlp_chain || mlp_chain_by_env() {
+            for i in 0..steps.len() {
+                let Some(j) = (i + 1..steps.len()).find(|&j| !matches!(steps[j].run, Run::Nothing)) else { continue };
+                let (ni, nj) = (steps[i].node, steps[j].node);
+                let (Op::Fused(body), Op::MatMul { transpose_a: false, transpose_b: true }) =
+                    (&graph.node(ni).op, &graph.node(nj).op)
+                else {
+                    continue;
+                };
+                let Run::MatVec { scaled: Some(sr), epilogue: Some(ep), .. } = &steps[i].run else { continue };
+                if sr.epi_warp.is_none() || !matches!(steps[j].run, Run::MatMul { gemv: Some(_), .. }) {
+                    continue;
+                }
+                let ops = graph.operands(nj);
+                let w2 = graph.value_type(ops[1]);
+                let fixed: Vec<usize> = w2.shape.dims().iter().filter_map(|d| d.as_fixed()).collect();
+                let n_epi = graph.node(ni).outputs.len() - 1 - ep.n_pro;
+                if ops[0] != Value::new(ni, ep.n_pro as u8) || n_epi != 1 || fixed.len() != 2 || w2.rank() != 2 {
+                    continue;
+                }
+                if fixed[1] != ep.form.width || !matches!(locs.get(&ops[1]), Some(Loc::Weight(_))) {
+                    continue;
+                }
+                let y2 = graph.node(nj).outputs[0].dtype;
+                match kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2) {
+                    Ok((k, _)) => {
+                        let kernel = add_kernel(k);
+                        let ctr = 64 * n_chains;
+                        n_chains += 1;
+                        if let Run::MatVec { scaled: Some(sr), .. } = &mut steps[i].run {
+                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr });
+                        }
+                    }
+                    Err(e) => tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV (KILN_MLP_CHAIN)"),
+                }
+            }
+            tracing::info!(chains = n_chains, "chained GEMVs (KILN_MLP_CHAIN)");
+        }
+
         // Horizontal fusion: runs of consecutive independent fused elementwise kernels
         // and fused appends (views between them are skipped) become one launch.
         let hfuse = opts.horizontal && !horizontal_off_by_env();
@@ -1352,6 +1445,12 @@ impl CudaEngine {
                             *w = (*w).min(per_sm.max(1) * sms);
                         }
                     }
+                    // A chained launch is at most one wave of its own kernel (every block
+                    // resident at once: they wait for each other).
+                    match (sr.chain.as_mut(), sr.epi_warp) {
+                        (Some(c), Some((_, cfg, w))) => c.wave = wave(c.kernel, cfg)?.min(w).max(1),
+                        _ => sr.chain = None,
+                    }
                 }
                 let Some(e) = epilogue.as_mut().filter(|_| epilogue_gemv) else { continue };
                 if let Some((kg, cfg)) = e.gemv {
@@ -1407,6 +1506,7 @@ impl CudaEngine {
             steps.iter().position(|s| matches!(&s.run, Run::MatVec { scaled: Some(sr), .. } if sr.argmax.is_some()));
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
+        let chain_counters = stream.alloc_zeros::<u32>((64 * n_chains).max(1)).map_err(driver_err("alloc"))?;
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
         let greedy_ws = stream.alloc_zeros::<u8>(12 * greedy_pairs + 8).map_err(driver_err("alloc"))?;
         let greedy_counters = stream.alloc_zeros::<u32>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
@@ -1471,6 +1571,7 @@ impl CudaEngine {
             _blas_workspace: blas_ws,
             attn_ws,
             attn_counters,
+            chain_counters,
             trace,
             _ra_table: ra_table,
             launch_log: None,
@@ -1678,7 +1779,12 @@ impl CudaEngine {
         let syms = dev(&self.syms_dev, st);
         let mut launches = 0;
         let mut pending: Vec<PendingPart> = Vec::new();
-        for step in &self.steps {
+        // A step a chained GEMV computed (see `ChainRun`).
+        let mut chained: Option<usize> = None;
+        for (si, step) in self.steps.iter().enumerate() {
+            if chained == Some(si) {
+                continue;
+            }
             let node = self.graph.node(step.node);
             let err = |reason: String| CudaError::Unsupported {
                 node: step.node.index(),
@@ -1829,9 +1935,27 @@ impl CudaEngine {
                     let m: usize = xs[..xs.len() - 1].iter().product();
                     let scaled = scaled.as_ref().filter(|_| m == 1 && decode::gemv_prologue_fits(m, k));
                     if let Some(sr) = scaled {
-                        launches += self
-                            .scaled_matvec(sr, epilogue.as_deref(), &ins, &outs, (m, n, k), b, syms)
+                        let chain = match sr.chain {
+                            Some(c) => {
+                                let dn = self.steps[c.down].node;
+                                let dops = self.graph.operands(dn);
+                                let n2 = self.graph.value_type(dops[1]).shape.dims()[0].as_fixed().unwrap_or(0);
+                                Some(ChainArgs {
+                                    run: c,
+                                    w2: self.ptr(dops[1], plan, slot, decode)?,
+                                    y2: self.ptr(Value::new(dn, 0), plan, slot, decode)?,
+                                    n2,
+                                })
+                            }
+                            None => None,
+                        };
+                        let (extra, ran) = self
+                            .scaled_matvec(sr, epilogue.as_deref(), &ins, &outs, (m, n, k), b, syms, chain)
                             .map_err(fill)?;
+                        launches += extra;
+                        if ran {
+                            chained = sr.chain.map(|c| c.down);
+                        }
                         launches += 1;
                         mark(step, &self.label(step), launches)?;
                         continue;
@@ -2111,6 +2235,8 @@ impl CudaEngine {
     /// A matrix-vector group's scaled GEMV (see [`ScaledRun`]), with the epilogue when
     /// its blocks fit in one wave, else with it per warp (`epi_warp`) for one row, else
     /// followed by the epilogue's kernel. Returns the launches beyond the first.
+    /// With `chain` (see [`ChainRun`]), where the per-warp epilogue form runs, the
+    /// chained kernel also computes the next step; the second value says whether it did.
     #[allow(clippy::too_many_arguments)]
     fn scaled_matvec(
         &self,
@@ -2121,7 +2247,8 @@ impl CudaEngine {
         (m, n, k): (usize, usize, usize),
         b: &Bindings,
         syms: u64,
-    ) -> Result<usize, CudaError> {
+        chain: Option<ChainArgs>,
+    ) -> Result<(usize, bool), CudaError> {
         let n_pro = epilogue.map_or(outs.len() - 1, |e| e.n_pro);
         let with_epi = epilogue.and(sr.epi).filter(|_| sr.epi_one_wave);
         // The per-warp epilogue where the block form does not fit in one wave.
@@ -2159,7 +2286,16 @@ impl CudaEngine {
         if let Some(ka) = fold {
             a.set(Role::Out((1 + n_pro) as u8), ArgValue::Ptr(dev(&self.greedy_keys, &self.stream)));
             launch(self.lane(), &self.kernels[ka], items, &a)?;
-            return Ok(0);
+            return Ok((0, false));
+        }
+        if let (Some(c), Some(_)) = (chain.filter(|c| c.n2 > 0), warp) {
+            let ctr = dev(&self.chain_counters, &self.stream) + 4 * c.run.ctr as u64;
+            a.set(Role::Part(1, 0), ArgValue::Ptr(c.w2))
+                .set(Role::Part(1, 1), ArgValue::Ptr(c.y2))
+                .i64(Role::Part(1, 2), c.n2)
+                .set(Role::Counters, ArgValue::Ptr(ctr));
+            launch(self.lane(), &self.kernels[c.run.kernel], items.min(c.run.wave), &a)?;
+            return Ok((0, true));
         }
         match sr.stream.filter(|_| with_epi.is_none() && warp.is_none() && m == 1) {
             Some(ks) => {
@@ -2171,9 +2307,9 @@ impl CudaEngine {
         match epilogue {
             Some(ep) if with_epi.is_none() && warp.is_none() => {
                 self.epilogue_kernel(ep, ins, outs, b, syms)?;
-                Ok(1)
+                Ok((1, false))
             }
-            _ => Ok(0),
+            _ => Ok((0, false)),
         }
     }
 
