@@ -5,7 +5,7 @@
 # the default beside its configurations, ROUNDS rounds, default 2):
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
-#   bash tools/gpu/next.sh 2   # the most promising single knobs
+#   bash tools/gpu/next.sh 2   # the most promising single knobs (MLP_CHAIN among them)
 #   bash tools/gpu/next.sh 3   # the other single knobs
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
 #   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
@@ -37,7 +37,9 @@
 #   ATTN_HOIST=1     wip/attn-hoist's attention (one-round producer loads and merge)
 #   EPI_WARP_LOADS/_BOUNDS/_PER_SM, GEMV_MAXREG  register budgets (wip/residency)
 #   MLP_CHAIN=1      gate_up + SwiGLU and the down projection in one launch (the blocks
-#                    spin on a counter between them; at most one wave)
+#                    spin on a counter between them; at most one wave); =2 also
+#                    prefetches the rest of each warp's first down row into L2 before
+#                    the spin (with the register loads: the whole down weight requested)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -85,10 +87,10 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     # The most promising single knobs.
     ab "stage64=KILN_ATTN_STAGE_KIB=64" "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "fold=KILN_GREEDY_FOLD=1" \
-        "chunk128=KILN_ATTN_MIN_CHUNK=128" "chain=KILN_MLP_CHAIN=1"
+        "chain=KILN_MLP_CHAIN=1" "chain2=KILN_MLP_CHAIN=2"
 elif [ "$part" = 3 ]; then
     ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "gkey=KILN_GREEDY_KEY=1" \
-        "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64"
+        "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" "chunk128=KILN_ATTN_MIN_CHUNK=128"
 elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
     ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
