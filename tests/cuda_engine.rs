@@ -361,6 +361,28 @@ fn the_chained_down_projection_computes_what_its_own_launch_does() {
     }
 }
 
+/// WIP (`EngineOptions::oproj_chain`, `KILN_OPROJ_CHAIN=1`): the chained kernel that also
+/// computes o_proj first (its blocks count themselves, then spin before the MLP's
+/// prologue reads o_proj's output) computes the same bits as the three launches, two
+/// launches fewer per layer, in f32 and bf16, graph and eager.
+#[test]
+fn the_chained_o_proj_computes_what_its_own_launch_does() {
+    if !gpu() {
+        return;
+    }
+    let model = llama(512, 8192, 2, 8, 2, 256);
+    let prompt = test_prompt(9);
+    for dt in [DType::F32, DType::BF16] {
+        let (g, w) = compiled(&model, dt);
+        let run = |graphs: bool, chain: bool| {
+            let opts =
+                EngineOptions { mlp_chain: chain, oproj_chain: chain, stream_gemv: false, ..test_options(graphs) };
+            engine_run_with(&g, &w, &prompt, 6, opts)
+        };
+        switch_saves_launches(&format!("{dt}: the chained o_proj and down projection"), 2 * 2, run);
+    }
+}
+
 /// The scaled GEMV (the RMSNorm before qkv, gate_up and the LM head computed by the
 /// GEMV's blocks as a scale after their products, the residual add staged with it)
 /// replaces each norm's kernel: 2 per decoder layer and the final one, 5 launches fewer

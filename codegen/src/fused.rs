@@ -669,9 +669,35 @@ pub fn gemv_scaled_epi_warp_chain(
     syms: &[Sym],
     w2: DType,
     y2: DType,
+    pre: Option<ChainPre>,
 ) -> Result<(Kernel, GemvConfig), CodegenError> {
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
-    Ok((gemv_scaled_chained(body, syms, cfg, EpiMode::Warp, false, false, Some((w2, y2)))?, cfg))
+    let chain = Chain { w2, y2, pre };
+    Ok((gemv_scaled_chained(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
+}
+
+/// WIP (`KILN_OPROJ_CHAIN=1`, with [`gemv_scaled_epi_warp_chain`]): the one-row product
+/// `y0 = x0 · w0ᵀ` that writes body input `input` (o_proj, whose output the MLP's
+/// prologue adds to the residual), computed first in the same launch (`GV_CHAIN0` in
+/// `gemv.cu`, with y0's bits from the plain one-row GEMV): x0 and w0 of the weight's
+/// dtype, rows of `k` elements (whole 16-byte vectors, at most
+/// [`decode::GEMV_STAGED_FLOATS`]). Its parameters follow the chain's: `p0_0` (w0),
+/// `p0_1` (y0, the same memory as the body input), `p0_2` (x0), `p0_3` (its rows, i64).
+#[derive(Clone, Copy, Debug)]
+pub struct ChainPre {
+    pub x0: DType,
+    pub w0: DType,
+    pub k: usize,
+    pub input: usize,
+}
+
+/// What [`gemv_scaled_chained`] chains: the next product's weight and y dtypes, and the
+/// product before, if any.
+#[derive(Clone, Copy)]
+struct Chain {
+    w2: DType,
+    y2: DType,
+    pre: Option<ChainPre>,
 }
 
 /// Epilogue slices (weight rows per warp) [`gemv_scaled_epi_warp`] takes at most.
@@ -782,7 +808,7 @@ fn gemv_scaled_chained(
     mode: EpiMode,
     stream: bool,
     argmax: bool,
-    chain: Option<(DType, DType)>,
+    chain: Option<Chain>,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
@@ -1010,7 +1036,7 @@ fn gemv_scaled_chained(
         }
         params.push((key, ParamTy::ptr("unsigned long long")));
     }
-    if let Some((w2, y2)) = chain {
+    if let Some(Chain { w2, y2, pre }) = chain {
         let epi = body.epilogue().expect("checked");
         let (Some(f), EpiMode::Warp, false, false) = (&form, mode, stream, argmax) else {
             return err("gemv_scaled_epi_warp_chain: the per-warp epilogue form only");
@@ -1038,8 +1064,42 @@ fn gemv_scaled_chained(
             (Role::Part(1, 2), ParamTy::I64),
             (Role::Counters, ParamTy::ptr("unsigned int")),
         ]);
+        if let Some(p) = pre {
+            if p.x0 != wt.dtype || p.w0 != wt.dtype || p.input >= nin {
+                return err(format!(
+                    "gemv_scaled_epi_warp_chain: the product before must read x0 ({}) and w0 ({}) of the weight's \
+                     dtype ({}) and write one of the body's inputs but the weight (input {} of {nin})",
+                    p.x0, p.w0, wt.dtype, p.input
+                ));
+            }
+            if p.k == 0 || p.k % vec != 0 || p.k > decode::GEMV_STAGED_FLOATS {
+                return err(format!(
+                    "gemv_scaled_epi_warp_chain: the product before's rows of {} elements must be whole 16-byte \
+                     vectors and fit the staging ({} floats)",
+                    p.k,
+                    decode::GEMV_STAGED_FLOATS
+                ));
+            }
+            let y0 = storage(body.inputs[p.input].dtype, "the product before's y")?;
+            params.extend([
+                (Role::Part(0, 0), ParamTy::const_ptr(ws)),
+                (Role::Part(0, 1), ParamTy::ptr(y0)),
+                (Role::Part(0, 2), ParamTy::const_ptr(ws)),
+                (Role::Part(0, 3), ParamTy::I64),
+            ]);
+        }
     }
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    if let Some(ChainPre { k, .. }) = chain.and_then(|c| c.pre) {
+        defines.extend([
+            ("GV_CHAIN0", "1".to_string()),
+            ("GV_C0_W", Role::Part(0, 0).c_name()),
+            ("GV_C0_Y", Role::Part(0, 1).c_name()),
+            ("GV_C0_X", Role::Part(0, 2).c_name()),
+            ("GV_C0_N", Role::Part(0, 3).c_name()),
+            ("GV_C0_K", format!("{k}LL")),
+        ]);
+    }
     if chain.is_some() {
         defines.extend([
             ("GV_CHAIN", "1".to_string()),
@@ -1092,6 +1152,7 @@ fn gemv_scaled_chained(
         .replace("KILN_EPILOGUE", block_epi);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     let prefix = match mode {
+        EpiMode::Warp if chain.is_some_and(|c| c.pre.is_some()) => "kiln_gemv_scaled_chain0",
         EpiMode::Warp if chain.is_some() => "kiln_gemv_scaled_chain",
         EpiMode::None if argmax => "kiln_gemv_scaled_amax",
         EpiMode::None => "kiln_gemv_scaled",

@@ -626,29 +626,40 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kiln-fused-host").join(tag);
     std::fs::create_dir_all(&dir).unwrap();
     let mut args = Vec::new();
-    let (mut n_in, mut n_out, mut n_scal, mut chained) = (0, 0, 0, 0);
+    let (mut n_out, mut n_scal) = (0, 0);
+    // Input files: the kernel's In(k) parameters, then a chained kernel's weights (see
+    // below).
+    let n_in =
+        kernel.sig.params.iter().filter_map(|p| if let Role::In(k) = p.role { Some(k as usize + 1) } else { None });
+    let n_in = n_in.max().unwrap_or(0);
+    let mut extra = 0;
     for p in &kernel.sig.params {
         args.push(match (&p.role, &p.ty) {
             (Role::Out(k), ParamTy::Ptr { elem, .. }) => {
                 n_out += 1;
                 format!("({elem}*)outs[{k}].data()")
             }
-            (Role::In(k), ParamTy::Ptr { elem, .. }) => {
-                n_in = n_in.max(*k as usize + 1);
-                format!("(const {elem}*)ins[{k}].data()")
-            }
+            (Role::In(k), ParamTy::Ptr { elem, .. }) => format!("(const {elem}*)ins[{k}].data()"),
             (Role::Syms, _) => "(i64*)syms.data()".to_string(),
             (Role::N, _) | (Role::MatN, _) => "n".to_string(),
             (Role::MatM, _) => "m".to_string(),
             (Role::MatK, _) => "k".to_string(),
             (Role::Counters, _) => "(unsigned int*)counters.data()".to_string(),
-            // A chained product (`gemv_scaled_epi_warp_chain`): its weight is the last
-            // input file, its y the last output.
+            // A chained kernel (`gemv_scaled_epi_warp_chain`): the next product's weight
+            // is the input file after the kernel's inputs, its y the last output; the
+            // product before's weight and x the two files after that, and its y the
+            // kernel input KILN_C0_Y_IN (which the test defines).
             (Role::Part(1, 0), ParamTy::Ptr { elem, .. }) => {
-                chained = 1;
-                format!("(const {elem}*)ins.back().data()")
+                extra = extra.max(1);
+                format!("(const {elem}*)ins[{n_in}].data()")
             }
             (Role::Part(1, 1), ParamTy::Ptr { elem, .. }) => format!("({elem}*)outs.back().data()"),
+            (Role::Part(0, 0), ParamTy::Ptr { elem, .. }) => {
+                extra = 3;
+                format!("(const {elem}*)ins[{}].data()", n_in + 1)
+            }
+            (Role::Part(0, 1), ParamTy::Ptr { elem, .. }) => format!("({elem}*)ins[KILN_C0_Y_IN].data()"),
+            (Role::Part(0, 2), ParamTy::Ptr { elem, .. }) => format!("(const {elem}*)ins[{}].data()", n_in + 2),
             (_, ParamTy::I64) => {
                 n_scal += 1;
                 format!("scal[{}]", n_scal - 1)
@@ -666,7 +677,7 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
     }
     let _ = n_out;
     let call = format!("{}({})", kernel.sig.name, args.join(", "));
-    let main = MAIN.replace("KILN_N_INPUTS", &(n_in + chained).to_string()).replace("KILN_CALL", &call);
+    let main = MAIN.replace("KILN_N_INPUTS", &(n_in + extra).to_string()).replace("KILN_CALL", &call);
     let src = dir.join("kernel.cpp");
     std::fs::write(&src, format!("{SHIM}\n{}\n{main}", kernel.source)).unwrap();
     let exe = dir.join("kernel");
@@ -1244,16 +1255,16 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
     let table = graph_symbols(&fg);
     let (k, cfg) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
-    let (kc, ccfg) = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16).unwrap();
+    let (kc, ccfg) = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, None).unwrap();
     assert_eq!(cfg, ccfg);
     let part = kernel_part(&kc);
     assert!(part.contains("#define GV_CHAIN 1") && part.contains("#define GV_CH_X out"), "{part}");
     // A chained weight of another dtype, or an epilogue width that is no whole vector: errors.
-    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::F32, DType::BF16).unwrap_err();
+    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::F32, DType::BF16, None).unwrap_err();
     assert!(e.0.contains("dtype"), "{e}");
     let (fg7, body7, _) = norm_swiglu_body_sized(hidden, 196);
-    let e =
-        kiln_codegen::gemv_scaled_epi_warp_chain(&body7, &graph_symbols(&fg7), DType::BF16, DType::BF16).unwrap_err();
+    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body7, &graph_symbols(&fg7), DType::BF16, DType::BF16, None)
+        .unwrap_err();
     assert!(e.0.contains("16-byte vectors"), "{e}");
 
     let host = compile_host(cxx, &k, "chain_unchained");
@@ -1315,11 +1326,107 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     // The Llama-3.2-1B shape's kernel compiles for sm_90.
     let (fg1, body1, _) = norm_swiglu_body_sized(2048, 8192);
     let (k1, _) =
-        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16).unwrap();
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16, None).unwrap();
     std::fs::write(hc.dir.join("chain_1b.cu"), &k1.source).unwrap();
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
         c.compile_all(&[&kc, &k1, &with_pf(&k1)]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+}
+
+/// WIP (`KILN_OPROJ_CHAIN`): the chained kernel that also computes the product before
+/// (`ChainPre`, `GV_CHAIN0`): here the group's x itself is y0 = x0 · w0ᵀ (the engine's
+/// case is o_proj's output, which the MLP's prologue adds to the residual). Its blocks
+/// run concurrently on the host ([`CONCURRENT`]), x's input starts as garbage: y0 has the
+/// bits of the plain one-row GEMV, and z, y, y2 those of the plain GEMV, the unchained
+/// per-warp epilogue kernel over that y0 and the plain GEMV over its z, for launches of
+/// 25, 3 and 30 blocks; the counters are zero again after each. The product before's
+/// misfits are errors.
+#[test]
+fn host_chained_gemv_computes_the_product_before_in_the_same_launch() {
+    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
+    use kiln_codegen::ChainPre;
+    let Some(cxx) = host_cxx() else { return };
+    let (inter, hidden, n2, k0) = (200, 256, 72, 320);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let table = graph_symbols(&fg);
+    let xi = sources.iter().position(|o| matches!(o, Op::Input { name, .. } if name == "x")).unwrap();
+    let pre = ChainPre { x0: DType::BF16, w0: DType::BF16, k: k0, input: xi };
+    let (kc, _) = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, Some(pre)).unwrap();
+    let part = kernel_part(&kc);
+    assert!(part.contains("#define GV_CHAIN0 1") && part.contains("#define GV_C0_K 320LL"), "{part}");
+    for (bad, what) in [
+        (ChainPre { k: 324, ..pre }, "16-byte"),
+        (ChainPre { x0: DType::F32, ..pre }, "dtype"),
+        (ChainPre { input: body.inputs.len() - 1, ..pre }, "inputs but the weight"),
+    ] {
+        let e =
+            kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, Some(bad)).unwrap_err();
+        assert!(e.0.contains(what), "{e}");
+    }
+    let b = bind(&[("seq", 1)]);
+    let mut inputs = body_inputs(&body, &sources, &b, 0x6a09_e667_f3bc_c908);
+    let mut r = Rng(0xbb67_ae85_84ca_a73b);
+    let (x0, w0) = (random(&mut r, DType::BF16, &[1, k0]), random(&mut r, DType::BF16, &[hidden, k0]));
+    let w2 = random(&mut r, DType::BF16, &[n2, inter]);
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let plain_gemv = |x: &HostTensor, w: &HostTensor, (n, k): (usize, usize), tag: &str| {
+        let cfg = GemvConfig::for_shape(
+            1,
+            weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[n, k]))),
+        );
+        let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap();
+        let h = compile_host(cxx, &gk, tag);
+        let Grid::BlockPerItem { threads } = gk.grid else { panic!("{:?}", gk.grid) };
+        h.run_gemv(&[Some(x), Some(w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]).remove(0)
+    };
+    // The reference: o_proj, the unchained kernel over its y0, the plain GEMV over z.
+    let y0 = plain_gemv(&x0, &w0, (hidden, k0), "chain0_plain_before");
+    let x_shape = inputs[xi].shape().to_vec();
+    inputs[xi] = tensor_of(DType::BF16, &x_shape, &y0);
+    let (k, _) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
+    let host = compile_host(cxx, &k, "chain0_unchained");
+    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    let outs = [2 * inter, 4 * inter, 2 * hidden];
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let plain = host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (25, threads), &outs);
+    let y2_plain = plain_gemv(&tensor_of(DType::BF16, &[1, inter], &plain[0]), &w2, (n2, inter), "chain0_plain_after");
+    // The chained kernel: x's input file holds garbage (NaN bytes) until phase 0 writes it.
+    let garbage = tensor_of(DType::BF16, &x_shape, &vec![0xffu8; 2 * hidden]);
+    let mut cin = inputs.clone();
+    cin[xi] = garbage;
+    let cins: Vec<Option<&HostTensor>> =
+        std::iter::once(None).chain(cin.iter().map(Some)).chain([Some(&w2), Some(&w0), Some(&x0)]).collect();
+    let prefix = format!("{CONCURRENT}\n#define KILN_C0_Y_IN {}\n", xi + 1);
+    let hc = compile_host_prefixed(cxx, &kc, "chain0_chained", &prefix);
+    let scal: Vec<u8> = [n2 as i64, hidden as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(hc.dir.join("scalars.bin"), scal).unwrap();
+    std::fs::write(hc.dir.join("dump_counters"), b"").unwrap();
+    std::fs::write(hc.dir.join("dump_ins"), b"").unwrap();
+    let mut couts = outs.to_vec();
+    couts.push(2 * n2);
+    for grid in [25, 3, 30] {
+        let got = hc.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (grid, threads), &couts);
+        let y0_got = std::fs::read(hc.dir.join(format!("in{}.after.bin", xi + 1))).unwrap();
+        assert_eq!(y0_got, y0, "{grid} blocks: y0 differs from the plain GEMV's");
+        assert_eq!(got[0], plain[0], "{grid} blocks: z differs from the unchained kernel's");
+        assert_eq!(got[1], plain[1], "{grid} blocks: y differs from the unchained kernel's");
+        assert_eq!(got[3], y2_plain, "{grid} blocks: y2 differs from the plain GEMV's over z");
+        let ctr = std::fs::read(hc.dir.join("counters.bin")).unwrap();
+        assert!(ctr.iter().all(|&c| c == 0), "{grid} blocks: counters left {:?}", &ctr[..8]);
+    }
+    let (fg1, body1, src1) = norm_swiglu_body_sized(2048, 8192);
+    let xi1 = src1.iter().position(|o| matches!(o, Op::Input { name, .. } if name == "x")).unwrap();
+    let pre1 = ChainPre { k: 2048, input: xi1, ..pre };
+    let (k1, _) =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16, Some(pre1))
+            .unwrap();
+    std::fs::write(hc.dir.join("chain0_1b.cu"), &k1.source).unwrap();
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&kc, &k1]).unwrap_or_else(|e| panic!("{e}"));
     } else {
         println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }

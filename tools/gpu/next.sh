@@ -39,7 +39,8 @@
 #   MLP_CHAIN=1      gate_up + SwiGLU and the down projection in one launch (the blocks
 #                    spin on a counter between them; at most one wave); =2 also
 #                    prefetches the rest of each warp's first down row into L2 before
-#                    the spin (with the register loads: the whole down weight requested)
+#                    the spin (with the register loads: the whole down weight requested);
+#   OPROJ_CHAIN=1    with MLP_CHAIN: o_proj in the same launch too (before gate_up)
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -60,7 +61,7 @@ if [ "$part" = 1 ]; then
     for tag in default hoist chain; do
         envs=(KILN_TRACE_BLOCKS=1)
         [ "$tag" = hoist ] && envs+=(KILN_ATTN_HOIST=1)
-        [ "$tag" = chain ] && envs+=(KILN_MLP_CHAIN=1)
+        [ "$tag" = chain ] && envs+=(KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1)
         env "${envs[@]}" timeout 240 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
             || echo "timeline $tag failed (rc $?)"
     done
@@ -68,7 +69,7 @@ if [ "$part" = 1 ]; then
     K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
         "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4 KILN_EPI_WARP_PER_SM=1" \
-        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1" "cuda_engine KILN_MLP_CHAIN=1"; do
+        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1" "cuda_engine KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -87,7 +88,7 @@ if [ "$part" = 1 ]; then
 elif [ "$part" = 2 ]; then
     # The most promising single knobs.
     ab "stage64=KILN_ATTN_STAGE_KIB=64" "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "fold=KILN_GREEDY_FOLD=1" \
-        "chain=KILN_MLP_CHAIN=1" "chain2=KILN_MLP_CHAIN=2"
+        "chain=KILN_MLP_CHAIN=1" "chain2=KILN_MLP_CHAIN=2" "chain2+o=KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1"
 elif [ "$part" = 3 ]; then
     ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "gkey=KILN_GREEDY_KEY=1" \
         "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" "chunk128=KILN_ATTN_MIN_CHUNK=128"
@@ -103,6 +104,6 @@ elif [ "$part" = 6 ]; then
 else
     ALL="KILN_ATTN_STAGE_KIB=64,KILN_GEMV_PF=1,KILN_GREEDY_FOLD=1"
     ab "stage64+pf1+fold=$ALL" "stage64+pf1+ra8+fold=$ALL,KILN_GEMV_RA=8192" "splits1=KILN_ATTN_SPLITS=1" \
-        "stage64+pf1+fold+chain=$ALL,KILN_MLP_CHAIN=1" \
+        "stage64+pf1+fold+chain2+o=$ALL,KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1" \
         "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4" ${EXTRA:+"$EXTRA"}
 fi

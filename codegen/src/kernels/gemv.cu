@@ -70,6 +70,13 @@
 // last block to finish zeroes the counters for the next launch. With GV_CH_PF, each warp
 // also prefetches the rest of its first row into L2 before the spin. Every block must be
 // resident at once: the engine launches at most one wave (the kernel's occupancy).
+// GV_CHAIN0 (with GV_CHAIN; KILN_OPROJ_CHAIN): the one-row product whose output y0 the
+// prologue reads (o_proj, before the MLP) runs first in the same launch: every warp
+// issues the first loads of its row of w0, the block waits for the previous kernel
+// (which writes x0), stages x0 and computes rows blockIdx.x + gridDim.x·warp, ... of
+// y0 = x0 · w0ᵀ with the plain one-row GEMV's bits; then the block fences, counts itself
+// into GV_CH_CTR[64], issues its first tile's weight loads, and its thread 0 spins until
+// every block has counted, where it would otherwise wait for the previous kernel.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
@@ -97,6 +104,9 @@
 #endif
 #ifndef GV_CHAIN
 #define GV_CHAIN 0
+#endif
+#ifndef GV_CHAIN0
+#define GV_CHAIN0 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -257,6 +267,78 @@ __device__ __forceinline__ void gv_readahead(const void* w) {
 }
 #endif
 
+#if GV_CHAIN
+// The chained products (GV_CHAIN, GV_CHAIN0): rows first, first + gridDim.x·GV_WARPS, ...
+// of y = x · wᵀ for one row of x staged in xs4 as the plain GEMV stages it (plane-major,
+// nv 16-byte vectors per row of w), as the plain one-row GEMV computes them (lane L
+// takes vectors L, L + 32, ..., f32 sums, one rounding); cw holds the first row's first
+// step, already issued.
+template <class TY>
+__device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN_W* w, TY* y, i64 n, int nv, i64 first,
+                                              int lane, const kiln_f4* xs4) {
+    for (i64 row = first; row < n; row += (i64)gridDim.x * GV_WARPS) {
+        float acc = 0.0f;
+        for (int c0 = 0; c0 < nv; c0 += 32 * GV_CH_U) {
+            if (c0 > 0 || row != first) {
+#pragma unroll
+                for (int u = 0; u < GV_CH_U; ++u) {
+                    const int c = c0 + u * 32 + lane;
+                    if (c < nv) cw[u] = kiln_ld16(w + row * nv * KILN_VEC + (i64)c * KILN_VEC);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GV_CH_U; ++u) {
+                const int c = c0 + u * 32 + lane;
+                if (c < nv) {
+                    float wf[KILN_VEC], xf[KILN_VEC];
+                    kiln_unpack(cw[u], wf, w);
+#pragma unroll
+                    for (int p = 0; p < GV_P; ++p) {
+                        const kiln_f4 q = xs4[p * nv + c];
+                        xf[4 * p + 0] = q.x;
+                        xf[4 * p + 1] = q.y;
+                        xf[4 * p + 2] = q.z;
+                        xf[4 * p + 3] = q.w;
+                    }
+#pragma unroll
+                    for (int j = 0; j < KILN_VEC; ++j) acc = fmaf(xf[j], wf[j], acc);
+                }
+            }
+        }
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+        if (lane == 0) kiln_st(y, row, acc);
+    }
+}
+// The first step of row `row` of w (rows of nv vectors) into cw (nothing past n).
+__device__ __forceinline__ void gv_chain_first(kiln_u4 (&cw)[GV_CH_U], const KILN_W* w, i64 n, int nv, i64 row,
+                                               int lane) {
+#pragma unroll
+    for (int u = 0; u < GV_CH_U; ++u) {
+        const int c = u * 32 + lane;
+        if (row < n && c < nv) cw[u] = kiln_ld16(w + row * nv * KILN_VEC + (i64)c * KILN_VEC);
+    }
+}
+// One row of x (nv 16-byte vectors of KILN_W's type at x) into xs4, as the plain GEMV
+// stages it; `coherent`: written earlier in this launch (L2 loads).
+__device__ __forceinline__ void gv_chain_stage(kiln_f4* xs4, const KILN_W* x, int nv, bool coherent) {
+    for (int c = threadIdx.x; c < nv; c += blockDim.x) {
+        const kiln_u4 v = coherent ? kiln_ld16_cg(x + (i64)c * KILN_VEC) : *(const kiln_u4*)(x + (i64)c * KILN_VEC);
+        float f[KILN_VEC];
+        kiln_unpack(v, f, x);
+#pragma unroll
+        for (int p = 0; p < GV_P; ++p) {
+            kiln_f4 q;
+            q.x = f[4 * p];
+            q.y = f[4 * p + 1];
+            q.z = f[4 * p + 2];
+            q.w = f[4 * p + 3];
+            xs4[p * nv + c] = q;
+        }
+    }
+}
+#endif
+
 // Stores y[r, row] = v (plus the residual).
 __device__ __forceinline__ void gv_store(KILN_Y* y, const KILN_Y* res, i64 n, int r, i64 row, float v) {
 #if KILN_RESIDUAL
@@ -320,6 +402,22 @@ KILN_SIGNATURE {
 #endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
     if (GV_PF > 0 && vec) gv_prefetch(GV_W, n, k, ntiles, rw, ks, lane);  // before the wait (in the loop)
+#if GV_CHAIN0
+    {
+        // ---- the chained product before (see GV_CHAIN0 above) ----
+        const int nv0 = (int)(GV_C0_K / KILN_VEC);
+        const i64 first0 = (i64)blockIdx.x + (i64)gridDim.x * warp;
+        kiln_u4 cw0[GV_CH_U];
+        gv_chain_first(cw0, GV_C0_W, GV_C0_N, nv0, first0, lane);  // weights: before the wait
+        kiln_grid_wait();  // x0 is written by the previous kernel
+        gv_chain_stage(xs4, GV_C0_X, nv0, false);
+        __syncthreads();
+        gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4);
+        __threadfence();  // this block's rows of y0, before it is counted
+        __syncthreads();  // (also: every warp is done with the staging)
+        if (threadIdx.x == 0) atomicAdd(GV_CH_CTR + 64, 1u);
+    }
+#endif
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
     const i64 row0 = GV_ROW0(tile, rw);
     float acc[GV_MAX_M][GV_R];
@@ -334,7 +432,15 @@ KILN_SIGNATURE {
         // The chunk's first weight loads go out before x is staged, so they overlap.
         if (vec) gv_load(wv, GV_W, row0, n, k, k0, ks * 32, len / KILN_VEC, lane);
         if (!GV_PROLOGUE || tile == (i64)blockIdx.x) {  // uniform: stage this chunk of x
+#if GV_CHAIN0
+        // y0, which the prologue reads, is written by every block of this launch.
+        if (k0 == 0 && threadIdx.x == 0) {
+            while (kiln_ld_acquire(GV_CH_CTR + 64) < gridDim.x) kiln_spin_pause();
+            __threadfence();
+        }
+#else
         if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
+#endif
         __syncthreads();  // every warp is done with the previous chunk
 #if GV_PROLOGUE
         {
@@ -533,11 +639,7 @@ KILN_EPILOGUE
         const int nv2 = (int)(GV_EPI_W / KILN_VEC);  // 16-byte vectors of a row of w2 (and of z)
         const i64 first = (i64)blockIdx.x + (i64)gridDim.x * warp;
         kiln_u4 cw[GV_CH_U];
-#pragma unroll
-        for (int u = 0; u < GV_CH_U; ++u) {
-            const int c = u * 32 + lane;
-            if (first < GV_CH_N && c < nv2) cw[u] = kiln_ld16(GV_CH_W + first * GV_EPI_W + (i64)c * KILN_VEC);
-        }
+        gv_chain_first(cw, GV_CH_W, GV_CH_N, nv2, first, lane);  // weights: before the spin
 #if GV_CH_PF
         // (KILN_MLP_CHAIN=2) The rest of the first row into L2 while the launch finishes z.
         if (first < GV_CH_N) {
@@ -548,61 +650,18 @@ KILN_EPILOGUE
 #endif
         if (threadIdx.x == 0) {
             while (kiln_ld_acquire(GV_CH_CTR) < gridDim.x) kiln_spin_pause();
+            __threadfence();
         }
         __syncthreads();
-        for (int c = threadIdx.x; c < nv2; c += blockDim.x) {
-            const kiln_u4 v = kiln_ld16_cg(GV_CH_X + (i64)c * KILN_VEC);
-            float f[KILN_VEC];
-            kiln_unpack(v, f, (const KILN_W*)0);
-#pragma unroll
-            for (int p = 0; p < GV_P; ++p) {
-                kiln_f4 q;
-                q.x = f[4 * p];
-                q.y = f[4 * p + 1];
-                q.z = f[4 * p + 2];
-                q.w = f[4 * p + 3];
-                xs4[p * nv2 + c] = q;
-            }
-        }
+        gv_chain_stage(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
         __syncthreads();
-        for (i64 row2 = first; row2 < GV_CH_N; row2 += (i64)gridDim.x * GV_WARPS) {
-            float acc = 0.0f;
-            for (int c0 = 0; c0 < nv2; c0 += 32 * GV_CH_U) {
-                if (c0 > 0 || row2 != first) {
-#pragma unroll
-                    for (int u = 0; u < GV_CH_U; ++u) {
-                        const int c = c0 + u * 32 + lane;
-                        if (c < nv2) cw[u] = kiln_ld16(GV_CH_W + row2 * GV_EPI_W + (i64)c * KILN_VEC);
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < GV_CH_U; ++u) {
-                    const int c = c0 + u * 32 + lane;
-                    if (c < nv2) {
-                        float wf[KILN_VEC], xf[KILN_VEC];
-                        kiln_unpack(cw[u], wf, GV_CH_W);
-#pragma unroll
-                        for (int p = 0; p < GV_P; ++p) {
-                            const kiln_f4 q = xs4[p * nv2 + c];
-                            xf[4 * p + 0] = q.x;
-                            xf[4 * p + 1] = q.y;
-                            xf[4 * p + 2] = q.z;
-                            xf[4 * p + 3] = q.w;
-                        }
-#pragma unroll
-                        for (int j = 0; j < KILN_VEC; ++j) acc = fmaf(xf[j], wf[j], acc);
-                    }
-                }
-            }
-#pragma unroll
-            for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-            if (lane == 0) kiln_st(GV_CH_Y, row2, acc);
-        }
+        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4);
         // The last block out zeroes the counters (every block has passed its spin).
         __syncthreads();
         if (threadIdx.x == 0 && atomicAdd(GV_CH_CTR + 32, 1u) == gridDim.x - 1) {
             GV_CH_CTR[0] = 0u;
             GV_CH_CTR[32] = 0u;
+            GV_CH_CTR[64] = 0u;
         }
     }
 #endif

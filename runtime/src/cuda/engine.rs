@@ -112,6 +112,9 @@ pub struct EngineOptions {
     /// environment): chain the one-row GEMV that consumes a per-warp epilogue GEMV's
     /// output into its launch (the down projection into gate_up + SwiGLU; see `ChainRun`).
     pub mlp_chain: bool,
+    /// WIP (with `mlp_chain`; also `KILN_OPROJ_CHAIN=1` in the environment): chain the
+    /// one-row GEMV before it too (o_proj, whose output the MLP's prologue reads).
+    pub oproj_chain: bool,
 }
 
 impl Default for EngineOptions {
@@ -133,6 +136,7 @@ impl Default for EngineOptions {
             stream_gemv: true,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
             mlp_chain: false,
+            oproj_chain: false,
         }
     }
 }
@@ -298,22 +302,33 @@ struct ScaledRun {
 /// launch takes at most one wave (`wave`, from the kernel's occupancy). Step `down` then
 /// launches nothing. `ctr`: the launch's two counters in `CudaEngine::chain_counters`
 /// (u32 offset; the kernel leaves them zero).
+/// `pre` (knob `KILN_OPROJ_CHAIN=1`): the step before, a one-row GEMV whose output the
+/// group reads (o_proj), computed first in the same launch (`kiln_codegen::ChainPre`),
+/// so it launches nothing either at one row.
 #[derive(Clone, Copy)]
 struct ChainRun {
     kernel: usize,
     wave: usize,
     down: usize,
     ctr: usize,
+    pre: Option<usize>,
 }
 
 /// A chained launch's arguments beyond the group's: the next step's weight, its y and
-/// its rows.
+/// its rows; the step before's weight, y, x and rows (with `ChainRun::pre`).
 #[derive(Clone, Copy)]
 struct ChainArgs {
     run: ChainRun,
     w2: u64,
     y2: u64,
     n2: usize,
+    pre: Option<(u64, u64, u64, usize)>,
+}
+
+/// `KILN_OPROJ_CHAIN=1` in the environment (a measurement knob, off by default; with
+/// `KILN_MLP_CHAIN`): see [`ChainRun::pre`].
+fn oproj_chain_by_env() -> bool {
+    std::env::var("KILN_OPROJ_CHAIN").is_ok_and(|v| v == "1")
 }
 
 /// `KILN_MLP_CHAIN=1` (or `2`: with an L2 prefetch of each warp's first row, see
@@ -463,8 +478,10 @@ pub struct CudaEngine {
     attn_ws: CudaSlice<u8>,
     /// Its completion counters (zero between launches).
     attn_counters: CudaSlice<u32>,
-    /// The chained GEMVs' counters, 64 per launch (see [`ChainRun`]; zero between launches).
+    /// The chained GEMVs' counters, 128 per launch (see [`ChainRun`]; zero between launches).
     chain_counters: CudaSlice<u32>,
+    /// Step → the chained GEMV's step that computes it first (see [`ChainRun::pre`]).
+    chained_pre: HashMap<usize, usize>,
     /// The timeline buffer of [`EngineOptions::trace`] (two event counters, then a ring
     /// of [`TRACE_SLOTS`] timestamps per event kind).
     trace: Option<CudaSlice<u64>>,
@@ -1265,13 +1282,42 @@ impl CudaEngine {
                     continue;
                 }
                 let y2 = graph.node(nj).outputs[0].dtype;
-                match kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2) {
+                // KILN_OPROJ_CHAIN=1: also the one-row GEMV just before, whose output the
+                // group reads (o_proj), when the group's x fits the scaled GEMV's staging
+                // (so the chain runs whenever that step is skipped: one row).
+                let before = (0..i).rev().find(|&p| !matches!(steps[p].run, Run::Nothing)).and_then(|p| {
+                    let np = steps[p].node;
+                    let Op::MatMul { transpose_a: false, transpose_b: true } = graph.node(np).op else { return None };
+                    if !matches!(steps[p].run, Run::MatMul { gemv: Some(_), .. }) || steps[p].group.is_some() {
+                        return None;
+                    }
+                    let pops = graph.operands(np);
+                    let w0 = graph.value_type(pops[1]);
+                    let d: Vec<usize> = w0.shape.dims().iter().filter_map(|d| d.as_fixed()).collect();
+                    let input = graph.operands(ni).iter().position(|v| *v == Value::new(np, 0))?;
+                    let k = body.inputs.last()?.shape.dims().last()?.as_fixed()?;
+                    let ok = d.len() == 2
+                        && w0.rank() == 2
+                        && matches!(locs.get(&pops[1]), Some(Loc::Weight(_)))
+                        && decode::gemv_prologue_fits(1, k);
+                    let x0 = graph.value_type(pops[0]).dtype;
+                    ok.then_some((p, kiln_codegen::ChainPre { x0, w0: w0.dtype, k: d[1], input }))
+                });
+                let before = before.filter(|_| opts.oproj_chain || oproj_chain_by_env());
+                let mut made = kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2, before.map(|b| b.1));
+                let mut pre = before.map(|b| b.0);
+                if let (Err(e), Some(_)) = (&made, before) {
+                    tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV before (KILN_OPROJ_CHAIN)");
+                    made = kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2, None);
+                    pre = None;
+                }
+                match made {
                     Ok((k, _)) => {
                         let kernel = add_kernel(k);
-                        let ctr = 64 * n_chains;
+                        let ctr = 128 * n_chains;
                         n_chains += 1;
                         if let Run::MatVec { scaled: Some(sr), .. } = &mut steps[i].run {
-                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr });
+                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr, pre });
                         }
                     }
                     Err(e) => tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV (KILN_MLP_CHAIN)"),
@@ -1458,6 +1504,9 @@ impl CudaEngine {
                 }
                 if let Some((sr, (kg, cfg))) = scaled.as_mut().and_then(|sr| sr.epi.map(|k| (sr, k))) {
                     sr.epi_one_wave = one_wave(kg, cfg, &e.form)?;
+                    if sr.epi_one_wave {
+                        sr.chain = None; // the block-epilogue form runs: nothing to chain
+                    }
                 }
             }
         }
@@ -1506,7 +1555,16 @@ impl CudaEngine {
             steps.iter().position(|s| matches!(&s.run, Run::MatVec { scaled: Some(sr), .. } if sr.argmax.is_some()));
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
-        let chain_counters = stream.alloc_zeros::<u32>((64 * n_chains).max(1)).map_err(driver_err("alloc"))?;
+        let chain_counters = stream.alloc_zeros::<u32>((128 * n_chains).max(1)).map_err(driver_err("alloc"))?;
+        // The steps a chained GEMV computes before its own (see `ChainRun::pre`).
+        let chained_pre: HashMap<usize, usize> = steps
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| match &s.run {
+                Run::MatVec { scaled: Some(sr), .. } => sr.chain.and_then(|c| c.pre).map(|p| (p, i)),
+                _ => None,
+            })
+            .collect();
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
         let greedy_ws = stream.alloc_zeros::<u8>(12 * greedy_pairs + 8).map_err(driver_err("alloc"))?;
         let greedy_counters = stream.alloc_zeros::<u32>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
@@ -1572,6 +1630,7 @@ impl CudaEngine {
             attn_ws,
             attn_counters,
             chain_counters,
+            chained_pre,
             trace,
             _ra_table: ra_table,
             launch_log: None,
@@ -1785,6 +1844,7 @@ impl CudaEngine {
             if chained == Some(si) {
                 continue;
             }
+
             let node = self.graph.node(step.node);
             let err = |reason: String| CudaError::Unsupported {
                 node: step.node.index(),
@@ -1798,6 +1858,13 @@ impl CudaEngine {
             };
             if matches!(step.run, Run::Nothing) {
                 continue;
+            }
+            if self.chained_pre.contains_key(&si) {
+                // At one row, the chained GEMV of the step after computes this one.
+                let x = self.graph.value_type(self.graph.operands(step.node)[0]).shape.eval(b).map_err(err)?;
+                if x[..x.len() - 1].iter().product::<usize>() == 1 {
+                    continue;
+                }
             }
             if step.absorbed.is_some_and(|a| self.attention_fused_now(a, b)) {
                 // Computed by the attention that reads it; a horizontal group launches
@@ -1940,11 +2007,26 @@ impl CudaEngine {
                                 let dn = self.steps[c.down].node;
                                 let dops = self.graph.operands(dn);
                                 let n2 = self.graph.value_type(dops[1]).shape.dims()[0].as_fixed().unwrap_or(0);
+                                let pre = match c.pre {
+                                    Some(p) => {
+                                        let pn = self.steps[p].node;
+                                        let pops = self.graph.operands(pn);
+                                        let n0 = self.graph.value_type(pops[1]).shape.dims()[0].as_fixed().unwrap_or(0);
+                                        Some((
+                                            self.ptr(pops[1], plan, slot, decode)?,
+                                            self.ptr(Value::new(pn, 0), plan, slot, decode)?,
+                                            self.ptr(pops[0], plan, slot, decode)?,
+                                            n0,
+                                        ))
+                                    }
+                                    None => None,
+                                };
                                 Some(ChainArgs {
                                     run: c,
                                     w2: self.ptr(dops[1], plan, slot, decode)?,
                                     y2: self.ptr(Value::new(dn, 0), plan, slot, decode)?,
                                     n2,
+                                    pre,
                                 })
                             }
                             None => None,
@@ -1955,6 +2037,8 @@ impl CudaEngine {
                         launches += extra;
                         if ran {
                             chained = sr.chain.map(|c| c.down);
+                        } else if sr.chain.is_some_and(|c| c.pre.is_some()) {
+                            return Err(err("a chained GEMV whose step before was skipped did not run".into()));
                         }
                         launches += 1;
                         mark(step, &self.label(step), launches)?;
@@ -2294,6 +2378,12 @@ impl CudaEngine {
                 .set(Role::Part(1, 1), ArgValue::Ptr(c.y2))
                 .i64(Role::Part(1, 2), c.n2)
                 .set(Role::Counters, ArgValue::Ptr(ctr));
+            if let Some((w0, y0, x0, n0)) = c.pre {
+                a.set(Role::Part(0, 0), ArgValue::Ptr(w0))
+                    .set(Role::Part(0, 1), ArgValue::Ptr(y0))
+                    .set(Role::Part(0, 2), ArgValue::Ptr(x0))
+                    .i64(Role::Part(0, 3), n0);
+            }
             launch(self.lane(), &self.kernels[c.run.kernel], items.min(c.run.wave), &a)?;
             return Ok((0, true));
         }
