@@ -320,20 +320,34 @@ __device__ __forceinline__ void gv_chain_first(kiln_u4 (&cw)[GV_CH_U], const KIL
     }
 }
 // One row of x (nv 16-byte vectors of KILN_W's type at x) into xs4, as the plain GEMV
-// stages it; `coherent`: written earlier in this launch (L2 loads).
+// stages it, L loads in flight per thread (2: a 1,024-vector row in one round trip with
+// 512 threads); `coherent`: written earlier in this launch (L2 loads).
+template <int L>
 __device__ __forceinline__ void gv_chain_stage(kiln_f4* xs4, const KILN_W* x, int nv, bool coherent) {
-    for (int c = threadIdx.x; c < nv; c += blockDim.x) {
-        const kiln_u4 v = coherent ? kiln_ld16_cg(x + (i64)c * KILN_VEC) : *(const kiln_u4*)(x + (i64)c * KILN_VEC);
-        float f[KILN_VEC];
-        kiln_unpack(v, f, x);
+    const int nt = (int)blockDim.x;
+    for (int c0 = threadIdx.x; c0 < nv; c0 += L * nt) {
+        kiln_u4 v[L];
 #pragma unroll
-        for (int p = 0; p < GV_P; ++p) {
-            kiln_f4 q;
-            q.x = f[4 * p];
-            q.y = f[4 * p + 1];
-            q.z = f[4 * p + 2];
-            q.w = f[4 * p + 3];
-            xs4[p * nv + c] = q;
+        for (int u = 0; u < L; ++u) {
+            const int c = c0 + u * nt;
+            if (c < nv) v[u] = coherent ? kiln_ld16_cg(x + (i64)c * KILN_VEC) : *(const kiln_u4*)(x + (i64)c * KILN_VEC);
+        }
+#pragma unroll
+        for (int u = 0; u < L; ++u) {
+            const int c = c0 + u * nt;
+            if (c < nv) {
+                float f[KILN_VEC];
+                kiln_unpack(v[u], f, x);
+#pragma unroll
+                for (int p = 0; p < GV_P; ++p) {
+                    kiln_f4 q;
+                    q.x = f[4 * p];
+                    q.y = f[4 * p + 1];
+                    q.z = f[4 * p + 2];
+                    q.w = f[4 * p + 3];
+                    xs4[p * nv + c] = q;
+                }
+            }
         }
     }
 }
@@ -410,7 +424,7 @@ KILN_SIGNATURE {
         kiln_u4 cw0[GV_CH_U];
         gv_chain_first(cw0, GV_C0_W, GV_C0_N, nv0, first0, lane);  // weights: before the wait
         kiln_grid_wait();  // x0 is written by the previous kernel
-        gv_chain_stage(xs4, GV_C0_X, nv0, false);
+        gv_chain_stage<1>(xs4, GV_C0_X, nv0, false);
         __syncthreads();
         gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4);
         __threadfence();  // this block's rows of y0, before it is counted
@@ -653,7 +667,7 @@ KILN_EPILOGUE
             __threadfence();
         }
         __syncthreads();
-        gv_chain_stage(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
+        gv_chain_stage<2>(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
         __syncthreads();
         gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4);
         // The last block out zeroes the counters (every block has passed its spin).
