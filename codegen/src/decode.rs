@@ -125,6 +125,22 @@ __device__ __forceinline__ void kiln_spin_pause() {
     std::this_thread::yield();
 #endif
 }
+// Spins until *p >= target (acquire). A spin that outlasts 2^24 pauses (about a second
+// on the GPU) traps: the launch fails with an error instead of hanging, e.g. when not
+// every block of a launch could be resident at once (another process on the device).
+__device__ __forceinline__ void kiln_spin_until(const unsigned* p, unsigned target) {
+    unsigned spins = 0;
+    while (kiln_ld_acquire(p) < target) {
+        kiln_spin_pause();
+        if (++spins == (1u << 24)) {
+#if defined(__CUDA_ARCH__)
+            __trap();
+#else
+            std::abort();
+#endif
+        }
+    }
+}
 // 16 bytes as f32: 8 bf16, 8 f16 or 4 f32, element 0 in the low bytes. The pointer
 // argument only picks the storage format.
 __device__ __forceinline__ void kiln_unpack(const kiln_u4& r, float* f, const kiln_bf16*) {

@@ -823,10 +823,24 @@ impl HostKernel {
         &self,
         ins: &[Option<&HostTensor>],
         syms: &[i64],
+        mnk: (usize, usize, usize),
+        launch: (usize, u32),
+        outs: &[usize],
+    ) -> Vec<Vec<u8>> {
+        let out = self.run_gemv_output(ins, syms, mnk, launch, outs);
+        assert!(out.status.success(), "{}: {}", self.kernel.sig.name, String::from_utf8_lossy(&out.stderr));
+        (0..outs.len()).map(|o| std::fs::read(self.dir.join(format!("out{o}.bin"))).unwrap()).collect()
+    }
+
+    /// [`HostKernel::run_gemv`]'s run, whatever its exit.
+    fn run_gemv_output(
+        &self,
+        ins: &[Option<&HostTensor>],
+        syms: &[i64],
         (m, n, k): (usize, usize, usize),
         (grid, threads): (usize, u32),
         outs: &[usize],
-    ) -> Vec<Vec<u8>> {
+    ) -> std::process::Output {
         for (i, t) in ins.iter().enumerate() {
             std::fs::write(self.dir.join(format!("in{i}.bin")), t.map(bytes_of).unwrap_or_default()).unwrap();
         }
@@ -839,9 +853,7 @@ impl HostKernel {
         for o in outs {
             cmd.arg(o.to_string());
         }
-        let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{}: {}", self.kernel.sig.name, String::from_utf8_lossy(&out.stderr));
-        (0..outs.len()).map(|o| std::fs::read(self.dir.join(format!("out{o}.bin"))).unwrap()).collect()
+        cmd.output().unwrap()
     }
 }
 
@@ -1246,7 +1258,8 @@ void operator delete[](void*, size_t, std::align_val_t) noexcept {}
 /// kernel, y2 = z · w2ᵀ has the bits of the plain one-row GEMV over that z and matches an
 /// f64 reference to one bf16 rounding, for launches of 25 blocks (one tile each), 3
 /// (looping) and 30 (five without a tile, which only compute rows of y2); the counters
-/// are zero again after every launch.
+/// are zero again after every launch. Run one block after another, the first block's
+/// spin gives up and the run fails instead of hanging.
 #[test]
 fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
@@ -1323,6 +1336,12 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
         let ctr = std::fs::read(hk.dir.join("counters.bin")).unwrap();
         assert!(ctr.iter().all(|&c| c == 0), "{grid} blocks: counters left {:?}", &ctr[..8]);
     }
+    // Blocks that cannot all run at once (here: one after another) do not hang: the first
+    // block's spin gives up after 2^24 pauses and aborts the run (a trap on the GPU).
+    let ht = compile_host(cxx, &kc, "chain_sequential");
+    std::fs::write(ht.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
+    let out = ht.run_gemv_output(&cins, &syms, (1, 2 * inter, hidden), (3, threads), &couts);
+    assert!(!out.status.success(), "a spin that cannot end should abort the run");
     // The Llama-3.2-1B shape's kernel compiles for sm_90.
     let (fg1, body1, _) = norm_swiglu_body_sized(2048, 8192);
     let (k1, _) =

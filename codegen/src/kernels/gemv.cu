@@ -69,7 +69,8 @@
 // vectors L, L + 32, ...; GV_CH_U loads in flight per lane), so y2 has its bits. The
 // last block to finish zeroes the counters for the next launch. With GV_CH_PF, each warp
 // also prefetches the rest of its first row into L2 before the spin. Every block must be
-// resident at once: the engine launches at most one wave (the kernel's occupancy).
+// resident at once: the engine launches at most one wave (the kernel's occupancy); a
+// spin that lasts about a second traps (kiln_spin_until), failing the launch.
 // GV_CHAIN0 (with GV_CHAIN; KILN_OPROJ_CHAIN): the one-row product whose output y0 the
 // prologue reads (o_proj, before the MLP) runs first in the same launch: every warp
 // issues the first loads of its row of w0, the block waits for the previous kernel
@@ -449,7 +450,7 @@ KILN_SIGNATURE {
 #if GV_CHAIN0
         // y0, which the prologue reads, is written by every block of this launch.
         if (k0 == 0 && threadIdx.x == 0) {
-            while (kiln_ld_acquire(GV_CH_CTR + 64) < gridDim.x) kiln_spin_pause();
+            kiln_spin_until(GV_CH_CTR + 64, gridDim.x);
             __threadfence();
         }
 #else
@@ -663,7 +664,7 @@ KILN_EPILOGUE
         }
 #endif
         if (threadIdx.x == 0) {
-            while (kiln_ld_acquire(GV_CH_CTR) < gridDim.x) kiln_spin_pause();
+            kiln_spin_until(GV_CH_CTR, gridDim.x);
             __threadfence();
         }
         __syncthreads();
