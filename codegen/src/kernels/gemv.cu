@@ -61,10 +61,11 @@
 // GV_CHAIN (with GV_EPI_WARP; kiln_codegen::gemv_scaled_epi_warp_chain): the product
 // that consumes the epilogue's output runs in the same launch (a measurement knob,
 // KILN_MLP_CHAIN: SwiGLU's z, then the down projection y2 = z · w2ᵀ). When a block has
-// finished its tiles, its threads fence their stores of z and thread 0 adds the block to
-// GV_CH_CTR[0]; every warp then issues the first loads of its first row of w2 (weights:
-// no kernel writes them), thread 0 spins until every block of the launch has counted, and
-// the block stages z (coherent loads, as f32, where x was staged) and computes rows
+// finished its tiles, a barrier, then thread 0 fences (making the block's stores of z
+// visible device-wide) and adds the block to GV_CH_CTR[0]; every warp then issues the
+// first loads of its first row of w2 (weights: no kernel writes them), thread 0 spins
+// until every block of the launch has counted (then fences), a barrier, and the block
+// stages z (coherent loads, as f32, where x was staged) and computes rows
 // blockIdx.x + gridDim.x·warp, ... of y2 as the plain one-row GEMV does (lane L takes
 // vectors L, L + 32, ...; GV_CH_U loads in flight per lane), so y2 has its bits. The
 // last block to finish zeroes the counters for the next launch. With GV_CH_PF, each warp
@@ -75,8 +76,8 @@
 // prologue reads (o_proj, before the MLP) runs first in the same launch: every warp
 // issues the first loads of its row of w0, the block waits for the previous kernel
 // (which writes x0), stages x0 and computes rows blockIdx.x + gridDim.x·warp, ... of
-// y0 = x0 · w0ᵀ with the plain one-row GEMV's bits; then the block fences, counts itself
-// into GV_CH_CTR[64], issues its first tile's weight loads, and its thread 0 spins until
+// y0 = x0 · w0ᵀ with the plain one-row GEMV's bits; then (barrier, thread 0's fence) the
+// block counts itself into GV_CH_CTR[64], issues its first tile's weight loads, and its thread 0 spins until
 // every block has counted, where it would otherwise wait for the previous kernel.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
@@ -428,9 +429,14 @@ KILN_SIGNATURE {
         gv_chain_stage<1>(xs4, GV_C0_X, nv0, false);
         __syncthreads();
         gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4);
-        __threadfence();  // this block's rows of y0, before it is counted
-        __syncthreads();  // (also: every warp is done with the staging)
-        if (threadIdx.x == 0) atomicAdd(GV_CH_CTR + 64, 1u);
+        // This block's rows of y0 (the barrier orders every warp's stores before thread 0's
+        // fence, which makes them visible device-wide before the count; as a cooperative
+        // grid sync does). The barrier also ends every warp's use of the staging.
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(GV_CH_CTR + 64, 1u);
+        }
     }
 #endif
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
@@ -648,9 +654,11 @@ KILN_EPILOGUE
     {
         // ---- the chained product (see GV_CHAIN above) ----
         if ((i64)blockIdx.x >= ntiles) kiln_grid_wait();  // no tile: this block has not waited
-        __threadfence();  // this block's stores of z, before it is counted
-        __syncthreads();
-        if (threadIdx.x == 0) atomicAdd(GV_CH_CTR, 1u);
+        __syncthreads();  // this block's stores of z, then thread 0's fence and count (as above)
+        if (threadIdx.x == 0) {
+            __threadfence();
+            atomicAdd(GV_CH_CTR, 1u);
+        }
         const int nv2 = (int)(GV_EPI_W / KILN_VEC);  // 16-byte vectors of a row of w2 (and of z)
         const i64 first = (i64)blockIdx.x + (i64)gridDim.x * warp;
         kiln_u4 cw[GV_CH_U];
