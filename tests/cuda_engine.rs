@@ -361,6 +361,30 @@ fn the_chained_down_projection_computes_what_its_own_launch_does() {
     }
 }
 
+/// WIP (`EngineOptions::greedy_fold`, `KILN_GREEDY_FOLD=1`): at batch 1 the LM head's
+/// GEMV samples greedily itself (each block's best (y, row) key by atomicMax, decoded by
+/// the step end), so the greedy kernel is not launched, and in bf16 the logits' cast to
+/// f32 waits for `logits()`: the same tokens and logits bits as the greedy kernel over
+/// the cast logits, graph and eager, with 2 launches fewer per step in bf16 (the greedy
+/// kernel and the cast; in f32, whose logits are y itself, the greedy kernel only).
+#[test]
+fn the_folded_greedy_sampling_picks_what_the_greedy_kernel_does() {
+    if !gpu() {
+        return;
+    }
+    let model = llama(512, 1024, 2, 8, 2, 256);
+    let prompt = test_prompt(9);
+    for (dt, saved) in [(DType::F32, 1), (DType::BF16, 2)] {
+        let (g, w) = compiled(&model, dt);
+        let run = |graphs: bool, greedy_fold: bool| {
+            // Tiled GEMVs (the sampling LM head is the tiled one's twin, bit for bit).
+            let opts = EngineOptions { greedy_fold, stream_gemv: false, ..test_options(graphs) };
+            engine_run_with(&g, &w, &prompt, 6, opts)
+        };
+        switch_saves_launches(&format!("{dt}: the folded greedy sampling"), saved, run);
+    }
+}
+
 /// WIP (`EngineOptions::oproj_chain`, `KILN_OPROJ_CHAIN=1`): the chained kernel that also
 /// computes o_proj first (its blocks count themselves, then spin before the MLP's
 /// prologue reads o_proj's output) computes the same bits as the three launches, two

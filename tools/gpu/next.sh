@@ -30,7 +30,8 @@
 #                    weight product's first rows
 #   GREEDY_KEY=1     greedy sampling without the merge (per-block atomicMax of a 64-bit
 #                    key, decoded by the step end); GREEDY_FOLD=1: at batch 1 the LM
-#                    head's GEMV makes those keys (no greedy kernel)
+#                    head's GEMV makes those keys (no greedy kernel), and the logits'
+#                    cast to f32 waits for logits() (one launch fewer again)
 #   ATTN_STAGE_KIB=64  one attention stage holds 256 keys (not 192): the two-pass path
 #                    covers the bench's whole 129-256-key context, not half of it
 #   ATTN_MIN_CHUNK=K, ATTN_SPLITS=N  attention split sizes / a cap on launched splits

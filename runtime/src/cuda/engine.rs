@@ -115,6 +115,11 @@ pub struct EngineOptions {
     /// WIP (with `mlp_chain`; also `KILN_OPROJ_CHAIN=1` in the environment): chain the
     /// one-row GEMV before it too (o_proj, whose output the MLP's prologue reads).
     pub oproj_chain: bool,
+    /// WIP (a measurement switch, off by default; also `KILN_GREEDY_FOLD=1` in the
+    /// environment): at batch 1 the LM head's GEMV samples greedily itself (see
+    /// `ScaledRun::argmax`), and the decode step leaves the logits' cast to f32 to
+    /// [`CudaEngine::logits`].
+    pub greedy_fold: bool,
 }
 
 impl Default for EngineOptions {
@@ -137,6 +142,7 @@ impl Default for EngineOptions {
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
             mlp_chain: false,
             oproj_chain: false,
+            greedy_fold: false,
         }
     }
 }
@@ -468,6 +474,11 @@ pub struct CudaEngine {
     lm_head_argmax: Option<usize>,
     /// While a folding decode step records (see [`CudaEngine::folds`]).
     fold_now: std::cell::Cell<bool>,
+    /// The logits' cast step, which a folding decode step skips (nothing in the step
+    /// reads the f32 logits): [`CudaEngine::logits`] runs it when `logits_stale`.
+    logits_cast: Option<usize>,
+    /// Whether the last decode step skipped the logits' cast.
+    logits_stale: bool,
     logits: Value,
     vocab: usize,
     arena: Option<CudaSlice<u8>>,
@@ -1234,7 +1245,7 @@ impl CudaEngine {
         // WIP knob KILN_GREEDY_KEY=1: the decode step samples with greedy_key and ends
         // with step_end_key (see `CudaEngine::greedy_key`). KILN_GREEDY_FOLD=1 (which
         // implies it): at batch 1 the LM head's scaled GEMV samples itself.
-        let greedy_fold = std::env::var("KILN_GREEDY_FOLD").is_ok_and(|v| v == "1");
+        let greedy_fold = opts.greedy_fold || std::env::var("KILN_GREEDY_FOLD").is_ok_and(|v| v == "1");
         if greedy_fold {
             if let Some(i) = lm_head_step(&graph, &steps, logits) {
                 let node = steps[i].node;
@@ -1553,6 +1564,16 @@ impl CudaEngine {
         };
         let lm_head_argmax =
             steps.iter().position(|s| matches!(&s.run, Run::MatVec { scaled: Some(sr), .. } if sr.argmax.is_some()));
+        // With the sampling LM head, the logits' own cast to f32 (a lone fused kernel after
+        // it) waits for `logits()` (see `CudaEngine::logits_cast`).
+        let logits_cast = lm_head_argmax.and_then(|h| {
+            let c = steps.iter().position(|s| s.node == logits.node)?;
+            (c > h
+                && matches!(steps[c].run, Run::Kernel(_))
+                && steps[c].group.is_none()
+                && logits.node != steps[h].node)
+                .then_some(c)
+        });
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
         let chain_counters = stream.alloc_zeros::<u32>((128 * n_chains).max(1)).map_err(driver_err("alloc"))?;
@@ -1620,6 +1641,8 @@ impl CudaEngine {
             greedy_key,
             greedy_keys,
             lm_head_argmax,
+            logits_cast,
+            logits_stale: false,
             fold_now: std::cell::Cell::new(false),
             logits,
             vocab,
@@ -1841,7 +1864,7 @@ impl CudaEngine {
         // A step a chained GEMV computed (see `ChainRun`).
         let mut chained: Option<usize> = None;
         for (si, step) in self.steps.iter().enumerate() {
-            if chained == Some(si) {
+            if chained == Some(si) || (self.fold_now.get() && self.logits_cast == Some(si)) {
                 continue;
             }
 
@@ -2535,6 +2558,7 @@ impl CudaEngine {
         self.stream.synchronize().map_err(driver_err("prefill"))?;
         self.batch = bsz;
         self.past = len;
+        self.logits_stale = false;
         self.first = first.iter().map(|&t| t as u32).collect();
         Ok(self.first.clone())
     }
@@ -2795,6 +2819,30 @@ impl CudaEngine {
         self.lm_head_argmax.is_some() && self.greedy_key.is_some() && self.batch == 1
     }
 
+    /// The logits' cast that the last (folding) decode step skipped, launched now on its
+    /// memory plan: the LM head's y is still in the arena (the cast is the step's last
+    /// reader, and no launch since has written the arena).
+    fn logits_cast(&mut self) -> Result<(), CudaError> {
+        let Some(c) = self.logits_cast else { return Ok(()) };
+        let b = self.bindings(self.batch, 1, self.past - 1);
+        let plan = self.prepare(&b)?;
+        let step = &self.steps[c];
+        let Run::Kernel(k) = step.run else { unreachable!("the logits' cast is a kernel step") };
+        let node = self.graph.node(step.node);
+        let ins = self.graph.operands(step.node);
+        let shape = |v: Value| self.graph.value_type(v).shape.eval(&b).map_err(contract);
+        let ins: Vec<(u64, Vec<usize>)> =
+            ins.iter().map(|&v| Ok((self.ptr(v, &plan, 0, true)?, shape(v)?))).collect::<Result<_, CudaError>>()?;
+        let out = Value::new(step.node, 0);
+        let outs = [(self.ptr(out, &plan, 0, true)?, shape(out)?)];
+        let ins: Vec<(u64, &[usize])> = ins.iter().map(|(p, s)| (*p, s.as_slice())).collect();
+        let outs: Vec<(u64, &[usize])> = outs.iter().map(|(p, s)| (*p, s.as_slice())).collect();
+        let syms = dev(&self.syms_dev, &self.stream);
+        launch_node(self.lane(), &self.kernels[k], &node.op, &ins, &outs, &b, syms)?;
+        self.logits_stale = false;
+        Ok(())
+    }
+
     /// One decode step's launches: the graph, greedy sampling into the ids, step end.
     fn record_step(&self, b: &Bindings, plan: &MemoryPlan, captured: bool) -> Result<usize, CudaError> {
         let early = captured && self.opts.attention_early && !attention_early_off_by_env();
@@ -2863,6 +2911,7 @@ impl CudaEngine {
         } else {
             self.launches_per_step = self.record_step(&b, &plan, false)?;
         }
+        self.logits_stale = self.folds() && self.logits_cast.is_some();
         self.past += 1;
         Ok(())
     }
@@ -2917,6 +2966,9 @@ impl CudaEngine {
     /// The logits `[batch, vocab]` of the last forward pass (prefill: of the last prompt
     /// only, in row 0), after waiting for the queue. For checks and debugging.
     pub fn logits(&mut self) -> Result<Vec<f32>, CudaError> {
+        if self.logits_stale {
+            self.logits_cast()?;
+        }
         self.synchronize()?;
         let Some(Loc::Output(i)) = self.locs.get(&self.logits).copied() else {
             return Err(contract("the logits have no buffer".into()));
