@@ -849,148 +849,9 @@ fn gemv_scaled_chained(
     };
     let pro_out = |j: usize| Role::Out((e + 1 + j) as u8);
 
-    // The staging pass for the one row of x: A into the staging, the reductions'
-    // partial sums, block 0's stores of the written outputs; a barrier; then every
-    // thread combines the warps' partials and computes S, before its products (whose
-    // weights are still in flight). Every load of the pass (the columns' and those S
-    // needs besides the reductions, e.g. ε) is issued before the first use of any.
-    let mut g = Gen::new(&pro, syms);
-    g.in_base = 1;
-    g.indent = 2;
-    let ncols = g.dim(&cols.numel())?;
-    let reds: Vec<(usize, Reduction)> = plan
-        .reductions
-        .iter()
-        .map(|&k| {
-            let Op::Reduce { op, .. } = pro.nodes[k].op else { unreachable!("reductions") };
-            Ok((k, reduction(op, pro.ty(pro.nodes[k].operands[0]).expect("checked").dtype, k)?))
-        })
-        .collect::<Result<_, CodegenError>>()?;
-    let product = |vals: &[String]| -> String {
-        if vals.is_empty() {
-            "1.0f".to_string()
-        } else {
-            vals.iter().map(|v| format!("(float){v}")).collect::<Vec<_>>().join(" * ")
-        }
-    };
-    let Some(ncols_fixed) = cols.numel().as_fixed() else {
-        return err("gemv_scaled: the prologue's column count must be fixed");
-    };
-    let per_thread = ncols_fixed.div_ceil(32 * cfg.warps).max(1);
-    g.line("const i64 row = 0;");
-    let row = g.delinearize("row", rows.dims())?;
-    g.row = Some(row.clone());
-    for (i, (_, red)) in reds.iter().enumerate() {
-        g.line(format!("float gv_acc{i} = {};", red.init));
-    }
-    for (w, &o) in plan.written.iter().enumerate() {
-        let c = compute(pro.ty(pro.outputs[o]).expect("checked").dtype, "a prologue output")?;
-        g.line(format!("{c} gv_w{w}[{per_thread}];"));
-    }
-    // Lines that compute indices or load go first (in order), the rest after them. A
-    // generated branch (concat) cannot be split so.
-    let mut loads = String::new();
-    let mut rest = String::new();
-    let split = |code: String, loads: &mut String, rest: &mut String| -> Result<(), CodegenError> {
-        for l in code.lines() {
-            let t = l.trim_start();
-            if t.contains('{') || t.contains('}') {
-                return err("gemv_scaled: the prologue needs branches (concat) in its column loop");
-            }
-            let early = t.starts_with("const i64 ") || t.starts_with("const bool ") || t.contains("kiln_ld(");
-            writeln!(if early { &mut *loads } else { &mut *rest }, "{l}").expect("to a string");
-        }
-        Ok(())
-    };
-    // The thread's columns unrolled by hand, without a branch: a thread past the last
-    // column computes the last column again (its staging store writes the same value)
-    // and adds the reduction's identity.
-    for u in 0..per_thread {
-        let before = std::mem::take(&mut g.lines);
-        g.line(format!("const i64 gv_j{u} = threadIdx.x + {u} * (32 * GV_WARPS);"));
-        g.line(format!("const bool gv_ok{u} = gv_j{u} < {ncols};"));
-        g.line(format!("const i64 j{u} = gv_ok{u} ? gv_j{u} : {ncols} - 1;"));
-        let cc = g.delinearize(&format!("j{u}"), cols.dims())?;
-        let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
-        let mut av = Vec::new();
-        for &r in &plan.a {
-            av.push(g.value(r, &coord)?);
-        }
-        g.line(format!("gv_stage(xs, 0, j{u}, {}, vec, nv, len);", product(&av)));
-        for (i, (k, red)) in reds.iter().enumerate() {
-            let v = g.value(pro.nodes[*k].operands[0], &coord)?;
-            let acc = format!("gv_acc{i}");
-            let v = format!("(gv_ok{u} ? (float){v} : {})", red.init);
-            g.line(format!("{acc} = {};", substitute(red.combine, &[&acc, &v])));
-        }
-        for (w, &o) in plan.written.iter().enumerate() {
-            let v = g.value(pro.outputs[o], &coord)?;
-            g.line(format!("gv_w{w}[{u}] = {v};"));
-        }
-        let code = std::mem::replace(&mut g.lines, before);
-        split(code, &mut loads, &mut rest)?;
-    }
-    // S, with the reductions as locals combined after the barrier.
-    let before = std::mem::take(&mut g.lines);
-    for (i, (k, _)) in reds.iter().enumerate() {
-        g.reduced.insert(*k, format!("gv_red_v{i}"));
-    }
-    let mut sv = Vec::new();
-    for &r in &plan.s {
-        let rank = pro.ty(r).expect("checked").shape.rank();
-        let mut c = row.clone();
-        c.resize(rank, String::from("0"));
-        sv.push(g.value(r, &c)?);
-    }
-    g.line(format!("gv_s[0] = {};", product(&sv)));
-    let s_code = std::mem::replace(&mut g.lines, before);
-    let mut s_rest = String::new();
-    split(s_code, &mut loads, &mut s_rest)?;
-    g.lines.push_str(&loads);
-    g.lines.push_str(&rest);
-    for (i, (_, red)) in reds.iter().enumerate() {
-        let acc = format!("gv_acc{i}");
-        let shfl = substitute(red.combine, &[&acc, &format!("__shfl_xor_sync(0xffffffffu, {acc}, s)")]);
-        g.line(format!("for (int s = 16; s > 0; s >>= 1) {acc} = {shfl};"));
-        g.line(format!("if (lane == 0) gv_red[{i} * GV_WARPS + warp] = {acc};"));
-    }
-    if !plan.written.is_empty() {
-        g.line("if (blockIdx.x == 0) {");
-        for u in 0..per_thread {
-            g.line(format!("    if (gv_ok{u}) {{"));
-            for (w, &o) in plan.written.iter().enumerate() {
-                g.line(format!("        kiln_st({}, row * {ncols} + j{u}, gv_w{w}[{u}]);", pro_out(o).c_name()));
-            }
-            g.line("    }");
-        }
-        g.line("}");
-    }
-    g.line("__syncthreads();  // the warps' partials are complete");
-    for (i, (k, red)) in reds.iter().enumerate() {
-        let acc = format!("gv_t{i}");
-        g.line(format!("float {acc} = gv_red[{i} * GV_WARPS];"));
-        let c = substitute(red.combine, &[&acc, &format!("gv_red[{i} * GV_WARPS + w]")]);
-        g.line(format!("for (int w = 1; w < GV_WARPS; ++w) {acc} = {c};"));
-        let n = &pro.nodes[*k];
-        let Op::Reduce { op, .. } = n.op else { unreachable!("reductions") };
-        let value = match op {
-            ReduceOp::Mean => format!("{acc} / (float){ncols}"),
-            _ => acc.clone(),
-        };
-        g.line(format!("const float gv_red_v{i} = {};", finish(value, n.outputs[0].dtype)));
-    }
-    g.lines.push_str(&s_rest);
-    let staging = std::mem::take(&mut g.lines);
-    let head = g.dim_decls()?;
-    let block = |code: &str| {
-        let mut t = String::from("        {\n");
-        for l in head.lines().chain(code.lines()) {
-            writeln!(t, "        {l}").expect("to a string");
-        }
-        t.push_str("        }");
-        t
-    };
-    let staging = block(&staging);
+    // The staging pass for the one row of x (see `scaled_staging`).
+    let (staging, nred, ncols_fixed) =
+        scaled_staging(&pro, &plan, (&rows, &cols), syms, cfg.warps, 1, &|j| pro_out(j))?;
 
     // The epilogue, as gemv_epilogue generates it.
     let (epi_text, epi_defines) = match (&form, mode) {
@@ -1122,7 +983,7 @@ fn gemv_scaled_chained(
         let (template, mut defines, grid, smem) = decode::gemv_stream_parts((xs, ws, ys), wt.dtype, k, &staging);
         defines.extend([
             ("GS_SCALE", "1".to_string()),
-            ("GV_NRED", reds.len().max(1).to_string()),
+            ("GV_NRED", nred.max(1).to_string()),
             ("GS_X", "((const KILN_X*)0)".to_string()),
             ("GS_W", Role::In((nin + 1) as u8).c_name()),
             ("GS_Y", Role::Out(e as u8).c_name()),
@@ -1136,7 +997,7 @@ fn gemv_scaled_chained(
         ("GV_PROLOGUE", "1".to_string()),
         ("GV_SCALE", "1".to_string()),
         ("GV_SCALE_LOOP", u8::from(mode != EpiMode::Block).to_string()),
-        ("GV_NRED", reds.len().max(1).to_string()),
+        ("GV_NRED", nred.max(1).to_string()),
         ("GV_X", "((const KILN_X*)0)".to_string()),
         ("GV_W", Role::In((nin + 1) as u8).c_name()),
         ("GV_Y", Role::Out(e as u8).c_name()),
@@ -1175,6 +1036,165 @@ fn gemv_scaled_chained(
     let bounded = format!("__global__ void __launch_bounds__({threads}, {min_blocks}) {}(", kernel.sig.name);
     kernel.source = kernel.source.replacen(&plain, &bounded, 1);
     Ok(kernel)
+}
+
+/// The staging pass of a scaled GEMV ([`gemv_scaled`]) for the prologue `pro` (with the
+/// factoring `plan`, rows and columns of x `rows`, `cols`), for blocks of `warps` warps:
+/// the code that stages A and computes S into `gv_s[0]` (its body inputs named
+/// `in{i + in_base}`, its written outputs `pro_out(j)`), the number of reductions, and
+/// the columns of x.
+#[allow(clippy::too_many_arguments)]
+fn scaled_staging(
+    pro: &FusedBody,
+    plan: &ScaledPrologue,
+    (rows, cols): (&Shape, &Shape),
+    syms: &[Sym],
+    warps: usize,
+    in_base: u8,
+    pro_out: &dyn Fn(usize) -> Role,
+) -> Result<(String, usize, usize), CodegenError> {
+    // The staging pass for the one row of x: A into the staging, the reductions'
+    // partial sums, block 0's stores of the written outputs; a barrier; then every
+    // thread combines the warps' partials and computes S, before its products (whose
+    // weights are still in flight). Every load of the pass (the columns' and those S
+    // needs besides the reductions, e.g. ε) is issued before the first use of any.
+    let mut g = Gen::new(pro, syms);
+    g.in_base = in_base;
+    g.indent = 2;
+    let ncols = g.dim(&cols.numel())?;
+    let reds: Vec<(usize, Reduction)> = plan
+        .reductions
+        .iter()
+        .map(|&k| {
+            let Op::Reduce { op, .. } = pro.nodes[k].op else { unreachable!("reductions") };
+            Ok((k, reduction(op, pro.ty(pro.nodes[k].operands[0]).expect("checked").dtype, k)?))
+        })
+        .collect::<Result<_, CodegenError>>()?;
+    let product = |vals: &[String]| -> String {
+        if vals.is_empty() {
+            "1.0f".to_string()
+        } else {
+            vals.iter().map(|v| format!("(float){v}")).collect::<Vec<_>>().join(" * ")
+        }
+    };
+    let Some(ncols_fixed) = cols.numel().as_fixed() else {
+        return err("gemv_scaled: the prologue's column count must be fixed");
+    };
+    let per_thread = ncols_fixed.div_ceil(32 * warps).max(1);
+    g.line("const i64 row = 0;");
+    let row = g.delinearize("row", rows.dims())?;
+    g.row = Some(row.clone());
+    for (i, (_, red)) in reds.iter().enumerate() {
+        g.line(format!("float gv_acc{i} = {};", red.init));
+    }
+    for (w, &o) in plan.written.iter().enumerate() {
+        let c = compute(pro.ty(pro.outputs[o]).expect("checked").dtype, "a prologue output")?;
+        g.line(format!("{c} gv_w{w}[{per_thread}];"));
+    }
+    // Lines that compute indices or load go first (in order), the rest after them. A
+    // generated branch (concat) cannot be split so.
+    let mut loads = String::new();
+    let mut rest = String::new();
+    let split = |code: String, loads: &mut String, rest: &mut String| -> Result<(), CodegenError> {
+        for l in code.lines() {
+            let t = l.trim_start();
+            if t.contains('{') || t.contains('}') {
+                return err("gemv_scaled: the prologue needs branches (concat) in its column loop");
+            }
+            let early = t.starts_with("const i64 ") || t.starts_with("const bool ") || t.contains("kiln_ld(");
+            writeln!(if early { &mut *loads } else { &mut *rest }, "{l}").expect("to a string");
+        }
+        Ok(())
+    };
+    // The thread's columns unrolled by hand, without a branch: a thread past the last
+    // column computes the last column again (its staging store writes the same value)
+    // and adds the reduction's identity.
+    for u in 0..per_thread {
+        let before = std::mem::take(&mut g.lines);
+        g.line(format!("const i64 gv_j{u} = threadIdx.x + {u} * (32 * GV_WARPS);"));
+        g.line(format!("const bool gv_ok{u} = gv_j{u} < {ncols};"));
+        g.line(format!("const i64 j{u} = gv_ok{u} ? gv_j{u} : {ncols} - 1;"));
+        let cc = g.delinearize(&format!("j{u}"), cols.dims())?;
+        let coord: Vec<String> = row.iter().cloned().chain(cc).collect();
+        let mut av = Vec::new();
+        for &r in &plan.a {
+            av.push(g.value(r, &coord)?);
+        }
+        g.line(format!("gv_stage(xs, 0, j{u}, {}, vec, nv, len);", product(&av)));
+        for (i, (k, red)) in reds.iter().enumerate() {
+            let v = g.value(pro.nodes[*k].operands[0], &coord)?;
+            let acc = format!("gv_acc{i}");
+            let v = format!("(gv_ok{u} ? (float){v} : {})", red.init);
+            g.line(format!("{acc} = {};", substitute(red.combine, &[&acc, &v])));
+        }
+        for (w, &o) in plan.written.iter().enumerate() {
+            let v = g.value(pro.outputs[o], &coord)?;
+            g.line(format!("gv_w{w}[{u}] = {v};"));
+        }
+        let code = std::mem::replace(&mut g.lines, before);
+        split(code, &mut loads, &mut rest)?;
+    }
+    // S, with the reductions as locals combined after the barrier.
+    let before = std::mem::take(&mut g.lines);
+    for (i, (k, _)) in reds.iter().enumerate() {
+        g.reduced.insert(*k, format!("gv_red_v{i}"));
+    }
+    let mut sv = Vec::new();
+    for &r in &plan.s {
+        let rank = pro.ty(r).expect("checked").shape.rank();
+        let mut c = row.clone();
+        c.resize(rank, String::from("0"));
+        sv.push(g.value(r, &c)?);
+    }
+    g.line(format!("gv_s[0] = {};", product(&sv)));
+    let s_code = std::mem::replace(&mut g.lines, before);
+    let mut s_rest = String::new();
+    split(s_code, &mut loads, &mut s_rest)?;
+    g.lines.push_str(&loads);
+    g.lines.push_str(&rest);
+    for (i, (_, red)) in reds.iter().enumerate() {
+        let acc = format!("gv_acc{i}");
+        let shfl = substitute(red.combine, &[&acc, &format!("__shfl_xor_sync(0xffffffffu, {acc}, s)")]);
+        g.line(format!("for (int s = 16; s > 0; s >>= 1) {acc} = {shfl};"));
+        g.line(format!("if (lane == 0) gv_red[{i} * GV_WARPS + warp] = {acc};"));
+    }
+    if !plan.written.is_empty() {
+        g.line("if (blockIdx.x == 0) {");
+        for u in 0..per_thread {
+            g.line(format!("    if (gv_ok{u}) {{"));
+            for (w, &o) in plan.written.iter().enumerate() {
+                g.line(format!("        kiln_st({}, row * {ncols} + j{u}, gv_w{w}[{u}]);", pro_out(o).c_name()));
+            }
+            g.line("    }");
+        }
+        g.line("}");
+    }
+    g.line("__syncthreads();  // the warps' partials are complete");
+    for (i, (k, red)) in reds.iter().enumerate() {
+        let acc = format!("gv_t{i}");
+        g.line(format!("float {acc} = gv_red[{i} * GV_WARPS];"));
+        let c = substitute(red.combine, &[&acc, &format!("gv_red[{i} * GV_WARPS + w]")]);
+        g.line(format!("for (int w = 1; w < GV_WARPS; ++w) {acc} = {c};"));
+        let n = &pro.nodes[*k];
+        let Op::Reduce { op, .. } = n.op else { unreachable!("reductions") };
+        let value = match op {
+            ReduceOp::Mean => format!("{acc} / (float){ncols}"),
+            _ => acc.clone(),
+        };
+        g.line(format!("const float gv_red_v{i} = {};", finish(value, n.outputs[0].dtype)));
+    }
+    g.lines.push_str(&s_rest);
+    let staging = std::mem::take(&mut g.lines);
+    let head = g.dim_decls()?;
+    let block = |code: &str| {
+        let mut t = String::from("        {\n");
+        for l in head.lines().chain(code.lines()) {
+            writeln!(t, "        {l}").expect("to a string");
+        }
+        t.push_str("        }");
+        t
+    };
+    Ok((block(&staging), reds.len(), ncols_fixed))
 }
 
 /// [`crate::kernels::render`] under the name `{prefix}_{hash}`, the hash that of the
