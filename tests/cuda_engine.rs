@@ -385,12 +385,15 @@ fn the_folded_greedy_sampling_picks_what_the_greedy_kernel_does() {
     }
 }
 
-/// WIP (`EngineOptions::oproj_chain`, `KILN_OPROJ_CHAIN=1`): the chained kernel that also
-/// computes o_proj first (its blocks count themselves, then spin before the MLP's
-/// prologue reads o_proj's output) computes the same bits as the three launches, two
-/// launches fewer per layer, in f32 and bf16, graph and eager.
+/// WIP (`EngineOptions::oproj_chain` / `qkv_chain`, `KILN_OPROJ_CHAIN=1` /
+/// `KILN_QKV_CHAIN=1`): the chained kernel that also computes o_proj first (its blocks
+/// count themselves, then spin before the MLP's prologue reads o_proj's output), and
+/// also the next layer's residual add, norm and qkv last (not after the last layer: the
+/// LM head keeps its own launch), computes the same bits as the separate launches, in f32
+/// and bf16, graph and eager: 2 launches fewer per layer with o_proj, one more with qkv
+/// (2 layers: 4, then 5).
 #[test]
-fn the_chained_o_proj_computes_what_its_own_launch_does() {
+fn the_chained_o_proj_and_qkv_compute_what_their_own_launches_do() {
     if !gpu() {
         return;
     }
@@ -398,12 +401,19 @@ fn the_chained_o_proj_computes_what_its_own_launch_does() {
     let prompt = test_prompt(9);
     for dt in [DType::F32, DType::BF16] {
         let (g, w) = compiled(&model, dt);
-        let run = |graphs: bool, chain: bool| {
-            let opts =
-                EngineOptions { mlp_chain: chain, oproj_chain: chain, stream_gemv: false, ..test_options(graphs) };
-            engine_run_with(&g, &w, &prompt, 6, opts)
-        };
-        switch_saves_launches(&format!("{dt}: the chained o_proj and down projection"), 2 * 2, run);
+        for (qkv_chain, saved) in [(false, 2 * 2), (true, 2 * 2 + 1)] {
+            let run = |graphs: bool, chain: bool| {
+                let opts = EngineOptions {
+                    mlp_chain: chain,
+                    oproj_chain: chain,
+                    qkv_chain: chain && qkv_chain,
+                    stream_gemv: false,
+                    ..test_options(graphs)
+                };
+                engine_run_with(&g, &w, &prompt, 6, opts)
+            };
+            switch_saves_launches(&format!("{dt}: the chained o_proj, down (and qkv: {qkv_chain})"), saved, run);
+        }
     }
 }
 

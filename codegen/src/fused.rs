@@ -670,9 +670,10 @@ pub fn gemv_scaled_epi_warp_chain(
     w2: DType,
     y2: DType,
     pre: Option<ChainPre>,
+    post: Option<&FusedBody>,
 ) -> Result<(Kernel, GemvConfig), CodegenError> {
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
-    let chain = Chain { w2, y2, pre };
+    let chain = Chain { w2, y2, pre, post };
     Ok((gemv_scaled_chained(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
 }
 
@@ -691,13 +692,14 @@ pub struct ChainPre {
     pub input: usize,
 }
 
-/// What [`gemv_scaled_chained`] chains: the next product's weight and y dtypes, and the
-/// product before, if any.
+/// What [`gemv_scaled_chained`] chains: the next product's weight and y dtypes, the
+/// product before, and the scaled product after (its group's body), if any.
 #[derive(Clone, Copy)]
-struct Chain {
+struct Chain<'a> {
     w2: DType,
     y2: DType,
     pre: Option<ChainPre>,
+    post: Option<&'a FusedBody>,
 }
 
 /// Epilogue slices (weight rows per warp) [`gemv_scaled_epi_warp`] takes at most.
@@ -808,7 +810,7 @@ fn gemv_scaled_chained(
     mode: EpiMode,
     stream: bool,
     argmax: bool,
-    chain: Option<Chain>,
+    chain: Option<Chain<'_>>,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
@@ -897,7 +899,9 @@ fn gemv_scaled_chained(
         }
         params.push((key, ParamTy::ptr("unsigned long long")));
     }
-    if let Some(Chain { w2, y2, pre }) = chain {
+    // The scaled product after (GV_CHAIN3): its staging code and reduction count.
+    let mut post_staging: Option<(String, usize)> = None;
+    if let Some(Chain { w2, y2, pre, post }) = chain {
         let epi = body.epilogue().expect("checked");
         let (Some(f), EpiMode::Warp, false, false) = (&form, mode, stream, argmax) else {
             return err("gemv_scaled_epi_warp_chain: the per-warp epilogue form only");
@@ -949,8 +953,57 @@ fn gemv_scaled_chained(
                 (Role::Part(0, 3), ParamTy::I64),
             ]);
         }
+        if let Some(b3) = post {
+            let what = "gemv_scaled_epi_warp_chain: the product after";
+            b3.check().map_err(|e| CodegenError(format!("{what}: {e}")))?;
+            let Ok(FusedKind::MatVec { prologue: pk3, x: x3, weight: w3i, epilogue: None }) = b3.kind() else {
+                return err(format!("{what} must be a matrix-vector group without an epilogue"));
+            };
+            let plan3 = scaled_prologue(b3)?;
+            let nin3 = b3.inputs.len() - 1;
+            let w3t = &b3.inputs[nin3];
+            let k3 = w3t.shape.dims().last().and_then(|d| d.as_fixed()).unwrap_or(0);
+            if w3i as usize != nin3 || w3t.dtype != wt.dtype || w3t.rank() != 2 {
+                return err(format!("{what}: its weight must be its last input, rank 2, of dtype {}", wt.dtype));
+            }
+            if k3 == 0 || k3 % vec != 0 || k3 > decode::GEMV_STAGED_FLOATS {
+                return err(format!("{what}: rows of {k3} elements must be whole 16-byte vectors and fit the staging"));
+            }
+            let pro3 = b3.prologue().expect("a matrix-vector body has a prologue");
+            let (rows3, cols3) = prologue_rows(*pk3, &b3.ty(x3).expect("checked").shape);
+            let out3 = |j: usize| Role::Out((100 + j) as u8);
+            let (staging3, nred3, ncols3) =
+                scaled_staging(&pro3, &plan3, (&rows3, &cols3), syms, cfg.warps, 101, &out3)?;
+            if ncols3 != k3 {
+                return err(format!("{what}: {ncols3} columns of x for rows of {k3}"));
+            }
+            for (j, &r) in pro3.outputs.iter().enumerate() {
+                let d = pro3.ty(r).expect("checked").dtype;
+                params.push((out3(j), ParamTy::ptr(storage(d, &format!("{what}'s prologue output {j}"))?)));
+            }
+            for (i, t) in b3.inputs[..nin3].iter().enumerate() {
+                let ty = ParamTy::const_ptr(storage(t.dtype, &format!("{what}'s input {i}"))?);
+                params.push((Role::In((101 + i) as u8), ty));
+            }
+            params.push((Role::In((101 + nin3) as u8), ParamTy::const_ptr(ws)));
+            let y3 = &b3.nodes[b3.matmul_node().expect("checked")].outputs[0];
+            params.push((Role::Out(99), ParamTy::ptr(decode::float_storage(y3.dtype, &format!("{what}'s y"))?)));
+            params.push((Role::Part(3, 0), ParamTy::I64));
+            post_staging = Some((staging3, nred3));
+        }
     }
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
+    if let (Some(b3), Some(_)) = (chain.and_then(|c| c.post), &post_staging) {
+        let nin3 = b3.inputs.len() - 1;
+        let k3 = b3.inputs[nin3].shape.dims().last().and_then(|d| d.as_fixed()).unwrap_or(0);
+        defines.extend([
+            ("GV_CHAIN3", "1".to_string()),
+            ("GV_C3_W", Role::In((101 + nin3) as u8).c_name()),
+            ("GV_C3_Y", Role::Out(99).c_name()),
+            ("GV_C3_N", Role::Part(3, 0).c_name()),
+            ("GV_C3_K", format!("{k3}LL")),
+        ]);
+    }
     if let Some(ChainPre { k, .. }) = chain.and_then(|c| c.pre) {
         defines.extend([
             ("GV_CHAIN0", "1".to_string()),
@@ -997,7 +1050,7 @@ fn gemv_scaled_chained(
         ("GV_PROLOGUE", "1".to_string()),
         ("GV_SCALE", "1".to_string()),
         ("GV_SCALE_LOOP", u8::from(mode != EpiMode::Block).to_string()),
-        ("GV_NRED", nred.max(1).to_string()),
+        ("GV_NRED", nred.max(post_staging.as_ref().map_or(0, |p| p.1)).max(1).to_string()),
         ("GV_X", "((const KILN_X*)0)".to_string()),
         ("GV_W", Role::In((nin + 1) as u8).c_name()),
         ("GV_Y", Role::Out(e as u8).c_name()),
@@ -1008,11 +1061,13 @@ fn gemv_scaled_chained(
         defines.extend([("GV_ARGMAX", "1".to_string()), ("GV_KEY", key.c_name())]);
     }
     let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
+        .replace("KILN_CHAIN_STAGING", post_staging.as_ref().map_or("", |p| p.0.as_str()))
         .replace("KILN_PROLOGUE", &staging)
         .replace("KILN_WARP_EPILOGUE", warp_epi)
         .replace("KILN_EPILOGUE", block_epi);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     let prefix = match mode {
+        EpiMode::Warp if chain.is_some_and(|c| c.post.is_some()) => "kiln_gemv_scaled_chain3",
         EpiMode::Warp if chain.is_some_and(|c| c.pre.is_some()) => "kiln_gemv_scaled_chain0",
         EpiMode::Warp if chain.is_some() => "kiln_gemv_scaled_chain",
         EpiMode::None if argmax => "kiln_gemv_scaled_amax",

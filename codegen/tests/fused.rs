@@ -493,6 +493,11 @@ template <class T> static T __shfl_xor_sync(unsigned, T v, int s) {
 "#;
 
 const MAIN: &str = r#"
+// Input k's memory as a kernel argument (a test prefix may redirect one, e.g. to an
+// output the same launch writes first).
+#ifndef KILN_IN_PTR
+#define KILN_IN_PTR(k) ins[k].data()
+#endif
 static std::vector<unsigned char> kiln_read(const std::string& path) {
     std::ifstream f(path, std::ios::binary);
     if (!f) { std::fprintf(stderr, "cannot read %s\n", path.c_str()); std::exit(2); }
@@ -639,7 +644,7 @@ fn compile_host(cxx: &str, kernel: &Kernel, tag: &str) -> HostKernel {
                 n_out += 1;
                 format!("({elem}*)outs[{k}].data()")
             }
-            (Role::In(k), ParamTy::Ptr { elem, .. }) => format!("(const {elem}*)ins[{k}].data()"),
+            (Role::In(k), ParamTy::Ptr { elem, .. }) => format!("(const {elem}*)(KILN_IN_PTR({k}))"),
             (Role::Syms, _) => "(i64*)syms.data()".to_string(),
             (Role::N, _) | (Role::MatN, _) => "n".to_string(),
             (Role::MatM, _) => "m".to_string(),
@@ -1268,16 +1273,18 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
     let table = graph_symbols(&fg);
     let (k, cfg) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
-    let (kc, ccfg) = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, None).unwrap();
+    let (kc, ccfg) =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, None, None).unwrap();
     assert_eq!(cfg, ccfg);
     let part = kernel_part(&kc);
     assert!(part.contains("#define GV_CHAIN 1") && part.contains("#define GV_CH_X out"), "{part}");
     // A chained weight of another dtype, or an epilogue width that is no whole vector: errors.
-    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::F32, DType::BF16, None).unwrap_err();
+    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::F32, DType::BF16, None, None).unwrap_err();
     assert!(e.0.contains("dtype"), "{e}");
     let (fg7, body7, _) = norm_swiglu_body_sized(hidden, 196);
-    let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body7, &graph_symbols(&fg7), DType::BF16, DType::BF16, None)
-        .unwrap_err();
+    let e =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body7, &graph_symbols(&fg7), DType::BF16, DType::BF16, None, None)
+            .unwrap_err();
     assert!(e.0.contains("16-byte vectors"), "{e}");
 
     let host = compile_host(cxx, &k, "chain_unchained");
@@ -1345,7 +1352,8 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     // The Llama-3.2-1B shape's kernel compiles for sm_90.
     let (fg1, body1, _) = norm_swiglu_body_sized(2048, 8192);
     let (k1, _) =
-        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16, None).unwrap();
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16, None, None)
+            .unwrap();
     std::fs::write(hc.dir.join("chain_1b.cu"), &k1.source).unwrap();
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
@@ -1373,7 +1381,8 @@ fn host_chained_gemv_computes_the_product_before_in_the_same_launch() {
     let table = graph_symbols(&fg);
     let xi = sources.iter().position(|o| matches!(o, Op::Input { name, .. } if name == "x")).unwrap();
     let pre = ChainPre { x0: DType::BF16, w0: DType::BF16, k: k0, input: xi };
-    let (kc, _) = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, Some(pre)).unwrap();
+    let (kc, _) =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, Some(pre), None).unwrap();
     let part = kernel_part(&kc);
     assert!(part.contains("#define GV_CHAIN0 1") && part.contains("#define GV_C0_K 320LL"), "{part}");
     for (bad, what) in [
@@ -1381,8 +1390,8 @@ fn host_chained_gemv_computes_the_product_before_in_the_same_launch() {
         (ChainPre { x0: DType::F32, ..pre }, "dtype"),
         (ChainPre { input: body.inputs.len() - 1, ..pre }, "inputs but the weight"),
     ] {
-        let e =
-            kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, Some(bad)).unwrap_err();
+        let e = kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, Some(bad), None)
+            .unwrap_err();
         assert!(e.0.contains(what), "{e}");
     }
     let b = bind(&[("seq", 1)]);
@@ -1439,10 +1448,152 @@ fn host_chained_gemv_computes_the_product_before_in_the_same_launch() {
     let (fg1, body1, src1) = norm_swiglu_body_sized(2048, 8192);
     let xi1 = src1.iter().position(|o| matches!(o, Op::Input { name, .. } if name == "x")).unwrap();
     let pre1 = ChainPre { k: 2048, input: xi1, ..pre };
-    let (k1, _) =
-        kiln_codegen::gemv_scaled_epi_warp_chain(&body1, &graph_symbols(&fg1), DType::BF16, DType::BF16, Some(pre1))
-            .unwrap();
+    let (k1, _) = kiln_codegen::gemv_scaled_epi_warp_chain(
+        &body1,
+        &graph_symbols(&fg1),
+        DType::BF16,
+        DType::BF16,
+        Some(pre1),
+        None,
+    )
+    .unwrap();
     std::fs::write(hc.dir.join("chain0_1b.cu"), &k1.source).unwrap();
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&kc, &k1]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+}
+
+/// A matrix-vector group like the next layer's qkv after an MLP: h2 = r + d (d: the down
+/// projection), its RMSNorm, then `[nq, hidden]` · it; outputs h2, the normed x and the
+/// product.
+fn residual_norm_body(hidden: usize, nq: usize) -> (Graph, FusedBody, Vec<Op>) {
+    let tr = Tracer::new();
+    let shape = || [Dim::fixed(1), seq(), Dim::fixed(hidden)];
+    let r = tr.input("r", DType::BF16, shape()).unwrap();
+    let d = tr.input("d", DType::BF16, shape()).unwrap();
+    let h2 = r.add(d).unwrap();
+    let n2 = h2.rms_norm(tr.param("n2", DType::BF16, [hidden]).unwrap(), 1e-6).unwrap();
+    tr.output("h2", h2).unwrap();
+    tr.output("normed", n2).unwrap();
+    tr.output("q", n2.linear(tr.param("wq", DType::BF16, [nq, hidden]).unwrap(), None).unwrap()).unwrap();
+    matvec_body_weight_last(&tr.finish().unwrap())
+}
+
+/// WIP (`KILN_QKV_CHAIN`): the chained kernel that also computes the scaled product after
+/// the down projection (`GV_CHAIN3`: the next layer's residual add, RMSNorm and qkv, its
+/// staging generated from its group), its blocks run concurrently on the host: z, y, y2
+/// and the product after's y3 and written h2 = r + y2 have the bits of the unchained
+/// kernel, the plain GEMV and the scaled one-row GEMV over those values, for launches of
+/// 25, 3 and 30 blocks; the product after reads y2 where the launch wrote it (its `d`
+/// input is redirected to y2's memory); the counters are zero again after each.
+#[test]
+fn host_chained_gemv_computes_the_scaled_product_after_in_the_same_launch() {
+    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
+    let Some(cxx) = host_cxx() else { return };
+    let (inter, hidden, nq) = (200, 256, 96);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let (_, b3, s3) = residual_norm_body(hidden, nq);
+    let table = graph_symbols(&fg);
+    let (kc, _) =
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, None, Some(&b3)).unwrap();
+    let part = kernel_part(&kc);
+    assert!(part.contains("#define GV_CHAIN3 1") && part.contains("#define GV_C3_Y out99"), "{part}");
+    // A product after that is no plain matrix-vector group: an error.
+    assert!(
+        kiln_codegen::gemv_scaled_epi_warp_chain(&body, &table, DType::BF16, DType::BF16, None, Some(&body)).is_err()
+    );
+    let b = bind(&[("seq", 1)]);
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let inputs = body_inputs(&body, &sources, &b, 0x3c6e_f372_fe94_f82b);
+    let mut r = Rng(0xa54f_f53a_5f1d_36f1);
+    let w2 = random(&mut r, DType::BF16, &[hidden, inter]);
+    // The reference: the unchained kernel, the plain GEMV over z, the scaled GEMV after.
+    let (k, _) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
+    let host = compile_host(cxx, &k, "chain3_unchained");
+    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    let outs = [2 * inter, 4 * inter, 2 * hidden];
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let plain = host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (25, threads), &outs);
+    let z = tensor_of(DType::BF16, &[1, inter], &plain[0]);
+    let gcfg = GemvConfig::for_shape(
+        1,
+        weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[hidden, inter]))),
+    );
+    let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, gcfg).unwrap();
+    let hg = compile_host(cxx, &gk, "chain3_plain_down");
+    let Grid::BlockPerItem { threads: gt } = gk.grid else { panic!("{:?}", gk.grid) };
+    let y2 = hg
+        .run_gemv(&[Some(&z), Some(&w2)], &[], (1, hidden, inter), (gemv_items_with(hidden, gcfg), gt), &[2 * hidden])
+        .remove(0);
+    let named =
+        |src: &[Op], name: &str| src.iter().position(|o| matches!(o, Op::Input { name: n, .. } if n == name)).unwrap();
+    let (xi, ri, di) = (named(&sources, "x"), named(&s3, "r"), named(&s3, "d"));
+    let mut in3 = body_inputs(&b3, &s3, &b, 0x1f83_d9ab_fb41_bd6b);
+    in3[ri] = inputs[xi].clone();
+    in3[di] = tensor_of(DType::BF16, &[1, 1, hidden], &y2);
+    let (k3, _) = kiln_codegen::gemv_scaled_one_row(&b3, &table).unwrap();
+    let h3 = compile_host(cxx, &k3, "chain3_plain_after");
+    let Grid::BlockPerItem { threads: t3 } = k3.grid else { panic!("{:?}", k3.grid) };
+    let ins3: Vec<Option<&HostTensor>> = std::iter::once(None).chain(in3.iter().map(Some)).collect();
+    let n_pro3 = b3.prologue().unwrap().outputs.len();
+    let pro_bytes = vec![2 * hidden; n_pro3];
+    let mut outs3 = vec![2 * nq];
+    outs3.extend(&pro_bytes);
+    let after = h3.run_gemv(&ins3, &syms, (1, nq, hidden), (4, t3), &outs3);
+
+    // The chained kernel: its product after's input d reads y2's memory (the last output).
+    let nin3 = b3.inputs.len() - 1;
+    let mut cins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    cins.resize(101, None);
+    cins.extend(in3.iter().map(Some));
+    assert_eq!(cins.len(), 102 + nin3);
+    let garbage = tensor_of(DType::BF16, &[1, 1, hidden], &vec![0xffu8; 2 * hidden]);
+    cins[101 + di] = Some(&garbage);
+    cins.push(Some(&w2));
+    let prefix = format!(
+        "{CONCURRENT}\n#define KILN_IN_PTR(k) ((k) == {} ? (const void*)outs.back().data() : (const void*)ins[k].data())\n",
+        101 + di
+    );
+    let hc = compile_host_prefixed(cxx, &kc, "chain3_chained", &prefix);
+    let scal: Vec<u8> = [hidden as i64, nq as i64].iter().flat_map(|v| v.to_le_bytes()).collect();
+    std::fs::write(hc.dir.join("scalars.bin"), scal).unwrap();
+    std::fs::write(hc.dir.join("dump_counters"), b"").unwrap();
+    // Outputs: z, y, normed; 96 unused; y3 (out99), the product after's prologue outputs
+    // (out100, ...), then y2.
+    let mut couts = outs.to_vec();
+    couts.resize(99, 0);
+    couts.push(2 * nq);
+    couts.extend(&pro_bytes);
+    couts.push(2 * hidden);
+    for grid in [25, 3, 30] {
+        let got = hc.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (grid, threads), &couts);
+        assert_eq!(got[0], plain[0], "{grid} blocks: z differs from the unchained kernel's");
+        assert_eq!(got[1], plain[1], "{grid} blocks: y differs from the unchained kernel's");
+        assert_eq!(got[couts.len() - 1], y2, "{grid} blocks: y2 differs from the plain GEMV's over z");
+        assert_eq!(got[99], after[0], "{grid} blocks: y3 differs from the scaled GEMV's");
+        for j in 0..n_pro3 {
+            assert_eq!(got[100 + j], after[1 + j], "{grid} blocks: the product after's prologue output {j}");
+        }
+        let ctr = std::fs::read(hc.dir.join("counters.bin")).unwrap();
+        assert!(ctr.iter().all(|&c| c == 0), "{grid} blocks: counters left {:?}", &ctr[..8]);
+    }
+    // The Llama-3.2-1B shape's kernel with all three chained products compiles for sm_90.
+    let (fg1, body1, src1) = norm_swiglu_body_sized(2048, 8192);
+    let (_, b31, _) = residual_norm_body(2048, 3072);
+    let pre = kiln_codegen::ChainPre { x0: DType::BF16, w0: DType::BF16, k: 2048, input: named(&src1, "x") };
+    let (k1, _) = kiln_codegen::gemv_scaled_epi_warp_chain(
+        &body1,
+        &graph_symbols(&fg1),
+        DType::BF16,
+        DType::BF16,
+        Some(pre),
+        Some(&b31),
+    )
+    .unwrap();
+    std::fs::write(hc.dir.join("chain3_1b.cu"), &k1.source).unwrap();
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
         c.compile_all(&[&kc, &k1]).unwrap_or_else(|e| panic!("{e}"));
@@ -2017,8 +2168,13 @@ fn norm_swiglu_body_sized(hidden: usize, inter: usize) -> (Graph, FusedBody, Vec
     tr.output("normed", h).unwrap();
     tr.output("z", z).unwrap();
     tr.output("y", y).unwrap();
-    let g = tr.finish().unwrap();
-    let (fg, _, mut sources) = fuse_all(&g);
+    matvec_body_weight_last(&tr.finish().unwrap())
+}
+
+/// [`fuse_all`] of a graph that is one matrix-vector group, with the weight moved to the
+/// body's last input (where the matrix-vector kernels take it).
+fn matvec_body_weight_last(g: &Graph) -> (Graph, FusedBody, Vec<Op>) {
+    let (fg, _, mut sources) = fuse_all(g);
     let mut body = match &fg.node(fg.topo_order().into_iter().find(|&n| fg.node(n).op.name() == "fused").unwrap()).op {
         Op::Fused(b) => (**b).clone(),
         _ => unreachable!(),

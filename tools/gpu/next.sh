@@ -5,8 +5,8 @@
 # the default beside its configurations, ROUNDS rounds, default 2):
 #
 #   bash tools/gpu/next.sh 1   # where the step goes, per block; the GPU tests with knobs
-#   bash tools/gpu/next.sh 2   # the most promising single knobs (MLP_CHAIN among them)
-#   bash tools/gpu/next.sh 3   # the other single knobs
+#   bash tools/gpu/next.sh 2   # the most promising single knobs (the chained kernels)
+#   bash tools/gpu/next.sh 3   # the other single knobs (7: the rest of them)
 #   bash tools/gpu/next.sh 4   # register budgets (wip/residency), with and without PF
 #   EXTRA="label=VAR=V,..." bash tools/gpu/next.sh 5   # combinations, and one more
 #   CFG="label=VAR=V,..." bash tools/gpu/next.sh 6     # SmolLM2 with the chosen knobs
@@ -42,6 +42,8 @@
 #                    prefetches the rest of each warp's first down row into L2 before
 #                    the spin (with the register loads: the whole down weight requested);
 #   OPROJ_CHAIN=1    with MLP_CHAIN: o_proj in the same launch too (before gate_up)
+#   QKV_CHAIN=1      with MLP_CHAIN: the next layer's residual add + norm + qkv too
+#                    (after down): with OPROJ_CHAIN, 2 launches per layer
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/kiln-gpu}
@@ -62,7 +64,7 @@ if [ "$part" = 1 ]; then
     for tag in default hoist chain; do
         envs=(KILN_TRACE_BLOCKS=1)
         [ "$tag" = hoist ] && envs+=(KILN_ATTN_HOIST=1)
-        [ "$tag" = chain ] && envs+=(KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1)
+        [ "$tag" = chain ] && envs+=(KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1 KILN_QKV_CHAIN=1)
         env "${envs[@]}" timeout 240 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
             || echo "timeline $tag failed (rc $?)"
     done
@@ -70,7 +72,7 @@ if [ "$part" = 1 ]; then
     K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
         "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4 KILN_EPI_WARP_PER_SM=1" \
-        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1" "cuda_engine KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1"; do
+        "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1" "cuda_engine KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1 KILN_QKV_CHAIN=1"; do
         read -r t envs <<<"$spec"
         log="$OUT/knobs-$t-${envs//[ =]/_}.log"
         # shellcheck disable=SC2086
@@ -87,12 +89,16 @@ if [ "$part" = 1 ]; then
         grep -E "decode .*tok/s|^ *1 " "$OUT/tl-$tag.log" | head -3
     done
 elif [ "$part" = 2 ]; then
-    # The most promising single knobs.
-    ab "stage64=KILN_ATTN_STAGE_KIB=64" "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "fold=KILN_GREEDY_FOLD=1" \
-        "chain=KILN_MLP_CHAIN=1" "chain2=KILN_MLP_CHAIN=2" "chain2+o=KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1"
+    # The most promising single knobs: the chained kernels, 64 KiB attention stages, the
+    # folded greedy sampling.
+    ab "stage64=KILN_ATTN_STAGE_KIB=64" "fold=KILN_GREEDY_FOLD=1" "chain=KILN_MLP_CHAIN=1" \
+        "chain2=KILN_MLP_CHAIN=2" "chain2+o=KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1" \
+        "chain2+o+q=KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1,KILN_QKV_CHAIN=1"
 elif [ "$part" = 3 ]; then
-    ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "gkey=KILN_GREEDY_KEY=1" \
-        "hoist=KILN_ATTN_HOIST=1" "chunk64=KILN_ATTN_MIN_CHUNK=64" "chunk128=KILN_ATTN_MIN_CHUNK=128"
+    ab "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "hoist=KILN_ATTN_HOIST=1" "chunk128=KILN_ATTN_MIN_CHUNK=128" \
+        "gkey=KILN_GREEDY_KEY=1"
+elif [ "$part" = 7 ]; then
+    ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "chunk64=KILN_ATTN_MIN_CHUNK=64"
 elif [ "$part" = 4 ]; then
     U2="KILN_EPI_WARP_LOADS=4,KILN_EPI_WARP_BOUNDS=3,KILN_EPI_WARP_PER_SM=2,KILN_GEMV_MAXREG=2048x8192=48"
     ab "res=$U2" "res+pf1=$U2,KILN_GEMV_PF=1" "pps1=KILN_EPI_WARP_PER_SM=1" \
@@ -105,6 +111,6 @@ elif [ "$part" = 6 ]; then
 else
     ALL="KILN_ATTN_STAGE_KIB=64,KILN_GEMV_PF=1,KILN_GREEDY_FOLD=1"
     ab "stage64+pf1+fold=$ALL" "stage64+pf1+ra8+fold=$ALL,KILN_GEMV_RA=8192" "splits1=KILN_ATTN_SPLITS=1" \
-        "stage64+pf1+fold+chain2+o=$ALL,KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1" \
+        "stage64+pf1+fold+chain2+o+q=$ALL,KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1,KILN_QKV_CHAIN=1" \
         "chunk64+splits4=KILN_ATTN_MIN_CHUNK=64,KILN_ATTN_SPLITS=4" ${EXTRA:+"$EXTRA"}
 fi

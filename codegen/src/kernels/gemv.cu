@@ -79,6 +79,14 @@
 // y0 = x0 · w0ᵀ with the plain one-row GEMV's bits; then (barrier, thread 0's fence) the
 // block counts itself into GV_CH_CTR[64], issues its first tile's weight loads, and its thread 0 spins until
 // every block has counted, where it would otherwise wait for the previous kernel.
+// GV_CHAIN3 (with GV_CHAIN; KILN_QKV_CHAIN): the scaled one-row product that reads y2
+// (the next layer's qkv, whose prologue adds y2 to the residual and norms it) runs last in
+// the same launch: when a block has stored its rows of y2, it counts itself into
+// GV_CH_CTR[96], issues the first loads of its first row of w3 and spins until every
+// block has counted; then it stages A and computes S with the group's generated staging
+// code (put at the marker below; block 0 also writing the prologue's written outputs) and
+// computes rows blockIdx.x + gridDim.x·warp, ... of y3 = S · (A · w3ᵀ), with the scaled
+// GEMV's bits.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
@@ -109,6 +117,9 @@
 #endif
 #ifndef GV_CHAIN0
 #define GV_CHAIN0 0
+#endif
+#ifndef GV_CHAIN3
+#define GV_CHAIN3 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -274,10 +285,11 @@ __device__ __forceinline__ void gv_readahead(const void* w) {
 // of y = x · wᵀ for one row of x staged in xs4 as the plain GEMV stages it (plane-major,
 // nv 16-byte vectors per row of w), as the plain one-row GEMV computes them (lane L
 // takes vectors L, L + 32, ..., f32 sums, one rounding); cw holds the first row's first
-// step, already issued.
+// step, already issued. The sums are multiplied by `scale` (a scaled GEMV's S; 1: none)
+// before they are stored.
 template <class TY>
 __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN_W* w, TY* y, i64 n, int nv, i64 first,
-                                              int lane, const kiln_f4* xs4) {
+                                              int lane, const kiln_f4* xs4, float scale) {
     for (i64 row = first; row < n; row += (i64)gridDim.x * GV_WARPS) {
         float acc = 0.0f;
         for (int c0 = 0; c0 < nv; c0 += 32 * GV_CH_U) {
@@ -309,7 +321,7 @@ __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN
         }
 #pragma unroll
         for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-        if (lane == 0) kiln_st(y, row, acc);
+        if (lane == 0) kiln_st(y, row, acc * scale);
     }
 }
 // The first step of row `row` of w (rows of nv vectors) into cw (nothing past n).
@@ -428,7 +440,7 @@ KILN_SIGNATURE {
         kiln_grid_wait();  // x0 is written by the previous kernel
         gv_chain_stage<1>(xs4, GV_C0_X, nv0, false);
         __syncthreads();
-        gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4);
+        gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4, 1.0f);
         // This block's rows of y0 (the barrier orders every warp's stores before thread 0's
         // fence, which makes them visible device-wide before the count; as a cooperative
         // grid sync does). The barrier also ends every warp's use of the staging.
@@ -678,13 +690,42 @@ KILN_EPILOGUE
         __syncthreads();
         gv_chain_stage<2>(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
         __syncthreads();
-        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4);
+        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f);
+#if GV_CHAIN3
+        {
+            // ---- the chained scaled product after (see GV_CHAIN3 above) ----
+            __syncthreads();  // this block's rows of y2 (and every warp done with z's staging)
+            if (threadIdx.x == 0) {
+                __threadfence();
+                atomicAdd(GV_CH_CTR + 96, 1u);
+            }
+            const int nv3 = (int)(GV_C3_K / KILN_VEC);
+            const i64 first3 = (i64)blockIdx.x + (i64)gridDim.x * warp;
+            kiln_u4 cw3[GV_CH_U];
+            gv_chain_first(cw3, GV_C3_W, GV_C3_N, nv3, first3, lane);  // weights: before the spin
+            if (threadIdx.x == 0) {
+                kiln_spin_until(GV_CH_CTR + 96, gridDim.x);
+                __threadfence();
+            }
+            __syncthreads();
+            float gv_s[1];
+            {
+                const bool vec = true;  // rows of whole 16-byte vectors (the host checks)
+                const int len = (int)GV_C3_K;
+                const int nv = nv3;
+KILN_CHAIN_STAGING
+            }
+            __syncthreads();  // A is staged
+            gv_chain_rows(cw3, GV_C3_W, GV_C3_Y, GV_C3_N, nv3, first3, lane, xs4, gv_s[0]);
+        }
+#endif
         // The last block out zeroes the counters (every block has passed its spin).
         __syncthreads();
         if (threadIdx.x == 0 && atomicAdd(GV_CH_CTR + 32, 1u) == gridDim.x - 1) {
             GV_CH_CTR[0] = 0u;
             GV_CH_CTR[32] = 0u;
             GV_CH_CTR[64] = 0u;
+            GV_CH_CTR[96] = 0u;
         }
     }
 #endif

@@ -115,6 +115,9 @@ pub struct EngineOptions {
     /// WIP (with `mlp_chain`; also `KILN_OPROJ_CHAIN=1` in the environment): chain the
     /// one-row GEMV before it too (o_proj, whose output the MLP's prologue reads).
     pub oproj_chain: bool,
+    /// WIP (with `mlp_chain`; also `KILN_QKV_CHAIN=1` in the environment): chain the
+    /// scaled one-row GEMV after it too (the next layer's residual add, norm and qkv).
+    pub qkv_chain: bool,
     /// WIP (a measurement switch, off by default; also `KILN_GREEDY_FOLD=1` in the
     /// environment): at batch 1 the LM head's GEMV samples greedily itself (see
     /// `ScaledRun::argmax`), and the decode step leaves the logits' cast to f32 to
@@ -142,6 +145,7 @@ impl Default for EngineOptions {
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
             mlp_chain: false,
             oproj_chain: false,
+            qkv_chain: false,
             greedy_fold: false,
         }
     }
@@ -311,6 +315,9 @@ struct ScaledRun {
 /// `pre` (knob `KILN_OPROJ_CHAIN=1`): the step before, a one-row GEMV whose output the
 /// group reads (o_proj), computed first in the same launch (`kiln_codegen::ChainPre`),
 /// so it launches nothing either at one row.
+/// `post` (knob `KILN_QKV_CHAIN=1`): the step after `down`, a scaled one-row GEMV whose
+/// group reads its output (the next layer's residual add, norm and qkv), computed last
+/// in the same launch; it launches nothing either at one row.
 #[derive(Clone, Copy)]
 struct ChainRun {
     kernel: usize,
@@ -318,23 +325,31 @@ struct ChainRun {
     down: usize,
     ctr: usize,
     pre: Option<usize>,
+    post: Option<usize>,
 }
 
 /// A chained launch's arguments beyond the group's: the next step's weight, its y and
 /// its rows; the step before's weight, y, x and rows (with `ChainRun::pre`).
-#[derive(Clone, Copy)]
+/// With `ChainRun::post`, the step after's parameters by role, and its rows.
 struct ChainArgs {
     run: ChainRun,
     w2: u64,
     y2: u64,
     n2: usize,
     pre: Option<(u64, u64, u64, usize)>,
+    post: Option<(Vec<(Role, u64)>, usize)>,
 }
 
 /// `KILN_OPROJ_CHAIN=1` in the environment (a measurement knob, off by default; with
 /// `KILN_MLP_CHAIN`): see [`ChainRun::pre`].
 fn oproj_chain_by_env() -> bool {
     std::env::var("KILN_OPROJ_CHAIN").is_ok_and(|v| v == "1")
+}
+
+/// `KILN_QKV_CHAIN=1` in the environment (a measurement knob, off by default; with
+/// `KILN_MLP_CHAIN`): see [`ChainRun::post`].
+fn qkv_chain_by_env() -> bool {
+    std::env::var("KILN_QKV_CHAIN").is_ok_and(|v| v == "1")
 }
 
 /// `KILN_MLP_CHAIN=1` (or `2`: with an L2 prefetch of each warp's first row, see
@@ -1315,12 +1330,32 @@ impl CudaEngine {
                     ok.then_some((p, kiln_codegen::ChainPre { x0, w0: w0.dtype, k: d[1], input }))
                 });
                 let before = before.filter(|_| opts.oproj_chain || oproj_chain_by_env());
-                let mut made = kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2, before.map(|b| b.1));
-                let mut pre = before.map(|b| b.0);
-                if let (Err(e), Some(_)) = (&made, before) {
-                    tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV before (KILN_OPROJ_CHAIN)");
-                    made = kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2, None);
-                    pre = None;
+                // KILN_QKV_CHAIN=1: also the scaled one-row GEMV just after, whose group reads
+                // y2 (the next layer's qkv; not the LM head, which may sample itself).
+                let lm_head = lm_head_step(&graph, &steps, logits);
+                let after = (j + 1..steps.len()).find(|&q| !matches!(steps[q].run, Run::Nothing)).and_then(|q| {
+                    let nq = steps[q].node;
+                    let Op::Fused(b3) = &graph.node(nq).op else { return None };
+                    let Run::MatVec { scaled: Some(sr3), epilogue: None, .. } = &steps[q].run else { return None };
+                    let k3 = b3.inputs.last()?.shape.dims().last()?.as_fixed()?;
+                    let reads_y2 = graph.operands(nq).contains(&Value::new(nj, 0));
+                    let ok = reads_y2
+                        && Some(q) != lm_head
+                        && sr3.argmax.is_none()
+                        && steps[q].group.is_none()
+                        && decode::gemv_prologue_fits(1, k3);
+                    ok.then_some((q, b3.as_ref()))
+                });
+                let after = after.filter(|_| opts.qkv_chain || qkv_chain_by_env());
+                let chain = |pre: Option<kiln_codegen::ChainPre>, post: Option<&kiln_ops::FusedBody>| {
+                    kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2, pre, post)
+                };
+                let mut made = chain(before.map(|b| b.1), after.map(|a| a.1));
+                let (mut pre, mut post) = (before.map(|b| b.0), after.map(|a| a.0));
+                if let (Err(e), true) = (&made, before.is_some() || after.is_some()) {
+                    tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV before or after");
+                    made = chain(None, None);
+                    (pre, post) = (None, None);
                 }
                 match made {
                     Ok((k, _)) => {
@@ -1328,7 +1363,7 @@ impl CudaEngine {
                         let ctr = 128 * n_chains;
                         n_chains += 1;
                         if let Run::MatVec { scaled: Some(sr), .. } = &mut steps[i].run {
-                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr, pre });
+                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr, pre, post });
                         }
                     }
                     Err(e) => tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV (KILN_MLP_CHAIN)"),
@@ -1861,10 +1896,10 @@ impl CudaEngine {
         let syms = dev(&self.syms_dev, st);
         let mut launches = 0;
         let mut pending: Vec<PendingPart> = Vec::new();
-        // A step a chained GEMV computed (see `ChainRun`).
-        let mut chained: Option<usize> = None;
+        // Steps a chained GEMV computed (see `ChainRun`): the down projection, the step after.
+        let mut chained: [Option<usize>; 2] = [None, None];
         for (si, step) in self.steps.iter().enumerate() {
-            if chained == Some(si) || (self.fold_now.get() && self.logits_cast == Some(si)) {
+            if chained.contains(&Some(si)) || (self.fold_now.get() && self.logits_cast == Some(si)) {
                 continue;
             }
 
@@ -2044,12 +2079,34 @@ impl CudaEngine {
                                     }
                                     None => None,
                                 };
+                                let post = match c.post {
+                                    Some(q) => {
+                                        let qn = self.steps[q].node;
+                                        let qops = self.graph.operands(qn);
+                                        let nouts = self.graph.node(qn).outputs.len();
+                                        let w3 = qops[qops.len() - 1];
+                                        let n3 = self.graph.value_type(w3).shape.dims()[0].as_fixed().unwrap_or(0);
+                                        let mut a = Vec::new();
+                                        for j in 0..nouts - 1 {
+                                            let p = self.ptr(Value::new(qn, j as u8), plan, slot, decode)?;
+                                            a.push((Role::Out((100 + j) as u8), p));
+                                        }
+                                        for (i, v) in qops.iter().enumerate() {
+                                            a.push((Role::In((101 + i) as u8), self.ptr(*v, plan, slot, decode)?));
+                                        }
+                                        let y3 = self.ptr(Value::new(qn, (nouts - 1) as u8), plan, slot, decode)?;
+                                        a.push((Role::Out(99), y3));
+                                        Some((a, n3))
+                                    }
+                                    None => None,
+                                };
                                 Some(ChainArgs {
                                     run: c,
                                     w2: self.ptr(dops[1], plan, slot, decode)?,
                                     y2: self.ptr(Value::new(dn, 0), plan, slot, decode)?,
                                     n2,
                                     pre,
+                                    post,
                                 })
                             }
                             None => None,
@@ -2059,7 +2116,7 @@ impl CudaEngine {
                             .map_err(fill)?;
                         launches += extra;
                         if ran {
-                            chained = sr.chain.map(|c| c.down);
+                            chained = sr.chain.map_or([None, None], |c| [Some(c.down), c.post]);
                         } else if sr.chain.is_some_and(|c| c.pre.is_some()) {
                             return Err(err("a chained GEMV whose step before was skipped did not run".into()));
                         }
@@ -2395,7 +2452,7 @@ impl CudaEngine {
             launch(self.lane(), &self.kernels[ka], items, &a)?;
             return Ok((0, false));
         }
-        if let (Some(c), Some(_)) = (chain.filter(|c| c.n2 > 0), warp) {
+        if let (Some(c), Some(_)) = (chain.as_ref().filter(|c| c.n2 > 0), warp) {
             let ctr = dev(&self.chain_counters, &self.stream) + 4 * c.run.ctr as u64;
             a.set(Role::Part(1, 0), ArgValue::Ptr(c.w2))
                 .set(Role::Part(1, 1), ArgValue::Ptr(c.y2))
@@ -2406,6 +2463,12 @@ impl CudaEngine {
                     .set(Role::Part(0, 1), ArgValue::Ptr(y0))
                     .set(Role::Part(0, 2), ArgValue::Ptr(x0))
                     .i64(Role::Part(0, 3), n0);
+            }
+            if let Some((ptrs, n3)) = &c.post {
+                for &(r, p) in ptrs {
+                    a.set(r, ArgValue::Ptr(p));
+                }
+                a.i64(Role::Part(3, 0), *n3);
             }
             launch(self.lane(), &self.kernels[c.run.kernel], items.min(c.run.wave), &a)?;
             return Ok((0, true));
