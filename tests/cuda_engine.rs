@@ -314,19 +314,27 @@ fn the_warp_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
     if !gpu() {
         return;
     }
+    // One launch fewer per decoder layer (2 layers).
+    wide_mlp_switch("the warp epilogue", 2, "epi_warp_f32", |o, epilogue_gemv| EngineOptions { epilogue_gemv, ..o });
+}
+
+/// A switch over the 2-layer test model with an 8,192-wide MLP (gate_up's epilogue GEMV
+/// takes four waves, so the per-warp form runs), tiled GEMVs: `set(options, on)` turns it
+/// on; [`switch_saves_launches`] in f32 and bf16 (`saved` launches per step), and in f32
+/// the runs with it on against the CPU executor (`tag` names them).
+fn wide_mlp_switch(what: &str, saved: usize, tag: &str, set: impl Fn(EngineOptions, bool) -> EngineOptions) {
     let model = llama(512, 8192, 2, 8, 2, 256);
     let prompt = test_prompt(9);
     for dt in [DType::F32, DType::BF16] {
         let (g, w) = compiled(&model, dt);
-        let run = |graphs: bool, epilogue_gemv: bool| {
-            let opts = EngineOptions { epilogue_gemv, stream_gemv: false, ..test_options(graphs) };
+        let run = |graphs: bool, on: bool| {
+            let opts = set(EngineOptions { stream_gemv: false, ..test_options(graphs) }, on);
             engine_run_with(&g, &w, &prompt, 6, opts)
         };
-        // One launch fewer per decoder layer (2 layers).
-        let (_, on) = switch_saves_launches(&format!("{dt}: the warp epilogue"), 2, run);
+        let (_, on) = switch_saves_launches(&format!("{dt}: {what}"), saved, run);
         if dt == DType::F32 {
-            for (l_w, t_w, _) in &on {
-                compare_with_cpu(&g, &w, &prompt, l_w, t_w, "epi_warp_f32", 1e-4);
+            for (l_on, t_on, _) in &on {
+                compare_with_cpu(&g, &w, &prompt, l_on, t_on, tag, 1e-4);
             }
         }
     }
@@ -344,21 +352,7 @@ fn the_chained_down_projection_computes_what_its_own_launch_does() {
     if !gpu() {
         return;
     }
-    let model = llama(512, 8192, 2, 8, 2, 256);
-    let prompt = test_prompt(9);
-    for dt in [DType::F32, DType::BF16] {
-        let (g, w) = compiled(&model, dt);
-        let run = |graphs: bool, mlp_chain: bool| {
-            let opts = EngineOptions { mlp_chain, stream_gemv: false, ..test_options(graphs) };
-            engine_run_with(&g, &w, &prompt, 6, opts)
-        };
-        let (_, on) = switch_saves_launches(&format!("{dt}: the chained down projection"), 2, run);
-        if dt == DType::F32 {
-            for (l_c, t_c, _) in &on {
-                compare_with_cpu(&g, &w, &prompt, l_c, t_c, "mlp_chain_f32", 1e-4);
-            }
-        }
-    }
+    wide_mlp_switch("the chained down projection", 2, "mlp_chain_f32", |o, mlp_chain| EngineOptions { mlp_chain, ..o });
 }
 
 /// WIP (`EngineOptions::greedy_fold`, `KILN_GREEDY_FOLD=1`): at batch 1 the LM head's
@@ -390,30 +384,21 @@ fn the_folded_greedy_sampling_picks_what_the_greedy_kernel_does() {
 /// count themselves, then spin before the MLP's prologue reads o_proj's output), and
 /// also the next layer's residual add, norm and qkv last (not after the last layer: the
 /// LM head keeps its own launch), computes the same bits as the separate launches, in f32
-/// and bf16, graph and eager: 2 launches fewer per layer with o_proj, one more with qkv
-/// (2 layers: 4, then 5).
+/// and bf16, graph and eager, and in f32 matches the CPU executor: 2 launches fewer per
+/// layer with o_proj, one more with qkv (2 layers: 4, then 5).
 #[test]
 fn the_chained_o_proj_and_qkv_compute_what_their_own_launches_do() {
     if !gpu() {
         return;
     }
-    let model = llama(512, 8192, 2, 8, 2, 256);
-    let prompt = test_prompt(9);
-    for dt in [DType::F32, DType::BF16] {
-        let (g, w) = compiled(&model, dt);
-        for (qkv_chain, saved) in [(false, 2 * 2), (true, 2 * 2 + 1)] {
-            let run = |graphs: bool, chain: bool| {
-                let opts = EngineOptions {
-                    mlp_chain: chain,
-                    oproj_chain: chain,
-                    qkv_chain: chain && qkv_chain,
-                    stream_gemv: false,
-                    ..test_options(graphs)
-                };
-                engine_run_with(&g, &w, &prompt, 6, opts)
-            };
-            switch_saves_launches(&format!("{dt}: the chained o_proj, down (and qkv: {qkv_chain})"), saved, run);
-        }
+    for (qkv_chain, saved) in [(false, 2 * 2), (true, 2 * 2 + 1)] {
+        let what = format!("the chained o_proj, down (and qkv: {qkv_chain})");
+        wide_mlp_switch(&what, saved, "oproj_chain_f32", |o, on| EngineOptions {
+            mlp_chain: on,
+            oproj_chain: on,
+            qkv_chain: on && qkv_chain,
+            ..o
+        });
     }
 }
 

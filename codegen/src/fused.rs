@@ -462,7 +462,7 @@ pub fn gemv_scaled_one_row(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, Ge
 pub fn gemv_scaled_argmax(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, GemvConfig), CodegenError> {
     let w = body.inputs.last().ok_or_else(|| CodegenError("gemv_scaled: a body without inputs".into()))?;
     let cfg = GemvConfig::for_shape(1, decode::weight_row_bytes(w));
-    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::None, false, true)?, cfg))
+    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::None, false, true, None)?, cfg))
 }
 
 /// Blocks of a [`gemv_epilogue`] launch: one per `cfg.warps / slices` epilogue columns.
@@ -619,7 +619,7 @@ pub fn scaled_prologue_in(g: &kiln_graph::Graph, n: kiln_graph::NodeId) -> Resul
 /// [`crate::decode::gemv_prologue_fits`]`(1, k)`.
 pub fn gemv_scaled(body: &FusedBody, syms: &[Sym], cfg: GemvConfig, epilogue: bool) -> Result<Kernel, CodegenError> {
     let epi = if epilogue { EpiMode::Block } else { EpiMode::None };
-    gemv_scaled_with(body, syms, cfg, epi, false, false)
+    gemv_scaled_with(body, syms, cfg, epi, false, false, None)
 }
 
 /// [`gemv_scaled`] with the epilogue computed per warp (`GV_EPI_WARP` in `gemv.cu`):
@@ -647,7 +647,7 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
     // WIP knob (wip/residency): KILN_EPI_WARP_LOADS, 16-byte loads in flight per lane.
     let loads = env_usize("KILN_EPI_WARP_LOADS").unwrap_or(8);
     let cfg = GemvConfig { warps, rows_per_warp: s, unroll: (loads / s).max(1), ksplit: 1, max_rows: 1 };
-    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false)?, cfg))
+    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, None)?, cfg))
 }
 
 /// WIP (`KILN_MLP_CHAIN=1`, a measurement knob): [`gemv_scaled_epi_warp`] that also
@@ -674,7 +674,7 @@ pub fn gemv_scaled_epi_warp_chain(
 ) -> Result<(Kernel, GemvConfig), CodegenError> {
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
     let chain = Chain { w2, y2, pre, post };
-    Ok((gemv_scaled_chained(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
+    Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
 }
 
 /// WIP (`KILN_OPROJ_CHAIN=1`, with [`gemv_scaled_epi_warp_chain`]): the one-row product
@@ -692,7 +692,7 @@ pub struct ChainPre {
     pub input: usize,
 }
 
-/// What [`gemv_scaled_chained`] chains: the next product's weight and y dtypes, the
+/// What [`gemv_scaled_with`] chains: the next product's weight and y dtypes, the
 /// product before, and the scaled product after (its group's body), if any.
 #[derive(Clone, Copy)]
 struct Chain<'a> {
@@ -732,7 +732,7 @@ enum EpiMode {
 /// for one row of x, when the weight rows fit ([`crate::decode::gemv_stream_fits`]).
 pub fn gemv_stream_scaled(body: &FusedBody, syms: &[Sym]) -> Result<Kernel, CodegenError> {
     let cfg = GemvConfig { warps: decode::GEMV_STREAM_WARPS, rows_per_warp: 1, unroll: 4, ksplit: 1, max_rows: 1 };
-    gemv_scaled_with(body, syms, cfg, EpiMode::None, true, false)
+    gemv_scaled_with(body, syms, cfg, EpiMode::None, true, false, None)
 }
 
 /// [`gemv_stream_scaled`] where the engine runs it for one row of x: the weight's rows
@@ -790,20 +790,10 @@ pub fn scaled_gemv_one_row_choice(body: &FusedBody, syms: &[Sym]) -> Result<(Ker
     })
 }
 
+/// The scaled GEMV's kernel in its forms: the epilogue `mode`, the streaming form
+/// (`stream`), the sampling LM head (`argmax`), and with `chain` (the per-warp epilogue
+/// form only) the products chained into its launch (`GV_CHAIN*` in `gemv.cu`).
 fn gemv_scaled_with(
-    body: &FusedBody,
-    syms: &[Sym],
-    cfg: GemvConfig,
-    mode: EpiMode,
-    stream: bool,
-    argmax: bool,
-) -> Result<Kernel, CodegenError> {
-    gemv_scaled_chained(body, syms, cfg, mode, stream, argmax, None)
-}
-
-/// [`gemv_scaled_with`], with `chain` (the per-warp epilogue form only): the chained
-/// product's weight and y2 dtypes (`GV_CHAIN` in `gemv.cu`).
-fn gemv_scaled_chained(
     body: &FusedBody,
     syms: &[Sym],
     cfg: GemvConfig,

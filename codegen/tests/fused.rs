@@ -1257,6 +1257,42 @@ void operator delete(void*, size_t, std::align_val_t) noexcept {}
 void operator delete[](void*, size_t, std::align_val_t) noexcept {}
 "#;
 
+/// y = x · wᵀ for one row of x (`[n, k]` bf16 w) by the plain one-row GEMV
+/// (`decode::gemv_with`, the engine's split for the shape) on the host: y's bytes.
+fn host_plain_gemv(cxx: &str, x: &HostTensor, w: &HostTensor, (n, k): (usize, usize), tag: &str) -> Vec<u8> {
+    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
+    let ty = kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[n, k]));
+    let cfg = GemvConfig::for_shape(1, weight_row_bytes(&ty));
+    let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap();
+    let h = compile_host(cxx, &gk, tag);
+    let Grid::BlockPerItem { threads } = gk.grid else { panic!("{:?}", gk.grid) };
+    h.run_gemv(&[Some(x), Some(w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]).remove(0)
+}
+
+/// The unchained reference of a chained kernel over a [`norm_swiglu_body_sized`] group:
+/// the per-warp epilogue kernel's outputs (z, y, the unwritten normed x: parameters out0
+/// to out2) at 25 blocks, and y2 = z · w2ᵀ (`[n2, inter]`) by the plain one-row GEMV.
+fn host_unchained_mlp(
+    cxx: &str,
+    (body, table): (&FusedBody, &[Sym]),
+    ins: &[Option<&HostTensor>],
+    syms: &[i64],
+    w2: &HostTensor,
+    tag: &str,
+) -> (Vec<Vec<u8>>, Vec<u8>) {
+    let Ok(FusedKind::MatVec { epilogue: Some(form), .. }) = body.kind() else { panic!("{:?}", body.kind()) };
+    let (inter, hidden, n2) =
+        (form.width, body.inputs.last().unwrap().shape.dims()[1].as_fixed().unwrap(), w2.shape()[0]);
+    let (k, _) = kiln_codegen::gemv_scaled_epi_warp(body, table).unwrap();
+    let host = compile_host(cxx, &k, &format!("{tag}_unchained"));
+    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    let outs = [2 * inter, 4 * inter, 2 * hidden];
+    let plain = host.run_gemv(ins, syms, (1, 2 * inter, hidden), (25, threads), &outs);
+    let z = tensor_of(DType::BF16, &[1, inter], &plain[0]);
+    let y2 = host_plain_gemv(cxx, &z, w2, (n2, inter), &format!("{tag}_plain_down"));
+    (plain, y2)
+}
+
 /// WIP (`KILN_MLP_CHAIN`): the per-warp epilogue GEMV with the down projection chained
 /// into its launch (`gemv_scaled_epi_warp_chain`, `GV_CHAIN` in `gemv.cu`), its blocks
 /// run concurrently on the host ([`CONCURRENT`]): z and y have the bits of the unchained
@@ -1267,7 +1303,6 @@ void operator delete[](void*, size_t, std::align_val_t) noexcept {}
 /// spin gives up and the run fails instead of hanging.
 #[test]
 fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
-    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
     let Some(cxx) = host_cxx() else { return };
     let (inter, hidden, n2) = (200, 256, 72);
     let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
@@ -1287,7 +1322,6 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
             .unwrap_err();
     assert!(e.0.contains("16-byte vectors"), "{e}");
 
-    let host = compile_host(cxx, &k, "chain_unchained");
     let hc = compile_host_prefixed(cxx, &kc, "chain_chained", CONCURRENT);
     let b = bind(&[("seq", 1)]);
     let inputs = body_inputs(&body, &sources, &b, 0x51_7cc1_b727_220a);
@@ -1298,17 +1332,8 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     // Parameters out0 (z), out1 (y), out2 (normed, not written); then y2.
     let outs = [2 * inter, 4 * inter, 2 * hidden];
     let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
-    let plain = host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (25, threads), &outs);
-    // y2 from the plain one-row GEMV over the unchained z.
+    let (plain, y2_plain) = host_unchained_mlp(cxx, (&body, &table), &ins, &syms, &w2, "chain");
     let z = tensor_of(DType::BF16, &[1, inter], &plain[0]);
-    let gcfg = GemvConfig::for_shape(
-        1,
-        weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[n2, inter]))),
-    );
-    let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, gcfg).unwrap();
-    let hg = compile_host(cxx, &gk, "chain_plain_down");
-    let Grid::BlockPerItem { threads: gt } = gk.grid else { panic!("{:?}", gk.grid) };
-    let y2_plain = hg.run_gemv(&[Some(&z), Some(&w2)], &[], (1, n2, inter), (gemv_items_with(n2, gcfg), gt), &[2 * n2]);
     let bf = |v: f64| HostTensor::from_f32_as(DType::BF16, &[1], vec![v as f32]).to_f32_vec()[0] as f64;
     let (zf, wf) = (z.to_f32_vec(), w2.to_f32_vec());
     let y2_ref: Vec<f64> =
@@ -1335,7 +1360,7 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
         let got = hk.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (grid, threads), &couts);
         assert_eq!(got[0], plain[0], "{grid} blocks: z differs from the unchained kernel's");
         assert_eq!(got[1], plain[1], "{grid} blocks: y differs from the unchained kernel's");
-        assert_eq!(got[3], y2_plain[0], "{grid} blocks: y2 differs from the plain GEMV's over z");
+        assert_eq!(got[3], y2_plain, "{grid} blocks: y2 differs from the plain GEMV's over z");
         let y2 = tensor_of(DType::BF16, &[n2], &got[3]).to_f32_vec();
         for (j, (g, w)) in y2.iter().zip(&y2_ref).enumerate() {
             assert!((*g as f64 - w).abs() <= w.abs() / 64.0 + 1e-3, "{grid} blocks: y2[{j}] = {g}, want {w}");
@@ -1373,7 +1398,6 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
 /// misfits are errors.
 #[test]
 fn host_chained_gemv_computes_the_product_before_in_the_same_launch() {
-    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
     use kiln_codegen::ChainPre;
     let Some(cxx) = host_cxx() else { return };
     let (inter, hidden, n2, k0) = (200, 256, 72, 320);
@@ -1400,27 +1424,14 @@ fn host_chained_gemv_computes_the_product_before_in_the_same_launch() {
     let (x0, w0) = (random(&mut r, DType::BF16, &[1, k0]), random(&mut r, DType::BF16, &[hidden, k0]));
     let w2 = random(&mut r, DType::BF16, &[n2, inter]);
     let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
-    let plain_gemv = |x: &HostTensor, w: &HostTensor, (n, k): (usize, usize), tag: &str| {
-        let cfg = GemvConfig::for_shape(
-            1,
-            weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[n, k]))),
-        );
-        let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap();
-        let h = compile_host(cxx, &gk, tag);
-        let Grid::BlockPerItem { threads } = gk.grid else { panic!("{:?}", gk.grid) };
-        h.run_gemv(&[Some(x), Some(w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]).remove(0)
-    };
     // The reference: o_proj, the unchained kernel over its y0, the plain GEMV over z.
-    let y0 = plain_gemv(&x0, &w0, (hidden, k0), "chain0_plain_before");
+    let y0 = host_plain_gemv(cxx, &x0, &w0, (hidden, k0), "chain0_plain_before");
     let x_shape = inputs[xi].shape().to_vec();
     inputs[xi] = tensor_of(DType::BF16, &x_shape, &y0);
-    let (k, _) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
-    let host = compile_host(cxx, &k, "chain0_unchained");
-    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    let Grid::BlockPerItem { threads } = kc.grid else { panic!("{:?}", kc.grid) };
     let outs = [2 * inter, 4 * inter, 2 * hidden];
     let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
-    let plain = host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (25, threads), &outs);
-    let y2_plain = plain_gemv(&tensor_of(DType::BF16, &[1, inter], &plain[0]), &w2, (n2, inter), "chain0_plain_after");
+    let (plain, y2_plain) = host_unchained_mlp(cxx, (&body, &table), &ins, &syms, &w2, "chain0");
     // The chained kernel: x's input file holds garbage (NaN bytes) until phase 0 writes it.
     let garbage = tensor_of(DType::BF16, &x_shape, &vec![0xffu8; 2 * hidden]);
     let mut cin = inputs.clone();
@@ -1491,7 +1502,6 @@ fn residual_norm_body(hidden: usize, nq: usize) -> (Graph, FusedBody, Vec<Op>) {
 /// input is redirected to y2's memory); the counters are zero again after each.
 #[test]
 fn host_chained_gemv_computes_the_scaled_product_after_in_the_same_launch() {
-    use kiln_codegen::decode::{gemv_items_with, gemv_with, weight_row_bytes, GemvConfig};
     let Some(cxx) = host_cxx() else { return };
     let (inter, hidden, nq) = (200, 256, 96);
     let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
@@ -1511,23 +1521,10 @@ fn host_chained_gemv_computes_the_scaled_product_after_in_the_same_launch() {
     let mut r = Rng(0xa54f_f53a_5f1d_36f1);
     let w2 = random(&mut r, DType::BF16, &[hidden, inter]);
     // The reference: the unchained kernel, the plain GEMV over z, the scaled GEMV after.
-    let (k, _) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
-    let host = compile_host(cxx, &k, "chain3_unchained");
-    let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
+    let Grid::BlockPerItem { threads } = kc.grid else { panic!("{:?}", kc.grid) };
     let outs = [2 * inter, 4 * inter, 2 * hidden];
     let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
-    let plain = host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (25, threads), &outs);
-    let z = tensor_of(DType::BF16, &[1, inter], &plain[0]);
-    let gcfg = GemvConfig::for_shape(
-        1,
-        weight_row_bytes(&kiln_graph::ops::TensorType::new(DType::BF16, Shape::fixed(&[hidden, inter]))),
-    );
-    let gk = gemv_with(DType::BF16, DType::BF16, DType::BF16, gcfg).unwrap();
-    let hg = compile_host(cxx, &gk, "chain3_plain_down");
-    let Grid::BlockPerItem { threads: gt } = gk.grid else { panic!("{:?}", gk.grid) };
-    let y2 = hg
-        .run_gemv(&[Some(&z), Some(&w2)], &[], (1, hidden, inter), (gemv_items_with(hidden, gcfg), gt), &[2 * hidden])
-        .remove(0);
+    let (plain, y2) = host_unchained_mlp(cxx, (&body, &table), &ins, &syms, &w2, "chain3");
     let named =
         |src: &[Op], name: &str| src.iter().position(|o| matches!(o, Op::Input { name: n, .. } if n == name)).unwrap();
     let (xi, ri, di) = (named(&sources, "x"), named(&s3, "r"), named(&s3, "d"));
