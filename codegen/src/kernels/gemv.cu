@@ -388,6 +388,12 @@ KILN_SIGNATURE {
     __shared__ float gv_red[GV_NRED * GV_WARPS];  // the warps' partial reductions (one row of x)
 #endif
     float* xs = (float*)xs4;
+#if GV_CHAIN
+    // With `kiln bench --timeline`, block 0's phases of a chained launch (µs after its
+    // wait): 0 its rows of y0, 1 y0 complete, 2 its tiles, 3 z complete, 4 its rows of y2,
+    // 5 y2 complete, 6 its rows of y3.
+    KILN_PHASE_DECL;
+#endif
     kiln_grid_launch_dependents();
     if (m < 1 || m > GV_MAX_M) {
         kiln_grid_wait();
@@ -438,9 +444,11 @@ KILN_SIGNATURE {
         kiln_u4 cw0[GV_CH_U];
         gv_chain_first(cw0, GV_C0_W, GV_C0_N, nv0, first0, lane);  // weights: before the wait
         kiln_grid_wait();  // x0 is written by the previous kernel
+        KILN_PHASE_START;
         gv_chain_stage<1>(xs4, GV_C0_X, nv0, false);
         __syncthreads();
         gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4, 1.0f);
+        KILN_PHASE(0);
         // This block's rows of y0 (the barrier orders every warp's stores before thread 0's
         // fence, which makes them visible device-wide before the count; as a cooperative
         // grid sync does). The barrier also ends every warp's use of the staging.
@@ -470,9 +478,13 @@ KILN_SIGNATURE {
         if (k0 == 0 && threadIdx.x == 0) {
             kiln_spin_until(GV_CH_CTR + 64, gridDim.x);
             __threadfence();
+            KILN_PHASE(1);
         }
 #else
         if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
+#if GV_CHAIN
+        if (k0 == 0) KILN_PHASE_START;
+#endif
 #endif
         __syncthreads();  // every warp is done with the previous chunk
 #if GV_PROLOGUE
@@ -666,6 +678,7 @@ KILN_EPILOGUE
     {
         // ---- the chained product (see GV_CHAIN above) ----
         if ((i64)blockIdx.x >= ntiles) kiln_grid_wait();  // no tile: this block has not waited
+        KILN_PHASE(2);
         __syncthreads();  // this block's stores of z, then thread 0's fence and count (as above)
         if (threadIdx.x == 0) {
             __threadfence();
@@ -686,11 +699,13 @@ KILN_EPILOGUE
         if (threadIdx.x == 0) {
             kiln_spin_until(GV_CH_CTR, gridDim.x);
             __threadfence();
+            KILN_PHASE(3);
         }
         __syncthreads();
         gv_chain_stage<2>(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
         __syncthreads();
         gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f);
+        KILN_PHASE(4);
 #if GV_CHAIN3
         {
             // ---- the chained scaled product after (see GV_CHAIN3 above) ----
@@ -706,6 +721,7 @@ KILN_EPILOGUE
             if (threadIdx.x == 0) {
                 kiln_spin_until(GV_CH_CTR + 96, gridDim.x);
                 __threadfence();
+                KILN_PHASE(5);
             }
             __syncthreads();
             float gv_s[1];
@@ -717,6 +733,7 @@ KILN_CHAIN_STAGING
             }
             __syncthreads();  // A is staged
             gv_chain_rows(cw3, GV_C3_W, GV_C3_Y, GV_C3_N, nv3, first3, lane, xs4, gv_s[0]);
+            KILN_PHASE(6);
         }
 #endif
         // The last block out zeroes the counters (every block has passed its spin).
