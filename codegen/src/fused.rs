@@ -662,8 +662,8 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
 /// most [`decode::GEMV_STAGED_FLOATS`]). Parameters: [`gemv_scaled_epi_warp`]'s, then
 /// `p1_0` (w2), `p1_1` (y2 `[n2]`, dtype `y2`), `p1_2` (n2, i64), `counters` (two
 /// `unsigned int` 128 bytes apart, zero before the first launch; the kernel leaves them
-/// zero). With `KILN_MLP_CHAIN=2` in the environment, each warp also prefetches the rest
-/// of its first row of w2 into L2 before it spins (`GV_CH_PF`).
+/// zero). With [`chain_prefetch`], each warp also prefetches the rest of its first row of
+/// w2 into L2 before it spins (`GV_CH_PF`).
 pub fn gemv_scaled_epi_warp_chain(
     body: &FusedBody,
     syms: &[Sym],
@@ -675,6 +675,14 @@ pub fn gemv_scaled_epi_warp_chain(
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
     let chain = Chain { w2, y2, pre, post };
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
+}
+
+/// WIP: whether a chained kernel prefetches the rest of each warp's first down row into
+/// L2 before it spins (`GV_CH_PF`): `KILN_MLP_CHAIN=2` (which also turns the chains on in
+/// the engine) or `KILN_CHAIN_PF=1` (the form alone, for tests that switch the chains by
+/// option) in the environment.
+pub fn chain_prefetch() -> bool {
+    std::env::var("KILN_MLP_CHAIN").is_ok_and(|v| v == "2") || std::env::var("KILN_CHAIN_PF").is_ok_and(|v| v == "1")
 }
 
 /// WIP (`KILN_OPROJ_CHAIN=1`, with [`gemv_scaled_epi_warp_chain`]): the one-row product
@@ -1008,7 +1016,7 @@ fn gemv_scaled_with(
         defines.extend([
             ("GV_CHAIN", "1".to_string()),
             ("GV_CH_U", "8".to_string()),
-            ("GV_CH_PF", u8::from(std::env::var("KILN_MLP_CHAIN").is_ok_and(|v| v == "2")).to_string()),
+            ("GV_CH_PF", u8::from(chain_prefetch()).to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),
             ("GV_CH_Y", Role::Part(1, 1).c_name()),
             ("GV_CH_N", Role::Part(1, 2).c_name()),
