@@ -29,11 +29,7 @@ use crate::table;
 use kiln_ops::{DType, Dim, Sym};
 
 pub(crate) const GEMV: &str = include_str!("kernels/gemv.cu");
-const FLASH_DECODE_PLAIN: &str = include_str!("kernels/flash_decode.cu");
-/// WIP (wip/attn-hoist, not run end to end): the fused decode attention with its
-/// producers' loads in one round and a one-round split merge, plus `KILN_PHASE` marks;
-/// taken with `KILN_ATTN_HOIST=1` in the environment for a same-run A/B.
-const FLASH_DECODE_HOIST: &str = include_str!("kernels/flash_decode_hoist.cu");
+const FLASH_DECODE: &str = include_str!("kernels/flash_decode.cu");
 
 /// WIP knob: `KILN_ATTN_MIN_CHUNK=K` (a multiple of 16, at least 16) in the environment
 /// replaces [`ATTENTION_DECODE_MIN_CHUNK`] in the decode attention kernels (the chunk is
@@ -48,12 +44,9 @@ fn attention_min_chunk() -> usize {
         .unwrap_or(ATTENTION_DECODE_MIN_CHUNK)
 }
 
-/// WIP knob: `KILN_ATTN_STAGE_KIB=K` (48 to 96, a multiple of 16; below 48 the two-pass
-/// scratch of a whole GQA group may not fit a stage) in the environment
-/// replaces [`ATTENTION_DECODE_STAGE_BYTES`]: with 64, one stage holds 256 keys of head
-/// dim 64 in bf16 (not 192), so a decode step over up to 256 keys takes the two-pass
-/// path (the 1B bench's context runs from 129 to 256 keys), at 128 KiB of shared
-/// memory per block instead of 96.
+/// A measurement knob: `KILN_ATTN_STAGE_KIB=K` (48 to 96, a multiple of 16; below 48 the
+/// two-pass scratch of a whole GQA group may not fit a stage) in the environment replaces
+/// [`ATTENTION_DECODE_STAGE_BYTES`] (e.g. 48, the size before 2026-12-05).
 fn attention_stage_bytes() -> usize {
     std::env::var("KILN_ATTN_STAGE_KIB")
         .ok()
@@ -62,14 +55,6 @@ fn attention_stage_bytes() -> usize {
         .map_or(ATTENTION_DECODE_STAGE_BYTES, |k| k << 10)
 }
 
-/// The decode attention template (see [`FLASH_DECODE_HOIST`]).
-fn flash_decode_template() -> &'static str {
-    if std::env::var("KILN_ATTN_HOIST").is_ok_and(|v| v == "1") {
-        FLASH_DECODE_HOIST
-    } else {
-        FLASH_DECODE_PLAIN
-    }
-}
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
 /// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
 pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
@@ -303,10 +288,13 @@ pub const ATTENTION_DECODE_QUERY_TILE: usize = 8;
 /// fence or merge: the short-context latency of a decode step).
 pub const ATTENTION_DECODE_MIN_CHUNK: usize = 256;
 /// Bytes of one of the two K/V stages of an [`attention_decode`] block (dynamic shared
-/// memory, 96 KiB per block in all, which sm_80 and later allow): 192 keys of head dim
-/// 64 in bf16, so a short context is loaded in one round trip. The warp merge reuses
-/// the stages: warps · query tile · 256 f32 (32 KiB at most) must fit in them.
-pub const ATTENTION_DECODE_STAGE_BYTES: usize = 48 << 10;
+/// memory, 128 KiB per block in all, which sm_80 and later allow): 256 keys of head dim
+/// 64 in bf16, so a context of up to 256 keys is loaded in one round trip and takes the
+/// two-pass path (at 48 KiB, 192 keys, half of the bench's decode steps missed it). The
+/// warp merge reuses the stages: warps · query tile · 256 f32 (32 KiB at most) must fit
+/// in them. Measured on an H200 (2026-12-05, Llama-3.2-1B shape, batch 1, same run, 48
+/// against 64 KiB): 1,192.1 / 1,190.8 → 1,199.0 / 1,198.2 tok/s alone.
+pub const ATTENTION_DECODE_STAGE_BYTES: usize = 64 << 10;
 /// Threads of one sampling block (one block per row).
 pub const SAMPLE_THREADS: u32 = 512;
 
@@ -832,7 +820,7 @@ fn attention_decode_render(
     let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1) * if small { 2 } else { 1 };
     let warps = if small { 2 * ATTENTION_DECODE_WARPS } else { ATTENTION_DECODE_WARPS };
     let mut params = cache_attention_params(s, true);
-    let mut template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{}", flash_decode_template());
+    let mut template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{}", FLASH_DECODE);
     let mut defines = vec![
         ("KILN_T", s.to_string()),
         ("KILN_VEC", vec.to_string()),
