@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# WIP (branch wip/l2pf), runs on the GPU machine after `bash tools/gpu/build.sh` here on
+# Runs on the GPU machine after `bash tools/gpu/build.sh` here on
 # this branch (one binary holds every knob). The Llama-3.2-1B measurements planned for
 # the next session with a GPU, in calls of under 10 minutes each (every A/B part runs
 # the default beside its configurations, ROUNDS rounds, default 2):
@@ -15,11 +15,11 @@
 #   - `kiln bench --timeline` with KILN_TRACE_BLOCKS=1: per launch, how many blocks were
 #     resident before the previous kernel completed and when its last block started
 #     (does gate_up get blocks beside o_proj during attention? when does down start?),
-#     then the same with KILN_ATTN_HOIST=1 (its KILN_PHASE marks: where attention's
-#     7.5 µs per layer go); GEMV labels carry their weight's MB;
+#     then the same with KILN_MLP_CHAIN=0 (the kernels before the chain) and with every
+#     chain (its phases); GEMV labels carry their weight's MB;
 #   - GPU tests with the knobs on (the forms are compared bit for bit within a run, and
 #     against the CPU executor): engine, decode and fused tests with PF=2, RA=8192,
-#     HOIST, GREEDY_KEY; engine tests with MIN_CHUNK=64, SPLITS=4, EPI_WARP_PER_SM=1;
+#     GREEDY_KEY; engine tests with MIN_CHUNK=64, SPLITS=4, EPI_WARP_PER_SM=1;
 #     decode tests with STAGE_KIB=64; engine tests with GREEDY_FOLD; the chained engine
 #     tests (their options switch the chains) with CHAIN_PF=1 (the prefetching form);
 #   - a third timeline with MLP_CHAIN=1.
@@ -35,7 +35,6 @@
 #   ATTN_STAGE_KIB=64  one attention stage holds 256 keys (not 192): the two-pass path
 #                    covers the bench's whole 129-256-key context, not half of it
 #   ATTN_MIN_CHUNK=K, ATTN_SPLITS=N  attention split sizes / a cap on launched splits
-#   ATTN_HOIST=1     wip/attn-hoist's attention (one-round producer loads and merge)
 #   EPI_WARP_LOADS/_BOUNDS/_PER_SM, GEMV_MAXREG  register budgets (wip/residency)
 #   MLP_CHAIN=1      gate_up + SwiGLU and the down projection in one launch (the blocks
 #                    spin on a counter between them; at most one wave); =2 also
@@ -61,15 +60,15 @@ ab() {
 if [ "$part" = 1 ]; then
     echo "== $(date -u +%FT%TZ) commit $(cat .gpu/commit 2>/dev/null || echo '?') part 1"
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>&1
-    for tag in default hoist chain; do
+    for tag in default nochain chain; do
         envs=(KILN_TRACE_BLOCKS=1)
-        [ "$tag" = hoist ] && envs+=(KILN_ATTN_HOIST=1)
+        [ "$tag" = nochain ] && envs+=(KILN_MLP_CHAIN=0)
         [ "$tag" = chain ] && envs+=(KILN_MLP_CHAIN=2 KILN_OPROJ_CHAIN=1 KILN_QKV_CHAIN=1)
         env "${envs[@]}" timeout 240 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
             || echo "timeline $tag failed (rc $?)"
     done
     export KILN_BIN="$PWD/.gpu/kiln"
-    K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_ATTN_HOIST=1 KILN_GREEDY_KEY=1"
+    K1="KILN_GEMV_PF=2 KILN_GEMV_RA=8192 KILN_GREEDY_KEY=1"
     for spec in "cuda_engine $K1" "cuda_decode $K1" "cuda_fused $K1" \
         "cuda_engine KILN_ATTN_MIN_CHUNK=64 KILN_ATTN_SPLITS=4 KILN_EPI_WARP_PER_SM=1" \
         "cuda_decode KILN_ATTN_STAGE_KIB=64" "cuda_engine KILN_GREEDY_FOLD=1" "cuda_engine:chained KILN_CHAIN_PF=1"; do
@@ -86,7 +85,7 @@ if [ "$part" = 1 ]; then
         echo "$t with $envs: rc $? $(grep -E '^test result' "$log" | tail -1)"
         grep -E "panicked|FAILED" "$log" | head -5
     done
-    for tag in default hoist chain; do
+    for tag in default nochain chain; do
         echo; echo "== timeline ($tag): critical path per kernel"
         sed -n '/critical path per kernel/,/total, first wait/p' "$OUT/tl-$tag.log" | head -30
         echo "== block residency ($tag)"
@@ -101,7 +100,7 @@ elif [ "$part" = 2 ]; then
         "chain2=KILN_MLP_CHAIN=2" "chain2+o=KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1" \
         "chain2+o+q=KILN_MLP_CHAIN=2,KILN_OPROJ_CHAIN=1,KILN_QKV_CHAIN=1"
 elif [ "$part" = 3 ]; then
-    ab "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "hoist=KILN_ATTN_HOIST=1" "chunk128=KILN_ATTN_MIN_CHUNK=128" \
+    ab "pf1=KILN_GEMV_PF=1" "ra8=KILN_GEMV_RA=8192" "chunk128=KILN_ATTN_MIN_CHUNK=128" \
         "gkey=KILN_GREEDY_KEY=1"
 elif [ "$part" = 7 ]; then
     ab "pf2=KILN_GEMV_PF=2" "pf1+ra8=KILN_GEMV_PF=1,KILN_GEMV_RA=8192" "chunk64=KILN_ATTN_MIN_CHUNK=64"
