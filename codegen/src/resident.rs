@@ -50,29 +50,7 @@ pub fn arange_syms(start: &Dim, syms: &[Sym]) -> Result<Kernel, CodegenError> {
 /// advances `past` by `seq` in the (mutable) symbol table. Launch with one block of
 /// `n` threads (`n <= 1024`): `Grid::BlockPerItem` with one item.
 pub fn step_end(past: Sym, seq: Sym, syms: &[Sym]) -> Result<Kernel, CodegenError> {
-    let idx = |s: Sym| {
-        syms.iter()
-            .position(|t| *t == s)
-            .ok_or_else(|| CodegenError(format!("symbol `{s}` is not in the kernel's symbol table")))
-    };
-    let (p, q) = (idx(past)?, idx(seq)?);
-    let sig = KernelSig::new(
-        format!("kiln_step_end_{p}_{q}"),
-        vec![
-            (Role::Out(0), ParamTy::ptr("i64")),
-            (Role::Out(1), ParamTy::ptr("i64")),
-            (Role::In(0), ParamTy::const_ptr("i64")),
-            (Role::Syms, ParamTy::ptr("i64")),
-            (Role::N, ParamTy::I64),
-            (Role::Len, ParamTy::I64),
-        ],
-    );
-    Ok(render(
-        sig,
-        STEP_END,
-        &[("KILN_PAST", p.to_string()), ("KILN_SEQ", q.to_string()), ("KILN_STEP_KEY", "0".into())],
-        Grid::BlockPerItem { threads: 1024 },
-    ))
+    step_end_kernel(past, seq, syms, false)
 }
 
 /// WIP (`KILN_GREEDY_KEY`): [`step_end`] taking the sampled ids as the keys of
@@ -80,28 +58,31 @@ pub fn step_end(past: Sym, seq: Sym, syms: &[Sym]) -> Result<Kernel, CodegenErro
 /// next step's input ids), records them, and zeroes the keys. Parameters: out (history),
 /// out1 (counter), out2 (ids), out3 (keys), syms, n, len.
 pub fn step_end_key(past: Sym, seq: Sym, syms: &[Sym]) -> Result<Kernel, CodegenError> {
+    step_end_kernel(past, seq, syms, true)
+}
+
+/// The step end's kernel: `key` selects the form that reads the sampled ids from the
+/// greedy keys (`out3`) instead of `in0`.
+fn step_end_kernel(past: Sym, seq: Sym, syms: &[Sym], key: bool) -> Result<Kernel, CodegenError> {
     let idx = |s: Sym| {
         syms.iter()
             .position(|t| *t == s)
             .ok_or_else(|| CodegenError(format!("symbol `{s}` is not in the kernel's symbol table")))
     };
     let (p, q) = (idx(past)?, idx(seq)?);
-    let sig = KernelSig::new(
-        format!("kiln_step_end_key_{p}_{q}"),
-        vec![
-            (Role::Out(0), ParamTy::ptr("i64")),
-            (Role::Out(1), ParamTy::ptr("i64")),
-            (Role::Out(2), ParamTy::ptr("i64")),
-            (Role::Out(3), ParamTy::ptr("unsigned long long")),
-            (Role::Syms, ParamTy::ptr("i64")),
-            (Role::N, ParamTy::I64),
-            (Role::Len, ParamTy::I64),
-        ],
-    );
+    let mut params = vec![(Role::Out(0), ParamTy::ptr("i64")), (Role::Out(1), ParamTy::ptr("i64"))];
+    if key {
+        params.push((Role::Out(2), ParamTy::ptr("i64")));
+        params.push((Role::Out(3), ParamTy::ptr("unsigned long long")));
+    } else {
+        params.push((Role::In(0), ParamTy::const_ptr("i64")));
+    }
+    params.extend([(Role::Syms, ParamTy::ptr("i64")), (Role::N, ParamTy::I64), (Role::Len, ParamTy::I64)]);
+    let name = if key { "kiln_step_end_key" } else { "kiln_step_end" };
     Ok(render(
-        sig,
+        KernelSig::new(format!("{name}_{p}_{q}"), params),
         STEP_END,
-        &[("KILN_PAST", p.to_string()), ("KILN_SEQ", q.to_string()), ("KILN_STEP_KEY", "1".into())],
+        &[("KILN_PAST", p.to_string()), ("KILN_SEQ", q.to_string()), ("KILN_STEP_KEY", (key as u8).to_string())],
         Grid::BlockPerItem { threads: 1024 },
     ))
 }
