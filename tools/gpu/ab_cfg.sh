@@ -4,6 +4,9 @@
 #
 #   bash tools/gpu/ab_cfg.sh PRESETS "LABEL=VAR=V,VAR=V" ...   # "" for the default
 #
+# An entry BIN=PATH runs that binary instead of .gpu/kiln (e.g. a build of the previous
+# commit, for kernels that no knob switches).
+#
 # PRESETS: comma-separated presets. Environment: OUT, ROUNDS, KILN_ARGS (default
 # "--batch 1 --prefill 128").
 set -uo pipefail
@@ -23,8 +26,12 @@ for p in "${presets[@]}"; do
             spec=${cfgs[$i]#*=}
             envs=()
             [ "$spec" != "${cfgs[$i]}" ] && IFS=, read -r -a envs <<<"$spec"
+            bin=.gpu/kiln
+            for j in "${!envs[@]}"; do
+                [ "${envs[$j]#BIN=}" != "${envs[$j]}" ] && { bin=${envs[$j]#BIN=}; unset "envs[$j]"; }
+            done
             # shellcheck disable=SC2086
-            env "${envs[@]}" .gpu/kiln bench --preset "$p" ${KILN_ARGS:---batch 1 --prefill 128} \
+            env "${envs[@]}" "$bin" bench --preset "$p" ${KILN_ARGS:---batch 1 --prefill 128} \
                 --json "$OUT/cfg-$p-$i-$r.json" >"$OUT/cfg-$p-$i-$r.log" 2>&1 || {
                 echo "ab_cfg.sh: ${cfgs[$i]} $p (round $r) failed:"; tail -3 "$OUT/cfg-$p-$i-$r.log"; }
         done

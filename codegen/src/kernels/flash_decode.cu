@@ -138,8 +138,14 @@ KILN_SIGNATURE {
     kiln_u4(*s_kv)[AD_STAGE / 16] = (kiln_u4(*)[AD_STAGE / 16])s_dyn;
     __shared__ float s_m[AD_WARPS][AD_QT], s_l[AD_WARPS][AD_QT];
     __shared__ bool s_last;
+    // With `kiln bench --timeline` and the chain off (KILN_MLP_CHAIN=0: the chained
+    // kernel's phases share the slots), block 0's phases (µs after its wait): 0 the
+    // launch's own K/V rows computed, 1 q computed; the two-pass path's 2 the stage complete,
+    // 3 the scores, 4 p·v, 6 the output written.
+    KILN_PHASE_DECL;
     kiln_grid_launch_dependents();
     if (!early) kiln_grid_wait();
+    if (!early) KILN_PHASE_START;
     if (head_dim < 1 || value_dim < 1 || head_dim > AD_MAXD || value_dim > AD_MAXD || kv_heads < 1 ||
         heads % kv_heads != 0 || (heads / kv_heads) % AD_QT != 0 || splits < 1)
         return;  // uniform: the host checks these
@@ -242,18 +248,21 @@ KILN_SIGNATURE {
         if (early) {
             ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, o1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
             kiln_grid_wait();
+            KILN_PHASE_START;
         }
 #ifdef AD_FUSED
         const int o2 = tnew < o1 ? o1 : (tnew < s1 ? tnew : s1);  // the cached rows end here
         ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, o2, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
         kiln_cp_commit();
         ad_new_rows((KILN_T*)s_kv[0], c0, o2, s1);
+        KILN_PHASE(0);
 #else
         ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, s1, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
         kiln_cp_commit();
 #endif
     } else if (early) {
         kiln_grid_wait();
+        KILN_PHASE_START;
     }
 #ifdef AD_FUSED
     // The tile's q rows, computed by their producer.
@@ -267,6 +276,7 @@ KILN_SIGNATURE {
         kiln_st(s_q, (i64)a * head_dim + e, fv);
     }
     __syncthreads();
+    KILN_PHASE(1);
 #endif
 
     // Queries of the tile: q (pre-scaled), softmax state.
@@ -300,15 +310,19 @@ KILN_SIGNATURE {
     // power-of-two count of 16-byte vectors: two passes over the staged rows instead of
     // the streaming loop's online softmax, whose per-key chain (score, shuffles, max,
     // rescale) and slot and warp merges dominate when there are few keys. 1. every key
-    // slot scores its key for the tile's queries into shared memory; 2. a warp per
-    // query takes the max, the weights 2^(s - max) and their sum; 3. threads (key group,
-    // 16-byte vector of v) sum p·v over their keys, reduced across key groups by
-    // shuffles and across warps through shared memory.
+    // slot scores its key for the tile's queries into shared memory, each warp keeping
+    // the max of its keys' scores; 2. threads (key group, 16-byte vector of v) take the
+    // max over the warps' maxima and, over their keys, the weights 2^(s - max), their
+    // sum and Σ p·v, reduced across key groups by shuffles and across warps through
+    // shared memory. (Before, one warp per query took the max, the weights and their sum
+    // in a pass of its own between the two: block 0's phases on an H200, 2026-12-05,
+    // Llama-3.2-1B shape, 200 keys: scores 0.8 µs, that pass 1.7, p·v 1.4.)
     const int nvv = dvp / KILN_VEC;
     const bool two_pass = ntk == 1 && dvp == dv && (nvv & (nvv - 1)) == 0 && nvv <= 32;
     if (two_pass) {  // uniform
         kiln_cp_wait_all();
         __syncthreads();  // the stage is in shared memory for every thread
+        KILN_PHASE(2);
         const KILN_T* sk = (const KILN_T*)s_kv[0];
         const KILN_T* sv = sk + kt * dp;
         const int nk = c1 - c0;
@@ -316,6 +330,9 @@ KILN_SIGNATURE {
         // (6 + 32 KiB at most, under the stage's 48: decode.rs).
         float* s_p = (float*)s_kv[1];
         float* s_o = s_p + AD_QT * kt;
+        float wm[AD_QT];  // the max of this warp's scores, per query
+#pragma unroll
+        for (int a = 0; a < AD_QT; ++a) wm[a] = AD_NEG;  // finite: a query without a visible key weighs every key 0
         for (int kb = warp * kpw; kb < nk; kb += slots) {  // uniform per warp
             const int kk = kb + g;
             const bool in_tile = kk < nk;
@@ -348,51 +365,55 @@ KILN_SIGNATURE {
                 for (int a = 0; a < AD_QT; ++a) sc[a] += __shfl_xor_sync(0xffffffffu, sc[a], off);
             }
             const bool vis = in_tile && kk >= qlo && kk < qhi;
-            if (li == 0 && in_tile) {
 #pragma unroll
-                for (int a = 0; a < AD_QT; ++a) s_p[a * kt + kk] = vis ? sc[a] : -KILN_INF;
+            for (int a = 0; a < AD_QT; ++a) {
+                const float sv_ = vis ? sc[a] : -KILN_INF;
+                wm[a] = fmaxf(wm[a], sv_);
+                if (li == 0 && in_tile) s_p[a * kt + kk] = sv_;
             }
         }
-        __syncthreads();
-        for (int a = warp; a < AD_QT; a += AD_WARPS) {  // uniform per warp
-            float m = AD_NEG;  // finite: a query without a visible key weighs every key 0
-            for (int j = lane; j < nk; j += 32) m = fmaxf(m, s_p[a * kt + j]);
-            for (int off = 16; off > 0; off >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, off));
-            float l = 0.0f;
-            for (int j = lane; j < nk; j += 32) {
-                const float p = ad_exp2(s_p[a * kt + j] - m);
-                s_p[a * kt + j] = p;
-                l += p;
-            }
-            for (int off = 16; off > 0; off >>= 1) l += __shfl_xor_sync(0xffffffffu, l, off);
-            if (lane == 0) {
-                s_m[0][a] = m;
-                s_l[0][a] = l;
-            }
+        // The warp's max over its key slots (the lanes of a slot hold the same value).
+        for (int off = lpk; off < 32; off <<= 1) {
+#pragma unroll
+            for (int a = 0; a < AD_QT; ++a) wm[a] = fmaxf(wm[a], __shfl_xor_sync(0xffffffffu, wm[a], off));
         }
-        __syncthreads();
+        if (lane == 0) {
+#pragma unroll
+            for (int a = 0; a < AD_QT; ++a) s_m[warp][a] = wm[a];
+        }
+        __syncthreads();  // the scores and the warps' maxima
+        KILN_PHASE(3);
         {
             const int vi = threadIdx.x % nvv, kg = threadIdx.x / nvv, ng = blockDim.x / nvv;
-            float o[AD_QT][KILN_VEC];
+            float mq[AD_QT], o[AD_QT][KILN_VEC], l[AD_QT];
 #pragma unroll
-            for (int a = 0; a < AD_QT; ++a)
+            for (int a = 0; a < AD_QT; ++a) {
+                float m = AD_NEG;
+#pragma unroll
+                for (int w = 0; w < AD_WARPS; ++w) m = fmaxf(m, s_m[w][a]);
+                mq[a] = m;
+                l[a] = 0.0f;
 #pragma unroll
                 for (int e = 0; e < KILN_VEC; ++e) o[a][e] = 0.0f;
+            }
             for (int j = kg; j < nk; j += ng) {
                 float vf[KILN_VEC];
                 kiln_unpack(((const kiln_u4*)(sv + j * dvp))[vi], vf, sv);
 #pragma unroll
                 for (int a = 0; a < AD_QT; ++a) {
-                    const float p = s_p[a * kt + j];
+                    const float p = ad_exp2(s_p[a * kt + j] - mq[a]);  // 0 for an invisible key
+                    l[a] += p;
 #pragma unroll
                     for (int e = 0; e < KILN_VEC; ++e) o[a][e] = fmaf(p, vf[e], o[a][e]);
                 }
             }
             for (int off = nvv; off < 32; off <<= 1) {
 #pragma unroll
-                for (int a = 0; a < AD_QT; ++a)
+                for (int a = 0; a < AD_QT; ++a) {
+                    l[a] += __shfl_xor_sync(0xffffffffu, l[a], off);
 #pragma unroll
                     for (int e = 0; e < KILN_VEC; ++e) o[a][e] += __shfl_xor_sync(0xffffffffu, o[a][e], off);
+                }
             }
             if (lane < nvv) {
 #pragma unroll
@@ -400,14 +421,23 @@ KILN_SIGNATURE {
 #pragma unroll
                     for (int e = 0; e < KILN_VEC; ++e) s_o[(warp * AD_QT + a) * dv + vi * KILN_VEC + e] = o[a][e];
             }
+            if (lane == 0) {
+#pragma unroll
+                for (int a = 0; a < AD_QT; ++a) s_l[warp][a] = l[a];
+            }
         }
         __syncthreads();
+        KILN_PHASE(4);
         for (int idx = threadIdx.x; idx < AD_QT * dv; idx += blockDim.x) {
             const int a = idx / dv, e = idx - a * dv;
-            float o = 0.0f;
+            float o = 0.0f, l = 0.0f, m = AD_NEG;
 #pragma unroll
-            for (int w = 0; w < AD_WARPS; ++w) o += s_o[(w * AD_QT + a) * dv + e];
-            ad_write(out, out1, out2, row0 + a, e, o, s_m[0][a], s_l[0][a], ns, split, splits, value_dim);
+            for (int w = 0; w < AD_WARPS; ++w) {
+                o += s_o[(w * AD_QT + a) * dv + e];
+                l += s_l[w][a];
+                m = fmaxf(m, s_m[w][a]);
+            }
+            ad_write(out, out1, out2, row0 + a, e, o, m, l, ns, split, splits, value_dim);
         }
     } else {
         for (int tt = 0; tt < ntk; ++tt) {
@@ -544,6 +574,7 @@ KILN_SIGNATURE {
             ad_write(out, out1, out2, row0 + a, e, o, mn, l, ns, split, splits, value_dim);
         }
     }
+    KILN_PHASE(6);
     if (ns == 1) return;  // uniform
 
     // The last of the ns blocks of this (batch, kv head, query tile) merges the splits.
