@@ -55,6 +55,15 @@ fn attention_stage_bytes() -> usize {
         .map_or(ATTENTION_DECODE_STAGE_BYTES, |k| k << 10)
 }
 
+/// A measurement knob: `KILN_ATTN_WARPS=W` (4, 8 or 16) in the environment: the warps of
+/// a decode attention block with query tiles of one head (8 by default).
+fn attention_tile1_warps() -> Option<usize> {
+    std::env::var("KILN_ATTN_WARPS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|w| [4, 8, 16].contains(w))
+}
+
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
 /// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
 pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
@@ -818,7 +827,11 @@ fn attention_decode_render(
     // warp-merge buffer (warps · tile · 256 floats = 32 KiB) stay the same.
     let small = tile <= 4;
     let nvl = (MAX_HEAD_DIM / (32 * vec)).max(1) * if small { 2 } else { 1 };
-    let warps = if small { 2 * ATTENTION_DECODE_WARPS } else { ATTENTION_DECODE_WARPS };
+    let warps = match attention_tile1_warps() {
+        Some(w) if tile == 1 => w,
+        _ if small => 2 * ATTENTION_DECODE_WARPS,
+        _ => ATTENTION_DECODE_WARPS,
+    };
     let mut params = cache_attention_params(s, true);
     let mut template = format!("{VECTOR_HELPERS}{CACHE_ATTENTION}{}", FLASH_DECODE);
     let mut defines = vec![
