@@ -367,7 +367,7 @@ fn the_chained_down_projection_computes_what_its_own_launch_does() {
     wide_mlp_switch("the chained down projection", 2, "mlp_chain_f32", |o, mlp_chain| EngineOptions { mlp_chain, ..o });
 }
 
-/// WIP (`EngineOptions::greedy_fold`, `KILN_GREEDY_FOLD=1`): at batch 1 the LM head's
+/// `EngineOptions::greedy_fold` (on by default): at batch 1 the LM head's
 /// GEMV samples greedily itself (each block's best (y, row) key by atomicMax, decoded by
 /// the step end), so the greedy kernel is not launched, and in bf16 the logits' cast to
 /// f32 waits for `logits()`: the same tokens and logits bits as the greedy kernel over

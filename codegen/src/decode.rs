@@ -58,10 +58,7 @@ fn attention_stage_bytes() -> usize {
 /// A measurement knob: `KILN_ATTN_WARPS=W` (4, 8 or 16) in the environment: the warps of
 /// a decode attention block with query tiles of one head (8 by default).
 fn attention_tile1_warps() -> Option<usize> {
-    std::env::var("KILN_ATTN_WARPS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|w| [4, 8, 16].contains(w))
+    crate::fused::env_usize("KILN_ATTN_WARPS").filter(|w| [4, 8, 16].contains(w))
 }
 
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),

@@ -650,7 +650,7 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, None)?, cfg))
 }
 
-/// WIP (`KILN_MLP_CHAIN=1`, a measurement knob): [`gemv_scaled_epi_warp`] that also
+/// [`gemv_scaled_epi_warp`] that also
 /// computes the one-row product consuming the epilogue's output in the same launch
 /// (`GV_CHAIN` in `gemv.cu`): SwiGLU's z, then the down projection `y2 = z · w2ᵀ`, with
 /// no kernel boundary between them. The blocks count themselves into a counter as they

@@ -6,7 +6,7 @@
 
 use crate::kernels::{render, word, CodegenError, Grid, Kernel};
 use crate::params::{KernelSig, ParamTy, Role};
-use crate::symbols::dim_to_c;
+use crate::symbols::{dim_to_c, sym_index};
 use kiln_ops::{DType, Dim, Sym};
 
 const KV_APPEND: &str = include_str!("kernels/kv_append.cu");
@@ -64,12 +64,7 @@ pub fn step_end_key(past: Sym, seq: Sym, syms: &[Sym]) -> Result<Kernel, Codegen
 /// The step end's kernel: `key` selects the form that reads the sampled ids from the
 /// greedy keys (`out3`) instead of `in0`.
 fn step_end_kernel(past: Sym, seq: Sym, syms: &[Sym], key: bool) -> Result<Kernel, CodegenError> {
-    let idx = |s: Sym| {
-        syms.iter()
-            .position(|t| *t == s)
-            .ok_or_else(|| CodegenError(format!("symbol `{s}` is not in the kernel's symbol table")))
-    };
-    let (p, q) = (idx(past)?, idx(seq)?);
+    let (p, q) = (sym_index(syms, &past)?, sym_index(syms, &seq)?);
     let mut params = vec![(Role::Out(0), ParamTy::ptr("i64")), (Role::Out(1), ParamTy::ptr("i64"))];
     if key {
         params.push((Role::Out(2), ParamTy::ptr("i64")));

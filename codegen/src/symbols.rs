@@ -33,15 +33,19 @@ pub fn dim_to_c(d: &Dim, table: &[Sym]) -> Result<String, CodegenError> {
             factors.push(format!("(i64){coef}"));
         }
         for s in mono {
-            let i = table
-                .iter()
-                .position(|t| t == s)
-                .ok_or_else(|| CodegenError(format!("symbol `{s}` is not in the kernel's symbol table")))?;
-            factors.push(format!("syms[{i}]"));
+            factors.push(format!("syms[{}]", sym_index(table, s)?));
         }
         parts.push(factors.join(" * "));
     }
     Ok(if parts.is_empty() { "(i64)0".to_string() } else { format!("({})", parts.join(" + ")) })
+}
+
+/// The position of symbol `s` in a kernel's symbol `table` (where it reads `syms[i]`).
+pub fn sym_index(table: &[Sym], s: &Sym) -> Result<usize, CodegenError> {
+    table
+        .iter()
+        .position(|t| t == s)
+        .ok_or_else(|| CodegenError(format!("symbol `{s}` is not in the kernel's symbol table")))
 }
 
 /// 16 hex digits of the FNV-1a 64 hash of `s`: a stable (across builds and versions)

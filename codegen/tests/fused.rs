@@ -1293,7 +1293,7 @@ fn host_unchained_mlp(
     (plain, y2)
 }
 
-/// WIP (`KILN_MLP_CHAIN`): the per-warp epilogue GEMV with the down projection chained
+/// `EngineOptions::mlp_chain`: the per-warp epilogue GEMV with the down projection chained
 /// into its launch (`gemv_scaled_epi_warp_chain`, `GV_CHAIN` in `gemv.cu`), its blocks
 /// run concurrently on the host ([`CONCURRENT`]): z and y have the bits of the unchained
 /// kernel, y2 = z · w2ᵀ has the bits of the plain one-row GEMV over that z and matches an

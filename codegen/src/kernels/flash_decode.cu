@@ -327,7 +327,7 @@ KILN_SIGNATURE {
         const KILN_T* sv = sk + kt * dp;
         const int nk = c1 - c0;
         // Stage 1 is free: the scores [AD_QT][kt], then the warps' sums [AD_WARPS][AD_QT][dv]
-        // (6 + 32 KiB at most, under the stage's 48: decode.rs).
+        // (6 + 32 KiB at most, under a stage's 48 KiB at least: decode.rs).
         float* s_p = (float*)s_kv[1];
         float* s_o = s_p + AD_QT * kt;
         float wm[AD_QT];  // the max of this warp's scores, per query

@@ -59,8 +59,8 @@
 // reading y through kiln_epi_yw). The warps of a block never wait for each other, so
 // the looping blocks keep streaming through the tiles as the plain loop does.
 // GV_CHAIN (with GV_EPI_WARP; kiln_codegen::gemv_scaled_epi_warp_chain): the product
-// that consumes the epilogue's output runs in the same launch (a measurement knob,
-// KILN_MLP_CHAIN: SwiGLU's z, then the down projection y2 = z · w2ᵀ). When a block has
+// that consumes the epilogue's output runs in the same launch (EngineOptions::mlp_chain,
+// on by default: SwiGLU's z, then the down projection y2 = z · w2ᵀ). When a block has
 // finished its tiles, a barrier, then thread 0 fences (making the block's stores of z
 // visible device-wide) and adds the block to GV_CH_CTR[0]; every warp then issues the
 // first loads of its first row of w2 (weights: no kernel writes them), thread 0 spins

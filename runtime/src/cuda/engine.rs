@@ -1265,9 +1265,10 @@ impl CudaEngine {
 
         let step_end =
             add_kernel(kiln_codegen::resident::step_end(past_sym, seq_sym, &syms).map_err(|e| contract(e.0))?);
-        // WIP knob KILN_GREEDY_KEY=1: the decode step samples with greedy_key and ends
-        // with step_end_key (see `CudaEngine::greedy_key`). KILN_GREEDY_FOLD=1 (which
-        // implies it): at batch 1 the LM head's scaled GEMV samples itself.
+        // EngineOptions::greedy_fold (on by default; KILN_GREEDY_FOLD=0/1 overrides it):
+        // at batch 1 the LM head's scaled GEMV samples itself and the step ends with
+        // step_end_key. The WIP knob KILN_GREEDY_KEY=1 samples with the greedy_key kernel
+        // instead (see `CudaEngine::greedy_key`).
         let greedy_fold = match std::env::var("KILN_GREEDY_FOLD").as_deref() {
             Ok("0") => false,
             Ok("1") => true,
