@@ -61,6 +61,12 @@ fn attention_tile1_warps() -> Option<usize> {
     crate::fused::env_usize("KILN_ATTN_WARPS").filter(|w| [4, 8, 16].contains(w))
 }
 
+/// A measurement knob: `KILN_ATTN_UNROLL=U` (1..=8) in the environment: the unroll factor
+/// of decode attention's two-pass loops over the keys (`AD_UNROLL`; unset by default).
+fn attention_unroll() -> Option<usize> {
+    crate::fused::env_usize("KILN_ATTN_UNROLL").filter(|u| (1..=8).contains(u))
+}
+
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
 /// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
 pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
@@ -396,7 +402,7 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_MAX_M", cfg.max_rows.to_string()),
         ("GV_XVEC", u8::from(cfg.max_rows > 1).to_string()),
         ("GV_PF", gemv_prefetch_tiles().to_string()),
-        ("GV_RA", u8::from(gemv_readahead_bytes() > 0).to_string()),
+        ("GV_RA", gemv_readahead_mode().to_string()),
     ]
 }
 
@@ -407,6 +413,29 @@ pub fn gemv_readahead_bytes() -> usize {
     static RA: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *RA.get_or_init(|| {
         std::env::var("KILN_GEMV_RA").ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0) << 10
+    })
+}
+
+/// The `GV_RA` define of the GEMV template: 0 (no read-ahead), 1 (`KILN_GEMV_RA`: as the
+/// warps finish) or 2 (`KILN_GEMV_RA_EARLY=1` too: a plain GEMV's blocks read ahead before
+/// their wait for the previous kernel, right after issuing their first weight loads, so
+/// the prefetches fill the memory system while a latency-bound kernel before them, decode
+/// attention before o_proj, runs; the prologue forms then read nothing ahead).
+pub fn gemv_readahead_mode() -> u8 {
+    match gemv_readahead_bytes() {
+        0 => 0,
+        _ if std::env::var("KILN_GEMV_RA_EARLY").is_ok_and(|v| v.trim() == "1") => 2,
+        _ => 1,
+    }
+}
+
+/// `KILN_GEMV_RA_SKIP=KiB` in the environment (with `KILN_GEMV_RA`; 0 by default): the
+/// bytes at the head of each slice of the next weight that the read-ahead skips (e.g.
+/// what the next kernel's blocks load themselves before their wait).
+pub fn gemv_readahead_skip() -> usize {
+    static SKIP: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *SKIP.get_or_init(|| {
+        std::env::var("KILN_GEMV_RA_SKIP").ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0) << 10
     })
 }
 
@@ -841,6 +870,9 @@ fn attention_decode_render(
         ("AD_STAGE", attention_stage_bytes().to_string()),
         ("KILN_KEYS", keys_c.clone()),
     ];
+    if let Some(u) = attention_unroll() {
+        defines.push(("AD_UNROLL", u.to_string()));
+    }
     let name = match fused {
         None => format!("kiln_attn_decode_{}_q{tile}_{}", d.name(), stable_hash_hex(&keys_c)),
         Some(f) => {

@@ -1800,6 +1800,13 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     let host = compile_host_prefixed(cxx, &kern, "gemv_ra", &prefix);
     host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
     assert_eq!(prefetched(&host), want(1), "plain GEMV");
+    // Early (GV_RA 2, KILN_GEMV_RA_EARLY): the same lines, read ahead before the wait.
+    let mut early = kern.clone();
+    early.source = early.source.replace("#define GV_RA 1", "#define GV_RA 2");
+    assert!(early.source.contains("#define GV_RA 2"));
+    let host = compile_host_prefixed(cxx, &early, "gemv_ra_early", &prefix);
+    host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
+    assert_eq!(prefetched(&host), want(1), "plain GEMV, early");
     // Not in the table: entry 1 names another weight.
     let miss = prefix.replace("kiln_test_tab[5] = (unsigned long long)ins[1].data()", "kiln_test_tab[5] = 1");
     let host = compile_host_prefixed(cxx, &kern, "gemv_ra_miss", &miss);
@@ -1821,6 +1828,13 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     let host = compile_host_prefixed(cxx, &kern, "epiw_ra", &format!("{PREFETCH_LOG}\n{}", init(w_in)));
     host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (3, threads), &[2 * inter, 4 * inter, 2 * hidden]);
     assert_eq!(prefetched(&host), want(w_in as i64), "per-warp epilogue form");
+    // Early read-ahead is the plain GEMV's alone: the prologue forms read nothing ahead.
+    let mut early = kern.clone();
+    early.source = early.source.replace("#define GV_RA 1", "#define GV_RA 2");
+    assert!(early.source.contains("#define GV_RA 2"));
+    let host = compile_host_prefixed(cxx, &early, "epiw_ra_early", &format!("{PREFETCH_LOG}\n{}", init(w_in)));
+    host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (3, threads), &[2 * inter, 4 * inter, 2 * hidden]);
+    assert_eq!(prefetched(&host), Vec::new(), "per-warp epilogue form, early");
 }
 
 /// WIP (`KILN_GREEDY_KEY`): `decode::greedy_key` then `resident::step_end_key` sample

@@ -63,6 +63,16 @@
 // row - (t - seq), kv head, element)) straight into its stage; the blocks of query tile
 // 0 also store those rows into the caches (AD_KC, AD_VC: the appends' `past` inputs),
 // which no block of the launch reads them from. The producers' kernels are not launched.
+// AD_UNROLL (a measurement knob, KILN_ATTN_UNROLL): the unroll factor of the two-pass
+// path's loops over the keys (the scores and p·v), so that one iteration's shared loads
+// and shuffles overlap the next's; unset, the compiler picks.
+#ifdef AD_UNROLL
+#define AD_PRAGMA_(x) _Pragma(#x)
+#define AD_PRAGMA(x) AD_PRAGMA_(x)
+#define AD_UNROLL_KEYS AD_PRAGMA(unroll AD_UNROLL)
+#else
+#define AD_UNROLL_KEYS
+#endif
 #define AD_MAXD 256
 #define AD_LOG2E 1.4426950408889634f
 #define AD_NEG (-1.0e30f)
@@ -333,6 +343,7 @@ KILN_SIGNATURE {
         float wm[AD_QT];  // the max of this warp's scores, per query
 #pragma unroll
         for (int a = 0; a < AD_QT; ++a) wm[a] = AD_NEG;  // finite: a query without a visible key weighs every key 0
+        AD_UNROLL_KEYS
         for (int kb = warp * kpw; kb < nk; kb += slots) {  // uniform per warp
             const int kk = kb + g;
             const bool in_tile = kk < nk;
@@ -396,6 +407,7 @@ KILN_SIGNATURE {
 #pragma unroll
                 for (int e = 0; e < KILN_VEC; ++e) o[a][e] = 0.0f;
             }
+            AD_UNROLL_KEYS
             for (int j = kg; j < nk; j += ng) {
                 float vf[KILN_VEC];
                 kiln_unpack(((const kiln_u4*)(sv + j * dvp))[vi], vf, sv);

@@ -253,6 +253,9 @@ __device__ __forceinline__ void gv_prefetch(const KILN_W* __restrict__ w, i64 n,
 // (address, bytes) ranges of the next weight: its first rows, one range per slice of an
 // epilogue). Line i of a range goes to block i % gridDim.x, then warp, then lane, so
 // every line is prefetched once by the launch. A weight not in the table: nothing.
+// GV_RA = 2 (KILN_GEMV_RA_EARLY=1): a plain GEMV reads ahead before its wait instead, once
+// its first weight loads are issued (the memory system is idle while the kernel before
+// it, decode attention before o_proj, runs); the prologue forms read nothing ahead.
 #if GV_RA > 0
 __device__ const unsigned long long* kiln_ra_tab;
 __device__ int kiln_ra_n;
@@ -481,6 +484,10 @@ KILN_SIGNATURE {
             KILN_PHASE(1);
         }
 #else
+#if GV_RA == 2 && !GV_PROLOGUE
+        // Early read-ahead: after the first weight loads, before the wait (see GV_RA).
+        if (k0 == 0 && m >= 1 && m <= GV_MAX_M) gv_readahead(GV_W);  // uniform
+#endif
         if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
 #if GV_CHAIN
         if (k0 == 0) KILN_PHASE_START;
@@ -769,7 +776,7 @@ KILN_CHAIN_STAGING
         }
     }
 #endif
-#if GV_RA > 0
+#if GV_RA == 1
     if (m >= 1 && m <= GV_MAX_M && k > 0) gv_readahead(GV_W);  // uniform
 #endif
 }

@@ -623,17 +623,19 @@ struct RaWeight {
 
 /// The read-ahead table (`gv_readahead` in `gemv.cu`): per GEMV of the step, in order, its
 /// weight and two (address, bytes) ranges of the next one's (the last's next is the
-/// first: the next step's): the heads of its first two slices, `budget` bytes split
-/// between them (a slice shorter than its share gives the rest up; no second slice: 0).
-fn readahead_entries(gemvs: &[RaWeight], budget: usize) -> Vec<[u64; 5]> {
+/// first: the next step's): the heads of its first two slices after `skip` bytes of each,
+/// `budget` bytes split between them (a slice shorter than its share gives the rest up;
+/// no second slice: 0).
+fn readahead_entries(gemvs: &[RaWeight], budget: usize, skip: usize) -> Vec<[u64; 5]> {
     (0..gemvs.len())
         .map(|i| {
             let next = &gemvs[(i + 1) % gemvs.len()];
             let mut e = [gemvs[i].ptr, 0, 0, 0, 0];
             let sl = &next.slices[..next.slices.len().min(2)];
             for (s, &(row, rows)) in sl.iter().enumerate() {
-                let bytes = (budget / sl.len()).min(rows * next.row_bytes);
-                e[1 + 2 * s] = next.ptr + (row * next.row_bytes) as u64;
+                let skip = skip.min(rows * next.row_bytes);
+                let bytes = (budget / sl.len()).min(rows * next.row_bytes - skip);
+                e[1 + 2 * s] = next.ptr + (row * next.row_bytes + skip) as u64;
                 e[2 + 2 * s] = bytes as u64;
             }
             e
@@ -1596,7 +1598,7 @@ impl CudaEngine {
                         slices,
                     });
                 }
-                let entries = readahead_entries(&gemvs, budget);
+                let entries = readahead_entries(&gemvs, budget, decode::gemv_readahead_skip());
                 let flat: Vec<u64> = entries.iter().flatten().copied().collect();
                 let buf = stream.clone_htod(&flat).map_err(driver_err("read-ahead table"))?;
                 stream.synchronize().map_err(driver_err("read-ahead table"))?;
@@ -3106,18 +3108,24 @@ mod tests {
     }
 
     /// The read-ahead table: each GEMV's entry names the next one's first rows (both
-    /// slices of an epilogue, the budget split), the last wraps to the first, and a slice
-    /// shorter than its share is read whole.
+    /// slices of an epilogue, the budget split), the last wraps to the first, a slice
+    /// shorter than its share is read whole, and a skip moves every range past its head.
     #[test]
     fn readahead_entries_name_the_next_weights_heads() {
         use super::RaWeight;
         let qkv = RaWeight { ptr: 0x1000_0000, row_bytes: 4096, slices: vec![(0, 3072)] };
         let gate_up = RaWeight { ptr: 0x2000_0000, row_bytes: 4096, slices: vec![(0, 8192), (8192, 8192)] };
         let tiny = RaWeight { ptr: 0x3000_0000, row_bytes: 128, slices: vec![(0, 10)] };
-        let e = super::readahead_entries(&[qkv, gate_up, tiny], 1 << 20);
+        let all = [qkv, gate_up, tiny];
+        let e = super::readahead_entries(&all, 1 << 20, 0);
         assert_eq!(e[0], [0x1000_0000, 0x2000_0000, 512 << 10, 0x2000_0000 + 8192 * 4096, 512 << 10]);
         assert_eq!(e[1], [0x2000_0000, 0x3000_0000, 1280, 0, 0]);
         assert_eq!(e[2], [0x3000_0000, 0x1000_0000, 1 << 20, 0, 0]);
+        // Skipping 1 KiB of each slice's head (all of the tiny weight but 256 bytes).
+        let e = super::readahead_entries(&all, 1 << 20, 1024);
+        assert_eq!(e[0], [0x1000_0000, 0x2000_0400, 512 << 10, 0x2000_0400 + 8192 * 4096, 512 << 10]);
+        assert_eq!(e[1], [0x2000_0000, 0x3000_0400, 256, 0, 0]);
+        assert_eq!(e[2], [0x3000_0000, 0x1000_0400, 1 << 20, 0, 0]);
     }
 
     /// Timeline labels sum the layers: layer numbers become `*`, names stay.
