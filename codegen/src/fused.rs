@@ -685,6 +685,13 @@ pub fn chain_prefetch() -> bool {
     std::env::var("KILN_MLP_CHAIN").is_ok_and(|v| v == "2") || std::env::var("KILN_CHAIN_PF").is_ok_and(|v| v == "1")
 }
 
+/// A measurement knob: whether a chained kernel hands out its SwiGLU columns after each
+/// warp's first dynamically (`GV_CH_DYN` in `gemv.cu`): `KILN_CHAIN_DYN=1` in the
+/// environment.
+pub fn chain_dynamic() -> bool {
+    std::env::var("KILN_CHAIN_DYN").is_ok_and(|v| v == "1")
+}
+
 /// WIP (`KILN_OPROJ_CHAIN=1`, with [`gemv_scaled_epi_warp_chain`]): the one-row product
 /// `y0 = x0 · w0ᵀ` that writes body input `input` (o_proj, whose output the MLP's
 /// prologue adds to the residual), computed first in the same launch (`GV_CHAIN0` in
@@ -1017,6 +1024,7 @@ fn gemv_scaled_with(
             ("GV_CHAIN", "1".to_string()),
             ("GV_CH_U", "8".to_string()),
             ("GV_CH_PF", u8::from(chain_prefetch()).to_string()),
+            ("GV_CH_DYN", u8::from(chain_dynamic()).to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),
             ("GV_CH_Y", Role::Part(1, 1).c_name()),
             ("GV_CH_N", Role::Part(1, 2).c_name()),

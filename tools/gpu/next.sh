@@ -44,24 +44,35 @@ elif [ "$part" = 2 ]; then
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
     done
 elif [ "$part" = 5 ]; then
-    # Session 17: validation of the decode kernels, the block residency around attention,
-    # then early read-ahead (o_proj's blocks prefetch gate_up's heads into L2 while
-    # attention runs) and attention's loop unrolling against the default.
-    KILN_BIN="$PWD/.gpu/kiln" KILN_CACHE=/tmp/kiln-cache-tests
+    # Session 17: the dynamic-column chain's bits on the GPU, then the A/B (dynamic
+    # columns, early read-ahead: o_proj's blocks prefetch gate_up's heads into L2 while
+    # attention runs, attention's loop unrolling and warps), then timelines (the chain's
+    # phases static and dynamic with the block residency; attention's with the chain off),
+    # then the decode kernels' tests.
+    export KILN_BIN="$PWD/.gpu/kiln"
+    echo "== chained down projection, dynamic columns"
+    KILN_CHAIN_DYN=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 120 .gpu/cuda_engine-test --test-threads=1 \
+        the_chained_down_projection >"$OUT/dyn-test.log" 2>&1
+    grep -E "panicked|FAILED|^test result|skipping" "$OUT/dyn-test.log" | head -8
+    ab "$P" "dyn=KILN_CHAIN_DYN=1" "ra8e=KILN_GEMV_RA=8192,KILN_GEMV_RA_EARLY=1" \
+        "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4"
+    for tag in chain dyn attn; do
+        envs=(KILN_TRACE_BLOCKS=0)
+        [ "$tag" = chain ] && envs=(KILN_TRACE_BLOCKS=1)
+        [ "$tag" = dyn ] && envs=(KILN_CHAIN_DYN=1)
+        [ "$tag" = attn ] && envs=(KILN_MLP_CHAIN=0)
+        env "${envs[@]}" timeout 100 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
+            || echo "timeline $tag failed (rc $?)"
+        echo "== timeline ($tag)"
+        sed -n '/critical path per kernel/,/total, first wait/p' "$OUT/tl-$tag.log" | head -30
+        grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
+    done
+    grep -A30 "block residency per launch" "$OUT/tl-chain.log" | head -40
     for t in cuda_decode cuda_fused cuda_engine; do
         echo "== $t"
-        timeout 200 ".gpu/$t-test" --test-threads=1 >"$OUT/$t.log" 2>&1
+        KILN_CACHE=/tmp/kiln-cache-tests timeout 150 ".gpu/$t-test" --test-threads=1 >"$OUT/$t.log" 2>&1
         grep -E "panicked|FAILED|^test result" "$OUT/$t.log" | head -8
     done
-    KILN_TRACE_BLOCKS=1 timeout 120 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-blocks.log" 2>&1 \
-        || echo "timeline failed (rc $?)"
-    echo "== timeline (block residency)"
-    sed -n '/critical path per kernel/,/total, first wait/p' "$OUT/tl-blocks.log"
-    grep -iE "resident|early|last start" -A40 "$OUT/tl-blocks.log" | head -80
-    grep -E "kernel phase" "$OUT/tl-blocks.log" | sed 's/.*kernel phase/kernel phase/'
-    ab "$P" "ra8e=KILN_GEMV_RA=8192,KILN_GEMV_RA_EARLY=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
-        "ra24e=KILN_GEMV_RA=24576,KILN_GEMV_RA_EARLY=1" "u2=KILN_ATTN_UNROLL=2" "u4=KILN_ATTN_UNROLL=4" \
-        "w4=KILN_ATTN_WARPS=4"
 elif [ "$part" = 3 ]; then
     ab "$P,smollm2-135m" "w16=KILN_ATTN_WARPS=16" "w4=KILN_ATTN_WARPS=4" "chunk128=KILN_ATTN_MIN_CHUNK=128"
 else

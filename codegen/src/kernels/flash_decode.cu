@@ -151,7 +151,8 @@ KILN_SIGNATURE {
     // With `kiln bench --timeline` and the chain off (KILN_MLP_CHAIN=0: the chained
     // kernel's phases share the slots), block 0's phases (µs after its wait): 0 the
     // launch's own K/V rows computed, 1 q computed; the two-pass path's 2 the stage complete,
-    // 3 the scores, 4 p·v, 6 the output written.
+    // 3 the scores, 5 thread 0's p·v loop, 7 its shuffles and stores, 4 p·v (after the
+    // barrier), 6 the output written.
     KILN_PHASE_DECL;
     kiln_grid_launch_dependents();
     if (!early) kiln_grid_wait();
@@ -419,6 +420,7 @@ KILN_SIGNATURE {
                     for (int e = 0; e < KILN_VEC; ++e) o[a][e] = fmaf(p, vf[e], o[a][e]);
                 }
             }
+            KILN_PHASE(5);
             for (int off = nvv; off < 32; off <<= 1) {
 #pragma unroll
                 for (int a = 0; a < AD_QT; ++a) {
@@ -437,6 +439,7 @@ KILN_SIGNATURE {
 #pragma unroll
                 for (int a = 0; a < AD_QT; ++a) s_l[warp][a] = l[a];
             }
+            KILN_PHASE(7);
         }
         __syncthreads();
         KILN_PHASE(4);
