@@ -672,8 +672,26 @@ pub fn gemv_scaled_epi_warp_chain(
     pre: Option<ChainPre>,
     post: Option<&FusedBody>,
 ) -> Result<(Kernel, GemvConfig), CodegenError> {
+    gemv_scaled_epi_warp_chain_helped(body, syms, w2, y2, pre, post, chain_help())
+}
+
+/// [`gemv_scaled_epi_warp_chain`] with `help` (0..=3) steps of each chained row copied by
+/// a helper warp (`GV_CH_HELP` in `gemv.cu`; the kernel takes that many 4 KiB copies per
+/// helper of dynamic shared memory). [`gemv_scaled_epi_warp_chain`] takes [`chain_help`].
+pub fn gemv_scaled_epi_warp_chain_helped(
+    body: &FusedBody,
+    syms: &[Sym],
+    w2: DType,
+    y2: DType,
+    pre: Option<ChainPre>,
+    post: Option<&FusedBody>,
+    help: usize,
+) -> Result<(Kernel, GemvConfig), CodegenError> {
+    if help > 3 {
+        return err(format!("gemv_scaled_epi_warp_chain: {help} helped steps (0..=3)"));
+    }
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
-    let chain = Chain { w2, y2, pre, post };
+    let chain = Chain { w2, y2, pre, post, help };
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
 }
 
@@ -690,6 +708,17 @@ pub fn chain_prefetch() -> bool {
 /// environment.
 pub fn chain_dynamic() -> bool {
     std::env::var("KILN_CHAIN_DYN").is_ok_and(|v| v == "1")
+}
+
+/// 16-byte loads in flight per lane in a chained kernel's rows of the next product
+/// (`GV_CH_U` in `gemv.cu`).
+const CHAIN_LOADS: usize = 8;
+
+/// A measurement knob: the steps of each chained row that a helper warp copies into shared
+/// memory (`GV_CH_HELP` in `gemv.cu`): `KILN_CHAIN_HELP=H` (1..=3) in the environment, 0
+/// (none) by default.
+pub fn chain_help() -> usize {
+    env_usize("KILN_CHAIN_HELP").filter(|h| (1..=3).contains(h)).unwrap_or(0)
 }
 
 /// WIP (`KILN_OPROJ_CHAIN=1`, with [`gemv_scaled_epi_warp_chain`]): the one-row product
@@ -715,6 +744,8 @@ struct Chain<'a> {
     y2: DType,
     pre: Option<ChainPre>,
     post: Option<&'a FusedBody>,
+    /// Steps of each chained row a helper warp copies (`GV_CH_HELP`).
+    help: usize,
 }
 
 /// Epilogue slices (weight rows per warp) [`gemv_scaled_epi_warp`] takes at most.
@@ -818,6 +849,8 @@ fn gemv_scaled_with(
     chain: Option<Chain<'_>>,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
+    // The helper warps' copies (GV_CH_HELP) take the cp.async helpers.
+    let help = chain.as_ref().map_or(0, |c| c.help);
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let FusedKind::MatVec { prologue, x, weight, epilogue: form } = kind else {
         return err("gemv_scaled: the body is no matrix-vector group");
@@ -906,7 +939,7 @@ fn gemv_scaled_with(
     }
     // The scaled product after (GV_CHAIN3): its staging code and reduction count.
     let mut post_staging: Option<(String, usize)> = None;
-    if let Some(Chain { w2, y2, pre, post }) = chain {
+    if let Some(Chain { w2, y2, pre, post, .. }) = chain {
         let epi = body.epilogue().expect("checked");
         let (Some(f), EpiMode::Warp, false, false) = (&form, mode, stream, argmax) else {
             return err("gemv_scaled_epi_warp_chain: the per-warp epilogue form only");
@@ -1022,9 +1055,10 @@ fn gemv_scaled_with(
     if chain.is_some() {
         defines.extend([
             ("GV_CHAIN", "1".to_string()),
-            ("GV_CH_U", "8".to_string()),
+            ("GV_CH_U", CHAIN_LOADS.to_string()),
             ("GV_CH_PF", u8::from(chain_prefetch()).to_string()),
             ("GV_CH_DYN", u8::from(chain_dynamic()).to_string()),
+            ("GV_CH_HELP", help.to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),
             ("GV_CH_Y", Role::Part(1, 1).c_name()),
             ("GV_CH_N", Role::Part(1, 2).c_name()),
@@ -1066,7 +1100,8 @@ fn gemv_scaled_with(
     if argmax {
         defines.extend([("GV_ARGMAX", "1".to_string()), ("GV_KEY", key.c_name())]);
     }
-    let template = format!("{}{}", decode::VECTOR_HELPERS, decode::GEMV)
+    let cp = if help > 0 { decode::CACHE_ATTENTION } else { "" };
+    let template = format!("{}{cp}{}", decode::VECTOR_HELPERS, decode::GEMV)
         .replace("KILN_CHAIN_STAGING", post_staging.as_ref().map_or("", |p| p.0.as_str()))
         .replace("KILN_PROLOGUE", &staging)
         .replace("KILN_WARP_EPILOGUE", warp_epi)
@@ -1082,6 +1117,8 @@ fn gemv_scaled_with(
         EpiMode::Warp => "kiln_gemv_scaled_epiw",
     };
     let mut kernel = render_hashed(prefix, params, &template, &defines, grid);
+    // GV_CH_HELP: GV_WARPS / 2 helpers' copies of `help` steps of 32·GV_CH_U vectors.
+    kernel.dynamic_smem = (cfg.warps / 2 * help * 32 * CHAIN_LOADS * 16) as u32;
     // At most 64 registers per thread (2 blocks of 512 threads, 4 of 256 per
     // multiprocessor, what the plain one-row GEMV gets): the staging's loads, all in
     // flight next to the weight loads, would otherwise take 79 (sm_90, 2,048 columns)

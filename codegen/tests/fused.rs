@@ -1400,6 +1400,67 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     }
 }
 
+/// `KILN_CHAIN_HELP` (`gemv_scaled_epi_warp_chain_helped`, `GV_CH_HELP` in `gemv.cu`): the
+/// warps without a row of y2 copy steps 1..H of their partner's first row into shared
+/// memory before the spin, and the partner computes those steps from there. The
+/// Llama-3.2-1B MLP's widths (rows of y2 of 8,192 elements: four steps of 32·8 vectors),
+/// 19 rows over 3 blocks of 16 warps (warps with and without helpers), H = 2 and 3 (no
+/// step after the copied ones): z and y have the bits of the unchained kernel, y2 those of
+/// the plain GEMV over z, and the counters are zero after. The Llama-3.2-1B
+/// kernel with H = 2 compiles for sm_90 and asks 64 KiB of dynamic shared memory.
+#[test]
+fn host_chained_rows_with_helper_warps_keep_their_bits() {
+    let Some(cxx) = host_cxx() else { return };
+    let (inter, hidden, n2) = (8192, 2048, 19);
+    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
+    let table = graph_symbols(&fg);
+    let chained = |help| {
+        kiln_codegen::gemv_scaled_epi_warp_chain_helped(&body, &table, DType::BF16, DType::BF16, None, None, help)
+            .unwrap()
+            .0
+    };
+    let e = kiln_codegen::gemv_scaled_epi_warp_chain_helped(&body, &table, DType::BF16, DType::BF16, None, None, 4)
+        .unwrap_err();
+    assert!(e.0.contains("helped steps"), "{e}");
+    let b = bind(&[("seq", 1)]);
+    let inputs = body_inputs(&body, &sources, &b, 0x1f83_d9ab_fb41_bd6b);
+    let mut r = Rng(0x5be0_cd19_137e_2179);
+    let w2 = random(&mut r, DType::BF16, &[n2, inter]);
+    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
+    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
+    let (plain, y2_plain) = host_unchained_mlp(cxx, (&body, &table), &ins, &syms, &w2, "help");
+    let cins: Vec<Option<&HostTensor>> =
+        std::iter::once(None).chain(inputs.iter().map(Some)).chain(std::iter::once(Some(&w2))).collect();
+    let outs = [2 * inter, 4 * inter, 2 * hidden, 2 * n2];
+    let k0 = chained(0);
+    assert_eq!(k0.dynamic_smem, 0);
+    let Grid::BlockPerItem { threads } = k0.grid else { panic!("{:?}", k0.grid) };
+    assert_eq!(threads, 512, "16 warps");
+    for help in [2usize, 3] {
+        let k = chained(help);
+        assert_eq!(k.dynamic_smem as usize, 8 * help * 4096, "help {help}");
+        let k = with_static_smem_as(&k, "gv_help");
+        let hk = compile_host_prefixed(cxx, &k, &format!("chain_help{help}"), CONCURRENT);
+        std::fs::write(hk.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
+        std::fs::write(hk.dir.join("dump_counters"), b"").unwrap();
+        let got = hk.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (3, threads), &outs);
+        assert_eq!(got[0], plain[0], "help {help}: z differs from the unchained kernel's");
+        assert_eq!(got[1], plain[1], "help {help}: y differs from the unchained kernel's");
+        assert_eq!(got[3], y2_plain, "help {help}: y2 differs from the plain GEMV's over z");
+        let ctr = std::fs::read(hk.dir.join("counters.bin")).unwrap();
+        assert!(ctr.iter().all(|&c| c == 0), "help {help}: counters left {:?}", &ctr[..8]);
+    }
+    let k2 = chained(2);
+    assert_eq!(k2.dynamic_smem, 64 << 10);
+    std::fs::write(std::env::temp_dir().join("kiln_chain_help2_1b.cu"), &k2.source).unwrap();
+    if kiln_codegen::nvrtc::nvrtc_present() {
+        let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
+        c.compile_all(&[&k2]).unwrap_or_else(|e| panic!("{e}"));
+    } else {
+        println!("skipping the NVRTC compile: libnvrtc could not be loaded");
+    }
+}
+
 /// WIP (`KILN_OPROJ_CHAIN`): the chained kernel that also computes the product before
 /// (`ChainPre`, `GV_CHAIN0`): here the group's x itself is y0 = x0 · w0ᵀ (the engine's
 /// case is o_proj's output, which the MLP's prologue adds to the residual). Its blocks

@@ -10,10 +10,14 @@
 #   bash tools/gpu/next.sh 3   # attention A/Bs on the 1B and SmolLM2 (warps, chunks)
 #   OLD=.gpu/kiln-old bash tools/gpu/next.sh 4   # a kernel change no knob switches: that
 #                              # build (BIN=) against .gpu/kiln, both presets, 2 rounds
+#   bash tools/gpu/next.sh 5   # session 17's experiments (see below), the first call
+#   bash tools/gpu/next.sh 6   # the decode, fused and engine GPU tests
 #
 # Knobs (KILN_*, off by default): ATTN_WARPS=4|8|16 (warps of a one-head attention block;
 # 16 measured +1.7% on SmolLM2, -1.5% on the 1B, 2026-12-05), ATTN_MIN_CHUNK=K,
-# ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, MLP_CHAIN=0|1|2, GREEDY_FOLD=0, and the older
+# ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, MLP_CHAIN=0|1|2, CHAIN_DYN=1
+# (dynamic SwiGLU columns), CHAIN_HELP=1..3 (helper warps' copies of the down rows),
+# GEMV_RA=KiB with GEMV_RA_EARLY=1 (and GEMV_RA_SKIP=KiB), GREEDY_FOLD=0, and the older
 # measurement knobs listed in docs/performance-history.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -44,18 +48,22 @@ elif [ "$part" = 2 ]; then
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
     done
 elif [ "$part" = 5 ]; then
-    # Session 17: the dynamic-column chain's bits on the GPU, then the A/B (dynamic
-    # columns, early read-ahead: o_proj's blocks prefetch gate_up's heads into L2 while
-    # attention runs, attention's loop unrolling and warps), then timelines (the chain's
-    # phases static and dynamic with the block residency; attention's with the chain off),
-    # then the decode kernels' tests.
+    # Session 17's experiments: the bits of the chained kernel with dynamic columns and
+    # with helper warps on the GPU, then the A/B (dynamic columns; helper warps copying 2
+    # steps of each down row; both; early read-ahead: o_proj's blocks prefetch gate_up's
+    # heads into L2 while attention runs; attention's loop unrolling and warps), then
+    # timelines (the chain's phases with the block residency, with dynamic columns, and
+    # attention's with the chain off).
     export KILN_BIN="$PWD/.gpu/kiln"
-    echo "== chained down projection, dynamic columns"
-    KILN_CHAIN_DYN=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 120 .gpu/cuda_engine-test --test-threads=1 \
-        the_chained_down_projection >"$OUT/dyn-test.log" 2>&1
-    grep -E "panicked|FAILED|^test result|skipping" "$OUT/dyn-test.log" | head -8
-    ab "$P" "dyn=KILN_CHAIN_DYN=1" "ra8e=KILN_GEMV_RA=8192,KILN_GEMV_RA_EARLY=1" \
-        "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4"
+    for e in KILN_CHAIN_DYN=1 KILN_CHAIN_HELP=2; do
+        echo "== chained down projection, $e"
+        env "$e" KILN_CACHE=/tmp/kiln-cache-tests timeout 120 .gpu/cuda_engine-test --test-threads=1 \
+            the_chained_down_projection >"$OUT/chain-test-${e%%=*}.log" 2>&1
+        grep -E "panicked|FAILED|^test result|skipping" "$OUT/chain-test-${e%%=*}.log" | head -8
+    done
+    ab "$P" "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
+        "ra8e=KILN_GEMV_RA=8192,KILN_GEMV_RA_EARLY=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
+        "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4"
     for tag in chain dyn attn; do
         envs=(KILN_TRACE_BLOCKS=0)
         [ "$tag" = chain ] && envs=(KILN_TRACE_BLOCKS=1)
@@ -68,9 +76,13 @@ elif [ "$part" = 5 ]; then
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
     done
     grep -A30 "block residency per launch" "$OUT/tl-chain.log" | head -40
+elif [ "$part" = 6 ]; then
+    # Validation of the decode kernels (after kernel-source changes): the decode, fused and
+    # engine GPU tests, one at a time.
+    export KILN_BIN="$PWD/.gpu/kiln"
     for t in cuda_decode cuda_fused cuda_engine; do
         echo "== $t"
-        KILN_CACHE=/tmp/kiln-cache-tests timeout 150 ".gpu/$t-test" --test-threads=1 >"$OUT/$t.log" 2>&1
+        KILN_CACHE=/tmp/kiln-cache-tests timeout 180 ".gpu/$t-test" --test-threads=1 >"$OUT/$t.log" 2>&1
         grep -E "panicked|FAILED|^test result" "$OUT/$t.log" | head -8
     done
 elif [ "$part" = 3 ]; then

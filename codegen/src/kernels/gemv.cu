@@ -79,6 +79,17 @@
 // so the warps of fast multiprocessors take the columns that slow ones would have been
 // assigned statically and the launch's blocks finish z together. A column's bits do not depend on its warp. The
 // last block out zeroes the counters with the others.
+// GV_CH_HELP = H > 0 (with GV_CHAIN; a measurement knob, KILN_CHAIN_HELP=1): helper warps
+// for the chained rows. The rows of y2 go to warps blockIdx.x + gridDim.x·warp, so with
+// fewer rows than the launch has warps, the second half's warps have none and the first
+// half's stream theirs with GV_CH_U loads in flight per lane. A warp of the second half
+// without a row whose partner (warp - GV_WARPS / 2) has one copies, before the spin and
+// with cp.async, steps 1 .. H (32·GV_CH_U vectors each) of the partner's first row into
+// dynamic shared memory (GV_WARPS / 2 · H · 32 · GV_CH_U · 16 bytes, Kernel::dynamic_smem),
+// and waits for its copies before the barrier after z is staged. The partner computes
+// steps 1 .. H from there in the same order (y2 keeps its bits) and issues step H + 1's
+// loads as soon as step 0 is used: the row's first H + 1 steps are loaded during the spin
+// and the rest with one round trip less.
 // GV_CHAIN0 (with GV_CHAIN; KILN_OPROJ_CHAIN): the one-row product whose output y0 the
 // prologue reads (o_proj, before the MLP) runs first in the same launch: every warp
 // issues the first loads of its row of w0, the block waits for the previous kernel
@@ -130,6 +141,9 @@
 #endif
 #ifndef GV_CH_DYN
 #define GV_CH_DYN 0
+#endif
+#ifndef GV_CH_HELP
+#define GV_CH_HELP 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -293,7 +307,7 @@ __device__ __forceinline__ void gv_readahead(const void* w) {
 }
 #endif
 
-#if GV_CH_DYN
+#if GV_CH_DYN || GV_CH_HELP
 // blockIdx.x and gridDim.x, read where they are used: volatile reads are not hoisted out
 // of the tile loop into registers live across it (the Llama-3.2-1B chained kernel spills
 // 56 bytes at its 64-register bound with plain reads; none with these, NVRTC sm_90).
@@ -308,7 +322,38 @@ __device__ __forceinline__ void gv_sreg(unsigned int& bx, unsigned int& gx) {
 }
 #endif
 
+#if GV_CH_HELP
+// A warp's part in GV_CH_HELP for rows of y2 blockIdx.x + gridDim.x·warp, ... (n rows): 1
+// a helper (second half, no row, its partner has one), -1 a helped warp, 0 neither. From
+// volatile reads of the special registers (see gv_sreg), so nothing stays live across the
+// spin.
+__device__ __forceinline__ int gv_help_role(int warp, i64 n) {
+    unsigned int bx, gx;
+    gv_sreg(bx, gx);
+    const int h = GV_WARPS / 2, w = warp < h ? warp : warp - h;
+    const bool lo = (i64)bx + (i64)gx * w < n, hi = (i64)bx + (i64)gx * (w + h) < n;
+    return lo && !hi ? (warp < h ? -1 : 1) : 0;
+}
+#endif
+
 #if GV_CHAIN
+// acc += x · w over the 16-byte weight vector wv, vector c of a row (x staged in xs4 as
+// the plain GEMV stages it: plane-major, nv vectors per row), in element order.
+__device__ __forceinline__ void gv_chain_fma(float& acc, const kiln_u4& wv, const kiln_f4* xs4, int nv, int c,
+                                             const KILN_W* w) {
+    float wf[KILN_VEC], xf[KILN_VEC];
+    kiln_unpack(wv, wf, w);
+#pragma unroll
+    for (int p = 0; p < GV_P; ++p) {
+        const kiln_f4 q = xs4[p * nv + c];
+        xf[4 * p + 0] = q.x;
+        xf[4 * p + 1] = q.y;
+        xf[4 * p + 2] = q.z;
+        xf[4 * p + 3] = q.w;
+    }
+#pragma unroll
+    for (int j = 0; j < KILN_VEC; ++j) acc = fmaf(xf[j], wf[j], acc);
+}
 // The chained products (GV_CHAIN, GV_CHAIN0): rows first, first + gridDim.x·GV_WARPS, ...
 // of y = x · wᵀ for one row of x staged in xs4 as the plain GEMV stages it (plane-major,
 // nv 16-byte vectors per row of w), as the plain one-row GEMV computes them (lane L
@@ -317,7 +362,52 @@ __device__ __forceinline__ void gv_sreg(unsigned int& bx, unsigned int& gx) {
 // before they are stored.
 template <class TY>
 __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN_W* w, TY* y, i64 n, int nv, i64 first,
-                                              int lane, const kiln_f4* xs4, float scale) {
+                                              int lane, const kiln_f4* xs4, float scale,
+                                              const kiln_u4* hs = nullptr) {
+#if GV_CH_HELP
+    if (hs != nullptr) {
+        // A helped warp (GV_CH_HELP): its one row (the helper's has none, so neither has
+        // a second), steps 1 .. GV_CH_HELP from hs, the step after them loaded as soon as
+        // step 0 is used; the sums in the order of the loop below.
+        const KILN_W* wr = w + first * nv * KILN_VEC;
+        float acc = 0.0f;
+#pragma unroll
+        for (int u = 0; u < GV_CH_U; ++u) {
+            const int c = u * 32 + lane;
+            if (c < nv) gv_chain_fma(acc, cw[u], xs4, nv, c, w);
+        }
+        const int c1 = (GV_CH_HELP + 1) * 32 * GV_CH_U;
+#pragma unroll
+        for (int u = 0; u < GV_CH_U; ++u) {
+            const int c = c1 + u * 32 + lane;
+            if (c < nv) cw[u] = kiln_ld16(wr + (i64)c * KILN_VEC);
+        }
+        for (int i = 0; i < GV_CH_HELP * GV_CH_U; ++i) {
+            const int c = 32 * GV_CH_U + i * 32 + lane;
+            if (c < nv) gv_chain_fma(acc, hs[i * 32 + lane], xs4, nv, c, w);
+        }
+        for (int c0 = c1; c0 < nv; c0 += 32 * GV_CH_U) {
+            if (c0 > c1) {
+#pragma unroll
+                for (int u = 0; u < GV_CH_U; ++u) {
+                    const int c = c0 + u * 32 + lane;
+                    if (c < nv) cw[u] = kiln_ld16(wr + (i64)c * KILN_VEC);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < GV_CH_U; ++u) {
+                const int c = c0 + u * 32 + lane;
+                if (c < nv) gv_chain_fma(acc, cw[u], xs4, nv, c, w);
+            }
+        }
+#pragma unroll
+        for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
+        if (lane == 0) kiln_st(y, first, acc * scale);
+        return;
+    }
+#else
+    (void)hs;
+#endif
     for (i64 row = first; row < n; row += (i64)gridDim.x * GV_WARPS) {
         float acc = 0.0f;
         for (int c0 = 0; c0 < nv; c0 += 32 * GV_CH_U) {
@@ -331,20 +421,7 @@ __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN
 #pragma unroll
             for (int u = 0; u < GV_CH_U; ++u) {
                 const int c = c0 + u * 32 + lane;
-                if (c < nv) {
-                    float wf[KILN_VEC], xf[KILN_VEC];
-                    kiln_unpack(cw[u], wf, w);
-#pragma unroll
-                    for (int p = 0; p < GV_P; ++p) {
-                        const kiln_f4 q = xs4[p * nv + c];
-                        xf[4 * p + 0] = q.x;
-                        xf[4 * p + 1] = q.y;
-                        xf[4 * p + 2] = q.z;
-                        xf[4 * p + 3] = q.w;
-                    }
-#pragma unroll
-                    for (int j = 0; j < KILN_VEC; ++j) acc = fmaf(xf[j], wf[j], acc);
-                }
+                if (c < nv) gv_chain_fma(acc, cw[u], xs4, nv, c, w);
             }
         }
 #pragma unroll
@@ -414,6 +491,9 @@ KILN_SIGNATURE {
 #endif
 #if GV_SCALE
     __shared__ float gv_red[GV_NRED * GV_WARPS];  // the warps' partial reductions (one row of x)
+#endif
+#if GV_CH_HELP
+    extern __shared__ kiln_u4 gv_help[];  // GV_WARPS / 2 · GV_CH_HELP steps of 32 · GV_CH_U vectors
 #endif
     float* xs = (float*)xs4;
 #if GV_CHAIN
@@ -747,6 +827,20 @@ KILN_EPILOGUE
         const i64 first = (i64)blockIdx.x + (i64)gridDim.x * warp;
         kiln_u4 cw[GV_CH_U];
         gv_chain_first(cw, GV_CH_W, GV_CH_N, nv2, first, lane);  // weights: before the spin
+#if GV_CH_HELP
+        // Helper warps (see GV_CH_HELP): a warp of the second half without a row copies
+        // steps 1 .. GV_CH_HELP of its partner's (warp - GV_WARPS / 2) first row.
+        if (gv_help_role(warp, GV_CH_N) > 0) {
+            const KILN_W* src = GV_CH_W + (first - (i64)gridDim.x * (GV_WARPS / 2)) * nv2 * KILN_VEC;
+            kiln_u4* dst = gv_help + (warp - GV_WARPS / 2) * (GV_CH_HELP * 32 * GV_CH_U);
+#pragma unroll
+            for (int i = 0; i < GV_CH_HELP * GV_CH_U; ++i) {
+                const int c = 32 * GV_CH_U + i * 32 + lane;  // from step 1
+                if (c < nv2) kiln_cp16(dst + i * 32 + lane, src + (i64)c * KILN_VEC);
+            }
+            kiln_cp_commit();
+        }
+#endif
 #if GV_CH_PF
         // (KILN_MLP_CHAIN=2) The rest of the first row into L2 while the launch finishes z.
         if (first < GV_CH_N) {
@@ -762,8 +856,16 @@ KILN_EPILOGUE
         }
         __syncthreads();
         gv_chain_stage<2>(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
+#if GV_CH_HELP
+        if (gv_help_role(warp, GV_CH_N) > 0) kiln_cp_wait_all();  // the copies are complete before the barrier
+#endif
         __syncthreads();
+#if GV_CH_HELP
+        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f,
+                      gv_help_role(warp, GV_CH_N) < 0 ? gv_help + warp * (GV_CH_HELP * 32 * GV_CH_U) : nullptr);
+#else
         gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f);
+#endif
         KILN_PHASE(4);
 #if GV_CHAIN3
         {

@@ -1527,9 +1527,10 @@ impl CudaEngine {
         // whether the epilogue GEMVs fit in one (see `EpiRun`), and the looping scaled
         // GEMV's launch (see `ScaledRun::plain_wave`).
         let wave = |kg: usize, cfg: decode::GemvConfig| -> Result<usize, CudaError> {
+            let smem = kernels[kg].0.dynamic_smem as usize;
             let per_sm = kernels[kg]
                 .1
-                .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, 0, None)
+                .occupancy_max_active_blocks_per_multiprocessor(32 * cfg.warps as u32, smem, None)
                 .map_err(driver_err("occupancy"))?;
             Ok(per_sm as usize * sms)
         };

@@ -515,9 +515,10 @@ pub(super) fn compile_and_load(
     Ok((kernels, stats, binaries))
 }
 
-/// Lets `f` be launched with the kernel's dynamic shared memory (needed above 48 KiB).
+/// Lets `f` be launched with the kernel's dynamic shared memory (needed when its static and
+/// dynamic shared memory together pass 48 KiB; set for any dynamic amount).
 pub fn allow_dynamic_smem(k: &Kernel, f: &CudaFunction) -> Result<(), CudaError> {
-    if k.dynamic_smem > 48 << 10 {
+    if k.dynamic_smem > 0 {
         f.set_attribute(
             sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
             k.dynamic_smem as i32,
