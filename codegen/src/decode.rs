@@ -401,7 +401,6 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_XS", GEMV_STAGED_FLOATS.to_string()),
         ("GV_MAX_M", cfg.max_rows.to_string()),
         ("GV_XVEC", u8::from(cfg.max_rows > 1).to_string()),
-        ("GV_PF", gemv_prefetch_tiles().to_string()),
         ("GV_RA", gemv_readahead_mode().to_string()),
     ]
 }
@@ -437,15 +436,6 @@ pub fn gemv_readahead_skip() -> usize {
     *SKIP.get_or_init(|| {
         std::env::var("KILN_GEMV_RA_SKIP").ok().and_then(|v| v.trim().parse::<usize>().ok()).unwrap_or(0) << 10
     })
-}
-
-/// `KILN_GEMV_PF=T` in the environment (a measurement knob, 0 by default): every GEMV
-/// block prefetches into L2, before its wait for the previous kernel, the weight rows of
-/// its first `T` tiles that its first step does not load (`GV_PF` in `gemv.cu`), so the
-/// memory system is busy while the kernel before it (attention, a ramp) is not.
-pub fn gemv_prefetch_tiles() -> usize {
-    static PF: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
-    *PF.get_or_init(|| std::env::var("KILN_GEMV_PF").ok().and_then(|v| v.trim().parse().ok()).unwrap_or(0))
 }
 
 pub(crate) const GEMV_STREAM: &str = include_str!("kernels/gemv_stream.cu");

@@ -662,8 +662,7 @@ pub fn gemv_scaled_epi_warp(body: &FusedBody, syms: &[Sym]) -> Result<(Kernel, G
 /// most [`decode::GEMV_STAGED_FLOATS`]). Parameters: [`gemv_scaled_epi_warp`]'s, then
 /// `p1_0` (w2), `p1_1` (y2 `[n2]`, dtype `y2`), `p1_2` (n2, i64), `counters` (two
 /// `unsigned int` 128 bytes apart, zero before the first launch; the kernel leaves them
-/// zero). With [`chain_prefetch`], each warp also prefetches the rest of its first row of
-/// w2 into L2 before it spins (`GV_CH_PF`).
+/// zero).
 pub fn gemv_scaled_epi_warp_chain(
     body: &FusedBody,
     syms: &[Sym],
@@ -693,14 +692,6 @@ pub fn gemv_scaled_epi_warp_chain_helped(
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
     let chain = Chain { w2, y2, pre, post, help };
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
-}
-
-/// WIP: whether a chained kernel prefetches the rest of each warp's first down row into
-/// L2 before it spins (`GV_CH_PF`): `KILN_MLP_CHAIN=2` (which also turns the chains on in
-/// the engine) or `KILN_CHAIN_PF=1` (the form alone, for tests that switch the chains by
-/// option) in the environment.
-pub fn chain_prefetch() -> bool {
-    std::env::var("KILN_MLP_CHAIN").is_ok_and(|v| v == "2") || std::env::var("KILN_CHAIN_PF").is_ok_and(|v| v == "1")
 }
 
 /// A measurement knob: whether a chained kernel hands out its SwiGLU columns after each
@@ -1056,7 +1047,6 @@ fn gemv_scaled_with(
         defines.extend([
             ("GV_CHAIN", "1".to_string()),
             ("GV_CH_U", CHAIN_LOADS.to_string()),
-            ("GV_CH_PF", u8::from(chain_prefetch()).to_string()),
             ("GV_CH_DYN", u8::from(chain_dynamic()).to_string()),
             ("GV_CH_HELP", help.to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),

@@ -1345,17 +1345,6 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     std::fs::write(hc.dir.join("dump_counters"), b"").unwrap();
     let mut couts = outs.to_vec();
     couts.push(2 * n2);
-    // With the L2 prefetch of each warp's first row (`KILN_MLP_CHAIN=2`) too: no effect
-    // on any result.
-    let with_pf = |k: &Kernel| {
-        let mut k = k.clone();
-        assert!(k.source.contains("#define GV_CH_PF 0"), "{}", k.sig.name);
-        k.source = k.source.replace("#define GV_CH_PF 0", "#define GV_CH_PF 1");
-        k
-    };
-    let hpf = compile_host_prefixed(cxx, &with_pf(&kc), "chain_chained_pf", CONCURRENT);
-    std::fs::write(hpf.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
-    std::fs::write(hpf.dir.join("dump_counters"), b"").unwrap();
     // With dynamic columns (`KILN_CHAIN_DYN=1`): the same bits, whichever warp computes
     // a column (3 blocks: 48 static columns, the rest claimed; 25 and 30: warps without a
     // static column).
@@ -1368,7 +1357,7 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     let hdyn = compile_host_prefixed(cxx, &with_dyn(&kc), "chain_chained_dyn", CONCURRENT);
     std::fs::write(hdyn.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
     std::fs::write(hdyn.dir.join("dump_counters"), b"").unwrap();
-    for (hk, grid) in [(&hc, 25), (&hc, 3), (&hc, 30), (&hpf, 3), (&hdyn, 3), (&hdyn, 25), (&hdyn, 30), (&hdyn, 1)] {
+    for (hk, grid) in [(&hc, 25), (&hc, 3), (&hc, 30), (&hdyn, 3), (&hdyn, 25), (&hdyn, 30), (&hdyn, 1)] {
         let got = hk.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (grid, threads), &couts);
         assert_eq!(got[0], plain[0], "{grid} blocks: z differs from the unchained kernel's");
         assert_eq!(got[1], plain[1], "{grid} blocks: y differs from the unchained kernel's");
@@ -1394,7 +1383,7 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     std::fs::write(hc.dir.join("chain_1b.cu"), &k1.source).unwrap();
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
-        c.compile_all(&[&kc, &k1, &with_pf(&k1), &with_dyn(&k1)]).unwrap_or_else(|e| panic!("{e}"));
+        c.compile_all(&[&kc, &k1, &with_dyn(&k1)]).unwrap_or_else(|e| panic!("{e}"));
     } else {
         println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }
@@ -1741,89 +1730,6 @@ fn host_gemv_matches_the_reference() {
             }
         }
     }
-}
-
-/// `GV_PF` (`KILN_GEMV_PF`): before its wait, every GEMV block prefetches into L2
-/// exactly the weight rows of its first `GV_PF` tiles that its first step does not load
-/// (the rest of its first tile's rows, then whole rows of its next tiles), nothing outside
-/// the weight, and computes the same bits as without. Host emulation with the prefetches
-/// recorded: a plain GEMV (one tile per block, a row 4× its first step) and the looping
-/// per-warp epilogue GEMV (3 blocks over 25 tiles, rows shorter than a step: only the
-/// second tiles, in both slices).
-#[test]
-fn host_gemv_prefetches_the_rows_its_first_step_does_not_load() {
-    use kiln_codegen::decode::{gemv_items_with, gemv_with, GemvConfig};
-    let Some(cxx) = host_cxx() else { return };
-    let pf = |k: &Kernel| {
-        let mut k = k.clone();
-        assert!(k.source.contains("#define GV_PF 0"), "{}", k.sig.name);
-        k.source = k.source.replace("#define GV_PF 0", "#define GV_PF 2");
-        k
-    };
-    let mut r = Rng(0x2545_f491_4f6c_dd1d);
-    // Plain: 40 rows of 2,048 (4 KiB), 8 per block, 1 KiB per row in the first step.
-    let (n, k) = (40, 2048);
-    let x = random(&mut r, DType::BF16, &[1, k]);
-    let w = random(&mut r, DType::BF16, &[n, k]);
-    let cfg = GemvConfig { warps: 4, rows_per_warp: 2, unroll: 2, ksplit: 1, max_rows: 1 };
-    let kern = gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap();
-    let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
-    let grid = gemv_items_with(n, cfg);
-    assert_eq!(grid, 5);
-    let mut ys = Vec::new();
-    for (tag, kk) in [("plain", kern.clone()), ("prefetch", pf(&kern))] {
-        let host = compile_host_prefixed(cxx, &kk, &format!("gemv_pf_{tag}"), PREFETCH_LOG);
-        ys.push(host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (grid, threads), &[2 * n]));
-        let got = prefetched(&host);
-        let want: Vec<(i64, usize)> = if tag == "plain" {
-            Vec::new()
-        } else {
-            let mut v: Vec<(i64, usize)> =
-                (0..n).flat_map(|row| (1024..4096).step_by(128).map(move |b| (1, row * 4096 + b))).collect();
-            v.sort_unstable();
-            v
-        };
-        assert_eq!(got, want, "{tag}");
-    }
-    assert_eq!(ys[0], ys[1], "the prefetches changed y");
-
-    // The per-warp epilogue form: 196 columns of gate and up (rows c and 196 + c of w
-    // [392, 256], 512 bytes each), 8 columns per tile, 3 looping blocks.
-    let (inter, hidden) = (196, 256);
-    let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
-    let table = graph_symbols(&fg);
-    let (kern, cfg) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
-    assert_eq!((cfg.warps, cfg.rows_per_warp, cfg.unroll), (8, 2, 4));
-    let b = bind(&[("seq", 1)]);
-    let inputs = body_inputs(&body, &sources, &b, 0x9e37_79b9_7f4a_7c15);
-    let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
-    let w_in = inputs.len() as i64; // w is the group's last input
-    let syms: Vec<i64> = table.iter().map(|s| b[s] as i64).collect();
-    let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
-    let mut outs = Vec::new();
-    for (tag, kk) in [("plain", kern.clone()), ("prefetch", pf(&kern))] {
-        let host = compile_host_prefixed(cxx, &kk, &format!("epiw_pf_{tag}"), PREFETCH_LOG);
-        outs.push(host.run_gemv(
-            &ins,
-            &syms,
-            (1, 2 * inter, hidden),
-            (3, threads),
-            &[2 * inter, 4 * inter, 2 * hidden],
-        ));
-        let got = prefetched(&host);
-        let want: Vec<(i64, usize)> = if tag == "plain" {
-            Vec::new()
-        } else {
-            let mut v: Vec<(i64, usize)> = (3 * 8..6 * 8)
-                .flat_map(|c| [c, inter + c])
-                .flat_map(|row| (0..512).step_by(128).map(move |o| (w_in, row * 512 + o)))
-                .collect();
-            v.sort_unstable();
-            v
-        };
-        assert_eq!(got, want, "epilogue form, {tag}");
-    }
-    assert_eq!(outs[0][..2], outs[1][..2], "the prefetches changed z or y");
 }
 
 /// `GV_RA` (`KILN_GEMV_RA`): when its warps finish, a GEMV prefetches into L2 the two

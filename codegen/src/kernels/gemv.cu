@@ -68,8 +68,7 @@
 // stages z (coherent loads, as f32, where x was staged) and computes rows
 // blockIdx.x + gridDim.x·warp, ... of y2 as the plain one-row GEMV does (lane L takes
 // vectors L, L + 32, ...; GV_CH_U loads in flight per lane), so y2 has its bits. The
-// last block to finish zeroes the counters for the next launch. With GV_CH_PF, each warp
-// also prefetches the rest of its first row into L2 before the spin. Every block must be
+// last block to finish zeroes the counters for the next launch. Every block must be
 // resident at once: the engine launches at most one wave (the kernel's occupancy); a
 // spin that lasts about a second traps (kiln_spin_until), failing the launch.
 // GV_CH_DYN (with GV_CHAIN; a measurement knob, KILN_CHAIN_DYN=1): dynamic SwiGLU
@@ -120,9 +119,6 @@
 #endif
 #ifndef GV_EPI_WARP
 #define GV_EPI_WARP 0
-#endif
-#ifndef GV_PF
-#define GV_PF 0
 #endif
 #ifndef GV_RA
 #define GV_RA 0
@@ -236,37 +232,6 @@ __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W*
             }
         }
     }
-}
-
-// GV_PF > 0 (a measurement knob, KILN_GEMV_PF): before its wait for the previous kernel,
-// a block prefetches into L2 the weight rows of its first GV_PF tiles (blockIdx.x +
-// j·gridDim.x) that its first step does not load into registers: the rest of the first
-// tile's rows, then whole rows. Issued before the first weight loads (fewer registers
-// live: a prefetch holds none). Warps with ks = 0 prefetch their own rows, lane L the
-// lines L, L + 32, ... of each. Only on the vector path (16-byte aligned rows).
-__device__ __forceinline__ void gv_prefetch(const KILN_W* __restrict__ w, i64 n, i64 k, i64 ntiles, int rw, int ks,
-                                            int lane) {
-#if GV_PF > 0
-    if (ks != 0) return;
-    const i64 rb = k * (i64)sizeof(KILN_W);                  // bytes per row
-    const i64 first = (i64)32 * GV_KS * GV_U * 16;           // bytes of a row the first step loads
-#pragma unroll 1
-    for (int j = 0; j < GV_PF; ++j) {
-        const i64 tile = (i64)blockIdx.x + (i64)j * gridDim.x;
-        if (tile >= ntiles) break;
-        const i64 row0 = GV_ROW0(tile, rw);
-#pragma unroll
-        for (int rr = 0; rr < GV_R; ++rr) {
-            const i64 row = gv_wrow(row0, rr, n);
-            if (row >= n) continue;
-            const char* base = (const char*)(w + row * k);
-#pragma unroll 1
-            for (i64 b = (j == 0 ? first : 0) + (i64)lane * 128; b < rb; b += 32 * 128) kiln_prefetch_l2(base + b);
-        }
-    }
-#else
-    (void)w, (void)n, (void)k, (void)ntiles, (void)rw, (void)ks, (void)lane;
-#endif
 }
 
 // GV_RA > 0 (a measurement knob, KILN_GEMV_RA): read-ahead. When a warp has finished its
@@ -543,7 +508,6 @@ KILN_SIGNATURE {
     i64 gv_bi = -1;
 #endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
-    if (GV_PF > 0 && vec) gv_prefetch(GV_W, n, k, ntiles, rw, ks, lane);  // before the wait (in the loop)
 #if GV_CHAIN0
     {
         // ---- the chained product before (see GV_CHAIN0 above) ----
@@ -839,14 +803,6 @@ KILN_EPILOGUE
                 if (c < nv2) kiln_cp16(dst + i * 32 + lane, src + (i64)c * KILN_VEC);
             }
             kiln_cp_commit();
-        }
-#endif
-#if GV_CH_PF
-        // (KILN_MLP_CHAIN=2) The rest of the first row into L2 while the launch finishes z.
-        if (first < GV_CH_N) {
-            const char* r0 = (const char*)(GV_CH_W + first * GV_EPI_W);
-            const i64 rb = GV_EPI_W * (i64)sizeof(KILN_W);
-            for (i64 b = (i64)32 * GV_CH_U * 16 + (i64)lane * 128; b < rb; b += 32 * 128) kiln_prefetch_l2(r0 + b);
         }
 #endif
         if (threadIdx.x == 0) {

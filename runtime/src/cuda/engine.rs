@@ -357,12 +357,11 @@ fn qkv_chain_by_env() -> bool {
 }
 
 /// Whether the chains run (see [`ChainRun`]): `KILN_MLP_CHAIN=0` in the environment turns
-/// them off, `1` (or `2`: with an L2 prefetch of each warp's first row, see
-/// `kiln_codegen::chain_prefetch`) on; otherwise `default` (the option).
+/// them off, `1` on; otherwise `default` (the option).
 fn mlp_chain_by_env(default: bool) -> bool {
     match std::env::var("KILN_MLP_CHAIN").as_deref() {
         Ok("0") => false,
-        Ok("1" | "2") => true,
+        Ok("1") => true,
         _ => default,
     }
 }
