@@ -51,7 +51,8 @@ elif [ "$part" = 5 ]; then
     # Session 17's experiments: the bits of the chained kernel with dynamic columns and
     # with helper warps on the GPU, then the A/B (dynamic columns; helper warps copying 2
     # steps of each down row; both; early read-ahead: o_proj's blocks prefetch gate_up's
-    # heads into L2 while attention runs; attention's loop unrolling and warps), then
+    # heads into L2 while attention runs; attention's loop unrolling and warps; qkv in
+    # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then
     # timelines (the chain's phases with the block residency, with dynamic columns, and
     # attention's with the chain off).
     export KILN_BIN="$PWD/.gpu/kiln"
@@ -61,9 +62,11 @@ elif [ "$part" = 5 ]; then
             the_chained_down_projection >"$OUT/chain-test-${e%%=*}.log" 2>&1
         grep -E "panicked|FAILED|^test result|skipping" "$OUT/chain-test-${e%%=*}.log" | head -8
     done
-    ab "$P" "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
+    # (a time limit, so the timelines run too; the runs' JSON files stay in $OUT)
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 380 bash tools/gpu/ab_cfg.sh "$P" "" \
+        "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
         "ra8e=KILN_GEMV_RA=8192,KILN_GEMV_RA_EARLY=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
-        "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4"
+        "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
     for tag in chain dyn attn; do
         envs=(KILN_TRACE_BLOCKS=0)
         [ "$tag" = chain ] && envs=(KILN_TRACE_BLOCKS=1)
