@@ -319,6 +319,26 @@ __device__ __forceinline__ void gv_chain_fma(float& acc, const kiln_u4& wv, cons
 #pragma unroll
     for (int j = 0; j < KILN_VEC; ++j) acc = fmaf(xf[j], wf[j], acc);
 }
+// Steps c0 = from, from + 32·GV_CH_U, ... of a row (wr: its first element; lane L takes
+// vectors c0 + L, c0 + L + 32, ...) into acc, in order; cw already holds step `from` when
+// `loaded`.
+__device__ __forceinline__ void gv_chain_steps(float& acc, kiln_u4 (&cw)[GV_CH_U], const KILN_W* wr, int nv, int from,
+                                               bool loaded, int lane, const kiln_f4* xs4) {
+    for (int c0 = from; c0 < nv; c0 += 32 * GV_CH_U) {
+        if (c0 > from || !loaded) {
+#pragma unroll
+            for (int u = 0; u < GV_CH_U; ++u) {
+                const int c = c0 + u * 32 + lane;
+                if (c < nv) cw[u] = kiln_ld16(wr + (i64)c * KILN_VEC);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < GV_CH_U; ++u) {
+            const int c = c0 + u * 32 + lane;
+            if (c < nv) gv_chain_fma(acc, cw[u], xs4, nv, c, wr);
+        }
+    }
+}
 // The chained products (GV_CHAIN, GV_CHAIN0): rows first, first + gridDim.x·GV_WARPS, ...
 // of y = x · wᵀ for one row of x staged in xs4 as the plain GEMV stages it (plane-major,
 // nv 16-byte vectors per row of w), as the plain one-row GEMV computes them (lane L
@@ -351,20 +371,7 @@ __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN
             const int c = 32 * GV_CH_U + i * 32 + lane;
             if (c < nv) gv_chain_fma(acc, hs[i * 32 + lane], xs4, nv, c, w);
         }
-        for (int c0 = c1; c0 < nv; c0 += 32 * GV_CH_U) {
-            if (c0 > c1) {
-#pragma unroll
-                for (int u = 0; u < GV_CH_U; ++u) {
-                    const int c = c0 + u * 32 + lane;
-                    if (c < nv) cw[u] = kiln_ld16(wr + (i64)c * KILN_VEC);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < GV_CH_U; ++u) {
-                const int c = c0 + u * 32 + lane;
-                if (c < nv) gv_chain_fma(acc, cw[u], xs4, nv, c, w);
-            }
-        }
+        gv_chain_steps(acc, cw, wr, nv, c1, true, lane, xs4);
 #pragma unroll
         for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
         if (lane == 0) kiln_st(y, first, acc * scale);
@@ -375,20 +382,7 @@ __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN
 #endif
     for (i64 row = first; row < n; row += (i64)gridDim.x * GV_WARPS) {
         float acc = 0.0f;
-        for (int c0 = 0; c0 < nv; c0 += 32 * GV_CH_U) {
-            if (c0 > 0 || row != first) {
-#pragma unroll
-                for (int u = 0; u < GV_CH_U; ++u) {
-                    const int c = c0 + u * 32 + lane;
-                    if (c < nv) cw[u] = kiln_ld16(w + row * nv * KILN_VEC + (i64)c * KILN_VEC);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < GV_CH_U; ++u) {
-                const int c = c0 + u * 32 + lane;
-                if (c < nv) gv_chain_fma(acc, cw[u], xs4, nv, c, w);
-            }
-        }
+        gv_chain_steps(acc, cw, w + row * nv * KILN_VEC, nv, 0, row == first, lane, xs4);
 #pragma unroll
         for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
         if (lane == 0) kiln_st(y, row, acc * scale);
