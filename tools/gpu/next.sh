@@ -50,8 +50,11 @@ elif [ "$part" = 2 ]; then
 elif [ "$part" = 5 ]; then
     # Session 17's experiments: the bits of the chained kernel with dynamic columns and
     # with helper warps on the GPU, then the A/B (dynamic columns; helper warps copying 2
-    # steps of each down row; both; early read-ahead: o_proj's blocks prefetch gate_up's
-    # heads into L2 while attention runs; attention's loop unrolling and warps; qkv in
+    # steps of each down row; both; early read-ahead: o_proj's blocks prefetch 16 MiB of
+    # gate_up into L2 while attention runs, from the heads of its gate and up halves, or
+    # past the first wave's columns (4,224 rows of 4 KiB per half: what the chained
+    # kernel's blocks load first themselves, early where they are resident beside
+    # attention); attention's loop unrolling and warps; qkv in
     # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then
     # timelines (the chain's phases with the block residency, with dynamic columns, and
     # attention's with the chain off).
@@ -65,7 +68,8 @@ elif [ "$part" = 5 ]; then
     # (a time limit, so the timelines run too; the runs' JSON files stay in $OUT)
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 380 bash tools/gpu/ab_cfg.sh "$P" "" \
         "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
-        "ra8e=KILN_GEMV_RA=8192,KILN_GEMV_RA_EARLY=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
+        "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
+        "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
         "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
     for tag in chain dyn attn; do
         envs=(KILN_TRACE_BLOCKS=0)
