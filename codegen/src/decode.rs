@@ -67,6 +67,12 @@ fn attention_unroll() -> Option<usize> {
     crate::fused::env_usize("KILN_ATTN_UNROLL").filter(|u| (1..=8).contains(u))
 }
 
+/// A measurement knob: `KILN_ATTN_PVW=1` in the environment: decode attention's two-pass
+/// p·v with one value vector per warp over all the keys (`AD_PVW` in `flash_decode.cu`).
+fn attention_pv_warps() -> bool {
+    std::env::var("KILN_ATTN_PVW").is_ok_and(|v| v.trim() == "1")
+}
+
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
 /// prepended to `flash_decode.cu` here and to `flash_prefill.cu` in `crate::prefill`.
 pub(crate) const CACHE_ATTENTION: &str = include_str!("kernels/cache_attention.cuh");
@@ -860,6 +866,7 @@ fn attention_decode_render(
         ("AD_STAGE", attention_stage_bytes().to_string()),
         ("KILN_KEYS", keys_c.clone()),
     ];
+    defines.push(("AD_PVW", u8::from(attention_pv_warps()).to_string()));
     if let Some(u) = attention_unroll() {
         defines.push(("AD_UNROLL", u.to_string()));
     }

@@ -1931,6 +1931,14 @@ fn attention_scalars(
         .collect()
 }
 
+/// `kernel` with `AD_PVW` (`KILN_ATTN_PVW`) set to `on`.
+fn with_pvw(kernel: &Kernel, on: bool) -> Kernel {
+    let mut k = kernel.clone();
+    assert!(k.source.contains("#define AD_PVW 0"), "{}", k.sig.name);
+    k.source = k.source.replace("#define AD_PVW 0", &format!("#define AD_PVW {}", u8::from(on)));
+    k
+}
+
 /// Split-K decode attention (`flash_decode.cu`, bf16, head dim 64, 8 query heads over 2
 /// kv heads, causal) compiled for the host, against an f64 softmax over the same bf16
 /// values, for query tiles of one head and of the whole GQA group, one and two query
@@ -1949,12 +1957,14 @@ fn host_decode_attention_matches_the_reference() {
     let scale = 0.125f32;
     let bf = |v: Vec<f32>, shape: &[usize]| HostTensor::from_f32_as(DType::BF16, shape, v);
     let mut r = Rng(0x6a09_e667_f3bc_c908);
-    for tile in [1, 4] {
+    // Tiles of one head (also with AD_PVW: one value vector per warp, V swizzled) and of
+    // the whole group.
+    for (tile, pvw) in [(1, false), (1, true), (4, false)] {
         let k = with_static_smem_as(
-            &decode::attention_decode_tiled(DType::BF16, group, tile, &keys, &table).unwrap(),
+            &with_pvw(&decode::attention_decode_tiled(DType::BF16, group, tile, &keys, &table).unwrap(), pvw),
             "s_dyn",
         );
-        let host = compile_host(cxx, &k, &format!("attention_q{tile}"));
+        let host = compile_host(cxx, &k, &format!("attention_q{tile}_pvw{}", u8::from(pvw)));
         let Grid::BlockPerItem { threads } = k.grid else { panic!("{:?}", k.grid) };
         for (t, s, splits) in [(7, 1, 1), (150, 2, 1), (250, 1, 1), (300, 1, 3), (300, 2, 3)] {
             let cap = t + 2;
@@ -1990,8 +2000,10 @@ fn host_decode_attention_matches_the_reference() {
                 }
             }
             let rel = rel_l2(&got, &want);
-            println!("host-check\tdecode_attention\ttile={tile}\tt={t}\ts={s}\tsplits={splits}\trel_l2={rel:.3e}");
-            assert!(rel < 1e-2, "tile {tile}, t {t}, s {s}, splits {splits}: rel L2 {rel:.3e}");
+            println!(
+                "host-check\tdecode_attention\ttile={tile}\tpvw={pvw}\tt={t}\ts={s}\tsplits={splits}\trel_l2={rel:.3e}"
+            );
+            assert!(rel < 1e-2, "tile {tile} (pvw {pvw}), t {t}, s {s}, splits {splits}: rel L2 {rel:.3e}");
         }
     }
 }
@@ -2014,16 +2026,20 @@ fn host_fused_decode_attention_matches_the_plain_kernel() {
     let kpast = kiln_codegen::fused_append(&kb).unwrap().past_input;
     let vpast = kiln_codegen::fused_append(&vb).unwrap().past_input;
     let mut r = Rng(0xbb67_ae85_84ca_a73b);
-    for tile in [3, 1] {
+    // (Tile 1 also with AD_PVW: the new V rows swizzled in the stage like the copied ones.)
+    for (tile, pvw) in [(3, false), (1, false), (1, true)] {
         let fk = with_static_smem_as(
-            &attention_decode_fused(DType::BF16, group, tile, &keys, &table, &qb, &kb, &vb).unwrap(),
+            &with_pvw(&attention_decode_fused(DType::BF16, group, tile, &keys, &table, &qb, &kb, &vb).unwrap(), pvw),
             "s_dyn",
         );
-        let pk =
-            with_static_smem_as(&attention_decode_tiled(DType::BF16, group, tile, &keys, &table).unwrap(), "s_dyn");
+        let pk = with_static_smem_as(
+            &with_pvw(&attention_decode_tiled(DType::BF16, group, tile, &keys, &table).unwrap(), pvw),
+            "s_dyn",
+        );
+        let pv = u8::from(pvw);
         let (hf, hp) = (
-            compile_host(cxx, &fk, &format!("attn_fused_q{tile}")),
-            compile_host(cxx, &pk, &format!("attn_plain_q{tile}")),
+            compile_host(cxx, &fk, &format!("attn_fused_q{tile}_pvw{pv}")),
+            compile_host(cxx, &pk, &format!("attn_plain_q{tile}_pvw{pv}")),
         );
         std::fs::write(hf.dir.join("dump_ins"), b"1").unwrap();
         let Grid::BlockPerItem { threads } = fk.grid else { panic!("{:?}", fk.grid) };
@@ -2062,7 +2078,10 @@ fn host_fused_decode_attention_matches_the_plain_kernel() {
             );
             let rel = rel_l2(&yg, &yw);
             println!("host-check\tfused_decode_attention\ttile={tile}\tt={t}\ts={s}\tsplits={splits}\trel_l2={rel:.3e}\tbitwise={}", yg == yw);
-            assert!(yg == yw, "tile {tile}, t {t}, s {s}, splits {splits}: fused vs plain rel L2 {rel:.3e}");
+            assert!(
+                yg == yw,
+                "tile {tile} (pvw {pvw}), t {t}, s {s}, splits {splits}: fused vs plain rel L2 {rel:.3e}"
+            );
             for (at, present, what) in [(qi.len() + kpast, &kp, "k"), (qi.len() + ki.len() + vpast, &vp, "v")] {
                 let after = tensor_of(
                     DType::BF16,

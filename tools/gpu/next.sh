@@ -15,7 +15,7 @@
 #
 # Knobs (KILN_*, off by default): ATTN_WARPS=4|8|16 (warps of a one-head attention block;
 # 16 measured +1.7% on SmolLM2, -1.5% on the 1B, 2026-12-05), ATTN_MIN_CHUNK=K,
-# ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, MLP_CHAIN=0|1|2, CHAIN_DYN=1
+# ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, ATTN_PVW=1, MLP_CHAIN=0|1, CHAIN_DYN=1
 # (dynamic SwiGLU columns), CHAIN_HELP=1..3 (helper warps' copies of the down rows),
 # GEMV_RA=KiB with GEMV_RA_EARLY=1 (and GEMV_RA_SKIP=KiB), GREEDY_FOLD=0, and the older
 # measurement knobs listed in docs/performance-history.md.
@@ -54,7 +54,8 @@ elif [ "$part" = 5 ]; then
     # gate_up into L2 while attention runs, from the heads of its gate and up halves, or
     # past the first wave's columns (4,224 rows of 4 KiB per half: what the chained
     # kernel's blocks load first themselves, early where they are resident beside
-    # attention); attention's loop unrolling and warps; qkv in
+    # attention); attention's p·v with one value vector per warp (KILN_ATTN_PVW), its
+    # loop unrolling and warps; qkv in
     # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then
     # timelines (the chain's phases with the block residency, with dynamic columns, and
     # attention's with the chain off).
@@ -65,10 +66,16 @@ elif [ "$part" = 5 ]; then
             the_chained_down_projection >"$OUT/chain-test-${e%%=*}.log" 2>&1
         grep -E "panicked|FAILED|^test result|skipping" "$OUT/chain-test-${e%%=*}.log" | head -8
     done
+    echo "== decode attention, KILN_ATTN_PVW=1"
+    KILN_ATTN_PVW=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 90 .gpu/cuda_decode-test --test-threads=1 \
+        attention_decode >"$OUT/pvw-decode.log" 2>&1
+    KILN_ATTN_PVW=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 90 .gpu/cuda_engine-test --test-threads=1 \
+        fused_attention >"$OUT/pvw-engine.log" 2>&1
+    grep -hE "panicked|FAILED|^test result" "$OUT/pvw-decode.log" "$OUT/pvw-engine.log" | head -8
     # (a time limit, so the timelines run too; the runs' JSON files stay in $OUT)
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 380 bash tools/gpu/ab_cfg.sh "$P" "" \
         "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
-        "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
+        "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
         "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
         "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
     for tag in chain dyn attn; do

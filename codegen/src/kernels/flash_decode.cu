@@ -73,6 +73,16 @@
 #else
 #define AD_UNROLL_KEYS
 #endif
+// AD_PVW (a measurement knob, KILN_ATTN_PVW=1): in the two-pass path of a one-head tile
+// with one 16-byte vector of v per warp (dv = 8·AD_WARPS elements, a multiple of 8
+// vectors), warp w computes output vector w over all the keys, lane L taking keys L,
+// L + 32, ...; the lanes' sums are added by shuffles and lanes 0..7 write the output, with
+// no second barrier, warp merge or final loop. V rows are staged swizzled for it (vector c
+// of stage slot r at c ^ (r % 8): the 8 lanes of a shared-memory phase read 8 keys' vector
+// w from distinct banks).
+#ifndef AD_PVW
+#define AD_PVW 0
+#endif
 #define AD_MAXD 256
 #define AD_LOG2E 1.4426950408889634f
 #define AD_NEG (-1.0e30f)
@@ -92,9 +102,11 @@ __device__ __forceinline__ float ad_exp2(float x) {
 
 // Copies keys [j0, j1) of K and V into one stage: K rows of dp elements, then V rows of
 // dvp elements (dp, dvp: d, dv rounded up to KILN_VEC; the K padding is zeroed).
-// Rows go to slots r0, r0 + 1, ... of the stage.
+// Rows go to slots r0, r0 + 1, ... of the stage; with `swz` (AD_PVW, the vector path) V's
+// vector c of slot r goes to c ^ (r % 8).
 __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const KILN_T* vbase, int j0, int j1,
-                                         int r0, i64 kv_heads, int d, int dv, int dp, int dvp, int kt, bool vec) {
+                                         int r0, i64 kv_heads, int d, int dv, int dp, int dvp, int kt, bool vec,
+                                         bool swz) {
     KILN_T* sv = sk + kt * dp + r0 * dvp;
     sk += r0 * dp;
     const int nk = j1 - j0;
@@ -105,8 +117,8 @@ __device__ __forceinline__ void ad_stage(KILN_T* sk, const KILN_T* kbase, const 
             kiln_cp16(sk + r * dp + c * KILN_VEC, kbase + (i64)(j0 + r) * kv_heads * d + c * KILN_VEC);
         }
         for (int idx = threadIdx.x; idx < nk * cv; idx += blockDim.x) {
-            const int r = idx / cv, c = idx - r * cv;
-            kiln_cp16(sv + r * dvp + c * KILN_VEC, vbase + (i64)(j0 + r) * kv_heads * dv + c * KILN_VEC);
+            const int r = idx / cv, c = idx - r * cv, cs = swz ? c ^ ((r0 + r) & 7) : c;
+            kiln_cp16(sv + r * dvp + cs * KILN_VEC, vbase + (i64)(j0 + r) * kv_heads * dv + c * KILN_VEC);
         }
     } else {
         for (int idx = threadIdx.x; idx < nk * dp; idx += blockDim.x) {
@@ -222,6 +234,9 @@ KILN_SIGNATURE {
     const KILN_T* kbase = AD_KC + bi * k_batch_stride + kvh * head_dim;
     const KILN_T* vbase = AD_VC + bi * v_batch_stride + kvh * value_dim;
     const int ntk = (c1 - c0 + kt - 1) / kt;
+    // 16-byte vectors of a v row; AD_PVW's swizzled V (see above) where its p·v runs.
+    const int nvv = dvp / KILN_VEC;
+    const bool swz = AD_PVW && AD_QT == 1 && vec && ntk == 1 && dvp == dv && nvv == AD_WARPS && nvv % 8 == 0;
     const int tnew = t - sq;  // the launch's own rows: [tnew, t)
 #ifdef AD_FUSED
     // Rows [j0, j1) (the launch's own) of the stage whose first row is sj0, computed by
@@ -247,7 +262,8 @@ KILN_SIGNATURE {
                 KILN_FUSED_V
             }
             if (writer) kiln_st((KILN_T*)AD_VC, bi * v_batch_stride + ((i64)j * kv_heads + kvh) * dv + e, fv);
-            kiln_st(sv, (i64)(j - sj0) * dvp + e, fv);
+            const int sl = j - sj0, es = swz ? (((e / KILN_VEC) ^ (sl & 7)) * KILN_VEC + e % KILN_VEC) : e;
+            kiln_st(sv, (i64)sl * dvp + es, fv);
         }
     };
 #endif
@@ -257,18 +273,18 @@ KILN_SIGNATURE {
         // Before the wait (early): the stage's rows before the launch's own.
         const int o1 = early ? (tnew < c0 ? c0 : (tnew < s1 ? tnew : s1)) : c0;
         if (early) {
-            ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, o1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+            ad_stage((KILN_T*)s_kv[0], kbase, vbase, c0, o1, 0, kv_heads, d, dv, dp, dvp, kt, vec, swz);
             kiln_grid_wait();
             KILN_PHASE_START;
         }
 #ifdef AD_FUSED
         const int o2 = tnew < o1 ? o1 : (tnew < s1 ? tnew : s1);  // the cached rows end here
-        ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, o2, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
+        ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, o2, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec, swz);
         kiln_cp_commit();
         ad_new_rows((KILN_T*)s_kv[0], c0, o2, s1);
         KILN_PHASE(0);
 #else
-        ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, s1, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec);
+        ad_stage((KILN_T*)s_kv[0], kbase, vbase, o1, s1, o1 - c0, kv_heads, d, dv, dp, dvp, kt, vec, swz);
         kiln_cp_commit();
 #endif
     } else if (early) {
@@ -328,7 +344,6 @@ KILN_SIGNATURE {
     // shared memory. (Before, one warp per query took the max, the weights and their sum
     // in a pass of its own between the two: block 0's phases on an H200, 2026-12-05,
     // Llama-3.2-1B shape, 200 keys: scores 0.8 µs, that pass 1.7, p·v 1.4.)
-    const int nvv = dvp / KILN_VEC;
     const bool two_pass = ntk == 1 && dvp == dv && (nvv & (nvv - 1)) == 0 && nvv <= 32;
     if (two_pass) {  // uniform
         kiln_cp_wait_all();
@@ -395,6 +410,33 @@ KILN_SIGNATURE {
         }
         __syncthreads();  // the scores and the warps' maxima
         KILN_PHASE(3);
+        if (swz) {  // uniform: AD_PVW (see above), one query
+            float m = AD_NEG, l = 0.0f, o[KILN_VEC];
+#pragma unroll
+            for (int w = 0; w < AD_WARPS; ++w) m = fmaxf(m, s_m[w][0]);
+#pragma unroll
+            for (int e = 0; e < KILN_VEC; ++e) o[e] = 0.0f;
+            AD_UNROLL_KEYS
+            for (int j = lane; j < nk; j += 32) {
+                const float p = ad_exp2(s_p[j] - m);  // 0 for an invisible key
+                float vf[KILN_VEC];
+                kiln_unpack(((const kiln_u4*)(sv + j * dvp))[warp ^ (j & 7)], vf, sv);
+                l += p;
+#pragma unroll
+                for (int e = 0; e < KILN_VEC; ++e) o[e] = fmaf(p, vf[e], o[e]);
+            }
+            KILN_PHASE(5);
+            for (int off = 16; off > 0; off >>= 1) {
+                l += __shfl_xor_sync(0xffffffffu, l, off);
+#pragma unroll
+                for (int e = 0; e < KILN_VEC; ++e) o[e] += __shfl_xor_sync(0xffffffffu, o[e], off);
+            }
+            float v = o[0];  // lane e's element (no dynamic register index)
+#pragma unroll
+            for (int e = 1; e < KILN_VEC; ++e) v = lane == e ? o[e] : v;
+            if (lane < KILN_VEC) ad_write(out, out1, out2, row0, warp * KILN_VEC + lane, v, m, l, ns, split, splits, value_dim);
+            KILN_PHASE(4);
+        } else {
         {
             const int vi = threadIdx.x % nvv, kg = threadIdx.x / nvv, ng = blockDim.x / nvv;
             float mq[AD_QT], o[AD_QT][KILN_VEC], l[AD_QT];
@@ -454,6 +496,7 @@ KILN_SIGNATURE {
             }
             ad_write(out, out1, out2, row0 + a, e, o, m, l, ns, split, splits, value_dim);
         }
+        }  // !swz
     } else {
         for (int tt = 0; tt < ntk; ++tt) {
             const int j0 = c0 + tt * kt;
@@ -461,11 +504,11 @@ KILN_SIGNATURE {
                 const int n0 = j0 + kt, n1 = n0 + kt < c1 ? n0 + kt : c1;
     #ifdef AD_FUSED
                 const int m = tnew < n0 ? n0 : (tnew < n1 ? tnew : n1);
-                ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, m, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+                ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, m, 0, kv_heads, d, dv, dp, dvp, kt, vec, swz);
                 kiln_cp_commit();
                 ad_new_rows((KILN_T*)s_kv[(tt + 1) & 1], n0, m, n1);
     #else
-                ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, 0, kv_heads, d, dv, dp, dvp, kt, vec);
+                ad_stage((KILN_T*)s_kv[(tt + 1) & 1], kbase, vbase, n0, n1, 0, kv_heads, d, dv, dp, dvp, kt, vec, swz);
                 kiln_cp_commit();
     #endif
                 kiln_cp_wait_all_but_one();
