@@ -75,7 +75,8 @@ elif [ "$part" = 5 ]; then
     # (a time limit, so the timelines run too; the runs' JSON files stay in $OUT)
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 380 bash tools/gpu/ab_cfg.sh "$P" "" \
         "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
-        "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
+        "pvw=KILN_ATTN_PVW=1" "all=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2,KILN_ATTN_PVW=1" \
+        "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
         "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
         "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
     for tag in chain dyn attn; do
