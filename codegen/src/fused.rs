@@ -701,6 +701,14 @@ pub fn chain_dynamic() -> bool {
     std::env::var("KILN_CHAIN_DYN").is_ok_and(|v| v == "1")
 }
 
+/// A measurement knob: whether a chained kernel takes the rows of its next product
+/// block-major, its blocks without rows leaving before the spin (`GV_CH_BM` in
+/// `gemv.cu`): `KILN_CHAIN_BM=1` in the environment (ignored with [`chain_help`] or a
+/// chained product after).
+pub fn chain_block_major() -> bool {
+    std::env::var("KILN_CHAIN_BM").is_ok_and(|v| v.trim() == "1")
+}
+
 /// 16-byte loads in flight per lane in a chained kernel's rows of the next product
 /// (`GV_CH_U` in `gemv.cu`).
 const CHAIN_LOADS: usize = 8;
@@ -1049,6 +1057,7 @@ fn gemv_scaled_with(
             ("GV_CH_U", CHAIN_LOADS.to_string()),
             ("GV_CH_DYN", u8::from(chain_dynamic()).to_string()),
             ("GV_CH_HELP", help.to_string()),
+            ("GV_CH_BM", u8::from(chain_block_major() && help == 0 && post_staging.is_none()).to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),
             ("GV_CH_Y", Role::Part(1, 1).c_name()),
             ("GV_CH_N", Role::Part(1, 2).c_name()),

@@ -10,13 +10,16 @@
 #   bash tools/gpu/next.sh 3   # attention A/Bs on the 1B and SmolLM2 (warps, chunks)
 #   OLD=.gpu/kiln-old bash tools/gpu/next.sh 4   # a kernel change no knob switches: that
 #                              # build (BIN=) against .gpu/kiln, both presets, 2 rounds
-#   bash tools/gpu/next.sh 5   # session 17's experiments (see below), the first call
-#   bash tools/gpu/next.sh 6   # the decode, fused and engine GPU tests
+#   bash tools/gpu/next.sh 5   # session 17's experiments: the A/B, then the knobs' GPU tests
+#   bash tools/gpu/next.sh 6   # the decode, fused and engine GPU tests (the default kernels
+#                              # changed in session 17: run before any A/B is trusted)
+#   bash tools/gpu/next.sh 7   # timelines with the knobs, the block residency
 #
 # Knobs (KILN_*, off by default): ATTN_WARPS=4|8|16 (warps of a one-head attention block;
 # 16 measured +1.7% on SmolLM2, -1.5% on the 1B, 2026-12-05), ATTN_MIN_CHUNK=K,
 # ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, ATTN_PVW=1, MLP_CHAIN=0|1, CHAIN_DYN=1
 # (dynamic SwiGLU columns), CHAIN_HELP=1..3 (helper warps' copies of the down rows),
+# CHAIN_BM=1 (block-major down rows),
 # GEMV_RA=KiB with GEMV_RA_EARLY=1 (and GEMV_RA_SKIP=KiB), GREEDY_FOLD=0, and the older
 # measurement knobs listed in docs/performance-history.md.
 set -uo pipefail
@@ -48,40 +51,43 @@ elif [ "$part" = 2 ]; then
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
     done
 elif [ "$part" = 5 ]; then
-    # Session 17's experiments: the bits of the chained kernel with dynamic columns and
-    # with helper warps on the GPU, then the A/B (dynamic columns; helper warps copying 2
-    # steps of each down row; both; early read-ahead: o_proj's blocks prefetch 16 MiB of
+    # Session 17's experiments, the A/B first (dynamic SwiGLU columns; helper warps copying
+    # 2 steps of each down row; block-major down rows, the blocks without rows leaving
+    # early so the next layer's qkv blocks can be resident; combinations; attention's p·v
+    # with one value vector per warp; early read-ahead: o_proj's blocks prefetch 16 MiB of
     # gate_up into L2 while attention runs, from the heads of its gate and up halves, or
-    # past the first wave's columns (4,224 rows of 4 KiB per half: what the chained
-    # kernel's blocks load first themselves, early where they are resident beside
-    # attention); attention's p·v with one value vector per warp (KILN_ATTN_PVW), its
-    # loop unrolling and warps; qkv in
-    # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then
-    # timelines (the chain's phases with the block residency, with dynamic columns, and
-    # attention's with the chain off).
+    # past the first wave's columns (4,224 rows of 4 KiB per half, what the chained
+    # kernel's blocks load first themselves); attention's loop unrolling and warps; qkv in
+    # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then the GPU
+    # tests of the knobs' kernels (the same bits as the kernels they replace).
     export KILN_BIN="$PWD/.gpu/kiln"
-    for e in KILN_CHAIN_DYN=1 KILN_CHAIN_HELP=2; do
+    # (a time limit, so the tests run too; the runs' JSON files stay in $OUT)
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 400 bash tools/gpu/ab_cfg.sh "$P" "" \
+        "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "bm=KILN_CHAIN_BM=1" \
+        "dynhelp=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" "dynbm=KILN_CHAIN_DYN=1,KILN_CHAIN_BM=1" \
+        "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
+        "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
+        "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
+    for e in KILN_CHAIN_DYN=1 KILN_CHAIN_HELP=2 KILN_CHAIN_BM=1; do
         echo "== chained down projection, $e"
-        env "$e" KILN_CACHE=/tmp/kiln-cache-tests timeout 120 .gpu/cuda_engine-test --test-threads=1 \
+        env "$e" KILN_CACHE=/tmp/kiln-cache-tests timeout 60 .gpu/cuda_engine-test --test-threads=1 \
             the_chained_down_projection >"$OUT/chain-test-${e%%=*}.log" 2>&1
         grep -E "panicked|FAILED|^test result|skipping" "$OUT/chain-test-${e%%=*}.log" | head -8
     done
     echo "== decode attention, KILN_ATTN_PVW=1"
-    KILN_ATTN_PVW=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 90 .gpu/cuda_decode-test --test-threads=1 \
+    KILN_ATTN_PVW=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 45 .gpu/cuda_decode-test --test-threads=1 \
         attention_decode >"$OUT/pvw-decode.log" 2>&1
-    KILN_ATTN_PVW=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 90 .gpu/cuda_engine-test --test-threads=1 \
+    KILN_ATTN_PVW=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 60 .gpu/cuda_engine-test --test-threads=1 \
         fused_attention >"$OUT/pvw-engine.log" 2>&1
     grep -hE "panicked|FAILED|^test result" "$OUT/pvw-decode.log" "$OUT/pvw-engine.log" | head -8
-    # (a time limit, so the timelines run too; the runs' JSON files stay in $OUT)
-    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 380 bash tools/gpu/ab_cfg.sh "$P" "" \
-        "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "both=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" \
-        "pvw=KILN_ATTN_PVW=1" "all=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2,KILN_ATTN_PVW=1" \
-        "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
-        "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
-        "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
-    for tag in chain dyn attn; do
+elif [ "$part" = 7 ]; then
+    # Where the step goes with the knobs: timelines (the chain's phases with the block
+    # residency, default and block-major; with dynamic columns; attention's with the
+    # chain off).
+    for tag in chain bm dyn attn; do
         envs=(KILN_TRACE_BLOCKS=0)
         [ "$tag" = chain ] && envs=(KILN_TRACE_BLOCKS=1)
+        [ "$tag" = bm ] && envs=(KILN_TRACE_BLOCKS=1 KILN_CHAIN_BM=1)
         [ "$tag" = dyn ] && envs=(KILN_CHAIN_DYN=1)
         [ "$tag" = attn ] && envs=(KILN_MLP_CHAIN=0)
         env "${envs[@]}" timeout 100 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
@@ -90,7 +96,10 @@ elif [ "$part" = 5 ]; then
         sed -n '/critical path per kernel/,/total, first wait/p' "$OUT/tl-$tag.log" | head -30
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
     done
-    grep -A30 "block residency per launch" "$OUT/tl-chain.log" | head -40
+    for tag in chain bm; do
+        echo "== block residency ($tag)"
+        grep -A30 "block residency per launch" "$OUT/tl-$tag.log" | head -40
+    done
 elif [ "$part" = 6 ]; then
     # Validation of the decode kernels (after kernel-source changes): the decode, fused and
     # engine GPU tests, one at a time.

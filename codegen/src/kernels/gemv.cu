@@ -89,6 +89,12 @@
 // steps 1 .. H from there in the same order (y2 keeps its bits) and issues step H + 1's
 // loads as soon as step 0 is used: the row's first H + 1 steps are loaded during the spin
 // and the rest with one round trip less.
+// GV_CH_BM (with GV_CHAIN, not with GV_CH_HELP or GV_CHAIN3; a measurement knob,
+// KILN_CHAIN_BM=1): the rows of y2 block-major, warp w of block b taking rows
+// b·GV_WARPS + w, ... (same stride): with fewer rows than the launch has warps, the blocks
+// past the rows have none, count themselves and leave without spinning, so the next
+// kernel's blocks (the next layer's qkv) can be resident, and load their weights, while
+// the others compute y2.
 // GV_CHAIN0 (with GV_CHAIN; KILN_OPROJ_CHAIN): the one-row product whose output y0 the
 // prologue reads (o_proj, before the MLP) runs first in the same launch: every warp
 // issues the first loads of its row of w0, the block waits for the previous kernel
@@ -140,6 +146,9 @@
 #endif
 #ifndef GV_CH_HELP
 #define GV_CH_HELP 0
+#endif
+#ifndef GV_CH_BM
+#define GV_CH_BM 0
 #endif
 #if GV_EPI
 #define GV_EPI_T (GV_WARPS / GV_EPI_S)  // epilogue columns per block
@@ -782,7 +791,11 @@ KILN_EPILOGUE
             atomicAdd(GV_CH_CTR, 1u);
         }
         const int nv2 = (int)(GV_EPI_W / KILN_VEC);  // 16-byte vectors of a row of w2 (and of z)
+#if GV_CH_BM
+        const i64 first = (i64)blockIdx.x * GV_WARPS + warp;  // block-major (see GV_CH_BM)
+#else
         const i64 first = (i64)blockIdx.x + (i64)gridDim.x * warp;
+#endif
         kiln_u4 cw[GV_CH_U];
         gv_chain_first(cw, GV_CH_W, GV_CH_N, nv2, first, lane);  // weights: before the spin
 #if GV_CH_HELP
@@ -798,6 +811,9 @@ KILN_EPILOGUE
             }
             kiln_cp_commit();
         }
+#endif
+#if GV_CH_BM
+        if ((i64)blockIdx.x * GV_WARPS < GV_CH_N) {  // uniform: a block without rows leaves now
 #endif
         if (threadIdx.x == 0) {
             kiln_spin_until(GV_CH_CTR, gridDim.x);
@@ -817,6 +833,9 @@ KILN_EPILOGUE
         gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f);
 #endif
         KILN_PHASE(4);
+#if GV_CH_BM
+        }
+#endif
 #if GV_CHAIN3
         {
             // ---- the chained scaled product after (see GV_CHAIN3 above) ----
