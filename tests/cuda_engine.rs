@@ -331,7 +331,7 @@ fn the_warp_epilogue_gemv_computes_what_the_epilogue_kernel_does() {
 /// on; [`switch_saves_launches`] in f32 and bf16 (`saved` launches per step), and in f32
 /// the runs with it on against the CPU executor (`tag` names them).
 fn wide_mlp_switch(what: &str, saved: usize, tag: &str, set: impl Fn(EngineOptions, bool) -> EngineOptions) {
-    if let Some(why) = pinned_by_env(&["KILN_MLP_CHAIN", "KILN_OPROJ_CHAIN", "KILN_QKV_CHAIN", "KILN_EPI_WARP"]) {
+    if let Some(why) = pinned_by_env(&["KILN_MLP_CHAIN", "KILN_EPI_WARP"]) {
         println!("skipping {what}: {why}");
         return;
     }
@@ -392,29 +392,6 @@ fn the_folded_greedy_sampling_picks_what_the_greedy_kernel_does() {
             engine_run_with(&g, &w, &prompt, 6, opts)
         };
         switch_saves_launches(&format!("{dt}: the folded greedy sampling"), saved, run);
-    }
-}
-
-/// WIP (`EngineOptions::oproj_chain` / `qkv_chain`, `KILN_OPROJ_CHAIN=1` /
-/// `KILN_QKV_CHAIN=1`): the chained kernel that also computes o_proj first (its blocks
-/// count themselves, then spin before the MLP's prologue reads o_proj's output), and
-/// also the next layer's residual add, norm and qkv last (not after the last layer: the
-/// LM head keeps its own launch), computes the same bits as the separate launches, in f32
-/// and bf16, graph and eager, and in f32 matches the CPU executor: 2 launches fewer per
-/// layer with o_proj, one more with qkv (2 layers: 4, then 5).
-#[test]
-fn the_chained_o_proj_and_qkv_compute_what_their_own_launches_do() {
-    if !gpu() {
-        return;
-    }
-    for (qkv_chain, saved) in [(false, 2 * 2), (true, 2 * 2 + 1)] {
-        let what = format!("the chained o_proj, down (and qkv: {qkv_chain})");
-        wide_mlp_switch(&what, saved, "oproj_chain_f32", |o, on| EngineOptions {
-            mlp_chain: on,
-            oproj_chain: on,
-            qkv_chain: on && qkv_chain,
-            ..o
-        });
     }
 }
 

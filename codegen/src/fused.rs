@@ -668,10 +668,8 @@ pub fn gemv_scaled_epi_warp_chain(
     syms: &[Sym],
     w2: DType,
     y2: DType,
-    pre: Option<ChainPre>,
-    post: Option<&FusedBody>,
 ) -> Result<(Kernel, GemvConfig), CodegenError> {
-    gemv_scaled_epi_warp_chain_helped(body, syms, w2, y2, pre, post, chain_help())
+    gemv_scaled_epi_warp_chain_helped(body, syms, w2, y2, chain_help())
 }
 
 /// [`gemv_scaled_epi_warp_chain`] with `help` (0..=3) steps of each chained row copied by
@@ -682,15 +680,13 @@ pub fn gemv_scaled_epi_warp_chain_helped(
     syms: &[Sym],
     w2: DType,
     y2: DType,
-    pre: Option<ChainPre>,
-    post: Option<&FusedBody>,
     help: usize,
 ) -> Result<(Kernel, GemvConfig), CodegenError> {
     if help > 3 {
         return err(format!("gemv_scaled_epi_warp_chain: {help} helped steps (0..=3)"));
     }
     let (_, cfg) = gemv_scaled_epi_warp(body, syms)?;
-    let chain = Chain { w2, y2, pre, post, help };
+    let chain = Chain { w2, y2, help };
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
 }
 
@@ -703,8 +699,7 @@ pub fn chain_dynamic() -> bool {
 
 /// A measurement knob: whether a chained kernel takes the rows of its next product
 /// block-major, its blocks without rows leaving before the spin (`GV_CH_BM` in
-/// `gemv.cu`): `KILN_CHAIN_BM=1` in the environment (ignored with [`chain_help`] or a
-/// chained product after).
+/// `gemv.cu`): `KILN_CHAIN_BM=1` in the environment (ignored with [`chain_help`]).
 pub fn chain_block_major() -> bool {
     std::env::var("KILN_CHAIN_BM").is_ok_and(|v| v.trim() == "1")
 }
@@ -720,29 +715,11 @@ pub fn chain_help() -> usize {
     env_usize("KILN_CHAIN_HELP").filter(|h| (1..=3).contains(h)).unwrap_or(0)
 }
 
-/// WIP (`KILN_OPROJ_CHAIN=1`, with [`gemv_scaled_epi_warp_chain`]): the one-row product
-/// `y0 = x0 · w0ᵀ` that writes body input `input` (o_proj, whose output the MLP's
-/// prologue adds to the residual), computed first in the same launch (`GV_CHAIN0` in
-/// `gemv.cu`, with y0's bits from the plain one-row GEMV): x0 and w0 of the weight's
-/// dtype, rows of `k` elements (whole 16-byte vectors, at most
-/// [`decode::GEMV_STAGED_FLOATS`]). Its parameters follow the chain's: `p0_0` (w0),
-/// `p0_1` (y0, the same memory as the body input), `p0_2` (x0), `p0_3` (its rows, i64).
-#[derive(Clone, Copy, Debug)]
-pub struct ChainPre {
-    pub x0: DType,
-    pub w0: DType,
-    pub k: usize,
-    pub input: usize,
-}
-
-/// What [`gemv_scaled_with`] chains: the next product's weight and y dtypes, the
-/// product before, and the scaled product after (its group's body), if any.
+/// What [`gemv_scaled_with`] chains: the next product's weight and y dtypes.
 #[derive(Clone, Copy)]
-struct Chain<'a> {
+struct Chain {
     w2: DType,
     y2: DType,
-    pre: Option<ChainPre>,
-    post: Option<&'a FusedBody>,
     /// Steps of each chained row a helper warp copies (`GV_CH_HELP`).
     help: usize,
 }
@@ -845,7 +822,7 @@ fn gemv_scaled_with(
     mode: EpiMode,
     stream: bool,
     argmax: bool,
-    chain: Option<Chain<'_>>,
+    chain: Option<Chain>,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     // The helper warps' copies (GV_CH_HELP) take the cp.async helpers.
@@ -936,9 +913,7 @@ fn gemv_scaled_with(
         }
         params.push((key, ParamTy::ptr("unsigned long long")));
     }
-    // The scaled product after (GV_CHAIN3): its staging code and reduction count.
-    let mut post_staging: Option<(String, usize)> = None;
-    if let Some(Chain { w2, y2, pre, post, .. }) = chain {
+    if let Some(Chain { w2, y2, .. }) = chain {
         let epi = body.epilogue().expect("checked");
         let (Some(f), EpiMode::Warp, false, false) = (&form, mode, stream, argmax) else {
             return err("gemv_scaled_epi_warp_chain: the per-warp epilogue form only");
@@ -966,98 +941,15 @@ fn gemv_scaled_with(
             (Role::Part(1, 2), ParamTy::I64),
             (Role::Counters, ParamTy::ptr("unsigned int")),
         ]);
-        if let Some(p) = pre {
-            if p.x0 != wt.dtype || p.w0 != wt.dtype || p.input >= nin {
-                return err(format!(
-                    "gemv_scaled_epi_warp_chain: the product before must read x0 ({}) and w0 ({}) of the weight's \
-                     dtype ({}) and write one of the body's inputs but the weight (input {} of {nin})",
-                    p.x0, p.w0, wt.dtype, p.input
-                ));
-            }
-            if p.k == 0 || p.k % vec != 0 || p.k > decode::GEMV_STAGED_FLOATS {
-                return err(format!(
-                    "gemv_scaled_epi_warp_chain: the product before's rows of {} elements must be whole 16-byte \
-                     vectors and fit the staging ({} floats)",
-                    p.k,
-                    decode::GEMV_STAGED_FLOATS
-                ));
-            }
-            let y0 = storage(body.inputs[p.input].dtype, "the product before's y")?;
-            params.extend([
-                (Role::Part(0, 0), ParamTy::const_ptr(ws)),
-                (Role::Part(0, 1), ParamTy::ptr(y0)),
-                (Role::Part(0, 2), ParamTy::const_ptr(ws)),
-                (Role::Part(0, 3), ParamTy::I64),
-            ]);
-        }
-        if let Some(b3) = post {
-            let what = "gemv_scaled_epi_warp_chain: the product after";
-            b3.check().map_err(|e| CodegenError(format!("{what}: {e}")))?;
-            let Ok(FusedKind::MatVec { prologue: pk3, x: x3, weight: w3i, epilogue: None }) = b3.kind() else {
-                return err(format!("{what} must be a matrix-vector group without an epilogue"));
-            };
-            let plan3 = scaled_prologue(b3)?;
-            let nin3 = b3.inputs.len() - 1;
-            let w3t = &b3.inputs[nin3];
-            let k3 = w3t.shape.dims().last().and_then(|d| d.as_fixed()).unwrap_or(0);
-            if w3i as usize != nin3 || w3t.dtype != wt.dtype || w3t.rank() != 2 {
-                return err(format!("{what}: its weight must be its last input, rank 2, of dtype {}", wt.dtype));
-            }
-            if k3 == 0 || k3 % vec != 0 || k3 > decode::GEMV_STAGED_FLOATS {
-                return err(format!("{what}: rows of {k3} elements must be whole 16-byte vectors and fit the staging"));
-            }
-            let pro3 = b3.prologue().expect("a matrix-vector body has a prologue");
-            let (rows3, cols3) = prologue_rows(*pk3, &b3.ty(x3).expect("checked").shape);
-            let out3 = |j: usize| Role::Out((100 + j) as u8);
-            let (staging3, nred3, ncols3) =
-                scaled_staging(&pro3, &plan3, (&rows3, &cols3), syms, cfg.warps, 101, &out3)?;
-            if ncols3 != k3 {
-                return err(format!("{what}: {ncols3} columns of x for rows of {k3}"));
-            }
-            for (j, &r) in pro3.outputs.iter().enumerate() {
-                let d = pro3.ty(r).expect("checked").dtype;
-                params.push((out3(j), ParamTy::ptr(storage(d, &format!("{what}'s prologue output {j}"))?)));
-            }
-            for (i, t) in b3.inputs[..nin3].iter().enumerate() {
-                let ty = ParamTy::const_ptr(storage(t.dtype, &format!("{what}'s input {i}"))?);
-                params.push((Role::In((101 + i) as u8), ty));
-            }
-            params.push((Role::In((101 + nin3) as u8), ParamTy::const_ptr(ws)));
-            let y3 = &b3.nodes[b3.matmul_node().expect("checked")].outputs[0];
-            params.push((Role::Out(99), ParamTy::ptr(decode::float_storage(y3.dtype, &format!("{what}'s y"))?)));
-            params.push((Role::Part(3, 0), ParamTy::I64));
-            post_staging = Some((staging3, nred3));
-        }
     }
     let mut defines = decode::gemv_defines(xs, ws, ys, decode::vec_elems(wt.dtype), cfg);
-    if let (Some(b3), Some(_)) = (chain.and_then(|c| c.post), &post_staging) {
-        let nin3 = b3.inputs.len() - 1;
-        let k3 = b3.inputs[nin3].shape.dims().last().and_then(|d| d.as_fixed()).unwrap_or(0);
-        defines.extend([
-            ("GV_CHAIN3", "1".to_string()),
-            ("GV_C3_W", Role::In((101 + nin3) as u8).c_name()),
-            ("GV_C3_Y", Role::Out(99).c_name()),
-            ("GV_C3_N", Role::Part(3, 0).c_name()),
-            ("GV_C3_K", format!("{k3}LL")),
-        ]);
-    }
-    if let Some(ChainPre { k, .. }) = chain.and_then(|c| c.pre) {
-        defines.extend([
-            ("GV_CHAIN0", "1".to_string()),
-            ("GV_C0_W", Role::Part(0, 0).c_name()),
-            ("GV_C0_Y", Role::Part(0, 1).c_name()),
-            ("GV_C0_X", Role::Part(0, 2).c_name()),
-            ("GV_C0_N", Role::Part(0, 3).c_name()),
-            ("GV_C0_K", format!("{k}LL")),
-        ]);
-    }
     if chain.is_some() {
         defines.extend([
             ("GV_CHAIN", "1".to_string()),
             ("GV_CH_U", CHAIN_LOADS.to_string()),
             ("GV_CH_DYN", u8::from(chain_dynamic()).to_string()),
             ("GV_CH_HELP", help.to_string()),
-            ("GV_CH_BM", u8::from(chain_block_major() && help == 0 && post_staging.is_none()).to_string()),
+            ("GV_CH_BM", u8::from(chain_block_major() && help == 0).to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),
             ("GV_CH_Y", Role::Part(1, 1).c_name()),
             ("GV_CH_N", Role::Part(1, 2).c_name()),
@@ -1089,7 +981,7 @@ fn gemv_scaled_with(
         ("GV_PROLOGUE", "1".to_string()),
         ("GV_SCALE", "1".to_string()),
         ("GV_SCALE_LOOP", u8::from(mode != EpiMode::Block).to_string()),
-        ("GV_NRED", nred.max(post_staging.as_ref().map_or(0, |p| p.1)).max(1).to_string()),
+        ("GV_NRED", nred.max(1).to_string()),
         ("GV_X", "((const KILN_X*)0)".to_string()),
         ("GV_W", Role::In((nin + 1) as u8).c_name()),
         ("GV_Y", Role::Out(e as u8).c_name()),
@@ -1101,14 +993,11 @@ fn gemv_scaled_with(
     }
     let cp = if help > 0 { decode::CACHE_ATTENTION } else { "" };
     let template = format!("{}{cp}{}", decode::VECTOR_HELPERS, decode::GEMV)
-        .replace("KILN_CHAIN_STAGING", post_staging.as_ref().map_or("", |p| p.0.as_str()))
         .replace("KILN_PROLOGUE", &staging)
         .replace("KILN_WARP_EPILOGUE", warp_epi)
         .replace("KILN_EPILOGUE", block_epi);
     let grid = Grid::BlockPerItem { threads: 32 * cfg.warps as u32 };
     let prefix = match mode {
-        EpiMode::Warp if chain.is_some_and(|c| c.post.is_some()) => "kiln_gemv_scaled_chain3",
-        EpiMode::Warp if chain.is_some_and(|c| c.pre.is_some()) => "kiln_gemv_scaled_chain0",
         EpiMode::Warp if chain.is_some() => "kiln_gemv_scaled_chain",
         EpiMode::None if argmax => "kiln_gemv_scaled_amax",
         EpiMode::None => "kiln_gemv_scaled",

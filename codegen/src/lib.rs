@@ -50,7 +50,7 @@ pub use fused::{
     gemv_epilogue_items, gemv_epilogue_warp_items, gemv_prologue, gemv_scaled, gemv_scaled_argmax,
     gemv_scaled_epi_warp, gemv_scaled_epi_warp_chain, gemv_scaled_epi_warp_chain_helped, gemv_scaled_one_row,
     gemv_stream_scaled, gemv_stream_scaled_if_pays, scaled_gemv_one_row_choice, scaled_prologue, scaled_prologue_in,
-    ChainPre, FusedAppend, ScaledPrologue,
+    FusedAppend, ScaledPrologue,
 };
 pub use kernels::{lower_node, render_node_source, CodegenError, Grid, Kernel, NodeLowering};
 pub use nvrtc::{CompileError, CompileStats, Compiler};

@@ -89,27 +89,12 @@
 // steps 1 .. H from there in the same order (y2 keeps its bits) and issues step H + 1's
 // loads as soon as step 0 is used: the row's first H + 1 steps are loaded during the spin
 // and the rest with one round trip less.
-// GV_CH_BM (with GV_CHAIN, not with GV_CH_HELP or GV_CHAIN3; a measurement knob,
+// GV_CH_BM (with GV_CHAIN, not with GV_CH_HELP; a measurement knob,
 // KILN_CHAIN_BM=1): the rows of y2 block-major, warp w of block b taking rows
 // b·GV_WARPS + w, ... (same stride): with fewer rows than the launch has warps, the blocks
 // past the rows have none, count themselves and leave without spinning, so the next
 // kernel's blocks (the next layer's qkv) can be resident, and load their weights, while
 // the others compute y2.
-// GV_CHAIN0 (with GV_CHAIN; KILN_OPROJ_CHAIN): the one-row product whose output y0 the
-// prologue reads (o_proj, before the MLP) runs first in the same launch: every warp
-// issues the first loads of its row of w0, the block waits for the previous kernel
-// (which writes x0), stages x0 and computes rows blockIdx.x + gridDim.x·warp, ... of
-// y0 = x0 · w0ᵀ with the plain one-row GEMV's bits; then (barrier, thread 0's fence) the
-// block counts itself into GV_CH_CTR[64], issues its first tile's weight loads, and its thread 0 spins until
-// every block has counted, where it would otherwise wait for the previous kernel.
-// GV_CHAIN3 (with GV_CHAIN; KILN_QKV_CHAIN): the scaled one-row product that reads y2
-// (the next layer's qkv, whose prologue adds y2 to the residual and norms it) runs last in
-// the same launch: when a block has stored its rows of y2, it counts itself into
-// GV_CH_CTR[96], issues the first loads of its first row of w3 and spins until every
-// block has counted; then it stages A and computes S with the group's generated staging
-// code (put at the marker below; block 0 also writing the prologue's written outputs) and
-// computes rows blockIdx.x + gridDim.x·warp, ... of y3 = S · (A · w3ᵀ), with the scaled
-// GEMV's bits.
 #define GV_P (KILN_VEC / 4)
 #define GV_RW (GV_WARPS / GV_KS)  // row groups per block
 #define GV_XV (16 / (int)sizeof(KILN_X))  // elements of x in 16 bytes
@@ -134,12 +119,6 @@
 #endif
 #ifndef GV_CHAIN
 #define GV_CHAIN 0
-#endif
-#ifndef GV_CHAIN0
-#define GV_CHAIN0 0
-#endif
-#ifndef GV_CHAIN3
-#define GV_CHAIN3 0
 #endif
 #ifndef GV_CH_DYN
 #define GV_CH_DYN 0
@@ -348,7 +327,7 @@ __device__ __forceinline__ void gv_chain_steps(float& acc, kiln_u4 (&cw)[GV_CH_U
         }
     }
 }
-// The chained products (GV_CHAIN, GV_CHAIN0): rows first, first + gridDim.x·GV_WARPS, ...
+// The chained product (GV_CHAIN): rows first, first + gridDim.x·GV_WARPS, ...
 // of y = x · wᵀ for one row of x staged in xs4 as the plain GEMV stages it (plane-major,
 // nv 16-byte vectors per row of w), as the plain one-row GEMV computes them (lane L
 // takes vectors L, L + 32, ..., f32 sums, one rounding); cw holds the first row's first
@@ -466,8 +445,7 @@ KILN_SIGNATURE {
     float* xs = (float*)xs4;
 #if GV_CHAIN
     // With `kiln bench --timeline`, block 0's phases of a chained launch (µs after its
-    // wait): 0 its rows of y0, 1 y0 complete, 2 its tiles, 3 z complete, 4 its rows of y2,
-    // 5 y2 complete, 6 its rows of y3.
+    // wait): 2 its tiles, 3 z complete, 4 its rows of y2.
     KILN_PHASE_DECL;
 #endif
     kiln_grid_launch_dependents();
@@ -511,29 +489,6 @@ KILN_SIGNATURE {
     i64 gv_bi = -1;
 #endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
-#if GV_CHAIN0
-    {
-        // ---- the chained product before (see GV_CHAIN0 above) ----
-        const int nv0 = (int)(GV_C0_K / KILN_VEC);
-        const i64 first0 = (i64)blockIdx.x + (i64)gridDim.x * warp;
-        kiln_u4 cw0[GV_CH_U];
-        gv_chain_first(cw0, GV_C0_W, GV_C0_N, nv0, first0, lane);  // weights: before the wait
-        kiln_grid_wait();  // x0 is written by the previous kernel
-        KILN_PHASE_START;
-        gv_chain_stage<1>(xs4, GV_C0_X, nv0, false);
-        __syncthreads();
-        gv_chain_rows(cw0, GV_C0_W, GV_C0_Y, GV_C0_N, nv0, first0, lane, xs4, 1.0f);
-        KILN_PHASE(0);
-        // This block's rows of y0 (the barrier orders every warp's stores before thread 0's
-        // fence, which makes them visible device-wide before the count; as a cooperative
-        // grid sync does). The barrier also ends every warp's use of the staging.
-        __syncthreads();
-        if (threadIdx.x == 0) {
-            __threadfence();
-            atomicAdd(GV_CH_CTR + 64, 1u);
-        }
-    }
-#endif
 #if GV_CH_DYN
     // Dynamic columns (see GV_CH_DYN above): the warp's static first column, then claimed
     // ones; the first iteration runs in every warp (it waits and stages A).
@@ -558,14 +513,6 @@ KILN_SIGNATURE {
         // The chunk's first weight loads go out before x is staged, so they overlap.
         if (vec) gv_load(wv, GV_W, row0, n, k, k0, ks * 32, len / KILN_VEC, lane);
         if (!GV_PROLOGUE || GV_FIRST_TILE) {  // uniform: stage this chunk of x
-#if GV_CHAIN0
-        // y0, which the prologue reads, is written by every block of this launch.
-        if (k0 == 0 && threadIdx.x == 0) {
-            kiln_spin_until(GV_CH_CTR + 64, gridDim.x);
-            __threadfence();
-            KILN_PHASE(1);
-        }
-#else
 #if GV_RA == 2 && !GV_PROLOGUE
         // Early read-ahead: after the first weight loads, before the wait (see GV_RA).
         if (k0 == 0 && m >= 1 && m <= GV_MAX_M) gv_readahead(GV_W);  // uniform
@@ -573,7 +520,6 @@ KILN_SIGNATURE {
         if (k0 == 0) kiln_grid_wait();  // x is written by the previous kernel
 #if GV_CHAIN
         if (k0 == 0) KILN_PHASE_START;
-#endif
 #endif
         __syncthreads();  // every warp is done with the previous chunk
 #if GV_PROLOGUE
@@ -836,36 +782,6 @@ KILN_EPILOGUE
 #if GV_CH_BM
         }
 #endif
-#if GV_CHAIN3
-        {
-            // ---- the chained scaled product after (see GV_CHAIN3 above) ----
-            __syncthreads();  // this block's rows of y2 (and every warp done with z's staging)
-            if (threadIdx.x == 0) {
-                __threadfence();
-                atomicAdd(GV_CH_CTR + 96, 1u);
-            }
-            const int nv3 = (int)(GV_C3_K / KILN_VEC);
-            const i64 first3 = (i64)blockIdx.x + (i64)gridDim.x * warp;
-            kiln_u4 cw3[GV_CH_U];
-            gv_chain_first(cw3, GV_C3_W, GV_C3_N, nv3, first3, lane);  // weights: before the spin
-            if (threadIdx.x == 0) {
-                kiln_spin_until(GV_CH_CTR + 96, gridDim.x);
-                __threadfence();
-                KILN_PHASE(5);
-            }
-            __syncthreads();
-            float gv_s[1];
-            {
-                const bool vec = true;  // rows of whole 16-byte vectors (the host checks)
-                const int len = (int)GV_C3_K;
-                const int nv = nv3;
-KILN_CHAIN_STAGING
-            }
-            __syncthreads();  // A is staged
-            gv_chain_rows(cw3, GV_C3_W, GV_C3_Y, GV_C3_N, nv3, first3, lane, xs4, gv_s[0]);
-            KILN_PHASE(6);
-        }
-#endif
         // The last block out zeroes the counters (every block has passed its spin).
         __syncthreads();
         if (threadIdx.x == 0 && atomicAdd(GV_CH_CTR + 32, 1u) == gridDim.x - 1) {
@@ -874,8 +790,6 @@ KILN_CHAIN_STAGING
 #endif
             GV_CH_CTR[0] = 0u;
             GV_CH_CTR[32] = 0u;
-            GV_CH_CTR[64] = 0u;
-            GV_CH_CTR[96] = 0u;
         }
     }
 #endif

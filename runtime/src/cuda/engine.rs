@@ -112,16 +112,10 @@ pub struct EngineOptions {
     /// launch (the down projection into gate_up + SwiGLU; see `ChainRun`). On by default;
     /// `KILN_MLP_CHAIN=0` in the environment turns it off, `=1` on. Measured on an H200
     /// (2026-12-05, Llama-3.2-1B shape, batch 1, same run, three rounds): 1,192.2 →
-    /// 1,228.0–1,229.4 tok/s; with the L2 prefetch of `=2`, 1,153.8 (not taken).
+    /// 1,228.0–1,229.4 tok/s. Measured and dropped in the same run: an L2 prefetch of each
+    /// warp's first down row before the spin, 1,153.8; chaining o_proj before it, 1,193;
+    /// the next layer's qkv after it, 1,174; both, 1,109 (their code was removed).
     pub mlp_chain: bool,
-    /// A measurement switch (with `mlp_chain`; also `KILN_OPROJ_CHAIN=1` in the
-    /// environment), off: chain the one-row GEMV before it too (o_proj, whose output the
-    /// MLP's prologue reads). Measured (same run as `mlp_chain`): 1,228 → 1,193 tok/s.
-    pub oproj_chain: bool,
-    /// A measurement switch (with `mlp_chain`; also `KILN_QKV_CHAIN=1` in the
-    /// environment), off: chain the scaled one-row GEMV after it too (the next layer's
-    /// residual add, norm and qkv). Measured: 1,228 → 1,174 tok/s (with o_proj, 1,109).
-    pub qkv_chain: bool,
     /// At batch 1 the LM head's GEMV samples greedily itself (see `ScaledRun::argmax`),
     /// and the decode step leaves the logits' cast to f32 to [`CudaEngine::logits`]. On
     /// by default; `KILN_GREEDY_FOLD=0` in the environment turns it off. Measured on an
@@ -148,8 +142,6 @@ impl Default for EngineOptions {
             stream_gemv: true,
             attention_long_keys: decode::ATTENTION_DECODE_LONG_KEYS,
             mlp_chain: true,
-            oproj_chain: false,
-            qkv_chain: false,
             greedy_fold: true,
         }
     }
@@ -316,44 +308,21 @@ struct ScaledRun {
 /// launch takes at most one wave (`wave`, from the kernel's occupancy). Step `down` then
 /// launches nothing. `ctr`: the launch's two counters in `CudaEngine::chain_counters`
 /// (u32 offset; the kernel leaves them zero).
-/// `pre` (knob `KILN_OPROJ_CHAIN=1`): the step before, a one-row GEMV whose output the
-/// group reads (o_proj), computed first in the same launch (`kiln_codegen::ChainPre`),
-/// so it launches nothing either at one row.
-/// `post` (knob `KILN_QKV_CHAIN=1`): the step after `down`, a scaled one-row GEMV whose
-/// group reads its output (the next layer's residual add, norm and qkv), computed last
-/// in the same launch; it launches nothing either at one row.
 #[derive(Clone, Copy)]
 struct ChainRun {
     kernel: usize,
     wave: usize,
     down: usize,
     ctr: usize,
-    pre: Option<usize>,
-    post: Option<usize>,
 }
 
 /// A chained launch's arguments beyond the group's: the next step's weight, its y and
-/// its rows; the step before's weight, y, x and rows (with `ChainRun::pre`).
-/// With `ChainRun::post`, the step after's parameters by role, and its rows.
+/// its rows.
 struct ChainArgs {
     run: ChainRun,
     w2: u64,
     y2: u64,
     n2: usize,
-    pre: Option<(u64, u64, u64, usize)>,
-    post: Option<(Vec<(Role, u64)>, usize)>,
-}
-
-/// `KILN_OPROJ_CHAIN=1` in the environment (a measurement knob, off by default; with
-/// `KILN_MLP_CHAIN`): see [`ChainRun::pre`].
-fn oproj_chain_by_env() -> bool {
-    std::env::var("KILN_OPROJ_CHAIN").is_ok_and(|v| v == "1")
-}
-
-/// `KILN_QKV_CHAIN=1` in the environment (a measurement knob, off by default; with
-/// `KILN_MLP_CHAIN`): see [`ChainRun::post`].
-fn qkv_chain_by_env() -> bool {
-    std::env::var("KILN_QKV_CHAIN").is_ok_and(|v| v == "1")
 }
 
 /// Whether the chains run (see [`ChainRun`]): `KILN_MLP_CHAIN=0` in the environment turns
@@ -513,8 +482,6 @@ pub struct CudaEngine {
     attn_counters: CudaSlice<u32>,
     /// The chained GEMVs' counters, 128 per launch (see [`ChainRun`]; zero between launches).
     chain_counters: CudaSlice<u32>,
-    /// Step → the chained GEMV's step that computes it first (see [`ChainRun::pre`]).
-    chained_pre: HashMap<usize, usize>,
     /// The timeline buffer of [`EngineOptions::trace`] (two event counters, then a ring
     /// of [`TRACE_SLOTS`] timestamps per event kind).
     trace: Option<CudaSlice<u64>>,
@@ -1322,62 +1289,14 @@ impl CudaEngine {
                     continue;
                 }
                 let y2 = graph.node(nj).outputs[0].dtype;
-                // KILN_OPROJ_CHAIN=1: also the one-row GEMV just before, whose output the
-                // group reads (o_proj), when the group's x fits the scaled GEMV's staging
-                // (so the chain runs whenever that step is skipped: one row).
-                let before = (0..i).rev().find(|&p| !matches!(steps[p].run, Run::Nothing)).and_then(|p| {
-                    let np = steps[p].node;
-                    let Op::MatMul { transpose_a: false, transpose_b: true } = graph.node(np).op else { return None };
-                    if !matches!(steps[p].run, Run::MatMul { gemv: Some(_), .. }) || steps[p].group.is_some() {
-                        return None;
-                    }
-                    let pops = graph.operands(np);
-                    let w0 = graph.value_type(pops[1]);
-                    let d: Vec<usize> = w0.shape.dims().iter().filter_map(|d| d.as_fixed()).collect();
-                    let input = graph.operands(ni).iter().position(|v| *v == Value::new(np, 0))?;
-                    let k = body.inputs.last()?.shape.dims().last()?.as_fixed()?;
-                    let ok = d.len() == 2
-                        && w0.rank() == 2
-                        && matches!(locs.get(&pops[1]), Some(Loc::Weight(_)))
-                        && decode::gemv_prologue_fits(1, k);
-                    let x0 = graph.value_type(pops[0]).dtype;
-                    ok.then_some((p, kiln_codegen::ChainPre { x0, w0: w0.dtype, k: d[1], input }))
-                });
-                let before = before.filter(|_| opts.oproj_chain || oproj_chain_by_env());
-                // KILN_QKV_CHAIN=1: also the scaled one-row GEMV just after, whose group reads
-                // y2 (the next layer's qkv; not the LM head, which may sample itself).
-                let lm_head = lm_head_step(&graph, &steps, logits);
-                let after = (j + 1..steps.len()).find(|&q| !matches!(steps[q].run, Run::Nothing)).and_then(|q| {
-                    let nq = steps[q].node;
-                    let Op::Fused(b3) = &graph.node(nq).op else { return None };
-                    let Run::MatVec { scaled: Some(sr3), epilogue: None, .. } = &steps[q].run else { return None };
-                    let k3 = b3.inputs.last()?.shape.dims().last()?.as_fixed()?;
-                    let reads_y2 = graph.operands(nq).contains(&Value::new(nj, 0));
-                    let ok = reads_y2
-                        && Some(q) != lm_head
-                        && sr3.argmax.is_none()
-                        && steps[q].group.is_none()
-                        && decode::gemv_prologue_fits(1, k3);
-                    ok.then_some((q, b3.as_ref()))
-                });
-                let after = after.filter(|_| opts.qkv_chain || qkv_chain_by_env());
-                let chain = |pre: Option<kiln_codegen::ChainPre>, post: Option<&kiln_ops::FusedBody>| {
-                    kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2, pre, post)
-                };
-                let mut made = chain(before.map(|b| b.1), after.map(|a| a.1));
-                let (mut pre, mut post) = (before.map(|b| b.0), after.map(|a| a.0));
-                if let (Err(e), true) = (&made, before.is_some() || after.is_some()) {
-                    tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV before or after");
-                    made = chain(None, None);
-                    (pre, post) = (None, None);
-                }
+                let made = kiln_codegen::gemv_scaled_epi_warp_chain(body, &syms, w2.dtype, y2);
                 match made {
                     Ok((k, _)) => {
                         let kernel = add_kernel(k);
                         let ctr = 128 * n_chains;
                         n_chains += 1;
                         if let Run::MatVec { scaled: Some(sr), .. } = &mut steps[i].run {
-                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr, pre, post });
+                            sr.chain = Some(ChainRun { kernel, wave: 0, down: j, ctr });
                         }
                     }
                     Err(e) => tracing::info!(node = ni.index(), reason = %e.0, "no chained GEMV (KILN_MLP_CHAIN)"),
@@ -1627,15 +1546,6 @@ impl CudaEngine {
         let attn_ws = stream.alloc_zeros::<u8>(ws_bytes.max(4)).map_err(driver_err("alloc"))?;
         let attn_counters = stream.alloc_zeros::<u32>(n_counters.max(1)).map_err(driver_err("alloc"))?;
         let chain_counters = stream.alloc_zeros::<u32>((128 * n_chains).max(1)).map_err(driver_err("alloc"))?;
-        // The steps a chained GEMV computes before its own (see `ChainRun::pre`).
-        let chained_pre: HashMap<usize, usize> = steps
-            .iter()
-            .enumerate()
-            .filter_map(|(i, s)| match &s.run {
-                Run::MatVec { scaled: Some(sr), .. } => sr.chain.and_then(|c| c.pre).map(|p| (p, i)),
-                _ => None,
-            })
-            .collect();
         let greedy_pairs = opts.max_batch * decode::greedy_splits(vocab);
         let greedy_ws = stream.alloc_zeros::<u8>(12 * greedy_pairs + 8).map_err(driver_err("alloc"))?;
         let greedy_counters = stream.alloc_zeros::<u32>(opts.max_batch.max(1)).map_err(driver_err("alloc"))?;
@@ -1703,7 +1613,6 @@ impl CudaEngine {
             attn_ws,
             attn_counters,
             chain_counters,
-            chained_pre,
             trace,
             _ra_table: ra_table,
             launch_log: None,
@@ -1911,10 +1820,10 @@ impl CudaEngine {
         let syms = dev(&self.syms_dev, st);
         let mut launches = 0;
         let mut pending: Vec<PendingPart> = Vec::new();
-        // Steps a chained GEMV computed (see `ChainRun`): the down projection, the step after.
-        let mut chained: [Option<usize>; 2] = [None, None];
+        // The step a chained GEMV computed (see `ChainRun`): the down projection.
+        let mut chained: Option<usize> = None;
         for (si, step) in self.steps.iter().enumerate() {
-            if chained.contains(&Some(si)) || (self.fold_now.get() && self.logits_cast == Some(si)) {
+            if chained == Some(si) || (self.fold_now.get() && self.logits_cast == Some(si)) {
                 continue;
             }
 
@@ -1931,13 +1840,6 @@ impl CudaEngine {
             };
             if matches!(step.run, Run::Nothing) {
                 continue;
-            }
-            if self.chained_pre.contains_key(&si) {
-                // At one row, the chained GEMV of the step after computes this one.
-                let x = self.graph.value_type(self.graph.operands(step.node)[0]).shape.eval(b).map_err(err)?;
-                if x[..x.len() - 1].iter().product::<usize>() == 1 {
-                    continue;
-                }
             }
             if step.absorbed.is_some_and(|a| self.attention_fused_now(a, b)) {
                 // Computed by the attention that reads it; a horizontal group launches
@@ -2080,48 +1982,11 @@ impl CudaEngine {
                                 let dn = self.steps[c.down].node;
                                 let dops = self.graph.operands(dn);
                                 let n2 = self.graph.value_type(dops[1]).shape.dims()[0].as_fixed().unwrap_or(0);
-                                let pre = match c.pre {
-                                    Some(p) => {
-                                        let pn = self.steps[p].node;
-                                        let pops = self.graph.operands(pn);
-                                        let n0 = self.graph.value_type(pops[1]).shape.dims()[0].as_fixed().unwrap_or(0);
-                                        Some((
-                                            self.ptr(pops[1], plan, slot, decode)?,
-                                            self.ptr(Value::new(pn, 0), plan, slot, decode)?,
-                                            self.ptr(pops[0], plan, slot, decode)?,
-                                            n0,
-                                        ))
-                                    }
-                                    None => None,
-                                };
-                                let post = match c.post {
-                                    Some(q) => {
-                                        let qn = self.steps[q].node;
-                                        let qops = self.graph.operands(qn);
-                                        let nouts = self.graph.node(qn).outputs.len();
-                                        let w3 = qops[qops.len() - 1];
-                                        let n3 = self.graph.value_type(w3).shape.dims()[0].as_fixed().unwrap_or(0);
-                                        let mut a = Vec::new();
-                                        for j in 0..nouts - 1 {
-                                            let p = self.ptr(Value::new(qn, j as u8), plan, slot, decode)?;
-                                            a.push((Role::Out((100 + j) as u8), p));
-                                        }
-                                        for (i, v) in qops.iter().enumerate() {
-                                            a.push((Role::In((101 + i) as u8), self.ptr(*v, plan, slot, decode)?));
-                                        }
-                                        let y3 = self.ptr(Value::new(qn, (nouts - 1) as u8), plan, slot, decode)?;
-                                        a.push((Role::Out(99), y3));
-                                        Some((a, n3))
-                                    }
-                                    None => None,
-                                };
                                 Some(ChainArgs {
                                     run: c,
                                     w2: self.ptr(dops[1], plan, slot, decode)?,
                                     y2: self.ptr(Value::new(dn, 0), plan, slot, decode)?,
                                     n2,
-                                    pre,
-                                    post,
                                 })
                             }
                             None => None,
@@ -2131,9 +1996,7 @@ impl CudaEngine {
                             .map_err(fill)?;
                         launches += extra;
                         if ran {
-                            chained = sr.chain.map_or([None, None], |c| [Some(c.down), c.post]);
-                        } else if sr.chain.is_some_and(|c| c.pre.is_some()) {
-                            return Err(err("a chained GEMV whose step before was skipped did not run".into()));
+                            chained = sr.chain.map(|c| c.down);
                         }
                         launches += 1;
                         mark(step, &self.label(step), launches)?;
@@ -2473,18 +2336,6 @@ impl CudaEngine {
                 .set(Role::Part(1, 1), ArgValue::Ptr(c.y2))
                 .i64(Role::Part(1, 2), c.n2)
                 .set(Role::Counters, ArgValue::Ptr(ctr));
-            if let Some((w0, y0, x0, n0)) = c.pre {
-                a.set(Role::Part(0, 0), ArgValue::Ptr(w0))
-                    .set(Role::Part(0, 1), ArgValue::Ptr(y0))
-                    .set(Role::Part(0, 2), ArgValue::Ptr(x0))
-                    .i64(Role::Part(0, 3), n0);
-            }
-            if let Some((ptrs, n3)) = &c.post {
-                for &(r, p) in ptrs {
-                    a.set(r, ArgValue::Ptr(p));
-                }
-                a.i64(Role::Part(3, 0), *n3);
-            }
             launch(self.lane(), &self.kernels[c.run.kernel], items.min(c.run.wave), &a)?;
             return Ok((0, true));
         }
