@@ -1346,23 +1346,13 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     // With dynamic columns (`KILN_CHAIN_DYN=1`): the same bits, whichever warp computes
     // a column (3 blocks: 48 static columns, the rest claimed; 25 and 30: warps without a
     // static column).
-    let with_dyn = |k: &Kernel| {
-        let mut k = k.clone();
-        assert!(k.source.contains("#define GV_CH_DYN 0"), "{}", k.sig.name);
-        k.source = k.source.replace("#define GV_CH_DYN 0", "#define GV_CH_DYN 1");
-        k
-    };
+    let with_dyn = |k: &Kernel| with_define(k, "GV_CH_DYN", 1);
     let hdyn = compile_host_prefixed(cxx, &with_dyn(&kc), "chain_chained_dyn", CONCURRENT);
     std::fs::write(hdyn.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
     std::fs::write(hdyn.dir.join("dump_counters"), b"").unwrap();
     // With block-major rows (`KILN_CHAIN_BM=1`): the same bits (3 blocks: several rows per
     // warp; 25 and 30: blocks without rows leave before the spin).
-    let with_bm = |k: &Kernel| {
-        let mut k = k.clone();
-        assert!(k.source.contains("#define GV_CH_BM 0"), "{}", k.sig.name);
-        k.source = k.source.replace("#define GV_CH_BM 0", "#define GV_CH_BM 1");
-        k
-    };
+    let with_bm = |k: &Kernel| with_define(k, "GV_CH_BM", 1);
     let hbm = compile_host_prefixed(cxx, &with_bm(&kc), "chain_chained_bm", CONCURRENT);
     std::fs::write(hbm.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
     std::fs::write(hbm.dir.join("dump_counters"), b"").unwrap();
@@ -1728,9 +1718,15 @@ fn attention_scalars(
 
 /// `kernel` with `AD_PVW` (`KILN_ATTN_PVW`) set to `on`.
 fn with_pvw(kernel: &Kernel, on: bool) -> Kernel {
+    with_define(kernel, "AD_PVW", u8::from(on).into())
+}
+
+/// `kernel` with its define `name` (0 in its source: a knob off) set to `value`.
+fn with_define(kernel: &Kernel, name: &str, value: u32) -> Kernel {
     let mut k = kernel.clone();
-    assert!(k.source.contains("#define AD_PVW 0"), "{}", k.sig.name);
-    k.source = k.source.replace("#define AD_PVW 0", &format!("#define AD_PVW {}", u8::from(on)));
+    let off = format!("#define {name} 0\n");
+    assert!(k.source.contains(&off), "{}: no {off:?}", k.sig.name);
+    k.source = k.source.replacen(&off, &format!("#define {name} {value}\n"), 1);
     k
 }
 
