@@ -352,7 +352,7 @@ fn wide_mlp_switch(what: &str, saved: usize, tag: &str, set: impl Fn(EngineOptio
     }
 }
 
-/// WIP (`EngineOptions::mlp_chain`, `KILN_MLP_CHAIN=1`): the per-warp epilogue GEMV
+/// `EngineOptions::mlp_chain` (on by default): the per-warp epilogue GEMV
 /// with the down projection chained into its launch (`gemv_scaled_epi_warp_chain`: its
 /// blocks count themselves as they finish gate_up + SwiGLU, spin until all have, then
 /// compute the down projection's rows as the plain one-row GEMV does) computes the same

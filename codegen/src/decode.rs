@@ -70,7 +70,7 @@ fn attention_unroll() -> Option<usize> {
 /// A measurement knob: `KILN_ATTN_PVW=1` in the environment: decode attention's two-pass
 /// p·v with one value vector per warp over all the keys (`AD_PVW` in `flash_decode.cu`).
 fn attention_pv_warps() -> bool {
-    std::env::var("KILN_ATTN_PVW").is_ok_and(|v| v.trim() == "1")
+    crate::fused::env_flag("KILN_ATTN_PVW")
 }
 
 /// Helpers of the attention kernels over a resident cache (key ranges, cp.async),
@@ -429,7 +429,7 @@ pub fn gemv_readahead_bytes() -> usize {
 pub fn gemv_readahead_mode() -> u8 {
     match gemv_readahead_bytes() {
         0 => 0,
-        _ if std::env::var("KILN_GEMV_RA_EARLY").is_ok_and(|v| v.trim() == "1") => 2,
+        _ if crate::fused::env_flag("KILN_GEMV_RA_EARLY") => 2,
         _ => 1,
     }
 }

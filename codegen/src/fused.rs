@@ -694,14 +694,14 @@ pub fn gemv_scaled_epi_warp_chain_helped(
 /// warp's first dynamically (`GV_CH_DYN` in `gemv.cu`): `KILN_CHAIN_DYN=1` in the
 /// environment.
 pub fn chain_dynamic() -> bool {
-    std::env::var("KILN_CHAIN_DYN").is_ok_and(|v| v == "1")
+    env_flag("KILN_CHAIN_DYN")
 }
 
 /// A measurement knob: whether a chained kernel takes the rows of its next product
 /// block-major, its blocks without rows leaving before the spin (`GV_CH_BM` in
 /// `gemv.cu`): `KILN_CHAIN_BM=1` in the environment (ignored with [`chain_help`]).
 pub fn chain_block_major() -> bool {
-    std::env::var("KILN_CHAIN_BM").is_ok_and(|v| v.trim() == "1")
+    env_flag("KILN_CHAIN_BM")
 }
 
 /// 16-byte loads in flight per lane in a chained kernel's rows of the next product
@@ -825,8 +825,7 @@ fn gemv_scaled_with(
     chain: Option<Chain>,
 ) -> Result<Kernel, CodegenError> {
     body.check().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
-    // The helper warps' copies (GV_CH_HELP) take the cp.async helpers.
-    let help = chain.as_ref().map_or(0, |c| c.help);
+    let help = chain.as_ref().map_or(0, |c| c.help); // GV_CH_HELP
     let kind = body.kind().map_err(|e| CodegenError(format!("fused matrix-vector group: {e}")))?;
     let FusedKind::MatVec { prologue, x, weight, epilogue: form } = kind else {
         return err("gemv_scaled: the body is no matrix-vector group");
@@ -866,8 +865,7 @@ fn gemv_scaled_with(
     let pro_out = |j: usize| Role::Out((e + 1 + j) as u8);
 
     // The staging pass for the one row of x (see `scaled_staging`).
-    let (staging, nred, ncols_fixed) =
-        scaled_staging(&pro, &plan, (&rows, &cols), syms, cfg.warps, 1, &|j| pro_out(j))?;
+    let (staging, nred, ncols_fixed) = scaled_staging(&pro, &plan, (&rows, &cols), syms, cfg.warps, &pro_out)?;
 
     // The epilogue, as gemv_epilogue generates it.
     let (epi_text, epi_defines) = match (&form, mode) {
@@ -991,6 +989,7 @@ fn gemv_scaled_with(
     if argmax {
         defines.extend([("GV_ARGMAX", "1".to_string()), ("GV_KEY", key.c_name())]);
     }
+    // The helper warps' copies (GV_CH_HELP) take the cp.async helpers.
     let cp = if help > 0 { decode::CACHE_ATTENTION } else { "" };
     let template = format!("{}{cp}{}", decode::VECTOR_HELPERS, decode::GEMV)
         .replace("KILN_PROLOGUE", &staging)
@@ -1027,16 +1026,14 @@ fn gemv_scaled_with(
 /// The staging pass of a scaled GEMV ([`gemv_scaled`]) for the prologue `pro` (with the
 /// factoring `plan`, rows and columns of x `rows`, `cols`), for blocks of `warps` warps:
 /// the code that stages A and computes S into `gv_s[0]` (its body inputs named
-/// `in{i + in_base}`, its written outputs `pro_out(j)`), the number of reductions, and
-/// the columns of x.
-#[allow(clippy::too_many_arguments)]
+/// `in{i + 1}`, its written outputs `pro_out(j)`), the number of reductions, and the
+/// columns of x.
 fn scaled_staging(
     pro: &FusedBody,
     plan: &ScaledPrologue,
     (rows, cols): (&Shape, &Shape),
     syms: &[Sym],
     warps: usize,
-    in_base: u8,
     pro_out: &dyn Fn(usize) -> Role,
 ) -> Result<(String, usize, usize), CodegenError> {
     // The staging pass for the one row of x: A into the staging, the reductions'
@@ -1045,7 +1042,7 @@ fn scaled_staging(
     // weights are still in flight). Every load of the pass (the columns' and those S
     // needs besides the reductions, e.g. ε) is issued before the first use of any.
     let mut g = Gen::new(pro, syms);
-    g.in_base = in_base;
+    g.in_base = 1; // in0 is the GEMV's x parameter, unused by the prologue form
     g.indent = 2;
     let ncols = g.dim(&cols.numel())?;
     let reds: Vec<(usize, Reduction)> = plan
@@ -1931,9 +1928,14 @@ impl<'a> Gen<'a> {
     }
 }
 
-/// WIP (wip/residency): a measurement knob's value from the environment.
+/// A measurement knob's value from the environment (a count; `None` unset or unparsable).
 pub fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.trim().parse().ok())
+}
+
+/// Whether the environment sets knob `name` to 1.
+pub fn env_flag(name: &str) -> bool {
+    env_usize(name) == Some(1)
 }
 
 #[cfg(test)]

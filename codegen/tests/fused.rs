@@ -1437,7 +1437,6 @@ fn host_chained_rows_with_helper_warps_keep_their_bits() {
     }
     let k2 = chained(2);
     assert_eq!(k2.dynamic_smem, 64 << 10);
-    std::fs::write(std::env::temp_dir().join("kiln_chain_help2_1b.cu"), &k2.source).unwrap();
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
         c.compile_all(&[&k2]).unwrap_or_else(|e| panic!("{e}"));
@@ -1527,12 +1526,7 @@ fn host_gemv_matches_the_reference() {
 fn host_gemv_reads_ahead_the_table_ranges_once() {
     use kiln_codegen::decode::{gemv_items_with, gemv_with, GemvConfig};
     let Some(cxx) = host_cxx() else { return };
-    let ra = |k: &Kernel| {
-        let mut k = k.clone();
-        assert!(k.source.contains("#define GV_RA 0"), "{}", k.sig.name);
-        k.source = k.source.replace("#define GV_RA 0", "#define GV_RA 1");
-        k
-    };
+    let ra = |k: &Kernel| with_define(k, "GV_RA", 1);
     // Entry 0 names another weight; entry 1 the kernel's (input `w_in`): 150,000 bytes of
     // w from byte 1,000 (more lines than a round of the launch's lanes), and 1,024 bytes
     // of w from byte 100,000.
@@ -1558,16 +1552,15 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     let x = random(&mut r, DType::BF16, &[1, k]);
     let w = random(&mut r, DType::BF16, &[n, k]);
     let cfg = GemvConfig { warps: 4, rows_per_warp: 2, unroll: 2, ksplit: 1, max_rows: 1 };
-    let kern = ra(&gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap());
+    let plain = gemv_with(DType::BF16, DType::BF16, DType::BF16, cfg).unwrap();
+    let kern = ra(&plain);
     let Grid::BlockPerItem { threads } = kern.grid else { panic!("{:?}", kern.grid) };
     let prefix = format!("{PREFETCH_LOG}\n{}", init(1));
     let host = compile_host_prefixed(cxx, &kern, "gemv_ra", &prefix);
     host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
     assert_eq!(prefetched(&host), want(1), "plain GEMV");
     // Early (GV_RA 2, KILN_GEMV_RA_EARLY): the same lines, read ahead before the wait.
-    let mut early = kern.clone();
-    early.source = early.source.replace("#define GV_RA 1", "#define GV_RA 2");
-    assert!(early.source.contains("#define GV_RA 2"));
+    let early = with_define(&plain, "GV_RA", 2);
     let host = compile_host_prefixed(cxx, &early, "gemv_ra_early", &prefix);
     host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
     assert_eq!(prefetched(&host), want(1), "plain GEMV, early");
@@ -1582,7 +1575,7 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     let (fg, body, sources) = norm_swiglu_body_sized(hidden, inter);
     let table = graph_symbols(&fg);
     let (kern, _) = kiln_codegen::gemv_scaled_epi_warp(&body, &table).unwrap();
-    let kern = ra(&kern);
+    let (epiw, kern) = (kern.clone(), ra(&kern));
     let b = bind(&[("seq", 1)]);
     let inputs = body_inputs(&body, &sources, &b, 0x9e37_79b9_7f4a_7c15);
     let ins: Vec<Option<&HostTensor>> = std::iter::once(None).chain(inputs.iter().map(Some)).collect();
@@ -1593,9 +1586,7 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (3, threads), &[2 * inter, 4 * inter, 2 * hidden]);
     assert_eq!(prefetched(&host), want(w_in as i64), "per-warp epilogue form");
     // Early read-ahead is the plain GEMV's alone: the prologue forms read nothing ahead.
-    let mut early = kern.clone();
-    early.source = early.source.replace("#define GV_RA 1", "#define GV_RA 2");
-    assert!(early.source.contains("#define GV_RA 2"));
+    let early = with_define(&epiw, "GV_RA", 2);
     let host = compile_host_prefixed(cxx, &early, "epiw_ra_early", &format!("{PREFETCH_LOG}\n{}", init(w_in)));
     host.run_gemv(&ins, &syms, (1, 2 * inter, hidden), (3, threads), &[2 * inter, 4 * inter, 2 * hidden]);
     assert_eq!(prefetched(&host), Vec::new(), "per-warp epilogue form, early");

@@ -434,7 +434,8 @@ KILN_SIGNATURE {
             float v = o[0];  // lane e's element (no dynamic register index)
 #pragma unroll
             for (int e = 1; e < KILN_VEC; ++e) v = lane == e ? o[e] : v;
-            if (lane < KILN_VEC) ad_write(out, out1, out2, row0, warp * KILN_VEC + lane, v, m, l, ns, split, splits, value_dim);
+            if (lane < KILN_VEC)
+                ad_write(out, out1, out2, row0, warp * KILN_VEC + lane, v, m, l, ns, split, splits, value_dim);
             KILN_PHASE(4);
         } else {
         {

@@ -76,9 +76,9 @@
 // columns from one of Q = min(8, gridDim.x) counters (GV_CH_CTR[8 + blockIdx.x % Q], lane
 // 0's atomicAdd as it finishes a column; counter q hands out gridDim.x·GV_RW + q + Q·i),
 // so the warps of fast multiprocessors take the columns that slow ones would have been
-// assigned statically and the launch's blocks finish z together. A column's bits do not depend on its warp. The
-// last block out zeroes the counters with the others.
-// GV_CH_HELP = H > 0 (with GV_CHAIN; a measurement knob, KILN_CHAIN_HELP=1): helper warps
+// assigned statically and the launch's blocks finish z together. A column's bits do not
+// depend on its warp. The last block out zeroes the counters with the others.
+// GV_CH_HELP = H > 0 (with GV_CHAIN; a measurement knob, KILN_CHAIN_HELP=H): helper warps
 // for the chained rows. The rows of y2 go to warps blockIdx.x + gridDim.x·warp, so with
 // fewer rows than the launch has warps, the second half's warps have none and the first
 // half's stream theirs with GV_CH_U loads in flight per lane. A warp of the second half
@@ -331,12 +331,10 @@ __device__ __forceinline__ void gv_chain_steps(float& acc, kiln_u4 (&cw)[GV_CH_U
 // of y = x · wᵀ for one row of x staged in xs4 as the plain GEMV stages it (plane-major,
 // nv 16-byte vectors per row of w), as the plain one-row GEMV computes them (lane L
 // takes vectors L, L + 32, ..., f32 sums, one rounding); cw holds the first row's first
-// step, already issued. The sums are multiplied by `scale` (a scaled GEMV's S; 1: none)
-// before they are stored.
+// step, already issued; hs (GV_CH_HELP): a helped warp's copied steps, else null.
 template <class TY>
 __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN_W* w, TY* y, i64 n, int nv, i64 first,
-                                              int lane, const kiln_f4* xs4, float scale,
-                                              const kiln_u4* hs = nullptr) {
+                                              int lane, const kiln_f4* xs4, const kiln_u4* hs) {
 #if GV_CH_HELP
     if (hs != nullptr) {
         // A helped warp (GV_CH_HELP): its one row (the helper's has none, so neither has
@@ -362,7 +360,7 @@ __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN
         gv_chain_steps(acc, cw, wr, nv, c1, true, lane, xs4);
 #pragma unroll
         for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-        if (lane == 0) kiln_st(y, first, acc * scale);
+        if (lane == 0) kiln_st(y, first, acc);
         return;
     }
 #else
@@ -373,7 +371,7 @@ __device__ __forceinline__ void gv_chain_rows(kiln_u4 (&cw)[GV_CH_U], const KILN
         gv_chain_steps(acc, cw, w + row * nv * KILN_VEC, nv, 0, row == first, lane, xs4);
 #pragma unroll
         for (int s = 16; s > 0; s >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, s);
-        if (lane == 0) kiln_st(y, row, acc * scale);
+        if (lane == 0) kiln_st(y, row, acc);
     }
 }
 // The first step of row `row` of w (rows of nv vectors) into cw (nothing past n).
@@ -385,18 +383,18 @@ __device__ __forceinline__ void gv_chain_first(kiln_u4 (&cw)[GV_CH_U], const KIL
         if (row < n && c < nv) cw[u] = kiln_ld16(w + row * nv * KILN_VEC + (i64)c * KILN_VEC);
     }
 }
-// One row of x (nv 16-byte vectors of KILN_W's type at x) into xs4, as the plain GEMV
-// stages it, L loads in flight per thread (2: a 1,024-vector row in one round trip with
-// 512 threads); `coherent`: written earlier in this launch (L2 loads).
-template <int L>
-__device__ __forceinline__ void gv_chain_stage(kiln_f4* xs4, const KILN_W* x, int nv, bool coherent) {
+// One row of x (nv 16-byte vectors of KILN_W's type at x, written earlier in this launch:
+// L2 loads) into xs4, as the plain GEMV stages it, L loads in flight per thread (a
+// 1,024-vector row in one round trip with 512 threads).
+__device__ __forceinline__ void gv_chain_stage(kiln_f4* xs4, const KILN_W* x, int nv) {
+    constexpr int L = 2;
     const int nt = (int)blockDim.x;
     for (int c0 = threadIdx.x; c0 < nv; c0 += L * nt) {
         kiln_u4 v[L];
 #pragma unroll
         for (int u = 0; u < L; ++u) {
             const int c = c0 + u * nt;
-            if (c < nv) v[u] = coherent ? kiln_ld16_cg(x + (i64)c * KILN_VEC) : *(const kiln_u4*)(x + (i64)c * KILN_VEC);
+            if (c < nv) v[u] = kiln_ld16_cg(x + (i64)c * KILN_VEC);
         }
 #pragma unroll
         for (int u = 0; u < L; ++u) {
@@ -767,22 +765,22 @@ KILN_EPILOGUE
             KILN_PHASE(3);
         }
         __syncthreads();
-        gv_chain_stage<2>(xs4, GV_CH_X, nv2, true);  // z: written by every block of this launch
+        gv_chain_stage(xs4, GV_CH_X, nv2);  // z: written by every block of this launch
 #if GV_CH_HELP
         if (gv_help_role(warp, GV_CH_N) > 0) kiln_cp_wait_all();  // the copies are complete before the barrier
 #endif
         __syncthreads();
+        const kiln_u4* hs = nullptr;  // a helped warp's copies (GV_CH_HELP)
 #if GV_CH_HELP
-        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f,
-                      gv_help_role(warp, GV_CH_N) < 0 ? gv_help + warp * (GV_CH_HELP * 32 * GV_CH_U) : nullptr);
-#else
-        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, 1.0f);
+        if (gv_help_role(warp, GV_CH_N) < 0) hs = gv_help + warp * (GV_CH_HELP * 32 * GV_CH_U);
 #endif
+        gv_chain_rows(cw, GV_CH_W, GV_CH_Y, GV_CH_N, nv2, first, lane, xs4, hs);
         KILN_PHASE(4);
 #if GV_CH_BM
         }
 #endif
-        // The last block out zeroes the counters (every block has passed its spin).
+        // The last block out zeroes the counters (every block has counted, and passed its
+        // spin where it has one).
         __syncthreads();
         if (threadIdx.x == 0 && atomicAdd(GV_CH_CTR + 32, 1u) == gridDim.x - 1) {
 #if GV_CH_DYN

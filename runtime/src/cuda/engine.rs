@@ -306,8 +306,9 @@ struct ScaledRun {
 /// one-row GEMV over the epilogue's output (the down projection), in the same launch:
 /// its blocks count themselves as they finish their tiles and spin until all have, so the
 /// launch takes at most one wave (`wave`, from the kernel's occupancy). Step `down` then
-/// launches nothing. `ctr`: the launch's two counters in `CudaEngine::chain_counters`
-/// (u32 offset; the kernel leaves them zero).
+/// launches nothing. `ctr`: the launch's 128 counters in `CudaEngine::chain_counters`
+/// (u32 offset; `gemv.cu` uses [0] blocks done, [8, 16) `KILN_CHAIN_DYN`'s columns, [32]
+/// blocks out; the kernel leaves them zero).
 #[derive(Clone, Copy)]
 struct ChainRun {
     kernel: usize,
