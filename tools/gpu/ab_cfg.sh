@@ -8,7 +8,8 @@
 # commit, for kernels that no knob switches).
 #
 # PRESETS: comma-separated presets. Environment: OUT, ROUNDS, KILN_ARGS (default
-# "--batch 1 --prefill 128").
+# "--batch 1 --prefill 128"), AB_SECONDS (start no run after that many seconds, so the
+# table still prints within a call's time limit; 0, the default: no limit).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 IFS=, read -r -a presets <<<"$1"
@@ -23,6 +24,10 @@ echo "== $(date -u +%FT%TZ) commit $(cat .gpu/commit 2>/dev/null || echo '?')"
 for p in "${presets[@]}"; do
     for r in $(seq 1 "$ROUNDS"); do
         for i in "${!cfgs[@]}"; do
+            if [ "${AB_SECONDS:-0}" -gt 0 ] && [ "$SECONDS" -ge "$AB_SECONDS" ]; then
+                echo "ab_cfg.sh: ${AB_SECONDS} s passed: ${cfgs[$i]:-default} $p (round $r) not run"
+                continue
+            fi
             spec=${cfgs[$i]#*=}
             envs=()
             [ "$spec" != "${cfgs[$i]}" ] && IFS=, read -r -a envs <<<"$spec"

@@ -14,6 +14,8 @@
 #   bash tools/gpu/next.sh 6   # the decode, fused and engine GPU tests (the default kernels
 #                              # changed in session 17: run before any A/B is trusted)
 #   bash tools/gpu/next.sh 7   # timelines with the knobs, the block residency
+#   bash tools/gpu/next.sh 8   # the early read-ahead's size and its combinations (if part
+#                              # 5's ra16e gains), then both presets with the best guess
 #
 # Knobs (KILN_*, off by default): ATTN_WARPS=4|8|16 (warps of a one-head attention block;
 # 16 measured +1.7% on SmolLM2, -1.5% on the 1B, 2026-12-05), ATTN_MIN_CHUNK=K,
@@ -61,8 +63,8 @@ elif [ "$part" = 5 ]; then
     # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then the GPU
     # tests of the knobs' kernels (the same bits as the kernels they replace).
     export KILN_BIN="$PWD/.gpu/kiln"
-    # (a time limit, so the tests run too; the runs' JSON files stay in $OUT)
-    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 timeout 400 bash tools/gpu/ab_cfg.sh "$P" "" \
+    # (no run starts after 380 s, so the table prints and the tests run too)
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=380 bash tools/gpu/ab_cfg.sh "$P" "" \
         "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "bm=KILN_CHAIN_BM=1" \
         "dynhelp=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" "dynbm=KILN_CHAIN_DYN=1,KILN_CHAIN_BM=1" \
         "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
@@ -100,6 +102,18 @@ elif [ "$part" = 7 ]; then
         echo "== block residency ($tag)"
         grep -A30 "block residency per launch" "$OUT/tl-$tag.log" | head -40
     done
+elif [ "$part" = 8 ]; then
+    # The early read-ahead (o_proj's blocks prefetch the head of gate_up into L2 during
+    # attention): how much, and with the chain's knobs; SmolLM2 must stay over 2,000.
+    E=KILN_GEMV_RA_EARLY=1
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=420 bash tools/gpu/ab_cfg.sh "$P,smollm2-135m" "" \
+        "ra8=KILN_GEMV_RA=8192,$E" "ra16=KILN_GEMV_RA=16384,$E" "ra24=KILN_GEMV_RA=24576,$E" \
+        "ra32=KILN_GEMV_RA=32768,$E" "ra16dyn=KILN_GEMV_RA=16384,$E,KILN_CHAIN_DYN=1" \
+        "ra16help=KILN_GEMV_RA=16384,$E,KILN_CHAIN_HELP=2"
+    echo "== o_proj with the early read-ahead (KILN_GEMV_RA=16384, early): engine tests"
+    KILN_GEMV_RA=16384 KILN_GEMV_RA_EARLY=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 120 \
+        .gpu/cuda_engine-test --test-threads=1 >"$OUT/ra-engine.log" 2>&1
+    grep -E "panicked|FAILED|^test result" "$OUT/ra-engine.log" | head -8
 elif [ "$part" = 6 ]; then
     # Validation of the decode kernels (after kernel-source changes): the decode, fused and
     # engine GPU tests, one at a time.
