@@ -426,16 +426,28 @@ KILN_SIGNATURE {
                 for (int e = 0; e < KILN_VEC; ++e) o[e] = fmaf(p, vf[e], o[e]);
             }
             KILN_PHASE(5);
-            for (int off = 16; off > 0; off >>= 1) {
-                l += __shfl_xor_sync(0xffffffffu, l, off);
+            // The lanes' sums by a reduce-scatter: at offsets 16, 8, ... a lane keeps half
+            // of its elements (the upper half where its lane bit is set) and adds its
+            // partner's same half, so lane L ends with element L / (32 / KILN_VEC) after
+            // log2(KILN_VEC) halvings (KILN_VEC - 1 shuffles, not 5 · KILN_VEC), then the
+            // lanes of its group add the rest.
+            int off = 16;
 #pragma unroll
-                for (int e = 0; e < KILN_VEC; ++e) o[e] += __shfl_xor_sync(0xffffffffu, o[e], off);
+            for (int h = KILN_VEC / 2; h >= 1; h >>= 1, off >>= 1) {
+                const bool up = (lane & off) != 0;
+#pragma unroll
+                for (int e = 0; e < h; ++e) {
+                    const float send = up ? o[e] : o[e + h], keep = up ? o[e + h] : o[e];
+                    o[e] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+                }
             }
-            float v = o[0];  // lane e's element (no dynamic register index)
+            for (; off > 0; off >>= 1) o[0] += __shfl_xor_sync(0xffffffffu, o[0], off);
 #pragma unroll
-            for (int e = 1; e < KILN_VEC; ++e) v = lane == e ? o[e] : v;
-            if (lane < KILN_VEC)
-                ad_write(out, out1, out2, row0, warp * KILN_VEC + lane, v, m, l, ns, split, splits, value_dim);
+            for (int s = 16; s > 0; s >>= 1) l += __shfl_xor_sync(0xffffffffu, l, s);
+            constexpr int group = 32 / KILN_VEC;
+            if (lane % group == 0)
+                ad_write(out, out1, out2, row0, warp * KILN_VEC + lane / group, o[0], m, l, ns, split, splits,
+                         value_dim);
             KILN_PHASE(4);
         } else {
         {
