@@ -408,6 +408,7 @@ pub(crate) fn gemv_defines(xs: &str, ws: &str, ys: &str, vec: usize, cfg: GemvCo
         ("GV_MAX_M", cfg.max_rows.to_string()),
         ("GV_XVEC", u8::from(cfg.max_rows > 1).to_string()),
         ("GV_RA", gemv_readahead_mode().to_string()),
+        ("GV_RA_BULK", u8::from(gemv_readahead_bulk()).to_string()),
     ]
 }
 
@@ -432,6 +433,13 @@ pub fn gemv_readahead_mode() -> u8 {
         _ if crate::fused::env_flag("KILN_GEMV_RA_EARLY") => 2,
         _ => 1,
     }
+}
+
+/// The `GV_RA_BULK` define of the GEMV template: with read-ahead on and
+/// `KILN_GEMV_RA_BULK=1` in the environment, each warp prefetches its share of a range in
+/// one bulk prefetch (sm_90's copy engine) instead of its lanes prefetching line by line.
+pub fn gemv_readahead_bulk() -> bool {
+    gemv_readahead_mode() > 0 && crate::fused::env_flag("KILN_GEMV_RA_BULK")
 }
 
 /// `KILN_GEMV_RA_SKIP=KiB` in the environment (with `KILN_GEMV_RA`; 0 by default): the

@@ -1521,7 +1521,8 @@ fn host_gemv_matches_the_reference() {
 /// line of them exactly once over the launch, and nothing for a weight not in the table.
 /// Host emulation with the prefetches recorded and the module globals set before the
 /// launch (the ranges here lie in x and w, which the emulation can locate): a plain GEMV
-/// (5 blocks, one tile each) and the looping per-warp epilogue form (3 blocks).
+/// (5 blocks, one tile each; also early and with bulk prefetches) and the looping
+/// per-warp epilogue form (3 blocks).
 #[test]
 fn host_gemv_reads_ahead_the_table_ranges_once() {
     use kiln_codegen::decode::{gemv_items_with, gemv_with, GemvConfig};
@@ -1564,6 +1565,14 @@ fn host_gemv_reads_ahead_the_table_ranges_once() {
     let host = compile_host_prefixed(cxx, &early, "gemv_ra_early", &prefix);
     host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
     assert_eq!(prefetched(&host), want(1), "plain GEMV, early");
+    // Bulk (GV_RA_BULK, KILN_GEMV_RA_BULK): a warp's share of a range in one prefetch (the
+    // host emulation records its lines): the same lines, late and early.
+    for (mode, tag) in [(1, "gemv_ra_bulk"), (2, "gemv_ra_bulk_early")] {
+        let bulk = with_define(&with_define(&plain, "GV_RA", mode), "GV_RA_BULK", 1);
+        let host = compile_host_prefixed(cxx, &bulk, tag, &prefix);
+        host.run_gemv(&[Some(&x), Some(&w)], &[], (1, n, k), (gemv_items_with(n, cfg), threads), &[2 * n]);
+        assert_eq!(prefetched(&host), want(1), "plain GEMV, bulk (GV_RA {mode})");
+    }
     // Not in the table: entry 1 names another weight.
     let miss = prefix.replace("kiln_test_tab[5] = (unsigned long long)ins[1].data()", "kiln_test_tab[5] = 1");
     let host = compile_host_prefixed(cxx, &kern, "gemv_ra_miss", &miss);

@@ -22,7 +22,8 @@
 # ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, ATTN_PVW=1, MLP_CHAIN=0|1, CHAIN_DYN=1
 # (dynamic SwiGLU columns), CHAIN_HELP=1..3 (helper warps' copies of the down rows),
 # CHAIN_BM=1 (block-major down rows),
-# GEMV_RA=KiB with GEMV_RA_EARLY=1 (and GEMV_RA_SKIP=KiB), GREEDY_FOLD=0, and the older
+# GEMV_RA=KiB with GEMV_RA_EARLY=1 (and GEMV_RA_SKIP=KiB, GEMV_RA_BULK=1: one bulk
+# prefetch per warp), GREEDY_FOLD=0, and the older
 # measurement knobs listed in docs/performance-history.md.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -59,7 +60,8 @@ elif [ "$part" = 5 ]; then
     # with one value vector per warp; early read-ahead: o_proj's blocks prefetch 16 MiB of
     # gate_up into L2 while attention runs, from the heads of its gate and up halves, or
     # past the first wave's columns (4,224 rows of 4 KiB per half, what the chained
-    # kernel's blocks load first themselves); attention's loop unrolling and warps; qkv in
+    # kernel's blocks load first themselves), or as bulk prefetches (sm_90's copy engine,
+    # one per warp); attention's loop unrolling and warps; qkv in
     # 128 blocks of 24 rows, one per multiprocessor, instead of 192 of 16), then the GPU
     # tests of the knobs' kernels (the same bits as the kernels they replace).
     export KILN_BIN="$PWD/.gpu/kiln"
@@ -69,6 +71,7 @@ elif [ "$part" = 5 ]; then
         "dynhelp=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" "dynbm=KILN_CHAIN_DYN=1,KILN_CHAIN_BM=1" \
         "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
         "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
+        "ra16eb=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_BULK=1" \
         "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
     for e in KILN_CHAIN_DYN=1 KILN_CHAIN_HELP=2 KILN_CHAIN_BM=1; do
         echo "== chained down projection, $e"
@@ -109,7 +112,8 @@ elif [ "$part" = 8 ]; then
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=420 bash tools/gpu/ab_cfg.sh "$P,smollm2-135m" "" \
         "ra8=KILN_GEMV_RA=8192,$E" "ra16=KILN_GEMV_RA=16384,$E" "ra24=KILN_GEMV_RA=24576,$E" \
         "ra32=KILN_GEMV_RA=32768,$E" "ra16dyn=KILN_GEMV_RA=16384,$E,KILN_CHAIN_DYN=1" \
-        "ra16help=KILN_GEMV_RA=16384,$E,KILN_CHAIN_HELP=2"
+        "ra16help=KILN_GEMV_RA=16384,$E,KILN_CHAIN_HELP=2" "ra16b=KILN_GEMV_RA=16384,$E,KILN_GEMV_RA_BULK=1" \
+        "ra32b=KILN_GEMV_RA=32768,$E,KILN_GEMV_RA_BULK=1"
     echo "== o_proj with the early read-ahead (KILN_GEMV_RA=16384, early): engine tests"
     KILN_GEMV_RA=16384 KILN_GEMV_RA_EARLY=1 KILN_CACHE=/tmp/kiln-cache-tests timeout 120 \
         .gpu/cuda_engine-test --test-threads=1 >"$OUT/ra-engine.log" 2>&1

@@ -114,6 +114,9 @@
 #ifndef GV_RA
 #define GV_RA 0
 #endif
+#ifndef GV_RA_BULK
+#define GV_RA_BULK 0
+#endif
 #ifndef GV_ARGMAX
 #define GV_ARGMAX 0
 #endif
@@ -233,6 +236,8 @@ __device__ __forceinline__ void gv_load(kiln_u4 (&wv)[GV_R][GV_U], const KILN_W*
 // GV_RA = 2 (KILN_GEMV_RA_EARLY=1): a plain GEMV reads ahead before its wait instead, once
 // its first weight loads are issued (the memory system is idle while the kernel before
 // it, decode attention before o_proj, runs); the prologue forms read nothing ahead.
+// GV_RA_BULK (KILN_GEMV_RA_BULK=1): each warp's lane 0 prefetches its share of a range in
+// one bulk prefetch (sm_90's copy engine) instead of the lanes' line-by-line prefetches.
 #if GV_RA > 0
 __device__ const unsigned long long* kiln_ra_tab;
 __device__ int kiln_ra_n;
@@ -252,10 +257,21 @@ __device__ __forceinline__ void gv_readahead(const void* w) {
 #pragma unroll 1
     for (int r = 0; r < 2; ++r) {
         const char* base = (const char*)t[5 * hit + 1 + 2 * r];
+#if GV_RA_BULK
+        // Lane 0 of warp g = block + grid · warp: one bulk prefetch of the g-th of the
+        // launch's equal shares (whole lines) of the range.
+        (void)per;
+        const i64 bytes = (i64)t[5 * hit + 2 + 2 * r] & ~(i64)15, parts = (i64)gridDim.x * nw;
+        const i64 share = ((bytes + parts - 1) / parts + 127) / 128 * 128;
+        const i64 a = ((i64)blockIdx.x + (i64)gridDim.x * warp) * share;
+        if (lane == 0 && a < bytes)
+            kiln_prefetch_l2_bulk(base + a, (unsigned int)(bytes - a < share ? bytes - a : share));
+#else
         const i64 lines = ((i64)t[5 * hit + 2 + 2 * r] + 127) / 128;
 #pragma unroll 1
         for (i64 i = (i64)blockIdx.x + (i64)gridDim.x * (warp + (i64)nw * lane); i < lines; i += per)
             kiln_prefetch_l2(base + i * 128);
+#endif
     }
 }
 #endif

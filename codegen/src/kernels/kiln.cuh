@@ -203,6 +203,16 @@ __device__ __forceinline__ void kiln_prefetch_l2(const void* p) {
     (void)p;
 #endif
 }
+// A bulk prefetch of [p, p + bytes) into L2 (sm_90's cp.async.bulk.prefetch: one
+// instruction the copy engine carries out; p and bytes multiples of 16). Elsewhere, and in
+// the host emulation, the prefetch of each 128-byte line from p.
+__device__ __forceinline__ void kiln_prefetch_l2_bulk(const void* p, unsigned int bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#else
+    for (unsigned int i = 0; i < bytes; i += 128) kiln_prefetch_l2((const char*)p + i);
+#endif
+}
 __device__ __forceinline__ void kiln_grid_launch_dependents() {
     kiln_trace(0);
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
