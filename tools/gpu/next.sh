@@ -66,7 +66,7 @@ elif [ "$part" = 5 ]; then
     # tests of the knobs' kernels (the same bits as the kernels they replace).
     export KILN_BIN="$PWD/.gpu/kiln"
     # (no run starts after 380 s, so the table prints and the tests run too)
-    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=380 bash tools/gpu/ab_cfg.sh "$P" "" \
+    KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=${AB5:-380} bash tools/gpu/ab_cfg.sh "$P" "" \
         "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "bm=KILN_CHAIN_BM=1" \
         "dynhelp=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" "dynbm=KILN_CHAIN_DYN=1,KILN_CHAIN_BM=1" \
         "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
