@@ -690,13 +690,6 @@ pub fn gemv_scaled_epi_warp_chain_helped(
     Ok((gemv_scaled_with(body, syms, cfg, EpiMode::Warp, false, false, Some(chain))?, cfg))
 }
 
-/// A measurement knob: whether a chained kernel hands out its SwiGLU columns after each
-/// warp's first dynamically (`GV_CH_DYN` in `gemv.cu`): `KILN_CHAIN_DYN=1` in the
-/// environment.
-pub fn chain_dynamic() -> bool {
-    env_flag("KILN_CHAIN_DYN")
-}
-
 /// A measurement knob: whether a chained kernel takes the rows of its next product
 /// block-major, its blocks without rows leaving before the spin (`GV_CH_BM` in
 /// `gemv.cu`): `KILN_CHAIN_BM=1` in the environment (ignored with [`chain_help`]).
@@ -945,7 +938,6 @@ fn gemv_scaled_with(
         defines.extend([
             ("GV_CHAIN", "1".to_string()),
             ("GV_CH_U", CHAIN_LOADS.to_string()),
-            ("GV_CH_DYN", u8::from(chain_dynamic()).to_string()),
             ("GV_CH_HELP", help.to_string()),
             ("GV_CH_BM", u8::from(chain_block_major() && help == 0).to_string()),
             ("GV_CH_W", Role::Part(1, 0).c_name()),

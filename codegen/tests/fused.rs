@@ -1343,21 +1343,13 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     std::fs::write(hc.dir.join("dump_counters"), b"").unwrap();
     let mut couts = outs.to_vec();
     couts.push(2 * n2);
-    // With dynamic columns (`KILN_CHAIN_DYN=1`): the same bits, whichever warp computes
-    // a column (3 blocks: 48 static columns, the rest claimed; 25 and 30: warps without a
-    // static column).
-    let with_dyn = |k: &Kernel| with_define(k, "GV_CH_DYN", 1);
-    let hdyn = compile_host_prefixed(cxx, &with_dyn(&kc), "chain_chained_dyn", CONCURRENT);
-    std::fs::write(hdyn.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
-    std::fs::write(hdyn.dir.join("dump_counters"), b"").unwrap();
     // With block-major rows (`KILN_CHAIN_BM=1`): the same bits (3 blocks: several rows per
     // warp; 25 and 30: blocks without rows leave before the spin).
     let with_bm = |k: &Kernel| with_define(k, "GV_CH_BM", 1);
     let hbm = compile_host_prefixed(cxx, &with_bm(&kc), "chain_chained_bm", CONCURRENT);
     std::fs::write(hbm.dir.join("scalars.bin"), (n2 as i64).to_le_bytes()).unwrap();
     std::fs::write(hbm.dir.join("dump_counters"), b"").unwrap();
-    let runs = [(&hc, 25), (&hc, 3), (&hc, 30), (&hdyn, 3), (&hdyn, 25), (&hdyn, 30), (&hdyn, 1)];
-    for (hk, grid) in runs.into_iter().chain([(&hbm, 3), (&hbm, 25), (&hbm, 30)]) {
+    for (hk, grid) in [(&hc, 25), (&hc, 3), (&hc, 30), (&hbm, 3), (&hbm, 25), (&hbm, 30)] {
         let got = hk.run_gemv(&cins, &syms, (1, 2 * inter, hidden), (grid, threads), &couts);
         assert_eq!(got[0], plain[0], "{grid} blocks: z differs from the unchained kernel's");
         assert_eq!(got[1], plain[1], "{grid} blocks: y differs from the unchained kernel's");
@@ -1382,7 +1374,7 @@ fn host_chained_gemv_computes_the_next_product_in_the_same_launch() {
     std::fs::write(hc.dir.join("chain_1b.cu"), &k1.source).unwrap();
     if kiln_codegen::nvrtc::nvrtc_present() {
         let c = kiln_codegen::Compiler::new((9, 0), None).unwrap();
-        c.compile_all(&[&kc, &k1, &with_dyn(&k1), &with_bm(&k1)]).unwrap_or_else(|e| panic!("{e}"));
+        c.compile_all(&[&kc, &k1, &with_bm(&k1)]).unwrap_or_else(|e| panic!("{e}"));
     } else {
         println!("skipping the NVRTC compile: libnvrtc could not be loaded");
     }

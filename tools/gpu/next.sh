@@ -19,8 +19,8 @@
 #
 # Knobs (KILN_*, off by default): ATTN_WARPS=4|8|16 (warps of a one-head attention block;
 # 16 measured +1.7% on SmolLM2, -1.5% on the 1B, 2026-12-05), ATTN_MIN_CHUNK=K,
-# ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, ATTN_PVW=1, MLP_CHAIN=0|1, CHAIN_DYN=1
-# (dynamic SwiGLU columns), CHAIN_HELP=1..3 (helper warps' copies of the down rows),
+# ATTN_SPLITS=N, ATTN_STAGE_KIB=48..96, ATTN_UNROLL=1..8, ATTN_PVW=1, MLP_CHAIN=0|1,
+# CHAIN_HELP=1..3 (helper warps' copies of the down rows),
 # CHAIN_BM=1 (block-major down rows),
 # GEMV_RA=KiB with GEMV_RA_EARLY=1 (and GEMV_RA_SKIP=KiB, GEMV_RA_BULK=1: one bulk
 # prefetch per warp), GREEDY_FOLD=0, and the older
@@ -54,7 +54,8 @@ elif [ "$part" = 2 ]; then
         grep -E "kernel phase" "$OUT/tl-$tag.log" | sed 's/.*kernel phase/kernel phase/'
     done
 elif [ "$part" = 5 ]; then
-    # Session 17's experiments, the A/B first (dynamic SwiGLU columns; helper warps copying
+    # Session 17's experiments (measured on an H100 2026-12-05, for an H200), the A/B
+    # first (helper warps copying
     # 2 steps of each down row; block-major down rows, the blocks without rows leaving
     # early so the next layer's qkv blocks can be resident; combinations; attention's p·v
     # with one value vector per warp; early read-ahead: o_proj's blocks prefetch 16 MiB of
@@ -67,13 +68,12 @@ elif [ "$part" = 5 ]; then
     export KILN_BIN="$PWD/.gpu/kiln"
     # (no run starts after 380 s, so the table prints and the tests run too)
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=${AB5:-380} bash tools/gpu/ab_cfg.sh "$P" "" \
-        "dyn=KILN_CHAIN_DYN=1" "help2=KILN_CHAIN_HELP=2" "bm=KILN_CHAIN_BM=1" \
-        "dynhelp=KILN_CHAIN_DYN=1,KILN_CHAIN_HELP=2" "dynbm=KILN_CHAIN_DYN=1,KILN_CHAIN_BM=1" \
+        "help2=KILN_CHAIN_HELP=2" "bm=KILN_CHAIN_BM=1" \
         "pvw=KILN_ATTN_PVW=1" "ra16e=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1" \
         "ra16s=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_SKIP=16896" \
         "ra16eb=KILN_GEMV_RA=16384,KILN_GEMV_RA_EARLY=1,KILN_GEMV_RA_BULK=1" \
         "u4=KILN_ATTN_UNROLL=4" "w4=KILN_ATTN_WARPS=4" "q24=KILN_GEMV_CFG=3072x2048=w12r2u4"
-    for e in KILN_CHAIN_DYN=1 KILN_CHAIN_HELP=2 KILN_CHAIN_BM=1; do
+    for e in KILN_CHAIN_HELP=2 KILN_CHAIN_BM=1; do
         echo "== chained down projection, $e"
         env "$e" KILN_CACHE=/tmp/kiln-cache-tests timeout 60 .gpu/cuda_engine-test --test-threads=1 \
             the_chained_down_projection >"$OUT/chain-test-${e%%=*}.log" 2>&1
@@ -87,13 +87,11 @@ elif [ "$part" = 5 ]; then
     grep -hE "panicked|FAILED|^test result" "$OUT/pvw-decode.log" "$OUT/pvw-engine.log" | head -8
 elif [ "$part" = 7 ]; then
     # Where the step goes with the knobs: timelines (the chain's phases with the block
-    # residency, default and block-major; with dynamic columns; attention's with the
-    # chain off).
-    for tag in chain bm dyn attn; do
+    # residency, default and block-major; attention's with the chain off).
+    for tag in chain bm attn; do
         envs=(KILN_TRACE_BLOCKS=0)
         [ "$tag" = chain ] && envs=(KILN_TRACE_BLOCKS=1)
         [ "$tag" = bm ] && envs=(KILN_TRACE_BLOCKS=1 KILN_CHAIN_BM=1)
-        [ "$tag" = dyn ] && envs=(KILN_CHAIN_DYN=1)
         [ "$tag" = attn ] && envs=(KILN_MLP_CHAIN=0)
         env "${envs[@]}" timeout 100 .gpu/kiln bench "${ARGS[@]}" --timeline >"$OUT/tl-$tag.log" 2>&1 \
             || echo "timeline $tag failed (rc $?)"
@@ -112,7 +110,7 @@ elif [ "$part" = 8 ]; then
     E=KILN_GEMV_RA_EARLY=1
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=300 bash tools/gpu/ab_cfg.sh "$P" "" \
         "ra8=KILN_GEMV_RA=8192,$E" "ra16=KILN_GEMV_RA=16384,$E" "ra24=KILN_GEMV_RA=24576,$E" \
-        "ra32=KILN_GEMV_RA=32768,$E" "ra16dyn=KILN_GEMV_RA=16384,$E,KILN_CHAIN_DYN=1" \
+        "ra32=KILN_GEMV_RA=32768,$E" \
         "ra16help=KILN_GEMV_RA=16384,$E,KILN_CHAIN_HELP=2" "ra16b=KILN_GEMV_RA=16384,$E,KILN_GEMV_RA_BULK=1" \
         "ra32b=KILN_GEMV_RA=32768,$E,KILN_GEMV_RA_BULK=1"
     KILN_ARGS="--batch 1 --prefill 128" ROUNDS=2 AB_SECONDS=100 bash tools/gpu/ab_cfg.sh smollm2-135m "" \

@@ -71,13 +71,6 @@
 // last block to finish zeroes the counters for the next launch. Every block must be
 // resident at once: the engine launches at most one wave (the kernel's occupancy); a
 // spin that lasts about a second traps (kiln_spin_until), failing the launch.
-// GV_CH_DYN (with GV_CHAIN; a measurement knob, KILN_CHAIN_DYN=1): dynamic SwiGLU
-// columns. A warp computes its static first column (that of tile blockIdx.x), then claims
-// columns from one of Q = min(8, gridDim.x) counters (GV_CH_CTR[8 + blockIdx.x % Q], lane
-// 0's atomicAdd as it finishes a column; counter q hands out gridDim.x·GV_RW + q + Q·i),
-// so the warps of fast multiprocessors take the columns that slow ones would have been
-// assigned statically and the launch's blocks finish z together. A column's bits do not
-// depend on its warp. The last block out zeroes the counters with the others.
 // GV_CH_HELP = H > 0 (with GV_CHAIN; a measurement knob, KILN_CHAIN_HELP=H): helper warps
 // for the chained rows. The rows of y2 go to warps blockIdx.x + gridDim.x·warp, so with
 // fewer rows than the launch has warps, the second half's warps have none and the first
@@ -122,9 +115,6 @@
 #endif
 #ifndef GV_CHAIN
 #define GV_CHAIN 0
-#endif
-#ifndef GV_CH_DYN
-#define GV_CH_DYN 0
 #endif
 #ifndef GV_CH_HELP
 #define GV_CH_HELP 0
@@ -276,7 +266,7 @@ __device__ __forceinline__ void gv_readahead(const void* w) {
 }
 #endif
 
-#if GV_CH_DYN || GV_CH_HELP
+#if GV_CH_HELP
 // blockIdx.x and gridDim.x, read where they are used: volatile reads are not hoisted out
 // of the tile loop into registers live across it (the Llama-3.2-1B chained kernel spills
 // 56 bytes at its 64-register bound with plain reads; none with these, NVRTC sm_90).
@@ -503,18 +493,9 @@ KILN_SIGNATURE {
     i64 gv_bi = -1;
 #endif
     if (k <= 0) kiln_grid_wait();  // no chunk: wait here
-#if GV_CH_DYN
-    // Dynamic columns (see GV_CH_DYN above): the warp's static first column, then claimed
-    // ones; the first iteration runs in every warp (it waits and stages A).
-    int gv_col = (int)blockIdx.x * GV_RW + rw;
-    for (bool gv_first = true;; gv_first = false) {
-    const i64 row0 = gv_col;
-#define GV_FIRST_TILE gv_first
-#else
     for (i64 tile = blockIdx.x; tile < tile_end; tile += gridDim.x) {
     const i64 row0 = GV_ROW0(tile, rw);
 #define GV_FIRST_TILE (tile == (i64)blockIdx.x)
-#endif
     float acc[GV_MAX_M][GV_R];
 #pragma unroll
     for (int r = 0; r < GV_MAX_M; ++r)
@@ -722,23 +703,6 @@ KILN_WARP_EPILOGUE
 KILN_EPILOGUE
     }
 #endif
-#if GV_CH_DYN
-    {
-        // Claim the next column: with Q = min(8, gridDim.x) counters, counter q =
-        // blockIdx.x % Q hands out columns D + q, D + q + Q, ... (D = gridDim.x·GV_RW,
-        // past every warp's static first column).
-        unsigned int bx, gx;  // blockIdx.x, gridDim.x, read here (see gv_sreg)
-        gv_sreg(bx, gx);
-        const unsigned int nq = gx < 8u ? gx : 8u, q = bx % nq;
-        unsigned int i = 0u;
-        if (lane == 0) i = atomicAdd(GV_CH_CTR + 8 + q, 1u);
-#pragma unroll
-        for (int s = 16; s > 0; s >>= 1) i += __shfl_xor_sync(0xffffffffu, i, s);  // lane 0's, to all
-        const int next = (int)(gx * GV_RW + q + nq * i);  // columns fit an int
-        if (next >= GV_EPI_W) break;  // uniform per warp
-        gv_col = next;
-    }
-#endif
     }  // tiles
 #if GV_CHAIN
     {
@@ -799,9 +763,6 @@ KILN_EPILOGUE
         // spin where it has one).
         __syncthreads();
         if (threadIdx.x == 0 && atomicAdd(GV_CH_CTR + 32, 1u) == gridDim.x - 1) {
-#if GV_CH_DYN
-            for (int q = 0; q < 8; ++q) GV_CH_CTR[8 + q] = 0u;
-#endif
             GV_CH_CTR[0] = 0u;
             GV_CH_CTR[32] = 0u;
         }

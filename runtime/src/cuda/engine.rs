@@ -307,8 +307,7 @@ struct ScaledRun {
 /// its blocks count themselves as they finish their tiles and spin until all have, so the
 /// launch takes at most one wave (`wave`, from the kernel's occupancy). Step `down` then
 /// launches nothing. `ctr`: the launch's 128 counters in `CudaEngine::chain_counters`
-/// (u32 offset; `gemv.cu` uses [0] blocks done, [8, 16) `KILN_CHAIN_DYN`'s columns, [32]
-/// blocks out; the kernel leaves them zero).
+/// (u32 offset; `gemv.cu` uses [0] blocks done, [32] blocks out; the kernel leaves them zero).
 #[derive(Clone, Copy)]
 struct ChainRun {
     kernel: usize,
